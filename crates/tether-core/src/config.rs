@@ -1,0 +1,413 @@
+//! Configuration: one TOML file, `TETHER_*` environment variables and command-line flags.
+//!
+//! The file and the command line (which clap already merges with the environment) are each
+//! read into a [`Layer`] of optional values; [`Config::resolve`] lays the command line over
+//! the file over the defaults and reports every problem at once, before anything binds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default MCP listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
+/// Defaults as the strings a user would write, so the example config and `--help` agree.
+pub const DEFAULT_IDLE_TIMEOUT: &str = "30m";
+/// Default interval between SSE keepalive comments.
+pub const DEFAULT_KEEPALIVE: &str = "15s";
+/// Default request body limit.
+pub const DEFAULT_MAX_BODY: &str = "4MiB";
+/// Default time an upstream has to answer one request.
+pub const DEFAULT_UPSTREAM_TIMEOUT: &str = "5m";
+/// Default time in-flight requests get to finish on SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
+
+/// A size written either as bytes (`4194304`) or with a unit (`"4MiB"`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum SizeValue {
+    /// Plain bytes.
+    Bytes(u64),
+    /// A string such as `4MiB` or `512 KB`.
+    Text(String),
+}
+
+/// One layer of settings; `None` means "not set here".
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Layer {
+    /// Address of the MCP listener; the endpoint is `/mcp`.
+    pub listen: Option<String>,
+    /// Directory holding the SQLite store.
+    pub state_dir: Option<PathBuf>,
+    /// Idle time after which a session expires (humantime, e.g. `30m`).
+    pub idle_timeout: Option<String>,
+    /// Interval between SSE keepalive comments.
+    pub keepalive: Option<String>,
+    /// Largest accepted request body.
+    pub max_body: Option<SizeValue>,
+    /// Time an upstream has to answer one request.
+    pub upstream_timeout: Option<String>,
+    /// Time in-flight requests get to finish on SIGTERM/SIGINT.
+    pub shutdown_grace: Option<String>,
+    /// Origins allowed besides loopback ones (`*` allows any).
+    pub allowed_origins: Option<Vec<String>>,
+    /// Run the bundled demo MCP server as the upstream.
+    pub demo: Option<bool>,
+    /// The upstream MCP server.
+    pub upstream: Option<UpstreamLayer>,
+}
+
+/// The `[upstream]` table.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct UpstreamLayer {
+    /// Name used in logs (and, later, metrics).
+    pub name: Option<String>,
+    /// argv of a stdio MCP server; run directly, never through a shell.
+    pub command: Option<Vec<String>>,
+    /// URL of a Streamable HTTP MCP server.
+    pub url: Option<String>,
+    /// Extra environment for a stdio server.
+    pub env: Option<BTreeMap<String, String>>,
+    /// Working directory for a stdio server.
+    pub cwd: Option<PathBuf>,
+}
+
+/// Where the gateway's upstream MCP server is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamSpec {
+    /// A child process per session speaking JSON-RPC over stdio.
+    Stdio {
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// Extra environment variables.
+        env: BTreeMap<String, String>,
+        /// Working directory.
+        cwd: Option<PathBuf>,
+    },
+    /// A Streamable HTTP MCP endpoint, one upstream session per client session.
+    Http {
+        /// The endpoint URL.
+        url: String,
+    },
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// MCP listener address.
+    pub listen: SocketAddr,
+    /// Directory of the SQLite store.
+    pub state_dir: PathBuf,
+    /// Session idle timeout.
+    pub idle_timeout: Duration,
+    /// SSE keepalive interval.
+    pub keepalive: Duration,
+    /// Request body limit in bytes.
+    pub max_body: usize,
+    /// Per-request upstream timeout.
+    pub upstream_timeout: Duration,
+    /// Shutdown grace period.
+    pub shutdown_grace: Duration,
+    /// Extra allowed origins.
+    pub allowed_origins: Vec<String>,
+    /// Upstream name for logs.
+    pub upstream_name: String,
+    /// The upstream.
+    pub upstream: UpstreamSpec,
+}
+
+impl Layer {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Layer, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// `self` with every value set in `over` replaced by that value. An upstream is one
+    /// choice: a higher layer naming a command, a URL or the demo replaces the lower
+    /// layer's choice entirely.
+    pub fn overlay(self, over: Layer) -> Layer {
+        let names_upstream = |l: &Layer| {
+            l.demo.is_some()
+                || l.upstream
+                    .as_ref()
+                    .is_some_and(|u| u.command.is_some() || u.url.is_some())
+        };
+        let over_chooses = names_upstream(&over);
+        let (base_up, base_demo) = (self.upstream.unwrap_or_default(), self.demo);
+        let top_up = over.upstream.unwrap_or_default();
+        let (command, url, demo) = if over_chooses {
+            (top_up.command, top_up.url, over.demo)
+        } else {
+            (base_up.command, base_up.url, base_demo)
+        };
+        let upstream = UpstreamLayer {
+            name: top_up.name.or(base_up.name),
+            command,
+            url,
+            env: top_up.env.or(base_up.env),
+            cwd: top_up.cwd.or(base_up.cwd),
+        };
+        Layer {
+            listen: over.listen.or(self.listen),
+            state_dir: over.state_dir.or(self.state_dir),
+            idle_timeout: over.idle_timeout.or(self.idle_timeout),
+            keepalive: over.keepalive.or(self.keepalive),
+            max_body: over.max_body.or(self.max_body),
+            upstream_timeout: over.upstream_timeout.or(self.upstream_timeout),
+            shutdown_grace: over.shutdown_grace.or(self.shutdown_grace),
+            allowed_origins: over.allowed_origins.or(self.allowed_origins),
+            demo,
+            upstream: Some(upstream),
+        }
+    }
+}
+
+/// The platform data directory for Tether (e.g. `~/.local/share/tether`).
+pub fn default_state_dir() -> PathBuf {
+    directories::ProjectDirs::from("dev", "tether", "tether")
+        .map(|d| d.data_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from(".tether"))
+}
+
+fn duration(errors: &mut Vec<String>, field: &str, value: Option<&str>, default: &str) -> Duration {
+    let text = value.unwrap_or(default);
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => {
+            errors.push(format!("{field}: must be greater than zero (got {text:?})"));
+            Duration::ZERO
+        }
+        Ok(d) => d,
+        Err(e) => {
+            errors.push(format!(
+                "{field}: {text:?} is not a duration like 30s or 5m ({e})"
+            ));
+            Duration::ZERO
+        }
+    }
+}
+
+fn size(errors: &mut Vec<String>, value: Option<&SizeValue>) -> usize {
+    let bytes = match value {
+        None => Ok(4 * 1024 * 1024),
+        Some(SizeValue::Bytes(b)) => Ok(*b),
+        Some(SizeValue::Text(t)) => t
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .map_err(|e| format!("max-body: {t:?} is not a size like 4MiB ({e})")),
+    };
+    match bytes {
+        Ok(0) => {
+            errors.push("max-body: must be greater than zero".to_owned());
+            0
+        }
+        Ok(b) => usize::try_from(b).unwrap_or(usize::MAX),
+        Err(e) => {
+            errors.push(e);
+            0
+        }
+    }
+}
+
+impl Config {
+    /// Resolves the merged layer into a configuration, or every problem found.
+    /// `demo_command` is the argv that runs the bundled demo server.
+    pub fn resolve(layer: Layer, demo_command: Vec<String>) -> Result<Config, Vec<String>> {
+        let mut errors = Vec::new();
+        let listen_text = layer.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|e| {
+            errors.push(format!(
+                "listen: {listen_text:?} is not an address like 127.0.0.1:7450 ({e})"
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        let idle_timeout = duration(
+            &mut errors,
+            "idle-timeout",
+            layer.idle_timeout.as_deref(),
+            DEFAULT_IDLE_TIMEOUT,
+        );
+        let keepalive = duration(
+            &mut errors,
+            "keepalive",
+            layer.keepalive.as_deref(),
+            DEFAULT_KEEPALIVE,
+        );
+        let upstream_timeout = duration(
+            &mut errors,
+            "upstream-timeout",
+            layer.upstream_timeout.as_deref(),
+            DEFAULT_UPSTREAM_TIMEOUT,
+        );
+        let shutdown_grace = duration(
+            &mut errors,
+            "shutdown-grace",
+            layer.shutdown_grace.as_deref(),
+            DEFAULT_SHUTDOWN_GRACE,
+        );
+        let max_body = size(&mut errors, layer.max_body.as_ref());
+        let allowed_origins = layer.allowed_origins.unwrap_or_default();
+        for o in &allowed_origins {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                errors.push(format!(
+                    "allowed-origins: {o:?} must be * or start with http:// or https://"
+                ));
+            }
+        }
+
+        let up = layer.upstream.unwrap_or_default();
+        let demo = layer.demo.unwrap_or(false);
+        let sources =
+            usize::from(up.command.is_some()) + usize::from(up.url.is_some()) + usize::from(demo);
+        let upstream = match (up.command, up.url) {
+            _ if sources > 1 => {
+                errors.push(
+                    "upstream: give exactly one of a command (after --), --upstream-url or --demo"
+                        .to_owned(),
+                );
+                None
+            }
+            _ if sources == 0 => {
+                errors.push(
+                    "upstream: none given; use `tether serve -- CMD ARGS`, `--upstream-url URL` or `--demo`".to_owned(),
+                );
+                None
+            }
+            (Some(argv), None) if argv.is_empty() || argv[0].is_empty() => {
+                errors.push("upstream.command: must name a program".to_owned());
+                None
+            }
+            (Some(argv), None) => Some(UpstreamSpec::Stdio {
+                argv,
+                env: up.env.clone().unwrap_or_default(),
+                cwd: up.cwd.clone(),
+            }),
+            (None, Some(url)) => {
+                if !(url.starts_with("http://") || url.starts_with("https://"))
+                    || url.parse::<reqwest::Url>().is_err()
+                {
+                    errors.push(format!(
+                        "upstream-url: {url:?} is not an http:// or https:// URL"
+                    ));
+                }
+                if up.env.is_some() || up.cwd.is_some() {
+                    errors.push("upstream: env and cwd apply only to a stdio command".to_owned());
+                }
+                Some(UpstreamSpec::Http { url })
+            }
+            _ => Some(UpstreamSpec::Stdio {
+                argv: demo_command,
+                env: BTreeMap::new(),
+                cwd: None,
+            }),
+        };
+        let upstream_name = up.name.unwrap_or_else(|| match &upstream {
+            Some(UpstreamSpec::Stdio { .. }) if demo => "demo".to_owned(),
+            Some(UpstreamSpec::Stdio { argv, .. }) => Path::new(&argv[0])
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "stdio".to_owned()),
+            Some(UpstreamSpec::Http { url }) => reqwest::Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_else(|| "http".to_owned()),
+            None => "upstream".to_owned(),
+        });
+        if !upstream_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || upstream_name.is_empty()
+        {
+            errors.push(format!(
+                "upstream.name: {upstream_name:?} may hold only letters, digits, - _ and ."
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Config {
+            listen,
+            state_dir: layer.state_dir.unwrap_or_else(default_state_dir),
+            idle_timeout,
+            keepalive,
+            max_body,
+            upstream_timeout,
+            shutdown_grace,
+            allowed_origins,
+            upstream_name,
+            upstream: upstream.expect("checked above"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo() -> Vec<String> {
+        vec!["tether".into(), "demo-server".into()]
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let layer = Layer {
+            demo: Some(true),
+            ..Layer::default()
+        };
+        let c = Config::resolve(layer, demo()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.idle_timeout, Duration::from_secs(1800));
+        assert_eq!(c.keepalive, Duration::from_secs(15));
+        assert_eq!(c.max_body, 4 * 1024 * 1024);
+        assert_eq!(c.upstream_timeout, Duration::from_secs(300));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.upstream_name, "demo");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let layer = Layer {
+            listen: Some("nowhere".into()),
+            idle_timeout: Some("soon".into()),
+            max_body: Some(SizeValue::Text("lots".into())),
+            ..Layer::default()
+        };
+        let errs = Config::resolve(layer, demo()).unwrap_err();
+        assert_eq!(errs.len(), 4, "{errs:#?}");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file: Layer = toml::from_str(
+            "listen = \"127.0.0.1:1\"\nkeepalive = \"5s\"\n[upstream]\ncommand = [\"a\"]\n",
+        )
+        .unwrap();
+        let cli = Layer {
+            listen: Some("127.0.0.1:2".into()),
+            upstream: Some(UpstreamLayer {
+                url: Some("http://x/mcp".into()),
+                ..Default::default()
+            }),
+            ..Layer::default()
+        };
+        let c = Config::resolve(file.overlay(cli), demo()).unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.keepalive, Duration::from_secs(5));
+        assert_eq!(
+            c.upstream,
+            UpstreamSpec::Http {
+                url: "http://x/mcp".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        assert!(toml::from_str::<Layer>("listne = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,457 @@
+//! The front door: Streamable HTTP on `/mcp` and the 2024-11-05 HTTP+SSE transport on
+//! `/sse` + `/messages`.
+//!
+//! It validates what arrives (Origin, Accept, Content-Type, body size, JSON-RPC shape,
+//! protocol version, session id), decides the protocol era through [`policy`], and renders
+//! what the session layer returns as JSON, 202 or SSE. Every failure becomes one
+//! [`FrontError`], mapped to its status and JSON-RPC error body and logged once, in
+//! [`FrontError::into_response`]. This module knows nothing about processes or databases.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::policy::{self, Opening};
+use crate::protocol::{self, Envelope, Kind, code};
+use crate::session::{Registry, Reply, SessionError, StreamHandle, Transport, event_id};
+
+/// Session id header (case-insensitive; 2025-06-18 wrote `Mcp-Session-Id`).
+pub const SESSION_HEADER: &str = "mcp-session-id";
+/// Protocol version header.
+pub const VERSION_HEADER: &str = "mcp-protocol-version";
+const LAST_EVENT_ID: &str = "last-event-id";
+
+/// Front-door settings.
+#[derive(Debug, Clone)]
+pub struct FrontConfig {
+    /// Request body limit in bytes.
+    pub max_body: usize,
+    /// Origins allowed besides loopback.
+    pub allowed_origins: Vec<String>,
+    /// SSE keepalive interval.
+    pub keepalive: Duration,
+}
+
+#[derive(Clone)]
+struct AppState {
+    registry: Registry,
+    cfg: Arc<FrontConfig>,
+}
+
+/// The router for the MCP listener.
+pub fn router(registry: Registry, cfg: FrontConfig) -> Router {
+    let state = AppState {
+        registry,
+        cfg: Arc::new(cfg),
+    };
+    Router::new()
+        .route("/mcp", post(mcp_post).get(mcp_get).delete(mcp_delete))
+        .route("/sse", get(sse_get))
+        .route("/messages", post(messages_post))
+        .with_state(state)
+}
+
+/// A request the front door refuses, with everything needed to answer it.
+#[derive(Debug)]
+pub struct FrontError {
+    status: StatusCode,
+    code: i64,
+    message: String,
+    id: Value,
+    data: Option<Value>,
+}
+
+impl FrontError {
+    fn new(status: StatusCode, code: i64, message: impl Into<String>) -> FrontError {
+        FrontError {
+            status,
+            code,
+            message: message.into(),
+            id: Value::Null,
+            data: None,
+        }
+    }
+
+    fn with_id(mut self, id: Option<&Value>) -> FrontError {
+        self.id = id.cloned().unwrap_or(Value::Null);
+        self
+    }
+
+    fn session_missing() -> FrontError {
+        FrontError::new(
+            StatusCode::BAD_REQUEST,
+            code::SERVER_ERROR,
+            "Bad Request: MCP-Session-Id header is required (send initialize first)",
+        )
+    }
+
+    fn not_found() -> FrontError {
+        FrontError::new(
+            StatusCode::NOT_FOUND,
+            code::SESSION_NOT_FOUND,
+            "Session not found: it expired, was closed, or never existed; send initialize to start a new one",
+        )
+    }
+}
+
+impl From<SessionError> for FrontError {
+    fn from(e: SessionError) -> FrontError {
+        match e {
+            SessionError::NotFound => FrontError::not_found(),
+            SessionError::BadRequest(m) => {
+                FrontError::new(StatusCode::BAD_REQUEST, code::SERVER_ERROR, m)
+            }
+            SessionError::Store(e) => FrontError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::STORE_UNAVAILABLE,
+                format!("the gateway cannot record this request right now: {e}"),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for FrontError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(
+                status = self.status.as_u16(),
+                jsonrpc.code = self.code,
+                "{}",
+                self.message
+            );
+        } else {
+            tracing::info!(
+                status = self.status.as_u16(),
+                jsonrpc.code = self.code,
+                "request refused: {}",
+                self.message
+            );
+        }
+        let body = protocol::error_response(self.id, self.code, self.message, self.data);
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn check_origin(headers: &HeaderMap, cfg: &FrontConfig) -> Result<(), FrontError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("");
+    if policy::origin_allowed(origin, &cfg.allowed_origins) {
+        Ok(())
+    } else {
+        Err(FrontError::new(
+            StatusCode::FORBIDDEN,
+            code::SERVER_ERROR,
+            format!("Forbidden: Origin {origin:?} is not allowed (see --allowed-origins)"),
+        ))
+    }
+}
+
+fn accepts(headers: &HeaderMap, wanted: &str) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|part| {
+            part.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case(wanted))
+        })
+}
+
+async fn read_message(
+    headers: &HeaderMap,
+    body: Body,
+    cfg: &FrontConfig,
+) -> Result<Envelope, FrontError> {
+    let content_type = header_str(headers, header::CONTENT_TYPE.as_str()).unwrap_or("");
+    if !content_type
+        .split(';')
+        .next()
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    {
+        return Err(FrontError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code::SERVER_ERROR,
+            "Unsupported Media Type: Content-Type must be application/json",
+        ));
+    }
+    let too_large = || {
+        FrontError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            code::INVALID_REQUEST,
+            format!(
+                "Payload Too Large: the body exceeds the {} byte limit (--max-body)",
+                cfg.max_body
+            ),
+        )
+    };
+    if header_str(headers, header::CONTENT_LENGTH.as_str())
+        .and_then(|l| l.parse::<usize>().ok())
+        .is_some_and(|l| l > cfg.max_body)
+    {
+        return Err(too_large());
+    }
+    let bytes: Bytes = match axum::body::to_bytes(body, cfg.max_body).await {
+        Ok(b) => b,
+        Err(e) => {
+            let inner = e.into_inner();
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
+            while let Some(s) = source {
+                if s.is::<http_body_util::LengthLimitError>() {
+                    return Err(too_large());
+                }
+                source = s.source();
+            }
+            return Err(FrontError::new(
+                StatusCode::BAD_REQUEST,
+                code::PARSE_ERROR,
+                format!("cannot read body: {inner}"),
+            ));
+        }
+    };
+    Envelope::parse(&bytes)
+        .map_err(|e| FrontError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
+}
+
+fn modern_refusal(version: &str, id: Option<&Value>) -> FrontError {
+    let mut e = FrontError::new(
+        StatusCode::BAD_REQUEST,
+        code::UNSUPPORTED_PROTOCOL_VERSION,
+        format!("Unsupported protocol version: {version}"),
+    )
+    .with_id(id);
+    e.data = Some(json!({ "supported": protocol::LEGACY_VERSIONS, "requested": version }));
+    e
+}
+
+async fn mcp_post(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, FrontError> {
+    check_origin(&headers, &st.cfg)?;
+    if !(accepts(&headers, "application/json") && accepts(&headers, "text/event-stream")) {
+        return Err(FrontError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            code::SERVER_ERROR,
+            "Not Acceptable: Accept must list both application/json and text/event-stream",
+        ));
+    }
+    let env = read_message(&headers, body, &st.cfg).await?;
+    let session_header = header_str(&headers, SESSION_HEADER);
+    let version_header = header_str(&headers, VERSION_HEADER);
+    match policy::classify_post(&env, session_header, version_header) {
+        Opening::LegacyInitialize => {
+            let (session, response) = st
+                .registry
+                .initialize(&env, Transport::Streamable, None)
+                .await?;
+            let mut resp = axum::Json(response).into_response();
+            if let Some(s) = session {
+                resp.headers_mut().insert(
+                    SESSION_HEADER,
+                    HeaderValue::from_str(s.id()).expect("session ids are visible ASCII"),
+                );
+            }
+            Ok(resp)
+        }
+        Opening::Modern(version) => Err(modern_refusal(&version, env.id())),
+        Opening::MissingSession => Err(FrontError::session_missing().with_id(env.id())),
+        Opening::LegacySession(id) => {
+            policy::legacy_version(version_header).map_err(|m| {
+                FrontError::new(StatusCode::BAD_REQUEST, code::SERVER_ERROR, m).with_id(env.id())
+            })?;
+            let session = st
+                .registry
+                .get(&id)
+                .await
+                .map_err(|e| FrontError::from(e).with_id(env.id()))?;
+            match env.kind {
+                Kind::Request => match session.request(env).await {
+                    Reply::Stream(handle) => Ok(sse_response(handle, st.cfg.keepalive, None)),
+                    Reply::Immediate(v) => Ok(axum::Json(v).into_response()),
+                    Reply::Accepted => Ok(StatusCode::ACCEPTED.into_response()),
+                },
+                Kind::Notification => {
+                    session.notify(env).await;
+                    Ok(StatusCode::ACCEPTED.into_response())
+                }
+                Kind::Response => {
+                    session.respond(env).await;
+                    Ok(StatusCode::ACCEPTED.into_response())
+                }
+            }
+        }
+    }
+}
+
+async fn mcp_get(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, FrontError> {
+    check_origin(&headers, &st.cfg)?;
+    if !accepts(&headers, "text/event-stream") {
+        return Err(FrontError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            code::SERVER_ERROR,
+            "Not Acceptable: Accept must list text/event-stream",
+        ));
+    }
+    let id = header_str(&headers, SESSION_HEADER).ok_or_else(FrontError::session_missing)?;
+    policy::legacy_version(header_str(&headers, VERSION_HEADER))
+        .map_err(|m| FrontError::new(StatusCode::BAD_REQUEST, code::SERVER_ERROR, m))?;
+    let session = st.registry.get(id).await?;
+    let handle = match header_str(&headers, LAST_EVENT_ID) {
+        Some(last) => session.resume(last).await?,
+        None => session.open_standalone(),
+    };
+    Ok(sse_response(handle, st.cfg.keepalive, None))
+}
+
+async fn mcp_delete(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, FrontError> {
+    check_origin(&headers, &st.cfg)?;
+    let id = header_str(&headers, SESSION_HEADER).ok_or_else(FrontError::session_missing)?;
+    let session = st.registry.get(id).await?;
+    st.registry.close(&session, "client_disconnect").await;
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn sse_get(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, FrontError> {
+    check_origin(&headers, &st.cfg)?;
+    let (id, handle) = st.registry.legacy_open();
+    Ok(sse_response(
+        handle,
+        st.cfg.keepalive,
+        Some(format!("/messages?sessionId={id}")),
+    ))
+}
+
+#[derive(Deserialize)]
+struct MessagesQuery {
+    #[serde(rename = "sessionId")]
+    session_id: Option<String>,
+}
+
+async fn messages_post(
+    State(st): State<AppState>,
+    Query(q): Query<MessagesQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, FrontError> {
+    check_origin(&headers, &st.cfg)?;
+    let id = q.session_id.ok_or_else(|| {
+        FrontError::new(
+            StatusCode::BAD_REQUEST,
+            code::SERVER_ERROR,
+            "Bad Request: sessionId query parameter is required",
+        )
+    })?;
+    let env = read_message(&headers, body, &st.cfg).await?;
+    if env.kind == Kind::Request && env.method() == Some("initialize") {
+        st.registry.legacy_initialize(&id, &env).await?;
+        return Ok(StatusCode::ACCEPTED.into_response());
+    }
+    let session = st.registry.get(&id).await?;
+    if session.transport() != Transport::LegacySse {
+        return Err(FrontError::not_found());
+    }
+    match env.kind {
+        Kind::Request => {
+            if let Reply::Immediate(v) = session.request(env).await {
+                session.deliver_standalone(&v);
+            }
+        }
+        Kind::Notification => session.notify(env).await,
+        Kind::Response => session.respond(env).await,
+    }
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// Renders a stream as an SSE response. With `legacy_endpoint` (the 2024-11-05 transport)
+/// the first event is `endpoint` and messages are `message` events without ids.
+fn sse_response(
+    handle: StreamHandle,
+    keepalive: Duration,
+    legacy_endpoint: Option<String>,
+) -> Response {
+    let StreamHandle {
+        stream_id,
+        opened,
+        priming,
+        retry,
+        replay,
+        live,
+        ends_with_response,
+        stop,
+    } = handle;
+    let legacy = legacy_endpoint.is_some();
+    let event = move |seq: u64, data: &str| {
+        if legacy {
+            Event::default().event("message").data(data)
+        } else {
+            Event::default().id(event_id(&stream_id, seq)).data(data)
+        }
+    };
+    let body = async_stream::stream! {
+        if let Some(endpoint) = legacy_endpoint {
+            yield Ok::<Event, Infallible>(Event::default().event("endpoint").data(endpoint));
+        }
+        if let Some(opened) = opened {
+            if let Err(e) = opened.await {
+                tracing::error!(error = %e, "stream record not durable; continuing without resumability");
+            }
+        }
+        if priming {
+            yield Ok(event(0, "").retry(retry));
+        }
+        for (seq, data) in replay {
+            yield Ok(event(seq, &data));
+        }
+        if let Some(mut rx) = live {
+            loop {
+                let next = tokio::select! {
+                    f = rx.recv() => f,
+                    _ = stop.cancelled() => None,
+                };
+                let Some(frame) = next else { break };
+                if let Err(e) = frame.ack.await {
+                    tracing::error!(error = %e, "event not durable; sending it anyway");
+                }
+                yield Ok(event(frame.seq, &frame.data));
+                if frame.terminal && ends_with_response {
+                    break;
+                }
+            }
+        }
+    };
+    let mut resp = Sse::new(body)
+        .keep_alive(KeepAlive::new().interval(keepalive))
+        .into_response();
+    resp.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}

@@ -1,0 +1,18 @@
+//! Tether core: a gateway that makes Model Context Protocol sessions durable.
+//!
+//! Layers, with dependencies pointing down only (see `ARCHITECTURE.md`):
+//! - [`app`]: wiring; the only module that knows all others.
+//! - [`front`]: the HTTP front door (Streamable HTTP and 2024-11-05 HTTP+SSE).
+//! - [`session`]: sessions, rehydration, id rewriting, routing, upstream supervision.
+//! - [`upstream`]: stdio children and Streamable HTTP upstream connections.
+//! - [`store`]: durable session records and stream event logs (SQLite by default).
+//! - [`policy`], [`protocol`], [`config`]: pure decisions, JSON-RPC envelopes, settings.
+
+pub mod app;
+pub mod config;
+pub mod front;
+pub mod policy;
+pub mod protocol;
+pub mod session;
+pub mod store;
+pub mod upstream;

@@ -1,0 +1,230 @@
+//! Pure policy decisions: which protocol era a request opens, whether an Origin is allowed,
+//! how long to back off after upstream crashes. No I/O, no clocks: callers pass what they
+//! know, which keeps every rule unit-testable and in one place.
+
+use std::time::Duration;
+
+use crate::protocol::{self, Envelope, Kind};
+
+/// How the front door must treat a POST, decided from the body and headers alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opening {
+    /// An `initialize` request: a new legacy-era session.
+    LegacyInitialize,
+    /// A message for an existing legacy session.
+    LegacySession(String),
+    /// A modern-era (2026-07-28+) stateless request. Refused for now with the spec's
+    /// UnsupportedProtocolVersion error; a later issue serves it here.
+    Modern(String),
+    /// A non-initialize legacy message without `MCP-Session-Id`.
+    MissingSession,
+}
+
+/// The one place the era of a request is decided (2026-07-28 `basic/versioning.mdx`: "A
+/// dual-era server selects its behavior from how the client opens").
+pub fn classify_post(
+    env: &Envelope,
+    session_header: Option<&str>,
+    version_header: Option<&str>,
+) -> Opening {
+    if env.kind == Kind::Request && env.method() == Some("initialize") {
+        return Opening::LegacyInitialize;
+    }
+    if let Some(id) = session_header {
+        return Opening::LegacySession(id.to_owned());
+    }
+    if let Some(v) = env.meta_protocol_version() {
+        return Opening::Modern(v.to_owned());
+    }
+    if let Some(v) = version_header.filter(|v| protocol::is_modern(v)) {
+        return Opening::Modern(v.to_owned());
+    }
+    if env.method() == Some("server/discover") {
+        return Opening::Modern(protocol::MODERN_VERSION.to_owned());
+    }
+    Opening::MissingSession
+}
+
+/// Checks `MCP-Protocol-Version` on a legacy request: absent means 2025-03-26 (§1.1.8);
+/// anything else must be a version we serve, or the caller answers 400.
+pub fn legacy_version(header: Option<&str>) -> Result<&str, String> {
+    match header {
+        None => Ok(protocol::DEFAULT_VERSION),
+        Some(v) if protocol::is_supported_legacy(v) => Ok(v),
+        Some(v) => Err(format!(
+            "unsupported MCP-Protocol-Version {v:?}; supported: {}",
+            protocol::LEGACY_VERSIONS.join(", ")
+        )),
+    }
+}
+
+/// Whether a present `Origin` header is allowed. Loopback origins (localhost, 127.0.0.0/8,
+/// [::1], any scheme and port) are allowed by default; `allowed` lists exact origins such as
+/// `https://app.example.com`, or `*` for any.
+pub fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let Some((_, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    let host = if let Some(v6) = rest.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        rest.split(':').next().unwrap_or("")
+    };
+    let host = host.to_ascii_lowercase();
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host == "::1"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Upstream restart backoff. The first crash restarts at once (a single crash is the common
+/// case and the client should not wait); each further crash in a row doubles the wait from
+/// `base`, capped at `max`, scaled by `jitter` in [0.5, 1.0] so many sessions whose
+/// upstreams crashed together do not restart in lockstep.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// The wait after the second crash in a row.
+    pub base: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_millis(250),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before restart attempt after `failures` consecutive failures.
+    pub fn delay(&self, failures: u32, jitter: f64) -> Duration {
+        if failures <= 1 {
+            return Duration::ZERO;
+        }
+        let exp = (failures - 2).min(20);
+        let raw = self.base.saturating_mul(1u32 << exp).min(self.max);
+        raw.mul_f64(jitter.clamp(0.5, 1.0))
+    }
+}
+
+/// A session counts as idle when nothing touched it for `idle` and it holds no open stream
+/// and no request in flight (an open stream proves a live client: keepalive writes to a
+/// dead connection fail and detach it).
+pub fn is_idle(
+    since_active: Duration,
+    idle: Duration,
+    open_streams: usize,
+    in_flight: usize,
+) -> bool {
+    open_streams == 0 && in_flight == 0 && since_active >= idle
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(s: &str) -> Envelope {
+        Envelope::parse(s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn era_is_decided_from_the_opening() {
+        let init = env(r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#);
+        assert_eq!(classify_post(&init, None, None), Opening::LegacyInitialize);
+        let call = env(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#);
+        assert_eq!(
+            classify_post(&call, Some("abc"), None),
+            Opening::LegacySession("abc".into())
+        );
+        assert_eq!(classify_post(&call, None, None), Opening::MissingSession);
+        assert_eq!(
+            classify_post(&call, None, Some("2026-07-28")),
+            Opening::Modern("2026-07-28".into())
+        );
+        let modern = env(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#,
+        );
+        assert_eq!(
+            classify_post(&modern, None, None),
+            Opening::Modern("2026-07-28".into())
+        );
+        let discover = env(r#"{"jsonrpc":"2.0","id":1,"method":"server/discover"}"#);
+        assert!(matches!(
+            classify_post(&discover, None, None),
+            Opening::Modern(_)
+        ));
+    }
+
+    #[test]
+    fn protocol_version_header() {
+        assert_eq!(legacy_version(None), Ok("2025-03-26"));
+        assert_eq!(legacy_version(Some("2025-06-18")), Ok("2025-06-18"));
+        assert!(legacy_version(Some("1999-01-01")).is_err());
+        assert!(legacy_version(Some("2026-07-28")).is_err());
+    }
+
+    #[test]
+    fn origins() {
+        let none: Vec<String> = vec![];
+        for ok in [
+            "http://localhost:3000",
+            "http://127.0.0.1",
+            "https://[::1]:8443",
+            "http://app.localhost",
+        ] {
+            assert!(origin_allowed(ok, &none), "{ok}");
+        }
+        for bad in [
+            "http://evil.example.com",
+            "null",
+            "http://localhost.evil.com",
+            "http://128.0.0.1",
+        ] {
+            assert!(!origin_allowed(bad, &none), "{bad}");
+        }
+        assert!(origin_allowed(
+            "https://app.example.com",
+            &["https://app.example.com".into()]
+        ));
+        assert!(origin_allowed("https://x.y", &["*".into()]));
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let b = Backoff::default();
+        assert_eq!(b.delay(0, 1.0), Duration::ZERO);
+        assert_eq!(b.delay(1, 1.0), Duration::ZERO);
+        let mut last = Duration::ZERO;
+        for failures in 2..12 {
+            let d = b.delay(failures, 1.0);
+            assert!(d >= last, "non-decreasing at {failures}");
+            assert!(d <= b.max);
+            // jitter only ever shortens, by at most half
+            let lo = b.delay(failures, 0.0);
+            assert!(lo >= d / 2 - Duration::from_nanos(1) && lo <= d);
+            last = d;
+        }
+        assert_eq!(b.delay(40, 1.0), b.max);
+        assert_eq!(b.delay(3, 1.0), 2 * b.delay(2, 1.0));
+    }
+
+    #[test]
+    fn idleness() {
+        let idle = Duration::from_secs(10);
+        assert!(is_idle(Duration::from_secs(11), idle, 0, 0));
+        assert!(!is_idle(Duration::from_secs(11), idle, 1, 0));
+        assert!(!is_idle(Duration::from_secs(11), idle, 0, 1));
+        assert!(!is_idle(Duration::from_secs(9), idle, 0, 0));
+    }
+}

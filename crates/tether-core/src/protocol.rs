@@ -1,0 +1,323 @@
+//! JSON-RPC envelope handling for MCP messages.
+//!
+//! This module only classifies and rewrites messages; it depends on nothing else in the crate
+//! and does no I/O. The gateway deliberately works on `serde_json::Value` rather than typed
+//! MCP structs: it must forward methods and fields it does not know (future spec revisions,
+//! `experimental` capabilities) byte-for-byte in meaning, and only ever touches `id`,
+//! `method`, a few `params` fields and `_meta.progressToken`.
+
+use serde_json::{Map, Value, json};
+
+/// Legacy-era protocol versions the front door accepts (spec §1.1.8: absent means 2025-03-26).
+pub const LEGACY_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
+/// The version assumed when a request carries no `MCP-Protocol-Version` header.
+pub const DEFAULT_VERSION: &str = "2025-03-26";
+/// First version of the modern (stateless) era, served by a later issue.
+pub const MODERN_VERSION: &str = "2026-07-28";
+/// `_meta` key that marks a modern-era request.
+pub const META_PROTOCOL_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+
+/// JSON-RPC and Tether error codes. Tether's own codes sit in the legacy server-error range
+/// (-32000..-32019) that the 2026-07-28 spec leaves to implementations.
+pub mod code {
+    /// Invalid JSON.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// Not a valid JSON-RPC message.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// Method not found.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Invalid params.
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// Internal error.
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// Generic server error (bad header, forbidden origin, missing session).
+    pub const SERVER_ERROR: i64 = -32000;
+    /// Session not found (TypeScript SDK convention, kept for client compatibility).
+    pub const SESSION_NOT_FOUND: i64 = -32001;
+    /// The upstream could not be started or is backing off after a crash loop.
+    pub const UPSTREAM_UNAVAILABLE: i64 = -32010;
+    /// The upstream went away while this request was in flight.
+    pub const UPSTREAM_LOST: i64 = -32011;
+    /// The upstream did not answer within `--upstream-timeout`.
+    pub const UPSTREAM_TIMEOUT: i64 = -32012;
+    /// The gateway restarted while this request was in flight and it was not safe to retry.
+    pub const INTERRUPTED: i64 = -32013;
+    /// The session's store could not record the request.
+    pub const STORE_UNAVAILABLE: i64 = -32014;
+    /// The session was closed while the request was in flight.
+    pub const SESSION_CLOSED: i64 = -32015;
+    /// 2026-07-28: unsupported protocol version.
+    pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
+}
+
+/// What kind of JSON-RPC message a body holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Has `method` and a non-null `id`.
+    Request,
+    /// Has `method` and no `id`.
+    Notification,
+    /// Has `id` and `result` or `error`, no `method`.
+    Response,
+}
+
+/// A validated JSON-RPC message.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Request, notification or response.
+    pub kind: Kind,
+    /// The whole message.
+    pub value: Value,
+}
+
+/// Why a body is not an acceptable JSON-RPC message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    /// Not JSON (or not UTF-8).
+    #[error("malformed JSON: {0}")]
+    Parse(String),
+    /// JSON but not a single JSON-RPC 2.0 message.
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+impl EnvelopeError {
+    /// The JSON-RPC code for this failure.
+    pub fn code(&self) -> i64 {
+        match self {
+            EnvelopeError::Parse(_) => code::PARSE_ERROR,
+            EnvelopeError::Invalid(_) => code::INVALID_REQUEST,
+        }
+    }
+}
+
+impl Envelope {
+    /// Parses a request body. Batches (JSON arrays) are refused: 2025-06-18 removed them and
+    /// no current client sends them, and accepting them would force one HTTP response to
+    /// carry several streams.
+    pub fn parse(body: &[u8]) -> Result<Envelope, EnvelopeError> {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| EnvelopeError::Parse(e.to_string()))?;
+        Envelope::from_value(value)
+    }
+
+    /// Validates an already parsed value.
+    pub fn from_value(value: Value) -> Result<Envelope, EnvelopeError> {
+        let obj = match &value {
+            Value::Object(o) => o,
+            Value::Array(_) => {
+                return Err(EnvelopeError::Invalid("batch requests are not supported"));
+            }
+            _ => {
+                return Err(EnvelopeError::Invalid(
+                    "a JSON-RPC message must be an object",
+                ));
+            }
+        };
+        if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+            return Err(EnvelopeError::Invalid(
+                "missing or wrong \"jsonrpc\": \"2.0\"",
+            ));
+        }
+        let id = obj.get("id");
+        if let Some(id) = id {
+            if !valid_id(id) {
+                return Err(EnvelopeError::Invalid(
+                    "\"id\" must be a string or an integer and not null",
+                ));
+            }
+        }
+        let kind = match obj.get("method") {
+            Some(Value::String(_)) => {
+                if id.is_some() {
+                    Kind::Request
+                } else {
+                    Kind::Notification
+                }
+            }
+            Some(_) => return Err(EnvelopeError::Invalid("\"method\" must be a string")),
+            None => {
+                if id.is_none() {
+                    return Err(EnvelopeError::Invalid(
+                        "message has neither \"method\" nor \"id\"",
+                    ));
+                }
+                if obj.contains_key("result") == obj.contains_key("error") {
+                    return Err(EnvelopeError::Invalid(
+                        "a response must carry exactly one of \"result\" and \"error\"",
+                    ));
+                }
+                Kind::Response
+            }
+        };
+        Ok(Envelope { kind, value })
+    }
+
+    /// The `method`, for requests and notifications.
+    pub fn method(&self) -> Option<&str> {
+        self.value.get("method").and_then(Value::as_str)
+    }
+
+    /// The `id`, for requests and responses.
+    pub fn id(&self) -> Option<&Value> {
+        self.value.get("id")
+    }
+
+    /// The `params` object, if any.
+    pub fn params(&self) -> Option<&Map<String, Value>> {
+        self.value.get("params").and_then(Value::as_object)
+    }
+
+    /// `params.name`, the tool of a `tools/call`.
+    pub fn tool_name(&self) -> Option<&str> {
+        self.params()?.get("name")?.as_str()
+    }
+
+    /// The modern-era protocol version in `params._meta`, if the client sent one.
+    pub fn meta_protocol_version(&self) -> Option<&str> {
+        self.params()?
+            .get("_meta")?
+            .get(META_PROTOCOL_VERSION)?
+            .as_str()
+    }
+
+    /// `params._meta.progressToken`, if any.
+    pub fn progress_token(&self) -> Option<&Value> {
+        self.params()?.get("_meta")?.get("progressToken")
+    }
+}
+
+fn valid_id(id: &Value) -> bool {
+    match id {
+        Value::String(s) => s.len() <= 1024,
+        Value::Number(n) => n.is_i64() || n.is_u64(),
+        _ => false,
+    }
+}
+
+/// Replaces the `id` of a message.
+pub fn set_id(value: &mut Value, id: Value) {
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("id".to_owned(), id);
+    }
+}
+
+/// A JSON-RPC error response. `id` is `Value::Null` when the failing message had none.
+pub fn error_response(
+    id: Value,
+    code: i64,
+    message: impl Into<String>,
+    data: Option<Value>,
+) -> Value {
+    let mut error = json!({ "code": code, "message": message.into() });
+    if let Some(data) = data {
+        error["data"] = data;
+    }
+    json!({ "jsonrpc": "2.0", "id": id, "error": error })
+}
+
+/// A JSON-RPC request.
+pub fn request(id: Value, method: &str, params: Option<Value>) -> Value {
+    let mut v = json!({ "jsonrpc": "2.0", "id": id, "method": method });
+    if let Some(p) = params {
+        v["params"] = p;
+    }
+    v
+}
+
+/// A JSON-RPC notification.
+pub fn notification(method: &str, params: Option<Value>) -> Value {
+    let mut v = json!({ "jsonrpc": "2.0", "method": method });
+    if let Some(p) = params {
+        v["params"] = p;
+    }
+    v
+}
+
+/// Whether `version` is a legacy-era version the gateway serves.
+pub fn is_supported_legacy(version: &str) -> bool {
+    LEGACY_VERSIONS.contains(&version)
+}
+
+/// Whether `version` belongs to the modern (stateless) era. Versions are ISO dates, so a
+/// string comparison orders them.
+pub fn is_modern(version: &str) -> bool {
+    version.len() == 10 && version >= MODERN_VERSION
+}
+
+/// Tool names whose annotations say a repeated call is harmless (`readOnlyHint` or
+/// `idempotentHint`), read from a `tools/list` result.
+pub fn safe_tools(list_result: &Value) -> impl Iterator<Item = String> + '_ {
+    list_result
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|tool| {
+            let ann = tool.get("annotations");
+            let flag = |k: &str| ann.and_then(|a| a.get(k)).and_then(Value::as_bool) == Some(true);
+            flag("readOnlyHint") || flag("idempotentHint")
+        })
+        .filter_map(|tool| tool.get("name").and_then(Value::as_str).map(str::to_owned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_messages() {
+        let r = Envelope::parse(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).unwrap();
+        assert_eq!(r.kind, Kind::Request);
+        let n =
+            Envelope::parse(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap();
+        assert_eq!(n.kind, Kind::Notification);
+        let s = Envelope::parse(br#"{"jsonrpc":"2.0","id":"a","result":{}}"#).unwrap();
+        assert_eq!(s.kind, Kind::Response);
+    }
+
+    #[test]
+    fn rejects_bad_envelopes() {
+        assert!(matches!(
+            Envelope::parse(b"{not json"),
+            Err(EnvelopeError::Parse(_))
+        ));
+        assert!(matches!(
+            Envelope::parse(&[0xff, 0xfe]),
+            Err(EnvelopeError::Parse(_))
+        ));
+        for bad in [
+            r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#,
+            r#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":1.5,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":7}"#,
+            r#"{"jsonrpc":"2.0","id":1}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{},"error":{}}"#,
+            r#""hello""#,
+        ] {
+            let err = Envelope::parse(bad.as_bytes()).unwrap_err();
+            assert_eq!(err.code(), code::INVALID_REQUEST, "{bad}");
+        }
+    }
+
+    #[test]
+    fn version_eras() {
+        assert!(is_supported_legacy("2025-11-25"));
+        assert!(!is_supported_legacy("2026-07-28"));
+        assert!(is_modern("2026-07-28"));
+        assert!(!is_modern("2025-11-25"));
+        assert!(!is_modern("garbage"));
+    }
+
+    #[test]
+    fn finds_safe_tools() {
+        let list = json!({"tools":[
+            {"name":"a","annotations":{"readOnlyHint":true}},
+            {"name":"b","annotations":{"idempotentHint":true}},
+            {"name":"c","annotations":{"destructiveHint":true}},
+            {"name":"d"}]});
+        let safe: Vec<_> = safe_tools(&list).collect();
+        assert_eq!(safe, vec!["a", "b"]);
+    }
+}

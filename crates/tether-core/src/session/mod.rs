@@ -1,0 +1,1581 @@
+//! The session layer: every client session's life, and the only place that knows how
+//! client messages map onto upstream messages.
+//!
+//! - [`Registry`] finds sessions by id, loading (rehydrating) a stored one on first contact
+//!   with single-flight semantics: concurrent requests for the same id wait on one load.
+//! - [`Session`] owns one upstream [`Link`] at a time and supervises it: when it dies,
+//!   in-flight requests fail at once naming the cause, and the next request restarts it
+//!   (with jittered exponential backoff on crash loops) and replays the stored
+//!   `initialize` and `notifications/initialized`.
+//! - Ids: every request sent upstream gets a fresh gateway-wide integer id; every request
+//!   the upstream sends the client gets a fresh `tether-N` id. Neither can collide, across
+//!   restarts and re-initializations included, and answers are mapped back.
+//!
+//! This module never touches HTTP: the front door calls it and renders what it returns.
+
+pub mod stream;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::{OnceCell, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::policy::{self, Backoff};
+use crate::protocol::{self, Envelope, Kind, code};
+use crate::store::{
+    Ack, STANDALONE_STREAM, SessionRecord, SessionState, Store, StoreError, StreamRecord, now_ms,
+};
+use crate::upstream::{self, Connector, Inbound, Link, UpstreamError};
+pub use stream::{Frame, Stream, event_id, parse_event_id};
+
+/// Settings of the session layer.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Idle time after which a session expires.
+    pub idle_timeout: Duration,
+    /// Time an upstream has to answer one request.
+    pub upstream_timeout: Duration,
+    /// Configured upstream name (logs, records).
+    pub upstream_name: String,
+    /// `retry` sent in priming events: how long clients wait before resuming a stream.
+    pub sse_retry: Duration,
+    /// Restart backoff after upstream crashes.
+    pub backoff: Backoff,
+    /// An upstream that lived at least this long before dying was healthy: its crash
+    /// starts a new count instead of extending a crash loop.
+    pub healthy_after: Duration,
+    /// How long finished streams stay resumable.
+    pub event_retention: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            idle_timeout: Duration::from_secs(1800),
+            upstream_timeout: Duration::from_secs(300),
+            upstream_name: "upstream".into(),
+            sse_retry: Duration::from_secs(1),
+            backoff: Backoff::default(),
+            healthy_after: Duration::from_secs(10),
+            event_retention: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Which client transport a session uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Streamable HTTP: a stream per request, resumable.
+    Streamable,
+    /// The 2024-11-05 HTTP+SSE transport: everything on one stream, not resumable.
+    LegacySse,
+}
+
+/// Failures the front door must render.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Unknown, expired, closed or foreign session: 404.
+    #[error("session not found")]
+    NotFound,
+    /// The request is not acceptable: 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The store failed: 503.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a client request produces.
+pub enum Reply {
+    /// An SSE stream that ends with the response.
+    Stream(StreamHandle),
+    /// A JSON-RPC message to return at once (an error, usually).
+    Immediate(Value),
+    /// Accepted; the answer goes to the session's single stream (2024-11-05 transport).
+    Accepted,
+}
+
+/// A stream ready to be rendered as SSE.
+pub struct StreamHandle {
+    /// Stream id (the prefix of every event id).
+    pub stream_id: Arc<str>,
+    /// Awaited before the first byte: the stream's record must be durable first.
+    pub opened: Option<Ack>,
+    /// Send a priming event (event id + empty data + `retry`) first.
+    pub priming: bool,
+    /// `retry` for the priming event.
+    pub retry: Duration,
+    /// Stored events to send before live ones.
+    pub replay: Vec<(u64, String)>,
+    /// Live events; `None` when the stream already ended.
+    pub live: Option<mpsc::UnboundedReceiver<Frame>>,
+    /// End the HTTP response after the final response event.
+    pub ends_with_response: bool,
+    /// Cancelled when this response must end (shutdown).
+    pub stop: CancellationToken,
+}
+
+/// Methods whose repetition is harmless, so an interrupted one may be re-issued.
+const SAFE_METHODS: &[&str] = &[
+    "ping",
+    "tools/list",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+];
+
+struct Shared {
+    cfg: SessionConfig,
+    store: Arc<dyn Store>,
+    connector: Connector,
+    sessions: Mutex<HashMap<String, Arc<OnceCell<Arc<Session>>>>>,
+    legacy_pending: Mutex<HashMap<String, (Arc<Stream>, Instant)>>,
+    next_upstream_id: AtomicU64,
+    next_server_request: AtomicU64,
+    tracker: TaskTracker,
+    /// Cancelled when the gateway stops accepting: standalone streams end.
+    stopping: CancellationToken,
+    /// Cancelled when the shutdown grace is over: every stream ends.
+    stopped: CancellationToken,
+}
+
+/// All sessions of this gateway process.
+#[derive(Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+enum UpstreamSlot {
+    Down {
+        cause: Option<String>,
+        since: Option<Instant>,
+    },
+    Up {
+        link: Arc<Link>,
+        started: Instant,
+    },
+}
+
+enum PendingKind {
+    Client {
+        client_id: Value,
+        stream: Arc<Stream>,
+        token: Option<String>,
+    },
+    Internal(oneshot::Sender<Value>),
+}
+
+struct Pending {
+    kind: PendingKind,
+    generation: u64,
+    method: String,
+    timer: Option<tokio::task::AbortHandle>,
+    started: Instant,
+}
+
+struct State {
+    upstream: UpstreamSlot,
+    generation: u64,
+    failures: u32,
+    pending: HashMap<u64, Pending>,
+    /// `tether-N` id sent to the client → (upstream generation, the upstream's own id).
+    server_requests: HashMap<String, (u64, Value)>,
+    /// Request streams still waiting for their response.
+    streams: HashMap<Arc<str>, Arc<Stream>>,
+    progress: HashMap<String, u64>,
+    safe_tools: HashSet<String>,
+    last_active: Instant,
+    last_touch_sent: Instant,
+    closed: bool,
+}
+
+/// One client session.
+pub struct Session {
+    id: Arc<str>,
+    record: SessionRecord,
+    transport: Transport,
+    shared: Arc<Shared>,
+    state: Mutex<State>,
+    /// Serializes upstream (re)starts: one restart at a time, others wait for its outcome.
+    upstream_gate: tokio::sync::Mutex<()>,
+    standalone: Arc<Stream>,
+}
+
+fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new session id: 160 random bits as 40 lowercase hex characters (visible ASCII).
+pub fn new_session_id() -> String {
+    random_hex(20)
+}
+
+fn upstream_error(client_id: Value, name: &str, err: &UpstreamError) -> Value {
+    protocol::error_response(
+        client_id,
+        code::UPSTREAM_UNAVAILABLE,
+        format!("upstream {name:?} is unavailable: {err}"),
+        Some(json!({ "kind": "upstream_unavailable" })),
+    )
+}
+
+impl Registry {
+    /// Creates the registry. `tracker` owns every task it spawns.
+    pub fn new(
+        cfg: SessionConfig,
+        store: Arc<dyn Store>,
+        connector: Connector,
+        tracker: TaskTracker,
+    ) -> Registry {
+        Registry {
+            shared: Arc::new(Shared {
+                cfg,
+                store,
+                connector,
+                sessions: Mutex::new(HashMap::new()),
+                legacy_pending: Mutex::new(HashMap::new()),
+                next_upstream_id: AtomicU64::new(1),
+                next_server_request: AtomicU64::new(1),
+                tracker,
+                stopping: CancellationToken::new(),
+                stopped: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// Number of sessions held in memory.
+    pub fn loaded(&self) -> usize {
+        self.shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Creates a session from a client's `initialize`: starts an upstream, forwards the
+    /// handshake, records the session durably, and returns it with the response to send.
+    /// An upstream failure is a JSON-RPC error response and creates nothing.
+    pub async fn initialize(
+        &self,
+        env: &Envelope,
+        transport: Transport,
+        legacy_id: Option<String>,
+    ) -> Result<(Option<Arc<Session>>, Value), SessionError> {
+        let sh = &self.shared;
+        let client_id = env.id().cloned().unwrap_or(Value::Null);
+        let Some(params) = env.value.get("params").filter(|p| p.is_object()).cloned() else {
+            return Ok((
+                None,
+                protocol::error_response(
+                    client_id,
+                    code::INVALID_PARAMS,
+                    "initialize needs params",
+                    None,
+                ),
+            ));
+        };
+        let id = legacy_id.unwrap_or_else(new_session_id);
+        let span =
+            tracing::info_span!("session", session.id = %id, upstream.name = %sh.cfg.upstream_name);
+        async {
+            let (link, mut rx) = match sh.connector.connect(&id, &params).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start upstream for a new session");
+                    return Ok((None, upstream_error(client_id, &sh.cfg.upstream_name, &e)));
+                }
+            };
+            let uid = sh.next_upstream_id.fetch_add(1, Ordering::Relaxed);
+            let (result, early) =
+                match upstream::handshake(&link, &mut rx, uid, &params, sh.cfg.upstream_timeout)
+                    .await
+                {
+                    Ok(x) => x,
+                    Err(UpstreamError::Rejected(err)) => {
+                        link.shutdown(true);
+                        return Ok((
+                            None,
+                            json!({"jsonrpc": "2.0", "id": client_id, "error": err}),
+                        ));
+                    }
+                    Err(e) => {
+                        link.shutdown(true);
+                        tracing::warn!(error = %e, "upstream failed during initialize");
+                        return Ok((None, upstream_error(client_id, &sh.cfg.upstream_name, &e)));
+                    }
+                };
+            let now = now_ms();
+            let info = params.get("clientInfo");
+            let text = |k: &str| {
+                info.and_then(|i| i.get(k))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            };
+            let record = SessionRecord {
+                id: id.clone(),
+                principal: "anonymous".into(),
+                created_ms: now,
+                last_active_ms: now,
+                protocol_version: result
+                    .get("protocolVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or(protocol::DEFAULT_VERSION)
+                    .to_owned(),
+                init_params: params.clone(),
+                client_name: text("name"),
+                client_version: text("version"),
+                upstream_name: format!("{}{}", sh.cfg.upstream_name, transport_suffix(transport)),
+                state: SessionState::Live,
+                close_reason: None,
+                closed_ms: None,
+            };
+            if let Err(e) = sh.store.create_session(record.clone()).await {
+                link.shutdown(true);
+                tracing::error!(error = %e, "cannot record new session");
+                return Err(SessionError::Store(e));
+            }
+            let standalone = match transport {
+                Transport::LegacySse => self.take_legacy_stream(&id),
+                Transport::Streamable => None,
+            }
+            .unwrap_or_else(|| {
+                Arc::new(Stream::new(
+                    id.as_str().into(),
+                    STANDALONE_STREAM.into(),
+                    1,
+                    true,
+                ))
+            });
+            let session = Session::new(sh.clone(), record, transport, standalone);
+            let link = Arc::new(link);
+            let generation = session.install(link.clone());
+            session.spawn_pump(generation, rx, early);
+            self.insert(session.clone());
+            tracing::info!(
+                client.name = session.record.client_name.as_deref().unwrap_or("unknown"),
+                protocol.version = %session.record.protocol_version,
+                upstream = %link.describe(),
+                "session created"
+            );
+            Ok((
+                Some(session),
+                json!({"jsonrpc": "2.0", "id": client_id, "result": result}),
+            ))
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn insert(&self, session: Arc<Session>) {
+        let cell = Arc::new(OnceCell::new_with(Some(session.clone())));
+        self.shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session.id.to_string(), cell);
+    }
+
+    /// Finds a session, rehydrating it from the store if this process does not hold it.
+    pub async fn get(&self, id: &str) -> Result<Arc<Session>, SessionError> {
+        if id.is_empty() || id.len() > 256 || !id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return Err(SessionError::NotFound);
+        }
+        let cell = {
+            let mut map = self
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.entry(id.to_owned())
+                .or_insert_with(|| Arc::new(OnceCell::new()))
+                .clone()
+        };
+        let result = cell.get_or_try_init(|| self.load(id)).await.cloned();
+        if result.is_err() {
+            let mut map = self
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if map
+                .get(id)
+                .is_some_and(|c| Arc::ptr_eq(c, &cell) && !c.initialized())
+            {
+                map.remove(id);
+            }
+        }
+        let session = result?;
+        if session.is_closed() {
+            return Err(SessionError::NotFound);
+        }
+        Ok(session)
+    }
+
+    async fn load(&self, id: &str) -> Result<Arc<Session>, SessionError> {
+        let sh = &self.shared;
+        let Some(record) = sh.store.load_session(id).await? else {
+            return Err(SessionError::NotFound);
+        };
+        if record.state != SessionState::Live {
+            return Err(SessionError::NotFound);
+        }
+        let span =
+            tracing::info_span!("session", session.id = %id, upstream.name = %sh.cfg.upstream_name);
+        let _enter = span.enter();
+        let idle_ms = i64::try_from(sh.cfg.idle_timeout.as_millis()).unwrap_or(i64::MAX);
+        if now_ms().saturating_sub(record.last_active_ms) >= idle_ms {
+            sh.store.close_session(id, "timeout", now_ms()).await?;
+            tracing::info!(reason = "timeout", "session closed");
+            return Err(SessionError::NotFound);
+        }
+        if record
+            .upstream_name
+            .ends_with(transport_suffix(Transport::LegacySse))
+        {
+            // The 2024-11-05 transport has no way to resume its one stream: its client
+            // reconnects to /sse and starts over.
+            sh.store
+                .close_session(id, "server_shutdown", now_ms())
+                .await?;
+            tracing::info!(reason = "server_shutdown", "session closed");
+            return Err(SessionError::NotFound);
+        }
+        let standalone_seq = sh
+            .store
+            .stream(id, STANDALONE_STREAM)
+            .await?
+            .map_or(0, |s| s.last_seq);
+        let unfinished = sh.store.unfinished_streams(id).await?;
+        let standalone = Arc::new(Stream::new(
+            id.into(),
+            STANDALONE_STREAM.into(),
+            standalone_seq + 1,
+            true,
+        ));
+        let session = Session::new(sh.clone(), record, Transport::Streamable, standalone);
+        let mut retry = Vec::new();
+        for rec in unfinished {
+            let stream = Arc::new(Stream::new(
+                id.into(),
+                rec.stream_id.as_str().into(),
+                rec.last_seq + 1,
+                true,
+            ));
+            let client_id = rec.client_request_id.clone().unwrap_or(Value::Null);
+            match rec.request.clone().filter(|_| rec.retryable) {
+                Some(request) => retry.push((stream, client_id, request)),
+                None => {
+                    stream.push(
+                        sh.store.as_ref(),
+                        &protocol::error_response(
+                            client_id,
+                            code::INTERRUPTED,
+                            "the gateway restarted while this request was in flight; it was not retried \
+                             because the tool is not annotated readOnlyHint or idempotentHint",
+                            Some(json!({"kind": "interrupted", "retried": false})),
+                        ),
+                        true,
+                    );
+                }
+            }
+        }
+        tracing::info!(interrupted_retrying = retry.len(), "session rehydrated");
+        if !retry.is_empty() {
+            let s = session.clone();
+            {
+                let mut st = s.lock();
+                for (stream, ..) in &retry {
+                    st.streams.insert(stream.id().clone(), stream.clone());
+                }
+            }
+            sh.tracker
+                .spawn(async move { s.reissue(retry).await }.instrument(span.clone()));
+        }
+        Ok(session)
+    }
+
+    /// Ends a session for good (DELETE, idle timeout, operator).
+    pub async fn close(&self, session: &Arc<Session>, reason: &str) {
+        session.close(reason).await;
+        self.shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&*session.id);
+    }
+
+    /// Opens a 2024-11-05 `/sse` stream: a session id reserved until the client's
+    /// `initialize` arrives on the POST endpoint.
+    pub fn legacy_open(&self) -> (String, StreamHandle) {
+        let id = new_session_id();
+        let stream = Arc::new(Stream::new(
+            id.as_str().into(),
+            STANDALONE_STREAM.into(),
+            1,
+            false,
+        ));
+        let (rx, _) = stream.attach();
+        self.shared
+            .legacy_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), (stream.clone(), Instant::now()));
+        let handle = StreamHandle {
+            stream_id: stream.id().clone(),
+            opened: None,
+            priming: false,
+            retry: self.shared.cfg.sse_retry,
+            replay: Vec::new(),
+            live: Some(rx),
+            ends_with_response: false,
+            stop: self.shared.stopping.clone(),
+        };
+        (id, handle)
+    }
+
+    /// Whether `id` is a `/sse` connection still waiting for `initialize`.
+    pub fn legacy_pending(&self, id: &str) -> bool {
+        self.shared
+            .legacy_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+    }
+
+    fn take_legacy_stream(&self, id: &str) -> Option<Arc<Stream>> {
+        self.shared
+            .legacy_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .map(|(s, _)| s)
+    }
+
+    /// Delivers the answer to a 2024-11-05 `initialize` on the session's SSE stream.
+    pub async fn legacy_initialize(&self, id: &str, env: &Envelope) -> Result<(), SessionError> {
+        let stream = self
+            .shared
+            .legacy_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|(s, _)| s.clone())
+            .ok_or(SessionError::NotFound)?;
+        let (_, response) = self
+            .initialize(env, Transport::LegacySse, Some(id.to_owned()))
+            .await?;
+        stream.push(self.shared.store.as_ref(), &response, false);
+        Ok(())
+    }
+
+    /// Expires idle sessions (in memory and in the store) and prunes old stream logs.
+    /// Called periodically by [`Registry::run_reaper`].
+    pub async fn reap(&self) {
+        let sh = &self.shared;
+        let sessions: Vec<Arc<Session>> = {
+            let map = sh.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            map.values().filter_map(|c| c.get().cloned()).collect()
+        };
+        for s in sessions {
+            if s.is_idle() {
+                self.close(&s, "timeout").await;
+            }
+        }
+        let idle_ms = i64::try_from(sh.cfg.idle_timeout.as_millis()).unwrap_or(i64::MAX);
+        match sh
+            .store
+            .idle_sessions(now_ms().saturating_sub(idle_ms), 256)
+            .await
+        {
+            Ok(ids) => {
+                for id in ids {
+                    let held = sh
+                        .sessions
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains_key(&id);
+                    if !held {
+                        match sh.store.close_session(&id, "timeout", now_ms()).await {
+                            Ok(()) => {
+                                tracing::info!(session.id = %id, reason = "timeout", "session closed")
+                            }
+                            Err(e) => {
+                                tracing::warn!(session.id = %id, error = %e, "cannot expire session")
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot look up idle sessions"),
+        }
+        sh.legacy_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (s, at)| s.attached() || at.elapsed() < Duration::from_secs(10));
+    }
+
+    /// Runs [`Registry::reap`] until shutdown, and prunes stream logs past retention.
+    pub async fn run_reaper(self) {
+        let sh = self.shared.clone();
+        let tick =
+            (sh.cfg.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune = Instant::now();
+        loop {
+            tokio::select! {
+                _ = sh.stopping.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            self.reap().await;
+            if last_prune.elapsed() >= Duration::from_secs(60) {
+                last_prune = Instant::now();
+                let retention =
+                    i64::try_from(sh.cfg.event_retention.as_millis()).unwrap_or(i64::MAX);
+                if let Err(e) = sh
+                    .store
+                    .prune_events(now_ms().saturating_sub(retention))
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot prune stream logs");
+                }
+            }
+        }
+    }
+
+    /// Shutdown, first phase: standalone streams end; request streams continue.
+    pub fn begin_shutdown(&self) {
+        self.shared.stopping.cancel();
+    }
+
+    /// Shutdown, last phase: every stream ends and every upstream stops. Sessions stay
+    /// live in the store and resume on contact after a restart.
+    pub async fn finish_shutdown(&self) {
+        let sh = &self.shared;
+        sh.stopping.cancel();
+        sh.stopped.cancel();
+        let sessions: Vec<Arc<Session>> = {
+            let mut map = sh.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            map.drain().filter_map(|(_, c)| c.get().cloned()).collect()
+        };
+        for s in &sessions {
+            s.stop_upstream();
+        }
+        if let Err(e) = sh.store.flush().await {
+            tracing::error!(error = %e, "store flush failed at shutdown");
+        }
+    }
+}
+
+fn transport_suffix(t: Transport) -> &'static str {
+    match t {
+        Transport::Streamable => "",
+        Transport::LegacySse => "+sse",
+    }
+}
+
+impl Session {
+    fn new(
+        shared: Arc<Shared>,
+        record: SessionRecord,
+        transport: Transport,
+        standalone: Arc<Stream>,
+    ) -> Arc<Session> {
+        let now = Instant::now();
+        Arc::new(Session {
+            id: record.id.as_str().into(),
+            record,
+            transport,
+            shared,
+            state: Mutex::new(State {
+                upstream: UpstreamSlot::Down {
+                    cause: None,
+                    since: None,
+                },
+                generation: 0,
+                failures: 0,
+                pending: HashMap::new(),
+                server_requests: HashMap::new(),
+                streams: HashMap::new(),
+                progress: HashMap::new(),
+                safe_tools: HashSet::new(),
+                last_active: now,
+                last_touch_sent: now,
+                closed: false,
+            }),
+            upstream_gate: tokio::sync::Mutex::new(()),
+            standalone,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The session id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The stored record as loaded or created.
+    pub fn record(&self) -> &SessionRecord {
+        &self.record
+    }
+
+    /// The client transport.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// The pid of the current stdio upstream, if one is running.
+    pub fn upstream_pid(&self) -> Option<u32> {
+        match &self.lock().upstream {
+            UpstreamSlot::Up { link, .. } => link.pid(),
+            UpstreamSlot::Down { .. } => None,
+        }
+    }
+
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("session", session.id = %self.id, upstream.name = %self.shared.cfg.upstream_name)
+    }
+
+    /// Notes client activity; the store hears of it at most once a second.
+    pub fn touch(&self) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        st.last_active = now;
+        if now.duration_since(st.last_touch_sent) >= Duration::from_secs(1) {
+            st.last_touch_sent = now;
+            drop(st);
+            self.shared.store.touch(&self.id, now_ms());
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        let st = self.lock();
+        let open = usize::from(self.standalone.attached())
+            + st.streams.values().filter(|s| s.attached()).count();
+        policy::is_idle(
+            st.last_active.elapsed(),
+            self.shared.cfg.idle_timeout,
+            open,
+            st.pending.len(),
+        )
+    }
+
+    fn install(&self, link: Arc<Link>) -> u64 {
+        let mut st = self.lock();
+        st.generation += 1;
+        st.upstream = UpstreamSlot::Up {
+            link,
+            started: Instant::now(),
+        };
+        st.generation
+    }
+
+    fn spawn_pump(
+        self: &Arc<Self>,
+        generation: u64,
+        mut rx: mpsc::Receiver<Inbound>,
+        early: Vec<Inbound>,
+    ) {
+        let me = self.clone();
+        let stopped = self.shared.stopped.clone();
+        self.shared.tracker.spawn(
+            async move {
+                for m in early {
+                    if let Inbound::Message { value, origin } = m {
+                        me.on_upstream_message(generation, value, origin).await;
+                    }
+                }
+                loop {
+                    let next = tokio::select! {
+                        _ = stopped.cancelled() => return,
+                        m = rx.recv() => m,
+                    };
+                    match next {
+                        Some(Inbound::Message { value, origin }) => {
+                            me.on_upstream_message(generation, value, origin).await
+                        }
+                        Some(Inbound::Closed(cause)) => {
+                            me.on_upstream_closed(generation, cause);
+                            return;
+                        }
+                        None => {
+                            me.on_upstream_closed(generation, "upstream link ended".into());
+                            return;
+                        }
+                    }
+                }
+            }
+            .instrument(self.span()),
+        );
+    }
+
+    /// Returns the live upstream, (re)starting it if needed: connect, replay the stored
+    /// `initialize` and `notifications/initialized`, refresh tool annotations.
+    async fn ensure_upstream(self: &Arc<Self>) -> Result<(Arc<Link>, u64), Value> {
+        if let Some(up) = self.current_link() {
+            return Ok(up);
+        }
+        let _gate = self.upstream_gate.lock().await;
+        if let Some(up) = self.current_link() {
+            return Ok(up);
+        }
+        let sh = &self.shared;
+        let name = &sh.cfg.upstream_name;
+        {
+            let st = self.lock();
+            if st.closed {
+                return Err(protocol::error_response(
+                    Value::Null,
+                    code::SESSION_CLOSED,
+                    "session closed",
+                    None,
+                ));
+            }
+            if let UpstreamSlot::Down {
+                cause: Some(cause),
+                since: Some(since),
+            } = &st.upstream
+            {
+                let delay = sh
+                    .cfg
+                    .backoff
+                    .delay(st.failures, rand::random_range(0.5..=1.0));
+                let elapsed = since.elapsed();
+                if elapsed < delay {
+                    let retry_in = (delay - elapsed).as_millis();
+                    return Err(protocol::error_response(
+                        Value::Null,
+                        code::UPSTREAM_UNAVAILABLE,
+                        format!(
+                            "upstream {name:?} failed {} times in a row (last: {cause}); backing off, next restart attempt in {retry_in} ms",
+                            st.failures
+                        ),
+                        Some(
+                            json!({"kind": "upstream_backoff", "failures": st.failures, "retry_in_ms": retry_in}),
+                        ),
+                    ));
+                }
+            }
+        }
+        let started = Instant::now();
+        let fail = |err: &UpstreamError| {
+            let mut st = self.lock();
+            st.failures += 1;
+            st.upstream = UpstreamSlot::Down {
+                cause: Some(err.to_string()),
+                since: Some(Instant::now()),
+            };
+            tracing::warn!(error = %err, failures = st.failures, "upstream restart failed");
+            upstream_error(Value::Null, name, err)
+        };
+        let (link, mut rx) = match sh
+            .connector
+            .connect(&self.id, &self.record.init_params)
+            .await
+        {
+            Ok(x) => x,
+            Err(e) => return Err(fail(&e)),
+        };
+        let uid = sh.next_upstream_id.fetch_add(1, Ordering::Relaxed);
+        let (result, early) = match upstream::handshake(
+            &link,
+            &mut rx,
+            uid,
+            &self.record.init_params,
+            sh.cfg.upstream_timeout,
+        )
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                link.shutdown(true);
+                return Err(fail(&e));
+            }
+        };
+        link.send(protocol::notification("notifications/initialized", None))
+            .await;
+        let link = Arc::new(link);
+        let generation = self.install(link.clone());
+        self.spawn_pump(generation, rx, early);
+        tracing::info!(
+            upstream = %link.describe(),
+            generation,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "upstream started and re-initialized"
+        );
+        if result.pointer("/capabilities/tools").is_some() && self.lock().safe_tools.is_empty() {
+            self.refresh_safe_tools(&link, generation).await;
+        }
+        Ok((link, generation))
+    }
+
+    fn current_link(&self) -> Option<(Arc<Link>, u64)> {
+        let st = self.lock();
+        match &st.upstream {
+            UpstreamSlot::Up { link, .. } => Some((link.clone(), st.generation)),
+            UpstreamSlot::Down { .. } => None,
+        }
+    }
+
+    /// Learns which tools are safe to re-issue, by asking the upstream directly (one page).
+    async fn refresh_safe_tools(self: &Arc<Self>, link: &Link, generation: u64) {
+        let uid = self.shared.next_upstream_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.lock().pending.insert(
+            uid,
+            Pending {
+                kind: PendingKind::Internal(tx),
+                generation,
+                method: "tools/list".into(),
+                timer: None,
+                started: Instant::now(),
+            },
+        );
+        link.send(protocol::request(Value::from(uid), "tools/list", None))
+            .await;
+        match tokio::time::timeout(Duration::from_secs(10), rx).await {
+            Ok(Ok(resp)) => {
+                if let Some(result) = resp.get("result") {
+                    self.lock().safe_tools.extend(protocol::safe_tools(result));
+                }
+            }
+            _ => {
+                self.lock().pending.remove(&uid);
+                tracing::debug!(
+                    "upstream did not list its tools; interrupted calls will not be retried"
+                );
+            }
+        }
+    }
+
+    /// Handles a client request.
+    pub async fn request(self: &Arc<Self>, env: Envelope) -> Reply {
+        self.touch();
+        let client_id = env.id().cloned().unwrap_or(Value::Null);
+        let method = env.method().unwrap_or_default().to_owned();
+        if method == "initialize" {
+            return Reply::Immediate(protocol::error_response(
+                client_id,
+                code::INVALID_REQUEST,
+                "this session is already initialized; send initialize without MCP-Session-Id to start a new one",
+                None,
+            ));
+        }
+        let (link, generation) = match self.ensure_upstream().await {
+            Ok(x) => x,
+            Err(mut err) => {
+                protocol::set_id(&mut err, client_id);
+                return Reply::Immediate(err);
+            }
+        };
+        let tool = env.tool_name().map(str::to_owned);
+        let retryable = SAFE_METHODS.contains(&method.as_str())
+            || (method == "tools/call"
+                && tool
+                    .as_ref()
+                    .is_some_and(|t| self.lock().safe_tools.contains(t)));
+        let (stream, opened, live) = match self.transport {
+            Transport::Streamable => {
+                let stream_id: Arc<str> = random_hex(8).into();
+                let opened = self.shared.store.open_stream(StreamRecord {
+                    session_id: self.id.to_string(),
+                    stream_id: stream_id.to_string(),
+                    client_request_id: Some(client_id.clone()),
+                    request: retryable.then(|| env.value.clone()),
+                    retryable,
+                    done: false,
+                    last_seq: 0,
+                    created_ms: now_ms(),
+                });
+                let stream = Arc::new(Stream::new(self.id.clone(), stream_id, 1, true));
+                let (rx, _) = stream.attach();
+                (stream, Some(opened), Some(rx))
+            }
+            Transport::LegacySse => (self.standalone.clone(), None, None),
+        };
+        let mut message = env.value;
+        self.forward(
+            &link,
+            generation,
+            &mut message,
+            client_id,
+            stream.clone(),
+            method,
+        )
+        .await;
+        match live {
+            Some(rx) => Reply::Stream(StreamHandle {
+                stream_id: stream.id().clone(),
+                opened,
+                priming: self.record.protocol_version.as_str() >= "2025-11-25",
+                retry: self.shared.cfg.sse_retry,
+                replay: Vec::new(),
+                live: Some(rx),
+                ends_with_response: true,
+                stop: self.shared.stopped.clone(),
+            }),
+            None => Reply::Accepted,
+        }
+    }
+
+    /// Rewrites a client request's id, registers it as pending on `stream`, arms its
+    /// timeout, and sends it upstream.
+    async fn forward(
+        self: &Arc<Self>,
+        link: &Link,
+        generation: u64,
+        message: &mut Value,
+        client_id: Value,
+        stream: Arc<Stream>,
+        method: String,
+    ) {
+        let uid = self.shared.next_upstream_id.fetch_add(1, Ordering::Relaxed);
+        protocol::set_id(message, Value::from(uid));
+        let token = message
+            .pointer("/params/_meta/progressToken")
+            .map(Value::to_string);
+        let weak = Arc::downgrade(self);
+        let timeout = self.shared.cfg.upstream_timeout;
+        let timer = self.shared.tracker.spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(s) = weak.upgrade() {
+                s.on_timeout(uid).await;
+            }
+        });
+        {
+            let mut st = self.lock();
+            if let Some(t) = &token {
+                st.progress.insert(t.clone(), uid);
+            }
+            if !Arc::ptr_eq(&stream, &self.standalone) {
+                st.streams.insert(stream.id().clone(), stream.clone());
+            }
+            st.pending.insert(
+                uid,
+                Pending {
+                    kind: PendingKind::Client {
+                        client_id,
+                        stream,
+                        token,
+                    },
+                    generation,
+                    method,
+                    timer: Some(timer.abort_handle()),
+                    started: Instant::now(),
+                },
+            );
+        }
+        link.send(message.clone()).await;
+    }
+
+    /// Re-issues safe requests that were in flight when the gateway died.
+    async fn reissue(self: Arc<Self>, items: Vec<(Arc<Stream>, Value, Value)>) {
+        match self.ensure_upstream().await {
+            Ok((link, generation)) => {
+                for (stream, client_id, mut request) in items {
+                    let method = request
+                        .get("method")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned();
+                    tracing::info!(mcp.method = %method, "re-issuing a safe request interrupted by a gateway restart");
+                    self.forward(&link, generation, &mut request, client_id, stream, method)
+                        .await;
+                }
+            }
+            Err(err) => {
+                let why = err
+                    .pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("upstream unavailable")
+                    .to_owned();
+                for (stream, client_id, _) in items {
+                    self.lock().streams.remove(stream.id());
+                    stream.push(
+                        self.shared.store.as_ref(),
+                        &protocol::error_response(
+                            client_id,
+                            code::INTERRUPTED,
+                            format!("the gateway restarted while this request was in flight, and retrying it failed: {why}"),
+                            Some(json!({"kind": "interrupted", "retried": false})),
+                        ),
+                        true,
+                    );
+                }
+            }
+        }
+    }
+
+    async fn on_timeout(self: &Arc<Self>, uid: u64) {
+        let pending = self.lock().pending.remove(&uid);
+        let Some(p) = pending else { return };
+        tracing::warn!(mcp.method = %p.method, duration_ms = p.started.elapsed().as_millis() as u64, "upstream request timed out");
+        let timeout = self.shared.cfg.upstream_timeout;
+        self.finish(p, |client_id| {
+            protocol::error_response(
+                client_id,
+                code::UPSTREAM_TIMEOUT,
+                format!(
+                    "upstream did not answer within {}",
+                    humantime::format_duration(timeout)
+                ),
+                Some(json!({"kind": "upstream_timeout"})),
+            )
+        });
+        if let Some((link, _)) = self.current_link() {
+            link.send(protocol::notification(
+                "notifications/cancelled",
+                Some(json!({"requestId": uid, "reason": "timed out at the gateway"})),
+            ))
+            .await;
+        }
+    }
+
+    /// Completes a pending client request with the message `make` builds from its id.
+    fn finish(&self, p: Pending, make: impl FnOnce(Value) -> Value) {
+        if let Some(t) = &p.timer {
+            t.abort();
+        }
+        match p.kind {
+            PendingKind::Internal(tx) => drop(tx),
+            PendingKind::Client {
+                client_id,
+                stream,
+                token,
+            } => {
+                {
+                    let mut st = self.lock();
+                    if let Some(t) = token {
+                        st.progress.remove(&t);
+                    }
+                    st.streams.remove(stream.id());
+                }
+                let terminal = !Arc::ptr_eq(&stream, &self.standalone);
+                stream.push(self.shared.store.as_ref(), &make(client_id), terminal);
+            }
+        }
+    }
+
+    async fn on_upstream_message(
+        self: &Arc<Self>,
+        generation: u64,
+        mut value: Value,
+        origin: Option<u64>,
+    ) {
+        let has_method = value.get("method").and_then(Value::as_str).is_some();
+        let has_id = value.get("id").is_some_and(|v| !v.is_null());
+        match (has_method, has_id) {
+            (false, true) => {
+                let Some(uid) = value.get("id").and_then(Value::as_u64) else {
+                    tracing::debug!("upstream answered an id the gateway never sent; dropped");
+                    return;
+                };
+                let pending = self.lock().pending.remove(&uid);
+                let Some(p) = pending else {
+                    tracing::debug!(
+                        jsonrpc.id = uid,
+                        "late upstream response (timed out or cancelled); dropped"
+                    );
+                    return;
+                };
+                if let PendingKind::Internal(_) = &p.kind {
+                    if let PendingKind::Internal(tx) = p.kind {
+                        let _ = tx.send(value);
+                    }
+                    return;
+                }
+                if p.method == "tools/list" {
+                    if let Some(result) = value.get("result") {
+                        let safe: Vec<String> = protocol::safe_tools(result).collect();
+                        self.lock().safe_tools.extend(safe);
+                    }
+                }
+                self.finish(p, |client_id| {
+                    protocol::set_id(&mut value, client_id);
+                    value
+                });
+            }
+            (true, true) => self.route_server_request(generation, value, origin).await,
+            (true, false) => {
+                let method = value
+                    .get("method")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                let target = if method == "notifications/progress" {
+                    let token = value.pointer("/params/progressToken").map(Value::to_string);
+                    let st = self.lock();
+                    token
+                        .and_then(|t| st.progress.get(&t).copied())
+                        .and_then(|uid| self.stream_of(&st, uid))
+                } else {
+                    if method == "notifications/cancelled" {
+                        // The upstream cancels a request it sent the client: use our id for it.
+                        let orig = value.pointer("/params/requestId").cloned();
+                        let st = self.lock();
+                        let ours = st
+                            .server_requests
+                            .iter()
+                            .find(|(_, (g, o))| *g == generation && Some(o) == orig.as_ref())
+                            .map(|(k, _)| k.clone());
+                        drop(st);
+                        match ours {
+                            Some(k) => value["params"]["requestId"] = Value::from(k),
+                            None => return,
+                        }
+                    }
+                    self.pick_stream(origin)
+                };
+                match target {
+                    Some(stream) => {
+                        stream.push(self.shared.store.as_ref(), &value, false);
+                    }
+                    None => {
+                        tracing::debug!(mcp.method = %method, "no client stream for an upstream notification; dropped")
+                    }
+                }
+            }
+            (false, false) => tracing::debug!(
+                "upstream sent a message that is neither request, notification nor response"
+            ),
+        }
+    }
+
+    fn stream_of(&self, st: &State, uid: u64) -> Option<Arc<Stream>> {
+        match &st.pending.get(&uid)?.kind {
+            PendingKind::Client { stream, .. } => Some(stream.clone()),
+            PendingKind::Internal(_) => None,
+        }
+    }
+
+    /// The stream for an upstream message that is not a response: the stream of the
+    /// request it arrived for (HTTP tells us), else the standalone stream if a client is
+    /// listening, else the newest request in flight (stdio cannot say which request a
+    /// message belongs to; the newest is the one most likely waiting on it).
+    fn pick_stream(&self, origin: Option<u64>) -> Option<Arc<Stream>> {
+        if self.transport == Transport::LegacySse {
+            return Some(self.standalone.clone());
+        }
+        let st = self.lock();
+        if let Some(s) = origin.and_then(|o| self.stream_of(&st, o)) {
+            return Some(s);
+        }
+        if self.standalone.attached() {
+            return Some(self.standalone.clone());
+        }
+        st.pending
+            .values()
+            .filter(|p| matches!(p.kind, PendingKind::Client { .. }))
+            .max_by_key(|p| p.started)
+            .and_then(|p| match &p.kind {
+                PendingKind::Client { stream, .. } => Some(stream.clone()),
+                PendingKind::Internal(_) => None,
+            })
+    }
+
+    async fn route_server_request(
+        self: &Arc<Self>,
+        generation: u64,
+        mut value: Value,
+        origin: Option<u64>,
+    ) {
+        let method = value
+            .get("method")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let orig_id = value.get("id").cloned().unwrap_or(Value::Null);
+        let Some(stream) = self.pick_stream(origin) else {
+            let answer = if method == "ping" {
+                json!({"jsonrpc": "2.0", "id": orig_id, "result": {}})
+            } else {
+                protocol::error_response(
+                    orig_id,
+                    code::INTERNAL_ERROR,
+                    format!("no client connection is open to deliver {method}"),
+                    None,
+                )
+            };
+            if let Some((link, _)) = self.current_link() {
+                link.send(answer).await;
+            }
+            return;
+        };
+        let ours = format!(
+            "tether-{}",
+            self.shared
+                .next_server_request
+                .fetch_add(1, Ordering::Relaxed)
+        );
+        self.lock()
+            .server_requests
+            .insert(ours.clone(), (generation, orig_id));
+        protocol::set_id(&mut value, Value::from(ours));
+        stream.push(self.shared.store.as_ref(), &value, false);
+    }
+
+    fn on_upstream_closed(&self, generation: u64, cause: String) {
+        let failed: Vec<Pending> = {
+            let mut st = self.lock();
+            if st.generation != generation {
+                return;
+            }
+            let healthy = match &st.upstream {
+                UpstreamSlot::Up { started, .. } => {
+                    started.elapsed() >= self.shared.cfg.healthy_after
+                }
+                UpstreamSlot::Down { .. } => return,
+            };
+            st.failures = if healthy { 1 } else { st.failures + 1 };
+            st.upstream = UpstreamSlot::Down {
+                cause: Some(cause.clone()),
+                since: Some(Instant::now()),
+            };
+            st.server_requests.retain(|_, (g, _)| *g != generation);
+            let ids: Vec<u64> = st
+                .pending
+                .iter()
+                .filter(|(_, p)| p.generation == generation)
+                .map(|(k, _)| *k)
+                .collect();
+            ids.into_iter()
+                .filter_map(|k| st.pending.remove(&k))
+                .collect()
+        };
+        if self.is_closed() {
+            return;
+        }
+        tracing::warn!(cause = %cause, in_flight = failed.len(), "upstream lost");
+        for p in failed {
+            let cause = cause.clone();
+            self.finish(p, |client_id| {
+                protocol::error_response(
+                    client_id,
+                    code::UPSTREAM_LOST,
+                    format!("{cause}; the request was not completed. The next request restarts the upstream."),
+                    Some(json!({"kind": "upstream_lost"})),
+                )
+            });
+        }
+    }
+
+    /// Handles a client notification: forwarded upstream, with a cancelled request's id
+    /// rewritten to the upstream's id for it.
+    pub async fn notify(self: &Arc<Self>, env: Envelope) {
+        self.touch();
+        let mut value = env.value;
+        if env.kind == Kind::Notification
+            && value.get("method").and_then(Value::as_str) == Some("notifications/cancelled")
+        {
+            let target = value.pointer("/params/requestId").cloned();
+            let uid = {
+                let st = self.lock();
+                st.pending
+                    .iter()
+                    .find(|(_, p)| matches!(&p.kind, PendingKind::Client { client_id, .. } if Some(client_id) == target.as_ref()))
+                    .map(|(k, _)| *k)
+            };
+            match uid {
+                Some(uid) => value["params"]["requestId"] = Value::from(uid),
+                None => return,
+            }
+        }
+        match self.ensure_upstream().await {
+            Ok((link, _)) => link.send(value).await,
+            Err(_) => tracing::debug!("client notification dropped: upstream unavailable"),
+        }
+    }
+
+    /// Handles a client response to a request the upstream sent.
+    pub async fn respond(self: &Arc<Self>, env: Envelope) {
+        self.touch();
+        let mut value = env.value;
+        let key = value.get("id").and_then(Value::as_str).map(str::to_owned);
+        let entry = key.and_then(|k| self.lock().server_requests.remove(&k));
+        let Some((generation, orig)) = entry else {
+            tracing::debug!(
+                "client answered a request that is unknown or already answered; dropped"
+            );
+            return;
+        };
+        match self.current_link() {
+            Some((link, g)) if g == generation => {
+                protocol::set_id(&mut value, orig);
+                link.send(value).await;
+            }
+            _ => tracing::debug!("the upstream that asked is gone; client answer dropped"),
+        }
+    }
+
+    /// Sends a message on the session's single stream (2024-11-05 transport).
+    pub fn deliver_standalone(&self, value: &Value) {
+        self.standalone
+            .push(self.shared.store.as_ref(), value, false);
+    }
+
+    /// Opens the standalone stream (GET without `Last-Event-ID`), replacing any previous
+    /// connection to it.
+    pub fn open_standalone(&self) -> StreamHandle {
+        self.touch();
+        let (rx, _) = self.standalone.attach();
+        StreamHandle {
+            stream_id: self.standalone.id().clone(),
+            opened: None,
+            priming: self.record.protocol_version.as_str() >= "2025-11-25",
+            retry: self.shared.cfg.sse_retry,
+            replay: Vec::new(),
+            live: Some(rx),
+            ends_with_response: false,
+            stop: self.shared.stopping.clone(),
+        }
+    }
+
+    /// Resumes a stream after `last_event_id` (GET with `Last-Event-ID`): replays what the
+    /// client missed from the log, then continues live if the stream has not ended.
+    pub async fn resume(
+        self: &Arc<Self>,
+        last_event_id: &str,
+    ) -> Result<StreamHandle, SessionError> {
+        self.touch();
+        let Some((stream_id, after)) = parse_event_id(last_event_id) else {
+            return Err(SessionError::BadRequest(format!(
+                "Last-Event-ID {last_event_id:?} is not an event id of this gateway"
+            )));
+        };
+        let live_stream = if stream_id == STANDALONE_STREAM {
+            Some(self.standalone.clone())
+        } else {
+            self.lock().streams.get(stream_id).cloned()
+        };
+        let store = &self.shared.store;
+        let handle = |replay, live, standalone: bool| StreamHandle {
+            stream_id: stream_id.into(),
+            opened: None,
+            priming: false,
+            retry: self.shared.cfg.sse_retry,
+            replay,
+            live,
+            ends_with_response: !standalone,
+            stop: if standalone {
+                self.shared.stopping.clone()
+            } else {
+                self.shared.stopped.clone()
+            },
+        };
+        match live_stream {
+            Some(stream) => {
+                let (rx, boundary) = stream.attach();
+                store.flush().await?;
+                let mut replay = store.events_after(&self.id, stream_id, after).await?;
+                replay.retain(|(seq, _)| *seq < boundary);
+                Ok(handle(replay, Some(rx), stream_id == STANDALONE_STREAM))
+            }
+            None => {
+                if store.stream(&self.id, stream_id).await?.is_none() {
+                    return Err(SessionError::BadRequest(format!(
+                        "no stream {stream_id:?} in this session"
+                    )));
+                }
+                let replay = store.events_after(&self.id, stream_id, after).await?;
+                Ok(handle(replay, None, false))
+            }
+        }
+    }
+
+    async fn close(&self, reason: &str) {
+        let (link, pending, streams) = {
+            let mut st = self.lock();
+            if st.closed {
+                return;
+            }
+            st.closed = true;
+            let link = match std::mem::replace(
+                &mut st.upstream,
+                UpstreamSlot::Down {
+                    cause: None,
+                    since: None,
+                },
+            ) {
+                UpstreamSlot::Up { link, .. } => Some(link),
+                UpstreamSlot::Down { .. } => None,
+            };
+            let pending: Vec<Pending> = st.pending.drain().map(|(_, p)| p).collect();
+            let streams: Vec<Arc<Stream>> = st.streams.drain().map(|(_, s)| s).collect();
+            (link, pending, streams)
+        };
+        for p in pending {
+            self.finish(p, |client_id| {
+                protocol::error_response(
+                    client_id,
+                    code::SESSION_CLOSED,
+                    format!("session closed ({reason})"),
+                    None,
+                )
+            });
+        }
+        for s in streams {
+            s.detach();
+        }
+        self.standalone.detach();
+        if let Some(link) = link {
+            link.shutdown(true);
+        }
+        if let Err(e) = self
+            .shared
+            .store
+            .close_session(&self.id, reason, now_ms())
+            .await
+        {
+            tracing::error!(error = %e, "cannot record session close");
+        }
+        tracing::info!(reason, "session closed");
+    }
+
+    /// Stops the upstream without ending the session (gateway shutdown).
+    fn stop_upstream(&self) {
+        let link = {
+            let mut st = self.lock();
+            match std::mem::replace(
+                &mut st.upstream,
+                UpstreamSlot::Down {
+                    cause: None,
+                    since: None,
+                },
+            ) {
+                UpstreamSlot::Up { link, .. } => Some(link),
+                UpstreamSlot::Down { .. } => None,
+            }
+        };
+        if let Some(link) = link {
+            match &*link {
+                Link::Stdio(l) => l.kill(),
+                Link::Http(_) => link.shutdown(false),
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Response streams and their durable event log.
+//!
+//! A [`Stream`] is the logical SSE stream of one client request, or a session's standalone
+//! stream. Every event gets the next sequence number and is handed to the store *before*
+//! it is queued to the attached HTTP connection together with the store's [`Ack`]; the
+//! connection awaits the ack before writing, so an event is durable before the client can
+//! see it, while the store is free to commit many events at once. Event ids are
+//! `<stream>.<seq>`: unique within the session and naming their stream (spec §1.1.6).
+
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::store::{Ack, EventRecord, Store};
+
+/// One event on its way to a client connection.
+pub struct Frame {
+    /// Sequence number within the stream.
+    pub seq: u64,
+    /// The JSON-RPC message.
+    pub data: Arc<str>,
+    /// Resolves once the event is durable.
+    pub ack: Ack,
+    /// Whether this is the response that ends a request stream.
+    pub terminal: bool,
+}
+
+/// A logical response stream.
+pub struct Stream {
+    session_id: Arc<str>,
+    id: Arc<str>,
+    durable: bool,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    next_seq: u64,
+    sink: Option<mpsc::UnboundedSender<Frame>>,
+    done: bool,
+}
+
+/// Formats an SSE event id.
+pub fn event_id(stream: &str, seq: u64) -> String {
+    format!("{stream}.{seq}")
+}
+
+/// Splits an SSE event id into stream and sequence number.
+pub fn parse_event_id(id: &str) -> Option<(&str, u64)> {
+    let (stream, seq) = id.rsplit_once('.')?;
+    if stream.is_empty() || !stream.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    Some((stream, seq.parse().ok()?))
+}
+
+impl Stream {
+    /// A stream whose next event gets `next_seq`. Non-durable streams (the 2024-11-05
+    /// transport, which cannot resume) skip the event log.
+    pub fn new(session_id: Arc<str>, id: Arc<str>, next_seq: u64, durable: bool) -> Stream {
+        Stream {
+            session_id,
+            id,
+            durable,
+            inner: Mutex::new(Inner {
+                next_seq,
+                sink: None,
+                done: false,
+            }),
+        }
+    }
+
+    /// The stream id.
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    /// Records `value` and queues it for the attached connection, if any. Returns false if
+    /// the stream had already ended.
+    pub fn push(&self, store: &dyn Store, value: &Value, terminal: bool) -> bool {
+        let data: Arc<str> = value.to_string().into();
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.done {
+            return false;
+        }
+        let seq = g.next_seq;
+        g.next_seq += 1;
+        g.done = terminal;
+        let ack: Ack = if self.durable {
+            store.append_event(EventRecord {
+                session_id: self.session_id.clone(),
+                stream_id: self.id.clone(),
+                seq,
+                data: data.clone(),
+                terminal,
+            })
+        } else {
+            Box::pin(std::future::ready(Ok(())))
+        };
+        if let Some(sink) = &g.sink {
+            if sink
+                .send(Frame {
+                    seq,
+                    data,
+                    ack,
+                    terminal,
+                })
+                .is_err()
+            {
+                g.sink = None;
+            }
+        }
+        true
+    }
+
+    /// Attaches a new connection, replacing (and so ending) any previous one. Returns its
+    /// receiver and the first sequence number it will carry live; earlier events must be
+    /// replayed from the store.
+    pub fn attach(&self) -> (mpsc::UnboundedReceiver<Frame>, u64) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.sink = Some(tx);
+        (rx, g.next_seq)
+    }
+
+    /// Detaches the connection; its SSE response ends.
+    pub fn detach(&self) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).sink = None;
+    }
+
+    /// Whether a client connection is currently attached and alive.
+    pub fn attached(&self) -> bool {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.sink.as_ref().is_some_and(|s| !s.is_closed())
+    }
+
+    /// Whether the final response was pushed.
+    pub fn done(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_round_trip() {
+        assert_eq!(parse_event_id(&event_id("ab12", 7)), Some(("ab12", 7)));
+        assert_eq!(parse_event_id("0.0"), Some(("0", 0)));
+        for bad in ["", "x", ".1", "a.b", "a-b.1", "a.-1"] {
+            assert_eq!(parse_event_id(bad), None, "{bad}");
+        }
+    }
+}

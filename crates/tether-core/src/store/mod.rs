@@ -1,0 +1,167 @@
+//! Durable state: session records and the per-stream SSE event log.
+//!
+//! The session layer talks only to the [`Store`] trait; SQLite ([`sqlite::SqliteStore`]) is
+//! the embedded default and later backends (Redis, PostgreSQL) implement the same trait and
+//! pass the same conformance tests. Writes that sit on the request path return an [`Ack`]
+//! future instead of blocking: a backend may group many writes into one commit, and the
+//! caller decides what must be durable before it answers the client.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+/// A store failure. Callers turn it into a JSON-RPC error; it never panics the process.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The backend reported an error (disk full, I/O error, corrupt file...).
+    #[error("store error: {0}")]
+    Backend(String),
+    /// The store was shut down.
+    #[error("store is closed")]
+    Closed,
+    /// A stored value could not be decoded.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Completion of a write: resolves once the write is durable (or failed).
+pub type Ack = BoxFuture<'static, Result<(), StoreError>>;
+
+/// Lifecycle state of a stored session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Usable; resumes on contact after a restart.
+    Live,
+    /// Ended; requests get 404.
+    Closed,
+}
+
+impl SessionState {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Live => "live",
+            SessionState::Closed => "closed",
+        }
+    }
+}
+
+/// Everything needed to rebuild a session behind its id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    /// The session id the client holds.
+    pub id: String,
+    /// Who created it (`anonymous` until API keys exist).
+    pub principal: String,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: i64,
+    /// Last activity, ms since the Unix epoch (may lag by up to one second).
+    pub last_active_ms: i64,
+    /// Protocol version negotiated with the upstream.
+    pub protocol_version: String,
+    /// The client's `initialize` params, replayed to every fresh upstream.
+    pub init_params: Value,
+    /// `clientInfo.name`.
+    pub client_name: Option<String>,
+    /// `clientInfo.version`.
+    pub client_version: Option<String>,
+    /// Configured upstream name.
+    pub upstream_name: String,
+    /// Live or closed.
+    pub state: SessionState,
+    /// Why it closed (`timeout`, `client_disconnect`...).
+    pub close_reason: Option<String>,
+    /// When it closed.
+    pub closed_ms: Option<i64>,
+}
+
+/// A response stream: the SSE stream of one client request, or the session's standalone
+/// stream (id [`STANDALONE_STREAM`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamRecord {
+    /// Owning session.
+    pub session_id: String,
+    /// Stream id, unique within the session; part of every event id.
+    pub stream_id: String,
+    /// The client's JSON-RPC id of the request this stream answers.
+    pub client_request_id: Option<Value>,
+    /// The request itself, kept so an interrupted safe request can be re-issued.
+    pub request: Option<Value>,
+    /// Whether re-issuing the request after a crash is safe.
+    pub retryable: bool,
+    /// Whether the final response has been recorded.
+    pub done: bool,
+    /// Highest event sequence number stored for the stream (0 = none).
+    pub last_seq: u64,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: i64,
+}
+
+/// Id of the standalone (GET / legacy SSE) stream of every session.
+pub const STANDALONE_STREAM: &str = "0";
+
+/// One SSE event to append to a stream's log.
+#[derive(Debug, Clone)]
+pub struct EventRecord {
+    /// Owning session.
+    pub session_id: Arc<str>,
+    /// Stream within the session.
+    pub stream_id: Arc<str>,
+    /// Sequence number within the stream, from 1.
+    pub seq: u64,
+    /// The JSON-RPC message as sent.
+    pub data: Arc<str>,
+    /// Whether this is the stream's final response.
+    pub terminal: bool,
+}
+
+/// The durable-state interface of the session layer.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records a new session; durable when this returns.
+    async fn create_session(&self, record: SessionRecord) -> Result<(), StoreError>;
+    /// Loads a session by id.
+    async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError>;
+    /// Notes activity; batched, never blocks.
+    fn touch(&self, id: &str, at_ms: i64);
+    /// Marks a session closed and drops its event log.
+    async fn close_session(&self, id: &str, reason: &str, at_ms: i64) -> Result<(), StoreError>;
+    /// Live sessions whose last activity is older than `cutoff_ms`, oldest first.
+    async fn idle_sessions(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// Number of live sessions.
+    async fn count_live(&self) -> Result<u64, StoreError>;
+    /// Records a new stream (and, for request streams, the request).
+    fn open_stream(&self, record: StreamRecord) -> Ack;
+    /// Appends an event; a terminal event also marks its stream done.
+    fn append_event(&self, event: EventRecord) -> Ack;
+    /// Resolves once every write submitted before it is durable.
+    fn flush(&self) -> Ack;
+    /// Events of a stream with `seq > after`, in order.
+    async fn events_after(
+        &self,
+        session_id: &str,
+        stream_id: &str,
+        after: u64,
+    ) -> Result<Vec<(u64, String)>, StoreError>;
+    /// One stream, with its last sequence number.
+    async fn stream(
+        &self,
+        session_id: &str,
+        stream_id: &str,
+    ) -> Result<Option<StreamRecord>, StoreError>;
+    /// Request streams of a session whose response was never recorded.
+    async fn unfinished_streams(&self, session_id: &str) -> Result<Vec<StreamRecord>, StoreError>;
+    /// Deletes logs of finished streams created before `cutoff_ms`; returns events removed.
+    async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

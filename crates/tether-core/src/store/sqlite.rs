@@ -1,0 +1,608 @@
+//! The embedded SQLite store (WAL mode).
+//!
+//! One writer thread owns the write connection and applies every write in batches: it takes
+//! whatever has queued while the previous commit ran and commits it as one transaction
+//! (group commit), then resolves each write's [`Ack`]. With `synchronous=NORMAL` in WAL mode
+//! a commit is durable against a crash of this process without an fsync per commit; fsyncs
+//! happen at checkpoints. Reads use a second connection on the blocking pool, so they never
+//! wait behind a commit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::{
+    Ack, EventRecord, SessionRecord, SessionState, Store, StoreError, StreamRecord, now_ms,
+};
+
+type Done = oneshot::Sender<Result<(), StoreError>>;
+
+enum Op {
+    CreateSession(SessionRecord, Done),
+    Touch(String, i64),
+    Close {
+        id: String,
+        reason: String,
+        at_ms: i64,
+        done: Done,
+    },
+    OpenStream(StreamRecord, Done),
+    Append(EventRecord, Done),
+    Flush(Done),
+    Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
+}
+
+/// SQLite-backed [`Store`].
+pub struct SqliteStore {
+    path: PathBuf,
+    writes: mpsc::Sender<Op>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    last_active_ms INTEGER NOT NULL,
+    protocol_version TEXT NOT NULL,
+    init_params TEXT NOT NULL,
+    client_name TEXT,
+    client_version TEXT,
+    upstream_name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    close_reason TEXT,
+    closed_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions(state, last_active_ms);
+CREATE TABLE IF NOT EXISTS streams (
+    session_id TEXT NOT NULL,
+    stream_id TEXT NOT NULL,
+    client_request_id TEXT,
+    request TEXT,
+    retryable INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (session_id, stream_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS streams_finished ON streams(done, created_ms);
+CREATE TABLE IF NOT EXISTS events (
+    session_id TEXT NOT NULL,
+    stream_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (session_id, stream_id, seq)
+) WITHOUT ROWID;
+";
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn json_text(v: &Value) -> String {
+    v.to_string()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `tether.db` in `dir` and starts the writer thread.
+    pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Backend(format!("cannot create state dir {}: {e}", dir.display()))
+        })?;
+        let path = dir.join("tether.db");
+        let writer = Connection::open(&path).map_err(backend)?;
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+            )
+            .map_err(backend)?;
+        writer.execute_batch(SCHEMA).map_err(backend)?;
+        let reader = Connection::open(&path).map_err(backend)?;
+        reader
+            .execute_batch("PRAGMA busy_timeout=5000;")
+            .map_err(backend)?;
+        let (writes, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("tether-store".into())
+            .spawn(move || writer_loop(writer, rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start store writer: {e}")))?;
+        Ok(SqliteStore {
+            path,
+            writes,
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn submit(&self, make: impl FnOnce(Done) -> Op) -> Ack {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(make(tx)).is_err() {
+            return Box::pin(std::future::ready(Err(StoreError::Closed)));
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn).map_err(backend)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("store reader failed: {e}")))?
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>) {
+    const MAX_BATCH: usize = 4096;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        apply_batch(&conn, batch);
+    }
+}
+
+fn apply_batch(conn: &Connection, batch: Vec<Op>) {
+    let mut results: Vec<(Done, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
+    let mut prunes = Vec::new();
+    let mut touches: HashMap<String, i64> = HashMap::new();
+    let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(backend);
+    for op in batch {
+        if let Err(e) = &began {
+            match op {
+                Op::CreateSession(_, d)
+                | Op::OpenStream(_, d)
+                | Op::Append(_, d)
+                | Op::Flush(d) => results.push((d, Err(e.clone()))),
+                Op::Close { done, .. } => results.push((done, Err(e.clone()))),
+                Op::Prune(_, d) => {
+                    let _ = d.send(Err(e.clone()));
+                }
+                Op::Touch(..) => {}
+            }
+            continue;
+        }
+        match op {
+            Op::CreateSession(r, d) => results.push((d, insert_session(conn, &r).map_err(backend))),
+            Op::Touch(id, at) => {
+                let slot = touches.entry(id).or_insert(at);
+                *slot = (*slot).max(at);
+            }
+            Op::Close {
+                id,
+                reason,
+                at_ms,
+                done,
+            } => results.push((
+                done,
+                close_session(conn, &id, &reason, at_ms).map_err(backend),
+            )),
+            Op::OpenStream(s, d) => results.push((d, insert_stream(conn, &s).map_err(backend))),
+            Op::Append(e, d) => results.push((d, insert_event(conn, &e).map_err(backend))),
+            Op::Flush(d) => results.push((d, Ok(()))),
+            Op::Prune(cutoff, d) => prunes.push((cutoff, d)),
+        }
+    }
+    if began.is_ok() {
+        for (id, at) in touches {
+            if let Err(e) = conn
+                .prepare_cached(
+                    "UPDATE sessions SET last_active_ms = max(last_active_ms, ?2) WHERE id = ?1",
+                )
+                .and_then(|mut s| s.execute(params![id, at]))
+            {
+                tracing::warn!(error = %e, "store: cannot record session activity");
+            }
+        }
+        let mut pruned = Vec::new();
+        for (cutoff, d) in prunes {
+            pruned.push((d, prune(conn, cutoff).map_err(backend)));
+        }
+        if let Err(e) = conn.execute_batch("COMMIT") {
+            let err = backend(e);
+            tracing::error!(error = %err, "store: commit failed; writes in this batch are lost");
+            let _ = conn.execute_batch("ROLLBACK");
+            for (_, r) in &mut results {
+                *r = Err(err.clone());
+            }
+            for (d, _) in pruned {
+                let _ = d.send(Err(err.clone()));
+            }
+        } else {
+            for (d, r) in pruned {
+                let _ = d.send(r);
+            }
+        }
+    }
+    for (d, r) in results {
+        let _ = d.send(r);
+    }
+}
+
+fn insert_session(conn: &Connection, r: &SessionRecord) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO sessions (id, principal, created_ms, last_active_ms, protocol_version, init_params,
+            client_name, client_version, upstream_name, state, close_reason, closed_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        r.id,
+        r.principal,
+        r.created_ms,
+        r.last_active_ms,
+        r.protocol_version,
+        json_text(&r.init_params),
+        r.client_name,
+        r.client_version,
+        r.upstream_name,
+        r.state.as_str(),
+        r.close_reason,
+        r.closed_ms
+    ])?;
+    Ok(())
+}
+
+fn close_session(conn: &Connection, id: &str, reason: &str, at_ms: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE sessions SET state = 'closed', close_reason = ?2, closed_ms = ?3 WHERE id = ?1 AND state = 'live'",
+    )?
+    .execute(params![id, reason, at_ms])?;
+    conn.prepare_cached("DELETE FROM events WHERE session_id = ?1")?
+        .execute(params![id])?;
+    conn.prepare_cached("DELETE FROM streams WHERE session_id = ?1")?
+        .execute(params![id])?;
+    Ok(())
+}
+
+fn insert_stream(conn: &Connection, s: &StreamRecord) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO streams (session_id, stream_id, client_request_id, request, retryable, done, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        s.session_id,
+        s.stream_id,
+        s.client_request_id.as_ref().map(json_text),
+        s.request.as_ref().map(json_text),
+        s.retryable,
+        s.done,
+        s.created_ms
+    ])?;
+    Ok(())
+}
+
+fn insert_event(conn: &Connection, e: &EventRecord) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO events (session_id, stream_id, seq, data, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![&*e.session_id, &*e.stream_id, e.seq as i64, &*e.data, now_ms()])?;
+    if e.terminal {
+        conn.prepare_cached(
+            "UPDATE streams SET done = 1 WHERE session_id = ?1 AND stream_id = ?2",
+        )?
+        .execute(params![&*e.session_id, &*e.stream_id])?;
+    }
+    Ok(())
+}
+
+fn prune(conn: &Connection, cutoff: i64) -> rusqlite::Result<u64> {
+    let mut removed = conn
+        .prepare_cached(
+            "DELETE FROM events WHERE (session_id, stream_id) IN
+               (SELECT session_id, stream_id FROM streams WHERE done = 1 AND created_ms < ?1)",
+        )?
+        .execute(params![cutoff])?;
+    conn.prepare_cached("DELETE FROM streams WHERE done = 1 AND created_ms < ?1")?
+        .execute(params![cutoff])?;
+    // The standalone stream never finishes; its old events go by age.
+    removed += conn
+        .prepare_cached("DELETE FROM events WHERE stream_id = '0' AND created_ms < ?1")?
+        .execute(params![cutoff])?;
+    Ok(removed as u64)
+}
+
+fn parse_json(text: Option<String>) -> rusqlite::Result<Option<Value>> {
+    text.map(|t| {
+        serde_json::from_str(&t).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })
+    })
+    .transpose()
+}
+
+fn row_to_session(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
+    let state: String = row.get(9)?;
+    Ok(SessionRecord {
+        id: row.get(0)?,
+        principal: row.get(1)?,
+        created_ms: row.get(2)?,
+        last_active_ms: row.get(3)?,
+        protocol_version: row.get(4)?,
+        init_params: parse_json(Some(row.get(5)?))?.unwrap_or(Value::Null),
+        client_name: row.get(6)?,
+        client_version: row.get(7)?,
+        upstream_name: row.get(8)?,
+        state: if state == "live" {
+            SessionState::Live
+        } else {
+            SessionState::Closed
+        },
+        close_reason: row.get(10)?,
+        closed_ms: row.get(11)?,
+    })
+}
+
+fn row_to_stream(row: &rusqlite::Row<'_>) -> rusqlite::Result<StreamRecord> {
+    Ok(StreamRecord {
+        session_id: row.get(0)?,
+        stream_id: row.get(1)?,
+        client_request_id: parse_json(row.get(2)?)?,
+        request: parse_json(row.get(3)?)?,
+        retryable: row.get(4)?,
+        done: row.get(5)?,
+        created_ms: row.get(6)?,
+        last_seq: row.get::<_, i64>(7)? as u64,
+    })
+}
+
+const STREAM_COLUMNS: &str = "s.session_id, s.stream_id, s.client_request_id, s.request, s.retryable, s.done, s.created_ms,
+    COALESCE((SELECT max(seq) FROM events e WHERE e.session_id = s.session_id AND e.stream_id = s.stream_id), 0)";
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn create_session(&self, record: SessionRecord) -> Result<(), StoreError> {
+        self.submit(|d| Op::CreateSession(record, d)).await
+    }
+
+    async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT id, principal, created_ms, last_active_ms, protocol_version, init_params, client_name,
+                        client_version, upstream_name, state, close_reason, closed_ms
+                 FROM sessions WHERE id = ?1",
+            )?
+            .query_row(params![id], row_to_session)
+            .optional()
+        })
+        .await
+    }
+
+    fn touch(&self, id: &str, at_ms: i64) {
+        let _ = self.writes.send(Op::Touch(id.to_owned(), at_ms));
+    }
+
+    async fn close_session(&self, id: &str, reason: &str, at_ms: i64) -> Result<(), StoreError> {
+        let (id, reason) = (id.to_owned(), reason.to_owned());
+        self.submit(|done| Op::Close {
+            id,
+            reason,
+            at_ms,
+            done,
+        })
+        .await
+    }
+
+    async fn idle_sessions(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id FROM sessions WHERE state = 'live' AND last_active_ms < ?1 ORDER BY last_active_ms LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![cutoff_ms, limit as i64], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn count_live(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT count(*) FROM sessions WHERE state = 'live'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+        })
+        .await
+    }
+
+    fn open_stream(&self, record: StreamRecord) -> Ack {
+        self.submit(|d| Op::OpenStream(record, d))
+    }
+
+    fn append_event(&self, event: EventRecord) -> Ack {
+        self.submit(|d| Op::Append(event, d))
+    }
+
+    fn flush(&self) -> Ack {
+        self.submit(Op::Flush)
+    }
+
+    async fn events_after(
+        &self,
+        session_id: &str,
+        stream_id: &str,
+        after: u64,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        let (s, t) = (session_id.to_owned(), stream_id.to_owned());
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, data FROM events WHERE session_id = ?1 AND stream_id = ?2 AND seq > ?3 ORDER BY seq",
+            )?;
+            let rows = stmt.query_map(params![s, t, after as i64], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn stream(
+        &self,
+        session_id: &str,
+        stream_id: &str,
+    ) -> Result<Option<StreamRecord>, StoreError> {
+        let (s, t) = (session_id.to_owned(), stream_id.to_owned());
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {STREAM_COLUMNS} FROM streams s WHERE s.session_id = ?1 AND s.stream_id = ?2"
+            ))?
+            .query_row(params![s, t], row_to_stream)
+            .optional()
+        })
+        .await
+    }
+
+    async fn unfinished_streams(&self, session_id: &str) -> Result<Vec<StreamRecord>, StoreError> {
+        let s = session_id.to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {STREAM_COLUMNS} FROM streams s WHERE s.session_id = ?1 AND s.done = 0 AND s.stream_id != '0'
+                 ORDER BY s.created_ms"
+            ))?;
+            let rows = stmt.query_map(params![s], row_to_stream)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(Op::Prune(cutoff_ms, tx)).is_err() {
+            return Err(StoreError::Closed);
+        }
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(id: &str, last_active_ms: i64) -> SessionRecord {
+        SessionRecord {
+            id: id.into(),
+            principal: "anonymous".into(),
+            created_ms: 1,
+            last_active_ms,
+            protocol_version: "2025-11-25".into(),
+            init_params: json!({"protocolVersion": "2025-11-25", "clientInfo": {"name": "t", "version": "1"}}),
+            client_name: Some("t".into()),
+            client_version: Some("1".into()),
+            upstream_name: "demo".into(),
+            state: SessionState::Live,
+            close_reason: None,
+            closed_ms: None,
+        }
+    }
+
+    fn event(session: &str, stream: &str, seq: u64, terminal: bool) -> EventRecord {
+        EventRecord {
+            session_id: session.into(),
+            stream_id: stream.into(),
+            seq,
+            data: format!("{{\"n\":{seq}}}").into(),
+            terminal,
+        }
+    }
+
+    #[tokio::test]
+    async fn sessions_round_trip_and_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.create_session(record("a", 10)).await.unwrap();
+        store.create_session(record("b", 20)).await.unwrap();
+        assert_eq!(
+            store.load_session("a").await.unwrap(),
+            Some(record("a", 10))
+        );
+        assert_eq!(store.count_live().await.unwrap(), 2);
+        store.touch("a", 50);
+        store.flush().await.unwrap();
+        assert_eq!(
+            store
+                .load_session("a")
+                .await
+                .unwrap()
+                .unwrap()
+                .last_active_ms,
+            50
+        );
+        assert_eq!(
+            store.idle_sessions(30, 10).await.unwrap(),
+            vec!["b".to_owned()]
+        );
+        store.close_session("b", "timeout", 99).await.unwrap();
+        let b = store.load_session("b").await.unwrap().unwrap();
+        assert_eq!(
+            (b.state, b.close_reason.as_deref(), b.closed_ms),
+            (SessionState::Closed, Some("timeout"), Some(99))
+        );
+        assert!(store.load_session("missing").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn event_log_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            store.create_session(record("s", 1)).await.unwrap();
+            let stream = StreamRecord {
+                session_id: "s".into(),
+                stream_id: "x".into(),
+                client_request_id: Some(json!(7)),
+                request: Some(json!({"method": "tools/call"})),
+                retryable: true,
+                done: false,
+                last_seq: 0,
+                created_ms: 5,
+            };
+            store.open_stream(stream).await.unwrap();
+            store.append_event(event("s", "x", 1, false)).await.unwrap();
+            store.append_event(event("s", "x", 2, false)).await.unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let open = store.unfinished_streams("s").await.unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].last_seq, 2);
+        assert_eq!(open[0].client_request_id, Some(json!(7)));
+        assert!(open[0].retryable);
+        let after = store.events_after("s", "x", 1).await.unwrap();
+        assert_eq!(after, vec![(2, "{\"n\":2}".to_owned())]);
+        store.append_event(event("s", "x", 3, true)).await.unwrap();
+        assert!(store.unfinished_streams("s").await.unwrap().is_empty());
+        assert!(store.stream("s", "x").await.unwrap().unwrap().done);
+        assert_eq!(store.prune_events(10).await.unwrap(), 3);
+        assert!(store.stream("s", "x").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn many_concurrent_writes_commit_in_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        store.create_session(record("s", 1)).await.unwrap();
+        let acks: Vec<_> = (1..=500)
+            .map(|i| store.append_event(event("s", "0", i, false)))
+            .collect();
+        for a in futures::future::join_all(acks).await {
+            a.unwrap();
+        }
+        assert_eq!(store.events_after("s", "0", 0).await.unwrap().len(), 500);
+    }
+}

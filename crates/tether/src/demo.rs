@@ -1,0 +1,231 @@
+//! The bundled demo MCP server (`tether demo-server`), built with the official Rust SDK.
+//!
+//! It is the upstream of `tether serve --demo`, so the quick start works on a machine with
+//! no Node.js or Python, and it is the fixture of the integration tests: its tools cover
+//! plain calls, progress, a server-to-client request (sampling), annotated and
+//! unannotated slow calls (for retry-after-restart rules), per-process state and a crash.
+#![allow(deprecated)] // Sampling is deprecated by SEP-2577 but is what legacy clients speak.
+#![allow(missing_docs)] // The tool argument structs document themselves through schemars.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{
+    CreateMessageRequestParams, ProgressNotificationParam, RequestMetaObject, SamplingMessage,
+};
+use rmcp::{
+    ErrorData, Peer, RoleServer, ServerHandler, ServiceExt, schemars, tool, tool_handler,
+    tool_router,
+};
+
+/// Options of `tether demo-server`.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Serve Streamable HTTP on this address (path /mcp) instead of stdio.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct EchoArgs {
+    /// Text to return.
+    pub text: String,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct AddArgs {
+    pub a: i64,
+    pub b: i64,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct SlowArgs {
+    /// Total time to take, in milliseconds.
+    pub ms: u64,
+    /// Progress notifications to send along the way (when the caller gave a progress token).
+    #[serde(default)]
+    pub steps: u32,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct SampleArgs {
+    /// What to ask the client's model.
+    pub prompt: String,
+}
+
+#[derive(Clone)]
+pub struct Demo {
+    #[allow(dead_code)] // read by the tool_handler macro
+    tool_router: ToolRouter<Self>,
+    counter: Arc<AtomicU64>,
+}
+
+impl Demo {
+    fn new() -> Demo {
+        Demo {
+            tool_router: Self::tool_router(),
+            counter: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    async fn wait(ms: u64, steps: u32, meta: RequestMetaObject, client: Peer<RoleServer>) {
+        let token = meta.get_progress_token();
+        let steps = steps.max(1);
+        for step in 1..=steps {
+            tokio::time::sleep(Duration::from_millis(ms / u64::from(steps))).await;
+            if let Some(token) = &token {
+                let _ = client
+                    .notify_progress(
+                        ProgressNotificationParam::new(token.clone(), f64::from(step))
+                            .with_total(f64::from(steps)),
+                    )
+                    .await;
+            }
+        }
+    }
+}
+
+#[tool_router]
+impl Demo {
+    #[tool(
+        description = "Return the given text",
+        annotations(read_only_hint = true)
+    )]
+    fn echo(&self, Parameters(EchoArgs { text }): Parameters<EchoArgs>) -> String {
+        text
+    }
+
+    #[tool(description = "Add two integers", annotations(read_only_hint = true))]
+    fn add(&self, Parameters(AddArgs { a, b }): Parameters<AddArgs>) -> String {
+        a.saturating_add(b).to_string()
+    }
+
+    #[tool(
+        description = "Wait, reporting progress; safe to repeat",
+        annotations(read_only_hint = true)
+    )]
+    async fn slow(
+        &self,
+        Parameters(SlowArgs { ms, steps }): Parameters<SlowArgs>,
+        meta: RequestMetaObject,
+        client: Peer<RoleServer>,
+    ) -> String {
+        Demo::wait(ms, steps, meta, client).await;
+        format!("waited {ms} ms")
+    }
+
+    #[tool(description = "Wait like slow, but not annotated as safe to repeat")]
+    async fn slow_write(
+        &self,
+        Parameters(SlowArgs { ms, steps }): Parameters<SlowArgs>,
+        meta: RequestMetaObject,
+        client: Peer<RoleServer>,
+    ) -> String {
+        Demo::wait(ms, steps, meta, client).await;
+        format!("wrote after {ms} ms")
+    }
+
+    #[tool(description = "Ask the client's model (sampling/createMessage) and return its answer")]
+    async fn sample(
+        &self,
+        Parameters(SampleArgs { prompt }): Parameters<SampleArgs>,
+        client: Peer<RoleServer>,
+    ) -> Result<String, ErrorData> {
+        let result = client
+            .create_message(CreateMessageRequestParams::new(
+                vec![SamplingMessage::user_text(prompt)],
+                100,
+            ))
+            .await
+            .map_err(|e| ErrorData::internal_error(format!("sampling failed: {e}"), None))?;
+        let text = serde_json::to_value(&result.message)
+            .ok()
+            .and_then(|m| {
+                m.pointer("/content/text")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        Ok(format!("model said: {text}"))
+    }
+
+    #[tool(
+        description = "This server process's id",
+        annotations(read_only_hint = true)
+    )]
+    fn pid(&self) -> String {
+        std::process::id().to_string()
+    }
+
+    #[tool(description = "Count calls made to this server process")]
+    fn counter(&self) -> String {
+        (self.counter.fetch_add(1, Ordering::SeqCst) + 1).to_string()
+    }
+
+    #[tool(description = "Exit this server process at once (for crash tests)")]
+    fn crash(&self) -> String {
+        std::process::exit(3)
+    }
+}
+
+#[tool_handler]
+impl ServerHandler for Demo {}
+
+/// Runs the demo server until its client goes away.
+pub fn run(args: DemoArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("demo-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match args.http {
+            None => {
+                let service = Demo::new().serve(rmcp::transport::stdio()).await?;
+                service.waiting().await?;
+                anyhow::Ok(())
+            }
+            Some(addr) => serve_http(&addr).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_http(addr: &str) -> anyhow::Result<()> {
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    };
+    let service = StreamableHttpService::new(
+        || Ok(Demo::new()),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default(),
+    );
+    let router = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!(
+        "demo-server: listening on http://{}/mcp",
+        listener.local_addr()?
+    );
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

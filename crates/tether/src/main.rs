@@ -1,0 +1,240 @@
+//! `tether`: the command line. Parses flags (over `TETHER_*` env and a TOML file), then
+//! hands off to `tether_core::app`. Also hosts the bundled demo MCP server and the hidden
+//! `__shim` that supervises stdio children (see `tether_core::upstream::shim`).
+
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tether_core::config::{Config, Layer, SizeValue, UpstreamLayer};
+
+/// A gateway that makes MCP sessions durable: they survive gateway restarts (even
+/// kill -9), upstream crashes and upstream restarts, transparently.
+#[derive(Parser)]
+#[command(name = "tether", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a durable-session MCP endpoint (http://LISTEN/mcp) in front of one MCP server.
+    ///
+    /// Give the upstream as a stdio command after `--`, as --upstream-url, or use --demo.
+    /// Examples:
+    ///   tether serve --demo
+    ///   tether serve -- npx -y @modelcontextprotocol/server-everything
+    ///   tether serve --upstream-url http://127.0.0.1:8000/mcp
+    #[command(verbatim_doc_comment)]
+    Serve(ServeArgs),
+    /// Run the bundled demo MCP server on stdio (or on HTTP with --http ADDR).
+    DemoServer(demo::DemoArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file; flags and TETHER_* variables override it.
+    #[arg(long, env = "TETHER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address of the MCP listener [default: 127.0.0.1:7450].
+    #[arg(long, env = "TETHER_LISTEN", value_name = "ADDR")]
+    listen: Option<String>,
+    /// Directory of the SQLite session store [default: the platform data dir].
+    #[arg(long, env = "TETHER_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// A session with no activity for this long expires [default: 30m].
+    #[arg(long, env = "TETHER_IDLE_TIMEOUT", value_name = "DURATION")]
+    idle_timeout: Option<String>,
+    /// Interval between SSE keepalive comments [default: 15s].
+    #[arg(long, env = "TETHER_KEEPALIVE", value_name = "DURATION")]
+    keepalive: Option<String>,
+    /// Largest accepted request body, e.g. 4MiB [default: 4MiB].
+    #[arg(long, env = "TETHER_MAX_BODY", value_name = "SIZE")]
+    max_body: Option<String>,
+    /// Time the upstream has to answer one request [default: 5m].
+    #[arg(long, env = "TETHER_UPSTREAM_TIMEOUT", value_name = "DURATION")]
+    upstream_timeout: Option<String>,
+    /// On SIGTERM/SIGINT, time in-flight requests get to finish [default: 10s].
+    #[arg(long, env = "TETHER_SHUTDOWN_GRACE", value_name = "DURATION")]
+    shutdown_grace: Option<String>,
+    /// Origins allowed besides loopback ones, comma-separated (`*` allows any).
+    #[arg(
+        long,
+        env = "TETHER_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Option<Vec<String>>,
+    /// URL of a Streamable HTTP MCP server to front.
+    #[arg(long, env = "TETHER_UPSTREAM_URL", value_name = "URL")]
+    upstream_url: Option<String>,
+    /// Name of the upstream in logs [default: derived from the command or URL].
+    #[arg(long, env = "TETHER_UPSTREAM_NAME", value_name = "NAME")]
+    upstream_name: Option<String>,
+    /// Run the bundled demo MCP server as the upstream.
+    #[arg(long, env = "TETHER_DEMO")]
+    demo: bool,
+    /// Log filter (tracing EnvFilter syntax), e.g. info or tether_core=debug.
+    #[arg(
+        long,
+        env = "TETHER_LOG",
+        value_name = "FILTER",
+        default_value = "info"
+    )]
+    log: String,
+    /// The stdio MCP server to run per session, given after `--` (no shell involved).
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+impl ServeArgs {
+    fn layer(&self) -> Layer {
+        let upstream = UpstreamLayer {
+            name: self.upstream_name.clone(),
+            command: (!self.command.is_empty()).then(|| self.command.clone()),
+            url: self.upstream_url.clone(),
+            env: None,
+            cwd: None,
+        };
+        Layer {
+            listen: self.listen.clone(),
+            state_dir: self.state_dir.clone(),
+            idle_timeout: self.idle_timeout.clone(),
+            keepalive: self.keepalive.clone(),
+            max_body: self.max_body.clone().map(SizeValue::Text),
+            upstream_timeout: self.upstream_timeout.clone(),
+            shutdown_grace: self.shutdown_grace.clone(),
+            allowed_origins: self.allowed_origins.clone(),
+            demo: self.demo.then_some(true),
+            upstream: Some(upstream),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("__shim") {
+        let rest = args
+            .iter()
+            .skip(2)
+            .skip_while(|a| *a == "--")
+            .cloned()
+            .collect::<Vec<_>>();
+        let code = tether_core::upstream::shim::run(&rest);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::DemoServer(args) => demo::run(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let file = match &args.config {
+        Some(path) => match Layer::from_file(path) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("tether: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Layer::default(),
+    };
+    let exe = std::env::current_exe().ok();
+    let demo_command = vec![
+        exe.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "tether".into()),
+        "demo-server".into(),
+    ];
+    let config = match Config::resolve(file.overlay(args.layer()), demo_command) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("tether: invalid configuration:");
+            for e in errors {
+                eprintln!("  - {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tether: invalid --log filter {:?}: {e}", args.log);
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(tether_core::app::run(
+        config,
+        exe,
+        shutdown_signal(),
+        |addr| {
+            // Scripts and tests wait for this line to learn the bound port.
+            println!("tether: listening on http://{addr}/mcp");
+        },
+    ));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler can be installed");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn example_config_parses_and_matches_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/tether.toml");
+        let layer = Layer::from_file(std::path::Path::new(path)).expect("example config parses");
+        let c = Config::resolve(layer, vec!["x".into()]).expect("example config is valid");
+        let d = Config::resolve(
+            Layer {
+                demo: Some(true),
+                ..Layer::default()
+            },
+            vec!["x".into()],
+        )
+        .unwrap();
+        assert_eq!(c.listen, d.listen);
+        assert_eq!(c.idle_timeout, d.idle_timeout);
+        assert_eq!(c.keepalive, d.keepalive);
+        assert_eq!(c.max_body, d.max_body);
+        assert_eq!(c.upstream_timeout, d.upstream_timeout);
+        assert_eq!(c.shutdown_grace, d.shutdown_grace);
+        assert_eq!(tether_core::config::DEFAULT_LISTEN, "127.0.0.1:7450");
+    }
+}
