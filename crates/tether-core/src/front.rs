@@ -15,7 +15,6 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -391,6 +390,10 @@ async fn messages_post(
 
 /// Renders a stream as an SSE response. With `legacy_endpoint` (the 2024-11-05 transport)
 /// the first event is `endpoint` and messages are `message` events without ids.
+///
+/// Events are encoded here rather than with `axum::response::Sse` because the priming
+/// event must carry an explicit empty `data:` line (spec §1.1.3 item 6), which axum omits.
+/// Every payload is a compact JSON text, so it never contains a line break.
 fn sse_response(
     handle: StreamHandle,
     keepalive: Duration,
@@ -407,16 +410,16 @@ fn sse_response(
         stop,
     } = handle;
     let legacy = legacy_endpoint.is_some();
-    let event = move |seq: u64, data: &str| {
+    let event = move |seq: u64, data: &str| -> Bytes {
         if legacy {
-            Event::default().event("message").data(data)
+            format!("event: message\ndata: {data}\n\n").into()
         } else {
-            Event::default().id(event_id(&stream_id, seq)).data(data)
+            format!("id: {}\ndata: {data}\n\n", event_id(&stream_id, seq)).into()
         }
     };
     let body = async_stream::stream! {
         if let Some(endpoint) = legacy_endpoint {
-            yield Ok::<Event, Infallible>(Event::default().event("endpoint").data(endpoint));
+            yield Ok::<Bytes, Infallible>(format!("event: endpoint\ndata: {endpoint}\n\n").into());
         }
         if let Some(opened) = opened {
             if let Err(e) = opened.await {
@@ -424,15 +427,22 @@ fn sse_response(
             }
         }
         if priming {
-            yield Ok(event(0, "").retry(retry));
+            let mut first = event(0, "").to_vec();
+            first.splice(0..0, format!("retry: {}\n", retry.as_millis()).into_bytes());
+            yield Ok(Bytes::from(first));
         }
         for (seq, data) in replay {
             yield Ok(event(seq, &data));
         }
         if let Some(mut rx) = live {
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
             loop {
                 let next = tokio::select! {
                     f = rx.recv() => f,
+                    _ = ticker.tick() => {
+                        yield Ok(Bytes::from_static(b": keepalive\n\n"));
+                        continue;
+                    }
                     _ = stop.cancelled() => None,
                 };
                 let Some(frame) = next else { break };
@@ -440,18 +450,17 @@ fn sse_response(
                     tracing::error!(error = %e, "event not durable; sending it anyway");
                 }
                 yield Ok(event(frame.seq, &frame.data));
+                ticker.reset();
                 if frame.terminal && ends_with_response {
                     break;
                 }
             }
         }
     };
-    let mut resp = Sse::new(body)
-        .keep_alive(KeepAlive::new().interval(keepalive))
-        .into_response();
-    resp.headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(body))
+        .expect("static headers are valid")
 }

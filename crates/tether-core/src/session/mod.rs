@@ -758,7 +758,7 @@ impl Session {
     }
 
     fn span(&self) -> tracing::Span {
-        tracing::info_span!("session", session.id = %self.id, upstream.name = %self.shared.cfg.upstream_name)
+        tracing::info_span!(parent: None, "session", session.id = %self.id, upstream.name = %self.shared.cfg.upstream_name)
     }
 
     /// Notes client activity; the store hears of it at most once a second.
@@ -975,6 +975,13 @@ impl Session {
 
     /// Handles a client request.
     pub async fn request(self: &Arc<Self>, env: Envelope) -> Reply {
+        let span = tracing::info_span!(
+            parent: None, "request", session.id = %self.id, mcp.method = env.method().unwrap_or_default()
+        );
+        self.request_inner(env).instrument(span).await
+    }
+
+    async fn request_inner(self: &Arc<Self>, env: Envelope) -> Reply {
         self.touch();
         let client_id = env.id().cloned().unwrap_or(Value::Null);
         let method = env.method().unwrap_or_default().to_owned();

@@ -1,0 +1,427 @@
+//! Test harness: starts the real `tether` binary on 127.0.0.1:0 with its own state dir,
+//! and speaks raw MCP over HTTP so tests can prove exactly what goes over the wire (for
+//! example that no `initialize` is sent after a restart).
+#![allow(dead_code, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tether");
+pub const ACCEPT_BOTH: &str = "application/json, text/event-stream";
+
+/// A running gateway process; killed on drop.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: String,
+    pub url: String,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Gateway {
+    /// Starts `tether serve --listen 127.0.0.1:0 --state-dir DIR <args>`.
+    pub fn start(state_dir: &Path, args: &[&str]) -> Gateway {
+        Gateway::start_at(
+            state_dir,
+            "127.0.0.1:0",
+            args.iter().map(|s| s.to_string()).collect(),
+        )
+    }
+
+    fn start_at(state_dir: &Path, listen: &str, args: Vec<String>) -> Gateway {
+        let log = state_dir.join(format!(
+            "gateway-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(listen)
+            .arg("--state-dir")
+            .arg(state_dir);
+        // Put the upstream command (after `--`) last.
+        let (flags, upstream): (Vec<String>, Vec<String>) =
+            match args.iter().position(|a| a == "--") {
+                Some(i) => (args[..i].to_vec(), args[i..].to_vec()),
+                None => (args.clone(), vec![]),
+            };
+        cmd.args(&flags).args(&upstream);
+        cmd.env("TETHER_LOG", "info,tether_core=debug")
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().expect("tether binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line).unwrap_or(0);
+            if n == 0 {
+                let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("gateway exited before listening; log:\n{log_text}");
+            }
+            if let Some(rest) = line.trim().strip_prefix("tether: listening on http://") {
+                let addr = rest.trim_end_matches("/mcp").to_owned();
+                // Keep draining stdout so the child never blocks on a full pipe.
+                std::thread::spawn(move || {
+                    let mut sink = String::new();
+                    while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+                        sink.clear();
+                    }
+                });
+                return Gateway {
+                    child,
+                    url: format!("http://{addr}/mcp"),
+                    addr,
+                    state_dir: state_dir.to_path_buf(),
+                    log,
+                    args,
+                };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not report its address"
+            );
+        }
+    }
+
+    /// Starts a new gateway on the same address, state dir and arguments.
+    pub fn restart(&self) -> Gateway {
+        let mut last = None;
+        for _ in 0..50 {
+            match std::panic::catch_unwind(|| {
+                Gateway::start_at(&self.state_dir, &self.addr, self.args.clone())
+            }) {
+                Ok(g) => return g,
+                Err(e) => {
+                    last = Some(e);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        std::panic::resume_unwind(last.unwrap())
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> Mcp {
+        Mcp::new(&self.url)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Waits until `pid` is gone, up to `timeout`.
+pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !process_alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// SSE events as (id, data) pairs; data parsed as JSON when not empty.
+    pub fn events(&self) -> Vec<(String, Option<Value>)> {
+        parse_sse(&self.body)
+    }
+
+    /// The JSON-RPC response in this answer (JSON body, or the last SSE response event).
+    pub fn response(&self) -> Value {
+        if self
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("text/event-stream"))
+        {
+            self.events()
+                .into_iter()
+                .filter_map(|(_, d)| d)
+                .rfind(|v| v.get("method").is_none())
+                .unwrap_or_else(|| panic!("no response event in {}", self.body))
+        } else {
+            self.json()
+        }
+    }
+}
+
+pub fn parse_sse(text: &str) -> Vec<(String, Option<Value>)> {
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let mut id = String::new();
+        let mut data: Option<String> = None;
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("id: ") {
+                id = v.to_owned();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data = Some(v.trim_start().to_owned());
+            }
+        }
+        if let Some(d) = data {
+            out.push((
+                id,
+                (!d.is_empty()).then(|| serde_json::from_str(&d).expect("SSE data is JSON")),
+            ));
+        }
+    }
+    out
+}
+
+/// A raw MCP-over-HTTP client.
+#[derive(Clone)]
+pub struct Mcp {
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Mcp {
+    pub fn new(url: &str) -> Mcp {
+        Mcp {
+            url: url.to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn with_url(&self, url: &str) -> Mcp {
+        Mcp {
+            url: url.to_owned(),
+            http: self.http.clone(),
+        }
+    }
+
+    pub async fn post_raw(
+        &self,
+        headers: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> Answer {
+        let mut req = self.http.post(&self.url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.body(body).send().await.expect("gateway reachable");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        Answer {
+            status,
+            headers,
+            body: resp.text().await.unwrap_or_default(),
+        }
+    }
+
+    /// POSTs a message with the usual headers, optionally in a session.
+    pub async fn post(&self, session: Option<&str>, message: &Value) -> Answer {
+        let mut h = vec![
+            ("content-type", "application/json"),
+            ("accept", ACCEPT_BOTH),
+        ];
+        if let Some(s) = session {
+            h.push(("mcp-session-id", s));
+            h.push(("mcp-protocol-version", "2025-11-25"));
+        }
+        self.post_raw(&h, message.to_string()).await
+    }
+
+    /// initialize + notifications/initialized; returns the session id.
+    pub async fn initialize(&self, client_name: &str) -> String {
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {"sampling": {}},
+            "clientInfo": {"name": client_name, "version": "1.0"}
+        }});
+        let a = self.post(None, &init).await;
+        assert_eq!(a.status, 200, "initialize: {}", a.body);
+        let sid = a
+            .headers
+            .get("mcp-session-id")
+            .expect("session id issued")
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let n = self
+            .post(
+                Some(&sid),
+                &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+            )
+            .await;
+        assert_eq!(n.status, 202);
+        sid
+    }
+
+    /// Calls a tool and returns the JSON-RPC response.
+    pub async fn call(&self, session: &str, id: i64, tool: &str, args: Value) -> Value {
+        let msg = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}});
+        let a = self.post(Some(session), &msg).await;
+        assert_eq!(a.status, 200, "tools/call {tool}: {}", a.body);
+        a.response()
+    }
+
+    /// The text of a successful tool result.
+    pub async fn call_text(&self, session: &str, id: i64, tool: &str, args: Value) -> String {
+        let r = self.call(session, id, tool, args).await;
+        r.pointer("/result/content/0/text")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("{tool} did not succeed: {r}"))
+            .to_owned()
+    }
+
+    /// Starts a tool call and returns once the priming event arrived, with the stream id
+    /// and the still-open event stream.
+    pub async fn start_call(
+        &self,
+        session: &str,
+        id: i64,
+        tool: &str,
+        args: Value,
+    ) -> (String, OpenStream) {
+        let msg = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}});
+        let resp = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", ACCEPT_BOTH)
+            .header("mcp-session-id", session)
+            .header("mcp-protocol-version", "2025-11-25")
+            .body(msg.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut events = resp.bytes_stream().eventsource().boxed();
+        let first = events
+            .next()
+            .await
+            .expect("priming event")
+            .expect("valid SSE");
+        assert!(first.data.is_empty(), "first event is the priming event");
+        let stream = first.id.rsplit_once('.').unwrap().0.to_owned();
+        (stream, OpenStream { events })
+    }
+
+    /// GET with Last-Event-ID; returns the whole (finite) replayed stream.
+    pub async fn resume(&self, session: &str, last_event_id: &str) -> Answer {
+        let resp = self
+            .http
+            .get(&self.url)
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", session)
+            .header("last-event-id", last_event_id)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        Answer {
+            status,
+            headers,
+            body: resp.text().await.unwrap_or_default(),
+        }
+    }
+
+    pub async fn delete(&self, session: &str) -> u16 {
+        self.http
+            .delete(&self.url)
+            .header("mcp-session-id", session)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}
+
+pub struct OpenStream {
+    pub events: futures::stream::BoxStream<
+        'static,
+        Result<eventsource_stream::Event, eventsource_stream::EventStreamError<reqwest::Error>>,
+    >,
+}
+
+/// A temp dir per test, kept on failure for inspection.
+pub fn state_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("tether-test-")
+        .tempdir()
+        .unwrap()
+}

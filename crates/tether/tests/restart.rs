@@ -1,0 +1,230 @@
+//! The headline: sessions survive a SIGKILLed gateway, with no re-initialize by the client,
+//! no orphaned children, and in-flight requests either re-issued (safe tools) or answered
+//! with an "interrupted" error (unsafe tools) on stream resumption.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Gateway, state_dir, wait_gone};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn sessions_survive_sigkill_without_reinitialize_and_leave_no_orphans() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let mut sessions = Vec::new();
+    for i in 0..3 {
+        let sid = mcp.initialize(&format!("client-{i}")).await;
+        assert_eq!(mcp.call_text(&sid, 1, "counter", json!({})).await, "1");
+        assert_eq!(mcp.call_text(&sid, 2, "counter", json!({})).await, "2");
+        let pid: i32 = mcp
+            .call_text(&sid, 3, "pid", json!({}))
+            .await
+            .parse()
+            .unwrap();
+        sessions.push((sid, pid));
+    }
+
+    gw.kill9();
+    for (_, pid) in &sessions {
+        assert!(
+            wait_gone(*pid, Duration::from_secs(5)),
+            "upstream {pid} outlived the SIGKILLed gateway"
+        );
+    }
+
+    let gw2 = gw.restart();
+    assert!(
+        gw2.log_text()
+            .contains("3 sessions were live before and will resume on contact")
+    );
+    let mcp2 = gw2.client();
+    for (i, (sid, old_pid)) in sessions.iter().enumerate() {
+        // Same id, no initialize: the gateway replays the stored one to a fresh upstream.
+        let echoed = mcp2
+            .call_text(sid, 10, "echo", json!({"text": format!("hello {i}")}))
+            .await;
+        assert_eq!(echoed, format!("hello {i}"));
+        let new_pid: i32 = mcp2
+            .call_text(sid, 11, "pid", json!({}))
+            .await
+            .parse()
+            .unwrap();
+        assert_ne!(
+            new_pid, *old_pid,
+            "a fresh upstream serves the resumed session"
+        );
+        // Upstream state is per process: a fresh upstream starts counting again.
+        assert_eq!(mcp2.call_text(sid, 12, "counter", json!({})).await, "1");
+    }
+    assert_eq!(gw2.log_text().matches("session rehydrated").count(), 3);
+}
+
+#[tokio::test]
+async fn concurrent_requests_share_one_rehydration() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let sid = gw.client().initialize("burst").await;
+    gw.kill9();
+    let gw2 = gw.restart();
+    let mcp = gw2.client();
+    let calls = (0..8).map(|i| {
+        let mcp = mcp.clone();
+        let sid = sid.clone();
+        async move { mcp.call_text(&sid, 100 + i, "pid", json!({})).await }
+    });
+    let pids: Vec<String> = futures::future::join_all(calls).await;
+    assert!(
+        pids.windows(2).all(|w| w[0] == w[1]),
+        "one upstream serves all: {pids:?}"
+    );
+    assert_eq!(gw2.log_text().matches("session rehydrated").count(), 1);
+    assert_eq!(
+        gw2.log_text()
+            .matches("upstream started and re-initialized")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn completed_stream_replays_after_restart() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("replay").await;
+    let answer = mcp
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "kept"}}}),
+        )
+        .await;
+    let events = answer.events();
+    let (priming_id, priming_data) = &events[0];
+    assert!(priming_data.is_none(), "priming event has empty data");
+    assert!(
+        answer.body.starts_with("retry: "),
+        "priming event carries retry: {}",
+        answer.body
+    );
+    gw.kill9();
+
+    let gw2 = gw.restart();
+    let replay = gw2.client().resume(&sid, priming_id).await;
+    assert_eq!(replay.status, 200, "{}", replay.body);
+    let response = replay.response();
+    assert_eq!(response["id"], 7);
+    assert_eq!(
+        response.pointer("/result/content/0/text"),
+        Some(&json!("kept"))
+    );
+}
+
+async fn interrupted_call(tool: &str) -> Value {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("inflight").await;
+    // Let the gateway learn the tools' annotations, as clients do.
+    let list = mcp
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(list.status, 200);
+    let (stream, _open) = mcp.start_call(&sid, 42, tool, json!({"ms": 1500})).await;
+    gw.kill9();
+
+    let gw2 = gw.restart();
+    let replay = gw2.client().resume(&sid, &format!("{stream}.0")).await;
+    assert_eq!(replay.status, 200, "{}", replay.body);
+    let response = replay.response();
+    assert_eq!(
+        response["id"], 42,
+        "the answer keeps the client's id: {response}"
+    );
+    response
+}
+
+#[tokio::test]
+async fn interrupted_safe_call_is_reissued_after_restart() {
+    let response = interrupted_call("slow").await;
+    assert_eq!(
+        response.pointer("/result/content/0/text"),
+        Some(&json!("waited 1500 ms")),
+        "{response}"
+    );
+}
+
+#[tokio::test]
+async fn interrupted_unsafe_call_gets_an_error_not_a_retry() {
+    let response = interrupted_call("slow_write").await;
+    assert_eq!(
+        response.pointer("/error/code"),
+        Some(&json!(-32013)),
+        "{response}"
+    );
+    let message = response
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .unwrap();
+    assert!(message.contains("not retried"), "{message}");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_calls_and_keeps_sessions() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo", "--shutdown-grace", "10s"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("graceful").await;
+    let pid: i32 = mcp
+        .call_text(&sid, 1, "pid", json!({}))
+        .await
+        .parse()
+        .unwrap();
+    let (_, mut open) = mcp
+        .start_call(&sid, 2, "slow_write", json!({"ms": 700}))
+        .await;
+    let status = {
+        let pid = gw.pid();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        // The in-flight call still completes.
+        let mut result = None;
+        use futures::StreamExt;
+        while let Some(Ok(ev)) = open.events.next().await {
+            if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
+                if v.get("id") == Some(&json!(2)) {
+                    result = Some(v);
+                }
+            }
+        }
+        let result = result.expect("response delivered before shutdown");
+        assert_eq!(
+            result.pointer("/result/content/0/text"),
+            Some(&json!("wrote after 700 ms"))
+        );
+        gw.sigterm()
+    };
+    assert!(status.success(), "clean exit: {status:?}");
+    assert!(
+        wait_gone(pid, Duration::from_secs(5)),
+        "upstream stopped at shutdown"
+    );
+    assert!(gw.log_text().contains("sessions stay resumable"));
+
+    let gw2 = gw.restart();
+    assert!(gw2.log_text().contains("1 sessions were live before"));
+    assert_eq!(
+        gw2.client()
+            .call_text(&sid, 3, "echo", json!({"text": "back"}))
+            .await,
+        "back"
+    );
+}
