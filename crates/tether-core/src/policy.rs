@@ -22,16 +22,19 @@ pub enum Opening {
 
 /// The one place the era of a request is decided (2026-07-28 `basic/versioning.mdx`: "A
 /// dual-era server selects its behavior from how the client opens").
+///
+/// An `initialize` that carries a session id belongs to that session (which refuses it): a
+/// client starts a new session by sending `initialize` *without* an id (spec §1.1.7 item 4).
 pub fn classify_post(
     env: &Envelope,
     session_header: Option<&str>,
     version_header: Option<&str>,
 ) -> Opening {
-    if env.kind == Kind::Request && env.method() == Some("initialize") {
-        return Opening::LegacyInitialize;
-    }
     if let Some(id) = session_header {
         return Opening::LegacySession(id.to_owned());
+    }
+    if env.kind == Kind::Request && env.method() == Some("initialize") {
+        return Opening::LegacyInitialize;
     }
     if let Some(v) = env.meta_protocol_version() {
         return Opening::Modern(v.to_owned());
@@ -142,6 +145,10 @@ mod tests {
     fn era_is_decided_from_the_opening() {
         let init = env(r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#);
         assert_eq!(classify_post(&init, None, None), Opening::LegacyInitialize);
+        assert_eq!(
+            classify_post(&init, Some("s"), None),
+            Opening::LegacySession("s".into())
+        );
         let call = env(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#);
         assert_eq!(
             classify_post(&call, Some("abc"), None),

@@ -213,12 +213,15 @@ pub fn error_response(
     if let Some(data) = data {
         error["data"] = data;
     }
-    json!({ "jsonrpc": "2.0", "id": id, "error": error })
+    let mut v = json!({ "jsonrpc": "2.0", "error": error });
+    v["id"] = id;
+    v
 }
 
 /// A JSON-RPC request.
 pub fn request(id: Value, method: &str, params: Option<Value>) -> Value {
-    let mut v = json!({ "jsonrpc": "2.0", "id": id, "method": method });
+    let mut v = json!({ "jsonrpc": "2.0", "method": method });
+    v["id"] = id;
     if let Some(p) = params {
         v["params"] = p;
     }

@@ -29,7 +29,7 @@ enum Command {
     ///   tether serve -- npx -y @modelcontextprotocol/server-everything
     ///   tether serve --upstream-url http://127.0.0.1:8000/mcp
     #[command(verbatim_doc_comment)]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the bundled demo MCP server on stdio (or on HTTP with --http ADDR).
     DemoServer(demo::DemoArgs),
 }
@@ -128,12 +128,12 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(&args),
         Command::DemoServer(args) => demo::run(args),
     }
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
+fn serve(args: &ServeArgs) -> ExitCode {
     let file = match &args.config {
         Some(path) => match Layer::from_file(path) {
             Ok(l) => l,
@@ -171,6 +171,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

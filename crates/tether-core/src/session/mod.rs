@@ -367,7 +367,7 @@ impl Registry {
             let link = Arc::new(link);
             let generation = session.install(link.clone());
             session.spawn_pump(generation, rx, early);
-            self.insert(session.clone());
+            self.insert(&session);
             tracing::info!(
                 client.name = session.record.client_name.as_deref().unwrap_or("unknown"),
                 protocol.version = %session.record.protocol_version,
@@ -383,7 +383,7 @@ impl Registry {
         .await
     }
 
-    fn insert(&self, session: Arc<Session>) {
+    fn insert(&self, session: &Arc<Session>) {
         let cell = Arc::new(OnceCell::new_with(Some(session.clone())));
         self.shared
             .sessions
@@ -820,11 +820,11 @@ impl Session {
                             me.on_upstream_message(generation, value, origin).await
                         }
                         Some(Inbound::Closed(cause)) => {
-                            me.on_upstream_closed(generation, cause);
+                            me.on_upstream_closed(generation, &cause);
                             return;
                         }
                         None => {
-                            me.on_upstream_closed(generation, "upstream link ended".into());
+                            me.on_upstream_closed(generation, "upstream link ended");
                             return;
                         }
                     }
@@ -1346,7 +1346,7 @@ impl Session {
         stream.push(self.shared.store.as_ref(), &value, false);
     }
 
-    fn on_upstream_closed(&self, generation: u64, cause: String) {
+    fn on_upstream_closed(&self, generation: u64, cause: &str) {
         let failed: Vec<Pending> = {
             let mut st = self.lock();
             if st.generation != generation {
@@ -1360,7 +1360,7 @@ impl Session {
             };
             st.failures = if healthy { 1 } else { st.failures + 1 };
             st.upstream = UpstreamSlot::Down {
-                cause: Some(cause.clone()),
+                cause: Some(cause.to_owned()),
                 since: Some(Instant::now()),
             };
             st.server_requests.retain(|_, (g, _)| *g != generation);
@@ -1379,7 +1379,6 @@ impl Session {
         }
         tracing::warn!(cause = %cause, in_flight = failed.len(), "upstream lost");
         for p in failed {
-            let cause = cause.clone();
             self.finish(p, |client_id| {
                 protocol::error_response(
                     client_id,
@@ -1515,6 +1514,10 @@ impl Session {
     }
 
     async fn close(&self, reason: &str) {
+        self.close_inner(reason).instrument(self.span()).await
+    }
+
+    async fn close_inner(&self, reason: &str) {
         let (link, pending, streams) = {
             let mut st = self.lock();
             if st.closed {

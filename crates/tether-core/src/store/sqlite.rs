@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 ";
 
+#[allow(clippy::needless_pass_by_value)] // used as `map_err(backend)`
 fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -145,6 +146,7 @@ impl SqliteStore {
     }
 }
 
+#[allow(clippy::needless_pass_by_value)] // the writer thread owns both for its whole life
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>) {
     const MAX_BATCH: usize = 4096;
     while let Ok(first) = rx.recv() {

@@ -27,6 +27,7 @@ use tracing::Instrument;
 use super::{Inbound, UpstreamError, shim};
 
 /// What to start.
+#[derive(Clone, Copy)]
 pub struct SpawnSpec<'a> {
     /// Program and arguments.
     pub argv: &'a [String],

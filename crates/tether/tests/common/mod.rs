@@ -1,7 +1,7 @@
 //! Test harness: starts the real `tether` binary on 127.0.0.1:0 with its own state dir,
 //! and speaks raw MCP over HTTP so tests can prove exactly what goes over the wire (for
 //! example that no `initialize` is sent after a restart).
-#![allow(dead_code, missing_docs)]
+#![allow(dead_code, missing_docs, clippy::zombie_processes)] // Gateway::drop kills and waits
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

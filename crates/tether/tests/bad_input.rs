@@ -1,0 +1,181 @@
+//! Every bad input gets the status and JSON-RPC error the spec asks for, the process stays
+//! up, and other sessions are unaffected.
+
+mod common;
+
+use common::{ACCEPT_BOTH, Gateway, state_dir};
+use serde_json::json;
+
+struct Row {
+    name: &'static str,
+    method: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+    status: u16,
+    code: Option<i64>,
+}
+
+fn row(
+    name: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: impl Into<Vec<u8>>,
+    status: u16,
+    code: Option<i64>,
+) -> Row {
+    Row {
+        name,
+        method: "POST",
+        headers,
+        body: body.into(),
+        status,
+        code,
+    }
+}
+
+#[tokio::test]
+async fn bad_inputs_get_clear_errors_and_harm_nothing() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo", "--max-body", "2KiB"]);
+    let mcp = gw.client();
+    let good = mcp.initialize("bystander").await;
+    let victim = mcp.initialize("victim").await;
+    let deleted = mcp.initialize("deleted").await;
+    assert_eq!(mcp.delete(&deleted).await, 200);
+
+    let std = |sid: &str| {
+        vec![
+            ("content-type", "application/json".to_owned()),
+            ("accept", ACCEPT_BOTH.to_owned()),
+            ("mcp-session-id", sid.to_owned()),
+        ]
+    };
+    let no_session = vec![
+        ("content-type", "application/json".to_owned()),
+        ("accept", ACCEPT_BOTH.to_owned()),
+    ];
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).to_string();
+    let with = |mut h: Vec<(&'static str, String)>, k: &'static str, v: &str| {
+        h.retain(|(name, _)| *name != k);
+        h.push((k, v.to_owned()));
+        h
+    };
+    let rows = vec![
+        row("malformed JSON", std(&victim), "{\"jsonrpc\": ", 400, Some(-32700)),
+        row("invalid UTF-8", std(&victim), vec![b'{', 0xff, 0xfe, b'}'], 400, Some(-32700)),
+        row("batch array", std(&victim), format!("[{call}]"), 400, Some(-32600)),
+        row("not JSON-RPC", std(&victim), "{\"hello\": 1}", 400, Some(-32600)),
+        row("null id", std(&victim), r#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#, 400, Some(-32600)),
+        row("huge string id", std(&victim), format!(r#"{{"jsonrpc":"2.0","id":"{}","method":"ping"}}"#, "x".repeat(1500)), 400, Some(-32600)),
+        row("missing Accept", with(std(&victim), "accept", "application/json"), call.clone(), 406, Some(-32000)),
+        row("wrong content type", with(std(&victim), "content-type", "text/plain"), call.clone(), 415, Some(-32000)),
+        row("oversized body", std(&victim), format!(r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"pad":"{}"}}}}"#, "a".repeat(4096)), 413, Some(-32600)),
+        row("wrong Origin", with(std(&victim), "origin", "http://evil.example.com"), call.clone(), 403, Some(-32000)),
+        row("unknown session", std("0123456789abcdef0123456789abcdef01234567"), call.clone(), 404, Some(-32001)),
+        row("foreign-looking session id", std("../../etc/passwd"), call.clone(), 404, Some(-32001)),
+        row("deleted session", std(&deleted), call.clone(), 404, Some(-32001)),
+        row("missing session", no_session.clone(), call.clone(), 400, Some(-32000)),
+        row("unsupported protocol version", with(std(&victim), "mcp-protocol-version", "1999-01-01"), call.clone(), 400, Some(-32000)),
+        row(
+            "modern-era request",
+            no_session.clone(),
+            json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list", "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}}).to_string(),
+            400,
+            Some(-32022),
+        ),
+        row("initialize without params", no_session.clone(), r#"{"jsonrpc":"2.0","id":1,"method":"initialize"}"#, 200, Some(-32602)),
+        row("re-initialize in a session", std(&victim), json!({"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": {}}).to_string(), 200, Some(-32600)),
+        Row { name: "GET without Accept", method: "GET", headers: vec![("mcp-session-id", victim.clone())], body: vec![], status: 406, code: Some(-32000) },
+        Row { name: "GET without session", method: "GET", headers: vec![("accept", "text/event-stream".into())], body: vec![], status: 400, code: Some(-32000) },
+        Row { name: "GET unknown session", method: "GET", headers: vec![("accept", "text/event-stream".into()), ("mcp-session-id", "nope".into())], body: vec![], status: 404, code: Some(-32001) },
+        Row {
+            name: "GET bad Last-Event-ID",
+            method: "GET",
+            headers: vec![("accept", "text/event-stream".into()), ("mcp-session-id", victim.clone()), ("last-event-id", "garbage".into())],
+            body: vec![],
+            status: 400,
+            code: Some(-32000),
+        },
+        Row {
+            name: "GET unknown stream",
+            method: "GET",
+            headers: vec![("accept", "text/event-stream".into()), ("mcp-session-id", victim.clone()), ("last-event-id", "ffff.3".into())],
+            body: vec![],
+            status: 400,
+            code: Some(-32000),
+        },
+        Row { name: "DELETE without session", method: "DELETE", headers: vec![], body: vec![], status: 400, code: Some(-32000) },
+        Row { name: "DELETE unknown session", method: "DELETE", headers: vec![("mcp-session-id", "nope".into())], body: vec![], status: 404, code: Some(-32001) },
+        Row { name: "PUT", method: "PUT", headers: vec![], body: vec![], status: 405, code: None },
+    ];
+
+    let http = reqwest::Client::new();
+    for r in rows {
+        let mut req = http.request(r.method.parse().unwrap(), &gw.url);
+        for (k, v) in &r.headers {
+            req = req.header(*k, v);
+        }
+        let resp = req.body(r.body.clone()).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, r.status, "{}: {text}", r.name);
+        if let Some(code) = r.code {
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("{}: body is JSON: {text}", r.name));
+            assert_eq!(v["jsonrpc"], "2.0", "{}", r.name);
+            assert_eq!(
+                v.pointer("/error/code").and_then(|c| c.as_i64()),
+                Some(code),
+                "{}: {text}",
+                r.name
+            );
+        }
+        assert!(gw.alive(), "gateway died on {}", r.name);
+    }
+
+    // Nobody else was harmed, the victim session included.
+    assert_eq!(
+        mcp.call_text(&good, 50, "echo", json!({"text": "fine"}))
+            .await,
+        "fine"
+    );
+    assert_eq!(
+        mcp.call_text(&victim, 51, "echo", json!({"text": "also fine"}))
+            .await,
+        "also fine"
+    );
+}
+
+#[tokio::test]
+async fn slow_headers_do_not_block_others() {
+    use tokio::io::AsyncWriteExt;
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    // A slowloris connection that never finishes its headers.
+    let mut slow = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    slow.write_all(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+        .await
+        .unwrap();
+    let mcp = gw.client();
+    let sid = mcp.initialize("fast").await;
+    assert_eq!(
+        mcp.call_text(&sid, 1, "echo", json!({"text": "not blocked"}))
+            .await,
+        "not blocked"
+    );
+    drop(slow);
+}
+
+#[tokio::test]
+async fn garbage_from_the_upstream_is_ignored() {
+    let dir = state_dir();
+    // An upstream that writes a non-JSON line before behaving: sh is used only to inject it.
+    let script = format!("echo 'this is not json'; exec {} demo-server", common::BIN);
+    let gw = Gateway::start(dir.path(), &["--", "sh", "-c", &script]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("garbage").await;
+    assert_eq!(
+        mcp.call_text(&sid, 1, "echo", json!({"text": "ok"})).await,
+        "ok"
+    );
+    assert!(gw.log_text().contains("not a JSON-RPC message"));
+}

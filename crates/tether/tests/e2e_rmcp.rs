@@ -1,0 +1,143 @@
+//! End to end with the official Rust SDK client through the gateway to a real stdio MCP
+//! server: initialize, tools/list, tools/call, a server-to-client request (sampling),
+//! progress notifications, and DELETE on close.
+#![allow(deprecated)] // sampling is deprecated by SEP-2577 but is what legacy servers send
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::{Gateway, state_dir};
+use rmcp::model::{
+    CallToolRequestParams, ClientCapabilities, ClientConfig, ClientRequest,
+    CreateMessageRequestParams, CreateMessageResult, Implementation, ProgressNotificationParam,
+    ProtocolVersion, Request, SamplingMessage,
+};
+use rmcp::service::{NotificationContext, PeerRequestOptions, RequestContext};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::{ClientHandler, ErrorData, RoleClient, ServiceExt};
+use serde_json::json;
+use tether_core::store::Store;
+
+#[derive(Clone, Default)]
+struct TestClient {
+    progress: Arc<AtomicUsize>,
+    sampled: Arc<AtomicUsize>,
+}
+
+impl ClientHandler for TestClient {
+    async fn create_message(
+        &self,
+        params: CreateMessageRequestParams,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<CreateMessageResult, ErrorData> {
+        self.sampled.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(params.messages.len(), 1);
+        Ok(CreateMessageResult::new(
+            SamplingMessage::assistant_text("forty-two"),
+            "test-model".into(),
+        ))
+    }
+
+    async fn on_progress(
+        &self,
+        _params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        self.progress.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn get_info(&self) -> ClientConfig {
+        ClientConfig::new(
+            ClientCapabilities::builder().enable_sampling().build(),
+            Implementation::new("rmcp-e2e", "1.0.0"),
+        )
+        .with_protocol_version(ProtocolVersion::LATEST_WITH_INITIALIZE)
+    }
+}
+
+fn args(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(map) => map,
+        other => panic!("tool arguments must be an object, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn rmcp_client_through_gateway_to_stdio_server() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let handler = TestClient::default();
+    let transport = StreamableHttpClientTransport::from_uri(gw.url.clone());
+    let client = handler
+        .clone()
+        .serve(transport)
+        .await
+        .expect("initialize through the gateway");
+
+    let info = client.peer_info().expect("server info");
+    assert_eq!(info.protocol_version, ProtocolVersion::V_2025_11_25);
+
+    let tools = client.list_all_tools().await.unwrap();
+    let names: Vec<_> = tools.iter().map(|t| t.name.to_string()).collect();
+    for expected in ["echo", "add", "slow", "sample", "pid", "crash"] {
+        assert!(
+            names.contains(&expected.to_owned()),
+            "{expected} in {names:?}"
+        );
+    }
+
+    let r = client
+        .call_tool(CallToolRequestParams::new("add").with_arguments(args(json!({"a": 40, "b": 2}))))
+        .await
+        .unwrap();
+    assert_eq!(serde_json::to_value(&r.content).unwrap()[0]["text"], "42");
+
+    // A server-to-client request reaches this client on the call's stream, and its answer
+    // reaches the upstream that asked.
+    let r = client
+        .call_tool(
+            CallToolRequestParams::new("sample")
+                .with_arguments(args(json!({"prompt": "meaning?"}))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&r.content).unwrap()[0]["text"],
+        "model said: forty-two"
+    );
+    assert_eq!(handler.sampled.load(Ordering::SeqCst), 1);
+
+    // Progress notifications arrive for a call that asked for them.
+    let handle = client
+        .send_cancellable_request(
+            ClientRequest::CallToolRequest(Request::new(
+                CallToolRequestParams::new("slow")
+                    .with_arguments(args(json!({"ms": 300, "steps": 3}))),
+            )),
+            PeerRequestOptions::no_options(),
+        )
+        .await
+        .unwrap();
+    handle.await_response().await.unwrap();
+    assert_eq!(handler.progress.load(Ordering::SeqCst), 3);
+
+    // Closing the client sends DELETE: the session ends with reason client_disconnect.
+    client.cancel().await.unwrap();
+    let store = tether_core::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+    let mut closed = false;
+    for _ in 0..100 {
+        if store.count_live().await.unwrap() == 0 && gw.log_text().contains("session closed") {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(closed, "session closed by DELETE: {}", gw.log_text());
+    assert!(
+        gw.log_text().contains("reason=\"client_disconnect\""),
+        "{}",
+        gw.log_text()
+    );
+}

@@ -1,0 +1,63 @@
+//! End to end with the official TypeScript SDK client (npm `@modelcontextprotocol/sdk`)
+//! through the gateway. Needs `npm ci` in `e2e/ts` (`.ci/run` does it); without it the
+//! test prints one skip line, unless `TETHER_TEST_REQUIRE_NODE=1` makes that a failure.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{Gateway, state_dir};
+use tether_core::store::Store;
+
+#[tokio::test]
+async fn typescript_sdk_client_through_gateway() {
+    let dir_ts = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../e2e/ts"));
+    if !dir_ts
+        .join("node_modules/@modelcontextprotocol/sdk")
+        .exists()
+    {
+        assert!(
+            std::env::var("TETHER_TEST_REQUIRE_NODE").is_err(),
+            "TETHER_TEST_REQUIRE_NODE is set but e2e/ts has no node_modules (run npm ci there)"
+        );
+        println!("skipped: e2e/ts/node_modules missing (run `npm ci` in e2e/ts)");
+        return;
+    }
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let url = gw.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(dir_ts.join("client.mjs"))
+            .arg(&url)
+            .output()
+            .expect("node runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "TypeScript client failed:\n{stdout}\n{}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log_text()
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["sampled"], 1);
+    assert_eq!(report["progress"], 3);
+    let sid = report["sessionId"].as_str().unwrap();
+    let store = tether_core::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+    let rec = store
+        .load_session(sid)
+        .await
+        .unwrap()
+        .expect("session recorded");
+    assert_eq!(rec.client_name.as_deref(), Some("ts-e2e"));
+    assert_eq!(
+        rec.close_reason.as_deref(),
+        Some("client_disconnect"),
+        "terminateSession sent DELETE"
+    );
+}

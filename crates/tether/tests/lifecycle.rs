@@ -1,0 +1,191 @@
+//! Session lifecycle over raw HTTP: DELETE, idle expiry, the standalone GET stream with
+//! keepalives, and the 2024-11-05 HTTP+SSE transport.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Gateway, process_alive, state_dir, wait_gone};
+use futures::StreamExt;
+use serde_json::json;
+use tether_core::store::Store;
+
+#[tokio::test]
+async fn delete_ends_the_session_and_its_upstream() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("deleter").await;
+    let pid: i32 = mcp
+        .call_text(&sid, 1, "pid", json!({}))
+        .await
+        .parse()
+        .unwrap();
+    assert_eq!(mcp.delete(&sid).await, 200);
+    assert!(
+        wait_gone(pid, std::time::Duration::from_secs(5)),
+        "upstream stopped on DELETE"
+    );
+    let a = mcp
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(a.status, 404);
+    let store = tether_core::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+    let rec = store.load_session(&sid).await.unwrap().unwrap();
+    assert_eq!(rec.close_reason.as_deref(), Some("client_disconnect"));
+    assert_eq!(rec.client_name.as_deref(), Some("deleter"));
+}
+
+#[tokio::test]
+async fn idle_sessions_expire_with_reason_timeout() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo", "--idle-timeout", "1s"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("sleepy").await;
+    let pid: i32 = mcp
+        .call_text(&sid, 1, "pid", json!({}))
+        .await
+        .parse()
+        .unwrap();
+    let other = mcp.initialize("stored-only").await;
+    // A session only in the store (from before a restart) expires too.
+    gw.kill9();
+    let gw = gw.restart();
+    let mcp = gw.client();
+    // Touch the first session so it is held in memory again.
+    assert_eq!(
+        mcp.call_text(&sid, 2, "echo", json!({"text": "hi"})).await,
+        "hi"
+    );
+    let pid2: i32 = mcp
+        .call_text(&sid, 3, "pid", json!({}))
+        .await
+        .parse()
+        .unwrap();
+    assert!(!process_alive(pid));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        wait_gone(pid2, Duration::from_secs(5)),
+        "expired session's upstream stopped"
+    );
+    let a = mcp
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 4, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(a.status, 404, "{}", a.body);
+    let a = mcp
+        .post(
+            Some(&other),
+            &json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(a.status, 404, "{}", a.body);
+    let store = tether_core::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+    for id in [&sid, &other] {
+        let rec = store.load_session(id).await.unwrap().unwrap();
+        assert_eq!(rec.close_reason.as_deref(), Some("timeout"), "{id}");
+    }
+}
+
+#[tokio::test]
+async fn standalone_stream_carries_keepalives_and_survives_reconnect() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo", "--keepalive", "200ms"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("listener").await;
+    let resp = mcp
+        .http
+        .get(&gw.url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !text.contains(": keepalive") && tokio::time::Instant::now() < deadline {
+        if let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(1), body.next()).await
+        {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+    assert!(
+        text.contains("retry: "),
+        "priming event with retry: {text:?}"
+    );
+    assert!(
+        text.contains("id: 0.0"),
+        "standalone stream is stream 0: {text:?}"
+    );
+    assert!(
+        text.contains(": keepalive"),
+        "keepalive comment within the interval: {text:?}"
+    );
+    // With the GET stream open the session is active; requests still work alongside it.
+    assert_eq!(
+        mcp.call_text(&sid, 1, "echo", json!({"text": "side by side"}))
+            .await,
+        "side by side"
+    );
+}
+
+#[tokio::test]
+async fn legacy_http_sse_transport_works() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", gw.addr);
+    let resp = http
+        .get(format!("{base}/sse"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
+    let endpoint = events.next().await.unwrap().unwrap();
+    assert_eq!(endpoint.event, "endpoint");
+    let post_url = format!("{base}{}", endpoint.data);
+    let post = |body: serde_json::Value| {
+        let http = http.clone();
+        let url = post_url.clone();
+        async move {
+            http.post(url)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "old-client", "version": "0.1"}}});
+    assert_eq!(post(init).await, 202);
+    let ev = events.next().await.unwrap().unwrap();
+    assert_eq!(ev.event, "message");
+    let v: serde_json::Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(v["id"], 1);
+    assert!(v.pointer("/result/serverInfo").is_some(), "{v}");
+    assert_eq!(
+        post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await,
+        202
+    );
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "old school"}}});
+    assert_eq!(post(call).await, 202);
+    let ev = events.next().await.unwrap().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(v["id"], 2);
+    assert_eq!(
+        v.pointer("/result/content/0/text"),
+        Some(&json!("old school"))
+    );
+}

@@ -1,0 +1,221 @@
+//! Upstream supervision: crashes fail in-flight calls at once and the next call restarts
+//! the upstream; crash loops back off visibly; HTTP upstreams that forget their sessions are
+//! re-initialized transparently; an upstream that cannot start is a clear error.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Gateway, state_dir, wait_gone};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn crash_fails_the_call_at_once_and_the_next_call_restarts() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("crash").await;
+    let pid: i32 = mcp
+        .call_text(&sid, 1, "pid", json!({}))
+        .await
+        .parse()
+        .unwrap();
+
+    let started = Instant::now();
+    let r = mcp.call(&sid, 2, "crash", json!({})).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no hang on a dead upstream"
+    );
+    assert_eq!(r.pointer("/error/code"), Some(&json!(-32011)), "{r}");
+    let msg = r.pointer("/error/message").and_then(Value::as_str).unwrap();
+    assert!(msg.contains("exited"), "the error names the cause: {msg}");
+    assert!(wait_gone(pid, Duration::from_secs(5)));
+
+    let new_pid: i32 = mcp
+        .call_text(&sid, 3, "pid", json!({}))
+        .await
+        .parse()
+        .unwrap();
+    assert_ne!(new_pid, pid);
+    assert_eq!(
+        mcp.call_text(&sid, 4, "echo", json!({"text": "still here"}))
+            .await,
+        "still here"
+    );
+}
+
+#[tokio::test]
+async fn crash_loop_backs_off_and_says_so() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("loop").await;
+    let mut seen = Vec::new(); // (failures, retry_in_ms) from backoff errors
+    let mut id = 10;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 3 && Instant::now() < deadline {
+        id += 1;
+        let r = mcp.call(&sid, id, "crash", json!({})).await;
+        if let Some(data) = r
+            .pointer("/error/data")
+            .filter(|d| d["kind"] == "upstream_backoff")
+        {
+            let msg = r.pointer("/error/message").and_then(Value::as_str).unwrap();
+            assert!(msg.contains("backing off"), "{msg}");
+            let failures = data["failures"].as_u64().unwrap();
+            if seen.last().is_none_or(|(f, _)| *f < failures) {
+                seen.push((failures, data["retry_in_ms"].as_u64().unwrap()));
+            }
+            // Wait out the backoff so the next call restarts (and crashes) again.
+            tokio::time::sleep(Duration::from_millis(
+                data["retry_in_ms"].as_u64().unwrap() + 20,
+            ))
+            .await;
+        }
+    }
+    assert!(seen.len() >= 3, "backoff errors seen: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[1].0 > w[0].0),
+        "consecutive failures grow: {seen:?}"
+    );
+    // Jitter keeps each wait within [half, full] of base * 2^(failures-2): 250 ms base.
+    let (f_last, r_last) = *seen.last().unwrap();
+    let full = 250u64 << (f_last - 2);
+    assert!(
+        r_last <= full && r_last >= full / 2 - 50,
+        "retry_in {r_last} ms for {f_last} failures"
+    );
+    let (f_first, r_first) = seen[0];
+    assert!(
+        r_last > r_first || f_last > f_first + 1,
+        "backoff grows: {seen:?}"
+    );
+    // After the loop, a good call still works once the backoff passes.
+    tokio::time::sleep(Duration::from_millis(full + 50)).await;
+    assert_eq!(
+        mcp.call_text(&sid, 999, "echo", json!({"text": "ok"}))
+            .await,
+        "ok"
+    );
+}
+
+#[tokio::test]
+async fn upstream_that_cannot_start_is_a_clear_error() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--", "/nonexistent/mcp-server", "--flag"]);
+    let mcp = gw.client();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "x", "version": "1"}}});
+    let a = mcp.post(None, &init).await;
+    assert_eq!(a.status, 200);
+    assert!(
+        a.headers.get("mcp-session-id").is_none(),
+        "no session for a failed initialize"
+    );
+    let r = a.json();
+    assert_eq!(r.pointer("/error/code"), Some(&json!(-32010)), "{r}");
+    assert!(
+        r.pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap()
+            .contains("unavailable")
+    );
+    assert!(gw.alive());
+}
+
+/// Runs `tether demo-server --http ADDR` and returns it with its URL.
+fn http_upstream(addr: &str) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["demo-server", "--http", addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("demo-server: listening on ")
+        .expect("demo server address")
+        .to_owned();
+    (child, url)
+}
+
+#[tokio::test]
+async fn http_upstream_restart_is_invisible_to_the_client() {
+    let (mut upstream, url) = http_upstream("127.0.0.1:0");
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--upstream-url", &url]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("http-client").await;
+    assert_eq!(mcp.call_text(&sid, 1, "counter", json!({})).await, "1");
+    assert_eq!(mcp.call_text(&sid, 2, "counter", json!({})).await, "2");
+
+    // The upstream restarts on the same address and forgets every session.
+    upstream.kill().unwrap();
+    upstream.wait().unwrap();
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/mcp")
+        .to_owned();
+    let (mut upstream2, _) = http_upstream(&addr);
+    // Same client session id keeps working: 404 upstream → re-initialize → retry.
+    assert_eq!(
+        mcp.call_text(&sid, 3, "echo", json!({"text": "after upstream restart"}))
+            .await,
+        "after upstream restart"
+    );
+    assert_eq!(
+        mcp.call_text(&sid, 4, "counter", json!({})).await,
+        "1",
+        "a fresh upstream session"
+    );
+    assert!(
+        gw.log_text().contains("re-initializing"),
+        "{}",
+        gw.log_text()
+    );
+    upstream2.kill().unwrap();
+    let _ = upstream2.wait();
+}
+
+#[tokio::test]
+async fn http_upstream_down_is_an_error_then_recovers() {
+    let (mut upstream, url) = http_upstream("127.0.0.1:0");
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--upstream-url", &url]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("http-down").await;
+    upstream.kill().unwrap();
+    upstream.wait().unwrap();
+    let r = mcp.call(&sid, 1, "echo", json!({"text": "x"})).await;
+    assert!(
+        r.get("error").is_some(),
+        "a clear error while the upstream is down: {r}"
+    );
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/mcp")
+        .to_owned();
+    let (mut upstream2, _) = http_upstream(&addr);
+    // The link failed; the next call reconnects (after at most the backoff).
+    let mut ok = false;
+    for i in 0..40 {
+        let r = mcp
+            .call(&sid, 10 + i, "echo", json!({"text": "back"}))
+            .await;
+        if r.pointer("/result/content/0/text") == Some(&json!("back")) {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "session recovered after the upstream came back");
+    upstream2.kill().unwrap();
+    let _ = upstream2.wait();
+}
