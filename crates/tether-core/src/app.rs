@@ -84,6 +84,13 @@ pub async fn run(
     tracker.spawn(registry.clone().run_reaper());
 
     let stop_accepting = CancellationToken::new();
+    // SSE answers are several small writes (priming event, then events); with Nagle's
+    // algorithm on, each one after the first waits for the client's delayed ACK (~40 ms).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = tokio::spawn(
         axum::serve(listener, app)
             .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())

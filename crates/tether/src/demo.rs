@@ -222,6 +222,11 @@ async fn serve_http(addr: &str) -> anyhow::Result<()> {
         "demo-server: listening on http://{}/mcp",
         listener.local_addr()?
     );
+    // Answers are several small SSE writes: without TCP_NODELAY each waits ~40 ms for the
+    // client's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

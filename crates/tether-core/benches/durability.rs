@@ -1,0 +1,95 @@
+//! What durability costs per call: the store writes one `tools/call` makes before its
+//! client sees anything (the stream record, awaited before the priming event) and before it
+//! sees the answer (the response event). Measured for one lone call (two commit round trips)
+//! and per call when 16 calls run at once (group commit shares each commit).
+//!
+//! `cargo bench -p tether-core --bench durability`
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use serde_json::json;
+use tether_core::store::sqlite::SqliteStore;
+use tether_core::store::{EventRecord, SessionRecord, SessionState, Store, StreamRecord};
+
+fn record() -> SessionRecord {
+    SessionRecord {
+        id: "bench".into(),
+        principal: "anonymous".into(),
+        created_ms: 0,
+        last_active_ms: 0,
+        protocol_version: "2025-11-25".into(),
+        init_params: json!({"protocolVersion": "2025-11-25"}),
+        client_name: None,
+        client_version: None,
+        upstream_name: "bench".into(),
+        state: SessionState::Live,
+        close_reason: None,
+        closed_ms: None,
+    }
+}
+
+async fn one_call(store: &SqliteStore, n: u64) {
+    let stream = format!("{n:x}");
+    store
+        .open_stream(StreamRecord {
+            session_id: "bench".into(),
+            stream_id: stream.clone(),
+            client_request_id: Some(json!(n)),
+            request: Some(json!({"jsonrpc": "2.0", "id": n, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hello"}}})),
+            retryable: true,
+            done: false,
+            last_seq: 0,
+            created_ms: 0,
+        })
+        .await
+        .unwrap();
+    store
+        .append_event(EventRecord {
+            session_id: "bench".into(),
+            stream_id: stream.into(),
+            seq: 1,
+            data: r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hello"}],"isError":false}}"#.into(),
+            terminal: true,
+        })
+        .await
+        .unwrap();
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    rt.block_on(store.create_session(record())).unwrap();
+    let counter = Arc::new(AtomicU64::new(0));
+
+    let mut g = c.benchmark_group("durable_writes_per_call");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("lone_call", |b| {
+        b.to_async(&rt).iter(|| {
+            let (store, counter) = (store.clone(), counter.clone());
+            async move { one_call(&store, counter.fetch_add(1, Ordering::Relaxed)).await }
+        })
+    });
+    g.throughput(Throughput::Elements(16));
+    g.bench_function("16_concurrent_calls", |b| {
+        b.to_async(&rt).iter(|| {
+            let (store, counter) = (store.clone(), counter.clone());
+            async move {
+                let calls = (0..16).map(|_| {
+                    let store = store.clone();
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(async move { one_call(&store, n).await })
+                });
+                for h in futures::future::join_all(calls).await {
+                    h.unwrap();
+                }
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
