@@ -27,6 +27,7 @@ fn record() -> SessionRecord {
         state: SessionState::Live,
         close_reason: None,
         closed_ms: None,
+        restore: json!({}),
     }
 }
 

@@ -16,7 +16,10 @@ use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
     CreateMessageRequestParams, ProgressNotificationParam, RequestMetaObject, SamplingMessage,
+    ServerCapabilities, ServerConfig, SetLevelRequestParams, SubscribeRequestParams,
+    UnsubscribeRequestParams,
 };
+use rmcp::service::RequestContext;
 use rmcp::{
     ErrorData, Peer, RoleServer, ServerHandler, ServiceExt, schemars, tool, tool_handler,
     tool_router,
@@ -62,6 +65,15 @@ pub struct Demo {
     #[allow(dead_code)] // read by the tool_handler macro
     tool_router: ToolRouter<Self>,
     counter: Arc<AtomicU64>,
+    /// What the client set up on this server process (so tests can see it replayed).
+    log_level: Arc<std::sync::Mutex<Option<String>>>,
+    subscriptions: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct EnvArgs {
+    /// Environment variable to read.
+    pub name: String,
 }
 
 impl Demo {
@@ -69,6 +81,8 @@ impl Demo {
         Demo {
             tool_router: Self::tool_router(),
             counter: Arc::new(AtomicU64::new(0)),
+            log_level: Arc::default(),
+            subscriptions: Arc::default(),
         }
     }
 
@@ -166,6 +180,39 @@ impl Demo {
         (self.counter.fetch_add(1, Ordering::SeqCst) + 1).to_string()
     }
 
+    #[tool(
+        description = "The value of an environment variable of this server process",
+        annotations(read_only_hint = true)
+    )]
+    fn getenv(&self, Parameters(EnvArgs { name }): Parameters<EnvArgs>) -> String {
+        std::env::var(name).unwrap_or_default()
+    }
+
+    #[tool(
+        description = "This server process's working directory",
+        annotations(read_only_hint = true)
+    )]
+    fn cwd(&self) -> String {
+        std::env::current_dir()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
+    #[tool(
+        description = "What the client set up on this server process: log level and subscriptions",
+        annotations(read_only_hint = true)
+    )]
+    fn setup(&self) -> String {
+        let level = self
+            .log_level
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| "none".into());
+        let subs: Vec<String> = self.subscriptions.lock().unwrap().iter().cloned().collect();
+        format!("level={level} subscriptions={}", subs.join(","))
+    }
+
     #[tool(description = "Exit this server process at once (for crash tests)")]
     fn crash(&self) -> String {
         std::process::exit(3)
@@ -173,7 +220,54 @@ impl Demo {
 }
 
 #[tool_handler]
-impl ServerHandler for Demo {}
+impl ServerHandler for Demo {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_logging()
+                .enable_resources()
+                .enable_resources_subscribe()
+                .build(),
+        )
+    }
+
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let level = serde_json::to_value(request.level)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned));
+        *self.log_level.lock().unwrap() = level;
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        request: SubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.subscriptions
+            .lock()
+            .unwrap()
+            .insert(request.uri.to_string());
+        Ok(())
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: UnsubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.subscriptions
+            .lock()
+            .unwrap()
+            .remove(request.uri.as_str());
+        Ok(())
+    }
+}
 
 /// Runs the demo server until its client goes away.
 pub fn run(args: DemoArgs) -> ExitCode {

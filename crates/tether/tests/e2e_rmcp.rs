@@ -64,12 +64,15 @@ fn args(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
     }
 }
 
-#[tokio::test]
-async fn rmcp_client_through_gateway_to_stdio_server() {
-    let dir = state_dir();
-    let gw = Gateway::start(dir.path(), &["--demo"]);
+/// Initialize, list, call, sampling and progress through the gateway at `url`.
+async fn exercise(
+    url: &str,
+) -> (
+    rmcp::service::RunningService<RoleClient, TestClient>,
+    TestClient,
+) {
     let handler = TestClient::default();
-    let transport = StreamableHttpClientTransport::from_uri(gw.url.clone());
+    let transport = StreamableHttpClientTransport::from_uri(url.to_owned());
     let client = handler
         .clone()
         .serve(transport)
@@ -122,6 +125,14 @@ async fn rmcp_client_through_gateway_to_stdio_server() {
         .unwrap();
     handle.await_response().await.unwrap();
     assert_eq!(handler.progress.load(Ordering::SeqCst), 3);
+    (client, handler)
+}
+
+#[tokio::test]
+async fn rmcp_client_through_gateway_to_stdio_server() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let (client, _handler) = exercise(&gw.url).await;
 
     // Closing the client sends DELETE: the session ends with reason client_disconnect.
     client.cancel().await.unwrap();
@@ -140,4 +151,33 @@ async fn rmcp_client_through_gateway_to_stdio_server() {
         "{}",
         gw.log_text()
     );
+}
+
+#[tokio::test]
+async fn rmcp_client_through_gateway_to_http_server() {
+    use std::io::BufRead;
+    let mut upstream = std::process::Command::new(common::BIN)
+        .args(["demo-server", "--http", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(upstream.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("demo-server: listening on ")
+        .unwrap()
+        .to_owned();
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--upstream-url", &url]);
+    // Over HTTP the upstream sends sampling requests and progress on the stream of the call
+    // that caused them; the gateway keeps that association (SEP-2260).
+    let (client, handler) = exercise(&gw.url).await;
+    assert_eq!(handler.sampled.load(Ordering::SeqCst), 1);
+    client.cancel().await.unwrap();
+    let _ = upstream.kill();
+    let _ = upstream.wait();
 }

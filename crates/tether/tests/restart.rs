@@ -228,3 +228,60 @@ async fn graceful_shutdown_finishes_in_flight_calls_and_keeps_sessions() {
         "back"
     );
 }
+
+async fn setup_of(mcp: &common::Mcp, sid: &str, id: i64) -> String {
+    mcp.call_text(sid, id, "setup", json!({})).await
+}
+
+#[tokio::test]
+async fn log_level_and_subscriptions_are_replayed_to_fresh_upstreams() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("setup").await;
+    for (i, (method, params)) in [
+        ("logging/setLevel", json!({"level": "debug"})),
+        ("resources/subscribe", json!({"uri": "demo://a"})),
+        ("resources/subscribe", json!({"uri": "demo://b"})),
+        ("resources/unsubscribe", json!({"uri": "demo://b"})),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let a = mcp
+            .post(
+                Some(&sid),
+                &json!({"jsonrpc": "2.0", "id": i, "method": method, "params": params}),
+            )
+            .await;
+        assert!(a.response().get("result").is_some(), "{method}: {}", a.body);
+    }
+    let expected = "level=debug subscriptions=demo://a";
+    assert_eq!(setup_of(&mcp, &sid, 10).await, expected);
+
+    // After an upstream crash the fresh upstream is told again.
+    let _ = mcp.call(&sid, 11, "crash", json!({})).await;
+    assert_eq!(setup_of(&mcp, &sid, 12).await, expected);
+
+    // And after the gateway itself is killed.
+    gw.kill9();
+    let gw2 = gw.restart();
+    assert_eq!(setup_of(&gw2.client(), &sid, 13).await, expected);
+}
+
+#[tokio::test]
+async fn rehydration_with_a_broken_upstream_is_an_error_not_a_404() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let sid = gw.client().initialize("stranded").await;
+    gw.kill9();
+    let gw2 = gw.restart_with(&["--", "/nonexistent/mcp-server"]);
+    let a = gw2
+        .client()
+        .post(Some(&sid), &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "x"}}}))
+        .await;
+    assert_eq!(a.status, 200, "the session exists: {}", a.body);
+    let r = a.json();
+    assert_eq!(r["id"], 1);
+    assert_eq!(r.pointer("/error/code"), Some(&json!(-32010)), "{r}");
+}

@@ -219,3 +219,54 @@ async fn http_upstream_down_is_an_error_then_recovers() {
     upstream2.kill().unwrap();
     let _ = upstream2.wait();
 }
+
+#[tokio::test]
+async fn slow_upstream_times_out_with_a_clear_error() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo", "--upstream-timeout", "300ms"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("impatient").await;
+    let started = Instant::now();
+    let r = mcp.call(&sid, 1, "slow", json!({"ms": 3000})).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "timed out at the gateway"
+    );
+    assert_eq!(r.pointer("/error/code"), Some(&json!(-32012)), "{r}");
+    // The session and its upstream are fine afterwards.
+    assert_eq!(
+        mcp.call_text(&sid, 2, "echo", json!({"text": "next"}))
+            .await,
+        "next"
+    );
+}
+
+#[tokio::test]
+async fn stdio_upstream_gets_env_and_cwd_from_the_config_file() {
+    let dir = state_dir();
+    let work = state_dir();
+    let config = dir.path().join("tether.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[upstream]\nname = \"configured\"\ncommand = [{:?}, \"demo-server\"]\ncwd = {:?}\nenv = {{ TETHER_DEMO_MARK = \"x42\" }}\n",
+            BIN,
+            work.path().display().to_string()
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("configured").await;
+    assert_eq!(
+        mcp.call_text(&sid, 1, "getenv", json!({"name": "TETHER_DEMO_MARK"}))
+            .await,
+        "x42"
+    );
+    let cwd = mcp.call_text(&sid, 2, "cwd", json!({})).await;
+    assert_eq!(
+        std::fs::canonicalize(cwd).unwrap(),
+        std::fs::canonicalize(work.path()).unwrap()
+    );
+    assert!(gw.log_text().contains("upstream.name=configured"));
+}

@@ -174,8 +174,60 @@ enum PendingKind {
     Internal(oneshot::Sender<Value>),
 }
 
+/// Session state a client sets up after `initialize` that a fresh upstream must be told again.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Restore {
+    log_level: Option<Value>,
+    subscriptions: std::collections::BTreeSet<String>,
+}
+
+impl Restore {
+    fn from_json(v: &Value) -> Restore {
+        Restore {
+            log_level: v.get("logLevel").cloned(),
+            subscriptions: v
+                .get("subscriptions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|u| u.as_str().map(str::to_owned))
+                .collect(),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let mut v = json!({ "subscriptions": self.subscriptions });
+        if let Some(level) = &self.log_level {
+            v["logLevel"] = level.clone();
+        }
+        v
+    }
+}
+
+/// A change to [`Restore`] that takes effect when the upstream accepts the request.
+#[derive(Debug)]
+enum RestoreOp {
+    SetLevel(Value),
+    Subscribe(String),
+    Unsubscribe(String),
+}
+
+impl RestoreOp {
+    fn of(message: &Value) -> Option<RestoreOp> {
+        let params = message.get("params");
+        let uri = || params?.get("uri")?.as_str().map(str::to_owned);
+        match message.get("method")?.as_str()? {
+            "logging/setLevel" => Some(RestoreOp::SetLevel(params?.get("level")?.clone())),
+            "resources/subscribe" => uri().map(RestoreOp::Subscribe),
+            "resources/unsubscribe" => uri().map(RestoreOp::Unsubscribe),
+            _ => None,
+        }
+    }
+}
+
 struct Pending {
     kind: PendingKind,
+    restore: Option<RestoreOp>,
     generation: u64,
     method: String,
     timer: Option<tokio::task::AbortHandle>,
@@ -193,6 +245,7 @@ struct State {
     streams: HashMap<Arc<str>, Arc<Stream>>,
     progress: HashMap<String, u64>,
     safe_tools: HashSet<String>,
+    restore: Restore,
     last_active: Instant,
     last_touch_sent: Instant,
     closed: bool,
@@ -345,6 +398,7 @@ impl Registry {
                 state: SessionState::Live,
                 close_reason: None,
                 closed_ms: None,
+                restore: json!({}),
             };
             if let Err(e) = sh.store.create_session(record.clone()).await {
                 link.shutdown(true);
@@ -699,6 +753,7 @@ impl Session {
         standalone: Arc<Stream>,
     ) -> Arc<Session> {
         let now = Instant::now();
+        let restore = Restore::from_json(&record.restore);
         Arc::new(Session {
             id: record.id.as_str().into(),
             record,
@@ -716,6 +771,7 @@ impl Session {
                 streams: HashMap::new(),
                 progress: HashMap::new(),
                 safe_tools: HashSet::new(),
+                restore,
                 last_active: now,
                 last_touch_sent: now,
                 closed: false,
@@ -928,6 +984,7 @@ impl Session {
             duration_ms = started.elapsed().as_millis() as u64,
             "upstream started and re-initialized"
         );
+        self.replay_restore(&link, generation).await;
         if result.pointer("/capabilities/tools").is_some() && self.lock().safe_tools.is_empty() {
             self.refresh_safe_tools(&link, generation).await;
         }
@@ -942,34 +999,105 @@ impl Session {
         }
     }
 
-    /// Learns which tools are safe to re-issue, by asking the upstream directly (one page).
-    async fn refresh_safe_tools(self: &Arc<Self>, link: &Link, generation: u64) {
+    /// Sends a request of the gateway's own to the upstream and waits (bounded) for its
+    /// answer.
+    async fn internal_request(
+        &self,
+        link: &Link,
+        generation: u64,
+        method: &str,
+        params: Option<Value>,
+    ) -> Option<Value> {
         let uid = self.shared.next_upstream_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.lock().pending.insert(
             uid,
             Pending {
                 kind: PendingKind::Internal(tx),
+                restore: None,
                 generation,
-                method: "tools/list".into(),
+                method: method.to_owned(),
                 timer: None,
                 started: Instant::now(),
             },
         );
-        link.send(protocol::request(Value::from(uid), "tools/list", None))
+        link.send(protocol::request(Value::from(uid), method, params))
             .await;
         match tokio::time::timeout(Duration::from_secs(10), rx).await {
-            Ok(Ok(resp)) => {
-                if let Some(result) = resp.get("result") {
-                    self.lock().safe_tools.extend(protocol::safe_tools(result));
-                }
-            }
+            Ok(Ok(resp)) => Some(resp),
             _ => {
                 self.lock().pending.remove(&uid);
-                tracing::debug!(
-                    "upstream did not list its tools; interrupted calls will not be retried"
-                );
+                None
             }
+        }
+    }
+
+    /// Learns which tools are safe to re-issue, by asking the upstream directly (one page).
+    async fn refresh_safe_tools(&self, link: &Link, generation: u64) {
+        match self
+            .internal_request(link, generation, "tools/list", None)
+            .await
+        {
+            Some(resp) if resp.get("result").is_some() => {
+                let safe: Vec<String> = protocol::safe_tools(&resp["result"]).collect();
+                self.lock().safe_tools.extend(safe);
+            }
+            _ => tracing::debug!(
+                "upstream did not list its tools; interrupted calls will not be retried"
+            ),
+        }
+    }
+
+    /// Tells a fresh upstream what the client had set up: log level and subscriptions.
+    async fn replay_restore(&self, link: &Link, generation: u64) {
+        let restore = self.lock().restore.clone();
+        if let Some(level) = restore.log_level {
+            let r = self
+                .internal_request(
+                    link,
+                    generation,
+                    "logging/setLevel",
+                    Some(json!({"level": level})),
+                )
+                .await;
+            if r.is_none_or(|r| r.get("error").is_some()) {
+                tracing::warn!("fresh upstream refused the session's log level");
+            }
+        }
+        for uri in restore.subscriptions {
+            let r = self
+                .internal_request(
+                    link,
+                    generation,
+                    "resources/subscribe",
+                    Some(json!({"uri": uri})),
+                )
+                .await;
+            if r.is_none_or(|r| r.get("error").is_some()) {
+                tracing::warn!(uri = %uri, "fresh upstream refused a resource subscription");
+            }
+        }
+    }
+
+    /// Records a setting the upstream accepted, so the next upstream gets it too.
+    fn remember(&self, op: &RestoreOp) {
+        let snapshot = {
+            let mut st = self.lock();
+            let before = st.restore.clone();
+            match op {
+                RestoreOp::SetLevel(level) => st.restore.log_level = Some(level.clone()),
+                RestoreOp::Subscribe(uri) => {
+                    st.restore.subscriptions.insert(uri.clone());
+                }
+                RestoreOp::Unsubscribe(uri) => {
+                    st.restore.subscriptions.remove(uri);
+                }
+            }
+            (st.restore != before).then(|| st.restore.to_json())
+        };
+        if let Some(v) = snapshot {
+            // Not awaited: a lost update costs one setting after a crash, never a request.
+            drop(self.shared.store.set_restore(&self.id, v));
         }
     }
 
@@ -1090,6 +1218,7 @@ impl Session {
                         stream,
                         token,
                     },
+                    restore: RestoreOp::of(message),
                     generation,
                     method,
                     timer: Some(timer.abort_handle()),
@@ -1221,6 +1350,9 @@ impl Session {
                         let safe: Vec<String> = protocol::safe_tools(result).collect();
                         self.lock().safe_tools.extend(safe);
                     }
+                }
+                if let (Some(op), Some(_)) = (&p.restore, value.get("result")) {
+                    self.remember(op);
                 }
                 self.finish(p, |client_id| {
                     protocol::set_id(&mut value, client_id);

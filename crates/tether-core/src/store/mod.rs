@@ -76,6 +76,9 @@ pub struct SessionRecord {
     pub close_reason: Option<String>,
     /// When it closed.
     pub closed_ms: Option<i64>,
+    /// Session state the client set up after `initialize`, replayed to every fresh
+    /// upstream: `{"logLevel": ..., "subscriptions": [uri, ...]}`.
+    pub restore: Value,
 }
 
 /// A response stream: the SSE stream of one client request, or the session's standalone
@@ -127,6 +130,8 @@ pub trait Store: Send + Sync + 'static {
     async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError>;
     /// Notes activity; batched, never blocks.
     fn touch(&self, id: &str, at_ms: i64);
+    /// Replaces a session's restore state (log level, resource subscriptions); batched.
+    fn set_restore(&self, id: &str, restore: Value) -> Ack;
     /// Marks a session closed and drops its event log.
     async fn close_session(&self, id: &str, reason: &str, at_ms: i64) -> Result<(), StoreError>;
     /// Live sessions whose last activity is older than `cutoff_ms`, oldest first.

@@ -24,6 +24,7 @@ type Done = oneshot::Sender<Result<(), StoreError>>;
 enum Op {
     CreateSession(SessionRecord, Done),
     Touch(String, i64),
+    Restore(String, Value, Done),
     Close {
         id: String,
         reason: String,
@@ -56,7 +57,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     upstream_name TEXT NOT NULL,
     state TEXT NOT NULL,
     close_reason TEXT,
-    closed_ms INTEGER
+    closed_ms INTEGER,
+    restore TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions(state, last_active_ms);
 CREATE TABLE IF NOT EXISTS streams (
@@ -172,7 +174,8 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
                 Op::CreateSession(_, d)
                 | Op::OpenStream(_, d)
                 | Op::Append(_, d)
-                | Op::Flush(d) => results.push((d, Err(e.clone()))),
+                | Op::Flush(d)
+                | Op::Restore(_, _, d) => results.push((d, Err(e.clone()))),
                 Op::Close { done, .. } => results.push((done, Err(e.clone()))),
                 Op::Prune(_, d) => {
                     let _ = d.send(Err(e.clone()));
@@ -187,6 +190,13 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
                 let slot = touches.entry(id).or_insert(at);
                 *slot = (*slot).max(at);
             }
+            Op::Restore(id, v, d) => results.push((
+                d,
+                conn.prepare_cached("UPDATE sessions SET restore = ?2 WHERE id = ?1")
+                    .and_then(|mut s| s.execute(params![id, json_text(&v)]))
+                    .map(|_| ())
+                    .map_err(backend),
+            )),
             Op::Close {
                 id,
                 reason,
@@ -241,8 +251,8 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
 fn insert_session(conn: &Connection, r: &SessionRecord) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO sessions (id, principal, created_ms, last_active_ms, protocol_version, init_params,
-            client_name, client_version, upstream_name, state, close_reason, closed_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            client_name, client_version, upstream_name, state, close_reason, closed_ms, restore)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
         r.id,
@@ -256,7 +266,8 @@ fn insert_session(conn: &Connection, r: &SessionRecord) -> rusqlite::Result<()> 
         r.upstream_name,
         r.state.as_str(),
         r.close_reason,
-        r.closed_ms
+        r.closed_ms,
+        json_text(&r.restore)
     ])?;
     Ok(())
 }
@@ -348,6 +359,7 @@ fn row_to_session(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         },
         close_reason: row.get(10)?,
         closed_ms: row.get(11)?,
+        restore: parse_json(Some(row.get(12)?))?.unwrap_or(Value::Null),
     })
 }
 
@@ -378,13 +390,18 @@ impl Store for SqliteStore {
         self.read(move |c| {
             c.prepare_cached(
                 "SELECT id, principal, created_ms, last_active_ms, protocol_version, init_params, client_name,
-                        client_version, upstream_name, state, close_reason, closed_ms
+                        client_version, upstream_name, state, close_reason, closed_ms, restore
                  FROM sessions WHERE id = ?1",
             )?
             .query_row(params![id], row_to_session)
             .optional()
         })
         .await
+    }
+
+    fn set_restore(&self, id: &str, restore: Value) -> Ack {
+        let id = id.to_owned();
+        self.submit(|d| Op::Restore(id, restore, d))
     }
 
     fn touch(&self, id: &str, at_ms: i64) {
@@ -511,6 +528,7 @@ mod tests {
             state: SessionState::Live,
             close_reason: None,
             closed_ms: None,
+            restore: json!({}),
         }
     }
 
@@ -549,6 +567,12 @@ mod tests {
         assert_eq!(
             store.idle_sessions(30, 10).await.unwrap(),
             vec!["b".to_owned()]
+        );
+        let restore = json!({"logLevel": "debug", "subscriptions": ["file:///a"]});
+        store.set_restore("a", restore.clone()).await.unwrap();
+        assert_eq!(
+            store.load_session("a").await.unwrap().unwrap().restore,
+            restore
         );
         store.close_session("b", "timeout", 99).await.unwrap();
         let b = store.load_session("b").await.unwrap().unwrap();

@@ -100,10 +100,16 @@ impl Gateway {
 
     /// Starts a new gateway on the same address, state dir and arguments.
     pub fn restart(&self) -> Gateway {
+        self.restart_with(&self.args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// Starts a new gateway on the same address and state dir with other arguments.
+    pub fn restart_with(&self, args: &[&str]) -> Gateway {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let mut last = None;
         for _ in 0..50 {
             match std::panic::catch_unwind(|| {
-                Gateway::start_at(&self.state_dir, &self.addr, self.args.clone())
+                Gateway::start_at(&self.state_dir, &self.addr, args.clone())
             }) {
                 Ok(g) => return g,
                 Err(e) => {
