@@ -264,6 +264,90 @@ pub fn safe_tools(list_result: &Value) -> impl Iterator<Item = String> + '_ {
         .filter_map(|tool| tool.get("name").and_then(Value::as_str).map(str::to_owned))
 }
 
+/// Session state a client sets up after `initialize` that a fresh upstream must be told again.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Restore {
+    /// Last accepted `logging/setLevel` level.
+    pub log_level: Option<Value>,
+    /// URIs with an accepted `resources/subscribe`.
+    pub subscriptions: std::collections::BTreeSet<String>,
+}
+
+impl Restore {
+    /// Reads the stored form.
+    pub fn from_json(v: &Value) -> Restore {
+        Restore {
+            log_level: v.get("logLevel").cloned(),
+            subscriptions: v
+                .get("subscriptions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|u| u.as_str().map(str::to_owned))
+                .collect(),
+        }
+    }
+
+    /// The stored form.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({ "subscriptions": self.subscriptions });
+        if let Some(level) = &self.log_level {
+            v["logLevel"] = level.clone();
+        }
+        v
+    }
+}
+
+/// A change to [`Restore`] that takes effect when the upstream accepts the request.
+#[derive(Debug, Clone)]
+pub enum RestoreOp {
+    /// `logging/setLevel`.
+    SetLevel(Value),
+    /// `resources/subscribe`.
+    Subscribe(String),
+    /// `resources/unsubscribe`.
+    Unsubscribe(String),
+}
+
+impl RestoreOp {
+    /// The change a client request would make, if it is one of those methods.
+    pub fn of(message: &Value) -> Option<RestoreOp> {
+        let params = message.get("params");
+        let uri = || params?.get("uri")?.as_str().map(str::to_owned);
+        match message.get("method")?.as_str()? {
+            "logging/setLevel" => Some(RestoreOp::SetLevel(params?.get("level")?.clone())),
+            "resources/subscribe" => uri().map(RestoreOp::Subscribe),
+            "resources/unsubscribe" => uri().map(RestoreOp::Unsubscribe),
+            _ => None,
+        }
+    }
+}
+
+impl Restore {
+    /// Applies an accepted change; returns whether anything changed.
+    pub fn apply(&mut self, op: &RestoreOp) -> bool {
+        match op {
+            RestoreOp::SetLevel(level) => {
+                self.log_level.replace(level.clone()).as_ref() != Some(level)
+            }
+            RestoreOp::Subscribe(uri) => self.subscriptions.insert(uri.clone()),
+            RestoreOp::Unsubscribe(uri) => self.subscriptions.remove(uri),
+        }
+    }
+
+    /// The requests that put a fresh server in this state, as (method, params).
+    pub fn requests(&self) -> Vec<(&'static str, Value)> {
+        let mut out = Vec::new();
+        if let Some(level) = &self.log_level {
+            out.push(("logging/setLevel", json!({ "level": level })));
+        }
+        for uri in &self.subscriptions {
+            out.push(("resources/subscribe", json!({ "uri": uri })));
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +395,27 @@ mod tests {
         assert!(is_modern("2026-07-28"));
         assert!(!is_modern("2025-11-25"));
         assert!(!is_modern("garbage"));
+    }
+
+    #[test]
+    fn restore_state_follows_accepted_changes() {
+        let mut r = Restore::default();
+        let ops = [
+            json!({"method": "logging/setLevel", "params": {"level": "debug"}}),
+            json!({"method": "resources/subscribe", "params": {"uri": "a"}}),
+            json!({"method": "resources/subscribe", "params": {"uri": "b"}}),
+            json!({"method": "resources/unsubscribe", "params": {"uri": "b"}}),
+        ];
+        for op in &ops {
+            assert!(r.apply(&RestoreOp::of(op).unwrap()));
+        }
+        assert!(
+            !r.apply(&RestoreOp::of(&ops[0]).unwrap()),
+            "same level again changes nothing"
+        );
+        assert!(RestoreOp::of(&json!({"method": "tools/list"})).is_none());
+        assert_eq!(Restore::from_json(&r.to_json()), r);
+        assert_eq!(r.requests().len(), 2);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::policy::{self, Backoff};
-use crate::protocol::{self, Envelope, Kind, code};
+use crate::protocol::{self, Envelope, Kind, Restore, RestoreOp, code};
 use crate::store::{
     Ack, STANDALONE_STREAM, SessionRecord, SessionState, Store, StoreError, StreamRecord, now_ms,
 };
@@ -172,57 +172,6 @@ enum PendingKind {
         token: Option<String>,
     },
     Internal(oneshot::Sender<Value>),
-}
-
-/// Session state a client sets up after `initialize` that a fresh upstream must be told again.
-#[derive(Debug, Default, Clone, PartialEq)]
-struct Restore {
-    log_level: Option<Value>,
-    subscriptions: std::collections::BTreeSet<String>,
-}
-
-impl Restore {
-    fn from_json(v: &Value) -> Restore {
-        Restore {
-            log_level: v.get("logLevel").cloned(),
-            subscriptions: v
-                .get("subscriptions")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|u| u.as_str().map(str::to_owned))
-                .collect(),
-        }
-    }
-
-    fn to_json(&self) -> Value {
-        let mut v = json!({ "subscriptions": self.subscriptions });
-        if let Some(level) = &self.log_level {
-            v["logLevel"] = level.clone();
-        }
-        v
-    }
-}
-
-/// A change to [`Restore`] that takes effect when the upstream accepts the request.
-#[derive(Debug)]
-enum RestoreOp {
-    SetLevel(Value),
-    Subscribe(String),
-    Unsubscribe(String),
-}
-
-impl RestoreOp {
-    fn of(message: &Value) -> Option<RestoreOp> {
-        let params = message.get("params");
-        let uri = || params?.get("uri")?.as_str().map(str::to_owned);
-        match message.get("method")?.as_str()? {
-            "logging/setLevel" => Some(RestoreOp::SetLevel(params?.get("level")?.clone())),
-            "resources/subscribe" => uri().map(RestoreOp::Subscribe),
-            "resources/unsubscribe" => uri().map(RestoreOp::Unsubscribe),
-            _ => None,
-        }
-    }
 }
 
 struct Pending {
@@ -1050,31 +999,13 @@ impl Session {
 
     /// Tells a fresh upstream what the client had set up: log level and subscriptions.
     async fn replay_restore(&self, link: &Link, generation: u64) {
-        let restore = self.lock().restore.clone();
-        if let Some(level) = restore.log_level {
+        let requests = self.lock().restore.requests();
+        for (method, params) in requests {
             let r = self
-                .internal_request(
-                    link,
-                    generation,
-                    "logging/setLevel",
-                    Some(json!({"level": level})),
-                )
+                .internal_request(link, generation, method, Some(params.clone()))
                 .await;
             if r.is_none_or(|r| r.get("error").is_some()) {
-                tracing::warn!("fresh upstream refused the session's log level");
-            }
-        }
-        for uri in restore.subscriptions {
-            let r = self
-                .internal_request(
-                    link,
-                    generation,
-                    "resources/subscribe",
-                    Some(json!({"uri": uri})),
-                )
-                .await;
-            if r.is_none_or(|r| r.get("error").is_some()) {
-                tracing::warn!(uri = %uri, "fresh upstream refused a resource subscription");
+                tracing::warn!(mcp.method = method, params = %params, "fresh upstream refused restored session state");
             }
         }
     }
@@ -1083,17 +1014,7 @@ impl Session {
     fn remember(&self, op: &RestoreOp) {
         let snapshot = {
             let mut st = self.lock();
-            let before = st.restore.clone();
-            match op {
-                RestoreOp::SetLevel(level) => st.restore.log_level = Some(level.clone()),
-                RestoreOp::Subscribe(uri) => {
-                    st.restore.subscriptions.insert(uri.clone());
-                }
-                RestoreOp::Unsubscribe(uri) => {
-                    st.restore.subscriptions.remove(uri);
-                }
-            }
-            (st.restore != before).then(|| st.restore.to_json())
+            st.restore.apply(op).then(|| st.restore.to_json())
         };
         if let Some(v) = snapshot {
             // Not awaited: a lost update costs one setting after a crash, never a request.

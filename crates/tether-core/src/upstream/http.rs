@@ -1,47 +1,78 @@
-//! A Streamable HTTP upstream: the gateway as an MCP client, one upstream session per
-//! client session.
+//! A Streamable HTTP upstream: an MCP client session with one Streamable HTTP server.
 //!
-//! Each message is one POST, sent from its own task so a slow call never blocks others.
-//! Answers come back as JSON or as an SSE stream (resumed with `Last-Event-ID` after the
-//! upstream's `retry` if it breaks before the response). A 404 for our upstream session
-//! means the upstream forgot it (it restarted): the link replays `initialize` with the
-//! client's stored params and retries the message once (spec §1.1.7 item 4). A connection
-//! failure ends the link, and the session layer's supervisor decides when to reconnect.
+//! Used by the gateway (one upstream session per client session) and by the stdio bridge
+//! (`tether connect`). One dispatcher task sends messages in order: each POST's response
+//! headers arrive before the next POST starts, so `notifications/initialized` can never
+//! overtake the request after it, while long answers (SSE bodies) are read by tasks of their
+//! own. Answers come back as JSON or SSE; a broken SSE answer is resumed with GET +
+//! `Last-Event-ID` after the server's `retry`. A 404 for our session means the server
+//! forgot it (it restarted): the link replays `initialize` with the client's params, then
+//! the state the client had set up (log level, subscriptions), and retries once (spec
+//! §1.1.7 item 4).
+//!
+//! Connection failures either end the link (the gateway: its supervisor restarts it) or,
+//! with [`Reconnect`], are retried with backoff for a bounded outage (the bridge); a request
+//! whose outcome became unknown (the connection died after it was sent) is answered with
+//! an error saying so, never left hanging.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
 use serde_json::Value;
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Inbound;
+use crate::policy::Backoff;
 use crate::protocol::{self, code};
 
 const SESSION_HEADER: &str = "mcp-session-id";
 const VERSION_HEADER: &str = "mcp-protocol-version";
 const LAST_EVENT_ID: &str = "last-event-id";
-/// How often a broken response stream is resumed before the request is failed.
-const MAX_RESUMES: u32 = 5;
+/// How often one broken response stream is resumed before the request is failed.
+const MAX_RESUMES: u32 = 20;
 const DEFAULT_RETRY: Duration = Duration::from_secs(1);
 
-/// One upstream session on a Streamable HTTP server.
+/// Retrying connection failures instead of ending the link.
+#[derive(Debug, Clone, Copy)]
+pub struct Reconnect {
+    /// Wait between attempts (jittered, growing).
+    pub backoff: Backoff,
+    /// Longest outage a message waits through before it is answered with an error.
+    pub max_outage: Duration,
+}
+
+/// How an [`HttpLink`] talks to its server.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {
+    /// Headers sent with every request (for example `Authorization`).
+    pub headers: HeaderMap,
+    /// Retry connection failures (the bridge); `None` ends the link on the first one.
+    pub reconnect: Option<Reconnect>,
+    /// Time to wait for response headers; `None` waits as long as the connection lives.
+    pub request_timeout: Option<Duration>,
+}
+
+/// One session with a Streamable HTTP server.
 pub struct HttpLink {
     inner: Arc<Inner>,
+    outgoing: mpsc::UnboundedSender<Value>,
 }
 
 struct Inner {
     client: reqwest::Client,
     url: String,
     init_params: Value,
-    /// Upstream session id and negotiated version; replaced on re-initialization.
+    opts: HttpOptions,
     session: Arc<Mutex<UpstreamSession>>,
+    /// Requests that restore client-set state after a re-initialization.
+    restore: std::sync::Mutex<Vec<(&'static str, Value)>>,
     inbound: mpsc::Sender<Inbound>,
     stop: CancellationToken,
     tracker: TaskTracker,
@@ -53,58 +84,74 @@ struct Inner {
 struct UpstreamSession {
     id: Option<String>,
     version: Option<String>,
-    /// Bumped on each re-initialization so concurrent 404s re-initialize only once.
-    epoch: u64,
 }
 
-/// What one POST produced.
-enum Outcome {
-    Done,
-    SessionGone,
-    Failed(String),
+/// Why a request could not be sent or answered.
+enum SendError {
+    /// No connection was made: nothing reached the server, retrying is safe.
+    Connect(String),
+    /// The connection failed after the request may have reached the server.
+    Sent(String),
 }
 
 impl HttpLink {
-    /// Creates the link; nothing is sent until the first message (normally `initialize`).
+    /// Creates the link and its dispatcher; nothing is sent until the first message
+    /// (normally `initialize`).
     pub fn new(
         client: reqwest::Client,
         url: &str,
         init_params: Value,
+        opts: HttpOptions,
         inbound: mpsc::Sender<Inbound>,
         tracker: TaskTracker,
     ) -> HttpLink {
-        HttpLink {
-            inner: Arc::new(Inner {
-                client,
-                url: url.to_owned(),
-                init_params,
-                session: Arc::new(Mutex::new(UpstreamSession::default())),
-                inbound,
-                stop: CancellationToken::new(),
-                tracker,
-                next_internal: AtomicU64::new(1),
-                closed: AtomicBool::new(false),
-            }),
-        }
+        let inner = Arc::new(Inner {
+            client,
+            url: url.to_owned(),
+            init_params,
+            opts,
+            session: Arc::new(Mutex::new(UpstreamSession::default())),
+            restore: std::sync::Mutex::new(Vec::new()),
+            inbound,
+            stop: CancellationToken::new(),
+            tracker: tracker.clone(),
+            next_internal: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        });
+        let (outgoing, mut rx) = mpsc::unbounded_channel::<Value>();
+        let dispatcher = inner.clone();
+        tracker.spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = dispatcher.stop.cancelled() => return,
+                    v = rx.recv() => v,
+                };
+                let Some(value) = next else { return };
+                tokio::select! {
+                    _ = dispatcher.stop.cancelled() => return,
+                    _ = dispatcher.dispatch(value) => {}
+                }
+            }
+        });
+        HttpLink { inner, outgoing }
     }
 
-    /// The upstream URL.
+    /// The server URL.
     pub fn url(&self) -> &str {
         &self.inner.url
     }
 
-    /// Posts one message from a task of its own.
+    /// Queues one message; messages reach the server in the order they were queued.
     pub fn send(&self, value: Value) {
-        let inner = self.inner.clone();
-        self.inner.tracker.spawn(async move {
-            tokio::select! {
-                _ = inner.stop.cancelled() => {}
-                _ = inner.clone().deliver(value) => {}
-            }
-        });
+        let _ = self.outgoing.send(value);
     }
 
-    /// Stops all traffic; with `end_session`, also DELETEs the upstream session.
+    /// Sets the requests replayed after a re-initialization (log level, subscriptions).
+    pub fn set_restore(&self, requests: Vec<(&'static str, Value)>) {
+        *self.inner.restore.lock().unwrap_or_else(|p| p.into_inner()) = requests;
+    }
+
+    /// Stops all traffic; with `end_session`, also DELETEs the server session.
     pub fn shutdown(&self, end_session: bool) {
         if self.inner.stop.is_cancelled() {
             return;
@@ -120,6 +167,7 @@ impl HttpLink {
                         inner
                             .client
                             .delete(&inner.url)
+                            .headers(inner.opts.headers.clone())
                             .header(SESSION_HEADER, id)
                             .send(),
                     )
@@ -130,184 +178,262 @@ impl HttpLink {
     }
 }
 
+fn method_of(value: &Value) -> Option<&str> {
+    value.get("method").and_then(Value::as_str)
+}
+
+/// The id of a request (not of a response).
+fn request_id(value: &Value) -> Option<&Value> {
+    value.get("method").and(value.get("id"))
+}
+
 impl Inner {
-    async fn deliver(self: Arc<Self>, value: Value) {
-        let is_init = value.get("method").and_then(Value::as_str) == Some("initialize");
-        let epoch = self.session.lock().await.epoch;
-        match self.post(&value, true).await {
-            Outcome::Done => {}
-            Outcome::SessionGone if !is_init => {
-                tracing::info!(url = %self.url, "upstream forgot our session (404); re-initializing");
-                if let Err(cause) = self.reinitialize(epoch).await {
-                    self.fail_link(format!("upstream re-initialization failed: {cause}"))
-                        .await;
-                    return;
-                }
-                match self.post(&value, true).await {
-                    Outcome::Done => {}
-                    Outcome::SessionGone => {
+    async fn dispatch(self: &Arc<Self>, value: Value) {
+        let is_init = method_of(&value) == Some("initialize");
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        let mut reinitialized = false;
+        loop {
+            let had_session = self.session.lock().await.id.is_some();
+            match self.open(&value).await {
+                Ok(resp) if resp.status() == StatusCode::NOT_FOUND && had_session && !is_init => {
+                    if reinitialized {
                         self.answer_error(
                             &value,
-                            "upstream answered 404 again after re-initialization",
+                            "server answered 404 again right after re-initialization",
                         )
-                        .await
+                        .await;
+                        return;
                     }
-                    Outcome::Failed(cause) => self.fail_link(cause).await,
+                    tracing::info!(url = %self.url, "server forgot our session (404); re-initializing");
+                    match self.reinitialize().await {
+                        Ok(()) => reinitialized = true,
+                        Err(SendError::Connect(cause)) | Err(SendError::Sent(cause)) => {
+                            self.give_up(
+                                &value,
+                                &format!("re-initialization failed: {cause}"),
+                                true,
+                            )
+                            .await;
+                            return;
+                        }
+                    }
+                }
+                Ok(resp) => {
+                    if is_init {
+                        self.read_response(resp, &value, true).await;
+                    } else {
+                        // A long answer must not hold up the next message.
+                        let me = self.clone();
+                        self.tracker.spawn(async move {
+                            tokio::select! {
+                                _ = me.stop.cancelled() => {}
+                                _ = me.read_response(resp, &value, false) => {}
+                            }
+                        });
+                    }
+                    return;
+                }
+                Err(SendError::Connect(cause)) => match self.opts.reconnect {
+                    Some(rc) if started.elapsed() < rc.max_outage => {
+                        attempt += 1;
+                        if attempt == 1 {
+                            tracing::warn!(url = %self.url, "server unreachable ({cause}); retrying");
+                        }
+                        let wait = rc
+                            .backoff
+                            .delay(attempt + 1, rand::random_range(0.5..=1.0))
+                            .max(Duration::from_millis(50));
+                        tokio::time::sleep(wait).await;
+                    }
+                    Some(rc) => {
+                        let why = format!(
+                            "server unreachable for {}: {cause}",
+                            humantime::format_duration(rc.max_outage)
+                        );
+                        self.answer_error(&value, &why).await;
+                        return;
+                    }
+                    None => {
+                        self.fail_link(cause).await;
+                        return;
+                    }
+                },
+                Err(SendError::Sent(cause)) => {
+                    self.give_up(&value, &cause, false).await;
+                    return;
                 }
             }
-            Outcome::SessionGone => {
-                self.answer_error(&value, "upstream answered 404 to initialize")
-                    .await
-            }
-            Outcome::Failed(cause) => self.fail_link(cause).await,
         }
     }
 
-    fn headers(&self, s: &UpstreamSession) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(
-            ACCEPT,
-            "application/json, text/event-stream"
-                .parse()
-                .expect("static"),
-        );
-        h.insert(CONTENT_TYPE, "application/json".parse().expect("static"));
-        if let Some(id) = s.id.as_deref().and_then(|v| v.parse().ok()) {
+    /// A failure after which this message cannot be completed. The gateway's link ends
+    /// (its supervisor restarts it); the bridge answers the request and carries on.
+    async fn give_up(&self, value: &Value, cause: &str, before_sending: bool) {
+        if self.opts.reconnect.is_none() {
+            self.fail_link(cause.to_owned()).await;
+        } else if before_sending {
+            self.answer_error(value, cause).await;
+        } else {
+            let why = format!(
+                "the connection failed after the request was sent ({cause}); its outcome is unknown"
+            );
+            self.answer_error(value, &why).await;
+        }
+    }
+
+    fn headers(&self, s: &UpstreamSession, accept: &'static str) -> HeaderMap {
+        let mut h = self.opts.headers.clone();
+        h.insert(ACCEPT, HeaderValue::from_static(accept));
+        if let Some(id) = s.id.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
             h.insert(SESSION_HEADER, id);
         }
-        if let Some(v) = s.version.as_deref().and_then(|v| v.parse().ok()) {
+        if let Some(v) = s
+            .version
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
             h.insert(VERSION_HEADER, v);
         }
         h
     }
 
-    /// POSTs a message and routes whatever comes back. With `route` unset (internal
-    /// re-initialization), the answer is returned through `Inbound` only if it is not the
-    /// answer to the internal request itself; see [`Inner::reinitialize`].
-    async fn post(&self, value: &Value, route: bool) -> Outcome {
+    async fn open(&self, value: &Value) -> Result<reqwest::Response, SendError> {
         let session = self.session.lock().await.clone();
-        let is_init = value.get("method").and_then(Value::as_str) == Some("initialize");
-        let req_id = value.get("method").and(value.get("id")).cloned();
-        let origin = req_id.as_ref().and_then(Value::as_u64);
-        let resp = match self
+        let mut headers = self.headers(&session, "application/json, text/event-stream");
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let send = self
             .client
             .post(&self.url)
-            .headers(self.headers(&session))
+            .headers(headers)
             .json(value)
-            .send()
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                return Outcome::Failed(format!(
-                    "upstream HTTP request failed: {}",
-                    error_chain(&e)
-                ));
-            }
+            .send();
+        self.await_response(send).await
+    }
+
+    async fn await_response(
+        &self,
+        send: impl Future<Output = reqwest::Result<reqwest::Response>>,
+    ) -> Result<reqwest::Response, SendError> {
+        let result = match self.opts.request_timeout {
+            Some(t) => match tokio::time::timeout(t, send).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(SendError::Sent(format!(
+                        "no response within {}",
+                        humantime::format_duration(t)
+                    )));
+                }
+            },
+            None => send.await,
         };
+        result.map_err(|e| {
+            let cause = format!("HTTP request failed: {}", error_chain(&e));
+            if e.is_connect() {
+                SendError::Connect(cause)
+            } else {
+                SendError::Sent(cause)
+            }
+        })
+    }
+
+    async fn read_response(&self, resp: reqwest::Response, value: &Value, is_init: bool) {
         let status = resp.status();
-        if status == StatusCode::NOT_FOUND && session.id.is_some() {
-            return Outcome::SessionGone;
-        }
+        let req_id = request_id(value).cloned();
+        let origin = req_id.as_ref().and_then(Value::as_u64);
         if is_init && status.is_success() {
-            let mut s = self.session.lock().await;
-            s.id = resp
+            let id = resp
                 .headers()
                 .get(SESSION_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
+            self.session.lock().await.id = id;
         }
         if status == StatusCode::ACCEPTED {
-            return Outcome::Done;
+            return;
         }
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();
-            if let Some(err) = serde_json::from_str::<Value>(&body)
-                .ok()
-                .filter(|v| v.get("error").is_some())
-            {
-                if let Some(id) = &req_id {
-                    let mut err = err;
-                    protocol::set_id(&mut err, id.clone());
-                    self.emit(err, origin, route).await;
-                    return Outcome::Done;
-                }
+            if let (Some(id), Some(mut err)) = (
+                &req_id,
+                serde_json::from_str::<Value>(&body)
+                    .ok()
+                    .filter(|v| v.get("error").is_some()),
+            ) {
+                protocol::set_id(&mut err, id.clone());
+                self.emit(err, origin).await;
+                return;
             }
             let snippet: String = body.chars().take(200).collect();
-            self.answer_error(
-                value,
-                &format!("upstream answered HTTP {status}: {snippet}"),
-            )
-            .await;
-            return Outcome::Done;
+            self.answer_error(value, &format!("server answered HTTP {status}: {snippet}"))
+                .await;
+            return;
         }
-        let content_type = resp
+        let is_sse = resp
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        if content_type.starts_with("text/event-stream") {
-            self.read_sse(resp, req_id.as_ref(), origin, route).await
-        } else {
-            match resp.bytes().await {
-                Ok(bytes) if bytes.is_empty() => Outcome::Done,
-                Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
-                    Ok(v) => {
-                        if is_init {
-                            self.note_version(&v).await;
-                        }
-                        self.emit(v, origin, route).await;
-                        Outcome::Done
+            .is_some_and(|c| c.to_ascii_lowercase().starts_with("text/event-stream"));
+        if is_sse {
+            self.read_sse(resp, req_id.as_ref(), origin).await;
+            return;
+        }
+        match resp.bytes().await {
+            Ok(bytes) if bytes.is_empty() => {}
+            Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+                Ok(v) => {
+                    if is_init {
+                        self.note_initialized(&v).await;
                     }
-                    Err(e) => {
-                        self.answer_error(value, &format!("upstream sent malformed JSON: {e}"))
-                            .await;
-                        Outcome::Done
-                    }
-                },
-                Err(e) => Outcome::Failed(format!("upstream response failed: {}", error_chain(&e))),
+                    self.emit(v, origin).await;
+                }
+                Err(e) => {
+                    self.answer_error(value, &format!("server sent malformed JSON: {e}"))
+                        .await
+                }
+            },
+            Err(e) => {
+                self.give_up(
+                    value,
+                    &format!("response failed: {}", error_chain(&e)),
+                    false,
+                )
+                .await
             }
         }
     }
 
-    async fn note_version(&self, response: &Value) {
-        if let Some(v) = response
-            .pointer("/result/protocolVersion")
-            .and_then(Value::as_str)
-        {
-            self.session.lock().await.version = Some(v.to_owned());
-        }
-        let started = self.session.lock().await.id.is_some();
+    /// Records the negotiated version and opens the standalone stream.
+    async fn note_initialized(&self, response: &Value) {
+        let started = {
+            let mut s = self.session.lock().await;
+            if let Some(v) = response
+                .pointer("/result/protocolVersion")
+                .and_then(Value::as_str)
+            {
+                s.version = Some(v.to_owned());
+            }
+            s.id.is_some()
+        };
         if started {
             self.spawn_listen_stream();
         }
     }
 
-    async fn emit(&self, value: Value, origin: Option<u64>, route: bool) {
-        if route {
-            let _ = self.inbound.send(Inbound::Message { value, origin }).await;
-        }
+    async fn emit(&self, value: Value, origin: Option<u64>) {
+        let _ = self.inbound.send(Inbound::Message { value, origin }).await;
     }
 
-    /// Reads an SSE response, resuming it with GET + `Last-Event-ID` if it breaks before
-    /// the response to `req_id` arrives.
-    async fn read_sse(
-        &self,
-        resp: reqwest::Response,
-        req_id: Option<&Value>,
-        origin: Option<u64>,
-        route: bool,
-    ) -> Outcome {
-        let is_request = req_id.is_some();
+    /// Reads an SSE answer, resuming it with GET + `Last-Event-ID` if it breaks before the
+    /// response to `req_id` arrives.
+    async fn read_sse(&self, resp: reqwest::Response, req_id: Option<&Value>, origin: Option<u64>) {
         let mut last_id: Option<String> = None;
         let mut retry = DEFAULT_RETRY;
         let mut resp = resp;
         let mut resumes = 0;
         loop {
             let mut events = resp.bytes_stream().eventsource();
-            while let Some(ev) = events.next().await {
-                let Ok(ev) = ev else { break };
+            while let Some(Ok(ev)) = events.next().await {
                 if !ev.id.is_empty() {
                     last_id = Some(ev.id.clone());
                 }
@@ -318,95 +444,104 @@ impl Inner {
                     continue;
                 }
                 let Ok(value) = serde_json::from_str::<Value>(&ev.data) else {
-                    tracing::warn!(url = %self.url, "upstream SSE event is not JSON; ignored");
+                    tracing::warn!(url = %self.url, "server SSE event is not JSON; ignored");
                     continue;
                 };
                 let answers = value.get("method").is_none()
                     && req_id.is_some_and(|id| value.get("id") == Some(id));
                 if answers && value.pointer("/result/protocolVersion").is_some() {
-                    self.note_version(&value).await;
+                    self.note_initialized(&value).await;
                 }
-                self.emit(value, origin, route).await;
+                self.emit(value, origin).await;
                 if answers {
-                    return Outcome::Done;
+                    return;
                 }
             }
-            if !is_request {
-                return Outcome::Done;
-            }
+            let Some(id) = req_id else { return };
             let Some(last) = last_id.clone() else {
-                return self
-                    .stream_lost(
-                        req_id,
-                        "upstream closed the response stream before answering",
-                    )
-                    .await;
+                self.lost(id, "the server closed the response stream before answering, and it cannot be resumed").await;
+                return;
             };
-            if resumes >= MAX_RESUMES {
-                return self
-                    .stream_lost(req_id, "upstream response stream broke repeatedly")
-                    .await;
+            match self.resume(&last, retry, &mut resumes).await {
+                Ok(r) => resp = r,
+                Err(why) => {
+                    self.lost(id, &why).await;
+                    return;
+                }
             }
-            resumes += 1;
+        }
+    }
+
+    /// Reopens a response stream after `retry`, through outages when reconnecting.
+    async fn resume(
+        &self,
+        last: &str,
+        retry: Duration,
+        resumes: &mut u32,
+    ) -> Result<reqwest::Response, String> {
+        let started = Instant::now();
+        loop {
+            *resumes += 1;
+            if *resumes > MAX_RESUMES {
+                return Err(
+                    "the server's response stream broke too often; its outcome is unknown".into(),
+                );
+            }
             tokio::time::sleep(retry).await;
             let session = self.session.lock().await.clone();
-            let mut h = self.headers(&session);
-            h.insert(ACCEPT, "text/event-stream".parse().expect("static"));
-            h.remove(CONTENT_TYPE);
-            match self
+            let send = self
                 .client
                 .get(&self.url)
-                .headers(h)
+                .headers(self.headers(&session, "text/event-stream"))
                 .header(LAST_EVENT_ID, last)
-                .send()
-                .await
-            {
-                Ok(r) if r.status().is_success() => resp = r,
-                Ok(r) if r.status() == StatusCode::NOT_FOUND => return Outcome::SessionGone,
+                .send();
+            match self.await_response(send).await {
+                Ok(r) if r.status().is_success() => return Ok(r),
                 Ok(r) => {
-                    return self
-                        .stream_lost(
-                            req_id,
-                            &format!("upstream refused stream resumption: HTTP {}", r.status()),
-                        )
-                        .await;
-                }
-                Err(e) => {
-                    return Outcome::Failed(format!(
-                        "upstream HTTP request failed: {}",
-                        error_chain(&e)
+                    return Err(format!(
+                        "the server refused to resume the response stream (HTTP {}); the outcome is unknown",
+                        r.status()
                     ));
+                }
+                Err(SendError::Connect(cause)) | Err(SendError::Sent(cause)) => {
+                    match self.opts.reconnect {
+                        Some(rc) if started.elapsed() < rc.max_outage => {
+                            // Gateway restarting: keep trying within the outage budget.
+                            *resumes -= 1;
+                            let wait = rc.backoff.delay(3, rand::random_range(0.5..=1.0));
+                            tokio::time::sleep(wait.saturating_sub(retry)).await;
+                        }
+                        Some(_) => {
+                            return Err(format!(
+                                "the server stayed unreachable ({cause}); the outcome is unknown"
+                            ));
+                        }
+                        None => {
+                            self.fail_link(cause).await;
+                            return Err("upstream connection lost".into());
+                        }
+                    }
                 }
             }
         }
     }
 
-    async fn stream_lost(&self, req_id: Option<&Value>, why: &str) -> Outcome {
-        if let Some(id) = req_id {
-            let err = protocol::error_response(id.clone(), code::UPSTREAM_LOST, why, None);
-            let _ = self
-                .inbound
-                .send(Inbound::Message {
-                    value: err,
-                    origin: None,
-                })
-                .await;
-        }
-        Outcome::Done
+    async fn lost(&self, id: &Value, why: &str) {
+        let err = protocol::error_response(id.clone(), code::UPSTREAM_LOST, why, None);
+        let _ = self
+            .inbound
+            .send(Inbound::Message {
+                value: err,
+                origin: None,
+            })
+            .await;
     }
 
-    /// Answers a request with an error built here (the upstream gave no usable answer).
+    /// Answers a request with an error built here (the server gave no usable answer).
     async fn answer_error(&self, value: &Value, why: &str) {
         tracing::warn!(url = %self.url, "{why}");
-        if let (Some(id), Some(_)) = (value.get("id"), value.get("method")) {
-            let err = protocol::error_response(id.clone(), code::UPSTREAM_LOST, why, None);
-            let _ = self
-                .inbound
-                .send(Inbound::Message {
-                    value: err,
-                    origin: None,
-                })
-                .await;
+        if let Some(id) = request_id(value) {
+            self.lost(id, why).await;
         }
     }
 
@@ -417,62 +552,118 @@ impl Inner {
         }
     }
 
-    /// Replays `initialize` + `notifications/initialized` with the client's stored params,
-    /// unless another task already did so since `seen_epoch`.
-    async fn reinitialize(self: &Arc<Self>, seen_epoch: u64) -> Result<(), String> {
-        let mut s = self.session.lock().await;
-        if s.epoch != seen_epoch {
-            return Ok(());
+    /// Sends a message of the link's own and returns the answer to it, if any. Nothing
+    /// else the server says on that exchange is forwarded.
+    async fn internal(&self, value: &Value) -> Result<Option<Value>, SendError> {
+        let resp = self.open(value).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(SendError::Sent(format!("HTTP {status}")));
         }
-        s.id = None;
-        s.version = None;
-        drop(s);
-        let id = format!(
-            "tether-reinit-{}",
+        if method_of(value) == Some("initialize") {
+            let id = resp
+                .headers()
+                .get(SESSION_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            self.session.lock().await.id = id;
+        }
+        let want = request_id(value).cloned();
+        let is_sse = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("text/event-stream"));
+        if is_sse {
+            let mut events = resp.bytes_stream().eventsource();
+            while let Some(Ok(ev)) = events.next().await {
+                if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
+                    if want.is_some() && v.get("method").is_none() && v.get("id") == want.as_ref() {
+                        return Ok(Some(v));
+                    }
+                }
+            }
+            return Ok(None);
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| SendError::Sent(error_chain(&e)))?;
+        Ok(serde_json::from_slice(&bytes).ok())
+    }
+
+    fn internal_id(&self) -> Value {
+        Value::from(format!(
+            "tether-internal-{}",
             self.next_internal.fetch_add(1, Ordering::Relaxed)
-        );
+        ))
+    }
+
+    /// Replays `initialize`, `notifications/initialized` and the restore requests with the
+    /// client's stored params, as a fresh session.
+    async fn reinitialize(&self) -> Result<(), SendError> {
+        *self.session.lock().await = UpstreamSession::default();
         let init = protocol::request(
-            Value::from(id),
+            self.internal_id(),
             "initialize",
             Some(self.init_params.clone()),
         );
-        match self.post(&init, false).await {
-            Outcome::Done => {}
-            Outcome::SessionGone => return Err("404 to initialize".into()),
-            Outcome::Failed(c) => return Err(c),
+        let answer = self.internal(&init).await?.unwrap_or(Value::Null);
+        if answer.get("result").is_none() {
+            return Err(SendError::Sent(format!(
+                "initialize was not accepted: {answer}"
+            )));
         }
-        {
-            let mut s = self.session.lock().await;
-            if s.id.is_none() {
-                return Err("upstream answered initialize without a session id".into());
+        if self.session.lock().await.id.is_none() {
+            return Err(SendError::Sent(
+                "the server answered initialize without a session id".into(),
+            ));
+        }
+        self.note_initialized(&answer).await;
+        self.internal(&protocol::notification("notifications/initialized", None))
+            .await?;
+        let restore = self
+            .restore
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (method, params) in restore {
+            let answer = self
+                .internal(&protocol::request(self.internal_id(), method, Some(params)))
+                .await?;
+            if answer.is_none_or(|a| a.get("error").is_some()) {
+                tracing::warn!(mcp.method = method, "server refused restored session state");
             }
-            s.epoch += 1;
         }
-        let initialized = protocol::notification("notifications/initialized", None);
-        match self.post(&initialized, false).await {
-            Outcome::Done => Ok(()),
-            Outcome::SessionGone => Err("404 to notifications/initialized".into()),
-            Outcome::Failed(c) => Err(c),
-        }
+        Ok(())
     }
 
     /// Opens the standalone GET stream for server-initiated messages and keeps it open
-    /// (honouring `retry`) until the link stops or the upstream says it offers none (405).
+    /// (honouring `retry`) until the link stops, the server offers none (405) or forgets the
+    /// session (404; the next POST re-initializes, which opens a new one).
     fn spawn_listen_stream(&self) {
         let client = self.client.clone();
         let url = self.url.clone();
         let stop = self.stop.clone();
         let inbound = self.inbound.clone();
-        let this = self.session.clone();
+        let base_headers = self.opts.headers.clone();
+        let session = self.session.clone();
         self.tracker.spawn(async move {
             let mut last_id: Option<String> = None;
             let mut retry = DEFAULT_RETRY;
             let mut failures = 0u32;
+            let mut opened_for: Option<String> = None;
             loop {
-                let s = this.lock().await.clone();
+                let s = session.lock().await.clone();
                 let Some(sid) = s.id.clone() else { return };
+                if opened_for.as_ref().is_some_and(|o| *o != sid) {
+                    // A re-initialization opened a stream of its own for the new session.
+                    return;
+                }
+                opened_for = Some(sid.clone());
                 let mut req = client
                     .get(&url)
+                    .headers(base_headers.clone())
                     .header(ACCEPT, "text/event-stream")
                     .header(SESSION_HEADER, sid);
                 if let Some(v) = s.version.clone() {
@@ -486,8 +677,12 @@ impl Inner {
                     r = req.send() => r,
                 };
                 match resp {
-                    Ok(r) if r.status() == StatusCode::METHOD_NOT_ALLOWED => return,
-                    Ok(r) if r.status() == StatusCode::NOT_FOUND => return,
+                    Ok(r)
+                        if r.status() == StatusCode::METHOD_NOT_ALLOWED
+                            || r.status() == StatusCode::NOT_FOUND =>
+                    {
+                        return;
+                    }
                     Ok(r) if r.status().is_success() => {
                         failures = 0;
                         let mut events = r.bytes_stream().eventsource();

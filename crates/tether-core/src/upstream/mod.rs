@@ -155,6 +155,7 @@ impl Connector {
                 self.http.clone(),
                 url,
                 init_params.clone(),
+                http::HttpOptions::default(),
                 tx,
                 self.tracker.clone(),
             )),
