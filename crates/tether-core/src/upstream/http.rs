@@ -208,7 +208,7 @@ impl Inner {
                     tracing::info!(url = %self.url, "server forgot our session (404); re-initializing");
                     match self.reinitialize().await {
                         Ok(()) => reinitialized = true,
-                        Err(SendError::Connect(cause)) | Err(SendError::Sent(cause)) => {
+                        Err(SendError::Connect(cause) | SendError::Sent(cause)) => {
                             self.give_up(
                                 &value,
                                 &format!("re-initialization failed: {cause}"),
@@ -503,7 +503,7 @@ impl Inner {
                         r.status()
                     ));
                 }
-                Err(SendError::Connect(cause)) | Err(SendError::Sent(cause)) => {
+                Err(SendError::Connect(cause) | SendError::Sent(cause)) => {
                     match self.opts.reconnect {
                         Some(rc) if started.elapsed() < rc.max_outage => {
                             // Gateway restarting: keep trying within the outage budget.
