@@ -114,13 +114,13 @@ impl HttpLink {
             restore: std::sync::Mutex::new(Vec::new()),
             inbound,
             stop: CancellationToken::new(),
-            tracker: tracker.clone(),
+            tracker,
             next_internal: AtomicU64::new(1),
             closed: AtomicBool::new(false),
         });
         let (outgoing, mut rx) = mpsc::unbounded_channel::<Value>();
         let dispatcher = inner.clone();
-        tracker.spawn(async move {
+        inner.tracker.spawn(async move {
             loop {
                 let next = tokio::select! {
                     _ = dispatcher.stop.cancelled() => return,
