@@ -6,9 +6,12 @@
 //! - [`session`]: sessions, rehydration, id rewriting, routing, upstream supervision.
 //! - [`upstream`]: stdio children and Streamable HTTP upstream connections.
 //! - [`store`]: durable session records and stream event logs (SQLite by default).
+//! - [`bridge`], [`check`]: the client side: `tether connect` and `tether check`.
 //! - [`policy`], [`protocol`], [`config`]: pure decisions, JSON-RPC envelopes, settings.
 
 pub mod app;
+pub mod bridge;
+pub mod check;
 pub mod config;
 pub mod front;
 pub mod policy;

@@ -30,8 +30,97 @@ enum Command {
     ///   tether serve --upstream-url http://127.0.0.1:8000/mcp
     #[command(verbatim_doc_comment)]
     Serve(Box<ServeArgs>),
+    /// Be a stdio MCP server that relays to a remote MCP server and survives its restarts.
+    ///
+    /// For clients that only launch commands (Claude Desktop, IDE plugins):
+    ///   "command": "tether", "args": ["connect", "https://gw.example/mcp"]
+    /// Keys stay out of process lists: put headers in TETHER_HEADERS ("Name: value" lines)
+    /// or name a variable holding a bearer token with --bearer-env.
+    #[command(verbatim_doc_comment)]
+    Connect(Box<ConnectArgs>),
+    /// Test an MCP endpoint and explain what is wrong with it.
+    Check(CheckArgs),
     /// Run the bundled demo MCP server on stdio (or on HTTP with --http ADDR).
     DemoServer(demo::DemoArgs),
+}
+
+/// Options shared by the commands that talk to a remote MCP endpoint.
+#[derive(Args)]
+struct RemoteArgs {
+    /// Extra request header, `Name: value` (repeatable).
+    #[arg(long = "header", short = 'H', value_name = "HEADER")]
+    headers: Vec<String>,
+    /// Environment variable holding a bearer token, sent as `Authorization: Bearer ...`.
+    #[arg(long, value_name = "VAR")]
+    bearer_env: Option<String>,
+    /// PEM file of a CA to trust besides the system roots.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+impl RemoteArgs {
+    fn header_map(&self) -> anyhow::Result<tether_core::bridge::HeaderMap> {
+        let mut items = self.headers.clone();
+        if let Ok(lines) = std::env::var("TETHER_HEADERS") {
+            items.extend(
+                lines
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_owned),
+            );
+        }
+        if let Some(var) = &self.bearer_env {
+            let token = std::env::var(var)
+                .map_err(|_| anyhow::anyhow!("--bearer-env: variable {var} is not set"))?;
+            items.push(format!("Authorization: Bearer {}", token.trim()));
+        }
+        tether_core::bridge::parse_headers(&items)
+    }
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    /// The remote MCP endpoint, e.g. https://gw.example/mcp.
+    url: String,
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// Time to wait for the server's response headers on each request.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    timeout: String,
+    /// Longest outage a message waits through before it gets an error.
+    #[arg(long, default_value = "5m", value_name = "DURATION")]
+    max_outage: String,
+    /// First reconnection delay; doubles (jittered) up to 30s.
+    #[arg(long, default_value = "250ms", value_name = "DURATION")]
+    retry_base: String,
+    /// Send an MCP ping this often to notice dead connections early (off by default).
+    #[arg(long, value_name = "DURATION")]
+    heartbeat: Option<String>,
+    /// Write logs to this file instead of stderr (stdout carries protocol bytes only).
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// Log filter.
+    #[arg(
+        long,
+        env = "TETHER_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    log: String,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// The MCP endpoint to test, e.g. http://127.0.0.1:7450/mcp.
+    url: String,
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// Time allowed per step.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    timeout: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -129,6 +218,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(&args),
+        Command::Connect(args) => connect(&args),
+        Command::Check(args) => check(&args),
         Command::DemoServer(args) => demo::run(args),
     }
 }
@@ -195,6 +286,144 @@ fn serve(args: &ServeArgs) -> ExitCode {
             eprintln!("tether: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn duration_arg(name: &str, text: &str) -> Result<std::time::Duration, ExitCode> {
+    humantime::parse_duration(text).map_err(|e| {
+        eprintln!("tether: --{name}: {text:?} is not a duration like 30s ({e})");
+        ExitCode::from(2)
+    })
+}
+
+fn connect(args: &ConnectArgs) -> ExitCode {
+    let parsed = (|| {
+        Ok::<_, ExitCode>((
+            duration_arg("timeout", &args.timeout)?,
+            duration_arg("max-outage", &args.max_outage)?,
+            duration_arg("retry-base", &args.retry_base)?,
+            args.heartbeat
+                .as_deref()
+                .map(|h| duration_arg("heartbeat", h))
+                .transpose()?,
+        ))
+    })();
+    let (timeout, max_outage, retry_base, heartbeat) = match parsed {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let headers = match args.remote.header_map() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("tether: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if !tether_core::bridge::is_http_url(&args.url) {
+        eprintln!("tether: {:?} is not an http:// or https:// URL", args.url);
+        return ExitCode::from(2);
+    }
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tether: invalid --log filter {:?}: {e}", args.log);
+            return ExitCode::from(2);
+        }
+    };
+    // stdout is the protocol channel: logs go to stderr or a file, never stdout.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    match &args.log_file {
+        Some(path) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(file) => builder.with_writer(std::sync::Mutex::new(file)).init(),
+            Err(e) => {
+                eprintln!("tether: cannot open log file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    let opts = tether_core::bridge::BridgeOptions {
+        url: args.url.clone(),
+        headers,
+        timeout,
+        max_outage,
+        backoff: tether_core::policy::Backoff {
+            base: retry_base,
+            max: std::time::Duration::from_secs(30),
+        },
+        heartbeat,
+        ca_file: args.remote.ca_file.clone(),
+        max_message: 64 * 1024 * 1024,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(tether_core::bridge::run(
+        opts,
+        tokio::io::stdin(),
+        tokio::io::stdout(),
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(args: &CheckArgs) -> ExitCode {
+    let timeout = match duration_arg("timeout", &args.timeout) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let headers = match args.remote.header_map() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("tether: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if !tether_core::bridge::is_http_url(&args.url) {
+        eprintln!("tether: {:?} is not an http:// or https:// URL", args.url);
+        return ExitCode::from(2);
+    }
+    let client = match tether_core::bridge::http_client(args.remote.ca_file.as_deref(), timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tether: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(tether_core::check::run(client, &args.url, headers, timeout));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else {
+        print!("{}", report.render());
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

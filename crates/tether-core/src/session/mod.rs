@@ -824,6 +824,13 @@ impl Session {
                         Some(Inbound::Message { value, origin }) => {
                             me.on_upstream_message(generation, value, origin).await
                         }
+                        Some(Inbound::NotStreamable(status)) => {
+                            me.on_upstream_closed(
+                                generation,
+                                &format!("upstream answered HTTP {status}"),
+                            );
+                            return;
+                        }
                         Some(Inbound::Closed(cause)) => {
                             me.on_upstream_closed(generation, &cause);
                             return;

@@ -352,6 +352,19 @@ impl Inner {
         if status == StatusCode::ACCEPTED {
             return;
         }
+        if is_init
+            && self.opts.reconnect.is_some()
+            && matches!(
+                status,
+                StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+            )
+        {
+            let _ = self
+                .inbound
+                .send(Inbound::NotStreamable(status.as_u16()))
+                .await;
+            return;
+        }
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();
             if let (Some(id), Some(mut err)) = (

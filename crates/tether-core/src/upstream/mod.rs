@@ -34,6 +34,10 @@ pub enum Inbound {
     },
     /// The link is gone; the string names why (exit status, HTTP error).
     Closed(String),
+    /// The server answered `initialize` with a status that means it does not speak
+    /// Streamable HTTP (400, 404 or 405: spec §1.1.9); a client may fall back to the
+    /// 2024-11-05 HTTP+SSE transport. Only links that reconnect (the bridge) report it.
+    NotStreamable(u16),
 }
 
 /// Why an upstream could not be used.
@@ -191,6 +195,11 @@ pub async fn handshake(
                 ));
             }
             Ok(Some(Inbound::Closed(cause))) => return Err(UpstreamError::Closed(cause)),
+            Ok(Some(Inbound::NotStreamable(status))) => {
+                return Err(UpstreamError::Closed(format!(
+                    "upstream is not a Streamable HTTP server (HTTP {status})"
+                )));
+            }
             Ok(Some(Inbound::Message { value, origin })) => {
                 if value.get("id").and_then(Value::as_u64) == Some(id)
                     && value.get("method").is_none()

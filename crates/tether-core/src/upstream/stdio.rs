@@ -146,7 +146,7 @@ impl StdioLink {
                                     garbage += 1;
                                     // Log the first few, then every thousandth, so a chatty
                                     // broken server cannot flood the log.
-                                    if garbage <= 3 || garbage % 1000 == 0 {
+                                    if garbage <= 3 || garbage.is_multiple_of(1000) {
                                         tracing::warn!(count = garbage, "upstream wrote a line that is not a JSON-RPC message; ignored");
                                     }
                                 }

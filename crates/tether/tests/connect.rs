@@ -1,0 +1,305 @@
+//! `tether connect` (the stdio bridge) and `tether check`, with the official Rust SDK client
+//! speaking stdio to the bridge: the client never re-initializes and its calls keep
+//! succeeding while the server behind the bridge is killed and restarted.
+#![allow(deprecated)] // logging and resources/subscribe are deprecated by SEP-2577 but legacy-era API
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Gateway, state_dir};
+use rmcp::model::{
+    CallToolRequestParams, LoggingLevel, SetLevelRequestParams, SubscribeRequestParams,
+};
+use rmcp::service::RunningService;
+use rmcp::transport::TokioChildProcess;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+
+type Client = RunningService<RoleClient, rmcp::model::ClientConfig>;
+
+async fn bridge_client(url: &str, dir: &std::path::Path) -> Client {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(["connect", url, "--retry-base", "50ms", "--log-file"])
+        .arg(dir.join("connect.log"));
+    let transport = TokioChildProcess::new(cmd).expect("tether connect starts");
+    let info = rmcp::model::ClientConfig::new(
+        rmcp::model::ClientCapabilities::default(),
+        rmcp::model::Implementation::new("stdio-client", "1.0"),
+    )
+    .with_protocol_version(rmcp::model::ProtocolVersion::LATEST_WITH_INITIALIZE);
+    info.serve(transport)
+        .await
+        .expect("initialize through the bridge")
+}
+
+async fn text(client: &Client, tool: &'static str, args: Value) -> Result<String, String> {
+    let Value::Object(map) = args else {
+        panic!("object")
+    };
+    let r = client
+        .call_tool(CallToolRequestParams::new(tool).with_arguments(map))
+        .await
+        .map_err(|e| e.to_string())?;
+    let v = serde_json::to_value(&r).unwrap();
+    if v["isError"] == true {
+        return Err(v.to_string());
+    }
+    Ok(v.pointer("/content/0/text")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned())
+}
+
+fn http_upstream(addr: &str) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["demo-server", "--http", addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("demo-server: listening on ")
+        .expect("address")
+        .to_owned();
+    (child, url)
+}
+
+#[tokio::test]
+async fn stdio_client_survives_gateway_sigkill_through_connect() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let client = bridge_client(&gw.url, dir.path()).await;
+    assert_eq!(
+        text(&client, "echo", json!({"text": "one"})).await.unwrap(),
+        "one"
+    );
+    let pid1 = text(&client, "pid", json!({})).await.unwrap();
+
+    gw.kill9();
+    // A call made while the gateway is down waits for it to come back.
+    let pending = {
+        let peer = client.peer().clone();
+        tokio::spawn(async move {
+            peer.call_tool(
+                CallToolRequestParams::new("echo").with_arguments(
+                    json!({"text": "during outage"})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                ),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let gw2 = gw.restart();
+    let r = tokio::time::timeout(Duration::from_secs(20), pending)
+        .await
+        .expect("no hang")
+        .unwrap()
+        .expect("call succeeded");
+    assert_eq!(
+        serde_json::to_value(&r).unwrap().pointer("/content/0/text"),
+        Some(&json!("during outage"))
+    );
+    assert_eq!(
+        text(&client, "echo", json!({"text": "two"})).await.unwrap(),
+        "two"
+    );
+    assert_ne!(
+        text(&client, "pid", json!({})).await.unwrap(),
+        pid1,
+        "fresh upstream behind the same session"
+    );
+    // The same session id was resumed by the gateway: the bridge never re-initialized.
+    assert!(
+        gw2.log_text().contains("session rehydrated"),
+        "{}",
+        gw2.log_text()
+    );
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn stdio_client_survives_a_non_tether_server_forgetting_its_session() {
+    let (mut upstream, url) = http_upstream("127.0.0.1:0");
+    let dir = state_dir();
+    let client = bridge_client(&url, dir.path()).await;
+    client
+        .peer()
+        .set_level(SetLevelRequestParams::new(LoggingLevel::Debug))
+        .await
+        .unwrap();
+    client
+        .peer()
+        .subscribe(SubscribeRequestParams::new("demo://watched"))
+        .await
+        .unwrap();
+    assert_eq!(text(&client, "counter", json!({})).await.unwrap(), "1");
+    assert_eq!(
+        text(&client, "setup", json!({})).await.unwrap(),
+        "level=debug subscriptions=demo://watched"
+    );
+
+    upstream.kill().unwrap();
+    upstream.wait().unwrap();
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/mcp")
+        .to_owned();
+    let (mut upstream2, _) = http_upstream(&addr);
+
+    // 404 → re-initialize with the client's params → restore → retry; invisible to the client.
+    assert_eq!(
+        text(&client, "echo", json!({"text": "after restart"}))
+            .await
+            .unwrap(),
+        "after restart"
+    );
+    assert_eq!(
+        text(&client, "counter", json!({})).await.unwrap(),
+        "1",
+        "a new server session"
+    );
+    assert_eq!(
+        text(&client, "setup", json!({})).await.unwrap(),
+        "level=debug subscriptions=demo://watched"
+    );
+    client.cancel().await.unwrap();
+    let log = std::fs::read_to_string(dir.path().join("connect.log")).unwrap();
+    assert!(log.contains("re-initializing"), "{log}");
+    upstream2.kill().unwrap();
+    let _ = upstream2.wait();
+}
+
+#[tokio::test]
+async fn call_in_flight_when_the_server_dies_gets_an_error_not_a_hang() {
+    let (mut upstream, url) = http_upstream("127.0.0.1:0");
+    let dir = state_dir();
+    let client = bridge_client(&url, dir.path()).await;
+    let pending = {
+        let peer = client.peer().clone();
+        tokio::spawn(async move {
+            peer.call_tool(
+                CallToolRequestParams::new("slow_write")
+                    .with_arguments(json!({"ms": 5000}).as_object().unwrap().clone()),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    upstream.kill().unwrap();
+    upstream.wait().unwrap();
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/mcp")
+        .to_owned();
+    let (mut upstream2, _) = http_upstream(&addr);
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), pending)
+        .await
+        .expect("no hang")
+        .unwrap();
+    let err = outcome
+        .expect_err("the outcome is unknown, so the call fails")
+        .to_string();
+    assert!(err.contains("unknown") || err.contains("lost"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // The bridge carries on.
+    assert_eq!(
+        text(&client, "echo", json!({"text": "still usable"}))
+            .await
+            .unwrap(),
+        "still usable"
+    );
+    client.cancel().await.unwrap();
+    upstream2.kill().unwrap();
+    let _ = upstream2.wait();
+}
+
+#[tokio::test]
+async fn connect_falls_back_to_the_2024_11_05_transport() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    // Tether's /sse endpoint speaks only the old transport: POST there is 405.
+    let url = format!("http://{}/sse", gw.addr);
+    let client = bridge_client(&url, dir.path()).await;
+    assert_eq!(
+        text(&client, "echo", json!({"text": "old transport"}))
+            .await
+            .unwrap(),
+        "old transport"
+    );
+    client.cancel().await.unwrap();
+    let log = std::fs::read_to_string(dir.path().join("connect.log")).unwrap();
+    assert!(log.contains("falling back"), "{log}");
+}
+
+fn check(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).arg("check").args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// A one-shot HTTP server answering every request with `response`.
+fn canned(response: &'static str) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(8) {
+            let Ok(mut s) = stream else { continue };
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(response.as_bytes());
+        }
+    });
+    format!("http://{addr}/mcp")
+}
+
+#[tokio::test]
+async fn check_reports_a_working_endpoint_and_diagnoses_broken_ones() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let (code, out) = check(&[&gw.url, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["protocol_version"], "2025-11-25");
+    assert_eq!(report["validates_origin"], true);
+    assert_eq!(report["unknown_session_404"], true);
+    assert!(report["capabilities"]["tools"].is_object());
+
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    for (url, needle) in [
+        (format!("http://{free}/mcp"), "connection refused"),
+        (format!("http://{}/nope", gw.addr), "wrong path"),
+        (
+            canned(
+                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nContent-Length: 0\r\n\r\n",
+            ),
+            "Authorization",
+        ),
+        (
+            canned("HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 5\r\n\r\nhello"),
+            "not an MCP server",
+        ),
+    ] {
+        let (code, out) = check(&[&url]);
+        assert_eq!(code, 1, "{url}: {out}");
+        assert!(out.contains(needle), "{url}: expected {needle:?} in\n{out}");
+    }
+}
