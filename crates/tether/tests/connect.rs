@@ -303,3 +303,40 @@ async fn check_reports_a_working_endpoint_and_diagnoses_broken_ones() {
         assert!(out.contains(needle), "{url}: expected {needle:?} in\n{out}");
     }
 }
+
+#[test]
+fn headers_from_flags_and_env_reach_the_server() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 8192];
+        let n = s.read(&mut buf).unwrap();
+        let _ = s.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n");
+        String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase()
+    });
+    let out = Command::new(BIN)
+        .args([
+            "check",
+            &format!("http://{addr}/mcp"),
+            "--header",
+            "X-From-Flag: one",
+            "--bearer-env",
+            "TETHER_TEST_TOKEN",
+        ])
+        .env("TETHER_HEADERS", "X-From-Env: two\nX-Also: three")
+        .env("TETHER_TEST_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let request = server.join().unwrap();
+    for h in [
+        "x-from-flag: one",
+        "x-from-env: two",
+        "x-also: three",
+        "authorization: bearer s3cret",
+    ] {
+        assert!(request.contains(h), "{h} in\n{request}");
+    }
+}
