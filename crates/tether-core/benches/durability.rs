@@ -28,6 +28,9 @@ fn record() -> SessionRecord {
         close_reason: None,
         closed_ms: None,
         restore: json!({}),
+        principal_email: None,
+        principal_name: None,
+        client_type: "unknown".into(),
     }
 }
 

@@ -12,20 +12,24 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{self, AdminState};
+use crate::auth::Keys;
 use crate::config::Config;
 use crate::front::{self, FrontConfig};
+use crate::ledger::{self, Ledger};
+use crate::metrics::Metrics;
 use crate::session::{Registry, SessionConfig};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 use crate::upstream::Connector;
 
 /// Runs the gateway. `shim` is the `tether` executable used to supervise stdio children;
-/// `on_ready` is called with the bound address once the listener accepts connections.
+/// `on_ready` is called with the bound MCP and admin addresses once both accept connections.
 pub async fn run(
     config: Config,
     shim: Option<PathBuf>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    on_ready: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(SocketAddr, SocketAddr),
 ) -> anyhow::Result<()> {
     let store = SqliteStore::open(&config.state_dir).with_context(|| {
         format!(
@@ -46,6 +50,16 @@ pub async fn run(
     );
 
     let tracker = TaskTracker::new();
+    let metrics = Arc::new(Metrics::default());
+    let (ledger, ledger_rx) = Ledger::new(metrics.clone());
+    let ledger_stop = CancellationToken::new();
+    let ledger_task = tokio::spawn(ledger::run_writer(
+        ledger_rx,
+        store.clone(),
+        metrics.clone(),
+        ledger_stop.clone(),
+    ));
+    let keys = Arc::new(Keys::new(&config.keys).map_err(|e| anyhow::anyhow!(e.join("; ")))?);
     let connector = Connector::new(
         config.upstream.clone(),
         shim,
@@ -62,10 +76,13 @@ pub async fn run(
         store.clone(),
         connector,
         tracker.clone(),
+        metrics.clone(),
+        ledger,
     );
     let app = front::router(
         registry.clone(),
         FrontConfig {
+            keys: keys.clone(),
             max_body: config.max_body,
             allowed_origins: config.allowed_origins.clone(),
             keepalive: config.keepalive,
@@ -75,13 +92,55 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() {
+    if !addr.ip().is_loopback() && !keys.enabled() {
         tracing::warn!(
             listen = %addr,
             "listening beyond loopback without authentication: anyone who can reach this address can use the upstream"
         );
     }
     tracker.spawn(registry.clone().run_reaper());
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin_app = admin::router(AdminState {
+        registry: registry.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        keys: keys.clone(),
+        token: config.admin_token.clone(),
+        started: std::time::Instant::now(),
+        upstream: config.upstream.clone(),
+        upstream_name: config.upstream_name.clone(),
+        instance: addr.to_string(),
+    });
+    let admin_stop = CancellationToken::new();
+    let admin_server = tokio::spawn(
+        axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    tracing::info!(admin = %admin_addr, "admin API, metrics and dashboard on http://{admin_addr}/");
+    let retention = config.retention;
+    let prune_store = store.clone();
+    let prune_stop = CancellationToken::new();
+    let prune_token = prune_stop.clone();
+    tracker.spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tokio::select! {
+                _ = prune_token.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let cutoff =
+                crate::store::now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+            match prune_store.prune_ledger(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(rows = n, "pruned ledger history past retention"),
+                Err(e) => tracing::warn!(error = %e, "cannot prune ledger history"),
+            }
+        }
+    });
 
     let stop_accepting = CancellationToken::new();
     // SSE answers are several small writes (priming event, then events); with Nagle's
@@ -97,7 +156,7 @@ pub async fn run(
             .into_future(),
     );
     tracing::info!(listen = %addr, upstream.name = %config.upstream_name, "tether ready on http://{addr}/mcp");
-    on_ready(addr);
+    on_ready(addr, admin_addr);
 
     let mut server = server;
     tokio::select! {
@@ -120,6 +179,11 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     }
     registry.finish_shutdown().await;
+    prune_stop.cancel();
+    admin_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
+    ledger_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), ledger_task).await;
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(3), tracker.wait())
         .await

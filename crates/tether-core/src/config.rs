@@ -13,6 +13,10 @@ use serde::Deserialize;
 
 /// Default MCP listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
+/// Default admin listener (health, metrics, API, dashboard).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7451";
+/// Default ledger retention.
+pub const DEFAULT_RETENTION: &str = "30d";
 /// Defaults as the strings a user would write, so the example config and `--help` agree.
 pub const DEFAULT_IDLE_TIMEOUT: &str = "30m";
 /// Default interval between SSE keepalive comments.
@@ -56,6 +60,14 @@ pub struct Layer {
     pub allowed_origins: Option<Vec<String>>,
     /// Run the bundled demo MCP server as the upstream.
     pub demo: Option<bool>,
+    /// Address of the admin listener.
+    pub admin_listen: Option<String>,
+    /// Token required by the admin API when its listener is not on loopback.
+    pub admin_token: Option<String>,
+    /// How long closed sessions and tool calls stay in the ledger.
+    pub retention: Option<String>,
+    /// API keys (hashes) and the users they belong to.
+    pub keys: Option<Vec<crate::auth::KeyEntry>>,
     /// The upstream MCP server.
     pub upstream: Option<UpstreamLayer>,
 }
@@ -118,6 +130,14 @@ pub struct Config {
     pub upstream_name: String,
     /// The upstream.
     pub upstream: UpstreamSpec,
+    /// Admin listener address.
+    pub admin_listen: SocketAddr,
+    /// Admin token, if any.
+    pub admin_token: Option<String>,
+    /// Ledger retention.
+    pub retention: Duration,
+    /// API keys.
+    pub keys: Vec<crate::auth::KeyEntry>,
 }
 
 impl Layer {
@@ -162,6 +182,10 @@ impl Layer {
             upstream_timeout: over.upstream_timeout.or(self.upstream_timeout),
             shutdown_grace: over.shutdown_grace.or(self.shutdown_grace),
             allowed_origins: over.allowed_origins.or(self.allowed_origins),
+            admin_listen: over.admin_listen.or(self.admin_listen),
+            admin_token: over.admin_token.or(self.admin_token),
+            retention: over.retention.or(self.retention),
+            keys: over.keys.or(self.keys),
             demo,
             upstream: Some(upstream),
         }
@@ -251,6 +275,32 @@ impl Config {
             DEFAULT_SHUTDOWN_GRACE,
         );
         let max_body = size(&mut errors, layer.max_body.as_ref());
+        let retention = duration(
+            &mut errors,
+            "retention",
+            layer.retention.as_deref(),
+            DEFAULT_RETENTION,
+        );
+        let admin_text = layer
+            .admin_listen
+            .as_deref()
+            .unwrap_or(DEFAULT_ADMIN_LISTEN);
+        let admin_listen = admin_text.parse::<SocketAddr>().unwrap_or_else(|e| {
+            errors.push(format!(
+                "admin-listen: {admin_text:?} is not an address like 127.0.0.1:7451 ({e})"
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        let admin_token = layer.admin_token.filter(|t| !t.is_empty());
+        if !admin_listen.ip().is_loopback() && admin_token.is_none() {
+            errors.push(format!(
+                "admin-listen: {admin_listen} is not loopback, so the admin API needs --admin-token (TETHER_ADMIN_TOKEN)"
+            ));
+        }
+        let keys = layer.keys.unwrap_or_default();
+        if let Err(e) = crate::auth::Keys::new(&keys) {
+            errors.extend(e);
+        }
         let allowed_origins = layer.allowed_origins.unwrap_or_default();
         for o in &allowed_origins {
             if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
@@ -341,6 +391,10 @@ impl Config {
             allowed_origins,
             upstream_name,
             upstream: upstream.expect("checked above"),
+            admin_listen,
+            admin_token,
+            retention,
+            keys,
         })
     }
 }

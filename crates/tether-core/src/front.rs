@@ -20,6 +20,8 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::auth::{Keys, Principal};
+use crate::metrics::Metrics;
 use crate::policy::{self, Opening};
 use crate::protocol::{self, Envelope, Kind, code};
 use crate::session::{Registry, Reply, SessionError, StreamHandle, Transport, event_id};
@@ -33,6 +35,8 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// Front-door settings.
 #[derive(Debug, Clone)]
 pub struct FrontConfig {
+    /// API keys; when any is configured every request must carry one.
+    pub keys: Arc<Keys>,
     /// Request body limit in bytes.
     pub max_body: usize,
     /// Origins allowed besides loopback.
@@ -49,6 +53,7 @@ struct AppState {
 
 /// The router for the MCP listener.
 pub fn router(registry: Registry, cfg: FrontConfig) -> Router {
+    let metrics = registry.metrics().clone();
     let state = AppState {
         registry,
         cfg: Arc::new(cfg),
@@ -58,6 +63,47 @@ pub fn router(registry: Registry, cfg: FrontConfig) -> Router {
         .route("/sse", get(sse_get))
         .route("/messages", post(messages_post))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            count_requests,
+        ))
+}
+
+/// Counts every request by a bounded class (HTTP method and endpoint) and status.
+async fn count_requests(
+    State(metrics): State<Arc<Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let class = match (req.method().as_str(), req.uri().path()) {
+        ("POST", "/mcp") => "post",
+        ("GET", "/mcp") => "get",
+        ("DELETE", "/mcp") => "delete",
+        (_, "/sse") => "sse",
+        (_, "/messages") => "messages",
+        _ => "other",
+    };
+    let resp = next.run(req).await;
+    metrics.request(class, resp.status().as_u16());
+    resp
+}
+
+/// The principal of a request: anonymous without keys, else the key's user or 401.
+fn authenticate(headers: &HeaderMap, cfg: &FrontConfig) -> Result<Principal, FrontError> {
+    if !cfg.keys.enabled() {
+        return Ok(Principal::anonymous());
+    }
+    cfg.keys
+        .authenticate(header_str(headers, header::AUTHORIZATION.as_str()))
+        .ok_or_else(|| {
+            let mut e = FrontError::new(
+                StatusCode::UNAUTHORIZED,
+                code::SERVER_ERROR,
+                "Unauthorized: send a valid API key as `Authorization: Bearer KEY`",
+            );
+            e.www_authenticate = true;
+            e
+        })
 }
 
 /// A request the front door refuses, with everything needed to answer it.
@@ -68,6 +114,7 @@ pub struct FrontError {
     message: String,
     id: Value,
     data: Option<Value>,
+    www_authenticate: bool,
 }
 
 impl FrontError {
@@ -78,6 +125,7 @@ impl FrontError {
             message: message.into(),
             id: Value::Null,
             data: None,
+            www_authenticate: false,
         }
     }
 
@@ -138,6 +186,12 @@ impl IntoResponse for FrontError {
         }
         let body = protocol::error_response(self.id, self.code, self.message, self.data);
         let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.www_authenticate {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tether\""),
+            );
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -251,6 +305,7 @@ async fn mcp_post(
     body: Body,
 ) -> Result<Response, FrontError> {
     check_origin(&headers, &st.cfg)?;
+    let principal = authenticate(&headers, &st.cfg)?;
     if !(accepts(&headers, "application/json") && accepts(&headers, "text/event-stream")) {
         return Err(FrontError::new(
             StatusCode::NOT_ACCEPTABLE,
@@ -265,7 +320,7 @@ async fn mcp_post(
         Opening::LegacyInitialize => {
             let (session, response) = st
                 .registry
-                .initialize(&env, Transport::Streamable, None)
+                .initialize(&env, Transport::Streamable, None, &principal)
                 .await?;
             let mut resp = axum::Json(response).into_response();
             if let Some(s) = session {
@@ -284,7 +339,7 @@ async fn mcp_post(
             })?;
             let session = st
                 .registry
-                .get(&id)
+                .get(&id, &principal)
                 .await
                 .map_err(|e| FrontError::from(e).with_id(env.id()))?;
             match env.kind {
@@ -308,6 +363,7 @@ async fn mcp_post(
 
 async fn mcp_get(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, FrontError> {
     check_origin(&headers, &st.cfg)?;
+    let principal = authenticate(&headers, &st.cfg)?;
     if !accepts(&headers, "text/event-stream") {
         return Err(FrontError::new(
             StatusCode::NOT_ACCEPTABLE,
@@ -318,7 +374,7 @@ async fn mcp_get(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
     let id = header_str(&headers, SESSION_HEADER).ok_or_else(FrontError::session_missing)?;
     policy::legacy_version(header_str(&headers, VERSION_HEADER))
         .map_err(|m| FrontError::new(StatusCode::BAD_REQUEST, code::SERVER_ERROR, m))?;
-    let session = st.registry.get(id).await?;
+    let session = st.registry.get(id, &principal).await?;
     let handle = match header_str(&headers, LAST_EVENT_ID) {
         Some(last) => session.resume(last).await?,
         None => session.open_standalone(),
@@ -331,14 +387,16 @@ async fn mcp_delete(
     headers: HeaderMap,
 ) -> Result<Response, FrontError> {
     check_origin(&headers, &st.cfg)?;
+    let principal = authenticate(&headers, &st.cfg)?;
     let id = header_str(&headers, SESSION_HEADER).ok_or_else(FrontError::session_missing)?;
-    let session = st.registry.get(id).await?;
+    let session = st.registry.get(id, &principal).await?;
     st.registry.close(&session, "client_disconnect").await;
     Ok(StatusCode::OK.into_response())
 }
 
 async fn sse_get(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, FrontError> {
     check_origin(&headers, &st.cfg)?;
+    authenticate(&headers, &st.cfg)?;
     let (id, handle) = st.registry.legacy_open();
     Ok(sse_response(
         handle,
@@ -360,6 +418,7 @@ async fn messages_post(
     body: Body,
 ) -> Result<Response, FrontError> {
     check_origin(&headers, &st.cfg)?;
+    let principal = authenticate(&headers, &st.cfg)?;
     let id = q.session_id.ok_or_else(|| {
         FrontError::new(
             StatusCode::BAD_REQUEST,
@@ -369,10 +428,10 @@ async fn messages_post(
     })?;
     let env = read_message(&headers, body, &st.cfg).await?;
     if env.kind == Kind::Request && env.method() == Some("initialize") {
-        st.registry.legacy_initialize(&id, &env).await?;
+        st.registry.legacy_initialize(&id, &env, &principal).await?;
         return Ok(StatusCode::ACCEPTED.into_response());
     }
-    let session = st.registry.get(&id).await?;
+    let session = st.registry.get(&id, &principal).await?;
     if session.transport() != Transport::LegacySse {
         return Err(FrontError::not_found());
     }

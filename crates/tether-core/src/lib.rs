@@ -9,11 +9,15 @@
 //! - [`bridge`], [`check`]: the client side: `tether connect` and `tether check`.
 //! - [`policy`], [`protocol`], [`config`]: pure decisions, JSON-RPC envelopes, settings.
 
+pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod bridge;
 pub mod check;
 pub mod config;
 pub mod front;
+pub mod ledger;
+pub mod metrics;
 pub mod policy;
 pub mod protocol;
 pub mod session;

@@ -133,6 +133,34 @@ pub fn is_idle(
     open_streams == 0 && in_flight == 0 && since_active >= idle
 }
 
+/// The client family, from `clientInfo.name` (case-insensitive substring match, most
+/// specific first). Bounded set: safe as a metrics label and a filter.
+pub fn client_type(client_name: Option<&str>) -> &'static str {
+    let Some(name) = client_name else {
+        return "unknown";
+    };
+    let n = name.to_ascii_lowercase();
+    const RULES: &[(&str, &str)] = &[
+        ("claude-code", "Claude Code"),
+        ("claude code", "Claude Code"),
+        ("claude", "Claude Desktop"),
+        ("cursor", "Cursor"),
+        ("visual studio code", "VS Code"),
+        ("vscode", "VS Code"),
+        ("vs code", "VS Code"),
+        ("windsurf", "Windsurf"),
+        ("cline", "Cline"),
+        ("zed", "Zed"),
+        ("gemini", "Gemini CLI"),
+        ("codex", "Codex"),
+        ("inspector", "MCP Inspector"),
+    ];
+    RULES
+        .iter()
+        .find(|(needle, _)| n.contains(needle))
+        .map_or("unknown", |(_, t)| t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +252,26 @@ mod tests {
         }
         assert_eq!(b.delay(40, 1.0), b.max);
         assert_eq!(b.delay(3, 1.0), 2 * b.delay(2, 1.0));
+    }
+
+    #[test]
+    fn client_types() {
+        for (name, t) in [
+            ("claude-code", "Claude Code"),
+            ("claude-ai", "Claude Desktop"),
+            ("cursor-vscode", "Cursor"),
+            ("Visual Studio Code", "VS Code"),
+            ("windsurf-client", "Windsurf"),
+            ("Cline", "Cline"),
+            ("Zed", "Zed"),
+            ("gemini-cli-mcp-client", "Gemini CLI"),
+            ("codex-mcp-client", "Codex"),
+            ("mcp-inspector", "MCP Inspector"),
+            ("my-script", "unknown"),
+        ] {
+            assert_eq!(client_type(Some(name)), t, "{name}");
+        }
+        assert_eq!(client_type(None), "unknown");
     }
 
     #[test]

@@ -248,6 +248,26 @@ pub fn is_modern(version: &str) -> bool {
     version.len() == 10 && version >= MODERN_VERSION
 }
 
+/// How a `tools/call` answer ends, for the ledger: `ok`, `tool_error` (a result with
+/// `isError`), or for a JSON-RPC error `timeout`, `upstream_lost`, `interrupted`,
+/// `session_closed` or `error`, with the code.
+pub fn call_outcome(response: &Value) -> (&'static str, Option<i64>) {
+    if let Some(c) = response.pointer("/error/code").and_then(Value::as_i64) {
+        let kind = match c {
+            code::UPSTREAM_TIMEOUT => "timeout",
+            code::UPSTREAM_LOST => "upstream_lost",
+            code::INTERRUPTED => "interrupted",
+            code::SESSION_CLOSED => "session_closed",
+            _ => "error",
+        };
+        return (kind, Some(c));
+    }
+    if response.pointer("/result/isError").and_then(Value::as_bool) == Some(true) {
+        return ("tool_error", None);
+    }
+    ("ok", None)
+}
+
 /// Tool names whose annotations say a repeated call is harmless (`readOnlyHint` or
 /// `idempotentHint`), read from a `tools/list` result.
 pub fn safe_tools(list_result: &Value) -> impl Iterator<Item = String> + '_ {

@@ -166,6 +166,20 @@ struct ServeArgs {
     /// Run the bundled demo MCP server as the upstream.
     #[arg(long, env = "TETHER_DEMO")]
     demo: bool,
+    /// Address of the admin listener: health, metrics, API, dashboard [default: 127.0.0.1:7451].
+    #[arg(long, env = "TETHER_ADMIN_LISTEN", value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// Token the admin API requires when its listener is not on loopback.
+    #[arg(
+        long,
+        env = "TETHER_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
+    /// How long closed sessions and tool calls stay in the ledger [default: 30d].
+    #[arg(long, env = "TETHER_RETENTION", value_name = "DURATION")]
+    retention: Option<String>,
     /// Log filter (tracing EnvFilter syntax), e.g. info or tether_core=debug.
     #[arg(
         long,
@@ -198,6 +212,10 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace.clone(),
             allowed_origins: self.allowed_origins.clone(),
             demo: self.demo.then_some(true),
+            admin_listen: self.admin_listen.clone(),
+            admin_token: self.admin_token.clone(),
+            retention: self.retention.clone(),
+            keys: None,
             upstream: Some(upstream),
         }
     }
@@ -275,8 +293,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         config,
         exe,
         shutdown_signal(),
-        |addr| {
-            // Scripts and tests wait for this line to learn the bound port.
+        |addr, admin| {
+            // Scripts and tests wait for these lines to learn the bound ports.
+            println!("tether: admin on http://{admin}/");
             println!("tether: listening on http://{addr}/mcp");
         },
     ));

@@ -26,10 +26,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::auth::Principal;
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
 use crate::policy::{self, Backoff};
 use crate::protocol::{self, Envelope, Kind, Restore, RestoreOp, code};
 use crate::store::{
-    Ack, STANDALONE_STREAM, SessionRecord, SessionState, Store, StoreError, StreamRecord, now_ms,
+    Ack, LedgerEvent, STANDALONE_STREAM, SessionRecord, SessionState, Store, StoreError,
+    StreamRecord, ToolCallRecord, now_ms,
 };
 use crate::upstream::{self, Connector, Inbound, Link, UpstreamError};
 pub use stream::{Frame, Stream, event_id, parse_event_id};
@@ -136,6 +140,8 @@ const SAFE_METHODS: &[&str] = &[
 struct Shared {
     cfg: SessionConfig,
     store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    ledger: Ledger,
     connector: Connector,
     sessions: Mutex<HashMap<String, Arc<OnceCell<Arc<Session>>>>>,
     legacy_pending: Mutex<HashMap<String, (Arc<Stream>, Instant)>>,
@@ -177,6 +183,8 @@ enum PendingKind {
 struct Pending {
     kind: PendingKind,
     restore: Option<RestoreOp>,
+    /// `params.name` of a `tools/call`, for the ledger.
+    tool: Option<String>,
     generation: u64,
     method: String,
     timer: Option<tokio::task::AbortHandle>,
@@ -240,11 +248,15 @@ impl Registry {
         store: Arc<dyn Store>,
         connector: Connector,
         tracker: TaskTracker,
+        metrics: Arc<Metrics>,
+        ledger: Ledger,
     ) -> Registry {
         Registry {
             shared: Arc::new(Shared {
                 cfg,
                 store,
+                metrics,
+                ledger,
                 connector,
                 sessions: Mutex::new(HashMap::new()),
                 legacy_pending: Mutex::new(HashMap::new()),
@@ -279,6 +291,7 @@ impl Registry {
         env: &Envelope,
         transport: Transport,
         legacy_id: Option<String>,
+        principal: &Principal,
     ) -> Result<(Option<Arc<Session>>, Value), SessionError> {
         let sh = &self.shared;
         let client_id = env.id().cloned().unwrap_or(Value::Null);
@@ -294,12 +307,12 @@ impl Registry {
             ));
         };
         let id = legacy_id.unwrap_or_else(new_session_id);
-        let span =
-            tracing::info_span!("session", session.id = %id, upstream.name = %sh.cfg.upstream_name);
+        let span = tracing::info_span!(parent: None, "session", session.id = %id, upstream.name = %sh.cfg.upstream_name);
         async {
             let (link, mut rx) = match sh.connector.connect(&id, &params).await {
                 Ok(x) => x,
                 Err(e) => {
+                    sh.metrics.upstream_failures.inc();
                     tracing::warn!(error = %e, "cannot start upstream for a new session");
                     return Ok((None, upstream_error(client_id, &sh.cfg.upstream_name, &e)));
                 }
@@ -319,6 +332,7 @@ impl Registry {
                     }
                     Err(e) => {
                         link.shutdown(true);
+                        sh.metrics.upstream_failures.inc();
                         tracing::warn!(error = %e, "upstream failed during initialize");
                         return Ok((None, upstream_error(client_id, &sh.cfg.upstream_name, &e)));
                     }
@@ -332,7 +346,10 @@ impl Registry {
             };
             let record = SessionRecord {
                 id: id.clone(),
-                principal: "anonymous".into(),
+                principal: principal.id.clone(),
+                principal_email: principal.email.clone(),
+                principal_name: principal.name.clone(),
+                client_type: policy::client_type(text("name").as_deref()).to_owned(),
                 created_ms: now,
                 last_active_ms: now,
                 protocol_version: result
@@ -349,6 +366,7 @@ impl Registry {
                 closed_ms: None,
                 restore: json!({}),
             };
+            sh.metrics.upstream_starts.inc();
             if let Err(e) = sh.store.create_session(record.clone()).await {
                 link.shutdown(true);
                 tracing::error!(error = %e, "cannot record new session");
@@ -371,6 +389,7 @@ impl Registry {
             let generation = session.install(link.clone());
             session.spawn_pump(generation, rx, early);
             self.insert(&session);
+            sh.metrics.sessions_created.inc();
             tracing::info!(
                 client.name = session.record.client_name.as_deref().unwrap_or("unknown"),
                 protocol.version = %session.record.protocol_version,
@@ -393,10 +412,22 @@ impl Registry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(session.id.to_string(), cell);
+        self.count_live();
     }
 
-    /// Finds a session, rehydrating it from the store if this process does not hold it.
-    pub async fn get(&self, id: &str) -> Result<Arc<Session>, SessionError> {
+    fn count_live(&self) {
+        let n = self
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        self.shared.metrics.sessions_live.set(n as i64);
+    }
+
+    /// Finds `principal`'s session, rehydrating it from the store if this process does not
+    /// hold it. Another principal's session is reported exactly like an unknown one.
+    pub async fn get(&self, id: &str, principal: &Principal) -> Result<Arc<Session>, SessionError> {
         if id.is_empty() || id.len() > 256 || !id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
             return Err(SessionError::NotFound);
         }
@@ -410,7 +441,10 @@ impl Registry {
                 .or_insert_with(|| Arc::new(OnceCell::new()))
                 .clone()
         };
-        let result = cell.get_or_try_init(|| self.load(id)).await.cloned();
+        let result = cell
+            .get_or_try_init(|| self.load(id, principal))
+            .await
+            .cloned();
         if result.is_err() {
             let mut map = self
                 .shared
@@ -425,23 +459,35 @@ impl Registry {
             }
         }
         let session = result?;
-        if session.is_closed() {
+        self.count_live();
+        if session.is_closed() || session.record.principal != principal.id {
             return Err(SessionError::NotFound);
         }
         Ok(session)
     }
 
-    async fn load(&self, id: &str) -> Result<Arc<Session>, SessionError> {
+    async fn load(&self, id: &str, principal: &Principal) -> Result<Arc<Session>, SessionError> {
+        let span = tracing::info_span!(
+            parent: None, "session", session.id = %id, upstream.name = %self.shared.cfg.upstream_name
+        );
+        self.load_inner(id, principal, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn load_inner(
+        &self,
+        id: &str,
+        principal: &Principal,
+        span: tracing::Span,
+    ) -> Result<Arc<Session>, SessionError> {
         let sh = &self.shared;
         let Some(record) = sh.store.load_session(id).await? else {
             return Err(SessionError::NotFound);
         };
-        if record.state != SessionState::Live {
+        if record.state != SessionState::Live || record.principal != principal.id {
             return Err(SessionError::NotFound);
         }
-        let span =
-            tracing::info_span!("session", session.id = %id, upstream.name = %sh.cfg.upstream_name);
-        let _enter = span.enter();
         let idle_ms = i64::try_from(sh.cfg.idle_timeout.as_millis()).unwrap_or(i64::MAX);
         if now_ms().saturating_sub(record.last_active_ms) >= idle_ms {
             sh.store.close_session(id, "timeout", now_ms()).await?;
@@ -499,6 +545,8 @@ impl Registry {
                 }
             }
         }
+        sh.metrics.rehydrations.inc();
+        sh.ledger.record(LedgerEvent::Rehydrated(id.to_owned()));
         tracing::info!(interrupted_retrying = retry.len(), "session rehydrated");
         if !retry.is_empty() {
             let s = session.clone();
@@ -571,8 +619,67 @@ impl Registry {
             .map(|(s, _)| s)
     }
 
+    /// The metrics this registry updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// Upstream state of every session this process holds: id → `up`, `down`, `backoff`
+    /// or `idle` (not started since the session was loaded).
+    pub fn upstream_states(&self) -> HashMap<String, &'static str> {
+        let sessions: Vec<Arc<Session>> = {
+            let map = self
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.values().filter_map(|c| c.get().cloned()).collect()
+        };
+        sessions
+            .iter()
+            .map(|s| (s.id.to_string(), s.upstream_state()))
+            .collect()
+    }
+
+    /// Ends a session on an operator's request (reason `evicted`), whether this process
+    /// holds it or it is only in the store. Returns whether a live session was found.
+    pub async fn evict(&self, id: &str) -> Result<bool, SessionError> {
+        let held = {
+            let map = self
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.get(id).and_then(|c| c.get().cloned())
+        };
+        if let Some(s) = held {
+            if s.is_closed() {
+                return Ok(false);
+            }
+            self.close(&s, "evicted").await;
+            return Ok(true);
+        }
+        match self.shared.store.load_session(id).await? {
+            Some(r) if r.state == SessionState::Live => {
+                self.shared
+                    .store
+                    .close_session(id, "evicted", now_ms())
+                    .await?;
+                self.shared.metrics.closed("evicted");
+                tracing::info!(session.id = %id, reason = "evicted", "session closed");
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Delivers the answer to a 2024-11-05 `initialize` on the session's SSE stream.
-    pub async fn legacy_initialize(&self, id: &str, env: &Envelope) -> Result<(), SessionError> {
+    pub async fn legacy_initialize(
+        &self,
+        id: &str,
+        env: &Envelope,
+        principal: &Principal,
+    ) -> Result<(), SessionError> {
         let stream = self
             .shared
             .legacy_pending
@@ -582,7 +689,7 @@ impl Registry {
             .map(|(s, _)| s.clone())
             .ok_or(SessionError::NotFound)?;
         let (_, response) = self
-            .initialize(env, Transport::LegacySse, Some(id.to_owned()))
+            .initialize(env, Transport::LegacySse, Some(id.to_owned()), principal)
             .await?;
         stream.push(self.shared.store.as_ref(), &response, false);
         Ok(())
@@ -754,6 +861,17 @@ impl Session {
         self.lock().closed
     }
 
+    /// `up`, `down` (died; restarts on the next request), `backoff` (crash loop) or `idle`.
+    pub fn upstream_state(&self) -> &'static str {
+        let st = self.lock();
+        match &st.upstream {
+            UpstreamSlot::Up { .. } => "up",
+            UpstreamSlot::Down { since: None, .. } => "idle",
+            UpstreamSlot::Down { since: Some(_), .. } if st.failures > 1 => "backoff",
+            UpstreamSlot::Down { .. } => "down",
+        }
+    }
+
     /// The pid of the current stdio upstream, if one is running.
     pub fn upstream_pid(&self) -> Option<u32> {
         match &self.lock().upstream {
@@ -896,6 +1014,7 @@ impl Session {
         }
         let started = Instant::now();
         let fail = |err: &UpstreamError| {
+            sh.metrics.upstream_failures.inc();
             let mut st = self.lock();
             st.failures += 1;
             st.upstream = UpstreamSlot::Down {
@@ -934,6 +1053,10 @@ impl Session {
         let link = Arc::new(link);
         let generation = self.install(link.clone());
         self.spawn_pump(generation, rx, early);
+        sh.metrics.upstream_starts.inc();
+        sh.metrics.upstream_restarts.inc();
+        sh.ledger
+            .record(LedgerEvent::UpstreamRestarted(self.id.to_string()));
         tracing::info!(
             upstream = %link.describe(),
             generation,
@@ -971,6 +1094,7 @@ impl Session {
             Pending {
                 kind: PendingKind::Internal(tx),
                 restore: None,
+                tool: None,
                 generation,
                 method: method.to_owned(),
                 timer: None,
@@ -1147,6 +1271,10 @@ impl Session {
                         token,
                     },
                     restore: RestoreOp::of(message),
+                    tool: message
+                        .pointer("/params/name")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
                     generation,
                     method,
                     timer: Some(timer.abort_handle()),
@@ -1240,9 +1368,47 @@ impl Session {
                     st.streams.remove(stream.id());
                 }
                 let terminal = !Arc::ptr_eq(&stream, &self.standalone);
-                stream.push(self.shared.store.as_ref(), &make(client_id), terminal);
+                let message = make(client_id);
+                if p.method == "tools/call" {
+                    self.record_call(p.tool.unwrap_or_default(), p.started, &message);
+                }
+                stream.push(self.shared.store.as_ref(), &message, terminal);
             }
         }
+    }
+
+    /// Ledger, metrics and (for failures) one log line for a finished tool call.
+    fn record_call(&self, tool: String, started: Instant, response: &Value) {
+        let sh = &self.shared;
+        let elapsed = started.elapsed();
+        let (outcome, error_code) = protocol::call_outcome(response);
+        sh.metrics
+            .tool_calls
+            .get_or_create(&crate::metrics::OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        sh.metrics.tool_call_seconds.observe(elapsed.as_secs_f64());
+        if outcome != "ok" {
+            tracing::warn!(
+                session.id = %self.id,
+                principal = %self.record.principal,
+                tool = %tool,
+                outcome,
+                jsonrpc.code = error_code,
+                duration_ms = elapsed.as_millis() as u64,
+                "tool call failed"
+            );
+        }
+        let started_ms = now_ms() - i64::try_from(elapsed.as_millis()).unwrap_or(0);
+        sh.ledger.record(LedgerEvent::ToolCall(ToolCallRecord {
+            session_id: self.id.to_string(),
+            tool,
+            started_ms,
+            duration_ms: i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX),
+            outcome: outcome.to_owned(),
+            error_code,
+        }));
     }
 
     async fn on_upstream_message(
@@ -1437,6 +1603,7 @@ impl Session {
         if self.is_closed() {
             return;
         }
+        self.shared.metrics.upstream_failures.inc();
         tracing::warn!(cause = %cause, in_flight = failed.len(), "upstream lost");
         for p in failed {
             self.finish(p, |client_id| {
@@ -1623,6 +1790,7 @@ impl Session {
         {
             tracing::error!(error = %e, "cannot record session close");
         }
+        self.shared.metrics.closed(reason);
         tracing::info!(reason, "session closed");
     }
 

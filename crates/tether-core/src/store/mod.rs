@@ -54,8 +54,14 @@ impl SessionState {
 pub struct SessionRecord {
     /// The session id the client holds.
     pub id: String,
-    /// Who created it (`anonymous` until API keys exist).
+    /// Who created it: the user id of its API key, or `anonymous`.
     pub principal: String,
+    /// The user's email, when known.
+    pub principal_email: Option<String>,
+    /// The user's display name, when known.
+    pub principal_name: Option<String>,
+    /// Client family detected from `clientInfo` (Claude Code, Cursor, ... or `unknown`).
+    pub client_type: String,
     /// Creation time, ms since the Unix epoch.
     pub created_ms: i64,
     /// Last activity, ms since the Unix epoch (may lag by up to one second).
@@ -161,6 +167,165 @@ pub trait Store: Send + Sync + 'static {
     async fn unfinished_streams(&self, session_id: &str) -> Result<Vec<StreamRecord>, StoreError>;
     /// Deletes logs of finished streams created before `cutoff_ms`; returns events removed.
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
+
+    /// Writes ledger events (one batch, one commit).
+    fn record(&self, events: Vec<LedgerEvent>) -> Ack;
+    /// Sessions matching `query`, most recently active first.
+    async fn list_sessions(&self, query: &SessionQuery) -> Result<Vec<SessionSummary>, StoreError>;
+    /// One session's summary.
+    async fn session_summary(&self, id: &str) -> Result<Option<SessionSummary>, StoreError>;
+    /// A session's most recent tool calls, newest first.
+    async fn session_calls(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<ToolCallRecord>, StoreError>;
+    /// Tool calls started since `since_ms` (at most `limit`, newest first), with dimensions.
+    async fn calls_since(&self, since_ms: i64, limit: usize) -> Result<Vec<CallRow>, StoreError>;
+    /// Ledger-wide totals.
+    async fn totals(&self) -> Result<Totals, StoreError>;
+    /// Every user with sessions in the ledger.
+    async fn users(&self) -> Result<Vec<UserRow>, StoreError>;
+    /// Deletes closed sessions and tool calls older than `cutoff_ms`; returns rows removed.
+    async fn prune_ledger(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
+}
+
+/// One finished tool call. Never its arguments or results.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ToolCallRecord {
+    /// Session that made the call.
+    pub session_id: String,
+    /// Tool name.
+    pub tool: String,
+    /// Start, ms since the Unix epoch.
+    pub started_ms: i64,
+    /// How long it took.
+    pub duration_ms: i64,
+    /// `ok`, `tool_error` (result with `isError`), `error` (JSON-RPC error), `timeout`,
+    /// `upstream_lost`, `interrupted`.
+    pub outcome: String,
+    /// JSON-RPC error code, for outcomes other than `ok` and `tool_error`.
+    pub error_code: Option<i64>,
+}
+
+/// Something for the ledger; written in batches off the request path.
+#[derive(Debug, Clone)]
+pub enum LedgerEvent {
+    /// A tool call finished.
+    ToolCall(ToolCallRecord),
+    /// A stored session was resumed after a gateway restart.
+    Rehydrated(String),
+    /// A session's upstream was started again (crash, rehydration).
+    UpstreamRestarted(String),
+}
+
+/// A session as the ledger reports it: the record plus its counters.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionSummary {
+    /// Session id.
+    pub id: String,
+    /// User id (`anonymous` without API keys).
+    pub user_id: String,
+    /// User email.
+    pub user_email: Option<String>,
+    /// User name.
+    pub user_name: Option<String>,
+    /// `clientInfo.name`.
+    pub client_name: Option<String>,
+    /// `clientInfo.version`.
+    pub client_version: Option<String>,
+    /// Detected client family.
+    pub client_type: String,
+    /// Negotiated protocol version.
+    pub protocol_version: String,
+    /// Configured upstream name.
+    pub upstream_name: String,
+    /// `live` or `closed`.
+    pub state: String,
+    /// Why it closed.
+    pub close_reason: Option<String>,
+    /// Created, ms since the Unix epoch.
+    pub created_ms: i64,
+    /// Last activity, ms since the Unix epoch.
+    pub last_active_ms: i64,
+    /// Closed, ms since the Unix epoch.
+    pub closed_ms: Option<i64>,
+    /// Closed (or now) minus created.
+    pub duration_ms: i64,
+    /// Tool calls made.
+    pub tool_calls: i64,
+    /// Tool calls that did not end `ok`.
+    pub errors: i64,
+    /// Resumptions after gateway restarts.
+    pub rehydrations: i64,
+    /// Upstream restarts.
+    pub upstream_restarts: i64,
+}
+
+/// Filters for listing sessions.
+#[derive(Debug, Clone, Default)]
+pub struct SessionQuery {
+    /// Only live (`Some(Live)`) or closed sessions.
+    pub state: Option<SessionState>,
+    /// Only this user id.
+    pub user: Option<String>,
+    /// Only this client type or client name.
+    pub client: Option<String>,
+    /// Only sessions active (or closed) since this time.
+    pub since_ms: Option<i64>,
+    /// Page size.
+    pub limit: usize,
+    /// Page offset.
+    pub offset: usize,
+}
+
+/// One tool call with its session's dimensions, for statistics.
+#[derive(Debug, Clone)]
+pub struct CallRow {
+    /// The call.
+    pub call: ToolCallRecord,
+    /// Its session's client type.
+    pub client_type: String,
+    /// Its session's upstream.
+    pub upstream_name: String,
+    /// Its session's user.
+    pub user_id: String,
+}
+
+/// Ledger-wide totals.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Totals {
+    /// Sessions recorded (within retention).
+    pub sessions: i64,
+    /// Live sessions.
+    pub active: i64,
+    /// Mean duration of closed sessions.
+    pub average_duration_ms: Option<f64>,
+    /// Tool calls recorded.
+    pub tool_calls: i64,
+    /// Tool calls that did not end `ok`.
+    pub errors: i64,
+}
+
+/// One user as the ledger knows them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UserRow {
+    /// User id.
+    pub id: String,
+    /// Email.
+    pub email: Option<String>,
+    /// Name.
+    pub name: Option<String>,
+    /// Sessions recorded.
+    pub sessions: i64,
+    /// Live sessions.
+    pub active: i64,
+    /// Tool calls.
+    pub tool_calls: i64,
+    /// Failed tool calls.
+    pub errors: i64,
+    /// Last activity, ms since the Unix epoch.
+    pub last_active_ms: Option<i64>,
 }
 
 /// Milliseconds since the Unix epoch.

@@ -16,15 +16,18 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::{
-    Ack, EventRecord, SessionRecord, SessionState, Store, StoreError, StreamRecord, now_ms,
+    Ack, CallRow, EventRecord, LedgerEvent, SessionQuery, SessionRecord, SessionState,
+    SessionSummary, Store, StoreError, StreamRecord, ToolCallRecord, Totals, UserRow, now_ms,
 };
 
 type Done = oneshot::Sender<Result<(), StoreError>>;
 
 enum Op {
-    CreateSession(SessionRecord, Done),
+    CreateSession(Box<SessionRecord>, Done),
     Touch(String, i64),
     Restore(String, Value, Done),
+    Ledger(Vec<LedgerEvent>, Done),
+    PruneLedger(i64, oneshot::Sender<Result<u64, StoreError>>),
     Close {
         id: String,
         reason: String,
@@ -48,6 +51,13 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     principal TEXT NOT NULL,
+    principal_email TEXT,
+    principal_name TEXT,
+    client_type TEXT NOT NULL DEFAULT 'unknown',
+    tool_calls INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    rehydrations INTEGER NOT NULL DEFAULT 0,
+    upstream_restarts INTEGER NOT NULL DEFAULT 0,
     created_ms INTEGER NOT NULL,
     last_active_ms INTEGER NOT NULL,
     protocol_version TEXT NOT NULL,
@@ -61,6 +71,17 @@ CREATE TABLE IF NOT EXISTS sessions (
     restore TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions(state, last_active_ms);
+CREATE INDEX IF NOT EXISTS sessions_by_principal ON sessions(principal, last_active_ms);
+CREATE TABLE IF NOT EXISTS tool_calls (
+    session_id TEXT NOT NULL,
+    tool TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    error_code INTEGER
+);
+CREATE INDEX IF NOT EXISTS tool_calls_by_time ON tool_calls(started_ms);
+CREATE INDEX IF NOT EXISTS tool_calls_by_session ON tool_calls(session_id, started_ms);
 CREATE TABLE IF NOT EXISTS streams (
     session_id TEXT NOT NULL,
     stream_id TEXT NOT NULL,
@@ -175,9 +196,10 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
                 | Op::OpenStream(_, d)
                 | Op::Append(_, d)
                 | Op::Flush(d)
-                | Op::Restore(_, _, d) => results.push((d, Err(e.clone()))),
+                | Op::Restore(_, _, d)
+                | Op::Ledger(_, d) => results.push((d, Err(e.clone()))),
                 Op::Close { done, .. } => results.push((done, Err(e.clone()))),
-                Op::Prune(_, d) => {
+                Op::Prune(_, d) | Op::PruneLedger(_, d) => {
                     let _ = d.send(Err(e.clone()));
                 }
                 Op::Touch(..) => {}
@@ -209,7 +231,11 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
             Op::OpenStream(s, d) => results.push((d, insert_stream(conn, &s).map_err(backend))),
             Op::Append(e, d) => results.push((d, insert_event(conn, &e).map_err(backend))),
             Op::Flush(d) => results.push((d, Ok(()))),
-            Op::Prune(cutoff, d) => prunes.push((cutoff, d)),
+            Op::Prune(cutoff, d) => prunes.push((false, cutoff, d)),
+            Op::PruneLedger(cutoff, d) => prunes.push((true, cutoff, d)),
+            Op::Ledger(events, d) => {
+                results.push((d, write_ledger(conn, &events).map_err(backend)))
+            }
         }
     }
     if began.is_ok() {
@@ -224,8 +250,13 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
             }
         }
         let mut pruned = Vec::new();
-        for (cutoff, d) in prunes {
-            pruned.push((d, prune(conn, cutoff).map_err(backend)));
+        for (ledger, cutoff, d) in prunes {
+            let r = if ledger {
+                prune_ledger(conn, cutoff)
+            } else {
+                prune(conn, cutoff)
+            };
+            pruned.push((d, r.map_err(backend)));
         }
         if let Err(e) = conn.execute_batch("COMMIT") {
             let err = backend(e);
@@ -251,8 +282,9 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
 fn insert_session(conn: &Connection, r: &SessionRecord) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO sessions (id, principal, created_ms, last_active_ms, protocol_version, init_params,
-            client_name, client_version, upstream_name, state, close_reason, closed_ms, restore)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            client_name, client_version, upstream_name, state, close_reason, closed_ms, restore,
+            principal_email, principal_name, client_type)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
     )?
     .execute(params![
         r.id,
@@ -267,7 +299,10 @@ fn insert_session(conn: &Connection, r: &SessionRecord) -> rusqlite::Result<()> 
         r.state.as_str(),
         r.close_reason,
         r.closed_ms,
-        json_text(&r.restore)
+        json_text(&r.restore),
+        r.principal_email,
+        r.principal_name,
+        r.client_type
     ])?;
     Ok(())
 }
@@ -315,6 +350,47 @@ fn insert_event(conn: &Connection, e: &EventRecord) -> rusqlite::Result<()> {
     Ok(())
 }
 
+fn write_ledger(conn: &Connection, events: &[LedgerEvent]) -> rusqlite::Result<()> {
+    for e in events {
+        match e {
+            LedgerEvent::ToolCall(c) => {
+                conn.prepare_cached(
+                    "INSERT INTO tool_calls (session_id, tool, started_ms, duration_ms, outcome, error_code)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![c.session_id, c.tool, c.started_ms, c.duration_ms, c.outcome, c.error_code])?;
+                conn.prepare_cached(
+                    "UPDATE sessions SET tool_calls = tool_calls + 1, errors = errors + ?2 WHERE id = ?1",
+                )?
+                .execute(params![c.session_id, i64::from(c.outcome != "ok")])?;
+            }
+            LedgerEvent::Rehydrated(id) => {
+                conn.prepare_cached(
+                    "UPDATE sessions SET rehydrations = rehydrations + 1 WHERE id = ?1",
+                )?
+                .execute(params![id])?;
+            }
+            LedgerEvent::UpstreamRestarted(id) => {
+                conn.prepare_cached(
+                    "UPDATE sessions SET upstream_restarts = upstream_restarts + 1 WHERE id = ?1",
+                )?
+                .execute(params![id])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn prune_ledger(conn: &Connection, cutoff: i64) -> rusqlite::Result<u64> {
+    let calls = conn
+        .prepare_cached("DELETE FROM tool_calls WHERE started_ms < ?1")?
+        .execute(params![cutoff])?;
+    let sessions = conn
+        .prepare_cached("DELETE FROM sessions WHERE state = 'closed' AND closed_ms < ?1")?
+        .execute(params![cutoff])?;
+    Ok((calls + sessions) as u64)
+}
+
 fn prune(conn: &Connection, cutoff: i64) -> rusqlite::Result<u64> {
     let mut removed = conn
         .prepare_cached(
@@ -360,6 +436,9 @@ fn row_to_session(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         close_reason: row.get(10)?,
         closed_ms: row.get(11)?,
         restore: parse_json(Some(row.get(12)?))?.unwrap_or(Value::Null),
+        principal_email: row.get(13)?,
+        principal_name: row.get(14)?,
+        client_type: row.get(15)?,
     })
 }
 
@@ -376,13 +455,59 @@ fn row_to_stream(row: &rusqlite::Row<'_>) -> rusqlite::Result<StreamRecord> {
     })
 }
 
+const SUMMARY_COLUMNS: &str =
+    "id, principal, principal_email, principal_name, client_name, client_version, client_type,
+    protocol_version, upstream_name, state, close_reason, created_ms, last_active_ms, closed_ms,
+    tool_calls, errors, rehydrations, upstream_restarts";
+
+fn row_to_summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionSummary> {
+    let created_ms: i64 = row.get(11)?;
+    let closed_ms: Option<i64> = row.get(13)?;
+    Ok(SessionSummary {
+        id: row.get(0)?,
+        user_id: row.get(1)?,
+        user_email: row.get(2)?,
+        user_name: row.get(3)?,
+        client_name: row.get(4)?,
+        client_version: row.get(5)?,
+        client_type: row.get(6)?,
+        protocol_version: row.get(7)?,
+        upstream_name: row.get(8)?,
+        state: row.get(9)?,
+        close_reason: row.get(10)?,
+        created_ms,
+        last_active_ms: row.get(12)?,
+        closed_ms,
+        duration_ms: closed_ms
+            .unwrap_or_else(now_ms)
+            .saturating_sub(created_ms)
+            .max(0),
+        tool_calls: row.get(14)?,
+        errors: row.get(15)?,
+        rehydrations: row.get(16)?,
+        upstream_restarts: row.get(17)?,
+    })
+}
+
+fn row_to_call(row: &rusqlite::Row<'_>) -> rusqlite::Result<ToolCallRecord> {
+    Ok(ToolCallRecord {
+        session_id: row.get(0)?,
+        tool: row.get(1)?,
+        started_ms: row.get(2)?,
+        duration_ms: row.get(3)?,
+        outcome: row.get(4)?,
+        error_code: row.get(5)?,
+    })
+}
+
 const STREAM_COLUMNS: &str = "s.session_id, s.stream_id, s.client_request_id, s.request, s.retryable, s.done, s.created_ms,
     COALESCE((SELECT max(seq) FROM events e WHERE e.session_id = s.session_id AND e.stream_id = s.stream_id), 0)";
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn create_session(&self, record: SessionRecord) -> Result<(), StoreError> {
-        self.submit(|d| Op::CreateSession(record, d)).await
+        self.submit(|d| Op::CreateSession(Box::new(record), d))
+            .await
     }
 
     async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -390,7 +515,8 @@ impl Store for SqliteStore {
         self.read(move |c| {
             c.prepare_cached(
                 "SELECT id, principal, created_ms, last_active_ms, protocol_version, init_params, client_name,
-                        client_version, upstream_name, state, close_reason, closed_ms, restore
+                        client_version, upstream_name, state, close_reason, closed_ms, restore,
+                        principal_email, principal_name, client_type
                  FROM sessions WHERE id = ?1",
             )?
             .query_row(params![id], row_to_session)
@@ -500,6 +626,146 @@ impl Store for SqliteStore {
         .await
     }
 
+    fn record(&self, events: Vec<LedgerEvent>) -> Ack {
+        self.submit(|d| Op::Ledger(events, d))
+    }
+
+    async fn list_sessions(&self, query: &SessionQuery) -> Result<Vec<SessionSummary>, StoreError> {
+        let q = query.clone();
+        self.read(move |c| {
+            let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM sessions WHERE 1 = 1");
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            if let Some(state) = q.state {
+                sql.push_str(" AND state = ?");
+                args.push(state.as_str().to_owned().into());
+            }
+            if let Some(user) = q.user {
+                sql.push_str(" AND principal = ?");
+                args.push(user.into());
+            }
+            if let Some(client) = q.client {
+                sql.push_str(" AND (client_type = ? OR client_name = ?)");
+                args.push(client.clone().into());
+                args.push(client.into());
+            }
+            if let Some(since) = q.since_ms {
+                sql.push_str(" AND max(last_active_ms, COALESCE(closed_ms, 0)) >= ?");
+                args.push(since.into());
+            }
+            let order = if q.state == Some(SessionState::Closed) {
+                "closed_ms"
+            } else {
+                "last_active_ms"
+            };
+            sql.push_str(&format!(" ORDER BY {order} DESC LIMIT ? OFFSET ?"));
+            args.push((q.limit as i64).into());
+            args.push((q.offset as i64).into());
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args), row_to_summary)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn session_summary(&self, id: &str) -> Result<Option<SessionSummary>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {SUMMARY_COLUMNS} FROM sessions WHERE id = ?1"
+            ))?
+            .query_row(params![id], row_to_summary)
+            .optional()
+        })
+        .await
+    }
+
+    async fn session_calls(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<ToolCallRecord>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT session_id, tool, started_ms, duration_ms, outcome, error_code FROM tool_calls
+                 WHERE session_id = ?1 ORDER BY started_ms DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![id, limit as i64], row_to_call)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn calls_since(&self, since_ms: i64, limit: usize) -> Result<Vec<CallRow>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT t.session_id, t.tool, t.started_ms, t.duration_ms, t.outcome, t.error_code,
+                        COALESCE(s.client_type, 'unknown'), COALESCE(s.upstream_name, ''), COALESCE(s.principal, 'anonymous')
+                 FROM tool_calls t LEFT JOIN sessions s ON s.id = t.session_id
+                 WHERE t.started_ms >= ?1 ORDER BY t.started_ms DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![since_ms, limit as i64], |r| {
+                Ok(CallRow { call: row_to_call(r)?, client_type: r.get(6)?, upstream_name: r.get(7)?, user_id: r.get(8)? })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn totals(&self) -> Result<Totals, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT count(*), COALESCE(sum(state = 'live'), 0),
+                        avg(CASE WHEN state = 'closed' THEN closed_ms - created_ms END),
+                        COALESCE(sum(tool_calls), 0), COALESCE(sum(errors), 0)
+                 FROM sessions",
+                [],
+                |r| {
+                    Ok(Totals {
+                        sessions: r.get(0)?,
+                        active: r.get(1)?,
+                        average_duration_ms: r.get(2)?,
+                        tool_calls: r.get(3)?,
+                        errors: r.get(4)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn users(&self) -> Result<Vec<UserRow>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT principal, max(principal_email), max(principal_name), count(*), sum(state = 'live'),
+                        sum(tool_calls), sum(errors), max(last_active_ms)
+                 FROM sessions GROUP BY principal ORDER BY principal LIMIT 1000",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(UserRow {
+                    id: r.get(0)?,
+                    email: r.get(1)?,
+                    name: r.get(2)?,
+                    sessions: r.get(3)?,
+                    active: r.get(4)?,
+                    tool_calls: r.get(5)?,
+                    errors: r.get(6)?,
+                    last_active_ms: r.get(7)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn prune_ledger(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(Op::PruneLedger(cutoff_ms, tx)).is_err() {
+            return Err(StoreError::Closed);
+        }
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
         let (tx, rx) = oneshot::channel();
         if self.writes.send(Op::Prune(cutoff_ms, tx)).is_err() {
@@ -529,6 +795,9 @@ mod tests {
             close_reason: None,
             closed_ms: None,
             restore: json!({}),
+            principal_email: None,
+            principal_name: None,
+            client_type: "unknown".into(),
         }
     }
 

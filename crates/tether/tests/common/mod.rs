@@ -20,6 +20,8 @@ pub struct Gateway {
     pub child: Child,
     pub addr: String,
     pub url: String,
+    /// Base URL of the admin listener, e.g. `http://127.0.0.1:PORT`.
+    pub admin: String,
     pub state_dir: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
@@ -56,7 +58,11 @@ impl Gateway {
                 Some(i) => (args[..i].to_vec(), args[i..].to_vec()),
                 None => (args.clone(), vec![]),
             };
-        cmd.args(&flags).args(&upstream);
+        cmd.args(&flags);
+        if !flags.iter().any(|f| f == "--admin-listen") {
+            cmd.args(["--admin-listen", "127.0.0.1:0"]);
+        }
+        cmd.args(&upstream);
         cmd.env("TETHER_LOG", "info,tether_core=debug")
             .stdout(Stdio::piped())
             .stderr(log_file)
@@ -66,12 +72,17 @@ impl Gateway {
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut admin = String::new();
         loop {
             line.clear();
             let n = reader.read_line(&mut line).unwrap_or(0);
             if n == 0 {
                 let log_text = std::fs::read_to_string(&log).unwrap_or_default();
                 panic!("gateway exited before listening; log:\n{log_text}");
+            }
+            if let Some(rest) = line.trim().strip_prefix("tether: admin on ") {
+                admin = rest.trim_end_matches('/').to_owned();
+                continue;
             }
             if let Some(rest) = line.trim().strip_prefix("tether: listening on http://") {
                 let addr = rest.trim_end_matches("/mcp").to_owned();
@@ -86,6 +97,7 @@ impl Gateway {
                     child,
                     url: format!("http://{addr}/mcp"),
                     addr,
+                    admin,
                     state_dir: state_dir.to_path_buf(),
                     log,
                     args,

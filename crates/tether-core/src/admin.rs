@@ -1,0 +1,598 @@
+//! The admin surface, on its own listener (`--admin-listen`, loopback by default).
+//!
+//! Endpoints:
+//! - `GET /health`: status, version, uptime, live sessions.
+//! - `GET /health/ready`: store writable and upstream startable (503 otherwise).
+//! - `GET /health/deep`: store latency, upstream states, instances, ledger aggregates.
+//! - `GET /metrics`: Prometheus text.
+//! - `GET /api/sessions`, `GET|DELETE /api/sessions/{id}`, `GET /api/sessions/disconnected`,
+//!   `GET /api/stats`, `GET /api/users`, `GET /api/users/{id}/stats`: the JSON API, every
+//!   list bounded and paged; bad query parameters get 400 with a message.
+//! - `GET /api/openapi.json`: the API description.
+//! - `GET /`: the dashboard (one page, shipped in the binary, using only the JSON API).
+//!
+//! When the listener is not on loopback, every endpoint but the health checks needs
+//! `Authorization: Bearer <admin token>`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::auth::Keys;
+use crate::config::UpstreamSpec;
+use crate::metrics::Metrics;
+use crate::session::Registry;
+use crate::store::{CallRow, SessionQuery, SessionState, SessionSummary, Store, now_ms};
+
+/// What the admin surface needs.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Sessions of this process.
+    pub registry: Registry,
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Configured users.
+    pub keys: Arc<Keys>,
+    /// Required on non-health endpoints when set.
+    pub token: Option<String>,
+    /// Process start.
+    pub started: Instant,
+    /// The upstream, for readiness.
+    pub upstream: UpstreamSpec,
+    /// The upstream's name.
+    pub upstream_name: String,
+    /// This instance's MCP address, for `/health/deep`.
+    pub instance: String,
+}
+
+/// The admin router.
+pub fn router(state: AdminState) -> Router {
+    let api = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/sessions", get(list_sessions))
+        .route("/api/sessions/disconnected", get(disconnected))
+        .route(
+            "/api/sessions/{id}",
+            get(show_session).delete(evict_session),
+        )
+        .route("/api/stats", get(stats))
+        .route("/api/users", get(users))
+        .route("/api/users/{id}/stats", get(user_stats))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
+    Router::new()
+        // The page holds no data; its API calls carry the token from the URL fragment.
+        .route("/", get(dashboard))
+        .route("/health", get(health))
+        .route("/health/ready", get(ready))
+        .route("/health/deep", get(deep))
+        .merge(api)
+        .with_state(state)
+}
+
+/// An admin API error: status plus `{"error": message}`.
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.0.is_server_error() {
+            tracing::warn!(status = self.0.as_u16(), "admin API: {}", self.1);
+        }
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+async fn require_token(
+    State(st): State<AdminState>,
+    headers: HeaderMap,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(token) = &st.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            let mut resp = ApiError(
+                StatusCode::UNAUTHORIZED,
+                "admin token required: Authorization: Bearer TOKEN".into(),
+            )
+            .into_response();
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"tether-admin\""),
+            );
+            return resp;
+        }
+    }
+    next.run(req).await
+}
+
+async fn health(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiError> {
+    let live = st.store.count_live().await?;
+    Ok(axum::Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": st.started.elapsed().as_secs(),
+        "live_sessions": live,
+    })))
+}
+
+/// Whether the upstream could be started now: the stdio program exists and is
+/// executable, or the HTTP upstream accepts a TCP connection.
+async fn upstream_startable(spec: &UpstreamSpec) -> Result<(), String> {
+    match spec {
+        UpstreamSpec::Stdio { argv, .. } => {
+            let program = std::path::Path::new(&argv[0]);
+            let candidates: Vec<std::path::PathBuf> = if program.components().count() > 1 {
+                vec![program.to_path_buf()]
+            } else {
+                std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                    .map(|d| d.join(program))
+                    .collect()
+            };
+            use std::os::unix::fs::PermissionsExt;
+            let found = candidates.iter().any(|p| {
+                std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            });
+            if found {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{:?} is not an executable file or on PATH",
+                    argv[0]
+                ))
+            }
+        }
+        UpstreamSpec::Http { url } => {
+            let u = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+            let host = u.host_str().unwrap_or("localhost").to_owned();
+            let port = u.port_or_known_default().unwrap_or(80);
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect((host.as_str(), port)),
+            )
+            .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("cannot connect to {host}:{port}: {e}")),
+                Err(_) => Err(format!("no answer from {host}:{port}")),
+            }
+        }
+    }
+}
+
+async fn ready(State(st): State<AdminState>) -> Response {
+    let store = match tokio::time::timeout(Duration::from_secs(2), st.store.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("store write did not complete within 2s".into()),
+    };
+    let upstream = upstream_startable(&st.upstream).await;
+    let ok = store.is_ok() && upstream.is_ok();
+    let show = |r: &Result<(), String>| match r {
+        Ok(()) => json!({"ok": true}),
+        Err(e) => json!({"ok": false, "error": e}),
+    };
+    let body =
+        json!({ "ready": ok, "checks": { "store": show(&store), "upstream": show(&upstream) } });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn deep(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiError> {
+    let t = Instant::now();
+    let totals = st.store.totals().await?;
+    let store_latency_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let mut states: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in st.registry.upstream_states().into_values() {
+        *states.entry(s).or_default() += 1;
+    }
+    Ok(axum::Json(json!({
+        "status": "ok",
+        "store": { "latency_ms": store_latency_ms },
+        "upstream": { "name": st.upstream_name, "sessions_by_state": states },
+        "instances": [{ "address": st.instance, "uptime_s": st.started.elapsed().as_secs() }],
+        "sessions": {
+            "total": totals.sessions,
+            "active": totals.active,
+            "average_duration_ms": totals.average_duration_ms,
+        },
+        "tool_calls": { "total": totals.tool_calls, "errors": totals.errors },
+    })))
+}
+
+async fn metrics(State(st): State<AdminState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("admin/openapi.json"),
+    )
+        .into_response()
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("admin/dashboard.html"))
+}
+
+/// Parses `since`: RFC 3339, milliseconds since the epoch, or a duration ago (`1h`).
+fn parse_since(text: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
+        return Ok(t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0));
+    }
+    if let Ok(d) = humantime::parse_duration(text) {
+        return Ok(now_ms() - d.as_millis() as i64);
+    }
+    Err(bad(format!(
+        "since: {text:?} is not a time (RFC 3339, epoch ms) or a duration ago like 1h"
+    )))
+}
+
+fn parse_limit(limit: Option<&str>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(default),
+        Some(t) => match t.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(bad(format!(
+                "limit: {t:?} must be a whole number from 1 to {max}"
+            ))),
+        },
+    }
+}
+
+#[derive(Deserialize)]
+struct ListParams {
+    status: Option<String>,
+    user: Option<String>,
+    client: Option<String>,
+    since: Option<String>,
+    limit: Option<String>,
+    offset: Option<String>,
+}
+
+fn with_state(st: &AdminState, sessions: Vec<SessionSummary>) -> Vec<Value> {
+    let states = st.registry.upstream_states();
+    sessions
+        .into_iter()
+        .map(|s| {
+            let mut v = serde_json::to_value(&s).expect("summary serializes");
+            let upstream = if s.state == "closed" {
+                "stopped"
+            } else {
+                states.get(&s.id).copied().unwrap_or("idle")
+            };
+            v["upstream_state"] = json!(upstream);
+            v["idle_ms"] = json!((now_ms() - s.last_active_ms).max(0));
+            v
+        })
+        .collect()
+}
+
+async fn list_sessions(
+    State(st): State<AdminState>,
+    Query(p): Query<ListParams>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let state = match p.status.as_deref() {
+        None | Some("all") => None,
+        Some("active" | "live") => Some(SessionState::Live),
+        Some("closed") => Some(SessionState::Closed),
+        Some(other) => {
+            return Err(bad(format!(
+                "status: {other:?} must be active, closed or all"
+            )));
+        }
+    };
+    let limit = parse_limit(p.limit.as_deref(), 50, 500)?;
+    let offset = match p.offset.as_deref() {
+        None => 0,
+        Some(t) => t
+            .parse::<usize>()
+            .map_err(|_| bad(format!("offset: {t:?} must be a whole number")))?,
+    };
+    let since_ms = p.since.as_deref().map(parse_since).transpose()?;
+    let query = SessionQuery {
+        state,
+        user: p.user,
+        client: p.client,
+        since_ms,
+        limit: limit + 1,
+        offset,
+    };
+    let mut sessions = st.store.list_sessions(&query).await?;
+    let more = sessions.len() > limit;
+    sessions.truncate(limit);
+    Ok(axum::Json(json!({
+        "sessions": with_state(&st, sessions),
+        "limit": limit,
+        "offset": offset,
+        "next_offset": more.then_some(offset + limit),
+    })))
+}
+
+async fn show_session(
+    State(st): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let Some(s) = st.store.session_summary(&id).await? else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no session {id}")));
+    };
+    let calls = st.store.session_calls(&id, 50).await?;
+    let session = with_state(&st, vec![s]).pop().expect("one in, one out");
+    Ok(axum::Json(json!({ "session": session, "calls": calls })))
+}
+
+async fn evict_session(
+    State(st): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    match st.registry.evict(&id).await {
+        Ok(true) => Ok(axum::Json(json!({ "evicted": id }))),
+        Ok(false) => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no live session {id}"),
+        )),
+        Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+struct DisconnectedParams {
+    days: Option<String>,
+    limit: Option<String>,
+}
+
+async fn disconnected(
+    State(st): State<AdminState>,
+    Query(p): Query<DisconnectedParams>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let days = match p.days.as_deref() {
+        None => 7,
+        Some(t) => match t.parse::<i64>() {
+            Ok(d) if (1..=3650).contains(&d) => d,
+            _ => {
+                return Err(bad(format!(
+                    "days: {t:?} must be a whole number from 1 to 3650"
+                )));
+            }
+        },
+    };
+    let limit = parse_limit(p.limit.as_deref(), 50, 500)?;
+    let since = now_ms() - days * 86_400_000;
+    // Statistics over the window (bounded), the page from its newest end.
+    let window = st
+        .store
+        .list_sessions(&SessionQuery {
+            state: Some(SessionState::Closed),
+            since_ms: Some(since),
+            limit: 10_000,
+            ..SessionQuery::default()
+        })
+        .await?;
+    let mut by_reason: BTreeMap<String, usize> = BTreeMap::new();
+    for s in &window {
+        *by_reason
+            .entry(s.close_reason.clone().unwrap_or_else(|| "unknown".into()))
+            .or_default() += 1;
+    }
+    let durations: Vec<i64> = window.iter().map(|s| s.duration_ms).collect();
+    let stats = json!({
+        "count": window.len(),
+        "by_reason": by_reason,
+        "average_duration_ms": (!durations.is_empty()).then(|| durations.iter().sum::<i64>() as f64 / durations.len() as f64),
+        "min_duration_ms": durations.iter().min(),
+        "max_duration_ms": durations.iter().max(),
+        "truncated": window.len() == 10_000,
+    });
+    let page: Vec<SessionSummary> = window.into_iter().take(limit).collect();
+    Ok(axum::Json(
+        json!({ "days": days, "sessions": with_state(&st, page), "stats": stats }),
+    ))
+}
+
+/// Calls, errors, error rate and duration percentiles of a group of calls.
+fn summarize(calls: &[&CallRow]) -> Value {
+    let mut d: Vec<i64> = calls.iter().map(|c| c.call.duration_ms).collect();
+    d.sort_unstable();
+    let pct = |p: f64| {
+        d.get(((d.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+    };
+    let errors = calls.iter().filter(|c| c.call.outcome != "ok").count();
+    json!({
+        "calls": calls.len(),
+        "errors": errors,
+        "error_rate": if calls.is_empty() { 0.0 } else { errors as f64 / calls.len() as f64 },
+        "p50_ms": pct(0.5),
+        "p95_ms": pct(0.95),
+    })
+}
+
+fn grouped<'a>(rows: &'a [CallRow], key: impl Fn(&CallRow) -> String) -> BTreeMap<String, Value> {
+    let mut groups: HashMap<String, Vec<&'a CallRow>> = HashMap::new();
+    for r in rows {
+        groups.entry(key(r)).or_default().push(r);
+    }
+    groups
+        .into_iter()
+        .map(|(k, v)| (k, summarize(&v)))
+        .collect()
+}
+
+/// Per-minute calls and errors over the last hour, oldest first (for the charts).
+fn timeline(rows: &[CallRow]) -> Vec<Value> {
+    let now_min = now_ms() / 60_000;
+    let mut buckets = vec![(0usize, 0usize); 60];
+    for r in rows {
+        let age = now_min - r.call.started_ms / 60_000;
+        if (0..60).contains(&age) {
+            let b = &mut buckets[59 - age as usize];
+            b.0 += 1;
+            b.1 += usize::from(r.call.outcome != "ok");
+        }
+    }
+    buckets
+        .into_iter()
+        .enumerate()
+        .map(|(i, (calls, errors))| json!({ "minute_ms": (now_min - 59 + i as i64) * 60_000, "calls": calls, "errors": errors }))
+        .collect()
+}
+
+const STATS_ROWS: usize = 100_000;
+
+#[derive(Deserialize)]
+struct StatsParams {
+    since: Option<String>,
+}
+
+async fn stats(
+    State(st): State<AdminState>,
+    Query(p): Query<StatsParams>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let since = p
+        .since
+        .as_deref()
+        .map(parse_since)
+        .transpose()?
+        .unwrap_or_else(|| now_ms() - 86_400_000);
+    let rows = st
+        .store
+        .calls_since(since.min(now_ms() - 3_600_000), STATS_ROWS)
+        .await?;
+    let in_window: Vec<CallRow> = rows
+        .iter()
+        .filter(|r| r.call.started_ms >= since)
+        .cloned()
+        .collect();
+    let all: Vec<&CallRow> = in_window.iter().collect();
+    let totals = st.store.totals().await?;
+    Ok(axum::Json(json!({
+        "since_ms": since,
+        "totals": totals,
+        "window": summarize(&all),
+        "per_client_type": grouped(&in_window, |r| r.client_type.clone()),
+        "per_upstream": grouped(&in_window, |r| r.upstream_name.clone()),
+        "per_tool": grouped(&in_window, |r| r.call.tool.clone()),
+        "per_user": grouped(&in_window, |r| r.user_id.clone()),
+        "timeline": timeline(&rows),
+        "truncated": rows.len() == STATS_ROWS,
+    })))
+}
+
+async fn users(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiError> {
+    let mut rows: BTreeMap<String, Value> = BTreeMap::new();
+    for u in st.keys.users() {
+        rows.insert(
+            u.id.clone(),
+            json!({"id": u.id, "email": u.email, "name": u.name, "sessions": 0, "active": 0, "tool_calls": 0, "errors": 0, "last_active_ms": null}),
+        );
+    }
+    for u in st.store.users().await? {
+        let mut v = serde_json::to_value(&u).expect("row serializes");
+        if let Some(known) = rows.get(&u.id) {
+            for k in ["email", "name"] {
+                if v[k].is_null() {
+                    v[k] = known[k].clone();
+                }
+            }
+        }
+        rows.insert(u.id.clone(), v);
+    }
+    Ok(axum::Json(
+        json!({ "users": rows.into_values().collect::<Vec<_>>() }),
+    ))
+}
+
+async fn user_stats(
+    State(st): State<AdminState>,
+    Path(id): Path<String>,
+    Query(p): Query<StatsParams>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let since = p
+        .since
+        .as_deref()
+        .map(parse_since)
+        .transpose()?
+        .unwrap_or_else(|| now_ms() - 86_400_000);
+    let Some(user) = st.store.users().await?.into_iter().find(|u| u.id == id) else {
+        if st.keys.users().iter().any(|u| u.id == id) {
+            return Ok(axum::Json(
+                json!({"user": {"id": id}, "window": summarize(&[]), "per_tool": {}}),
+            ));
+        }
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no user {id}")));
+    };
+    let rows = st.store.calls_since(since, STATS_ROWS).await?;
+    let mine: Vec<CallRow> = rows.into_iter().filter(|r| r.user_id == id).collect();
+    let all: Vec<&CallRow> = mine.iter().collect();
+    Ok(axum::Json(json!({
+        "user": user,
+        "since_ms": since,
+        "window": summarize(&all),
+        "per_tool": grouped(&mine, |r| r.call.tool.clone()),
+        "per_client_type": grouped(&mine, |r| r.client_type.clone()),
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_and_limit_parse() {
+        assert_eq!(parse_since("1700000000000").unwrap(), 1_700_000_000_000);
+        assert!(parse_since("2026-11-21T10:00:00Z").unwrap() > 1_700_000_000_000);
+        assert!(parse_since("1h").unwrap() < now_ms());
+        assert!(parse_since("yesterday-ish").is_err());
+        assert_eq!(parse_limit(None, 50, 500).unwrap(), 50);
+        assert_eq!(parse_limit(Some("10"), 50, 500).unwrap(), 10);
+        assert!(parse_limit(Some("0"), 50, 500).is_err());
+        assert!(parse_limit(Some("501"), 50, 500).is_err());
+        assert!(parse_limit(Some("x"), 50, 500).is_err());
+    }
+}

@@ -1,0 +1,205 @@
+//! Prometheus metrics. Labels are bounded: reasons, outcomes, method classes and status
+//! codes come from fixed sets; never a session id, user or tool argument.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label: why a session closed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `client_disconnect`, `timeout`, `evicted`, `server_shutdown`, ...
+    pub reason: String,
+}
+
+/// Label: how a tool call ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `ok`, `tool_error`, `error`, `timeout`, `upstream_lost`, `interrupted`.
+    pub outcome: String,
+}
+
+/// Label: HTTP requests by class and status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabel {
+    /// `initialize`, `request`, `notification`, `response`, `stream`, `delete`, `invalid`.
+    pub class: String,
+    /// HTTP status code.
+    pub status: u16,
+}
+
+/// Every metric of the gateway.
+pub struct Metrics {
+    registry: Registry,
+    /// Sessions held in memory by this process.
+    pub sessions_live: Gauge,
+    /// Sessions created.
+    pub sessions_created: Counter,
+    /// Sessions closed, by reason.
+    pub sessions_closed: Family<ReasonLabel, Counter>,
+    /// Stored sessions brought back after a restart.
+    pub rehydrations: Counter,
+    /// Upstreams started (first start of a session included).
+    pub upstream_starts: Counter,
+    /// Upstreams started again for an existing session (crash, rehydration).
+    pub upstream_restarts: Counter,
+    /// Upstreams that failed to start or died.
+    pub upstream_failures: Counter,
+    /// Tool calls by outcome.
+    pub tool_calls: Family<OutcomeLabel, Counter>,
+    /// Tool call duration in seconds.
+    pub tool_call_seconds: Histogram,
+    /// HTTP requests on the MCP listener.
+    pub requests: Family<RequestLabel, Counter>,
+    /// Ledger records waiting to be written.
+    pub ledger_queue_depth: Gauge,
+    /// Time to write one ledger batch, in seconds.
+    pub ledger_batch_seconds: Histogram,
+    /// Ledger records dropped because the queue was full.
+    pub ledger_dropped: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tether");
+        let m = Metrics {
+            sessions_live: Gauge::default(),
+            sessions_created: Counter::default(),
+            sessions_closed: Family::default(),
+            rehydrations: Counter::default(),
+            upstream_starts: Counter::default(),
+            upstream_restarts: Counter::default(),
+            upstream_failures: Counter::default(),
+            tool_calls: Family::default(),
+            tool_call_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            requests: Family::default(),
+            ledger_queue_depth: Gauge::default(),
+            ledger_batch_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ledger_dropped: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sessions_live",
+            "Sessions held in memory by this process",
+            m.sessions_live.clone(),
+        );
+        registry.register(
+            "sessions_created",
+            "Sessions created",
+            m.sessions_created.clone(),
+        );
+        registry.register(
+            "sessions_closed",
+            "Sessions closed, by reason",
+            m.sessions_closed.clone(),
+        );
+        registry.register(
+            "rehydrations",
+            "Stored sessions resumed after a gateway restart",
+            m.rehydrations.clone(),
+        );
+        registry.register(
+            "upstream_starts",
+            "Upstreams started",
+            m.upstream_starts.clone(),
+        );
+        registry.register(
+            "upstream_restarts",
+            "Upstreams restarted for an existing session",
+            m.upstream_restarts.clone(),
+        );
+        registry.register(
+            "upstream_failures",
+            "Upstreams that failed to start or died",
+            m.upstream_failures.clone(),
+        );
+        registry.register("tool_calls", "Tool calls by outcome", m.tool_calls.clone());
+        registry.register(
+            "tool_call_duration_seconds",
+            "Tool call duration",
+            m.tool_call_seconds.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests on the MCP listener by class and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "ledger_queue_depth",
+            "Ledger records waiting to be written",
+            m.ledger_queue_depth.clone(),
+        );
+        registry.register(
+            "ledger_batch_duration_seconds",
+            "Time to write one ledger batch",
+            m.ledger_batch_seconds.clone(),
+        );
+        registry.register(
+            "ledger_dropped",
+            "Ledger records dropped because the queue was full",
+            m.ledger_dropped.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Counts a closed session.
+    pub fn closed(&self, reason: &str) {
+        self.sessions_closed
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts an HTTP request.
+    pub fn request(&self, class: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabel {
+                class: class.to_owned(),
+                status,
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_with_bounded_labels() {
+        let m = Metrics::default();
+        m.sessions_created.inc();
+        m.closed("timeout");
+        m.request("request", 200);
+        m.tool_calls
+            .get_or_create(&OutcomeLabel {
+                outcome: "ok".into(),
+            })
+            .inc();
+        m.tool_call_seconds.observe(0.01);
+        let text = m.encode();
+        for needle in [
+            "tether_sessions_created_total 1",
+            "tether_sessions_closed_total{reason=\"timeout\"} 1",
+            "tether_http_requests_total{class=\"request\",status=\"200\"} 1",
+            "tether_tool_calls_total{outcome=\"ok\"} 1",
+            "tether_tool_call_duration_seconds_count 1",
+        ] {
+            assert!(text.contains(needle), "{needle} in\n{text}");
+        }
+    }
+}
