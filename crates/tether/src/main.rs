@@ -2,6 +2,7 @@
 //! hands off to `tether_core::app`. Also hosts the bundled demo MCP server and the hidden
 //! `__shim` that supervises stdio children (see `tether_core::upstream::shim`).
 
+mod cli;
 mod demo;
 
 use std::path::PathBuf;
@@ -40,6 +41,31 @@ enum Command {
     Connect(Box<ConnectArgs>),
     /// Test an MCP endpoint and explain what is wrong with it.
     Check(CheckArgs),
+    /// Sessions of a running gateway (through its admin API).
+    Sessions {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(subcommand)]
+        cmd: cli::SessionsCmd,
+    },
+    /// Totals and per-tool, per-client, per-upstream and per-user statistics.
+    Stats {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        /// Window start (RFC 3339, epoch ms, or a duration ago such as 1h) [default: 24h].
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Users and their sessions and tool calls.
+    Users {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: cli::KeysCmd,
+    },
     /// Run the bundled demo MCP server on stdio (or on HTTP with --http ADDR).
     DemoServer(demo::DemoArgs),
 }
@@ -238,6 +264,10 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(&args),
         Command::Connect(args) => connect(&args),
         Command::Check(args) => check(&args),
+        Command::Sessions { admin, cmd } => cli::sessions(&admin, &cmd),
+        Command::Stats { admin, since } => cli::stats(&admin, since.as_deref()),
+        Command::Users { admin } => cli::users(&admin),
+        Command::Keys { cmd } => cli::keys(&cmd),
         Command::DemoServer(args) => demo::run(args),
     }
 }

@@ -1,0 +1,514 @@
+//! The operator commands: `tether keys add`, and `sessions`, `stats`, `users`, which talk
+//! to a running gateway's admin API. Aligned tables for people, `--json` for scripts.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+/// Where the admin API is and how to print.
+#[derive(Args)]
+pub struct AdminArgs {
+    /// Base URL of the gateway's admin listener.
+    #[arg(
+        long,
+        global = true,
+        env = "TETHER_ADMIN",
+        default_value = "http://127.0.0.1:7451",
+        value_name = "URL"
+    )]
+    admin: String,
+    /// Admin token, when the admin listener requires one.
+    #[arg(
+        long,
+        global = true,
+        env = "TETHER_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// `tether sessions ...`
+#[derive(Subcommand)]
+pub enum SessionsCmd {
+    /// List sessions, most recently active first.
+    List {
+        /// active, closed or all.
+        #[arg(long, default_value = "active")]
+        status: String,
+        /// Only this user id.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this client type or client name.
+        #[arg(long)]
+        client: Option<String>,
+        /// Only sessions active since (RFC 3339, epoch ms, or a duration ago such as 1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value = "50")]
+        limit: u32,
+    },
+    /// Show one session and its recent tool calls.
+    Show {
+        /// Session id.
+        id: String,
+    },
+    /// Close (evict) a live session; its client gets 404 afterwards.
+    Close {
+        /// Session id.
+        id: String,
+    },
+}
+
+/// `tether keys ...`
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    /// Create an API key for a user; prints it once and stores only its hash.
+    Add {
+        /// User id the key belongs to.
+        #[arg(long)]
+        user: String,
+        /// The user's email.
+        #[arg(long)]
+        email: Option<String>,
+        /// The user's display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Append the `[[keys]]` entry to this config file (else it is printed).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// Runs `tether keys add`.
+pub fn keys(cmd: &KeysCmd) -> ExitCode {
+    let KeysCmd::Add {
+        user,
+        email,
+        name,
+        config,
+    } = cmd;
+    if user.is_empty() || user == "anonymous" {
+        eprintln!("tether: --user must name a user (not {user:?})");
+        return ExitCode::from(2);
+    }
+    let key = tether_core::auth::generate_key();
+    let mut entry = format!(
+        "\n[[keys]]\nhash = {}\nuser = {}\n",
+        toml_string(&tether_core::auth::hash_key(&key)),
+        toml_string(user)
+    );
+    if let Some(e) = email {
+        entry.push_str(&format!("email = {}\n", toml_string(e)));
+    }
+    if let Some(n) = name {
+        entry.push_str(&format!("name = {}\n", toml_string(n)));
+    }
+    println!("New API key for {user} (shown once; store it now):\n\n  {key}\n");
+    match config {
+        Some(path) => {
+            use std::io::Write;
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(entry.as_bytes()));
+            if let Err(e) = written {
+                eprintln!("tether: cannot append to {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            println!(
+                "Its hash was added to {}; restart the gateway to use it.",
+                path.display()
+            );
+        }
+        None => println!("Add this to the gateway's config file:\n{entry}"),
+    }
+    println!("Clients send it as: Authorization: Bearer {key}");
+    ExitCode::SUCCESS
+}
+
+struct Admin {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Admin {
+    fn new(a: &AdminArgs) -> Admin {
+        Admin {
+            base: a.admin.trim_end_matches('/').to_owned(),
+            token: a.admin_token.clone(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(15))
+                .build()
+                .expect("static client config"),
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str) -> Result<Value, String> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| {
+            if e.is_connect() {
+                format!("cannot reach the admin API at {}: is `tether serve` running? (set --admin or TETHER_ADMIN)", self.base)
+            } else {
+                format!("admin API request failed: {e}")
+            }
+        })?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let msg = body
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("no details");
+            return Err(format!(
+                "admin API answered HTTP {}: {msg}",
+                status.as_u16()
+            ));
+        }
+        Ok(body)
+    }
+}
+
+/// Renders rows as a table with aligned columns.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                s.push_str("  ");
+            }
+            s.push_str(c);
+            if i + 1 < cells.len() {
+                s.push_str(&" ".repeat(w - c.chars().count()));
+            }
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line(headers.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn text(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn dur(ms: &Value) -> String {
+    let Some(ms) = ms.as_f64() else {
+        return "-".into();
+    };
+    let s = (ms / 1000.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn session_rows(sessions: &[Value]) -> Vec<Vec<String>> {
+    sessions
+        .iter()
+        .map(|s| {
+            vec![
+                text(s, "id"),
+                text(s, "user_id"),
+                format!("{} ({})", text(s, "client_name"), text(s, "client_type")),
+                text(s, "state"),
+                dur(&s["duration_ms"]),
+                dur(&s["idle_ms"]),
+                text(s, "tool_calls"),
+                text(s, "errors"),
+                text(s, "upstream_state"),
+                text(s, "close_reason"),
+            ]
+        })
+        .collect()
+}
+
+const SESSION_HEADERS: &[&str] = &[
+    "SESSION",
+    "USER",
+    "CLIENT",
+    "STATE",
+    "AGE",
+    "IDLE",
+    "CALLS",
+    "ERRORS",
+    "UPSTREAM",
+    "CLOSED BECAUSE",
+];
+
+fn run(f: impl std::future::Future<Output = Result<String, String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pretty(v: &Value) -> String {
+    format!(
+        "{}\n",
+        serde_json::to_string_pretty(v).expect("JSON serializes")
+    )
+}
+
+/// Runs `tether sessions ...`.
+pub fn sessions(a: &AdminArgs, cmd: &SessionsCmd) -> ExitCode {
+    let admin = Admin::new(a);
+    let json = a.json;
+    run(async move {
+        match cmd {
+            SessionsCmd::List {
+                status,
+                user,
+                client,
+                since,
+                limit,
+            } => {
+                let mut path = format!("/api/sessions?status={}&limit={limit}", encode(status));
+                for (k, v) in [("user", user), ("client", client), ("since", since)] {
+                    if let Some(v) = v {
+                        path.push_str(&format!("&{k}={}", encode(v)));
+                    }
+                }
+                let v = admin.call(reqwest::Method::GET, &path).await?;
+                if json {
+                    return Ok(pretty(&v));
+                }
+                let list = v["sessions"].as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    return Ok(format!("no {status} sessions\n"));
+                }
+                Ok(table(SESSION_HEADERS, &session_rows(&list)))
+            }
+            SessionsCmd::Show { id } => {
+                let v = admin
+                    .call(
+                        reqwest::Method::GET,
+                        &format!("/api/sessions/{}", encode(id)),
+                    )
+                    .await?;
+                if json {
+                    return Ok(pretty(&v));
+                }
+                let s = &v["session"];
+                let mut out = String::new();
+                for (label, key) in [
+                    ("Session", "id"),
+                    ("User", "user_id"),
+                    ("Email", "user_email"),
+                    ("Client", "client_name"),
+                    ("Client version", "client_version"),
+                    ("Client type", "client_type"),
+                    ("Protocol", "protocol_version"),
+                    ("Upstream", "upstream_name"),
+                    ("Upstream state", "upstream_state"),
+                    ("State", "state"),
+                    ("Closed because", "close_reason"),
+                    ("Tool calls", "tool_calls"),
+                    ("Errors", "errors"),
+                    ("Rehydrations", "rehydrations"),
+                    ("Upstream restarts", "upstream_restarts"),
+                ] {
+                    out.push_str(&format!("{label:<18} {}\n", text(s, key)));
+                }
+                out.push_str(&format!("{:<18} {}\n\n", "Age", dur(&s["duration_ms"])));
+                let calls = v["calls"].as_array().cloned().unwrap_or_default();
+                let rows: Vec<Vec<String>> = calls
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            text(c, "tool"),
+                            format!("{} ms", text(c, "duration_ms")),
+                            text(c, "outcome"),
+                            text(c, "error_code"),
+                        ]
+                    })
+                    .collect();
+                out.push_str(&table(&["TOOL", "DURATION", "OUTCOME", "CODE"], &rows));
+                Ok(out)
+            }
+            SessionsCmd::Close { id } => {
+                let v = admin
+                    .call(
+                        reqwest::Method::DELETE,
+                        &format!("/api/sessions/{}", encode(id)),
+                    )
+                    .await?;
+                if json {
+                    Ok(pretty(&v))
+                } else {
+                    Ok(format!("closed session {id} (reason: evicted)\n"))
+                }
+            }
+        }
+    })
+}
+
+fn group_rows(groups: &Value) -> Vec<Vec<String>> {
+    let mut items: Vec<(&String, &Value)> = groups
+        .as_object()
+        .map(|m| m.iter().collect())
+        .unwrap_or_default();
+    items.sort_by_key(|(_, v)| std::cmp::Reverse(v["calls"].as_i64().unwrap_or(0)));
+    items
+        .into_iter()
+        .map(|(k, v)| {
+            vec![
+                k.clone(),
+                text(v, "calls"),
+                format!("{:.1}%", v["error_rate"].as_f64().unwrap_or(0.0) * 100.0),
+                format!("{} ms", text(v, "p50_ms")),
+                format!("{} ms", text(v, "p95_ms")),
+            ]
+        })
+        .collect()
+}
+
+/// Runs `tether stats`.
+pub fn stats(a: &AdminArgs, since: Option<&str>) -> ExitCode {
+    let admin = Admin::new(a);
+    let json = a.json;
+    let path = match since {
+        Some(s) => format!("/api/stats?since={}", encode(s)),
+        None => "/api/stats".to_owned(),
+    };
+    run(async move {
+        let v = admin.call(reqwest::Method::GET, &path).await?;
+        if json {
+            return Ok(pretty(&v));
+        }
+        let t = &v["totals"];
+        let mut out = format!(
+            "Sessions: {} recorded, {} active, average duration {}\nTool calls: {} recorded, {} failed\n",
+            text(t, "sessions"),
+            text(t, "active"),
+            dur(&t["average_duration_ms"]),
+            text(t, "tool_calls"),
+            text(t, "errors"),
+        );
+        for (title, key) in [
+            ("PER TOOL", "per_tool"),
+            ("PER CLIENT TYPE", "per_client_type"),
+            ("PER UPSTREAM", "per_upstream"),
+            ("PER USER", "per_user"),
+        ] {
+            out.push('\n');
+            out.push_str(&table(
+                &[title, "CALLS", "ERROR RATE", "P50", "P95"],
+                &group_rows(&v[key]),
+            ));
+        }
+        Ok(out)
+    })
+}
+
+/// Runs `tether users`.
+pub fn users(a: &AdminArgs) -> ExitCode {
+    let admin = Admin::new(a);
+    let json = a.json;
+    run(async move {
+        let v = admin.call(reqwest::Method::GET, "/api/users").await?;
+        if json {
+            return Ok(pretty(&v));
+        }
+        let rows: Vec<Vec<String>> = v["users"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|u| {
+                vec![
+                    text(u, "id"),
+                    text(u, "email"),
+                    text(u, "name"),
+                    text(u, "sessions"),
+                    text(u, "active"),
+                    text(u, "tool_calls"),
+                    text(u, "errors"),
+                ]
+            })
+            .collect();
+        Ok(table(
+            &[
+                "USER", "EMAIL", "NAME", "SESSIONS", "ACTIVE", "CALLS", "ERRORS",
+            ],
+            &rows,
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            &["A", "LONGER"],
+            &[
+                vec!["xyz".into(), "1".into()],
+                vec!["q".into(), "22".into()],
+            ],
+        );
+        assert_eq!(t, "A    LONGER\nxyz  1\nq    22\n");
+    }
+}

@@ -1,0 +1,376 @@
+//! Observability end to end: API keys and principals, the ledger through the admin API,
+//! metrics, health checks, the CLI against a running gateway, and the admin token.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{BIN, Gateway, Mcp, state_dir};
+use serde_json::{Value, json};
+
+/// `tether keys add --config FILE`, returning the printed key.
+fn add_key(config: &std::path::Path, user: &str, email: &str) -> String {
+    let out = Command::new(BIN)
+        .args([
+            "keys", "add", "--user", user, "--email", email, "--name", user, "--config",
+        ])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("tk_"))
+        .expect("key printed once")
+        .to_owned()
+}
+
+async fn get(url: &str) -> (u16, Value) {
+    let r = reqwest::get(url).await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls until `f` holds (the ledger writes in batches, off the request path).
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    for _ in 0..100 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+fn with_key(mcp: &Mcp, key: &str) -> Mcp {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
+    Mcp {
+        url: mcp.url.clone(),
+        http: reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn keys_principals_ledger_api_metrics_and_cli() {
+    let dir = state_dir();
+    let config = dir.path().join("tether.toml");
+    std::fs::write(&config, "demo = true\n").unwrap();
+    let alice_key = add_key(&config, "alice", "alice@example.com");
+    let bob_key = add_key(&config, "bob", "bob@example.com");
+    assert!(
+        !std::fs::read_to_string(&config)
+            .unwrap()
+            .contains(&alice_key),
+        "only the hash is stored"
+    );
+    let gw = Gateway::start(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--upstream-timeout",
+            "500ms",
+        ],
+    );
+
+    // No key, or a wrong one: 401 with a challenge.
+    let anon = gw.client();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "claude-code", "version": "2.0"}}});
+    let a = anon.post(None, &init).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.headers["www-authenticate"], "Bearer realm=\"tether\"");
+    assert_eq!(
+        with_key(&anon, "tk_nope").post(None, &init).await.status,
+        401
+    );
+
+    let alice = with_key(&anon, &alice_key);
+    let bob = with_key(&anon, &bob_key);
+    let a = alice.post(None, &init).await;
+    let sid = a.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    assert_eq!(
+        alice
+            .post(
+                Some(&sid),
+                &json!({"jsonrpc": "2.0", "method": "notifications/initialized"})
+            )
+            .await
+            .status,
+        202
+    );
+    // Alice's session id with Bob's key is exactly an unknown session.
+    let stolen = bob
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(stolen.status, 404);
+
+    assert_eq!(
+        alice
+            .call_text(&sid, 3, "echo", json!({"text": "hi"}))
+            .await,
+        "hi"
+    );
+    assert_eq!(
+        alice
+            .call_text(&sid, 4, "add", json!({"a": 1, "b": 2}))
+            .await,
+        "3"
+    );
+    let timed_out = alice.call(&sid, 5, "slow", json!({"ms": 3000})).await;
+    assert_eq!(timed_out.pointer("/error/code"), Some(&json!(-32012)));
+    let bob_sid = bob.initialize("cursor").await;
+    assert_eq!(
+        bob.call_text(&bob_sid, 1, "echo", json!({"text": "bob"}))
+            .await,
+        "bob"
+    );
+
+    let admin = gw.admin.clone();
+    eventually("ledger has alice's calls", async || {
+        get(&format!("{admin}/api/sessions/{sid}")).await.1["session"]["tool_calls"] == 3
+    })
+    .await;
+    let (status, detail) = get(&format!("{admin}/api/sessions/{sid}")).await;
+    assert_eq!(status, 200);
+    let s = &detail["session"];
+    assert_eq!(s["user_id"], "alice");
+    assert_eq!(s["user_email"], "alice@example.com");
+    assert_eq!(s["client_type"], "Claude Code");
+    assert_eq!(s["errors"], 1);
+    assert_eq!(s["upstream_state"], "up");
+    let outcomes: Vec<&str> = detail["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec!["timeout", "ok", "ok"],
+        "newest first, never arguments"
+    );
+    assert!(detail["calls"][0].get("arguments").is_none());
+
+    let (_, list) = get(&format!("{admin}/api/sessions?status=active&user=alice")).await;
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
+    let (_, list) = get(&format!("{admin}/api/sessions?client=Cursor")).await;
+    assert_eq!(list["sessions"][0]["user_id"], "bob");
+    let (_, page) = get(&format!("{admin}/api/sessions?limit=1")).await;
+    assert_eq!(page["sessions"].as_array().unwrap().len(), 1);
+    assert_eq!(page["next_offset"], 1, "paged");
+    for bad in [
+        "status=sleeping",
+        "limit=0",
+        "limit=9999",
+        "since=whenever",
+        "offset=-1",
+    ] {
+        let (status, body) = get(&format!("{admin}/api/sessions?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body["error"].as_str().is_some());
+    }
+    assert_eq!(
+        get(&format!("{admin}/api/sessions/disconnected?days=0"))
+            .await
+            .0,
+        400
+    );
+
+    let (_, stats) = get(&format!("{admin}/api/stats")).await;
+    assert_eq!(stats["per_tool"]["echo"]["calls"], 2);
+    assert_eq!(stats["per_tool"]["slow"]["error_rate"], 1.0);
+    assert!(stats["per_tool"]["echo"]["p50_ms"].is_number());
+    assert_eq!(stats["per_client_type"]["Claude Code"]["calls"], 3);
+    assert_eq!(stats["per_user"]["bob"]["calls"], 1);
+    assert_eq!(stats["timeline"].as_array().unwrap().len(), 60);
+    let (_, users) = get(&format!("{admin}/api/users")).await;
+    let ids: Vec<&str> = users["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["alice", "bob"]);
+    let (status, us) = get(&format!("{admin}/api/users/alice/stats")).await;
+    assert_eq!(status, 200);
+    assert_eq!(us["window"]["calls"], 3);
+    assert_eq!(
+        get(&format!("{admin}/api/users/mallory/stats")).await.0,
+        404
+    );
+
+    // Health and metrics.
+    let (status, h) = get(&format!("{admin}/health")).await;
+    assert_eq!((status, h["status"].as_str()), (200, Some("ok")));
+    assert_eq!(h["live_sessions"], 2);
+    let (status, r) = get(&format!("{admin}/health/ready")).await;
+    assert_eq!(status, 200, "{r}");
+    let (_, d) = get(&format!("{admin}/health/deep")).await;
+    assert_eq!(d["sessions"]["active"], 2);
+    assert_eq!(d["upstream"]["sessions_by_state"]["up"], 2);
+    assert_eq!(d["instances"].as_array().unwrap().len(), 1);
+    let metrics = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "tether_sessions_created_total 2",
+        "tether_tool_calls_total{outcome=\"timeout\"} 1",
+        "tether_http_requests_total{class=\"post\",status=\"401\"} 2",
+        "tether_ledger_dropped_total 0",
+        "tether_tool_call_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(needle), "{needle} in\n{metrics}");
+    }
+    assert!(!metrics.contains(&sid), "no session ids in metric labels");
+    let (status, spec) = get(&format!("{admin}/api/openapi.json")).await;
+    assert_eq!(status, 200);
+    assert!(spec["paths"]["/api/sessions/{id}"]["delete"].is_object());
+
+    // The CLI against the running gateway.
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--admin", &admin])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, table, _) = cli(&["sessions", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(table.starts_with("SESSION"), "{table}");
+    assert!(
+        table.contains(&sid) && table.contains("alice") && table.contains("Claude Code"),
+        "{table}"
+    );
+    let (_, json_out, _) = cli(&["sessions", "list", "--json"]);
+    let parsed: Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(parsed["sessions"].as_array().unwrap().len(), 2);
+    let (code, shown, _) = cli(&["sessions", "show", &sid]);
+    assert_eq!(code, Some(0));
+    assert!(
+        shown.contains("alice@example.com") && shown.contains("timeout"),
+        "{shown}"
+    );
+    let (code, st, _) = cli(&["stats"]);
+    assert_eq!(code, Some(0));
+    assert!(st.contains("PER TOOL") && st.contains("echo"), "{st}");
+    let (code, us, _) = cli(&["users"]);
+    assert_eq!(code, Some(0));
+    assert!(us.contains("bob@example.com"), "{us}");
+    let (code, _, err) = cli(&["sessions", "show", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("404"), "{err}");
+
+    // Evict from the CLI: the client gets 404, the ledger says why.
+    let (code, _, _) = cli(&["sessions", "close", &bob_sid]);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        bob.post(
+            Some(&bob_sid),
+            &json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"})
+        )
+        .await
+        .status,
+        404
+    );
+    assert_eq!(alice.delete(&sid).await, 200);
+    let (_, gone) = get(&format!("{admin}/api/sessions/disconnected?days=1")).await;
+    assert_eq!(gone["stats"]["count"], 2);
+    assert_eq!(gone["stats"]["by_reason"]["evicted"], 1);
+    assert_eq!(gone["stats"]["by_reason"]["client_disconnect"], 1);
+    assert!(
+        gone["stats"]["max_duration_ms"].as_i64().unwrap()
+            >= gone["stats"]["min_duration_ms"].as_i64().unwrap()
+    );
+}
+
+#[test]
+fn cli_explains_a_gateway_that_is_not_running() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["sessions", "list", "--admin", &format!("http://{free}")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is `tether serve` running?"), "{err}");
+}
+
+#[tokio::test]
+async fn non_loopback_admin_needs_a_token() {
+    let dir = state_dir();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .env_remove("TETHER_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin-token"));
+
+    let gw = Gateway::start(
+        dir.path(),
+        &[
+            "--demo",
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--admin-token",
+            "s3cret",
+        ],
+    );
+    let port = gw.admin.rsplit(':').next().unwrap().to_owned();
+    let base = format!("http://127.0.0.1:{port}");
+    assert_eq!(
+        get(&format!("{base}/health")).await.0,
+        200,
+        "health needs no token"
+    );
+    let r = reqwest::get(format!("{base}/api/sessions")).await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = reqwest::Client::new()
+        .get(format!("{base}/api/sessions"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let out = Command::new(BIN)
+        .args(["users", "--admin", &base, "--admin-token", "s3cret"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
