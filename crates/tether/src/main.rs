@@ -514,6 +514,9 @@ mod tests {
         assert_eq!(c.max_body, d.max_body);
         assert_eq!(c.upstream_timeout, d.upstream_timeout);
         assert_eq!(c.shutdown_grace, d.shutdown_grace);
+        assert_eq!(c.admin_listen, d.admin_listen);
+        assert_eq!(c.retention, d.retention);
+        assert!(c.keys.is_empty() && c.admin_token.is_none());
         assert_eq!(tether_core::config::DEFAULT_LISTEN, "127.0.0.1:7450");
     }
 }

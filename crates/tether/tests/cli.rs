@@ -19,6 +19,9 @@ const OPTIONS: &[&str] = &[
     "--allowed-origins",
     "--upstream-url",
     "--demo",
+    "--admin-listen",
+    "--admin-token",
+    "--retention",
 ];
 
 #[test]

@@ -1,0 +1,105 @@
+//! The dashboard in a real browser: headless Chromium driven by Playwright (`playwright-core`
+//! from npm, Debian's `chromium`). While a client holds sessions and calls tools, the page
+//! must show the rows and a chart, open a session's detail, and evict it.
+//! Without Chromium or `e2e/ts/node_modules` it prints one skip line, unless
+//! `TETHER_TEST_REQUIRE_BROWSER=1` (set by `.ci/run`) makes that a failure.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Gateway, state_dir};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn dashboard_shows_sessions_and_evicts_one() {
+    let e2e = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../e2e/ts"));
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !e2e.join("node_modules/playwright-core").exists() || !Path::new(&chromium).exists() {
+        assert!(
+            std::env::var("TETHER_TEST_REQUIRE_BROWSER").is_err(),
+            "TETHER_TEST_REQUIRE_BROWSER is set but Chromium or e2e/ts/node_modules is missing"
+        );
+        println!(
+            "skipped: needs {chromium} and e2e/ts/node_modules (apt-get install chromium; npm ci in e2e/ts)"
+        );
+        return;
+    }
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let target = mcp.initialize("claude-code").await;
+    let other = mcp.initialize("cursor").await;
+    for i in 0..5 {
+        mcp.call_text(&target, i, "echo", json!({"text": "x"}))
+            .await;
+    }
+    // Keep calling on the other session while the page is open.
+    let busy = {
+        let (mcp, other) = (mcp.clone(), other.clone());
+        tokio::spawn(async move {
+            for i in 0..200 {
+                mcp.call(&other, 100 + i, "add", json!({"a": i, "b": 1}))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the ledger batch land
+
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let (admin, sid, shot) = (gw.admin.clone(), target.clone(), shots.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(e2e.join("dashboard.mjs"))
+            .args([&admin, &sid])
+            .arg(&shot)
+            .env("CHROMIUM", chromium)
+            .output()
+            .expect("node runs")
+    })
+    .await
+    .unwrap();
+    busy.abort();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "dashboard check failed:\n{stdout}\n{}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log_text()
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(report["rows"].as_u64().unwrap() >= 2, "{report}");
+    assert!(report["calls"].as_u64().unwrap() >= 5, "{report}");
+    assert!(report["perClient"].as_u64().unwrap() >= 2, "{report}");
+    assert!(
+        report["detailText"]
+            .as_str()
+            .unwrap()
+            .contains("Claude Code"),
+        "{report}"
+    );
+    assert!(
+        report["reasons"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("evicted"),
+        "{report}"
+    );
+    assert!(
+        std::fs::metadata(&shots).unwrap().len() > 10_000,
+        "screenshot saved at {}",
+        shots.display()
+    );
+    // The evicted client now gets the spec's 404.
+    let a = mcp
+        .post(
+            Some(&target),
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(a.status, 404);
+}
