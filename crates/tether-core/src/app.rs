@@ -55,7 +55,7 @@ pub async fn run(
     let ledger_stop = CancellationToken::new();
     let ledger_task = tokio::spawn(ledger::run_writer(
         ledger_rx,
-        store.clone(),
+        store.clone() as Arc<dyn ledger::LedgerSink>,
         metrics.clone(),
         ledger_stop.clone(),
     ));

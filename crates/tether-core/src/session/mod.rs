@@ -391,7 +391,9 @@ impl Registry {
             self.insert(&session);
             sh.metrics.sessions_created.inc();
             tracing::info!(
+                principal = %session.record.principal,
                 client.name = session.record.client_name.as_deref().unwrap_or("unknown"),
+                "client.type" = %session.record.client_type,
                 protocol.version = %session.record.protocol_version,
                 upstream = %link.describe(),
                 "session created"

@@ -127,9 +127,16 @@ pub struct EventRecord {
     pub terminal: bool,
 }
 
+/// Where ledger batches go. Separate from [`Store`] so the ledger writer can be tested
+/// against slow and failing sinks.
+pub trait LedgerSink: Send + Sync + 'static {
+    /// Writes ledger events (one batch, one commit).
+    fn record(&self, events: Vec<LedgerEvent>) -> Ack;
+}
+
 /// The durable-state interface of the session layer.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: LedgerSink {
     /// Records a new session; durable when this returns.
     async fn create_session(&self, record: SessionRecord) -> Result<(), StoreError>;
     /// Loads a session by id.
@@ -168,8 +175,6 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes logs of finished streams created before `cutoff_ms`; returns events removed.
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
 
-    /// Writes ledger events (one batch, one commit).
-    fn record(&self, events: Vec<LedgerEvent>) -> Ack;
     /// Sessions matching `query`, most recently active first.
     async fn list_sessions(&self, query: &SessionQuery) -> Result<Vec<SessionSummary>, StoreError>;
     /// One session's summary.

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::{
-    Ack, CallRow, EventRecord, LedgerEvent, SessionQuery, SessionRecord, SessionState,
+    Ack, CallRow, EventRecord, LedgerEvent, LedgerSink, SessionQuery, SessionRecord, SessionState,
     SessionSummary, Store, StoreError, StreamRecord, ToolCallRecord, Totals, UserRow, now_ms,
 };
 
@@ -503,6 +503,12 @@ fn row_to_call(row: &rusqlite::Row<'_>) -> rusqlite::Result<ToolCallRecord> {
 const STREAM_COLUMNS: &str = "s.session_id, s.stream_id, s.client_request_id, s.request, s.retryable, s.done, s.created_ms,
     COALESCE((SELECT max(seq) FROM events e WHERE e.session_id = s.session_id AND e.stream_id = s.stream_id), 0)";
 
+impl LedgerSink for SqliteStore {
+    fn record(&self, events: Vec<LedgerEvent>) -> Ack {
+        self.submit(|d| Op::Ledger(events, d))
+    }
+}
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn create_session(&self, record: SessionRecord) -> Result<(), StoreError> {
@@ -624,10 +630,6 @@ impl Store for SqliteStore {
             rows.collect()
         })
         .await
-    }
-
-    fn record(&self, events: Vec<LedgerEvent>) -> Ack {
-        self.submit(|d| Op::Ledger(events, d))
     }
 
     async fn list_sessions(&self, query: &SessionQuery) -> Result<Vec<SessionSummary>, StoreError> {
@@ -885,6 +887,49 @@ mod tests {
         assert!(store.stream("s", "x").await.unwrap().unwrap().done);
         assert_eq!(store.prune_events(10).await.unwrap(), 3);
         assert!(store.stream("s", "x").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn ledger_counts_and_retention_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.create_session(record("old", 1)).await.unwrap();
+        store.create_session(record("new", 1)).await.unwrap();
+        let call = |sid: &str, started_ms, outcome: &str| {
+            LedgerEvent::ToolCall(ToolCallRecord {
+                session_id: sid.into(),
+                tool: "echo".into(),
+                started_ms,
+                duration_ms: 3,
+                outcome: outcome.into(),
+                error_code: None,
+            })
+        };
+        store
+            .record(vec![
+                call("old", 100, "ok"),
+                call("old", 200, "timeout"),
+                call("new", 5_000, "ok"),
+                LedgerEvent::Rehydrated("new".into()),
+                LedgerEvent::UpstreamRestarted("new".into()),
+            ])
+            .await
+            .unwrap();
+        let old = store.session_summary("old").await.unwrap().unwrap();
+        assert_eq!((old.tool_calls, old.errors), (2, 1));
+        let new = store.session_summary("new").await.unwrap().unwrap();
+        assert_eq!((new.rehydrations, new.upstream_restarts), (1, 1));
+        store.close_session("old", "timeout", 1_000).await.unwrap();
+        // Past retention: the closed session and old calls go; live sessions and recent calls stay.
+        assert_eq!(store.prune_ledger(2_000).await.unwrap(), 3);
+        assert!(store.session_summary("old").await.unwrap().is_none());
+        assert!(store.session_summary("new").await.unwrap().is_some());
+        assert_eq!(store.calls_since(0, 10).await.unwrap().len(), 1);
+        let totals = store.totals().await.unwrap();
+        assert_eq!(
+            (totals.sessions, totals.active, totals.tool_calls),
+            (1, 1, 1)
+        );
     }
 
     #[tokio::test]
