@@ -490,16 +490,23 @@ struct StatsParams {
     since: Option<String>,
 }
 
+impl StatsParams {
+    /// Window start; the last 24 hours by default.
+    fn since_ms(&self) -> Result<i64, ApiError> {
+        Ok(self
+            .since
+            .as_deref()
+            .map(parse_since)
+            .transpose()?
+            .unwrap_or_else(|| now_ms() - 86_400_000))
+    }
+}
+
 async fn stats(
     State(st): State<AdminState>,
     Query(p): Query<StatsParams>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let since = p
-        .since
-        .as_deref()
-        .map(parse_since)
-        .transpose()?
-        .unwrap_or_else(|| now_ms() - 86_400_000);
+    let since = p.since_ms()?;
     let rows = st
         .store
         .calls_since(since.min(now_ms() - 3_600_000), STATS_ROWS)
@@ -553,12 +560,7 @@ async fn user_stats(
     Path(id): Path<String>,
     Query(p): Query<StatsParams>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let since = p
-        .since
-        .as_deref()
-        .map(parse_since)
-        .transpose()?
-        .unwrap_or_else(|| now_ms() - 86_400_000);
+    let since = p.since_ms()?;
     let Some(user) = st.store.users().await?.into_iter().find(|u| u.id == id) else {
         if st.keys.users().iter().any(|u| u.id == id) {
             return Ok(axum::Json(

@@ -84,7 +84,26 @@ struct RemoteArgs {
     ca_file: Option<PathBuf>,
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("tether: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 impl RemoteArgs {
+    /// Checks the URL and builds the headers, or says what is wrong (exit code 2).
+    fn prepare(&self, url: &str) -> Result<tether_core::bridge::HeaderMap, ExitCode> {
+        if !tether_core::bridge::is_http_url(url) {
+            eprintln!("tether: {url:?} is not an http:// or https:// URL");
+            return Err(ExitCode::from(2));
+        }
+        self.header_map().map_err(|e| {
+            eprintln!("tether: {e:#}");
+            ExitCode::from(2)
+        })
+    }
+
     fn header_map(&self) -> anyhow::Result<tether_core::bridge::HeaderMap> {
         let mut items = self.headers.clone();
         if let Ok(lines) = std::env::var("TETHER_HEADERS") {
@@ -312,12 +331,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("tether: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(tether_core::app::run(
         config,
@@ -361,17 +377,10 @@ fn connect(args: &ConnectArgs) -> ExitCode {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let headers = match args.remote.header_map() {
+    let headers = match args.remote.prepare(&args.url) {
         Ok(h) => h,
-        Err(e) => {
-            eprintln!("tether: {e:#}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    if !tether_core::bridge::is_http_url(&args.url) {
-        eprintln!("tether: {:?} is not an http:// or https:// URL", args.url);
-        return ExitCode::from(2);
-    }
     let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
         Ok(f) => f,
         Err(e) => {
@@ -410,12 +419,9 @@ fn connect(args: &ConnectArgs) -> ExitCode {
         ca_file: args.remote.ca_file.clone(),
         max_message: 64 * 1024 * 1024,
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("tether: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(tether_core::bridge::run(
         opts,
@@ -435,17 +441,10 @@ fn check(args: &CheckArgs) -> ExitCode {
         Ok(t) => t,
         Err(code) => return code,
     };
-    let headers = match args.remote.header_map() {
+    let headers = match args.remote.prepare(&args.url) {
         Ok(h) => h,
-        Err(e) => {
-            eprintln!("tether: {e:#}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    if !tether_core::bridge::is_http_url(&args.url) {
-        eprintln!("tether: {:?} is not an http:// or https:// URL", args.url);
-        return ExitCode::from(2);
-    }
     let client = match tether_core::bridge::http_client(args.remote.ca_file.as_deref(), timeout) {
         Ok(c) => c,
         Err(e) => {
@@ -453,12 +452,9 @@ fn check(args: &CheckArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("tether: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let report = runtime.block_on(tether_core::check::run(client, &args.url, headers, timeout));
     if args.json {

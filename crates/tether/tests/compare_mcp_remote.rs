@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{BIN, Gateway, state_dir};
+use common::{BIN, Gateway, http_upstream, state_dir};
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
 use rmcp::transport::TokioChildProcess;
@@ -66,26 +65,6 @@ async fn echo(client: &Client, text: &str) -> Result<(), String> {
     }
 }
 
-fn http_upstream(addr: &str) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["demo-server", "--http", addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (
-        child,
-        line.trim()
-            .strip_prefix("demo-server: listening on ")
-            .unwrap()
-            .to_owned(),
-    )
-}
-
 fn verdict(r: Result<(), String>) -> String {
     match r {
         Ok(()) => "survives".into(),
@@ -115,19 +94,13 @@ async fn tether_connect_vs_mcp_remote() {
         let _ = client.cancel().await;
 
         // 2. Behind a server that is not Tether and forgets its sessions when restarted.
-        let (mut up, url) = http_upstream("127.0.0.1:0");
+        let (up, url) = http_upstream("127.0.0.1:0");
         let dir = state_dir();
         let client = client_via(bridge, &url, dir.path()).await;
         echo(&client, "before")
             .await
             .expect("works before the restart");
-        up.kill().unwrap();
-        up.wait().unwrap();
-        let addr = url
-            .trim_start_matches("http://")
-            .trim_end_matches("/mcp")
-            .to_owned();
-        let (mut up2, _) = http_upstream(&addr);
+        let mut up2 = common::restart_http_upstream(up, &url);
         let b = echo(&client, "after server restart").await;
         let _ = client.cancel().await;
         let _ = up2.kill();
@@ -157,7 +130,7 @@ async fn tether_connect_vs_mcp_remote() {
         let _ = up2.wait();
 
         // 4. State the client set up, after the server forgot the session.
-        let (mut up, url) = http_upstream("127.0.0.1:0");
+        let (up, url) = http_upstream("127.0.0.1:0");
         let dir = state_dir();
         let client = client_via(bridge, &url, dir.path()).await;
         #[allow(deprecated)]
@@ -174,13 +147,7 @@ async fn tether_connect_vs_mcp_remote() {
                 .await
                 .unwrap();
         }
-        up.kill().unwrap();
-        up.wait().unwrap();
-        let addr = url
-            .trim_start_matches("http://")
-            .trim_end_matches("/mcp")
-            .to_owned();
-        let (mut up2, _) = http_upstream(&addr);
+        let mut up2 = common::restart_http_upstream(up, &url);
         let d = match tokio::time::timeout(
             Duration::from_secs(20),
             client.call_tool(CallToolRequestParams::new("setup")),

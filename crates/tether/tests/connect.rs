@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BIN, Gateway, state_dir};
+use common::{BIN, Gateway, http_upstream, state_dir};
 use rmcp::model::{
     CallToolRequestParams, LoggingLevel, SetLevelRequestParams, SubscribeRequestParams,
 };
@@ -51,25 +50,6 @@ async fn text(client: &Client, tool: &'static str, args: Value) -> Result<String
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned())
-}
-
-fn http_upstream(addr: &str) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["demo-server", "--http", addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("demo-server: listening on ")
-        .expect("address")
-        .to_owned();
-    (child, url)
 }
 
 #[tokio::test]
@@ -130,7 +110,7 @@ async fn stdio_client_survives_gateway_sigkill_through_connect() {
 
 #[tokio::test]
 async fn stdio_client_survives_a_non_tether_server_forgetting_its_session() {
-    let (mut upstream, url) = http_upstream("127.0.0.1:0");
+    let (upstream, url) = http_upstream("127.0.0.1:0");
     let dir = state_dir();
     let client = bridge_client(&url, dir.path()).await;
     client
@@ -149,13 +129,7 @@ async fn stdio_client_survives_a_non_tether_server_forgetting_its_session() {
         "level=debug subscriptions=demo://watched"
     );
 
-    upstream.kill().unwrap();
-    upstream.wait().unwrap();
-    let addr = url
-        .trim_start_matches("http://")
-        .trim_end_matches("/mcp")
-        .to_owned();
-    let (mut upstream2, _) = http_upstream(&addr);
+    let mut upstream2 = common::restart_http_upstream(upstream, &url);
 
     // 404 → re-initialize with the client's params → restore → retry; invisible to the client.
     assert_eq!(
@@ -182,7 +156,7 @@ async fn stdio_client_survives_a_non_tether_server_forgetting_its_session() {
 
 #[tokio::test]
 async fn call_in_flight_when_the_server_dies_gets_an_error_not_a_hang() {
-    let (mut upstream, url) = http_upstream("127.0.0.1:0");
+    let (upstream, url) = http_upstream("127.0.0.1:0");
     let dir = state_dir();
     let client = bridge_client(&url, dir.path()).await;
     let pending = {
@@ -196,13 +170,7 @@ async fn call_in_flight_when_the_server_dies_gets_an_error_not_a_hang() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    upstream.kill().unwrap();
-    upstream.wait().unwrap();
-    let addr = url
-        .trim_start_matches("http://")
-        .trim_end_matches("/mcp")
-        .to_owned();
-    let (mut upstream2, _) = http_upstream(&addr);
+    let mut upstream2 = common::restart_http_upstream(upstream, &url);
     let started = Instant::now();
     let outcome = tokio::time::timeout(Duration::from_secs(30), pending)
         .await

@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Gateway, state_dir, wait_gone};
+use common::{BIN, Gateway, http_upstream, state_dir, wait_gone};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -126,29 +124,9 @@ async fn upstream_that_cannot_start_is_a_clear_error() {
     assert!(gw.alive());
 }
 
-/// Runs `tether demo-server --http ADDR` and returns it with its URL.
-fn http_upstream(addr: &str) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["demo-server", "--http", addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("demo-server: listening on ")
-        .expect("demo server address")
-        .to_owned();
-    (child, url)
-}
-
 #[tokio::test]
 async fn http_upstream_restart_is_invisible_to_the_client() {
-    let (mut upstream, url) = http_upstream("127.0.0.1:0");
+    let (upstream, url) = http_upstream("127.0.0.1:0");
     let dir = state_dir();
     let gw = Gateway::start(dir.path(), &["--upstream-url", &url]);
     let mcp = gw.client();
@@ -157,13 +135,7 @@ async fn http_upstream_restart_is_invisible_to_the_client() {
     assert_eq!(mcp.call_text(&sid, 2, "counter", json!({})).await, "2");
 
     // The upstream restarts on the same address and forgets every session.
-    upstream.kill().unwrap();
-    upstream.wait().unwrap();
-    let addr = url
-        .trim_start_matches("http://")
-        .trim_end_matches("/mcp")
-        .to_owned();
-    let (mut upstream2, _) = http_upstream(&addr);
+    let mut upstream2 = common::restart_http_upstream(upstream, &url);
     // Same client session id keeps working: 404 upstream → re-initialize → retry.
     assert_eq!(
         mcp.call_text(&sid, 3, "echo", json!({"text": "after upstream restart"}))

@@ -1256,33 +1256,47 @@ impl Session {
                 s.on_timeout(uid).await;
             }
         });
+        let pending = Pending {
+            kind: PendingKind::Client {
+                client_id,
+                stream: stream.clone(),
+                token: token.clone(),
+            },
+            restore: RestoreOp::of(message),
+            tool: message
+                .pointer("/params/name")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            generation,
+            method,
+            timer: Some(timer.abort_handle()),
+            started: Instant::now(),
+        };
         {
             let mut st = self.lock();
+            // Checked under the lock `on_upstream_closed` takes: a request registered after
+            // that upstream was declared dead would be sent into it and wait for nothing.
+            let live =
+                st.generation == generation && matches!(st.upstream, UpstreamSlot::Up { .. });
+            if !live {
+                drop(st);
+                self.finish(pending, |client_id| {
+                    protocol::error_response(
+                        client_id,
+                        code::UPSTREAM_LOST,
+                        "the upstream went away before this request could be sent; the next request restarts it",
+                        Some(json!({"kind": "upstream_lost"})),
+                    )
+                });
+                return;
+            }
             if let Some(t) = &token {
                 st.progress.insert(t.clone(), uid);
             }
             if !Arc::ptr_eq(&stream, &self.standalone) {
-                st.streams.insert(stream.id().clone(), stream.clone());
+                st.streams.insert(stream.id().clone(), stream);
             }
-            st.pending.insert(
-                uid,
-                Pending {
-                    kind: PendingKind::Client {
-                        client_id,
-                        stream,
-                        token,
-                    },
-                    restore: RestoreOp::of(message),
-                    tool: message
-                        .pointer("/params/name")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned),
-                    generation,
-                    method,
-                    timer: Some(timer.abort_handle()),
-                    started: Instant::now(),
-                },
-            );
+            st.pending.insert(uid, pending);
         }
         link.send(message.clone()).await;
     }

@@ -560,8 +560,11 @@ impl Inner {
 
     async fn fail_link(&self, cause: String) {
         if !self.closed.swap(true, Ordering::SeqCst) {
-            self.stop.cancel();
+            // Report first, then stop: this runs inside futures raced against `stop`, and a
+            // send that yields after the cancel would be dropped, leaving the session
+            // waiting for a `Closed` that never comes.
             let _ = self.inbound.send(Inbound::Closed(cause)).await;
+            self.stop.cancel();
         }
     }
 

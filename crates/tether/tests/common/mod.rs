@@ -275,9 +275,14 @@ pub struct Mcp {
 
 impl Mcp {
     pub fn new(url: &str) -> Mcp {
+        // A bound on every exchange: a hang must fail the test, not stall CI.
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
         Mcp {
             url: url.to_owned(),
-            http: reqwest::Client::new(),
+            http,
         }
     }
 
@@ -442,4 +447,34 @@ pub fn state_dir() -> tempfile::TempDir {
         .prefix("tether-test-")
         .tempdir()
         .unwrap()
+}
+
+/// Runs `tether demo-server --http ADDR` (an rmcp server that is not Tether and forgets its
+/// sessions when restarted) and returns it with its MCP URL.
+pub fn http_upstream(addr: &str) -> (std::process::Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["demo-server", "--http", addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("demo-server: listening on ")
+        .expect("demo server address")
+        .to_owned();
+    (child, url)
+}
+
+/// Kills an `http_upstream` and starts a fresh one on the same address: the server
+/// restarts and forgets every session.
+pub fn restart_http_upstream(mut old: std::process::Child, url: &str) -> std::process::Child {
+    old.kill().unwrap();
+    old.wait().unwrap();
+    let addr = url.trim_start_matches("http://").trim_end_matches("/mcp");
+    http_upstream(addr).0
 }
