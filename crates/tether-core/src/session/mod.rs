@@ -1207,11 +1207,10 @@ impl Session {
             }
             Transport::LegacySse => (self.standalone.clone(), None, None),
         };
-        let mut message = env.value;
         self.forward(
             &link,
             generation,
-            &mut message,
+            env.value,
             client_id,
             stream.clone(),
             method,
@@ -1238,13 +1237,13 @@ impl Session {
         self: &Arc<Self>,
         link: &Link,
         generation: u64,
-        message: &mut Value,
+        mut message: Value,
         client_id: Value,
         stream: Arc<Stream>,
         method: String,
     ) {
         let uid = self.shared.next_upstream_id.fetch_add(1, Ordering::Relaxed);
-        protocol::set_id(message, Value::from(uid));
+        protocol::set_id(&mut message, Value::from(uid));
         let token = message
             .pointer("/params/_meta/progressToken")
             .map(Value::to_string);
@@ -1262,7 +1261,7 @@ impl Session {
                 stream: stream.clone(),
                 token: token.clone(),
             },
-            restore: RestoreOp::of(message),
+            restore: RestoreOp::of(&message),
             tool: message
                 .pointer("/params/name")
                 .and_then(Value::as_str)
@@ -1298,21 +1297,21 @@ impl Session {
             }
             st.pending.insert(uid, pending);
         }
-        link.send(message.clone()).await;
+        link.send(message).await;
     }
 
     /// Re-issues safe requests that were in flight when the gateway died.
     async fn reissue(self: Arc<Self>, items: Vec<(Arc<Stream>, Value, Value)>) {
         match self.ensure_upstream().await {
             Ok((link, generation)) => {
-                for (stream, client_id, mut request) in items {
+                for (stream, client_id, request) in items {
                     let method = request
                         .get("method")
                         .and_then(Value::as_str)
                         .unwrap_or_default()
                         .to_owned();
                     tracing::info!(mcp.method = %method, "re-issuing a safe request interrupted by a gateway restart");
-                    self.forward(&link, generation, &mut request, client_id, stream, method)
+                    self.forward(&link, generation, request, client_id, stream, method)
                         .await;
                 }
             }
