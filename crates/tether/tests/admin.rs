@@ -304,10 +304,7 @@ async fn keys_principals_ledger_api_metrics_and_cli() {
 
 #[test]
 fn cli_explains_a_gateway_that_is_not_running() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_reserved, free) = common::refused_addr();
     let out = Command::new(BIN)
         .args(["sessions", "list", "--admin", &format!("http://{free}")])
         .output()

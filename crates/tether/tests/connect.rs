@@ -248,10 +248,7 @@ async fn check_reports_a_working_endpoint_and_diagnoses_broken_ones() {
     assert_eq!(report["unknown_session_404"], true);
     assert!(report["capabilities"]["tools"].is_object());
 
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_reserved, free) = common::refused_addr();
     for (url, needle) in [
         (format!("http://{free}/mcp"), "connection refused"),
         (format!("http://{}/nope", gw.addr), "wrong path"),

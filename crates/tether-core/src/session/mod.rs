@@ -547,6 +547,8 @@ impl Registry {
                 }
             }
         }
+        // The interrupted-call errors above must be readable before any resume is served.
+        sh.store.flush().await?;
         sh.metrics.rehydrations.inc();
         sh.ledger.record(LedgerEvent::Rehydrated(id.to_owned()));
         tracing::info!(interrupted_retrying = retry.len(), "session rehydrated");
@@ -1744,6 +1746,9 @@ impl Session {
                 Ok(handle(replay, Some(rx), stream_id == STANDALONE_STREAM))
             }
             None => {
+                // Events pushed just before (an interrupted call's error at rehydration)
+                // may still be in the writer's queue.
+                store.flush().await?;
                 if store.stream(&self.id, stream_id).await?.is_none() {
                     return Err(SessionError::BadRequest(format!(
                         "no stream {stream_id:?} in this session"

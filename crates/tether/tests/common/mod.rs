@@ -478,3 +478,14 @@ pub fn restart_http_upstream(mut old: std::process::Child, url: &str) -> std::pr
     let addr = url.trim_start_matches("http://").trim_end_matches("/mcp");
     http_upstream(addr).0
 }
+
+/// An address where nothing listens and nothing else can start listening while the
+/// returned socket lives: bound, never `listen`ed, so connections are refused.
+pub fn refused_addr() -> (socket2::Socket, std::net::SocketAddr) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (socket, addr)
+}
