@@ -31,6 +31,7 @@ fn record() -> SessionRecord {
         principal_email: None,
         principal_name: None,
         client_type: "unknown".into(),
+        transport: "streamable-http".into(),
     }
 }
 

@@ -12,10 +12,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{BIN, Gateway, http_upstream, state_dir};
+use rmcp::RoleClient;
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
-use rmcp::transport::TokioChildProcess;
-use rmcp::{RoleClient, ServiceExt};
 use serde_json::json;
 
 type Client = RunningService<RoleClient, rmcp::model::ClientConfig>;
@@ -38,14 +37,7 @@ async fn client_via(bridge: &str, url: &str, dir: &Path) -> Client {
         c
     };
     cmd.stderr(Stdio::null());
-    let info = rmcp::model::ClientConfig::new(
-        rmcp::model::ClientCapabilities::default(),
-        rmcp::model::Implementation::new("compare", "1.0"),
-    )
-    .with_protocol_version(rmcp::model::ProtocolVersion::LATEST_WITH_INITIALIZE);
-    info.serve(TokioChildProcess::new(cmd).unwrap())
-        .await
-        .expect("bridge initializes")
+    common::stdio_client(cmd).await
 }
 
 async fn echo(client: &Client, text: &str) -> Result<(), String> {

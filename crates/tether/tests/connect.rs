@@ -9,12 +9,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{BIN, Gateway, http_upstream, state_dir};
+use rmcp::RoleClient;
 use rmcp::model::{
     CallToolRequestParams, LoggingLevel, SetLevelRequestParams, SubscribeRequestParams,
 };
 use rmcp::service::RunningService;
-use rmcp::transport::TokioChildProcess;
-use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
 
 type Client = RunningService<RoleClient, rmcp::model::ClientConfig>;
@@ -23,15 +22,7 @@ async fn bridge_client(url: &str, dir: &std::path::Path) -> Client {
     let mut cmd = tokio::process::Command::new(BIN);
     cmd.args(["connect", url, "--retry-base", "50ms", "--log-file"])
         .arg(dir.join("connect.log"));
-    let transport = TokioChildProcess::new(cmd).expect("tether connect starts");
-    let info = rmcp::model::ClientConfig::new(
-        rmcp::model::ClientCapabilities::default(),
-        rmcp::model::Implementation::new("stdio-client", "1.0"),
-    )
-    .with_protocol_version(rmcp::model::ProtocolVersion::LATEST_WITH_INITIALIZE);
-    info.serve(transport)
-        .await
-        .expect("initialize through the bridge")
+    common::stdio_client(cmd).await
 }
 
 async fn text(client: &Client, tool: &'static str, args: Value) -> Result<String, String> {

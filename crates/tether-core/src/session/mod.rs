@@ -81,6 +81,16 @@ pub enum Transport {
     LegacySse,
 }
 
+impl Transport {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Streamable => "streamable-http",
+            Transport::LegacySse => "sse",
+        }
+    }
+}
+
 /// Failures the front door must render.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -274,15 +284,6 @@ impl Registry {
         &self.shared.store
     }
 
-    /// Number of sessions held in memory.
-    pub fn loaded(&self) -> usize {
-        self.shared
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
-    }
-
     /// Creates a session from a client's `initialize`: starts an upstream, forwards the
     /// handshake, records the session durably, and returns it with the response to send.
     /// An upstream failure is a JSON-RPC error response and creates nothing.
@@ -360,7 +361,8 @@ impl Registry {
                 init_params: params.clone(),
                 client_name: text("name"),
                 client_version: text("version"),
-                upstream_name: format!("{}{}", sh.cfg.upstream_name, transport_suffix(transport)),
+                upstream_name: sh.cfg.upstream_name.clone(),
+                transport: transport.as_str().to_owned(),
                 state: SessionState::Live,
                 close_reason: None,
                 closed_ms: None,
@@ -496,10 +498,7 @@ impl Registry {
             tracing::info!(reason = "timeout", "session closed");
             return Err(SessionError::NotFound);
         }
-        if record
-            .upstream_name
-            .ends_with(transport_suffix(Transport::LegacySse))
-        {
+        if record.transport == Transport::LegacySse.as_str() {
             // The 2024-11-05 transport has no way to resume its one stream: its client
             // reconnects to /sse and starts over.
             sh.store
@@ -798,13 +797,6 @@ impl Registry {
     }
 }
 
-fn transport_suffix(t: Transport) -> &'static str {
-    match t {
-        Transport::Streamable => "",
-        Transport::LegacySse => "+sse",
-    }
-}
-
 impl Session {
     fn new(
         shared: Arc<Shared>,
@@ -873,14 +865,6 @@ impl Session {
             UpstreamSlot::Down { since: None, .. } => "idle",
             UpstreamSlot::Down { since: Some(_), .. } if st.failures > 1 => "backoff",
             UpstreamSlot::Down { .. } => "down",
-        }
-    }
-
-    /// The pid of the current stdio upstream, if one is running.
-    pub fn upstream_pid(&self) -> Option<u32> {
-        match &self.lock().upstream {
-            UpstreamSlot::Up { link, .. } => link.pid(),
-            UpstreamSlot::Down { .. } => None,
         }
     }
 

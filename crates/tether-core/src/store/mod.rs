@@ -62,6 +62,8 @@ pub struct SessionRecord {
     pub principal_name: Option<String>,
     /// Client family detected from `clientInfo` (Claude Code, Cursor, ... or `unknown`).
     pub client_type: String,
+    /// Client transport: `streamable-http`, or `sse` (2024-11-05, not resumable).
+    pub transport: String,
     /// Creation time, ms since the Unix epoch.
     pub created_ms: i64,
     /// Last activity, ms since the Unix epoch (may lag by up to one second).

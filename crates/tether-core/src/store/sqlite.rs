@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     state TEXT NOT NULL,
     close_reason TEXT,
     closed_ms INTEGER,
-    restore TEXT NOT NULL DEFAULT '{}'
+    restore TEXT NOT NULL DEFAULT '{}',
+    transport TEXT NOT NULL DEFAULT 'streamable-http'
 );
 CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions(state, last_active_ms);
 CREATE INDEX IF NOT EXISTS sessions_by_principal ON sessions(principal, last_active_ms);
@@ -283,8 +284,8 @@ fn insert_session(conn: &Connection, r: &SessionRecord) -> rusqlite::Result<()> 
     conn.prepare_cached(
         "INSERT INTO sessions (id, principal, created_ms, last_active_ms, protocol_version, init_params,
             client_name, client_version, upstream_name, state, close_reason, closed_ms, restore,
-            principal_email, principal_name, client_type)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            principal_email, principal_name, client_type, transport)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )?
     .execute(params![
         r.id,
@@ -302,7 +303,8 @@ fn insert_session(conn: &Connection, r: &SessionRecord) -> rusqlite::Result<()> 
         json_text(&r.restore),
         r.principal_email,
         r.principal_name,
-        r.client_type
+        r.client_type,
+        r.transport
     ])?;
     Ok(())
 }
@@ -439,6 +441,7 @@ fn row_to_session(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         principal_email: row.get(13)?,
         principal_name: row.get(14)?,
         client_type: row.get(15)?,
+        transport: row.get(16)?,
     })
 }
 
@@ -522,7 +525,7 @@ impl Store for SqliteStore {
             c.prepare_cached(
                 "SELECT id, principal, created_ms, last_active_ms, protocol_version, init_params, client_name,
                         client_version, upstream_name, state, close_reason, closed_ms, restore,
-                        principal_email, principal_name, client_type
+                        principal_email, principal_name, client_type, transport
                  FROM sessions WHERE id = ?1",
             )?
             .query_row(params![id], row_to_session)
@@ -800,6 +803,7 @@ mod tests {
             principal_email: None,
             principal_name: None,
             client_type: "unknown".into(),
+            transport: "streamable-http".into(),
         }
     }
 

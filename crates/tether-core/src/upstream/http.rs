@@ -382,11 +382,7 @@ impl Inner {
                 .await;
             return;
         }
-        let is_sse = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|c| c.to_ascii_lowercase().starts_with("text/event-stream"));
+        let is_sse = is_event_stream(resp.headers());
         if is_sse {
             self.read_sse(resp, req_id.as_ref(), origin).await;
             return;
@@ -585,11 +581,7 @@ impl Inner {
             self.session.lock().await.id = id;
         }
         let want = request_id(value).cloned();
-        let is_sse = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|c| c.starts_with("text/event-stream"));
+        let is_sse = is_event_stream(resp.headers());
         if is_sse {
             let mut events = resp.bytes_stream().eventsource();
             while let Some(Ok(ev)) = events.next().await {
@@ -741,6 +733,14 @@ impl Inner {
             }
         });
     }
+}
+
+/// Whether a response is an SSE stream (content types are case-insensitive).
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.to_ascii_lowercase().starts_with("text/event-stream"))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -91,14 +91,6 @@ impl Link {
             Link::Http(l) => l.url().to_owned(),
         }
     }
-
-    /// The stdio child's pid, if any.
-    pub fn pid(&self) -> Option<u32> {
-        match self {
-            Link::Stdio(l) => Some(l.pid()),
-            Link::Http(_) => None,
-        }
-    }
 }
 
 /// Starts links for one configured upstream.

@@ -489,3 +489,19 @@ pub fn refused_addr() -> (socket2::Socket, std::net::SocketAddr) {
     let addr = socket.local_addr().unwrap().as_socket().unwrap();
     (socket, addr)
 }
+
+/// The official Rust SDK client speaking stdio to `cmd` (a bridge such as `tether connect`).
+pub async fn stdio_client(
+    cmd: tokio::process::Command,
+) -> rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig> {
+    use rmcp::ServiceExt;
+    let info = rmcp::model::ClientConfig::new(
+        rmcp::model::ClientCapabilities::default(),
+        rmcp::model::Implementation::new("stdio-client", "1.0"),
+    )
+    .with_protocol_version(rmcp::model::ProtocolVersion::LATEST_WITH_INITIALIZE);
+    let transport = rmcp::transport::TokioChildProcess::new(cmd).expect("bridge starts");
+    info.serve(transport)
+        .await
+        .expect("initialize through the bridge")
+}
