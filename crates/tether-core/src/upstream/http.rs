@@ -337,17 +337,21 @@ impl Inner {
         })
     }
 
+    /// Takes the session id from the answer to `initialize` (none: a stateless server).
+    async fn adopt_session_id(&self, headers: &HeaderMap) {
+        let id = headers
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.session.lock().await.id = id;
+    }
+
     async fn read_response(&self, resp: reqwest::Response, value: &Value, is_init: bool) {
         let status = resp.status();
         let req_id = request_id(value).cloned();
         let origin = req_id.as_ref().and_then(Value::as_u64);
         if is_init && status.is_success() {
-            let id = resp
-                .headers()
-                .get(SESSION_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            self.session.lock().await.id = id;
+            self.adopt_session_id(resp.headers()).await;
         }
         if status == StatusCode::ACCEPTED {
             return;
@@ -573,12 +577,7 @@ impl Inner {
             return Err(SendError::Sent(format!("HTTP {status}")));
         }
         if method_of(value) == Some("initialize") {
-            let id = resp
-                .headers()
-                .get(SESSION_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            self.session.lock().await.id = id;
+            self.adopt_session_id(resp.headers()).await;
         }
         let want = request_id(value).cloned();
         let is_sse = is_event_stream(resp.headers());

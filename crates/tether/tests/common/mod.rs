@@ -216,6 +216,17 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// Status, headers and the whole body of a response.
+    pub async fn read(resp: reqwest::Response) -> Answer {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        Answer {
+            status,
+            headers,
+            body: resp.text().await.unwrap_or_default(),
+        }
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
@@ -303,13 +314,7 @@ impl Mcp {
             req = req.header(*k, *v);
         }
         let resp = req.body(body).send().await.expect("gateway reachable");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        Answer {
-            status,
-            headers,
-            body: resp.text().await.unwrap_or_default(),
-        }
+        Answer::read(resp).await
     }
 
     /// POSTs a message with the usual headers, optionally in a session.
@@ -413,13 +418,7 @@ impl Mcp {
             .send()
             .await
             .unwrap();
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        Answer {
-            status,
-            headers,
-            body: resp.text().await.unwrap_or_default(),
-        }
+        Answer::read(resp).await
     }
 
     pub async fn delete(&self, session: &str) -> u16 {
