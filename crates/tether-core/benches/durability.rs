@@ -3,15 +3,20 @@
 //! sees the answer (the response event). Measured for one lone call (two commit round trips)
 //! and per call when 16 calls run at once (group commit shares each commit).
 //!
-//! `cargo bench -p tether-core --bench durability`
+//! Run for the embedded SQLite store and, when `TETHER_TEST_REDIS_URL` names a Redis server,
+//! for the Redis store beside it (its own key prefix, deleted afterwards).
+//!
+//! `TETHER_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo bench -p tether-core --bench durability`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::json;
+use tether_core::metrics::Metrics;
+use tether_core::store::redis::{RedisOptions, RedisStore};
 use tether_core::store::sqlite::SqliteStore;
-use tether_core::store::{EventRecord, SessionRecord, SessionState, Store, StreamRecord};
+use tether_core::store::{EventRecord, LiveStore, SessionRecord, SessionState, StreamRecord};
 
 fn record() -> SessionRecord {
     SessionRecord {
@@ -35,7 +40,7 @@ fn record() -> SessionRecord {
     }
 }
 
-async fn one_call(store: &SqliteStore, n: u64) {
+async fn one_call(store: &dyn LiveStore, n: u64) {
     let stream = format!("{n:x}");
     store
         .open_stream(StreamRecord {
@@ -65,35 +70,69 @@ async fn one_call(store: &SqliteStore, n: u64) {
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
-    rt.block_on(store.create_session(record())).unwrap();
+    let mut stores: Vec<(&str, Arc<dyn LiveStore>)> =
+        vec![("sqlite", Arc::new(SqliteStore::open(dir.path()).unwrap()))];
+    let prefix = format!("tether-bench:{}", std::process::id());
+    if let Ok(url) = std::env::var("TETHER_TEST_REDIS_URL") {
+        let _guard = rt.enter();
+        let redis = RedisStore::open(
+            &RedisOptions {
+                url: url.clone(),
+                prefix: prefix.clone(),
+                session_ttl: std::time::Duration::from_secs(3600),
+                instance_ttl: std::time::Duration::from_secs(5),
+                advertise_url: "http://127.0.0.1:1".into(),
+            },
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        stores.push(("redis", Arc::new(redis)));
+    } else {
+        eprintln!("TETHER_TEST_REDIS_URL is not set: measuring SQLite only");
+    }
     let counter = Arc::new(AtomicU64::new(0));
-
-    let mut g = c.benchmark_group("durable_writes_per_call");
-    g.throughput(Throughput::Elements(1));
-    g.bench_function("lone_call", |b| {
-        b.to_async(&rt).iter(|| {
-            let (store, counter) = (store.clone(), counter.clone());
-            async move { one_call(&store, counter.fetch_add(1, Ordering::Relaxed)).await }
-        })
-    });
-    g.throughput(Throughput::Elements(16));
-    g.bench_function("16_concurrent_calls", |b| {
-        b.to_async(&rt).iter(|| {
-            let (store, counter) = (store.clone(), counter.clone());
-            async move {
-                let calls = (0..16).map(|_| {
-                    let store = store.clone();
-                    let n = counter.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(async move { one_call(&store, n).await })
-                });
-                for h in futures::future::join_all(calls).await {
-                    h.unwrap();
+    for (name, store) in &stores {
+        rt.block_on(store.create_session(record())).unwrap();
+        let mut g = c.benchmark_group(format!("durable_writes_per_call/{name}"));
+        g.throughput(Throughput::Elements(1));
+        g.bench_function("lone_call", |b| {
+            b.to_async(&rt).iter(|| {
+                let (store, counter) = (store.clone(), counter.clone());
+                async move { one_call(store.as_ref(), counter.fetch_add(1, Ordering::Relaxed)).await }
+            })
+        });
+        g.throughput(Throughput::Elements(16));
+        g.bench_function("16_concurrent_calls", |b| {
+            b.to_async(&rt).iter(|| {
+                let (store, counter) = (store.clone(), counter.clone());
+                async move {
+                    let calls = (0..16).map(|_| {
+                        let store = store.clone();
+                        let n = counter.fetch_add(1, Ordering::Relaxed);
+                        tokio::spawn(async move { one_call(store.as_ref(), n).await })
+                    });
+                    for h in futures::future::join_all(calls).await {
+                        h.unwrap();
+                    }
                 }
-            }
-        })
-    });
-    g.finish();
+            })
+        });
+        g.finish();
+        rt.block_on(store.close_session("bench", "bench_done", 0))
+            .unwrap();
+    }
+    if let Ok(url) = std::env::var("TETHER_TEST_REDIS_URL") {
+        // Finished streams of the run, left by design (pruned by age in production).
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query(&mut conn)
+            .unwrap();
+        for chunk in keys.chunks(500) {
+            let _: () = redis::cmd("DEL").arg(chunk).query(&mut conn).unwrap();
+        }
+    }
 }
 
 criterion_group!(benches, bench);

@@ -30,15 +30,22 @@ use crate::auth::Keys;
 use crate::config::UpstreamSpec;
 use crate::metrics::Metrics;
 use crate::session::Registry;
-use crate::store::{CallRow, SessionQuery, SessionState, SessionSummary, Store, now_ms};
+use crate::store::{
+    CallRow, Coordinator, LedgerStore, LiveStore, SessionQuery, SessionState, SessionSummary,
+    now_ms,
+};
 
 /// What the admin surface needs.
 #[derive(Clone)]
 pub struct AdminState {
     /// Sessions of this process.
     pub registry: Registry,
-    /// The store.
-    pub store: Arc<dyn Store>,
+    /// Live session state.
+    pub store: Arc<dyn LiveStore>,
+    /// Session history and tool calls.
+    pub ledger: Arc<dyn LedgerStore>,
+    /// Other instances of the deployment (Redis), if any.
+    pub coordinator: Option<Arc<dyn Coordinator>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Configured users.
@@ -212,17 +219,41 @@ async fn ready(State(st): State<AdminState>) -> Response {
 
 async fn deep(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiError> {
     let t = Instant::now();
-    let totals = st.store.totals().await?;
+    let totals = st.ledger.totals().await?;
     let store_latency_ms = t.elapsed().as_secs_f64() * 1000.0;
     let mut states: BTreeMap<&str, usize> = BTreeMap::new();
     for s in st.registry.upstream_states().into_values() {
         *states.entry(s).or_default() += 1;
     }
+    let me = json!({ "address": st.instance, "uptime_s": st.started.elapsed().as_secs() });
+    let (instances, live_store) = match &st.coordinator {
+        None => (vec![me], json!({ "kind": st.store.describe(), "up": true })),
+        Some(c) => {
+            let up = c.is_up();
+            let listed = match c.instances().await {
+                Ok(list) => list
+                    .into_iter()
+                    .map(|i| {
+                        json!({
+                            "id": i.id,
+                            "address": i.url,
+                            "uptime_s": (now_ms() - i.started_ms).max(0) / 1000,
+                            "version": i.version,
+                            "self": i.id == c.me().id,
+                        })
+                    })
+                    .collect(),
+                // Redis is down: this instance is the only one it can vouch for.
+                Err(_) => vec![me],
+            };
+            (listed, json!({ "kind": st.store.describe(), "up": up }))
+        }
+    };
     Ok(axum::Json(json!({
         "status": "ok",
-        "store": { "latency_ms": store_latency_ms },
+        "store": { "latency_ms": store_latency_ms, "live": live_store },
         "upstream": { "name": st.upstream_name, "sessions_by_state": states },
-        "instances": [{ "address": st.instance, "uptime_s": st.started.elapsed().as_secs() }],
+        "instances": instances,
         "sessions": {
             "total": totals.sessions,
             "active": totals.active,
@@ -344,7 +375,7 @@ async fn list_sessions(
         limit: limit + 1,
         offset,
     };
-    let mut sessions = st.store.list_sessions(&query).await?;
+    let mut sessions = st.ledger.list_sessions(&query).await?;
     let more = sessions.len() > limit;
     sessions.truncate(limit);
     Ok(axum::Json(json!({
@@ -359,10 +390,10 @@ async fn show_session(
     State(st): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let Some(s) = st.store.session_summary(&id).await? else {
+    let Some(s) = st.ledger.session_summary(&id).await? else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no session {id}")));
     };
-    let calls = st.store.session_calls(&id, 50).await?;
+    let calls = st.ledger.session_calls(&id, 50).await?;
     let session = with_state(&st, vec![s]).pop().expect("one in, one out");
     Ok(axum::Json(json!({ "session": session, "calls": calls })))
 }
@@ -406,7 +437,7 @@ async fn disconnected(
     let since = now_ms() - days * 86_400_000;
     // Statistics over the window (bounded), the page from its newest end.
     let window = st
-        .store
+        .ledger
         .list_sessions(&SessionQuery {
             state: Some(SessionState::Closed),
             since_ms: Some(since),
@@ -508,7 +539,7 @@ async fn stats(
 ) -> Result<axum::Json<Value>, ApiError> {
     let since = p.since_ms()?;
     let rows = st
-        .store
+        .ledger
         .calls_since(since.min(now_ms() - 3_600_000), STATS_ROWS)
         .await?;
     let in_window: Vec<CallRow> = rows
@@ -517,7 +548,7 @@ async fn stats(
         .cloned()
         .collect();
     let all: Vec<&CallRow> = in_window.iter().collect();
-    let totals = st.store.totals().await?;
+    let totals = st.ledger.totals().await?;
     Ok(axum::Json(json!({
         "since_ms": since,
         "totals": totals,
@@ -539,7 +570,7 @@ async fn users(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiErr
             json!({"id": u.id, "email": u.email, "name": u.name, "sessions": 0, "active": 0, "tool_calls": 0, "errors": 0, "last_active_ms": null}),
         );
     }
-    for u in st.store.users().await? {
+    for u in st.ledger.users().await? {
         let mut v = serde_json::to_value(&u).expect("row serializes");
         if let Some(known) = rows.get(&u.id) {
             for k in ["email", "name"] {
@@ -561,7 +592,7 @@ async fn user_stats(
     Query(p): Query<StatsParams>,
 ) -> Result<axum::Json<Value>, ApiError> {
     let since = p.since_ms()?;
-    let Some(user) = st.store.users().await?.into_iter().find(|u| u.id == id) else {
+    let Some(user) = st.ledger.users().await?.into_iter().find(|u| u.id == id) else {
         if st.keys.users().iter().any(|u| u.id == id) {
             return Ok(axum::Json(
                 json!({"user": {"id": id}, "window": summarize(&[]), "per_tool": {}}),
@@ -569,7 +600,7 @@ async fn user_stats(
         }
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no user {id}")));
     };
-    let rows = st.store.calls_since(since, STATS_ROWS).await?;
+    let rows = st.ledger.calls_since(since, STATS_ROWS).await?;
     let mine: Vec<CallRow> = rows.into_iter().filter(|r| r.user_id == id).collect();
     let all: Vec<&CallRow> = mine.iter().collect();
     Ok(axum::Json(json!({

@@ -15,12 +15,15 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, AdminState};
 use crate::auth::Keys;
 use crate::config::Config;
+use crate::config::{LedgerSpec, StoreSpec};
 use crate::front::{self, FrontConfig};
 use crate::ledger::{self, Ledger};
 use crate::metrics::Metrics;
 use crate::session::{Registry, SessionConfig};
-use crate::store::Store;
+use crate::store::postgres::PostgresLedger;
+use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::sqlite::SqliteStore;
+use crate::store::{Coordinator, LedgerStore, LiveStore};
 use crate::upstream::Connector;
 
 /// Runs the gateway. `shim` is the `tether` executable used to supervise stdio children;
@@ -31,31 +34,30 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(SocketAddr, SocketAddr),
 ) -> anyhow::Result<()> {
-    let store = SqliteStore::open(&config.state_dir).with_context(|| {
-        format!(
-            "cannot open the session store in {}",
-            config.state_dir.display()
-        )
-    })?;
-    let db_path = store.path().to_path_buf();
-    let store: Arc<dyn Store> = Arc::new(store);
-    let live = store
-        .count_live()
-        .await
-        .context("cannot read the session store")?;
-    tracing::info!(
-        sessions = live,
-        store = %db_path.display(),
-        "{live} sessions were live before and will resume on contact"
-    );
-
     let tracker = TaskTracker::new();
     let metrics = Arc::new(Metrics::default());
+    let listen = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listen.local_addr()?;
+    let stores = open_stores(&config, addr, &metrics).await?;
+    let store = stores.live.clone();
+    match store.count_live().await {
+        Ok(live) => tracing::info!(
+            sessions = live,
+            store = %store.describe(),
+            ledger = %stores.ledger_name,
+            "{live} sessions were live before and will resume on contact"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, store = %store.describe(), "the live store does not answer yet; new sessions get 503 until it does")
+        }
+    }
     let (ledger, ledger_rx) = Ledger::new(metrics.clone());
     let ledger_stop = CancellationToken::new();
     let ledger_task = tokio::spawn(ledger::run_writer(
         ledger_rx,
-        store.clone() as Arc<dyn ledger::LedgerSink>,
+        stores.ledger.clone() as Arc<dyn ledger::LedgerSink>,
         metrics.clone(),
         ledger_stop.clone(),
     ));
@@ -71,9 +73,11 @@ pub async fn run(
             idle_timeout: config.idle_timeout,
             upstream_timeout: config.upstream_timeout,
             upstream_name: config.upstream_name.clone(),
+            mirror_ledger: !stores.shared,
             ..SessionConfig::default()
         },
         store.clone(),
+        stores.coordinator.clone(),
         connector,
         tracker.clone(),
         metrics.clone(),
@@ -86,12 +90,13 @@ pub async fn run(
             max_body: config.max_body,
             allowed_origins: config.allowed_origins.clone(),
             keepalive: config.keepalive,
+            takeover_wait: match &config.store {
+                StoreSpec::Redis { instance_ttl, .. } => *instance_ttl + Duration::from_secs(2),
+                StoreSpec::Sqlite => Duration::ZERO,
+            },
         },
     );
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
+    let listener = listen;
     if !addr.ip().is_loopback() && !keys.enabled() {
         tracing::warn!(
             listen = %addr,
@@ -99,6 +104,12 @@ pub async fn run(
         );
     }
     tracker.spawn(registry.clone().run_reaper());
+    if let StoreSpec::Redis { instance_ttl, .. } = &config.store {
+        // Five beats per TTL: a few missed beats (a slow Redis, a busy machine) do not
+        // make other instances take this one's sessions.
+        let every = (*instance_ttl / 5).max(Duration::from_millis(200));
+        tracker.spawn(registry.clone().run_coordination(every));
+    }
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
@@ -106,6 +117,8 @@ pub async fn run(
     let admin_app = admin::router(AdminState {
         registry: registry.clone(),
         store: store.clone(),
+        ledger: stores.ledger.clone(),
+        coordinator: stores.coordinator.clone(),
         metrics: metrics.clone(),
         keys: keys.clone(),
         token: config.admin_token.clone(),
@@ -122,7 +135,7 @@ pub async fn run(
     );
     tracing::info!(admin = %admin_addr, "admin API, metrics and dashboard on http://{admin_addr}/");
     let retention = config.retention;
-    let prune_store = store.clone();
+    let prune_store = stores.ledger.clone();
     let prune_stop = CancellationToken::new();
     let prune_token = prune_stop.clone();
     tracker.spawn(async move {
@@ -179,6 +192,9 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     }
     registry.finish_shutdown().await;
+    if let Some(c) = &stores.coordinator {
+        c.leave().await;
+    }
     prune_stop.cancel();
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
@@ -193,4 +209,98 @@ pub async fn run(
     }
     tracing::info!("stopped; sessions stay resumable");
     Ok(())
+}
+
+/// The backends of one gateway process.
+struct Stores {
+    live: Arc<dyn LiveStore>,
+    ledger: Arc<dyn LedgerStore>,
+    ledger_name: String,
+    /// Live store and ledger are the same database (the session rows are shared).
+    shared: bool,
+    coordinator: Option<Arc<dyn Coordinator>>,
+}
+
+async fn open_stores(
+    config: &Config,
+    addr: SocketAddr,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Stores> {
+    let sqlite = || -> anyhow::Result<Arc<SqliteStore>> {
+        Ok(Arc::new(
+            SqliteStore::open(&config.state_dir).with_context(|| {
+                format!(
+                    "cannot open the session store in {}",
+                    config.state_dir.display()
+                )
+            })?,
+        ))
+    };
+    let (ledger, ledger_name, sqlite_ledger): (
+        Arc<dyn LedgerStore>,
+        String,
+        Option<Arc<SqliteStore>>,
+    ) = match &config.ledger {
+        LedgerSpec::Sqlite => {
+            let s = sqlite()?;
+            let name = s.describe();
+            (s.clone(), name, Some(s))
+        }
+        LedgerSpec::Postgres { url } => {
+            let pg = PostgresLedger::connect(url)
+                .await
+                .context("cannot open the PostgreSQL ledger")?;
+            let name = pg.describe();
+            (Arc::new(pg), name, None)
+        }
+    };
+    match &config.store {
+        StoreSpec::Sqlite => {
+            let live: Arc<SqliteStore> = match sqlite_ledger {
+                Some(s) => s,
+                None => sqlite()?,
+            };
+            Ok(Stores {
+                shared: matches!(config.ledger, LedgerSpec::Sqlite),
+                live,
+                ledger,
+                ledger_name,
+                coordinator: None,
+            })
+        }
+        StoreSpec::Redis {
+            url,
+            prefix,
+            session_ttl,
+            instance_ttl,
+            advertise_url,
+        } => {
+            if matches!(config.ledger, LedgerSpec::Sqlite) {
+                tracing::warn!(
+                    "live sessions are in Redis but the ledger is this instance's SQLite file: the admin API and dashboard show only the history this instance recorded; use --ledger postgres://... for a deployment-wide view"
+                );
+            }
+            let redis = RedisStore::open(
+                &RedisOptions {
+                    url: url.clone(),
+                    prefix: prefix.clone(),
+                    session_ttl: *session_ttl,
+                    instance_ttl: *instance_ttl,
+                    advertise_url: advertise_url
+                        .clone()
+                        .unwrap_or_else(|| format!("http://{addr}")),
+                },
+                metrics.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("cannot open the Redis store: {e}"))?;
+            let redis = Arc::new(redis);
+            Ok(Stores {
+                live: redis.clone(),
+                ledger,
+                ledger_name,
+                shared: false,
+                coordinator: Some(redis),
+            })
+        }
+    }
 }

@@ -27,6 +27,13 @@ pub const DEFAULT_MAX_BODY: &str = "4MiB";
 pub const DEFAULT_UPSTREAM_TIMEOUT: &str = "5m";
 /// Default time in-flight requests get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
+/// Default sliding TTL of session records in Redis.
+pub const DEFAULT_SESSION_TTL: &str = "24h";
+/// Default key prefix in Redis.
+pub const DEFAULT_STORE_PREFIX: &str = "tether";
+/// Default lifetime of an instance's heartbeat in Redis: how long after a SIGKILL its
+/// sessions move to other instances.
+pub const DEFAULT_INSTANCE_TTL: &str = "5s";
 
 /// A size written either as bytes (`4194304`) or with a unit (`"4MiB"`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -70,6 +77,18 @@ pub struct Layer {
     pub keys: Option<Vec<crate::auth::KeyEntry>>,
     /// The upstream MCP server.
     pub upstream: Option<UpstreamLayer>,
+    /// Live session state: `sqlite` (default, in the state dir) or `redis://` / `rediss://`.
+    pub store: Option<String>,
+    /// Prefix of every Redis key.
+    pub store_prefix: Option<String>,
+    /// Sliding TTL of session records in Redis.
+    pub session_ttl: Option<String>,
+    /// Session history: `sqlite` (default) or `postgres://`.
+    pub ledger: Option<String>,
+    /// URL at which other instances reach this one's MCP listener (multi-instance).
+    pub advertise_url: Option<String>,
+    /// Heartbeat lifetime of an instance in Redis.
+    pub instance_ttl: Option<String>,
 }
 
 /// The `[upstream]` table.
@@ -107,6 +126,38 @@ pub enum UpstreamSpec {
     },
 }
 
+/// Where live session state is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreSpec {
+    /// `tether.db` in the state directory.
+    Sqlite,
+    /// A Redis server shared by every instance.
+    Redis {
+        /// `redis://` or `rediss://` URL.
+        url: String,
+        /// Key prefix.
+        prefix: String,
+        /// Sliding TTL of session records.
+        session_ttl: Duration,
+        /// Heartbeat lifetime of an instance.
+        instance_ttl: Duration,
+        /// URL at which other instances reach this one (None: derived from `listen`).
+        advertise_url: Option<String>,
+    },
+}
+
+/// Where session history and tool calls are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LedgerSpec {
+    /// `tether.db` in the state directory.
+    Sqlite,
+    /// A PostgreSQL database.
+    Postgres {
+        /// `postgres://` URL.
+        url: String,
+    },
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -138,6 +189,10 @@ pub struct Config {
     pub retention: Duration,
     /// API keys.
     pub keys: Vec<crate::auth::KeyEntry>,
+    /// Live session state.
+    pub store: StoreSpec,
+    /// Session history.
+    pub ledger: LedgerSpec,
 }
 
 impl Layer {
@@ -186,6 +241,12 @@ impl Layer {
             admin_token: over.admin_token.or(self.admin_token),
             retention: over.retention.or(self.retention),
             keys: over.keys.or(self.keys),
+            store: over.store.or(self.store),
+            store_prefix: over.store_prefix.or(self.store_prefix),
+            session_ttl: over.session_ttl.or(self.session_ttl),
+            ledger: over.ledger.or(self.ledger),
+            advertise_url: over.advertise_url.or(self.advertise_url),
+            instance_ttl: over.instance_ttl.or(self.instance_ttl),
             demo,
             upstream: Some(upstream),
         }
@@ -250,6 +311,7 @@ impl Config {
             ));
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
+        let store = resolve_store(&mut errors, &layer, listen);
         let idle_timeout = duration(
             &mut errors,
             "idle-timeout",
@@ -309,6 +371,24 @@ impl Config {
                 ));
             }
         }
+
+        let ledger = match layer.ledger.as_deref() {
+            None | Some("sqlite") => LedgerSpec::Sqlite,
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                if url.parse::<tokio_postgres::Config>().is_err() {
+                    errors.push(format!("ledger: {url:?} is not a valid PostgreSQL URL"));
+                }
+                LedgerSpec::Postgres {
+                    url: url.to_owned(),
+                }
+            }
+            Some(other) => {
+                errors.push(format!(
+                    "ledger: {other:?} must be sqlite or a postgres:// URL"
+                ));
+                LedgerSpec::Sqlite
+            }
+        };
 
         let up = layer.upstream.unwrap_or_default();
         let demo = layer.demo.unwrap_or(false);
@@ -395,7 +475,80 @@ impl Config {
             admin_token,
             retention,
             keys,
+            store,
+            ledger,
         })
+    }
+}
+
+fn resolve_store(errors: &mut Vec<String>, layer: &Layer, listen: SocketAddr) -> StoreSpec {
+    let redis_only = [
+        ("store-prefix", layer.store_prefix.is_some()),
+        ("session-ttl", layer.session_ttl.is_some()),
+        ("advertise-url", layer.advertise_url.is_some()),
+        ("instance-ttl", layer.instance_ttl.is_some()),
+    ];
+    match layer.store.as_deref() {
+        None | Some("sqlite") => {
+            for (name, set) in redis_only {
+                if set {
+                    errors.push(format!("{name}: applies only with --store redis://..."));
+                }
+            }
+            StoreSpec::Sqlite
+        }
+        Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            if redis::Client::open(url).is_err() {
+                errors.push(format!("store: {url:?} is not a valid Redis URL"));
+            }
+            let session_ttl = duration(
+                errors,
+                "session-ttl",
+                layer.session_ttl.as_deref(),
+                DEFAULT_SESSION_TTL,
+            );
+            let instance_ttl = duration(
+                errors,
+                "instance-ttl",
+                layer.instance_ttl.as_deref(),
+                DEFAULT_INSTANCE_TTL,
+            );
+            if instance_ttl < Duration::from_secs(1) && !instance_ttl.is_zero() {
+                errors.push("instance-ttl: must be at least 1s".to_owned());
+            }
+            let prefix = layer
+                .store_prefix
+                .clone()
+                .unwrap_or_else(|| DEFAULT_STORE_PREFIX.to_owned());
+            if prefix.is_empty() || prefix.contains(char::is_whitespace) {
+                errors.push(format!(
+                    "store-prefix: {prefix:?} must be non-empty and without spaces"
+                ));
+            }
+            let advertise_url = layer.advertise_url.clone();
+            match &advertise_url {
+                Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                    errors.push(format!("advertise-url: {u:?} is not an http(s):// URL"));
+                }
+                None if listen.ip().is_unspecified() => errors.push(format!(
+                    "advertise-url: listening on {listen} (all interfaces), so other instances need --advertise-url to reach this one"
+                )),
+                _ => {}
+            }
+            StoreSpec::Redis {
+                url: url.to_owned(),
+                prefix,
+                session_ttl,
+                instance_ttl,
+                advertise_url,
+            }
+        }
+        Some(other) => {
+            errors.push(format!(
+                "store: {other:?} must be sqlite or a redis:// or rediss:// URL"
+            ));
+            StoreSpec::Sqlite
+        }
     }
 }
 
@@ -463,5 +616,90 @@ mod tests {
     #[test]
     fn unknown_fields_are_rejected() {
         assert!(toml::from_str::<Layer>("listne = \"x\"").is_err());
+    }
+
+    #[test]
+    fn store_and_ledger_urls_are_checked_together() {
+        let layer = |store: Option<&str>, ledger: Option<&str>, extra: Layer| Layer {
+            demo: Some(true),
+            store: store.map(str::to_owned),
+            ledger: ledger.map(str::to_owned),
+            ..extra
+        };
+        let c = Config::resolve(
+            layer(
+                Some("redis://127.0.0.1:6379/2"),
+                Some("postgres://u@db:5432/t"),
+                Layer {
+                    session_ttl: Some("1h".into()),
+                    ..Layer::default()
+                },
+            ),
+            vec!["x".into()],
+        )
+        .unwrap();
+        match c.store {
+            StoreSpec::Redis {
+                prefix,
+                session_ttl,
+                instance_ttl,
+                advertise_url,
+                ..
+            } => {
+                assert_eq!(prefix, "tether");
+                assert_eq!(session_ttl, Duration::from_secs(3600));
+                assert_eq!(instance_ttl, Duration::from_secs(5));
+                assert_eq!(advertise_url, None);
+            }
+            StoreSpec::Sqlite => panic!("redis expected"),
+        }
+        assert!(matches!(c.ledger, LedgerSpec::Postgres { .. }));
+        let errors = Config::resolve(
+            layer(
+                Some("memcached://x"),
+                Some("mysql://x"),
+                Layer {
+                    store_prefix: Some("p".into()),
+                    ..Layer::default()
+                },
+            ),
+            vec!["x".into()],
+        )
+        .unwrap_err();
+        let text = errors.join("\n");
+        assert!(text.contains("store: \"memcached://x\""), "{text}");
+        assert!(text.contains("ledger: \"mysql://x\""), "{text}");
+        let errors = Config::resolve(
+            layer(
+                None,
+                None,
+                Layer {
+                    store_prefix: Some("p".into()),
+                    ..Layer::default()
+                },
+            ),
+            vec!["x".into()],
+        )
+        .unwrap_err();
+        assert_eq!(
+            errors,
+            ["store-prefix: applies only with --store redis://..."]
+        );
+        let errors = Config::resolve(
+            layer(
+                Some("redis://127.0.0.1/"),
+                None,
+                Layer {
+                    listen: Some("0.0.0.0:7450".into()),
+                    ..Layer::default()
+                },
+            ),
+            vec!["x".into()],
+        )
+        .unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.starts_with("advertise-url:")),
+            "{errors:?}"
+        );
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -24,7 +24,7 @@ use crate::auth::{Keys, Principal};
 use crate::metrics::Metrics;
 use crate::policy::{self, Opening};
 use crate::protocol::{self, Envelope, Kind, code};
-use crate::session::{Registry, Reply, SessionError, StreamHandle, Transport, event_id};
+use crate::session::{Registry, Reply, Session, SessionError, StreamHandle, Transport, event_id};
 
 /// Session id header (case-insensitive; 2025-06-18 wrote `Mcp-Session-Id`).
 pub const SESSION_HEADER: &str = "mcp-session-id";
@@ -43,20 +43,137 @@ pub struct FrontConfig {
     pub allowed_origins: Vec<String>,
     /// SSE keepalive interval.
     pub keepalive: Duration,
+    /// How long a request for a session whose owner instance does not answer waits for
+    /// that instance's heartbeat to expire, so this instance can take the session over.
+    pub takeover_wait: Duration,
 }
 
 #[derive(Clone)]
 struct AppState {
     registry: Registry,
     cfg: Arc<FrontConfig>,
+    /// Client for forwarding requests to the instance that owns their session.
+    forwarder: reqwest::Client,
+}
+
+/// Marks a request forwarded by another instance: it is never forwarded again.
+const FORWARDED_HEADER: &str = "x-tether-forwarded";
+
+/// What is needed to send a request on to another instance unchanged.
+struct Original<'a> {
+    method: Method,
+    path_and_query: String,
+    headers: &'a HeaderMap,
+    body: Bytes,
+}
+
+enum Route {
+    Local(Arc<Session>),
+    Remote(Response),
+}
+
+/// Finds the session here or forwards the request to the instance that serves it. When
+/// that instance does not answer (killed), waits for its heartbeat to lapse and takes the
+/// session over, so the request is served here with the same session id.
+async fn route(
+    st: &AppState,
+    id: &str,
+    principal: &Principal,
+    original: Original<'_>,
+) -> Result<Route, FrontError> {
+    let deadline = tokio::time::Instant::now() + st.cfg.takeover_wait;
+    loop {
+        let (instance, url) = match st.registry.get(id, principal).await {
+            Ok(s) => return Ok(Route::Local(s)),
+            Err(SessionError::Elsewhere { instance, url }) => (instance, url),
+            Err(e) => return Err(e.into()),
+        };
+        if original.headers.contains_key(FORWARDED_HEADER) {
+            // Ownership moved while the request travelled; the client retries.
+            return Err(SessionError::Elsewhere { instance, url }.into());
+        }
+        match forward(st, &url, &original).await {
+            Ok(resp) => {
+                st.registry.metrics().forwarded.inc();
+                return Ok(Route::Remote(resp));
+            }
+            Err(e) if e.is_connect() && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(owner = %instance, error = %e, "owner instance unreachable; waiting to take the session over");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => {
+                return Err(FrontError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    code::UPSTREAM_LOST,
+                    format!(
+                        "the gateway instance serving this session ({instance}) failed: {e}; if a request was in flight its outcome is unknown"
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and those the HTTP client sets itself.
+fn end_to_end(name: &header::HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+async fn forward(
+    st: &AppState,
+    owner_url: &str,
+    original: &Original<'_>,
+) -> Result<Response, reqwest::Error> {
+    let mut req = st.forwarder.request(
+        original.method.clone(),
+        format!("{owner_url}{}", original.path_and_query),
+    );
+    for (name, value) in original.headers {
+        if end_to_end(name) {
+            req = req.header(name, value);
+        }
+    }
+    let resp = req
+        .header(FORWARDED_HEADER, "1")
+        .body(original.body.clone())
+        .send()
+        .await?;
+    let mut out = Response::builder().status(resp.status().as_u16());
+    for (name, value) in resp.headers() {
+        if end_to_end(name) {
+            out = out.header(name.as_str(), value.as_bytes());
+        }
+    }
+    Ok(out
+        .body(Body::from_stream(resp.bytes_stream()))
+        .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()))
 }
 
 /// The router for the MCP listener.
 pub fn router(registry: Registry, cfg: FrontConfig) -> Router {
     let metrics = registry.metrics().clone();
+    let forwarder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("a client without TLS settings builds");
     let state = AppState {
         registry,
         cfg: Arc::new(cfg),
+        forwarder,
     };
     Router::new()
         .route("/mcp", post(mcp_post).get(mcp_get).delete(mcp_delete))
@@ -158,6 +275,13 @@ impl From<SessionError> for FrontError {
             SessionError::BadRequest(m) => {
                 FrontError::new(StatusCode::BAD_REQUEST, code::SERVER_ERROR, m)
             }
+            SessionError::Elsewhere { instance, .. } => FrontError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::STORE_UNAVAILABLE,
+                format!(
+                    "the session is served by instance {instance}, which this instance cannot reach; retry shortly"
+                ),
+            ),
             SessionError::Store(e) => FrontError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 code::STORE_UNAVAILABLE,
@@ -237,7 +361,7 @@ async fn read_message(
     headers: &HeaderMap,
     body: Body,
     cfg: &FrontConfig,
-) -> Result<Envelope, FrontError> {
+) -> Result<(Envelope, Bytes), FrontError> {
     let content_type = header_str(headers, header::CONTENT_TYPE.as_str()).unwrap_or("");
     if !content_type
         .split(';')
@@ -284,8 +408,9 @@ async fn read_message(
             ));
         }
     };
-    Envelope::parse(&bytes)
-        .map_err(|e| FrontError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
+    let env = Envelope::parse(&bytes)
+        .map_err(|e| FrontError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    Ok((env, bytes))
 }
 
 fn modern_refusal(version: &str, id: Option<&Value>) -> FrontError {
@@ -301,6 +426,7 @@ fn modern_refusal(version: &str, id: Option<&Value>) -> FrontError {
 
 async fn mcp_post(
     State(st): State<AppState>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FrontError> {
@@ -313,7 +439,7 @@ async fn mcp_post(
             "Not Acceptable: Accept must list both application/json and text/event-stream",
         ));
     }
-    let env = read_message(&headers, body, &st.cfg).await?;
+    let (env, bytes) = read_message(&headers, body, &st.cfg).await?;
     let session_header = header_str(&headers, SESSION_HEADER);
     let version_header = header_str(&headers, VERSION_HEADER);
     match policy::classify_post(&env, session_header, version_header) {
@@ -337,11 +463,17 @@ async fn mcp_post(
             policy::legacy_version(version_header).map_err(|m| {
                 FrontError::new(StatusCode::BAD_REQUEST, code::SERVER_ERROR, m).with_id(env.id())
             })?;
-            let session = st
-                .registry
-                .get(&id, &principal)
-                .await
-                .map_err(|e| FrontError::from(e).with_id(env.id()))?;
+            let original = Original {
+                method: Method::POST,
+                path_and_query: path_and_query(&uri),
+                headers: &headers,
+                body: bytes,
+            };
+            let session = match route(&st, &id, &principal, original).await {
+                Ok(Route::Local(s)) => s,
+                Ok(Route::Remote(resp)) => return Ok(resp),
+                Err(e) => return Err(e.with_id(env.id())),
+            };
             match env.kind {
                 Kind::Request => match session.request(env).await {
                     Reply::Stream(handle) => Ok(sse_response(handle, st.cfg.keepalive, None)),
@@ -361,7 +493,34 @@ async fn mcp_post(
     }
 }
 
-async fn mcp_get(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, FrontError> {
+fn path_and_query(uri: &Uri) -> String {
+    uri.path_and_query()
+        .map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned())
+}
+
+/// Routes a bodiless request (GET, DELETE) for session `id`.
+async fn route_bodiless(
+    st: &AppState,
+    id: &str,
+    principal: &Principal,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Route, FrontError> {
+    let original = Original {
+        method,
+        path_and_query: path_and_query(uri),
+        headers,
+        body: Bytes::new(),
+    };
+    route(st, id, principal, original).await
+}
+
+async fn mcp_get(
+    State(st): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, FrontError> {
     check_origin(&headers, &st.cfg)?;
     let principal = authenticate(&headers, &st.cfg)?;
     if !accepts(&headers, "text/event-stream") {
@@ -374,7 +533,10 @@ async fn mcp_get(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
     let id = header_str(&headers, SESSION_HEADER).ok_or_else(FrontError::session_missing)?;
     policy::legacy_version(header_str(&headers, VERSION_HEADER))
         .map_err(|m| FrontError::new(StatusCode::BAD_REQUEST, code::SERVER_ERROR, m))?;
-    let session = st.registry.get(id, &principal).await?;
+    let session = match route_bodiless(&st, id, &principal, Method::GET, &uri, &headers).await? {
+        Route::Local(s) => s,
+        Route::Remote(resp) => return Ok(resp),
+    };
     let handle = match header_str(&headers, LAST_EVENT_ID) {
         Some(last) => session.resume(last).await?,
         None => session.open_standalone(),
@@ -384,12 +546,16 @@ async fn mcp_get(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
 
 async fn mcp_delete(
     State(st): State<AppState>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, FrontError> {
     check_origin(&headers, &st.cfg)?;
     let principal = authenticate(&headers, &st.cfg)?;
     let id = header_str(&headers, SESSION_HEADER).ok_or_else(FrontError::session_missing)?;
-    let session = st.registry.get(id, &principal).await?;
+    let session = match route_bodiless(&st, id, &principal, Method::DELETE, &uri, &headers).await? {
+        Route::Local(s) => s,
+        Route::Remote(resp) => return Ok(resp),
+    };
     st.registry.close(&session, "client_disconnect").await;
     Ok(StatusCode::OK.into_response())
 }
@@ -414,6 +580,7 @@ struct MessagesQuery {
 async fn messages_post(
     State(st): State<AppState>,
     Query(q): Query<MessagesQuery>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FrontError> {
@@ -426,12 +593,24 @@ async fn messages_post(
             "Bad Request: sessionId query parameter is required",
         )
     })?;
-    let env = read_message(&headers, body, &st.cfg).await?;
-    if env.kind == Kind::Request && env.method() == Some("initialize") {
+    let (env, bytes) = read_message(&headers, body, &st.cfg).await?;
+    if env.kind == Kind::Request
+        && env.method() == Some("initialize")
+        && st.registry.legacy_pending(&id)
+    {
         st.registry.legacy_initialize(&id, &env, &principal).await?;
         return Ok(StatusCode::ACCEPTED.into_response());
     }
-    let session = st.registry.get(&id, &principal).await?;
+    let original = Original {
+        method: Method::POST,
+        path_and_query: path_and_query(&uri),
+        headers: &headers,
+        body: bytes,
+    };
+    let session = match route(&st, &id, &principal, original).await? {
+        Route::Local(s) => s,
+        Route::Remote(resp) => return Ok(resp),
+    };
     if session.transport() != Transport::LegacySse {
         return Err(FrontError::not_found());
     }

@@ -60,6 +60,20 @@ pub struct Metrics {
     pub ledger_batch_seconds: Histogram,
     /// Ledger records dropped because the queue was full.
     pub ledger_dropped: Counter,
+    /// Ledger records waiting for the ledger database to come back.
+    pub ledger_backlog: Gauge,
+    /// Whether the live store answers (1) or is unreachable (0).
+    pub store_up: Gauge,
+    /// Live-store writes held in memory while the store is unreachable.
+    pub store_buffered: Gauge,
+    /// Live-store writes dropped because the outage buffer was full.
+    pub store_dropped: Counter,
+    /// Times the live store became unreachable.
+    pub store_outages: Counter,
+    /// Requests forwarded to the instance that owns their session.
+    pub forwarded: Counter,
+    /// Sessions this instance took over from an instance that stopped.
+    pub takeovers: Counter,
 }
 
 impl Default for Metrics {
@@ -79,8 +93,51 @@ impl Default for Metrics {
             ledger_queue_depth: Gauge::default(),
             ledger_batch_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             ledger_dropped: Counter::default(),
+            ledger_backlog: Gauge::default(),
+            store_up: Gauge::default(),
+            store_buffered: Gauge::default(),
+            store_dropped: Counter::default(),
+            store_outages: Counter::default(),
+            forwarded: Counter::default(),
+            takeovers: Counter::default(),
             registry: Registry::default(),
         };
+        m.store_up.set(1);
+        registry.register(
+            "ledger_backlog",
+            "Ledger records waiting for the ledger database to come back",
+            m.ledger_backlog.clone(),
+        );
+        registry.register(
+            "store_up",
+            "Whether the live store answers (1) or is unreachable (0)",
+            m.store_up.clone(),
+        );
+        registry.register(
+            "store_buffered_writes",
+            "Live-store writes held in memory while the store is unreachable",
+            m.store_buffered.clone(),
+        );
+        registry.register(
+            "store_dropped_writes",
+            "Live-store writes dropped because the outage buffer was full",
+            m.store_dropped.clone(),
+        );
+        registry.register(
+            "store_outages",
+            "Times the live store became unreachable",
+            m.store_outages.clone(),
+        );
+        registry.register(
+            "forwarded_requests",
+            "Requests forwarded to the instance that owns their session",
+            m.forwarded.clone(),
+        );
+        registry.register(
+            "session_takeovers",
+            "Sessions taken over from an instance that stopped",
+            m.takeovers.clone(),
+        );
         registry.register(
             "sessions_live",
             "Sessions held in memory by this process",

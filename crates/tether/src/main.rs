@@ -225,6 +225,25 @@ struct ServeArgs {
     /// How long closed sessions and tool calls stay in the ledger [default: 30d].
     #[arg(long, env = "TETHER_RETENTION", value_name = "DURATION")]
     retention: Option<String>,
+    /// Live session state: sqlite (default) or a redis:// or rediss:// URL shared by every
+    /// instance of a deployment.
+    #[arg(long, env = "TETHER_STORE", value_name = "URL")]
+    store: Option<String>,
+    /// Prefix of every Redis key [default: tether].
+    #[arg(long, env = "TETHER_STORE_PREFIX", value_name = "PREFIX")]
+    store_prefix: Option<String>,
+    /// Sliding TTL of session records in Redis, refreshed on activity [default: 24h].
+    #[arg(long, env = "TETHER_SESSION_TTL", value_name = "DURATION")]
+    session_ttl: Option<String>,
+    /// Session history and tool calls: sqlite (default) or a postgres:// URL.
+    #[arg(long, env = "TETHER_LEDGER", value_name = "URL")]
+    ledger: Option<String>,
+    /// URL at which other instances reach this one's MCP listener [default: http://LISTEN].
+    #[arg(long, env = "TETHER_ADVERTISE_URL", value_name = "URL")]
+    advertise_url: Option<String>,
+    /// Heartbeat lifetime in Redis: how soon a killed instance's sessions move [default: 5s].
+    #[arg(long, env = "TETHER_INSTANCE_TTL", value_name = "DURATION")]
+    instance_ttl: Option<String>,
     /// Log filter (tracing EnvFilter syntax), e.g. info or tether_core=debug.
     #[arg(
         long,
@@ -260,6 +279,12 @@ impl ServeArgs {
             admin_listen: self.admin_listen.clone(),
             admin_token: self.admin_token.clone(),
             retention: self.retention.clone(),
+            store: self.store.clone(),
+            store_prefix: self.store_prefix.clone(),
+            session_ttl: self.session_ttl.clone(),
+            ledger: self.ledger.clone(),
+            advertise_url: self.advertise_url.clone(),
+            instance_ttl: self.instance_ttl.clone(),
             keys: None,
             upstream: Some(upstream),
         }
@@ -512,6 +537,8 @@ mod tests {
         assert_eq!(c.shutdown_grace, d.shutdown_grace);
         assert_eq!(c.admin_listen, d.admin_listen);
         assert_eq!(c.retention, d.retention);
+        assert_eq!(c.store, d.store);
+        assert_eq!(c.ledger, d.ledger);
         assert!(c.keys.is_empty() && c.admin_token.is_none());
         assert_eq!(tether_core::config::DEFAULT_LISTEN, "127.0.0.1:7450");
     }

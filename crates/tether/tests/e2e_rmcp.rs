@@ -18,7 +18,7 @@ use rmcp::service::{NotificationContext, PeerRequestOptions, RequestContext};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{ClientHandler, ErrorData, RoleClient, ServiceExt};
 use serde_json::json;
-use tether_core::store::Store;
+use tether_core::store::LiveStore;
 
 #[derive(Clone, Default)]
 struct TestClient {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{Gateway, state_dir};
-use tether_core::store::Store;
+use tether_core::store::LiveStore;
 
 #[tokio::test]
 async fn typescript_sdk_client_through_gateway() {

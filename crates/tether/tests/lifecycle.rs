@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{Gateway, process_alive, state_dir, wait_gone};
 use futures::StreamExt;
 use serde_json::json;
-use tether_core::store::Store;
+use tether_core::store::LiveStore;
 
 #[tokio::test]
 async fn delete_ends_the_session_and_its_upstream() {

@@ -32,8 +32,8 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Backoff};
 use crate::protocol::{self, Envelope, Kind, Restore, RestoreOp, code};
 use crate::store::{
-    Ack, LedgerEvent, STANDALONE_STREAM, SessionRecord, SessionState, Store, StoreError,
-    StreamRecord, ToolCallRecord, now_ms,
+    Ack, Coordinator, LedgerEvent, LiveStore, Owner, STANDALONE_STREAM, SessionRecord,
+    SessionState, StoreError, StreamRecord, ToolCallRecord, now_ms,
 };
 use crate::upstream::{self, Connector, Inbound, Link, UpstreamError};
 pub use stream::{Frame, Stream, event_id, parse_event_id};
@@ -56,6 +56,9 @@ pub struct SessionConfig {
     pub healthy_after: Duration,
     /// How long finished streams stay resumable.
     pub event_retention: Duration,
+    /// The ledger is another backend than the live store: session creation, closing and
+    /// activity are sent to it as ledger events too.
+    pub mirror_ledger: bool,
 }
 
 impl Default for SessionConfig {
@@ -68,6 +71,7 @@ impl Default for SessionConfig {
             backoff: Backoff::default(),
             healthy_after: Duration::from_secs(10),
             event_retention: Duration::from_secs(3600),
+            mirror_ledger: false,
         }
     }
 }
@@ -103,6 +107,14 @@ pub enum SessionError {
     /// The store failed: 503.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Another live instance owns the session; the request belongs there.
+    #[error("session is served by instance {instance} at {url}")]
+    Elsewhere {
+        /// The owner's instance id.
+        instance: String,
+        /// Its MCP listener root URL.
+        url: String,
+    },
 }
 
 /// What a client request produces.
@@ -149,7 +161,8 @@ const SAFE_METHODS: &[&str] = &[
 
 struct Shared {
     cfg: SessionConfig,
-    store: Arc<dyn Store>,
+    store: Arc<dyn LiveStore>,
+    coordinator: Option<Arc<dyn Coordinator>>,
     metrics: Arc<Metrics>,
     ledger: Ledger,
     connector: Connector,
@@ -162,6 +175,22 @@ struct Shared {
     stopping: CancellationToken,
     /// Cancelled when the shutdown grace is over: every stream ends.
     stopped: CancellationToken,
+}
+
+impl Shared {
+    /// Marks a session closed in the live store (and the ledger, when that is elsewhere).
+    async fn close_stored(&self, id: &str, reason: &str) -> Result<(), StoreError> {
+        let at_ms = now_ms();
+        self.store.close_session(id, reason, at_ms).await?;
+        if self.cfg.mirror_ledger {
+            self.ledger.record(LedgerEvent::Closed {
+                id: id.to_owned(),
+                reason: reason.to_owned(),
+                at_ms,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// All sessions of this gateway process.
@@ -237,6 +266,11 @@ fn random_hex(bytes: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A new instance id: 48 random bits as 12 hex characters.
+pub fn new_instance_id() -> String {
+    random_hex(6)
+}
+
 /// A new session id: 160 random bits as 40 lowercase hex characters (visible ASCII).
 pub fn new_session_id() -> String {
     random_hex(20)
@@ -255,7 +289,8 @@ impl Registry {
     /// Creates the registry. `tracker` owns every task it spawns.
     pub fn new(
         cfg: SessionConfig,
-        store: Arc<dyn Store>,
+        store: Arc<dyn LiveStore>,
+        coordinator: Option<Arc<dyn Coordinator>>,
         connector: Connector,
         tracker: TaskTracker,
         metrics: Arc<Metrics>,
@@ -265,6 +300,7 @@ impl Registry {
             shared: Arc::new(Shared {
                 cfg,
                 store,
+                coordinator,
                 metrics,
                 ledger,
                 connector,
@@ -280,7 +316,7 @@ impl Registry {
     }
 
     /// The store.
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub fn store(&self) -> &Arc<dyn LiveStore> {
         &self.shared.store
     }
 
@@ -373,6 +409,10 @@ impl Registry {
                 link.shutdown(true);
                 tracing::error!(error = %e, "cannot record new session");
                 return Err(SessionError::Store(e));
+            }
+            if sh.cfg.mirror_ledger {
+                sh.ledger
+                    .record(LedgerEvent::Opened(Box::new(record.clone())));
             }
             let standalone = match transport {
                 Transport::LegacySse => self.take_legacy_stream(&id),
@@ -489,21 +529,35 @@ impl Registry {
         let Some(record) = sh.store.load_session(id).await? else {
             return Err(SessionError::NotFound);
         };
+        if record.state == SessionState::Live && record.principal == principal.id {
+            if let Some(c) = &sh.coordinator {
+                // One instance serves a session's upstream; the others forward to it. A
+                // session whose owner stopped heartbeating is taken over here.
+                match c.claim(id).await? {
+                    Owner::Me => {}
+                    Owner::TookOver { from } => {
+                        sh.metrics.takeovers.inc();
+                        tracing::info!(from = %from, "session taken over from an instance that stopped");
+                    }
+                    Owner::Other { instance, url } => {
+                        return Err(SessionError::Elsewhere { instance, url });
+                    }
+                }
+            }
+        }
         if record.state != SessionState::Live || record.principal != principal.id {
             return Err(SessionError::NotFound);
         }
         let idle_ms = i64::try_from(sh.cfg.idle_timeout.as_millis()).unwrap_or(i64::MAX);
         if now_ms().saturating_sub(record.last_active_ms) >= idle_ms {
-            sh.store.close_session(id, "timeout", now_ms()).await?;
+            sh.close_stored(id, "timeout").await?;
             tracing::info!(reason = "timeout", "session closed");
             return Err(SessionError::NotFound);
         }
         if record.transport == Transport::LegacySse.as_str() {
             // The 2024-11-05 transport has no way to resume its one stream: its client
             // reconnects to /sse and starts over.
-            sh.store
-                .close_session(id, "server_shutdown", now_ms())
-                .await?;
+            sh.close_stored(id, "server_shutdown").await?;
             tracing::info!(reason = "server_shutdown", "session closed");
             return Err(SessionError::NotFound);
         }
@@ -664,10 +718,16 @@ impl Registry {
         }
         match self.shared.store.load_session(id).await? {
             Some(r) if r.state == SessionState::Live => {
-                self.shared
-                    .store
-                    .close_session(id, "evicted", now_ms())
-                    .await?;
+                let owner = match &self.shared.coordinator {
+                    Some(c) => c.owners(&[id.to_owned()]).await?.pop().flatten(),
+                    None => None,
+                };
+                self.shared.close_stored(id, "evicted").await?;
+                if let (Some(c), Some(owner)) = (&self.shared.coordinator, owner) {
+                    if owner != c.me().id {
+                        c.send_drop(&owner, id).await?;
+                    }
+                }
                 self.shared.metrics.closed("evicted");
                 tracing::info!(session.id = %id, reason = "evicted", "session closed");
                 Ok(true)
@@ -724,8 +784,23 @@ impl Registry {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .contains_key(&id);
-                    if !held {
-                        match sh.store.close_session(&id, "timeout", now_ms()).await {
+                    if held {
+                        continue;
+                    }
+                    if let Some(c) = &sh.coordinator {
+                        // Another live instance may hold it with an open stream; its own
+                        // reaper decides. An orphan (owner gone) is claimed, then expired.
+                        match c.claim(&id).await {
+                            Ok(Owner::Me | Owner::TookOver { .. }) => {}
+                            Ok(Owner::Other { .. }) => continue,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot check a session's owner");
+                                continue;
+                            }
+                        }
+                    }
+                    {
+                        match sh.close_stored(&id, "timeout").await {
                             Ok(()) => {
                                 tracing::info!(session.id = %id, reason = "timeout", "session closed")
                             }
@@ -771,6 +846,115 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// Keeps this instance's heartbeat alive and obeys the deployment: drops sessions that
+    /// were closed elsewhere or taken over after a lapse, and writes back records a store
+    /// lost. Runs until shutdown; only with a coordinator (Redis).
+    pub async fn run_coordination(self, every: Duration) {
+        let sh = self.shared.clone();
+        let Some(c) = sh.coordinator.clone() else {
+            return;
+        };
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut down = false;
+        loop {
+            tokio::select! {
+                _ = sh.stopping.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            match c.heartbeat().await {
+                Ok(lapsed) => {
+                    if down {
+                        tracing::info!("heartbeat restored");
+                        down = false;
+                    }
+                    if lapsed {
+                        self.resync(c.as_ref()).await;
+                    }
+                }
+                Err(e) => {
+                    if !down {
+                        tracing::warn!(error = %e, "cannot refresh this instance's heartbeat; held sessions keep working");
+                        down = true;
+                    }
+                    continue;
+                }
+            }
+            match c.take_drops().await {
+                Ok(ids) => {
+                    for id in ids {
+                        self.release(&id, "closed by another instance").await;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read this instance's inbox"),
+            }
+        }
+    }
+
+    /// After a lapsed heartbeat: every held session is checked against the store.
+    async fn resync(&self, c: &dyn Coordinator) {
+        let held: Vec<Arc<Session>> = {
+            let map = self
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.values().filter_map(|c| c.get().cloned()).collect()
+        };
+        if held.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = held.iter().map(|s| s.id.to_string()).collect();
+        let owners = match c.owners(&ids).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-check session ownership");
+                return;
+            }
+        };
+        let (mut kept, mut restored, mut lost) = (0, 0, 0);
+        for (s, owner) in held.iter().zip(owners) {
+            match owner {
+                Some(o) if o == c.me().id => kept += 1,
+                Some(_) => {
+                    lost += 1;
+                    self.release(&s.id, "taken over by another instance").await;
+                }
+                None => {
+                    let record = s.current_record();
+                    match c.reassert(&record).await {
+                        Ok(()) => restored += 1,
+                        Err(e) => {
+                            tracing::warn!(session.id = %s.id, error = %e, "cannot write back a session record");
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            kept,
+            restored,
+            released = lost,
+            "heartbeat had lapsed: session ownership re-checked"
+        );
+    }
+
+    /// Drops this process's copy of a session without closing it in the store: another
+    /// instance serves it now (or it was closed there).
+    pub async fn release(&self, id: &str, why: &str) {
+        let cell = self
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(s) = cell.and_then(|c| c.get().cloned()) {
+            s.shutdown_local(why);
+            tracing::info!(session.id = %id, why, "session released by this instance");
+        }
+        self.count_live();
     }
 
     /// Shutdown, first phase: standalone streams end; request streams continue.
@@ -880,7 +1064,14 @@ impl Session {
         if now.duration_since(st.last_touch_sent) >= Duration::from_secs(1) {
             st.last_touch_sent = now;
             drop(st);
-            self.shared.store.touch(&self.id, now_ms());
+            let at_ms = now_ms();
+            self.shared.store.touch(&self.id, at_ms);
+            if self.shared.cfg.mirror_ledger {
+                self.shared.ledger.record(LedgerEvent::Touched {
+                    id: self.id.to_string(),
+                    at_ms,
+                });
+            }
         }
     }
 
@@ -1786,16 +1977,63 @@ impl Session {
         if let Some(link) = link {
             link.shutdown(true);
         }
-        if let Err(e) = self
-            .shared
-            .store
-            .close_session(&self.id, reason, now_ms())
-            .await
-        {
+        if let Err(e) = self.shared.close_stored(&self.id, reason).await {
             tracing::error!(error = %e, "cannot record session close");
         }
         self.shared.metrics.closed(reason);
         tracing::info!(reason, "session closed");
+    }
+
+    /// The record as it stands now (activity and restore state included).
+    fn current_record(&self) -> SessionRecord {
+        let mut r = self.record.clone();
+        let st = self.lock();
+        r.restore = st.restore.to_json();
+        r.last_active_ms =
+            now_ms() - i64::try_from(st.last_active.elapsed().as_millis()).unwrap_or(0);
+        r
+    }
+
+    /// Ends this process's part in the session (streams, pending calls, upstream) without
+    /// recording a close: the session lives on elsewhere.
+    fn shutdown_local(&self, why: &str) {
+        let (link, pending, streams) = {
+            let mut st = self.lock();
+            if st.closed {
+                return;
+            }
+            st.closed = true;
+            let link = match std::mem::replace(
+                &mut st.upstream,
+                UpstreamSlot::Down {
+                    cause: None,
+                    since: None,
+                },
+            ) {
+                UpstreamSlot::Up { link, .. } => Some(link),
+                UpstreamSlot::Down { .. } => None,
+            };
+            let pending: Vec<Pending> = st.pending.drain().map(|(_, p)| p).collect();
+            let streams: Vec<Arc<Stream>> = st.streams.drain().map(|(_, s)| s).collect();
+            (link, pending, streams)
+        };
+        for p in pending {
+            self.finish(p, |client_id| {
+                protocol::error_response(
+                    client_id,
+                    code::UPSTREAM_LOST,
+                    format!("the session moved to another gateway instance ({why}); the outcome of this request is unknown"),
+                    Some(json!({"kind": "upstream_lost"})),
+                )
+            });
+        }
+        for s in streams {
+            s.detach();
+        }
+        self.standalone.detach();
+        if let Some(link) = link {
+            link.shutdown(true);
+        }
     }
 
     /// Stops the upstream without ending the session (gateway shutdown).

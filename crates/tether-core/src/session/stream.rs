@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::store::{Ack, EventRecord, Store};
+use crate::store::{Ack, EventRecord, LiveStore};
 
 /// One event on its way to a client connection.
 pub struct Frame {
@@ -77,7 +77,7 @@ impl Stream {
 
     /// Records `value` and queues it for the attached connection, if any. Returns false if
     /// the stream had already ended.
-    pub fn push(&self, store: &dyn Store, value: &Value, terminal: bool) -> bool {
+    pub fn push(&self, store: &dyn LiveStore, value: &Value, terminal: bool) -> bool {
         let data: Arc<str> = value.to_string().into();
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if g.done {

@@ -1,11 +1,20 @@
-//! Durable state: session records and the per-stream SSE event log.
+//! Durable state, in two halves that may live on different backends:
 //!
-//! The session layer talks only to the [`Store`] trait; SQLite ([`sqlite::SqliteStore`]) is
-//! the embedded default and later backends (Redis, PostgreSQL) implement the same trait and
-//! pass the same conformance tests. Writes that sit on the request path return an [`Ack`]
+//! - [`LiveStore`]: session records and the per-stream SSE event log, what serving and
+//!   rehydration need. SQLite ([`sqlite::SqliteStore`], the embedded default) or Redis
+//!   ([`redis::RedisStore`], shared by the instances of a deployment, which also
+//!   implements [`Coordinator`]).
+//! - [`LedgerStore`]: session history and tool calls for the admin API. SQLite or
+//!   PostgreSQL ([`postgres::PostgresLedger`]).
+//!
+//! Every backend passes the same conformance suite (`conformance.rs`). Writes that sit on the request path return an [`Ack`]
 //! future instead of blocking: a backend may group many writes into one commit, and the
 //! caller decides what must be durable before it answers the client.
 
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod postgres;
+pub mod redis;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -22,6 +31,9 @@ pub enum StoreError {
     /// The store was shut down.
     #[error("store is closed")]
     Closed,
+    /// The backend cannot be reached right now (Redis or PostgreSQL outage).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// A stored value could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -129,16 +141,17 @@ pub struct EventRecord {
     pub terminal: bool,
 }
 
-/// Where ledger batches go. Separate from [`Store`] so the ledger writer can be tested
+/// Where ledger batches go. Separate from [`LedgerStore`] so the ledger writer can be tested
 /// against slow and failing sinks.
 pub trait LedgerSink: Send + Sync + 'static {
     /// Writes ledger events (one batch, one commit).
     fn record(&self, events: Vec<LedgerEvent>) -> Ack;
 }
 
-/// The durable-state interface of the session layer.
+/// Live session state: session records and the per-stream event log. What an instance
+/// needs to serve, resume and rehydrate sessions.
 #[async_trait::async_trait]
-pub trait Store: LedgerSink {
+pub trait LiveStore: Send + Sync + 'static {
     /// Records a new session; durable when this returns.
     async fn create_session(&self, record: SessionRecord) -> Result<(), StoreError>;
     /// Loads a session by id.
@@ -176,7 +189,13 @@ pub trait Store: LedgerSink {
     async fn unfinished_streams(&self, session_id: &str) -> Result<Vec<StreamRecord>, StoreError>;
     /// Deletes logs of finished streams created before `cutoff_ms`; returns events removed.
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
+    /// A short description for logs and health (`sqlite:/path`, `redis://host/0 prefix p`).
+    fn describe(&self) -> String;
+}
 
+/// Session history and tool calls: what the admin API, CLI and dashboard read.
+#[async_trait::async_trait]
+pub trait LedgerStore: LedgerSink {
     /// Sessions matching `query`, most recently active first.
     async fn list_sessions(&self, query: &SessionQuery) -> Result<Vec<SessionSummary>, StoreError>;
     /// One session's summary.
@@ -195,6 +214,69 @@ pub trait Store: LedgerSink {
     async fn users(&self) -> Result<Vec<UserRow>, StoreError>;
     /// Deletes closed sessions and tool calls older than `cutoff_ms`; returns rows removed.
     async fn prune_ledger(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
+}
+
+/// Who serves a session in a multi-instance deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// This instance (it just claimed a session nobody owned, or already owned it).
+    Me,
+    /// This instance, which just took the session over from an instance whose heartbeat
+    /// lapsed (killed, or cut off from the store).
+    TookOver {
+        /// The previous owner's instance id.
+        from: String,
+    },
+    /// Another live instance, reachable at `url`.
+    Other {
+        /// Its instance id.
+        instance: String,
+        /// Where it serves MCP (its advertise URL, ending in the listener root).
+        url: String,
+    },
+}
+
+/// One gateway instance of a deployment, as its heartbeat describes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InstanceInfo {
+    /// Random id chosen at start.
+    pub id: String,
+    /// Where other instances reach its MCP listener.
+    pub url: String,
+    /// Start time, ms since the Unix epoch.
+    pub started_ms: i64,
+    /// Tether version.
+    pub version: String,
+}
+
+/// Coordination between instances sharing a live store: heartbeats, session ownership and
+/// a small inbox per instance. Implemented by the Redis store; a single SQLite instance has
+/// none.
+#[async_trait::async_trait]
+pub trait Coordinator: Send + Sync + 'static {
+    /// This instance.
+    fn me(&self) -> &InstanceInfo;
+    /// Refreshes this instance's heartbeat. Returns `true` when the previous heartbeat had
+    /// lapsed (first beat, an outage longer than the heartbeat TTL, or a store that lost its
+    /// data): other instances may have taken sessions over, so ownership must be re-checked.
+    async fn heartbeat(&self) -> Result<bool, StoreError>;
+    /// Removes this instance's heartbeat (graceful shutdown: its sessions move at once).
+    async fn leave(&self);
+    /// Makes this instance the owner of `session_id` unless another live instance owns it.
+    async fn claim(&self, session_id: &str) -> Result<Owner, StoreError>;
+    /// The owner instance id of each session (None: no owner recorded).
+    async fn owners(&self, ids: &[String]) -> Result<Vec<Option<String>>, StoreError>;
+    /// Live instances.
+    async fn instances(&self) -> Result<Vec<InstanceInfo>, StoreError>;
+    /// Asks `instance` to drop its in-memory copy of `session_id` (closed elsewhere).
+    async fn send_drop(&self, instance: &str, session_id: &str) -> Result<(), StoreError>;
+    /// Takes the session ids other instances asked this one to drop.
+    async fn take_drops(&self) -> Result<Vec<String>, StoreError>;
+    /// Writes back a session this instance holds whose record the store lost (a Redis
+    /// restart without persistence), and claims it.
+    async fn reassert(&self, record: &SessionRecord) -> Result<(), StoreError>;
+    /// Whether the live store is reachable right now (false during an outage).
+    fn is_up(&self) -> bool;
 }
 
 /// One finished tool call. Never its arguments or results.
@@ -224,6 +306,25 @@ pub enum LedgerEvent {
     Rehydrated(String),
     /// A session's upstream was started again (crash, rehydration).
     UpstreamRestarted(String),
+    /// A session was created. Only sent to a ledger on another backend than the live
+    /// store (a backend holding both already has the row).
+    Opened(Box<SessionRecord>),
+    /// A session ended (same condition as [`LedgerEvent::Opened`]).
+    Closed {
+        /// Session id.
+        id: String,
+        /// Close reason.
+        reason: String,
+        /// When, ms since the Unix epoch.
+        at_ms: i64,
+    },
+    /// A session was active (same condition; at most one a second per session).
+    Touched {
+        /// Session id.
+        id: String,
+        /// When, ms since the Unix epoch.
+        at_ms: i64,
+    },
 }
 
 /// A session as the ledger reports it: the record plus its counters.

@@ -16,8 +16,9 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::{
-    Ack, CallRow, EventRecord, LedgerEvent, LedgerSink, SessionQuery, SessionRecord, SessionState,
-    SessionSummary, Store, StoreError, StreamRecord, ToolCallRecord, Totals, UserRow, now_ms,
+    Ack, CallRow, EventRecord, LedgerEvent, LedgerSink, LedgerStore, LiveStore, SessionQuery,
+    SessionRecord, SessionState, SessionSummary, StoreError, StreamRecord, ToolCallRecord, Totals,
+    UserRow, now_ms,
 };
 
 type Done = oneshot::Sender<Result<(), StoreError>>;
@@ -40,7 +41,7 @@ enum Op {
     Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
 }
 
-/// SQLite-backed [`Store`].
+/// SQLite-backed [`LiveStore`] and [`LedgerStore`].
 pub struct SqliteStore {
     path: PathBuf,
     writes: mpsc::Sender<Op>,
@@ -343,6 +344,14 @@ fn insert_event(conn: &Connection, e: &EventRecord) -> rusqlite::Result<()> {
         "INSERT OR REPLACE INTO events (session_id, stream_id, seq, data, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![&*e.session_id, &*e.stream_id, e.seq as i64, &*e.data, now_ms()])?;
+    if &*e.stream_id == super::STANDALONE_STREAM {
+        // The standalone stream is never opened like a request stream, but its last
+        // sequence number must be known after a restart (or new events would reuse ids).
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO streams (session_id, stream_id, retryable, done, created_ms) VALUES (?1, ?2, 0, 0, ?3)",
+        )?
+        .execute(params![&*e.session_id, &*e.stream_id, now_ms()])?;
+    }
     if e.terminal {
         conn.prepare_cached(
             "UPDATE streams SET done = 1 WHERE session_id = ?1 AND stream_id = ?2",
@@ -377,6 +386,29 @@ fn write_ledger(conn: &Connection, events: &[LedgerEvent]) -> rusqlite::Result<(
                     "UPDATE sessions SET upstream_restarts = upstream_restarts + 1 WHERE id = ?1",
                 )?
                 .execute(params![id])?;
+            }
+            // Sent only when the live store is another backend: this file is then the
+            // ledger alone, and keeps the history of sessions that live elsewhere.
+            LedgerEvent::Opened(r) => {
+                if conn
+                    .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
+                    .exists(params![r.id])?
+                {
+                    continue;
+                }
+                insert_session(conn, r)?;
+            }
+            LedgerEvent::Closed { id, reason, at_ms } => {
+                conn.prepare_cached(
+                    "UPDATE sessions SET state = 'closed', close_reason = ?2, closed_ms = ?3 WHERE id = ?1 AND state = 'live'",
+                )?
+                .execute(params![id, reason, at_ms])?;
+            }
+            LedgerEvent::Touched { id, at_ms } => {
+                conn.prepare_cached(
+                    "UPDATE sessions SET last_active_ms = max(last_active_ms, ?2) WHERE id = ?1",
+                )?
+                .execute(params![id, at_ms])?;
             }
         }
     }
@@ -513,7 +545,11 @@ impl LedgerSink for SqliteStore {
 }
 
 #[async_trait::async_trait]
-impl Store for SqliteStore {
+impl LiveStore for SqliteStore {
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+
     async fn create_session(&self, record: SessionRecord) -> Result<(), StoreError> {
         self.submit(|d| Op::CreateSession(Box::new(record), d))
             .await
@@ -635,6 +671,17 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(Op::Prune(cutoff_ms, tx)).is_err() {
+            return Err(StoreError::Closed);
+        }
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+#[async_trait::async_trait]
+impl LedgerStore for SqliteStore {
     async fn list_sessions(&self, query: &SessionQuery) -> Result<Vec<SessionSummary>, StoreError> {
         let q = query.clone();
         self.read(move |c| {
@@ -770,183 +817,62 @@ impl Store for SqliteStore {
         }
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
-
-    async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        if self.writes.send(Op::Prune(cutoff_ms, tx)).is_err() {
-            return Err(StoreError::Closed);
-        }
-        rx.await.unwrap_or(Err(StoreError::Closed))
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::store::conformance as suite;
 
-    fn record(id: &str, last_active_ms: i64) -> SessionRecord {
-        SessionRecord {
-            id: id.into(),
-            principal: "anonymous".into(),
-            created_ms: 1,
-            last_active_ms,
-            protocol_version: "2025-11-25".into(),
-            init_params: json!({"protocolVersion": "2025-11-25", "clientInfo": {"name": "t", "version": "1"}}),
-            client_name: Some("t".into()),
-            client_version: Some("1".into()),
-            upstream_name: "demo".into(),
-            state: SessionState::Live,
-            close_reason: None,
-            closed_ms: None,
-            restore: json!({}),
-            principal_email: None,
-            principal_name: None,
-            client_type: "unknown".into(),
-            transport: "streamable-http".into(),
-        }
-    }
-
-    fn event(session: &str, stream: &str, seq: u64, terminal: bool) -> EventRecord {
-        EventRecord {
-            session_id: session.into(),
-            stream_id: stream.into(),
-            seq,
-            data: format!("{{\"n\":{seq}}}").into(),
-            terminal,
-        }
+    #[tokio::test]
+    async fn conformance_live_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        suite::sessions_round_trip_and_close(&SqliteStore::open(dir.path()).unwrap()).await;
     }
 
     #[tokio::test]
-    async fn sessions_round_trip_and_close() {
+    async fn conformance_event_log_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        store.create_session(record("a", 10)).await.unwrap();
-        store.create_session(record("b", 20)).await.unwrap();
-        assert_eq!(
-            store.load_session("a").await.unwrap(),
-            Some(record("a", 10))
-        );
-        assert_eq!(store.count_live().await.unwrap(), 2);
-        store.touch("a", 50);
-        store.flush().await.unwrap();
-        assert_eq!(
-            store
-                .load_session("a")
-                .await
-                .unwrap()
-                .unwrap()
-                .last_active_ms,
-            50
-        );
-        assert_eq!(
-            store.idle_sessions(30, 10).await.unwrap(),
-            vec!["b".to_owned()]
-        );
-        let restore = json!({"logLevel": "debug", "subscriptions": ["file:///a"]});
-        store.set_restore("a", restore.clone()).await.unwrap();
-        assert_eq!(
-            store.load_session("a").await.unwrap().unwrap().restore,
-            restore
-        );
-        store.close_session("b", "timeout", 99).await.unwrap();
-        let b = store.load_session("b").await.unwrap().unwrap();
-        assert_eq!(
-            (b.state, b.close_reason.as_deref(), b.closed_ms),
-            (SessionState::Closed, Some("timeout"), Some(99))
-        );
-        assert!(store.load_session("missing").await.unwrap().is_none());
+        let path = dir.path().to_path_buf();
+        suite::event_log_survives_reopen(move || {
+            Box::new(SqliteStore::open(&path).unwrap()) as Box<dyn LiveStore>
+        })
+        .await;
     }
 
     #[tokio::test]
-    async fn event_log_survives_reopen() {
+    async fn conformance_concurrent_writes() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let store = SqliteStore::open(dir.path()).unwrap();
-            store.create_session(record("s", 1)).await.unwrap();
-            let stream = StreamRecord {
-                session_id: "s".into(),
-                stream_id: "x".into(),
-                client_request_id: Some(json!(7)),
-                request: Some(json!({"method": "tools/call"})),
-                retryable: true,
-                done: false,
-                last_seq: 0,
-                created_ms: 5,
-            };
-            store.open_stream(stream).await.unwrap();
-            store.append_event(event("s", "x", 1, false)).await.unwrap();
-            store.append_event(event("s", "x", 2, false)).await.unwrap();
-        }
-        let store = SqliteStore::open(dir.path()).unwrap();
-        let open = store.unfinished_streams("s").await.unwrap();
-        assert_eq!(open.len(), 1);
-        assert_eq!(open[0].last_seq, 2);
-        assert_eq!(open[0].client_request_id, Some(json!(7)));
-        assert!(open[0].retryable);
-        let after = store.events_after("s", "x", 1).await.unwrap();
-        assert_eq!(after, vec![(2, "{\"n\":2}".to_owned())]);
-        store.append_event(event("s", "x", 3, true)).await.unwrap();
-        assert!(store.unfinished_streams("s").await.unwrap().is_empty());
-        assert!(store.stream("s", "x").await.unwrap().unwrap().done);
-        assert_eq!(store.prune_events(10).await.unwrap(), 3);
-        assert!(store.stream("s", "x").await.unwrap().is_none());
+        suite::many_concurrent_writes(&SqliteStore::open(dir.path()).unwrap()).await;
     }
 
     #[tokio::test]
-    async fn ledger_counts_and_retention_pruning() {
+    async fn conformance_ledger_counts_and_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        suite::ledger_counts_and_retention_pruning(&SqliteStore::open(dir.path()).unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_ledger_queries() {
+        let dir = tempfile::tempdir().unwrap();
+        suite::ledger_queries(&SqliteStore::open(dir.path()).unwrap()).await;
+    }
+
+    /// The shared-file case: a session created through the live store is the ledger's row,
+    /// and the mirror events a split deployment sends change nothing twice.
+    #[tokio::test]
+    async fn one_file_serves_both_roles() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        store.create_session(record("old", 1)).await.unwrap();
-        store.create_session(record("new", 1)).await.unwrap();
-        let call = |sid: &str, started_ms, outcome: &str| {
-            LedgerEvent::ToolCall(ToolCallRecord {
-                session_id: sid.into(),
-                tool: "echo".into(),
-                started_ms,
-                duration_ms: 3,
-                outcome: outcome.into(),
-                error_code: None,
-            })
-        };
+        store.create_session(suite::record("s", 10)).await.unwrap();
         store
-            .record(vec![
-                call("old", 100, "ok"),
-                call("old", 200, "timeout"),
-                call("new", 5_000, "ok"),
-                LedgerEvent::Rehydrated("new".into()),
-                LedgerEvent::UpstreamRestarted("new".into()),
-            ])
+            .record(vec![LedgerEvent::Opened(Box::new(suite::record("s", 10)))])
             .await
             .unwrap();
-        let old = store.session_summary("old").await.unwrap().unwrap();
-        assert_eq!((old.tool_calls, old.errors), (2, 1));
-        let new = store.session_summary("new").await.unwrap().unwrap();
-        assert_eq!((new.rehydrations, new.upstream_restarts), (1, 1));
-        store.close_session("old", "timeout", 1_000).await.unwrap();
-        // Past retention: the closed session and old calls go; live sessions and recent calls stay.
-        assert_eq!(store.prune_ledger(2_000).await.unwrap(), 3);
-        assert!(store.session_summary("old").await.unwrap().is_none());
-        assert!(store.session_summary("new").await.unwrap().is_some());
-        assert_eq!(store.calls_since(0, 10).await.unwrap().len(), 1);
-        let totals = store.totals().await.unwrap();
+        assert_eq!(store.totals().await.unwrap().sessions, 1);
         assert_eq!(
-            (totals.sessions, totals.active, totals.tool_calls),
-            (1, 1, 1)
+            store.session_summary("s").await.unwrap().unwrap().state,
+            "live"
         );
-    }
-
-    #[tokio::test]
-    async fn many_concurrent_writes_commit_in_groups() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
-        store.create_session(record("s", 1)).await.unwrap();
-        let acks: Vec<_> = (1..=500)
-            .map(|i| store.append_event(event("s", "0", i, false)))
-            .collect();
-        for a in futures::future::join_all(acks).await {
-            a.unwrap();
-        }
-        assert_eq!(store.events_after("s", "0", 0).await.unwrap().len(), 500);
     }
 }

@@ -1,0 +1,557 @@
+//! Several `tether` processes sharing Redis (live state) and PostgreSQL (ledger), with the
+//! client switching between them the way a round-robin load balancer would.
+//!
+//! Needs `TETHER_TEST_REDIS_URL` (and `TETHER_TEST_DATABASE_URL` for the ledger parts);
+//! each test uses its own key prefix and schema. Outage tests start a private
+//! `redis-server` on a free port and stop that one, never the shared service.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Gateway, state_dir};
+use serde_json::{Value, json};
+
+fn redis_url() -> Option<String> {
+    match std::env::var("TETHER_TEST_REDIS_URL") {
+        Ok(u) => Some(u),
+        Err(_) => {
+            eprintln!("skipped: TETHER_TEST_REDIS_URL is not set (a multi-instance test)");
+            None
+        }
+    }
+}
+
+fn unique(name: &str) -> String {
+    format!(
+        "{name}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    )
+}
+
+/// A deployment's shared settings: one Redis prefix, and a PostgreSQL schema when a
+/// database is configured. Cleaned up on drop.
+struct Shared {
+    redis: String,
+    prefix: String,
+    ledger: Option<(String, String)>,
+}
+
+impl Shared {
+    async fn new(redis: &str, name: &str) -> Shared {
+        let prefix = format!("tether-it:{}", unique(name));
+        let ledger = match std::env::var("TETHER_TEST_DATABASE_URL") {
+            Ok(url) => {
+                let schema = unique(&format!("tether_it_{name}"));
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                    .await
+                    .unwrap();
+                let sep = if url.contains('?') { '&' } else { '?' };
+                Some((
+                    format!("{url}{sep}options=-c%20search_path%3D{schema}"),
+                    schema,
+                ))
+            }
+            Err(_) => {
+                eprintln!(
+                    "note: TETHER_TEST_DATABASE_URL is not set; the ledger parts are skipped"
+                );
+                None
+            }
+        };
+        Shared {
+            redis: redis.to_owned(),
+            prefix,
+            ledger,
+        }
+    }
+
+    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec![
+            "--store",
+            &self.redis,
+            "--store-prefix",
+            &self.prefix,
+            "--instance-ttl",
+            "2s",
+        ];
+        if let Some((url, _)) = &self.ledger {
+            a.extend(["--ledger", url.as_str()]);
+        }
+        a.extend_from_slice(extra);
+        a
+    }
+
+    async fn cleanup(&self) {
+        if let Ok(client) = redis::Client::open(self.redis.as_str()) {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{}:*", self.prefix))
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                for chunk in keys.chunks(500) {
+                    let _: Result<(), _> =
+                        redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+                }
+            }
+        }
+        if let (Some((_, schema)), Ok(url)) =
+            (&self.ledger, std::env::var("TETHER_TEST_DATABASE_URL"))
+        {
+            if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                tokio::spawn(conn);
+                let _ = client
+                    .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                    .await;
+            }
+        }
+    }
+}
+
+async fn get_json(url: &str) -> (u16, Value) {
+    let resp = reqwest::get(url).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits until the admin API of `gw` lists `n` live instances.
+async fn wait_instances(gw: &Gateway, n: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, deep) = get_json(&format!("{}/health/deep", gw.admin)).await;
+        if deep["instances"].as_array().map_or(0, Vec::len) == n {
+            return deep;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "instances never became {n}: {deep}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_session_created_on_one_instance_continues_on_the_others_with_the_same_id() {
+    let Some(url) = redis_url() else { return };
+    let shared = Shared::new(&url, "roundrobin").await;
+    let (da, db, dc) = (state_dir(), state_dir(), state_dir());
+    let a = Gateway::start(da.path(), &shared.args(&["--demo"]));
+    let b = Gateway::start(db.path(), &shared.args(&["--demo"]));
+    let c = Gateway::start(dc.path(), &shared.args(&["--demo"]));
+    let clients = [a.client(), b.client(), c.client()];
+    let sid = clients[0].initialize("roundrobin").await;
+
+    // Round robin: every call lands on the next instance; one upstream serves them all,
+    // so its state (a counter, its pid) is continuous.
+    let mut pids = Vec::new();
+    for i in 0..6 {
+        let mcp = &clients[i % 3];
+        let n = mcp
+            .call_text(&sid, 10 + i as i64, "counter", json!({}))
+            .await;
+        assert_eq!(n, (i + 1).to_string(), "call {i} saw the same upstream");
+        pids.push(mcp.call_text(&sid, 100 + i as i64, "pid", json!({})).await);
+    }
+    assert!(
+        pids.windows(2).all(|w| w[0] == w[1]),
+        "one upstream: {pids:?}"
+    );
+
+    // Any instance's admin API shows the deployment.
+    let deep = wait_instances(&c, 3).await;
+    assert_eq!(deep["instances"].as_array().unwrap().len(), 3, "{deep}");
+    if shared.ledger.is_some() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, list) = get_json(&format!("{}/api/sessions", b.admin)).await;
+            assert_eq!(status, 200);
+            let row = list["sessions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["id"] == sid.as_str())
+                .cloned();
+            if row.as_ref().is_some_and(|r| r["tool_calls"] == 12) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "B's admin API never showed the session's calls: {list}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // A DELETE on another instance ends the session everywhere.
+    assert_eq!(clients[1].delete(&sid).await, 200);
+    for mcp in &clients {
+        let a = mcp
+            .post(
+                Some(&sid),
+                &json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"}),
+            )
+            .await;
+        assert_eq!(a.status, 404, "{}", a.body);
+    }
+    shared.cleanup().await;
+}
+
+#[tokio::test]
+async fn sessions_of_a_sigkilled_instance_continue_on_another() {
+    let Some(url) = redis_url() else { return };
+    let shared = Shared::new(&url, "sigkill").await;
+    let (da, db) = (state_dir(), state_dir());
+    let mut a = Gateway::start(da.path(), &shared.args(&["--demo"]));
+    let b = Gateway::start(db.path(), &shared.args(&["--demo"]));
+    let (ma, mb) = (a.client(), b.client());
+    let mut sessions = Vec::new();
+    for i in 0..3 {
+        let sid = ma.initialize(&format!("victim-{i}")).await;
+        assert_eq!(ma.call_text(&sid, 1, "counter", json!({})).await, "1");
+        sessions.push(sid);
+    }
+    // A call in flight through B (forwarded to A) when A dies: a safe tool (the client
+    // listed tools first, as clients do, so its annotations are known), re-issued.
+    let list = mb
+        .post(
+            Some(&sessions[0]),
+            &json!({"jsonrpc": "2.0", "id": 6, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(list.status, 200);
+    let (stream, mut open) = mb
+        .start_call(&sessions[0], 7, "slow", json!({"ms": 1500}))
+        .await;
+    wait_instances(&b, 2).await;
+
+    let killed = Instant::now();
+    a.kill9();
+    // Same ids on B: B forwards to A, is refused, waits out A's heartbeat (2s here),
+    // claims each session and replays its stored initialize to a fresh upstream.
+    let first = mb.call_text(&sessions[1], 20, "counter", json!({})).await;
+    let takeover = killed.elapsed();
+    assert_eq!(
+        first, "1",
+        "a fresh upstream (in-memory upstream state does not move)"
+    );
+    assert_eq!(
+        mb.call_text(&sessions[2], 20, "counter", json!({})).await,
+        "1"
+    );
+    eprintln!(
+        "measured: a SIGKILLed instance's session answered on another instance {takeover:?} after the kill (instance TTL 2s)"
+    );
+    // The forwarded stream broke with A; the client resumes it on B, which re-issues the
+    // safe call to its own upstream.
+    while let Some(Ok(_)) = futures::StreamExt::next(&mut open.events).await {}
+    let resumed = mb.resume(&sessions[0], &format!("{stream}.0")).await;
+    let answer = resumed.response();
+    assert_eq!(
+        answer
+            .pointer("/result/content/0/text")
+            .and_then(Value::as_str),
+        Some("waited 1500 ms"),
+        "{}",
+        resumed.body
+    );
+    let log = b.log_text();
+    assert_eq!(log.matches("session rehydrated").count(), 3, "{log}");
+    assert_eq!(metric(&b, "tether_session_takeovers_total").await, 3.0);
+    wait_instances(&b, 1).await;
+    shared.cleanup().await;
+}
+
+#[tokio::test]
+async fn server_to_client_messages_cross_instances_and_answers_find_the_asking_upstream() {
+    let Some(url) = redis_url() else { return };
+    let shared = Shared::new(&url, "crossing").await;
+    let (da, db) = (state_dir(), state_dir());
+    let a = Gateway::start(da.path(), &shared.args(&["--demo"]));
+    let b = Gateway::start(db.path(), &shared.args(&["--demo"]));
+    let (ma, mb) = (a.client(), b.client());
+    let sid = ma.initialize("crossing").await;
+
+    // Progress notifications from A's upstream reach a request stream held on B.
+    let msg = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "slow", "arguments": {"ms": 300, "steps": 3}, "_meta": {"progressToken": "p1"}}});
+    let answer = mb.post(Some(&sid), &msg).await;
+    let progress = answer
+        .events()
+        .into_iter()
+        .filter_map(|(_, d)| d)
+        .filter(|v| v["method"] == "notifications/progress")
+        .count();
+    assert_eq!(progress, 3, "{}", answer.body);
+
+    // The standalone stream is held through B; A's upstream asks for sampling during a
+    // call made on A; the request arrives on B's stream, the answer is posted to B and
+    // reaches the upstream on A that asked.
+    let get = mb
+        .http
+        .get(&mb.url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &sid)
+        .header("mcp-protocol-version", "2025-11-25")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 200);
+    let mut standalone = futures::StreamExt::boxed(eventsource_stream::Eventsource::eventsource(
+        get.bytes_stream(),
+    ));
+    let call = {
+        let ma = ma.clone();
+        let sid = sid.clone();
+        tokio::spawn(async move {
+            ma.call_text(&sid, 2, "sample", json!({"prompt": "hi"}))
+                .await
+        })
+    };
+    let request = loop {
+        let ev = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures::StreamExt::next(&mut standalone),
+        )
+        .await
+        .expect("sampling request on the standalone stream")
+        .unwrap()
+        .unwrap();
+        if ev.data.is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&ev.data).unwrap();
+        if v["method"] == "sampling/createMessage" {
+            break v;
+        }
+    };
+    let reply = json!({"jsonrpc": "2.0", "id": request["id"], "result": {
+        "role": "assistant", "model": "test", "content": {"type": "text", "text": "hello from B"}}});
+    assert_eq!(mb.post(Some(&sid), &reply).await.status, 202);
+    assert_eq!(call.await.unwrap(), "model said: hello from B");
+    let metrics = reqwest::get(format!("{}/metrics", b.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tether_forwarded_requests_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    shared.cleanup().await;
+}
+
+/// A private Redis server (AOF, fsync on every write) in `dir` on `port`.
+fn private_redis(dir: &std::path::Path, port: u16, persistent: bool) -> Child {
+    let mut cmd = Command::new("redis-server");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+    ]);
+    if persistent {
+        cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+    } else {
+        cmd.args(["--appendonly", "no"]);
+    }
+    let child = cmd
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "private redis did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn metric(gw: &Gateway, name: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", gw.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+async fn wait_metric(gw: &Gateway, name: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(gw, name).await != want {
+        assert!(Instant::now() < deadline, "{name} never became {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_redis_outage_keeps_held_sessions_working_and_loses_nothing_acknowledged() {
+    if redis_url().is_none() {
+        return;
+    }
+    let rdir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut redis = Guard(private_redis(rdir.path(), port, true));
+    let url = format!("redis://127.0.0.1:{port}");
+    let shared = Shared::new(&url, "outage").await;
+    let (da, db) = (state_dir(), state_dir());
+    let a = Gateway::start(da.path(), &shared.args(&["--demo"]));
+    let b = Gateway::start(db.path(), &shared.args(&["--demo"]));
+    let (ma, mb) = (a.client(), b.client());
+    let sid = ma.initialize("outage").await;
+    assert_eq!(mb.call_text(&sid, 1, "counter", json!({})).await, "1");
+
+    // Redis dies (SIGKILL).
+    redis.0.kill().unwrap();
+    redis.0.wait().unwrap();
+    // The session A holds keeps working; its answers are kept for Redis.
+    let during = ma
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "counter", "arguments": {}}}),
+        )
+        .await;
+    assert_eq!(during.status, 200, "{}", during.body);
+    assert_eq!(
+        during
+            .response()
+            .pointer("/result/content/0/text")
+            .and_then(Value::as_str),
+        Some("2")
+    );
+    let during_stream = during.events()[0].0.rsplit_once('.').unwrap().0.to_owned();
+    // A new session is refused clearly, with a time to retry.
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "new", "version": "1"}}});
+    let refused = ma.post(None, &init).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.headers.contains_key("retry-after"));
+    assert_eq!(refused.json()["error"]["code"], -32014);
+    // Health and metrics say so.
+    let (status, ready) = get_json(&format!("{}/health/ready", a.admin)).await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["checks"]["store"]["ok"], false, "{ready}");
+    assert_eq!(metric(&a, "tether_store_up").await, 0.0);
+
+    // Redis comes back from its append-only file; the instances reconnect by themselves.
+    let _redis = Guard(private_redis(rdir.path(), port, true));
+    wait_metric(&a, "tether_store_up", 1.0).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = get_json(&format!("{}/health/ready", a.admin)).await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A never became ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&a, "tether_store_buffered_writes").await, 0.0);
+    // The answer given during the outage was written through: B can replay it.
+    let replay = mb.resume(&sid, &format!("{during_stream}.0")).await;
+    assert_eq!(
+        replay
+            .response()
+            .pointer("/result/content/0/text")
+            .and_then(Value::as_str),
+        Some("2"),
+        "{}",
+        replay.body
+    );
+    assert_eq!(mb.call_text(&sid, 3, "counter", json!({})).await, "3");
+    let fresh = ma.post(None, &init).await;
+    assert_eq!(fresh.status, 200, "{}", fresh.body);
+    shared.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_redis_that_lost_everything_gets_held_sessions_written_back() {
+    if redis_url().is_none() {
+        return;
+    }
+    let rdir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut redis = Guard(private_redis(rdir.path(), port, false));
+    let url = format!("redis://127.0.0.1:{port}");
+    let shared = Shared::new(&url, "amnesia").await;
+    let (da, db) = (state_dir(), state_dir());
+    let a = Gateway::start(da.path(), &shared.args(&["--demo"]));
+    let b = Gateway::start(db.path(), &shared.args(&["--demo"]));
+    let (ma, mb) = (a.client(), b.client());
+    let sid = ma.initialize("amnesia").await;
+    assert_eq!(ma.call_text(&sid, 1, "counter", json!({})).await, "1");
+    // A restart without persistence: every key is gone.
+    redis.0.kill().unwrap();
+    redis.0.wait().unwrap();
+    let _redis = Guard(private_redis(rdir.path(), port, false));
+    // A notices its heartbeat had lapsed and writes back what it holds; then B finds the
+    // session again and forwards to A, whose upstream still counts.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = mb
+            .post(
+                Some(&sid),
+                &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                "params": {"name": "counter", "arguments": {}}}),
+            )
+            .await;
+        if r.status == 200 {
+            assert_eq!(
+                r.response()
+                    .pointer("/result/content/0/text")
+                    .and_then(Value::as_str),
+                Some("2"),
+                "{}",
+                r.body
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never found the session: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(a.log_text().contains("session ownership re-checked"));
+    shared.cleanup().await;
+}
+
+/// Kills a child process when dropped.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
