@@ -2,7 +2,9 @@
 //! run. Not a pass/fail test (no timing assertions): it prints a table for BENCHMARKS.md.
 //!
 //! `cargo test --release -p tether --test measure -- --ignored --nocapture`
-//! (`TETHER_MEASURE_CALLS` sets calls per row, default 2000).
+//! (`TETHER_MEASURE_CALLS` sets calls per row, default 2000). With `TETHER_TEST_REDIS_URL`
+//! set it adds the Redis live store and the forwarding hop between two instances (own key
+//! prefix, deleted afterwards).
 
 mod common;
 
@@ -20,6 +22,12 @@ struct Row {
 
 async fn run(mcp: &Mcp, calls: usize) -> Vec<Duration> {
     let sid = mcp.initialize("measure").await;
+    run_in(mcp, &sid, calls).await
+}
+
+/// Calls `echo` in an existing session (which may have been created on another instance).
+async fn run_in(mcp: &Mcp, sid: &str, calls: usize) -> Vec<Duration> {
+    let sid = sid.to_owned();
     for i in 0..50 {
         mcp.call_text(&sid, i, "echo", json!({"text": "warm"}))
             .await;
@@ -71,7 +79,7 @@ async fn per_call_latency_direct_vs_gateway() {
     let dir_stdio = state_dir();
     let gw_stdio = Gateway::start(dir_stdio.path(), &["--demo", "--log", "warn"]);
 
-    let rows = vec![
+    let mut rows = vec![
         Row {
             name: "direct to upstream (HTTP, rmcp demo server)",
             lat: run(&Mcp::new(&up_url), calls).await,
@@ -85,6 +93,35 @@ async fn per_call_latency_direct_vs_gateway() {
             lat: run(&gw_stdio.client(), calls).await,
         },
     ];
+    let redis = std::env::var("TETHER_TEST_REDIS_URL").ok();
+    let prefix = format!("tether-measure:{}", std::process::id());
+    let mut redis_gateways = Vec::new();
+    if let Some(url) = &redis {
+        let args = [
+            "--demo",
+            "--log",
+            "warn",
+            "--store",
+            url.as_str(),
+            "--store-prefix",
+            prefix.as_str(),
+        ];
+        let (da, db) = (state_dir(), state_dir());
+        let a = Gateway::start(da.path(), &args);
+        let b = Gateway::start(db.path(), &args);
+        rows.push(Row {
+            name: "tether (Redis store) -> stdio demo upstream",
+            lat: run(&a.client(), calls).await,
+        });
+        let sid = a.client().initialize("measure-forwarded").await;
+        rows.push(Row {
+            name: "tether B -> forwarded to owner A (Redis) -> stdio",
+            lat: run_in(&b.client(), &sid, calls).await,
+        });
+        redis_gateways.extend([(a, da), (b, db)]);
+    } else {
+        eprintln!("TETHER_TEST_REDIS_URL is not set: no Redis rows");
+    }
     println!("\n{calls} sequential tools/call echo per row, one client, loopback");
     println!("| path | mean us | p50 us | p99 us | calls/s |");
     println!("|---|---|---|---|---|");
@@ -101,4 +138,21 @@ async fn per_call_latency_direct_vs_gateway() {
     }
     let _ = upstream.kill();
     let _ = upstream.wait();
+    drop(redis_gateways);
+    if let Some(url) = redis {
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for chunk in keys.chunks(500) {
+            let _: () = redis::cmd("DEL")
+                .arg(chunk)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
 }
