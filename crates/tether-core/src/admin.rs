@@ -327,18 +327,42 @@ struct ListParams {
     offset: Option<String>,
 }
 
-fn with_state(st: &AdminState, sessions: Vec<SessionSummary>) -> Vec<Value> {
+/// Adds each session's upstream state (held here) or, in a multi-instance deployment, the
+/// instance that serves it.
+async fn with_state(st: &AdminState, sessions: Vec<SessionSummary>) -> Vec<Value> {
     let states = st.registry.upstream_states();
+    let mut owners: HashMap<String, String> = HashMap::new();
+    if let Some(c) = &st.coordinator {
+        let elsewhere: Vec<String> = sessions
+            .iter()
+            .filter(|s| s.state == "live" && !states.contains_key(&s.id))
+            .map(|s| s.id.clone())
+            .collect();
+        // Without Redis the page is still useful; the owner column is just empty.
+        if let Ok(found) = c.owners(&elsewhere).await {
+            for (id, owner) in elsewhere.into_iter().zip(found) {
+                if let Some(o) = owner {
+                    owners.insert(id, o);
+                }
+            }
+        }
+    }
+    let me = st.coordinator.as_ref().map(|c| c.me().id.clone());
     sessions
         .into_iter()
         .map(|s| {
             let mut v = serde_json::to_value(&s).expect("summary serializes");
-            let upstream = if s.state == "closed" {
-                "stopped"
+            let (upstream, instance) = if s.state == "closed" {
+                ("stopped", None)
+            } else if let Some(state) = states.get(&s.id) {
+                (*state, me.clone())
+            } else if let Some(owner) = owners.get(&s.id).filter(|o| Some(*o) != me.as_ref()) {
+                ("elsewhere", Some(owner.clone()))
             } else {
-                states.get(&s.id).copied().unwrap_or("idle")
+                ("idle", None)
             };
             v["upstream_state"] = json!(upstream);
+            v["instance"] = json!(instance);
             v["idle_ms"] = json!((now_ms() - s.last_active_ms).max(0));
             v
         })
@@ -379,7 +403,7 @@ async fn list_sessions(
     let more = sessions.len() > limit;
     sessions.truncate(limit);
     Ok(axum::Json(json!({
-        "sessions": with_state(&st, sessions),
+        "sessions": with_state(&st, sessions).await,
         "limit": limit,
         "offset": offset,
         "next_offset": more.then_some(offset + limit),
@@ -394,7 +418,10 @@ async fn show_session(
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no session {id}")));
     };
     let calls = st.ledger.session_calls(&id, 50).await?;
-    let session = with_state(&st, vec![s]).pop().expect("one in, one out");
+    let session = with_state(&st, vec![s])
+        .await
+        .pop()
+        .expect("one in, one out");
     Ok(axum::Json(json!({ "session": session, "calls": calls })))
 }
 
@@ -462,7 +489,7 @@ async fn disconnected(
     });
     let page: Vec<SessionSummary> = window.into_iter().take(limit).collect();
     Ok(axum::Json(
-        json!({ "days": days, "sessions": with_state(&st, page), "stats": stats }),
+        json!({ "days": days, "sessions": with_state(&st, page).await, "stats": stats }),
     ))
 }
 

@@ -182,7 +182,10 @@ async fn a_session_created_on_one_instance_continues_on_the_others_with_the_same
                 .iter()
                 .find(|s| s["id"] == sid.as_str())
                 .cloned();
-            if row.as_ref().is_some_and(|r| r["tool_calls"] == 12) {
+            if let Some(r) = row.as_ref().filter(|r| r["tool_calls"] == 12) {
+                // B holds no upstream for it: the row names the instance that does.
+                assert_eq!(r["upstream_state"], "elsewhere", "{r}");
+                assert!(r["instance"].is_string(), "{r}");
                 break;
             }
             assert!(
