@@ -104,6 +104,18 @@ pub async fn run(
         );
     }
     tracker.spawn(registry.clone().run_reaper());
+    if let Some(c) = &stores.coordinator {
+        // Beat once before accepting: a session created here must never look orphaned
+        // (owner without a heartbeat) to the other instances.
+        match c.heartbeat().await {
+            Ok(_) => {
+                tracing::info!(instance = %c.me().id, advertise = %c.me().url, "joined the deployment")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach Redis at start; new sessions get 503 until it answers")
+            }
+        }
+    }
     if let StoreSpec::Redis { instance_ttl, .. } = &config.store {
         // Five beats per TTL: a few missed beats (a slow Redis, a busy machine) do not
         // make other instances take this one's sessions.
