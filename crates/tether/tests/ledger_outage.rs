@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, state_dir};
+use common::{Gateway, drop_schema, in_schema, metric, pg_schema, state_dir};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -79,19 +79,6 @@ impl Drop for Proxy {
     }
 }
 
-async fn metric(gw: &Gateway, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", gw.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name}"))
-}
-
 // Multi-threaded: the harness starts the gateway with blocking reads while the proxy task
 // must already be forwarding the gateway's first connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,28 +96,15 @@ async fn an_unreachable_ledger_database_loses_no_record() {
         }
     };
     let pg_port = config.get_ports().first().copied().unwrap_or(5432);
-    let schema = format!(
-        "tether_outage_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    );
-    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+    let (admin, schema) = pg_schema("tether_outage")
         .await
-        .unwrap();
-    tokio::spawn(conn);
-    admin
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
+        .expect("database configured");
     let proxy = Proxy::start(format!("{host}:{pg_port}")).await;
     let user = config.get_user().unwrap_or("postgres");
     let db = config.get_dbname().unwrap_or("postgres");
-    let proxied = format!(
-        "postgres://{user}@127.0.0.1:{}/{db}?options=-c%20search_path%3D{schema}",
-        proxy.port
+    let proxied = in_schema(
+        &format!("postgres://{user}@127.0.0.1:{}/{db}", proxy.port),
+        &schema,
     );
 
     let dir = state_dir();
@@ -208,8 +182,5 @@ async fn an_unreachable_ledger_database_loses_no_record() {
         "session counters include the outage's calls"
     );
     drop(gw);
-    admin
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
+    drop_schema(&admin, &schema).await;
 }

@@ -10,7 +10,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, state_dir};
+use common::{Gateway, drop_schema, in_schema, metric, pg_schema, state_dir, unique};
 use serde_json::{Value, json};
 
 fn redis_url() -> Option<String> {
@@ -23,46 +23,24 @@ fn redis_url() -> Option<String> {
     }
 }
 
-fn unique(name: &str) -> String {
-    format!(
-        "{name}_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    )
-}
-
 /// A deployment's shared settings: one Redis prefix, and a PostgreSQL schema when a
 /// database is configured. Cleaned up on drop.
 struct Shared {
     redis: String,
     prefix: String,
-    ledger: Option<(String, String)>,
+    /// Ledger URL (in the schema), admin connection and schema name.
+    ledger: Option<(String, tokio_postgres::Client, String)>,
 }
 
 impl Shared {
     async fn new(redis: &str, name: &str) -> Shared {
         let prefix = format!("tether-it:{}", unique(name));
-        let ledger = match std::env::var("TETHER_TEST_DATABASE_URL") {
-            Ok(url) => {
-                let schema = unique(&format!("tether_it_{name}"));
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
-                client
-                    .batch_execute(&format!("CREATE SCHEMA {schema}"))
-                    .await
-                    .unwrap();
-                let sep = if url.contains('?') { '&' } else { '?' };
-                Some((
-                    format!("{url}{sep}options=-c%20search_path%3D{schema}"),
-                    schema,
-                ))
+        let ledger = match pg_schema(&format!("tether_it_{name}")).await {
+            Some((client, schema)) => {
+                let url = std::env::var("TETHER_TEST_DATABASE_URL").unwrap();
+                Some((in_schema(&url, &schema), client, schema))
             }
-            Err(_) => {
+            None => {
                 eprintln!(
                     "note: TETHER_TEST_DATABASE_URL is not set; the ledger parts are skipped"
                 );
@@ -85,7 +63,7 @@ impl Shared {
             "--instance-ttl",
             "2s",
         ];
-        if let Some((url, _)) = &self.ledger {
+        if let Some((url, ..)) = &self.ledger {
             a.extend(["--ledger", url.as_str()]);
         }
         a.extend_from_slice(extra);
@@ -106,15 +84,8 @@ impl Shared {
                 }
             }
         }
-        if let (Some((_, schema)), Ok(url)) =
-            (&self.ledger, std::env::var("TETHER_TEST_DATABASE_URL"))
-        {
-            if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-                tokio::spawn(conn);
-                let _ = client
-                    .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-                    .await;
-            }
+        if let Some((_, client, schema)) = &self.ledger {
+            drop_schema(client, schema).await;
         }
     }
 }
@@ -394,19 +365,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-async fn metric(gw: &Gateway, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", gw.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
 }
 
 async fn wait_metric(gw: &Gateway, name: &str, want: f64) {

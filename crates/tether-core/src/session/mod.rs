@@ -1939,11 +1939,14 @@ impl Session {
         self.close_inner(reason).instrument(self.span()).await
     }
 
-    async fn close_inner(&self, reason: &str) {
+    /// Marks the session closed in this process and ends everything it runs here: pending
+    /// requests get the error `make` builds, streams end, the upstream stops. False if it
+    /// was already closed.
+    fn tear_down(&self, make: impl Fn(Value) -> Value) -> bool {
         let (link, pending, streams) = {
             let mut st = self.lock();
             if st.closed {
-                return;
+                return false;
             }
             st.closed = true;
             let link = match std::mem::replace(
@@ -1961,14 +1964,7 @@ impl Session {
             (link, pending, streams)
         };
         for p in pending {
-            self.finish(p, |client_id| {
-                protocol::error_response(
-                    client_id,
-                    code::SESSION_CLOSED,
-                    format!("session closed ({reason})"),
-                    None,
-                )
-            });
+            self.finish(p, &make);
         }
         for s in streams {
             s.detach();
@@ -1976,6 +1972,21 @@ impl Session {
         self.standalone.detach();
         if let Some(link) = link {
             link.shutdown(true);
+        }
+        true
+    }
+
+    async fn close_inner(&self, reason: &str) {
+        let closed_now = self.tear_down(|client_id| {
+            protocol::error_response(
+                client_id,
+                code::SESSION_CLOSED,
+                format!("session closed ({reason})"),
+                None,
+            )
+        });
+        if !closed_now {
+            return;
         }
         if let Err(e) = self.shared.close_stored(&self.id, reason).await {
             tracing::error!(error = %e, "cannot record session close");
@@ -1997,43 +2008,14 @@ impl Session {
     /// Ends this process's part in the session (streams, pending calls, upstream) without
     /// recording a close: the session lives on elsewhere.
     fn shutdown_local(&self, why: &str) {
-        let (link, pending, streams) = {
-            let mut st = self.lock();
-            if st.closed {
-                return;
-            }
-            st.closed = true;
-            let link = match std::mem::replace(
-                &mut st.upstream,
-                UpstreamSlot::Down {
-                    cause: None,
-                    since: None,
-                },
-            ) {
-                UpstreamSlot::Up { link, .. } => Some(link),
-                UpstreamSlot::Down { .. } => None,
-            };
-            let pending: Vec<Pending> = st.pending.drain().map(|(_, p)| p).collect();
-            let streams: Vec<Arc<Stream>> = st.streams.drain().map(|(_, s)| s).collect();
-            (link, pending, streams)
-        };
-        for p in pending {
-            self.finish(p, |client_id| {
-                protocol::error_response(
-                    client_id,
-                    code::UPSTREAM_LOST,
-                    format!("the session moved to another gateway instance ({why}); the outcome of this request is unknown"),
-                    Some(json!({"kind": "upstream_lost"})),
-                )
-            });
-        }
-        for s in streams {
-            s.detach();
-        }
-        self.standalone.detach();
-        if let Some(link) = link {
-            link.shutdown(true);
-        }
+        self.tear_down(|client_id| {
+            protocol::error_response(
+                client_id,
+                code::UPSTREAM_LOST,
+                format!("the session moved to another gateway instance ({why}); the outcome of this request is unknown"),
+                Some(json!({"kind": "upstream_lost"})),
+            )
+        });
     }
 
     /// Stops the upstream without ending the session (gateway shutdown).

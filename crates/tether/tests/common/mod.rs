@@ -504,3 +504,57 @@ pub async fn stdio_client(
         .await
         .expect("initialize through the bridge")
 }
+
+/// One value of an unlabelled metric from a gateway's `/metrics`.
+pub async fn metric(gw: &Gateway, name: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", gw.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// A name no other test (or earlier run) uses: `name_PID_NANOS`.
+pub fn unique(name: &str) -> String {
+    format!(
+        "{name}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    )
+}
+
+/// A PostgreSQL schema of the test's own in `TETHER_TEST_DATABASE_URL`'s database; returns
+/// an admin connection and the schema name. Drop it with [`drop_schema`].
+pub async fn pg_schema(name: &str) -> Option<(tokio_postgres::Client, String)> {
+    let url = std::env::var("TETHER_TEST_DATABASE_URL").ok()?;
+    let schema = unique(name);
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("TETHER_TEST_DATABASE_URL must reach PostgreSQL");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    Some((client, schema))
+}
+
+/// `url` with its `search_path` set to `schema`.
+pub fn in_schema(url: &str, schema: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-c%20search_path%3D{schema}")
+}
+
+pub async fn drop_schema(client: &tokio_postgres::Client, schema: &str) {
+    let _ = client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await;
+}
