@@ -681,17 +681,20 @@ impl Registry {
         &self.shared.metrics
     }
 
+    /// Every session this process holds (loaded, not being loaded).
+    fn held(&self) -> Vec<Arc<Session>> {
+        let map = self
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.values().filter_map(|c| c.get().cloned()).collect()
+    }
+
     /// Upstream state of every session this process holds: id → `up`, `down`, `backoff`
     /// or `idle` (not started since the session was loaded).
     pub fn upstream_states(&self) -> HashMap<String, &'static str> {
-        let sessions: Vec<Arc<Session>> = {
-            let map = self
-                .shared
-                .sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            map.values().filter_map(|c| c.get().cloned()).collect()
-        };
+        let sessions = self.held();
         sessions
             .iter()
             .map(|s| (s.id.to_string(), s.upstream_state()))
@@ -762,11 +765,7 @@ impl Registry {
     /// Called periodically by [`Registry::run_reaper`].
     pub async fn reap(&self) {
         let sh = &self.shared;
-        let sessions: Vec<Arc<Session>> = {
-            let map = sh.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            map.values().filter_map(|c| c.get().cloned()).collect()
-        };
-        for s in sessions {
+        for s in self.held() {
             if s.is_idle() {
                 self.close(&s, "timeout").await;
             }
@@ -895,14 +894,7 @@ impl Registry {
 
     /// After a lapsed heartbeat: every held session is checked against the store.
     async fn resync(&self, c: &dyn Coordinator) {
-        let held: Vec<Arc<Session>> = {
-            let map = self
-                .shared
-                .sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            map.values().filter_map(|c| c.get().cloned()).collect()
-        };
+        let held = self.held();
         if held.is_empty() {
             return;
         }
