@@ -2,6 +2,7 @@
 //! hands off to `tether_core::app`. Also hosts the bundled demo MCP server and the hidden
 //! `__shim` that supervises stdio children (see `tether_core::upstream::shim`).
 
+mod bench;
 mod cli;
 mod demo;
 
@@ -68,6 +69,14 @@ enum Command {
     },
     /// Run the bundled demo MCP server on stdio (or on HTTP with --http ADDR).
     DemoServer(demo::DemoArgs),
+    /// Load an MCP endpoint (or a stdio server directly) and report calls/s and latency.
+    ///
+    /// Examples:
+    ///   tether bench http://127.0.0.1:7450/mcp --sessions 16 --duration 10s
+    ///   tether bench --stdio --sessions 16 -- tether demo-server
+    ///   tether bench URL --watch-pid $(pgrep -f 'tether serve') --json
+    #[command(verbatim_doc_comment)]
+    Bench(Box<bench::BenchArgs>),
 }
 
 /// Options shared by the commands that talk to a remote MCP endpoint.
@@ -313,6 +322,7 @@ fn main() -> ExitCode {
         Command::Users { admin } => cli::users(&admin),
         Command::Keys { cmd } => cli::keys(&cmd),
         Command::DemoServer(args) => demo::run(args),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 

@@ -139,3 +139,81 @@ fn unwritable_state_dir_is_a_clear_error() {
     assert!(!stdout.contains("listening"));
     assert!(stderr.contains("cannot open the session store"), "{stderr}");
 }
+
+/// `tether bench` drives a gateway over HTTP and a stdio server directly, and reports what
+/// it measured as JSON (numbers are not judged here: no timing assertions in tests).
+#[tokio::test]
+async fn bench_loads_a_gateway_and_a_stdio_server() {
+    let dir = common::state_dir();
+    let gw = common::Gateway::start(dir.path(), &["--demo"]);
+    let run = |args: Vec<String>| {
+        let out = std::process::Command::new(common::BIN)
+            .arg("bench")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bench {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let common_args = |extra: &[&str]| {
+        let mut v: Vec<String> = [
+            "--sessions",
+            "2",
+            "--in-flight",
+            "2",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let pid = gw.pid().to_string();
+    let http = run(common_args(&[&gw.url, "--watch-pid", &pid]));
+    assert!(http["ok"].as_f64().unwrap() > 0.0, "{http}");
+    assert_eq!(
+        http["outcomes"].as_object().unwrap().len(),
+        1,
+        "only ok: {http}"
+    );
+    assert!(http["latency_us"]["p50"].as_f64().unwrap() > 0.0);
+    assert!(
+        http["watched"]["peak_rss_kib"].as_u64().unwrap() > 0,
+        "{http}"
+    );
+    let stdio = run(common_args(&["--stdio", "--", common::BIN, "demo-server"]));
+    assert!(stdio["ok"].as_f64().unwrap() > 0.0, "{stdio}");
+    // Errors are counted by kind, not hidden: an unknown tool is a JSON-RPC error.
+    let bad = std::process::Command::new(common::BIN)
+        .args([
+            "bench",
+            &gw.url,
+            "--duration",
+            "300ms",
+            "--warmup",
+            "0s",
+            "--json",
+            "--tool",
+            "nope",
+        ])
+        .output()
+        .unwrap();
+    let bad: serde_json::Value = serde_json::from_slice(&bad.stdout).unwrap();
+    assert!(
+        bad["outcomes"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.starts_with("rpc_") || k == "tool_error"),
+        "{bad}"
+    );
+}
