@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Peer comparison, one run: the same fast stdio echo server (tether's bundled demo server,
+# tool `echo`) called directly over its pipes, and behind Tether (stdio upstream, SQLite),
+# supergateway (npm, streamable HTTP, stateful), mcp-proxy (PyPI) and mcp-proxy (npm), at 1
+# and 16 sessions. Each cell is run REPS times and the median is reported: calls/s, p50 and
+# p99 latency, CPU microseconds per call of the gateway process tree (gateway plus the
+# echo servers it started) and its peak resident memory.
+#
+#   scripts/bench-peers.sh                      # 10s per cell, 3 repetitions
+#   DURATION=5s REPS=3 scripts/bench-peers.sh   # quicker
+#
+# Peers are installed, pinned, under target/bench-peers/ (npm and a Python venv). Results go
+# to target/bench-peers/results.md (a table for BENCHMARKS.md) and results.jsonl (raw).
+set -euo pipefail
+set -m # background jobs get their own process group, so a gateway's whole tree can be stopped
+cd "$(dirname "$0")/.."
+
+DURATION="${DURATION:-10s}"
+WARMUP="${WARMUP:-2s}"
+REPS="${REPS:-3}"
+SESSIONS="${SESSIONS:-1 16}"
+SUPERGATEWAY_VERSION=4.0.0
+MCP_PROXY_NPM_VERSION=6.7.19
+MCP_PROXY_PYPI_VERSION=0.13.0
+
+OUT=target/bench-peers
+mkdir -p "$OUT"
+cargo build --release -q -p tether
+T="$PWD/target/release/tether"
+ECHO=("$T" demo-server)
+
+if [ ! -x "$OUT/npm/node_modules/.bin/supergateway" ] || [ ! -x "$OUT/npm/node_modules/.bin/mcp-proxy" ]; then
+  echo "installing supergateway@$SUPERGATEWAY_VERSION and mcp-proxy@$MCP_PROXY_NPM_VERSION (npm)" >&2
+  mkdir -p "$OUT/npm"
+  (cd "$OUT/npm" && npm init -y >/dev/null && npm install --no-audit --no-fund --loglevel=error \
+    "supergateway@$SUPERGATEWAY_VERSION" "mcp-proxy@$MCP_PROXY_NPM_VERSION")
+fi
+if [ ! -x "$OUT/venv/bin/mcp-proxy" ]; then
+  echo "installing mcp-proxy==$MCP_PROXY_PYPI_VERSION (PyPI)" >&2
+  python3 -m venv "$OUT/venv"
+  "$OUT/venv/bin/pip" install -q "mcp-proxy==$MCP_PROXY_PYPI_VERSION"
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on $1" >&2
+  return 1
+}
+
+RESULTS="$OUT/results.jsonl"
+: >"$RESULTS"
+STATE=$(mktemp -d)
+trap 'rm -rf "$STATE"' EXIT
+
+record() { # name sessions json
+  python3 -c 'import json,sys; r=json.loads(sys.argv[3]); r["name"]=sys.argv[1]; r["n"]=int(sys.argv[2]); print(json.dumps(r))' "$1" "$2" "$3" >>"$RESULTS"
+}
+
+# A gateway in front of the echo server: started fresh for every cell, so every run starts
+# from the same state and peak memory is the cell's own.
+gateway_cell() { # name url-path start-command...
+  local name=$1 path=$2
+  shift 2
+  for n in $SESSIONS; do
+    for rep in $(seq 1 "$REPS"); do
+      local port
+      port=$(free_port)
+      local cmd=("${@//PORT/$port}")
+      "${cmd[@]}" >"$STATE/$name.log" 2>&1 &
+      local pid=$!
+      wait_port "$port"
+      local json
+      json=$("$T" bench "http://127.0.0.1:$port$path" --sessions "$n" --duration "$DURATION" \
+        --warmup "$WARMUP" --watch-pid "$pid" --json) || { echo "$name failed; log:" >&2; cat "$STATE/$name.log" >&2; }
+      [ -n "${json:-}" ] && record "$name" "$n" "$json"
+      kill -- -"$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+      echo "$name n=$n rep=$rep done" >&2
+    done
+  done
+}
+
+for n in $SESSIONS; do
+  for rep in $(seq 1 "$REPS"); do
+    json=$("$T" bench --stdio --sessions "$n" --duration "$DURATION" --warmup "$WARMUP" --json -- "${ECHO[@]}")
+    record "direct stdio (no gateway)" "$n" "$json"
+    echo "direct n=$n rep=$rep done" >&2
+  done
+done
+
+gateway_cell "tether (stdio upstream, SQLite)" /mcp \
+  "$T" serve --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:0 --state-dir "$STATE/tether-PORT" --log warn -- "${ECHO[@]}"
+gateway_cell "supergateway $SUPERGATEWAY_VERSION (streamableHttp, stateful)" /mcp \
+  "$OUT/npm/node_modules/.bin/supergateway" --stdio "${ECHO[*]}" --outputTransport streamableHttp --stateful \
+  --port PORT --logLevel none
+gateway_cell "mcp-proxy $MCP_PROXY_PYPI_VERSION (PyPI)" /mcp \
+  "$OUT/venv/bin/mcp-proxy" --host 127.0.0.1 --port PORT --log-level WARNING -- "${ECHO[@]}"
+gateway_cell "mcp-proxy $MCP_PROXY_NPM_VERSION (npm)" /mcp \
+  "$OUT/npm/node_modules/.bin/mcp-proxy" --host 127.0.0.1 --port PORT -- "${ECHO[@]}"
+
+python3 - "$RESULTS" "$DURATION" "$REPS" >"$OUT/results.md" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+order = []
+for r in rows:
+    if r["name"] not in order:
+        order.append(r["name"])
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+print(f"Each cell: median of {sys.argv[3]} runs of {sys.argv[2]} measured (`tether bench`, 1 call in flight per session, tool `echo`).\n")
+print("| path | sessions | calls/s | p50 µs | p99 µs | gateway CPU µs/call | peak RSS MiB | errors |")
+print("|---|---|---|---|---|---|---|---|")
+for name in order:
+    for n in sorted({r["n"] for r in rows if r["name"] == name}):
+        rs = [r for r in rows if r["name"] == name and r["n"] == n]
+        cps = med([r["calls_per_s"] for r in rs])
+        p50 = med([r["latency_us"]["p50"] for r in rs])
+        p99 = med([r["latency_us"]["p99"] for r in rs])
+        cpu = med([r.get("watched", {}).get("cpu_us_per_call") for r in rs])
+        rss = med([r.get("watched", {}).get("peak_rss_kib") for r in rs])
+        errs = sum(sum(v for k, v in r["outcomes"].items() if k != "ok") for r in rs)
+        f = lambda v, fmt: (fmt % v) if v is not None else "–"
+        print(f"| {name} | {n} | {f(cps, '%.0f')} | {f(p50, '%.0f')} | {f(p99, '%.0f')} | {f(cpu, '%.0f')} | {f(rss and rss / 1024, '%.1f')} | {errs} |")
+PY
+cat "$OUT/results.md"
