@@ -156,3 +156,127 @@ async fn per_call_latency_direct_vs_gateway() {
         }
     }
 }
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Two of issue 5's targets: startup to ready with 100,000 stored sessions, and gateway
+/// memory per idle session (10,000 sessions against an HTTP upstream).
+///
+/// `cargo test --release -p tether --test measure startup_and_idle -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, run explicitly"]
+async fn startup_and_idle_session_memory() {
+    use tether_core::store::LiveStore;
+    let stored: usize = std::env::var("TETHER_MEASURE_STORED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let idle: usize = std::env::var("TETHER_MEASURE_IDLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let dir = state_dir();
+    {
+        let store = tether_core::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+        let now = tether_core::store::now_ms();
+        for chunk in (0..stored).collect::<Vec<_>>().chunks(1000) {
+            let acks: Vec<_> = chunk
+                .iter()
+                .map(|i| {
+                    let r = tether_core::store::SessionRecord {
+                        id: format!("{i:040x}"),
+                        principal: "anonymous".into(),
+                        principal_email: None,
+                        principal_name: None,
+                        client_type: "unknown".into(),
+                        transport: "streamable-http".into(),
+                        created_ms: now,
+                        last_active_ms: now,
+                        protocol_version: "2025-11-25".into(),
+                        init_params: json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "m", "version": "1"}}),
+                        client_name: Some("m".into()),
+                        client_version: Some("1".into()),
+                        upstream_name: "demo".into(),
+                        state: tether_core::store::SessionState::Live,
+                        close_reason: None,
+                        closed_ms: None,
+                        restore: json!({}),
+                    };
+                    let store = &store;
+                    async move { store.create_session(r).await.unwrap() }
+                })
+                .collect();
+            futures::future::join_all(acks).await;
+        }
+    }
+    let t = Instant::now();
+    let gw = Gateway::start(dir.path(), &["--demo", "--log", "warn"]);
+    let ready = t.elapsed();
+    drop(gw);
+    println!(
+        "\nstartup to listening with {stored} stored live sessions: {:.1} ms (spawn of the process included)",
+        ready.as_secs_f64() * 1e3
+    );
+
+    let mut upstream = Command::new(BIN)
+        .args(["demo-server", "--http", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(upstream.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let up_url = line
+        .trim()
+        .strip_prefix("demo-server: listening on ")
+        .unwrap()
+        .to_owned();
+    let dir2 = state_dir();
+    let gw = Gateway::start(
+        dir2.path(),
+        &[
+            "--upstream-url",
+            &up_url,
+            "--log",
+            "warn",
+            "--idle-timeout",
+            "2h",
+        ],
+    );
+    let mcp = gw.client();
+    // Warm up allocator and connection pool before the baseline.
+    for _ in 0..100 {
+        mcp.initialize("warm").await;
+    }
+    let before = rss_kib(gw.pid());
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = Vec::new();
+    for _ in 0..idle {
+        let (mcp, sem) = (mcp.clone(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire().await.unwrap();
+            mcp.initialize("idle").await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(gw.pid());
+    println!(
+        "gateway RSS {before} KiB -> {after} KiB with {idle} more idle sessions (HTTP upstream): {:.1} KiB per idle session",
+        (after.saturating_sub(before)) as f64 / idle as f64
+    );
+    drop(gw);
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+}
