@@ -16,6 +16,7 @@ pub mod bridge;
 pub mod check;
 pub mod config;
 pub mod front;
+pub mod fuzz;
 pub mod ledger;
 pub mod metrics;
 pub mod policy;

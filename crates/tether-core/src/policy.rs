@@ -48,6 +48,12 @@ pub fn classify_post(
     Opening::MissingSession
 }
 
+/// Whether a client-supplied session id can be one of ours at all: 1 to 256 visible ASCII
+/// characters (spec: session ids are visible ASCII). Anything else is an unknown session.
+pub fn plausible_session_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 256 && id.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
 /// Checks `MCP-Protocol-Version` on a legacy request: absent means 2025-03-26 (§1.1.8);
 /// anything else must be a version we serve, or the caller answers 400.
 pub fn legacy_version(header: Option<&str>) -> Result<&str, String> {

@@ -472,7 +472,7 @@ impl Registry {
     /// Finds `principal`'s session, rehydrating it from the store if this process does not
     /// hold it. Another principal's session is reported exactly like an unknown one.
     pub async fn get(&self, id: &str, principal: &Principal) -> Result<Arc<Session>, SessionError> {
-        if id.is_empty() || id.len() > 256 || !id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        if !policy::plausible_session_id(id) {
             return Err(SessionError::NotFound);
         }
         let cell = {
