@@ -368,6 +368,9 @@ async fn writer(
             batch.push(op);
         }
         let mut cmds: Vec<Cmd> = Vec::new();
+        // Commands of durable writes: on a failed batch they are not buffered, since their
+        // callers were told the write failed (a refused session must not appear later).
+        let mut durable_cmds: Vec<bool> = Vec::new();
         let mut acks: Vec<(Done, bool)> = Vec::new();
         for op in batch {
             match op {
@@ -385,6 +388,7 @@ async fn writer(
                         }
                         continue;
                     }
+                    durable_cmds.extend(std::iter::repeat_n(durable, c.len()));
                     cmds.extend(c);
                     if let Some(d) = done {
                         acks.push((d, durable));
@@ -453,7 +457,12 @@ async fn writer(
                 metrics.store_up.set(0);
                 metrics.store_outages.inc();
                 tracing::error!(error = %e, "redis unreachable: serving held sessions from memory, buffering writes, refusing new sessions until it is back");
-                backlog.extend(cmds);
+                backlog.extend(
+                    cmds.into_iter()
+                        .zip(durable_cmds)
+                        .filter(|(_, durable)| !durable)
+                        .map(|(c, _)| c),
+                );
                 for (meta, at) in touch_list {
                     touches.insert(meta, at);
                 }
