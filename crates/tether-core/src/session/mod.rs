@@ -798,14 +798,12 @@ impl Registry {
                             }
                         }
                     }
-                    {
-                        match sh.close_stored(&id, "timeout").await {
-                            Ok(()) => {
-                                tracing::info!(session.id = %id, reason = "timeout", "session closed")
-                            }
-                            Err(e) => {
-                                tracing::warn!(session.id = %id, error = %e, "cannot expire session")
-                            }
+                    match sh.close_stored(&id, "timeout").await {
+                        Ok(()) => {
+                            tracing::info!(session.id = %id, reason = "timeout", "session closed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(session.id = %id, error = %e, "cannot expire session")
                         }
                     }
                 }
