@@ -8,11 +8,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Gateway, Mcp, state_dir};
+use common::{Gateway, Mcp, http_upstream, rss_kib, state_dir};
 use serde_json::json;
 
 struct Row {
@@ -55,21 +53,7 @@ async fn per_call_latency_direct_vs_gateway() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
-    let mut upstream = Command::new(BIN)
-        .args(["demo-server", "--http", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(upstream.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let up_url = line
-        .trim()
-        .strip_prefix("demo-server: listening on ")
-        .unwrap()
-        .to_owned();
+    let (mut upstream, up_url) = http_upstream("127.0.0.1:0");
 
     let dir_http = state_dir();
     let gw_http = Gateway::start(
@@ -157,15 +141,6 @@ async fn per_call_latency_direct_vs_gateway() {
     }
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Two of issue 5's targets: startup to ready with 100,000 stored sessions, and gateway
 /// memory per idle session (10,000 sessions against an HTTP upstream).
 ///
@@ -225,21 +200,7 @@ async fn startup_and_idle_session_memory() {
         ready.as_secs_f64() * 1e3
     );
 
-    let mut upstream = Command::new(BIN)
-        .args(["demo-server", "--http", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(upstream.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let up_url = line
-        .trim()
-        .strip_prefix("demo-server: listening on ")
-        .unwrap()
-        .to_owned();
+    let (mut upstream, up_url) = http_upstream("127.0.0.1:0");
     let dir2 = state_dir();
     let gw = Gateway::start(
         dir2.path(),

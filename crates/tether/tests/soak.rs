@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{BIN, Gateway, state_dir};
+use common::{BIN, Gateway, rss_kib, state_dir};
 use serde_json::{Value, json};
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -23,15 +23,6 @@ fn env_num(name: &str, default: u64) -> u64 {
 /// Open file descriptors of a process.
 fn fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Live processes whose environment carries `marker` (this test's upstreams, wherever

@@ -558,3 +558,13 @@ pub async fn drop_schema(client: &tokio_postgres::Client, schema: &str) {
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await;
 }
+
+/// Resident memory of a process, in KiB (0 if it is gone).
+pub fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
