@@ -189,3 +189,25 @@ async fn legacy_http_sse_transport_works() {
         Some(&json!("old school"))
     );
 }
+
+/// Found by the long soak: a call that outlasts the idle timeout must not expire its session
+/// the moment it completes. Idleness counts from the end of the last request.
+#[tokio::test]
+async fn a_call_longer_than_the_idle_timeout_keeps_its_session() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo", "--idle-timeout", "1s"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("patient").await;
+    assert_eq!(
+        mcp.call_text(&sid, 1, "slow", json!({"ms": 1800})).await,
+        "waited 1800 ms"
+    );
+    // Past the reaper's tick (a quarter of the timeout), well within the timeout since the
+    // call ended, but more than the timeout since it started.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        mcp.call_text(&sid, 2, "echo", json!({"text": "still here"}))
+            .await,
+        "still here"
+    );
+}

@@ -1547,8 +1547,14 @@ impl Session {
                     if let Some(t) = token {
                         st.progress.remove(&t);
                     }
+                    // Idleness counts from the end of the last request, not its start: in
+                    // the same step as the stream stops counting as open, or a call longer
+                    // than the idle timeout would expire its session as it completes.
+                    st.last_active = Instant::now();
                     st.streams.remove(stream.id());
                 }
+                // The store hears of it too (throttled), for expiry after a restart.
+                self.touch();
                 let terminal = !Arc::ptr_eq(&stream, &self.standalone);
                 let message = make(client_id);
                 if p.method == "tools/call" {
