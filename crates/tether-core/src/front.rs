@@ -67,6 +67,19 @@ struct Original<'a> {
     body: Bytes,
 }
 
+impl<'a> Original<'a> {
+    fn new(method: Method, uri: &Uri, headers: &'a HeaderMap, body: Bytes) -> Original<'a> {
+        Original {
+            method,
+            path_and_query: uri
+                .path_and_query()
+                .map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned()),
+            headers,
+            body,
+        }
+    }
+}
+
 enum Route {
     Local(Arc<Session>),
     Remote(Response),
@@ -463,12 +476,7 @@ async fn mcp_post(
             policy::legacy_version(version_header).map_err(|m| {
                 FrontError::new(StatusCode::BAD_REQUEST, code::SERVER_ERROR, m).with_id(env.id())
             })?;
-            let original = Original {
-                method: Method::POST,
-                path_and_query: path_and_query(&uri),
-                headers: &headers,
-                body: bytes,
-            };
+            let original = Original::new(Method::POST, &uri, &headers, bytes);
             let session = match route(&st, &id, &principal, original).await {
                 Ok(Route::Local(s)) => s,
                 Ok(Route::Remote(resp)) => return Ok(resp),
@@ -493,29 +501,6 @@ async fn mcp_post(
     }
 }
 
-fn path_and_query(uri: &Uri) -> String {
-    uri.path_and_query()
-        .map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned())
-}
-
-/// Routes a bodiless request (GET, DELETE) for session `id`.
-async fn route_bodiless(
-    st: &AppState,
-    id: &str,
-    principal: &Principal,
-    method: Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-) -> Result<Route, FrontError> {
-    let original = Original {
-        method,
-        path_and_query: path_and_query(uri),
-        headers,
-        body: Bytes::new(),
-    };
-    route(st, id, principal, original).await
-}
-
 async fn mcp_get(
     State(st): State<AppState>,
     uri: Uri,
@@ -533,7 +518,14 @@ async fn mcp_get(
     let id = header_str(&headers, SESSION_HEADER).ok_or_else(FrontError::session_missing)?;
     policy::legacy_version(header_str(&headers, VERSION_HEADER))
         .map_err(|m| FrontError::new(StatusCode::BAD_REQUEST, code::SERVER_ERROR, m))?;
-    let session = match route_bodiless(&st, id, &principal, Method::GET, &uri, &headers).await? {
+    let session = match route(
+        &st,
+        id,
+        &principal,
+        Original::new(Method::GET, &uri, &headers, Bytes::new()),
+    )
+    .await?
+    {
         Route::Local(s) => s,
         Route::Remote(resp) => return Ok(resp),
     };
@@ -552,7 +544,14 @@ async fn mcp_delete(
     check_origin(&headers, &st.cfg)?;
     let principal = authenticate(&headers, &st.cfg)?;
     let id = header_str(&headers, SESSION_HEADER).ok_or_else(FrontError::session_missing)?;
-    let session = match route_bodiless(&st, id, &principal, Method::DELETE, &uri, &headers).await? {
+    let session = match route(
+        &st,
+        id,
+        &principal,
+        Original::new(Method::DELETE, &uri, &headers, Bytes::new()),
+    )
+    .await?
+    {
         Route::Local(s) => s,
         Route::Remote(resp) => return Ok(resp),
     };
@@ -601,12 +600,7 @@ async fn messages_post(
         st.registry.legacy_initialize(&id, &env, &principal).await?;
         return Ok(StatusCode::ACCEPTED.into_response());
     }
-    let original = Original {
-        method: Method::POST,
-        path_and_query: path_and_query(&uri),
-        headers: &headers,
-        body: bytes,
-    };
+    let original = Original::new(Method::POST, &uri, &headers, bytes);
     let session = match route(&st, &id, &principal, original).await? {
         Route::Local(s) => s,
         Route::Remote(resp) => return Ok(resp),

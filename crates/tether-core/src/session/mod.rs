@@ -1048,20 +1048,32 @@ impl Session {
 
     /// Notes client activity; the store hears of it at most once a second.
     pub fn touch(&self) {
-        let mut st = self.lock();
+        let due = Session::note_activity(&mut self.lock());
+        if due {
+            self.send_touch();
+        }
+    }
+
+    /// Marks the session active now (under the caller's lock); true when the store is due
+    /// to hear of it ([`Session::send_touch`], outside the lock).
+    fn note_activity(st: &mut State) -> bool {
         let now = Instant::now();
         st.last_active = now;
-        if now.duration_since(st.last_touch_sent) >= Duration::from_secs(1) {
+        let due = now.duration_since(st.last_touch_sent) >= Duration::from_secs(1);
+        if due {
             st.last_touch_sent = now;
-            drop(st);
-            let at_ms = now_ms();
-            self.shared.store.touch(&self.id, at_ms);
-            if self.shared.cfg.mirror_ledger {
-                self.shared.ledger.record(LedgerEvent::Touched {
-                    id: self.id.to_string(),
-                    at_ms,
-                });
-            }
+        }
+        due
+    }
+
+    fn send_touch(&self) {
+        let at_ms = now_ms();
+        self.shared.store.touch(&self.id, at_ms);
+        if self.shared.cfg.mirror_ledger {
+            self.shared.ledger.record(LedgerEvent::Touched {
+                id: self.id.to_string(),
+                at_ms,
+            });
         }
     }
 
@@ -1542,19 +1554,20 @@ impl Session {
                 stream,
                 token,
             } => {
-                {
+                let touch_due = {
                     let mut st = self.lock();
                     if let Some(t) = token {
                         st.progress.remove(&t);
                     }
+                    st.streams.remove(stream.id());
                     // Idleness counts from the end of the last request, not its start: in
                     // the same step as the stream stops counting as open, or a call longer
                     // than the idle timeout would expire its session as it completes.
-                    st.last_active = Instant::now();
-                    st.streams.remove(stream.id());
+                    Session::note_activity(&mut st)
+                };
+                if touch_due {
+                    self.send_touch();
                 }
-                // The store hears of it too (throttled), for expiry after a restart.
-                self.touch();
                 let terminal = !Arc::ptr_eq(&stream, &self.standalone);
                 let message = make(client_id);
                 if p.method == "tools/call" {

@@ -183,17 +183,16 @@ impl RedisStore {
     }
 
     fn submit(&self, cmds: Vec<Cmd>, durable: bool) -> Ack {
+        self.send(|done| Op::Write {
+            cmds,
+            done: Some(done),
+            durable,
+        })
+    }
+
+    fn send(&self, make: impl FnOnce(Done) -> Op) -> Ack {
         let (tx, rx) = oneshot::channel();
-        if self
-            .inner
-            .writes
-            .send(Op::Write {
-                cmds,
-                done: Some(tx),
-                durable,
-            })
-            .is_err()
-        {
+        if self.inner.writes.send(make(tx)).is_err() {
             return Box::pin(std::future::ready(Err(StoreError::Closed)));
         }
         Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
@@ -676,11 +675,7 @@ impl LiveStore for RedisStore {
     }
 
     fn flush(&self) -> Ack {
-        let (tx, rx) = oneshot::channel();
-        if self.inner.writes.send(Op::Flush(tx)).is_err() {
-            return Box::pin(std::future::ready(Err(StoreError::Closed)));
-        }
-        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
+        self.send(Op::Flush)
     }
 
     async fn events_after(
