@@ -24,7 +24,9 @@ use crate::auth::{Keys, Principal};
 use crate::metrics::Metrics;
 use crate::policy::{self, Opening};
 use crate::protocol::{self, Envelope, Kind, code};
-use crate::session::{Registry, Reply, Session, SessionError, StreamHandle, Transport, event_id};
+use crate::session::{
+    Exchange, Registry, Reply, Session, SessionError, StreamHandle, Transport, event_id,
+};
 
 /// Session id header (case-insensitive; 2025-06-18 wrote `Mcp-Session-Id`).
 pub const SESSION_HEADER: &str = "mcp-session-id";
@@ -482,9 +484,12 @@ async fn mcp_post(
                 Ok(Route::Remote(resp)) => return Ok(resp),
                 Err(e) => return Err(e.with_id(env.id())),
             };
+            let exchange = session.exchange();
             match env.kind {
                 Kind::Request => match session.request(env).await {
-                    Reply::Stream(handle) => Ok(sse_response(handle, st.cfg.keepalive, None)),
+                    Reply::Stream(handle) => {
+                        Ok(sse_response(handle, st.cfg.keepalive, None, Some(exchange)))
+                    }
                     Reply::Immediate(v) => Ok(axum::Json(v).into_response()),
                     Reply::Accepted => Ok(StatusCode::ACCEPTED.into_response()),
                 },
@@ -529,11 +534,12 @@ async fn mcp_get(
         Route::Local(s) => s,
         Route::Remote(resp) => return Ok(resp),
     };
+    let exchange = session.exchange();
     let handle = match header_str(&headers, LAST_EVENT_ID) {
         Some(last) => session.resume(last).await?,
         None => session.open_standalone(),
     };
-    Ok(sse_response(handle, st.cfg.keepalive, None))
+    Ok(sse_response(handle, st.cfg.keepalive, None, Some(exchange)))
 }
 
 async fn mcp_delete(
@@ -567,6 +573,7 @@ async fn sse_get(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
         handle,
         st.cfg.keepalive,
         Some(format!("/messages?sessionId={id}")),
+        None,
     ))
 }
 
@@ -608,6 +615,7 @@ async fn messages_post(
     if session.transport() != Transport::LegacySse {
         return Err(FrontError::not_found());
     }
+    let _exchange = session.exchange();
     match env.kind {
         Kind::Request => {
             if let Reply::Immediate(v) = session.request(env).await {
@@ -623,6 +631,9 @@ async fn messages_post(
 /// Renders a stream as an SSE response. With `legacy_endpoint` (the 2024-11-05 transport)
 /// the first event is `endpoint` and messages are `message` events without ids.
 ///
+/// `exchange` is held by the body, so the session counts the exchange as open until the
+/// client has been sent the last event (or went away).
+///
 /// Events are encoded here rather than with `axum::response::Sse` because the priming
 /// event must carry an explicit empty `data:` line (spec §1.1.3 item 6), which axum omits.
 /// Every payload is a compact JSON text, so it never contains a line break.
@@ -630,6 +641,7 @@ fn sse_response(
     handle: StreamHandle,
     keepalive: Duration,
     legacy_endpoint: Option<String>,
+    exchange: Option<Exchange>,
 ) -> Response {
     let StreamHandle {
         stream_id,
@@ -650,6 +662,7 @@ fn sse_response(
         }
     };
     let body = async_stream::stream! {
+        let _exchange = exchange;
         if let Some(endpoint) = legacy_endpoint {
             yield Ok::<Bytes, Infallible>(format!("event: endpoint\ndata: {endpoint}\n\n").into());
         }

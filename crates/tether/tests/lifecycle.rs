@@ -192,6 +192,48 @@ async fn legacy_http_sse_transport_works() {
 
 /// Found by the long soak: a call that outlasts the idle timeout must not expire its session
 /// the moment it completes. Idleness counts from the end of the last request.
+/// The answer is known but the client has not been sent it yet (here: it does not read,
+/// so the gateway's write blocks on a full socket; in the soak it was a stall in the
+/// durable write). The request is no longer pending upstream, yet the session must not
+/// look idle until the answer is out.
+#[tokio::test]
+async fn an_answer_not_yet_delivered_keeps_its_session() {
+    let dir = state_dir();
+    let gw = Gateway::start(
+        dir.path(),
+        &["--demo", "--idle-timeout", "1s", "--max-body", "32MiB"],
+    );
+    let mcp = gw.client();
+    let sid = mcp.initialize("slow-reader").await;
+    // Larger than the loopback socket buffers on both sides (4 MiB send buffer at most;
+    // the receive buffer does not grow while nobody reads), so the write cannot finish
+    // until the client reads; below the demo server's own 16 MiB message limit.
+    let text = "x".repeat(12 * 1024 * 1024);
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": text}}});
+    let resp = mcp
+        .http
+        .post(&mcp.url)
+        .header("content-type", "application/json")
+        .header("accept", common::ACCEPT_BOTH)
+        .header("mcp-session-id", &sid)
+        .header("mcp-protocol-version", "2025-11-25")
+        .body(call.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // Several reaper ticks past the idle timeout while the answer is stuck in the socket.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let body = resp.text().await.unwrap();
+    assert!(body.len() > text.len(), "the whole answer arrived");
+    assert_eq!(
+        mcp.call_text(&sid, 2, "echo", json!({"text": "still here"}))
+            .await,
+        "still here"
+    );
+}
+
 #[tokio::test]
 async fn a_call_longer_than_the_idle_timeout_keeps_its_session() {
     let dir = state_dir();

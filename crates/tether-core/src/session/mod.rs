@@ -244,7 +244,28 @@ struct State {
     restore: Restore,
     last_active: Instant,
     last_touch_sent: Instant,
+    /// HTTP exchanges with the client still open ([`Exchange`]): a request whose answer
+    /// is known but not yet written to the client is not idle.
+    exchanges: usize,
     closed: bool,
+}
+
+/// An open HTTP exchange with a session's client ([`Session::exchange`]). Dropping it
+/// closes the exchange and marks the session active, so idleness counts from the moment
+/// the client got its answer.
+pub struct Exchange(Arc<Session>);
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let due = {
+            let mut st = self.0.lock();
+            st.exchanges = st.exchanges.saturating_sub(1);
+            Session::note_activity(&mut st)
+        };
+        if due {
+            self.0.send_touch();
+        }
+    }
 }
 
 /// One client session.
@@ -998,6 +1019,7 @@ impl Session {
                 progress: HashMap::new(),
                 safe_tools: HashSet::new(),
                 restore,
+                exchanges: 0,
                 last_active: now,
                 last_touch_sent: now,
                 closed: false,
@@ -1077,10 +1099,21 @@ impl Session {
         }
     }
 
+    /// Counts one HTTP exchange with the client as open until the returned guard drops
+    /// (handlers move it into the response body, so it lives until the last byte is
+    /// written). The reaper never expires a session with an open exchange: between the
+    /// upstream's answer and its delivery the request is no longer pending, and a stall
+    /// there (a slow durable write, a starved runtime) must not look like idleness.
+    pub fn exchange(self: &Arc<Self>) -> Exchange {
+        self.lock().exchanges += 1;
+        Exchange(self.clone())
+    }
+
     fn is_idle(&self) -> bool {
         let st = self.lock();
         let open = usize::from(self.standalone.attached())
-            + st.streams.values().filter(|s| s.attached()).count();
+            + st.streams.values().filter(|s| s.attached()).count()
+            + st.exchanges;
         policy::is_idle(
             st.last_active.elapsed(),
             self.shared.cfg.idle_timeout,
