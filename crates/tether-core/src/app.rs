@@ -89,6 +89,8 @@ pub async fn run(
             keys: keys.clone(),
             max_body: config.max_body,
             allowed_origins: config.allowed_origins.clone(),
+            allowed_hosts: config.allowed_hosts.clone(),
+            loopback_listener: addr.ip().is_loopback(),
             keepalive: config.keepalive,
             takeover_wait: match &config.store {
                 StoreSpec::Redis { instance_ttl, .. } => *instance_ttl + Duration::from_secs(2),

@@ -65,6 +65,8 @@ pub struct Layer {
     pub shutdown_grace: Option<String>,
     /// Origins allowed besides loopback ones (`*` allows any).
     pub allowed_origins: Option<Vec<String>>,
+    /// `Host` names allowed besides loopback ones (`*` allows any).
+    pub allowed_hosts: Option<Vec<String>>,
     /// Run the bundled demo MCP server as the upstream.
     pub demo: Option<bool>,
     /// Address of the admin listener.
@@ -177,6 +179,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Extra allowed origins.
     pub allowed_origins: Vec<String>,
+    /// Extra allowed `Host` names ([`crate::policy::host_allowed`]).
+    pub allowed_hosts: Vec<String>,
     /// Upstream name for logs.
     pub upstream_name: String,
     /// The upstream.
@@ -237,6 +241,7 @@ impl Layer {
             upstream_timeout: over.upstream_timeout.or(self.upstream_timeout),
             shutdown_grace: over.shutdown_grace.or(self.shutdown_grace),
             allowed_origins: over.allowed_origins.or(self.allowed_origins),
+            allowed_hosts: over.allowed_hosts.or(self.allowed_hosts),
             admin_listen: over.admin_listen.or(self.admin_listen),
             admin_token: over.admin_token.or(self.admin_token),
             retention: over.retention.or(self.retention),
@@ -371,6 +376,14 @@ impl Config {
                 ));
             }
         }
+        let allowed_hosts = layer.allowed_hosts.unwrap_or_default();
+        for h in &allowed_hosts {
+            if h.is_empty() || h.contains(['/', ' ', '@']) {
+                errors.push(format!(
+                    "allowed-hosts: {h:?} must be * or a host name, optionally with :port"
+                ));
+            }
+        }
 
         let ledger = match layer.ledger.as_deref() {
             None | Some("sqlite") => LedgerSpec::Sqlite,
@@ -469,6 +482,7 @@ impl Config {
             upstream_timeout,
             shutdown_grace,
             allowed_origins,
+            allowed_hosts,
             upstream_name,
             upstream: upstream.expect("checked above"),
             admin_listen,

@@ -43,6 +43,11 @@ pub struct FrontConfig {
     pub max_body: usize,
     /// Origins allowed besides loopback.
     pub allowed_origins: Vec<String>,
+    /// `Host` names allowed besides loopback.
+    pub allowed_hosts: Vec<String>,
+    /// The MCP listener is on a loopback address, so `Host` is checked even without
+    /// `allowed_hosts` ([`policy::host_allowed`]).
+    pub loopback_listener: bool,
     /// SSE keepalive interval.
     pub keepalive: Duration,
     /// How long a request for a session whose owner instance does not answer waits for
@@ -129,7 +134,9 @@ async fn route(
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and those the HTTP client sets itself.
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and those the HTTP client sets itself. `Host`
+/// travels on: the owner applies the same `Host` check (`--allowed-hosts`) to the name the
+/// client used, not to the instance address the forward was sent to.
 fn end_to_end(name: &header::HeaderName) -> bool {
     !matches!(
         name.as_str(),
@@ -140,7 +147,6 @@ fn end_to_end(name: &header::HeaderName) -> bool {
             | "te"
             | "trailer"
             | "upgrade"
-            | "host"
             | "content-length"
     )
 }
@@ -343,7 +349,19 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// DNS-rebinding protection: the `Host` a request names and the `Origin` it comes from
+/// (when present) must be allowed; 403 otherwise.
 fn check_origin(headers: &HeaderMap, cfg: &FrontConfig) -> Result<(), FrontError> {
+    if let Some(host) = headers.get(header::HOST) {
+        let host = host.to_str().unwrap_or("");
+        if !policy::host_allowed(host, &cfg.allowed_hosts, cfg.loopback_listener) {
+            return Err(FrontError::new(
+                StatusCode::FORBIDDEN,
+                code::SERVER_ERROR,
+                format!("Forbidden: Host {host:?} is not allowed (see --allowed-hosts)"),
+            ));
+        }
+    }
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };

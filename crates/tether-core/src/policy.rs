@@ -85,13 +85,43 @@ pub fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
     } else {
         rest.split(':').next().unwrap_or("")
     };
-    let host = host.to_ascii_lowercase();
-    host == "localhost"
-        || host.ends_with(".localhost")
-        || host == "::1"
-        || host
+    is_loopback_name(&host.to_ascii_lowercase())
+}
+
+/// `localhost`, `*.localhost`, 127.0.0.0/8 or `::1` (lowercase, without port or brackets).
+fn is_loopback_name(name: &str) -> bool {
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name == "::1"
+        || name
             .parse::<std::net::Ipv4Addr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether a request's `Host` header is allowed (DNS-rebinding protection, spec §1.1.2 and
+/// the SDKs' `allowedHosts`). A page on `evil.example` whose name was rebound to 127.0.0.1
+/// reaches a loopback listener with `Host: evil.example`; a real local client says
+/// `localhost`, `127.x.x.x` or `[::1]`. So: loopback names are always allowed; `allowed`
+/// adds names (`host` matches any port, `host:port` one port) or `*` for any; and when
+/// `allowed` is empty the check applies only to a loopback listener, because on a public
+/// address Tether cannot know the names it is reached by (authentication guards it there).
+pub fn host_allowed(host: &str, allowed: &[String], loopback_listener: bool) -> bool {
+    if allowed.is_empty() && !loopback_listener {
+        return true;
+    }
+    let host = host.to_ascii_lowercase();
+    let name = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host.as_str(), |(n, _)| n)
+    };
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(&host) || a.eq_ignore_ascii_case(name))
+    {
+        return true;
+    }
+    is_loopback_name(name)
 }
 
 /// Upstream restart backoff. The first crash restarts at once (a single crash is the common
@@ -213,6 +243,49 @@ mod tests {
         assert_eq!(legacy_version(Some("2025-06-18")), Ok("2025-06-18"));
         assert!(legacy_version(Some("1999-01-01")).is_err());
         assert!(legacy_version(Some("2026-07-28")).is_err());
+    }
+
+    #[test]
+    fn hosts() {
+        let none: Vec<String> = vec![];
+        for ok in [
+            "localhost:8080",
+            "127.0.0.1",
+            "127.9.9.9:1",
+            "[::1]:3000",
+            "LOCALHOST",
+        ] {
+            assert!(host_allowed(ok, &none, true), "{ok}");
+        }
+        for bad in [
+            "evil.example.com",
+            "evil.example.com:8080",
+            "localhost.evil.com",
+            "10.0.0.1:80",
+        ] {
+            assert!(!host_allowed(bad, &none, true), "{bad}");
+            assert!(
+                host_allowed(bad, &none, false),
+                "no check on a public listener: {bad}"
+            );
+        }
+        let named = vec![
+            "mcp.example.com".to_owned(),
+            "other.example:9000".to_owned(),
+        ];
+        assert!(host_allowed("mcp.example.com:443", &named, false));
+        assert!(host_allowed("MCP.example.com", &named, true));
+        assert!(host_allowed("other.example:9000", &named, false));
+        assert!(!host_allowed("other.example:9001", &named, false));
+        assert!(
+            !host_allowed("evil.example.com", &named, false),
+            "a list applies everywhere"
+        );
+        assert!(
+            host_allowed("127.0.0.1:80", &named, false),
+            "loopback names always pass"
+        );
+        assert!(host_allowed("anything", &["*".to_owned()], true));
     }
 
     #[test]

@@ -211,6 +211,15 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     allowed_origins: Option<Vec<String>>,
+    /// `Host` names allowed besides loopback ones, comma-separated (`name` or `name:port`;
+    /// `*` allows any). Checked always when set, else only on a loopback listener.
+    #[arg(
+        long,
+        env = "TETHER_ALLOWED_HOSTS",
+        value_name = "HOSTS",
+        value_delimiter = ','
+    )]
+    allowed_hosts: Option<Vec<String>>,
     /// URL of a Streamable HTTP MCP server to front.
     #[arg(long, env = "TETHER_UPSTREAM_URL", value_name = "URL")]
     upstream_url: Option<String>,
@@ -284,6 +293,7 @@ impl ServeArgs {
             upstream_timeout: self.upstream_timeout.clone(),
             shutdown_grace: self.shutdown_grace.clone(),
             allowed_origins: self.allowed_origins.clone(),
+            allowed_hosts: self.allowed_hosts.clone(),
             demo: self.demo.then_some(true),
             admin_listen: self.admin_listen.clone(),
             admin_token: self.admin_token.clone(),

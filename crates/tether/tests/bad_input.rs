@@ -70,6 +70,7 @@ async fn bad_inputs_get_clear_errors_and_harm_nothing() {
         row("wrong content type", with(std(&victim), "content-type", "text/plain"), call.clone(), 415, Some(-32000)),
         row("oversized body", std(&victim), format!(r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"pad":"{}"}}}}"#, "a".repeat(4096)), 413, Some(-32600)),
         row("wrong Origin", with(std(&victim), "origin", "http://evil.example.com"), call.clone(), 403, Some(-32000)),
+        row("DNS-rebound Host (loopback listener)", with(std(&victim), "host", "evil.example.com:8080"), call.clone(), 403, Some(-32000)),
         row("unknown session", std("0123456789abcdef0123456789abcdef01234567"), call.clone(), 404, Some(-32001)),
         row("foreign-looking session id", std("../../etc/passwd"), call.clone(), 404, Some(-32001)),
         row("deleted session", std(&deleted), call.clone(), 404, Some(-32001)),

@@ -17,6 +17,7 @@ const OPTIONS: &[&str] = &[
     "--upstream-timeout",
     "--shutdown-grace",
     "--allowed-origins",
+    "--allowed-hosts",
     "--upstream-url",
     "--demo",
     "--admin-listen",

