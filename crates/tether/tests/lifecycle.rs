@@ -85,6 +85,11 @@ async fn idle_sessions_expire_with_reason_timeout() {
         )
         .await;
     assert_eq!(a.status, 404, "{}", a.body);
+    assert_eq!(
+        common::metric(&gw, "tether_sessions_live").await,
+        0.0,
+        "the gauge follows expiry"
+    );
     let store = tether_core::store::sqlite::SqliteStore::open(dir.path()).unwrap();
     for id in [&sid, &other] {
         let rec = store.load_session(id).await.unwrap().unwrap();
@@ -251,5 +256,49 @@ async fn a_call_longer_than_the_idle_timeout_keeps_its_session() {
         mcp.call_text(&sid, 2, "echo", json!({"text": "still here"}))
             .await,
         "still here"
+    );
+}
+
+/// Found by the soak at a 1 s idle timeout: a session that closes (expiry, DELETE) while
+/// its upstream is being restarted must not leave that new upstream running.
+#[tokio::test]
+async fn a_session_closed_while_its_upstream_starts_leaves_no_process() {
+    let dir = state_dir();
+    let mark = format!("TETHER_TEST_MARK={}", common::unique("closing"));
+    // A slow start: the restart is still under way when the session closes.
+    let script = format!("sleep 1; exec env {mark} {} demo-server", common::BIN);
+    let gw = Gateway::start(dir.path(), &["--", "sh", "-c", &script]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("closing").await;
+    assert_eq!(common::marked_processes(&mark), 1);
+    let crash = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "crash", "arguments": {}}});
+    mcp.post(Some(&sid), &crash).await;
+    assert!(
+        common::wait_for(Duration::from_secs(5), || common::marked_processes(&mark)
+            == 0),
+        "the crashed upstream is gone"
+    );
+    let restarting = {
+        let mcp = gw.client();
+        let sid = sid.clone();
+        tokio::spawn(async move {
+            mcp.post(
+                Some(&sid),
+                &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(mcp.delete(&sid).await, 200);
+    restarting.await.unwrap();
+    // The restart finished (1 s sleep, then the handshake) after the session had closed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        common::wait_for(Duration::from_secs(5), || common::marked_processes(&mark)
+            == 0),
+        "{} upstream process(es) outlived their closed session",
+        common::marked_processes(&mark)
     );
 }

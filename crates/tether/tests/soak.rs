@@ -25,26 +25,8 @@ fn fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
 
-/// Live processes whose environment carries `marker` (this test's upstreams, wherever
-/// they were reparented to).
 fn marked_processes(marker: &str) -> usize {
-    let needle = format!("TETHER_SOAK_MARK={marker}");
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    e.file_name()
-                        .to_str()
-                        .is_some_and(|n| n.parse::<u32>().is_ok())
-                })
-                .filter(|e| {
-                    std::fs::read(e.path().join("environ"))
-                        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
-                        && common::process_alive(e.file_name().to_str().unwrap().parse().unwrap())
-                })
-                .count()
-        })
-        .unwrap_or(0)
+    common::marked_processes(&format!("TETHER_SOAK_MARK={marker}"))
 }
 
 struct Sample {
@@ -160,14 +142,25 @@ async fn soak_calls_and_session_cycles_leak_nothing() {
         .sum();
     samples.push(sample(marked_processes(&marker)));
 
+    println!("soak: bench {bench}");
+
     // Everything idle now: the bench's sessions and the expiring ones time out.
     let deadline = Instant::now() + Duration::from_secs(30);
     while marked_processes(&marker) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "{} upstream processes still running after every session expired",
-            marked_processes(&marker)
-        );
+        if Instant::now() >= deadline {
+            let held = reqwest::get(format!("{}/api/sessions?limit=50", gw.admin))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            panic!(
+                "{} upstream processes still running 30s after the load stopped; sessions: \
+                 {held}\ngateway log:\n{}",
+                marked_processes(&marker),
+                gw.log_text()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for sid in &expiring[..expiring.len().min(20)] {

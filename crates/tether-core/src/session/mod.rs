@@ -449,7 +449,9 @@ impl Registry {
             });
             let session = Session::new(sh.clone(), record, transport, standalone);
             let link = Arc::new(link);
-            let generation = session.install(link.clone());
+            let generation = session
+                .install(link.clone())
+                .expect("a session nobody else has seen yet is open");
             session.spawn_pump(generation, rx, early);
             self.insert(&session);
             sh.metrics.sessions_created.inc();
@@ -648,6 +650,7 @@ impl Registry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&*session.id);
+        self.count_live();
     }
 
     /// Opens a 2024-11-05 `/sse` stream: a session id reserved until the client's
@@ -1122,14 +1125,19 @@ impl Session {
         )
     }
 
-    fn install(&self, link: Arc<Link>) -> u64 {
+    /// Makes `link` the session's upstream; `None` when the session was closed meanwhile
+    /// (the caller must stop the link, or its process outlives the session).
+    fn install(&self, link: Arc<Link>) -> Option<u64> {
         let mut st = self.lock();
+        if st.closed {
+            return None;
+        }
         st.generation += 1;
         st.upstream = UpstreamSlot::Up {
             link,
             started: Instant::now(),
         };
-        st.generation
+        Some(st.generation)
     }
 
     fn spawn_pump(
@@ -1265,7 +1273,19 @@ impl Session {
         link.send(protocol::notification("notifications/initialized", None))
             .await;
         let link = Arc::new(link);
-        let generation = self.install(link.clone());
+        // The session can close (expiry, DELETE, eviction) while the upstream starts: the
+        // `closed` check above was before the (slow) spawn and handshake, and `tear_down`
+        // does not wait for the gate. Installing into a closed session would orphan the
+        // process (found by the soak at a 1 s idle timeout).
+        let Some(generation) = self.install(link.clone()) else {
+            link.shutdown(true);
+            return Err(protocol::error_response(
+                Value::Null,
+                code::SESSION_CLOSED,
+                "session closed",
+                None,
+            ));
+        };
         self.spawn_pump(generation, rx, early);
         sh.metrics.upstream_starts.inc();
         sh.metrics.upstream_restarts.inc();

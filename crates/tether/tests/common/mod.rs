@@ -197,14 +197,19 @@ pub fn process_alive(pid: i32) -> bool {
 
 /// Waits until `pid` is gone, up to `timeout`.
 pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    wait_for(timeout, || !process_alive(pid))
+}
+
+/// Polls `cond` until it holds (true) or `timeout` passes (false).
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if !process_alive(pid) {
+        if cond() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    false
+    cond()
 }
 
 /// An HTTP answer.
@@ -566,5 +571,27 @@ pub fn rss_kib(pid: i32) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Live processes whose environment holds the `KEY=value` entry `entry` (a test's
+/// upstreams, started under `env KEY=value`, wherever they were reparented to).
+#[allow(dead_code)]
+pub fn marked_processes(entry: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_str()
+                        .is_some_and(|n| n.parse::<u32>().is_ok())
+                })
+                .filter(|e| {
+                    std::fs::read(e.path().join("environ"))
+                        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == entry.as_bytes()))
+                        && process_alive(e.file_name().to_str().unwrap().parse().unwrap())
+                })
+                .count()
+        })
         .unwrap_or(0)
 }
