@@ -1,6 +1,7 @@
 //! The per-call work of the gateway outside I/O: parsing the client's JSON-RPC envelope,
-//! rewriting ids on the way up and down, event ids, and one event-log append (SQLite and,
-//! with `TETHER_TEST_REDIS_URL`, Redis).
+//! rewriting ids on the way up and down, event ids, looking the session up (held in memory
+//! among 10,000, and an unknown id), and one event-log append (SQLite and, with
+//! `TETHER_TEST_REDIS_URL`, Redis).
 //!
 //! `cargo bench -p tether-core --bench hot_path`
 
@@ -95,5 +96,98 @@ fn append(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, protocol, append);
+/// `Registry::get` as every request does it: 10,000 sessions stored, all held after a first
+/// load; also an unknown (well-formed) id, which asks the store.
+fn lookup(c: &mut Criterion) {
+    use tether_core::auth::Principal;
+    use tether_core::config::UpstreamSpec;
+    use tether_core::session::{Registry, SessionConfig};
+    use tether_core::store::{SessionRecord, SessionState};
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let metrics = Arc::new(tether_core::metrics::Metrics::default());
+    let tracker = tokio_util::task::TaskTracker::new();
+    let (ledger, _rx) = tether_core::ledger::Ledger::new(metrics.clone());
+    let registry = {
+        let _guard = rt.enter();
+        Registry::new(
+            SessionConfig::default(),
+            store.clone(),
+            None,
+            tether_core::upstream::Connector::new(
+                UpstreamSpec::Http {
+                    url: "http://127.0.0.1:1/mcp".into(),
+                },
+                None,
+                1 << 20,
+                tracker.clone(),
+            ),
+            tracker,
+            metrics,
+            ledger,
+        )
+    };
+    let ids: Vec<String> = (0..10_000).map(|i| format!("{i:040x}")).collect();
+    let now = tether_core::store::now_ms();
+    rt.block_on(async {
+        for id in &ids {
+            store
+                .create_session(SessionRecord {
+                    id: id.clone(),
+                    principal: "anonymous".into(),
+                    principal_email: None,
+                    principal_name: None,
+                    client_type: "unknown".into(),
+                    transport: "streamable-http".into(),
+                    created_ms: now,
+                    last_active_ms: now,
+                    protocol_version: "2025-11-25".into(),
+                    init_params: json!({"protocolVersion": "2025-11-25", "capabilities": {},
+                        "clientInfo": {"name": "bench", "version": "1"}}),
+                    client_name: Some("bench".into()),
+                    client_version: Some("1".into()),
+                    upstream_name: "bench".into(),
+                    state: SessionState::Live,
+                    close_reason: None,
+                    closed_ms: None,
+                    restore: json!({}),
+                })
+                .await
+                .unwrap();
+        }
+        let me = Principal::anonymous();
+        for id in &ids {
+            registry.get(id, &me).await.unwrap();
+        }
+    });
+    let me = Principal::anonymous();
+    let mut g = c.benchmark_group("hot_path/session_lookup");
+    let mut i = 0usize;
+    g.bench_function("held", |b| {
+        b.to_async(&rt).iter(|| {
+            i = (i + 7919) % ids.len();
+            let id = &ids[i];
+            let (registry, me) = (&registry, &me);
+            async move { registry.get(id, me).await.unwrap() }
+        })
+    });
+    g.bench_function("unknown", |b| {
+        b.to_async(&rt).iter(|| {
+            let (registry, me) = (&registry, &me);
+            async move {
+                assert!(
+                    registry
+                        .get("ffffffffffffffffffffffffffffffffffffffff", me)
+                        .await
+                        .is_err()
+                );
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, protocol, lookup, append);
 criterion_main!(benches);
