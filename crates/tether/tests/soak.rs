@@ -143,6 +143,21 @@ async fn soak_calls_and_session_cycles_leak_nothing() {
     samples.push(sample(marked_processes(&marker)));
 
     println!("soak: bench {bench}");
+    println!("\nsoak: {cycles} session cycles, {calls} calls in {secs}s ({errors} errors)");
+    println!("| t s | RSS KiB | open fds | upstream processes |");
+    println!("|---|---|---|---|");
+    let row = |s: &Sample| {
+        println!(
+            "| {:.1} | {} | {} | {} |",
+            s.at.as_secs_f64(),
+            s.rss_kib,
+            s.fds,
+            s.upstreams
+        );
+    };
+    for s in std::iter::once(&baseline).chain(samples.iter()) {
+        row(s);
+    }
 
     // Everything idle now: the bench's sessions and the expiring ones time out.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -173,20 +188,7 @@ async fn soak_calls_and_session_cycles_leak_nothing() {
         assert_eq!(a.status, 404, "an expired session is gone");
     }
     let end = sample(0);
-    samples.push(sample(0));
-
-    println!("\nsoak: {cycles} session cycles, {calls} calls in {secs}s ({errors} errors)");
-    println!("| t s | RSS KiB | open fds | upstream processes |");
-    println!("|---|---|---|---|");
-    for s in std::iter::once(&baseline).chain(samples.iter()) {
-        println!(
-            "| {:.1} | {} | {} | {} |",
-            s.at.as_secs_f64(),
-            s.rss_kib,
-            s.fds,
-            s.upstreams
-        );
-    }
+    row(&end);
     assert_eq!(errors, 0, "every call succeeded: {bench}");
     // Pooled connections and SQLite files may add a few descriptors; a leak adds one per
     // session or call.
