@@ -60,6 +60,11 @@ pub struct AdminState {
     pub upstream_name: String,
     /// This instance's MCP address, for `/health/deep`.
     pub instance: String,
+    /// `Host` names allowed besides loopback ones (`--allowed-hosts`).
+    pub allowed_hosts: Vec<String>,
+    /// The admin listener is on a loopback address: only then is `Host` checked (see
+    /// [`check_host`]).
+    pub loopback_listener: bool,
 }
 
 /// The admin router.
@@ -87,7 +92,36 @@ pub fn router(state: AdminState) -> Router {
         .route("/health/ready", get(ready))
         .route("/health/deep", get(deep))
         .merge(api)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            check_host,
+        ))
         .with_state(state)
+}
+
+/// DNS-rebinding protection for a loopback admin listener: a page whose name was rebound to
+/// 127.0.0.1 could otherwise read the API with plain GETs (no Origin, no token on loopback).
+/// On any other address the admin token guards the API and load balancers' health checks
+/// name the instance's own address, so `Host` is not checked there.
+async fn check_host(
+    State(st): State<AdminState>,
+    headers: HeaderMap,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if st.loopback_listener {
+        if let Some(host) = headers.get(header::HOST) {
+            let host = host.to_str().unwrap_or("");
+            if !crate::policy::host_allowed(host, &st.allowed_hosts, true) {
+                return ApiError(
+                    StatusCode::FORBIDDEN,
+                    format!("Host {host:?} is not allowed (see --allowed-hosts)"),
+                )
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
 }
 
 /// An admin API error: status plus `{"error": message}`.

@@ -140,6 +140,8 @@ pub async fn run(
         upstream: config.upstream.clone(),
         upstream_name: config.upstream_name.clone(),
         instance: addr.to_string(),
+        allowed_hosts: config.allowed_hosts.clone(),
+        loopback_listener: admin_addr.ip().is_loopback(),
     });
     let admin_stop = CancellationToken::new();
     let admin_server = tokio::spawn(

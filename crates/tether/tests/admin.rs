@@ -371,3 +371,26 @@ async fn non_loopback_admin_needs_a_token() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// DNS rebinding against the loopback admin listener: a rebound `Host` is refused on the
+/// API, the dashboard and health checks; loopback names and `--allowed-hosts` pass.
+#[tokio::test]
+async fn loopback_admin_refuses_a_rebound_host() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo", "--allowed-hosts", "ops.example"]);
+    let http = reqwest::Client::new();
+    let get = |path: &str, host: &str| {
+        http.get(format!("{}{path}", gw.admin))
+            .header("host", host)
+            .send()
+    };
+    for path in ["/api/sessions", "/", "/health", "/metrics"] {
+        let r = get(path, "evil.example.com").await.unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+    }
+    let port = gw.admin.rsplit(':').next().unwrap().to_owned();
+    for host in [format!("localhost:{port}"), "ops.example".to_owned()] {
+        let r = get("/api/sessions", &host).await.unwrap();
+        assert_eq!(r.status(), 200, "{host}");
+    }
+}
