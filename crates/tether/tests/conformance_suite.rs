@@ -14,9 +14,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use common::{Gateway, state_dir};
 
@@ -99,22 +98,10 @@ struct DirectFixture(Child, String);
 
 impl DirectFixture {
     fn start(node: &Path) -> DirectFixture {
-        let mut child = Command::new(node)
-            .arg(e2e_dir().join("conformance-fixture.mjs"))
-            .args(["--http", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("fixture starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("fixture said {line:?}"))
-            .to_owned();
+        let mut cmd = Command::new(node);
+        cmd.arg(e2e_dir().join("conformance-fixture.mjs"))
+            .args(["--http", "0"]);
+        let (child, url) = common::spawn_announced(cmd, "listening on ");
         DirectFixture(child, url)
     }
 }

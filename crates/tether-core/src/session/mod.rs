@@ -297,6 +297,12 @@ pub fn new_session_id() -> String {
     random_hex(20)
 }
 
+/// What a request gets when its session closed before its upstream was up (the caller
+/// sets the client's id).
+fn closed_error() -> Value {
+    protocol::error_response(Value::Null, code::SESSION_CLOSED, "session closed", None)
+}
+
 fn upstream_error(client_id: Value, name: &str, err: &UpstreamError) -> Value {
     protocol::error_response(
         client_id,
@@ -1201,12 +1207,7 @@ impl Session {
         {
             let st = self.lock();
             if st.closed {
-                return Err(protocol::error_response(
-                    Value::Null,
-                    code::SESSION_CLOSED,
-                    "session closed",
-                    None,
-                ));
+                return Err(closed_error());
             }
             if let UpstreamSlot::Down {
                 cause: Some(cause),
@@ -1279,12 +1280,7 @@ impl Session {
         // process (found by the soak at a 1 s idle timeout).
         let Some(generation) = self.install(link.clone()) else {
             link.shutdown(true);
-            return Err(protocol::error_response(
-                Value::Null,
-                code::SESSION_CLOSED,
-                "session closed",
-                None,
-            ));
+            return Err(closed_error());
         };
         self.spawn_pump(generation, rx, early);
         sh.metrics.upstream_starts.inc();

@@ -456,20 +456,24 @@ pub fn state_dir() -> tempfile::TempDir {
 /// Runs `tether demo-server --http ADDR` (an rmcp server that is not Tether and forgets its
 /// sessions when restarted) and returns it with its MCP URL.
 pub fn http_upstream(addr: &str) -> (std::process::Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["demo-server", "--http", addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["demo-server", "--http", addr])
+        .stderr(Stdio::null());
+    spawn_announced(cmd, "demo-server: listening on ")
+}
+
+/// Spawns a server that prints `PREFIX<url>` as its first stdout line; returns it and the
+/// URL.
+pub fn spawn_announced(mut cmd: Command, prefix: &str) -> (std::process::Child, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("server starts");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let url = line
         .trim()
-        .strip_prefix("demo-server: listening on ")
-        .expect("demo server address")
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("expected {prefix:?}<url>, got {line:?}"))
         .to_owned();
     (child, url)
 }
@@ -576,7 +580,6 @@ pub fn rss_kib(pid: i32) -> u64 {
 
 /// Live processes whose environment holds the `KEY=value` entry `entry` (a test's
 /// upstreams, started under `env KEY=value`, wherever they were reparented to).
-#[allow(dead_code)]
 pub fn marked_processes(entry: &str) -> usize {
     std::fs::read_dir("/proc")
         .map(|d| {
