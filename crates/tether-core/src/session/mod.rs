@@ -854,23 +854,27 @@ impl Registry {
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_prune = Instant::now();
+        // Pruning runs beside reaping, not in its loop: a large prune takes many chunks and
+        // must not delay expiry. At most one at a time; dropping the set on return (shutdown)
+        // aborts it between chunks.
+        let mut pruning = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 _ = sh.stopping.cancelled() => return,
                 _ = interval.tick() => {}
             }
             self.reap().await;
-            if last_prune.elapsed() >= Duration::from_secs(60) {
+            while pruning.try_join_next().is_some() {}
+            if pruning.is_empty() && last_prune.elapsed() >= Duration::from_secs(60) {
                 last_prune = Instant::now();
                 let retention =
                     i64::try_from(sh.cfg.event_retention.as_millis()).unwrap_or(i64::MAX);
-                if let Err(e) = sh
-                    .store
-                    .prune_events(now_ms().saturating_sub(retention))
-                    .await
-                {
-                    tracing::warn!(error = %e, "cannot prune stream logs");
-                }
+                let store = sh.store.clone();
+                pruning.spawn(async move {
+                    if let Err(e) = store.prune_events(now_ms().saturating_sub(retention)).await {
+                        tracing::warn!(error = %e, "cannot prune stream logs");
+                    }
+                });
             }
         }
     }

@@ -131,13 +131,15 @@ pub async fn event_log_survives_reopen(open: impl Fn() -> Box<dyn LiveStore>) {
     assert!(store.stream("s", "x").await.unwrap().unwrap().done);
     assert_eq!(store.prune_events(now_ms() + 60_000).await.unwrap(), 3);
     assert!(store.stream("s", "x").await.unwrap().is_none());
-    // Closing a session drops its log.
+    // A closed session's log goes at the next prune, finished or not, however recent.
     store.append_event(event("s", "y", 1, false)).await.unwrap();
     store
         .close_session("s", "client_disconnect", 9)
         .await
         .unwrap();
+    store.prune_events(0).await.unwrap();
     assert!(store.events_after("s", "y", 0).await.unwrap().is_empty());
+    assert!(store.stream("s", "y").await.unwrap().is_none());
 }
 
 /// Hundreds of writes in flight at once all land, in order.

@@ -160,7 +160,8 @@ pub trait LiveStore: Send + Sync + 'static {
     fn touch(&self, id: &str, at_ms: i64);
     /// Replaces a session's restore state (log level, resource subscriptions); batched.
     fn set_restore(&self, id: &str, restore: Value) -> Ack;
-    /// Marks a session closed and drops its event log.
+    /// Marks a session closed. Its event log goes then or at the next [`Self::prune_events`]
+    /// (a busy session's log is too large to delete in one step without stalling others).
     async fn close_session(&self, id: &str, reason: &str, at_ms: i64) -> Result<(), StoreError>;
     /// Live sessions whose last activity is older than `cutoff_ms`, oldest first.
     async fn idle_sessions(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<String>, StoreError>;
@@ -187,7 +188,8 @@ pub trait LiveStore: Send + Sync + 'static {
     ) -> Result<Option<StreamRecord>, StoreError>;
     /// Request streams of a session whose response was never recorded.
     async fn unfinished_streams(&self, session_id: &str) -> Result<Vec<StreamRecord>, StoreError>;
-    /// Deletes logs of finished streams created before `cutoff_ms`; returns events removed.
+    /// Deletes the logs of closed sessions and of finished streams created before
+    /// `cutoff_ms`, in bounded steps so other writes are not held up; returns events removed.
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
     /// A short description for logs and health (`sqlite:/path`, `redis://host/0 prefix p`).
     fn describe(&self) -> String;

@@ -12,6 +12,8 @@
 //! | `P:st:{id}:{stream}` | hash | `meta` (JSON), `done`, `last` | session TTL |
 //! | `P:ev:{id}:{stream}` | list | `"{seq} {json}"`, the last [`MAX_EVENTS`] | session TTL |
 //! | `P:done` | sorted set | finished streams by finish time, for pruning | members removed on prune |
+//! | `P:gone:{id}` | set | stream ids of a closed session, still to delete | none: emptied by prune |
+//! | `P:gone` | set | closed sessions with a `P:gone:{id}` | members removed on prune |
 //! | `P:inst:{instance}` | string | the instance's heartbeat (JSON) | instance TTL |
 //! | `P:instances` | sorted set | instance ids by last heartbeat | stale members removed after an hour |
 //! | `P:inbox:{instance}` | list | session ids the instance must drop | one minute |
@@ -115,17 +117,40 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {ARGV[1], '', o or ''}
 ";
 
-/// Marks a session closed and deletes its streams.
+/// Marks a session closed and hands its stream set to pruning (`P:gone`): a busy session
+/// has hundreds of thousands of streams, and deleting them all in one script would block
+/// Redis, and every instance, for as long.
 const CLOSE: &str = r"
 if redis.call('HEXISTS', KEYS[1], 'rec') == 1 and redis.call('HGET', KEYS[1], 'state') ~= 'closed' then
-  redis.call('HSET', KEYS[1], 'state', 'closed', 'reason', ARGV[3], 'closed', ARGV[4])
+  redis.call('HSET', KEYS[1], 'state', 'closed', 'reason', ARGV[1], 'closed', ARGV[2])
 end
-redis.call('ZREM', KEYS[2], ARGV[5])
+redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('DEL', KEYS[3])
-local ids = redis.call('SMEMBERS', KEYS[4])
-for _, s in ipairs(ids) do redis.call('DEL', ARGV[1] .. s, ARGV[2] .. s) end
-redis.call('DEL', KEYS[4])
-return #ids
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('SUNIONSTORE', KEYS[5], KEYS[5], KEYS[4])
+  redis.call('DEL', KEYS[4])
+  redis.call('SADD', KEYS[6], ARGV[3])
+end
+return 0
+";
+
+/// Deletes up to `ARGV[4]` streams of one closed session named in `P:gone` (`KEYS[1]`);
+/// `ARGV[1..3]`: the `P:gone:`, `P:st:` and `P:ev:` prefixes, `KEYS[2]` `P:done`. Returns
+/// the events deleted and 1 if anything is left to delete.
+const PRUNE_GONE: &str = r"
+local id = redis.call('SRANDMEMBER', KEYS[1])
+if not id then return {0, 0} end
+local set = ARGV[1] .. id
+local streams = redis.call('SPOP', set, tonumber(ARGV[4]))
+local events = 0
+for _, s in ipairs(streams) do
+  local ev = ARGV[3] .. id .. ':' .. s
+  events = events + redis.call('LLEN', ev)
+  redis.call('DEL', ev, ARGV[2] .. id .. ':' .. s)
+  redis.call('ZREM', KEYS[2], id .. '\n' .. s)
+end
+if redis.call('EXISTS', set) == 0 then redis.call('SREM', KEYS[1], id) end
+return {events, redis.call('SCARD', KEYS[1]) > 0 and 1 or 0}
 ";
 
 impl RedisStore {
@@ -578,13 +603,13 @@ impl LiveStore for RedisStore {
         let p = &self.inner.p;
         let mut c = redis::cmd("EVAL");
         c.arg(CLOSE)
-            .arg(4)
+            .arg(6)
             .arg(self.key("s", id))
             .arg(format!("{p}live"))
             .arg(self.key("own", id))
             .arg(self.key("sts", id))
-            .arg(format!("{p}st:{id}:"))
-            .arg(format!("{p}ev:{id}:"))
+            .arg(self.key("gone", id))
+            .arg(format!("{p}gone"))
             .arg(reason)
             .arg(at_ms)
             .arg(id);
@@ -753,8 +778,28 @@ impl LiveStore for RedisStore {
 
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
         let mut conn = self.conn();
-        let done = format!("{}done", self.inner.p);
+        let p = &self.inner.p;
+        let done = format!("{p}done");
         let mut removed = 0u64;
+        // Closed sessions' streams first, 500 per script run so Redis never blocks for long.
+        loop {
+            let (events, more): (u64, u8) = redis::cmd("EVAL")
+                .arg(PRUNE_GONE)
+                .arg(2)
+                .arg(format!("{p}gone"))
+                .arg(&done)
+                .arg(format!("{p}gone:"))
+                .arg(format!("{p}st:"))
+                .arg(format!("{p}ev:"))
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            removed += events;
+            if more == 0 {
+                break;
+            }
+        }
         loop {
             let members: Vec<String> = redis::cmd("ZRANGE")
                 .arg(&done)
@@ -994,6 +1039,77 @@ mod tests {
         };
         let store = open(&opts);
         suite::many_concurrent_writes(&store).await;
+        store.wipe().await;
+    }
+
+    /// Closing a session with many streams deletes nothing at once; one prune then deletes
+    /// them all, 500 per script run, leaving only the closed record.
+    #[tokio::test]
+    async fn a_closed_sessions_streams_go_in_chunks() {
+        let Some(opts) = suite::redis_options("gone") else {
+            return;
+        };
+        let store = open(&opts);
+        store
+            .create_session(suite::record("busy", 1))
+            .await
+            .unwrap();
+        let mut acks = Vec::new();
+        for i in 0..1200 {
+            acks.push(store.open_stream(StreamRecord {
+                session_id: "busy".into(),
+                stream_id: format!("r{i}"),
+                client_request_id: None,
+                request: None,
+                retryable: false,
+                done: false,
+                last_seq: 0,
+                created_ms: now_ms(),
+            }));
+            acks.push(store.append_event(EventRecord {
+                session_id: "busy".into(),
+                stream_id: format!("r{i}").into(),
+                seq: 1,
+                data: "{}".into(),
+                terminal: i % 2 == 0,
+            }));
+        }
+        for a in futures::future::join_all(acks).await {
+            a.unwrap();
+        }
+        store.close_session("busy", "timeout", 9).await.unwrap();
+        let keys = |pattern: String| {
+            let mut conn = store.conn();
+            async move {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(pattern)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                keys.len()
+            }
+        };
+        let p = &store.inner.p;
+        assert_eq!(
+            keys(format!("{p}ev:busy:*")).await,
+            1200,
+            "close deletes nothing yet"
+        );
+        // A cutoff in the past: only the closed session's streams qualify.
+        assert_eq!(store.prune_events(0).await.unwrap(), 1200);
+        assert_eq!(keys(format!("{p}ev:busy:*")).await, 0);
+        assert_eq!(keys(format!("{p}st:busy:*")).await, 0);
+        assert_eq!(keys(format!("{p}gone*")).await, 0);
+        let done: u64 = redis::cmd("ZCARD")
+            .arg(format!("{p}done"))
+            .query_async(&mut store.conn())
+            .await
+            .unwrap();
+        assert_eq!(done, 0, "finished streams leave the prune index too");
+        assert_eq!(
+            store.load_session("busy").await.unwrap().unwrap().state,
+            SessionState::Closed
+        );
         store.wipe().await;
     }
 

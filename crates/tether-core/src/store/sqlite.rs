@@ -28,7 +28,6 @@ enum Op {
     Touch(String, i64),
     Restore(String, Value, Done),
     Ledger(Vec<LedgerEvent>, Done),
-    PruneLedger(i64, oneshot::Sender<Result<u64, StoreError>>),
     Close {
         id: String,
         reason: String,
@@ -38,8 +37,32 @@ enum Op {
     OpenStream(StreamRecord, Done),
     Append(EventRecord, Done),
     Flush(Done),
-    Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
+    /// One bounded chunk of pruning of everything older than the cutoff; answers the rows
+    /// removed and whether more remain. Run after the batch's other writes.
+    Prune(PruneKind, i64, oneshot::Sender<Result<Pruned, StoreError>>),
 }
+
+/// What a prune chunk removes.
+#[derive(Debug, Clone, Copy)]
+enum PruneKind {
+    /// Stream logs: closed sessions' and finished streams past event retention.
+    Events,
+    /// Ledger history: tool calls and closed sessions past ledger retention.
+    Ledger,
+}
+
+/// What one prune chunk did.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pruned {
+    /// Rows counted as removed (events, or tool calls and sessions).
+    rows: u64,
+    /// Whether the chunk stopped at its limit with work left.
+    more: bool,
+}
+
+/// Rows one prune chunk may delete. Each chunk is one writer transaction, so this bounds
+/// how long every other write can wait behind pruning (a few milliseconds).
+const PRUNE_CHUNK: usize = 2000;
 
 /// SQLite-backed [`LiveStore`] and [`LedgerStore`].
 pub struct SqliteStore {
@@ -103,6 +126,9 @@ CREATE TABLE IF NOT EXISTS events (
     created_ms INTEGER NOT NULL,
     PRIMARY KEY (session_id, stream_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS closed_logs (
+    session_id TEXT PRIMARY KEY
+) WITHOUT ROWID;
 ";
 
 #[allow(clippy::needless_pass_by_value)] // used as `map_err(backend)`
@@ -157,6 +183,23 @@ impl SqliteStore {
         Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
     }
 
+    /// Prunes chunk by chunk, each its own writer transaction, so other sessions' writes
+    /// queue behind a few milliseconds of deleting at most.
+    async fn prune_in_chunks(&self, kind: PruneKind, cutoff_ms: i64) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            if self.writes.send(Op::Prune(kind, cutoff_ms, tx)).is_err() {
+                return Err(StoreError::Closed);
+            }
+            let chunk = rx.await.unwrap_or(Err(StoreError::Closed))?;
+            removed += chunk.rows;
+            if !chunk.more {
+                return Ok(removed);
+            }
+        }
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
@@ -201,7 +244,7 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
                 | Op::Restore(_, _, d)
                 | Op::Ledger(_, d) => results.push((d, Err(e.clone()))),
                 Op::Close { done, .. } => results.push((done, Err(e.clone()))),
-                Op::Prune(_, d) | Op::PruneLedger(_, d) => {
+                Op::Prune(_, _, d) => {
                     let _ = d.send(Err(e.clone()));
                 }
                 Op::Touch(..) => {}
@@ -233,8 +276,7 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
             Op::OpenStream(s, d) => results.push((d, insert_stream(conn, &s).map_err(backend))),
             Op::Append(e, d) => results.push((d, insert_event(conn, &e).map_err(backend))),
             Op::Flush(d) => results.push((d, Ok(()))),
-            Op::Prune(cutoff, d) => prunes.push((false, cutoff, d)),
-            Op::PruneLedger(cutoff, d) => prunes.push((true, cutoff, d)),
+            Op::Prune(kind, cutoff, d) => prunes.push((kind, cutoff, d)),
             Op::Ledger(events, d) => {
                 results.push((d, write_ledger(conn, &events).map_err(backend)))
             }
@@ -251,29 +293,26 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
                 tracing::warn!(error = %e, "store: cannot record session activity");
             }
         }
-        let mut pruned = Vec::new();
-        for (ledger, cutoff, d) in prunes {
-            let r = if ledger {
-                prune_ledger(conn, cutoff)
-            } else {
-                prune(conn, cutoff)
-            };
-            pruned.push((d, r.map_err(backend)));
-        }
-        if let Err(e) = conn.execute_batch("COMMIT") {
-            let err = backend(e);
+        let pruned: Vec<_> = prunes
+            .into_iter()
+            .map(|(kind, cutoff, d)| {
+                let r = match kind {
+                    PruneKind::Events => prune(conn, cutoff, PRUNE_CHUNK),
+                    PruneKind::Ledger => prune_ledger(conn, cutoff, PRUNE_CHUNK),
+                };
+                (d, r.map_err(backend))
+            })
+            .collect();
+        let committed = conn.execute_batch("COMMIT").map_err(backend);
+        if let Err(err) = &committed {
             tracing::error!(error = %err, "store: commit failed; writes in this batch are lost");
             let _ = conn.execute_batch("ROLLBACK");
             for (_, r) in &mut results {
                 *r = Err(err.clone());
             }
-            for (d, _) in pruned {
-                let _ = d.send(Err(err.clone()));
-            }
-        } else {
-            for (d, r) in pruned {
-                let _ = d.send(r);
-            }
+        }
+        for (d, r) in pruned {
+            let _ = d.send(committed.clone().and(r));
         }
     }
     for (d, r) in results {
@@ -315,9 +354,10 @@ fn close_session(conn: &Connection, id: &str, reason: &str, at_ms: i64) -> rusql
         "UPDATE sessions SET state = 'closed', close_reason = ?2, closed_ms = ?3 WHERE id = ?1 AND state = 'live'",
     )?
     .execute(params![id, reason, at_ms])?;
-    conn.prepare_cached("DELETE FROM events WHERE session_id = ?1")?
-        .execute(params![id])?;
-    conn.prepare_cached("DELETE FROM streams WHERE session_id = ?1")?
+    // The log itself goes in bounded chunks at the next prune: a busy session can hold
+    // hundreds of thousands of rows, and deleting them here, in one writer transaction,
+    // stalled every other session's writes for seconds (found by the 30-minute soak).
+    conn.prepare_cached("INSERT OR IGNORE INTO closed_logs (session_id) VALUES (?1)")?
         .execute(params![id])?;
     Ok(())
 }
@@ -415,30 +455,103 @@ fn write_ledger(conn: &Connection, events: &[LedgerEvent]) -> rusqlite::Result<(
     Ok(())
 }
 
-fn prune_ledger(conn: &Connection, cutoff: i64) -> rusqlite::Result<u64> {
+/// One bounded chunk of ledger pruning, at most `limit` rows: tool calls, then closed
+/// sessions, past retention. At thousands of calls a second ten minutes of history is
+/// millions of rows, too many for one writer transaction.
+fn prune_ledger(conn: &Connection, cutoff: i64, limit: usize) -> rusqlite::Result<Pruned> {
     let calls = conn
-        .prepare_cached("DELETE FROM tool_calls WHERE started_ms < ?1")?
-        .execute(params![cutoff])?;
+        .prepare_cached(
+            "DELETE FROM tool_calls WHERE rowid IN
+               (SELECT rowid FROM tool_calls WHERE started_ms < ?1 LIMIT ?2)",
+        )?
+        .execute(params![cutoff, limit as i64])?;
+    if calls == limit {
+        return Ok(Pruned {
+            rows: calls as u64,
+            more: true,
+        });
+    }
     let sessions = conn
-        .prepare_cached("DELETE FROM sessions WHERE state = 'closed' AND closed_ms < ?1")?
-        .execute(params![cutoff])?;
-    Ok((calls + sessions) as u64)
+        .prepare_cached(
+            "DELETE FROM sessions WHERE id IN
+               (SELECT id FROM sessions WHERE state = 'closed' AND closed_ms < ?1 LIMIT ?2)",
+        )?
+        .execute(params![cutoff, (limit - calls) as i64])?;
+    Ok(Pruned {
+        rows: (calls + sessions) as u64,
+        more: calls + sessions == limit,
+    })
 }
 
-fn prune(conn: &Connection, cutoff: i64) -> rusqlite::Result<u64> {
-    let mut removed = conn
+/// One bounded chunk of pruning, at most `limit` rows: first the logs of closed sessions,
+/// then finished streams created before `cutoff`, then old events of live sessions'
+/// standalone streams (which never finish).
+fn prune(conn: &Connection, cutoff: i64, limit: usize) -> rusqlite::Result<Pruned> {
+    let mut out = Pruned::default();
+    let mut budget = limit;
+    let closed: Vec<String> = conn
+        .prepare_cached("SELECT session_id FROM closed_logs LIMIT ?1")?
+        .query_map(params![limit as i64], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for id in closed {
+        let events = conn
+            .prepare_cached(
+                "DELETE FROM events WHERE (session_id, stream_id, seq) IN
+                   (SELECT session_id, stream_id, seq FROM events WHERE session_id = ?1 LIMIT ?2)",
+            )?
+            .execute(params![id, budget as i64])?;
+        out.rows += events as u64;
+        budget -= events;
+        if budget == 0 {
+            out.more = true;
+            return Ok(out);
+        }
+        let streams = conn
+            .prepare_cached(
+                "DELETE FROM streams WHERE (session_id, stream_id) IN
+                   (SELECT session_id, stream_id FROM streams WHERE session_id = ?1 LIMIT ?2)",
+            )?
+            .execute(params![id, budget as i64])?;
+        budget -= streams;
+        if budget == 0 {
+            out.more = true;
+            return Ok(out);
+        }
+        conn.prepare_cached("DELETE FROM closed_logs WHERE session_id = ?1")?
+            .execute(params![id])?;
+    }
+    let finished: Vec<(String, String)> = conn
         .prepare_cached(
-            "DELETE FROM events WHERE (session_id, stream_id) IN
-               (SELECT session_id, stream_id FROM streams WHERE done = 1 AND created_ms < ?1)",
+            "SELECT session_id, stream_id FROM streams WHERE done = 1 AND created_ms < ?1 LIMIT ?2",
         )?
-        .execute(params![cutoff])?;
-    conn.prepare_cached("DELETE FROM streams WHERE done = 1 AND created_ms < ?1")?
-        .execute(params![cutoff])?;
-    // The standalone stream never finishes; its old events go by age.
-    removed += conn
-        .prepare_cached("DELETE FROM events WHERE stream_id = '0' AND created_ms < ?1")?
-        .execute(params![cutoff])?;
-    Ok(removed as u64)
+        .query_map(params![cutoff, budget as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for (session, stream) in &finished {
+        out.rows += conn
+            .prepare_cached("DELETE FROM events WHERE session_id = ?1 AND stream_id = ?2")?
+            .execute(params![session, stream])? as u64;
+        conn.prepare_cached("DELETE FROM streams WHERE session_id = ?1 AND stream_id = ?2")?
+            .execute(params![session, stream])?;
+    }
+    if finished.len() == budget {
+        out.more = true;
+        return Ok(out);
+    }
+    budget -= finished.len();
+    // Walks live sessions' standalone streams by key rather than scanning every event.
+    let standalone = conn
+        .prepare_cached(
+            "DELETE FROM events WHERE (session_id, stream_id, seq) IN
+               (SELECT e.session_id, e.stream_id, e.seq FROM sessions s
+                  JOIN events e ON e.session_id = s.id AND e.stream_id = '0'
+                 WHERE s.state = 'live' AND e.created_ms < ?1 LIMIT ?2)",
+        )?
+        .execute(params![cutoff, budget as i64])?;
+    out.rows += standalone as u64;
+    out.more = standalone == budget;
+    Ok(out)
 }
 
 fn parse_json(text: Option<String>) -> rusqlite::Result<Option<Value>> {
@@ -672,11 +785,9 @@ impl LiveStore for SqliteStore {
     }
 
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        if self.writes.send(Op::Prune(cutoff_ms, tx)).is_err() {
-            return Err(StoreError::Closed);
-        }
-        rx.await.unwrap_or(Err(StoreError::Closed))
+        // Chunk by chunk, each its own writer transaction, so other sessions' writes queue
+        // behind a few milliseconds of deleting at most.
+        self.prune_in_chunks(PruneKind::Events, cutoff_ms).await
     }
 }
 
@@ -811,11 +922,7 @@ impl LedgerStore for SqliteStore {
     }
 
     async fn prune_ledger(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        if self.writes.send(Op::PruneLedger(cutoff_ms, tx)).is_err() {
-            return Err(StoreError::Closed);
-        }
-        rx.await.unwrap_or(Err(StoreError::Closed))
+        self.prune_in_chunks(PruneKind::Ledger, cutoff_ms).await
     }
 }
 
@@ -856,6 +963,96 @@ mod tests {
     async fn conformance_ledger_queries() {
         let dir = tempfile::tempdir().unwrap();
         suite::ledger_queries(&SqliteStore::open(dir.path()).unwrap()).await;
+    }
+
+    /// A busy closed session's log, many old finished streams and old standalone events all
+    /// go, in chunks of at most `PRUNE_CHUNK` rows each (one writer transaction apiece), and
+    /// one `prune_events` call runs the chunks until nothing is left; a stream within
+    /// retention stays. Ledger pruning is chunked the same way.
+    #[tokio::test]
+    async fn pruning_goes_in_bounded_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let stream = |sid: &str, id: String, created_ms| StreamRecord {
+            session_id: sid.into(),
+            stream_id: id,
+            client_request_id: None,
+            request: None,
+            retryable: false,
+            done: false,
+            last_seq: 0,
+            created_ms,
+        };
+        let event = |sid: &str, id: &str, seq, terminal| EventRecord {
+            session_id: sid.into(),
+            stream_id: id.into(),
+            seq,
+            data: "{}".into(),
+            terminal,
+        };
+        for id in ["closed", "live"] {
+            store.create_session(suite::record(id, 1)).await.unwrap();
+        }
+        let n = PRUNE_CHUNK + PRUNE_CHUNK / 2;
+        let mut acks = Vec::new();
+        for i in 0..n {
+            for sid in ["closed", "live"] {
+                acks.push(store.open_stream(stream(sid, format!("r{i}"), 5)));
+                acks.push(store.append_event(event(sid, &format!("r{i}"), 1, true)));
+            }
+        }
+        let later = now_ms() + 600_000;
+        acks.push(store.open_stream(stream("live", "recent".into(), later)));
+        acks.push(store.append_event(event("live", "recent", 1, true)));
+        acks.push(store.append_event(event("live", "0", 1, false)));
+        for a in futures::future::join_all(acks).await {
+            a.unwrap();
+        }
+        store.close_session("closed", "timeout", 9).await.unwrap();
+
+        let conn = Connection::open(store.path()).unwrap();
+        let cutoff = now_ms() + 60_000;
+        let (mut chunks, mut rows) = (0, 0);
+        loop {
+            let p = prune(&conn, cutoff, PRUNE_CHUNK).unwrap();
+            assert!(p.rows as usize <= PRUNE_CHUNK);
+            rows += p.rows;
+            chunks += 1;
+            if !p.more {
+                break;
+            }
+        }
+        assert_eq!(rows, 2 * n as u64 + 1, "every old event counted once");
+        // 3,000 events + 3,000 streams of the closed session, 3,000 old streams of the live one.
+        assert!(chunks >= 5, "{chunks} chunks");
+        let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(count("SELECT count(*) FROM events"), 1);
+        assert_eq!(
+            count("SELECT count(*) FROM streams WHERE stream_id != '0'"),
+            1
+        );
+        assert_eq!(count("SELECT count(*) FROM closed_logs"), 0);
+        assert!(store.stream("live", "recent").await.unwrap().is_some());
+        assert_eq!(store.prune_events(cutoff).await.unwrap(), 0);
+
+        let calls: Vec<_> = (0..2 * PRUNE_CHUNK + 1)
+            .map(|i| {
+                LedgerEvent::ToolCall(crate::store::ToolCallRecord {
+                    session_id: "live".into(),
+                    tool: "echo".into(),
+                    started_ms: i as i64,
+                    duration_ms: 1,
+                    outcome: "ok".into(),
+                    error_code: None,
+                })
+            })
+            .collect();
+        store.record(calls).await.unwrap();
+        // The calls, and the session closed at 9 ms.
+        assert_eq!(
+            store.prune_ledger(1_000_000).await.unwrap(),
+            2 * PRUNE_CHUNK as u64 + 2
+        );
     }
 
     /// The shared-file case: a session created through the live store is the ledger's row,
