@@ -4,7 +4,8 @@
 # supergateway (npm, streamable HTTP, stateful), mcp-proxy (PyPI) and mcp-proxy (npm), at 1
 # and 16 sessions. Each cell is run REPS times and the median is reported: calls/s, p50 and
 # p99 latency, CPU microseconds per call of the gateway process tree (gateway plus the
-# echo servers it started) and its peak resident memory.
+# echo servers it started) and its peak resident memory. A second baseline: the echo server
+# serving Streamable HTTP itself, the floor any HTTP gateway's latency starts from.
 #
 #   scripts/bench-peers.sh                      # 10s per cell, 3 repetitions
 #   DURATION=5s REPS=3 scripts/bench-peers.sh   # quicker
@@ -67,41 +68,46 @@ gateway_cell() { # name url-path start-command...
   local name=$1 path=$2
   shift 2
   for n in $SESSIONS; do
-    for rep in $(seq 1 "$REPS"); do
-      local port
-      port=$(free_port)
-      local cmd=("${@//PORT/$port}")
-      "${cmd[@]}" >"$STATE/$name.log" 2>&1 &
-      local pid=$!
-      wait_port "$port"
-      local json
-      json=$("$T" bench "http://127.0.0.1:$port$path" --sessions "$n" --duration "$DURATION" \
-        --warmup "$WARMUP" --watch-pid "$pid" --json) || { echo "$name failed; log:" >&2; cat "$STATE/$name.log" >&2; }
-      [ -n "${json:-}" ] && record "$name" "$n" "$json"
-      kill -- -"$pid" 2>/dev/null || true
-      wait "$pid" 2>/dev/null || true
-      echo "$name n=$n rep=$rep done" >&2
-    done
+    local port
+    port=$(free_port)
+    local cmd=("${@//PORT/$port}")
+    "${cmd[@]}" >"$STATE/$name.log" 2>&1 &
+    local pid=$!
+    wait_port "$port"
+    local json
+    json=$("$T" bench "http://127.0.0.1:$port$path" --sessions "$n" --duration "$DURATION" \
+      --warmup "$WARMUP" --watch-pid "$pid" --json) || { echo "$name failed; log:" >&2; cat "$STATE/$name.log" >&2; }
+    [ -n "${json:-}" ] && record "$name" "$n" "$json"
+    kill -- -"$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    echo "$name n=$n rep=$rep done" >&2
   done
 }
 
-for n in $SESSIONS; do
-  for rep in $(seq 1 "$REPS"); do
+# Repetitions are the outer loop: each round runs every cell once, so a drift of the
+# machine's speed during the run (this VM drifts by ±15% between minutes) spreads over all
+# rows instead of favouring whichever ran first.
+for rep in $(seq 1 "$REPS"); do
+  for n in $SESSIONS; do
     json=$("$T" bench --stdio --sessions "$n" --duration "$DURATION" --warmup "$WARMUP" --json -- "${ECHO[@]}")
     record "direct stdio (no gateway)" "$n" "$json"
     echo "direct n=$n rep=$rep done" >&2
   done
-done
 
-gateway_cell "tether (stdio upstream, SQLite)" /mcp \
-  "$T" serve --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:0 --state-dir "$STATE/tether-PORT" --log warn -- "${ECHO[@]}"
-gateway_cell "supergateway $SUPERGATEWAY_VERSION (streamableHttp, stateful)" /mcp \
-  "$OUT/npm/node_modules/.bin/supergateway" --stdio "${ECHO[*]}" --outputTransport streamableHttp --stateful \
-  --port PORT --logLevel none
-gateway_cell "mcp-proxy $MCP_PROXY_PYPI_VERSION (PyPI)" /mcp \
-  "$OUT/venv/bin/mcp-proxy" --host 127.0.0.1 --port PORT --log-level WARNING -- "${ECHO[@]}"
-gateway_cell "mcp-proxy $MCP_PROXY_NPM_VERSION (npm)" /mcp \
-  "$OUT/npm/node_modules/.bin/mcp-proxy" --host 127.0.0.1 --port PORT -- "${ECHO[@]}"
+  # The floor of any HTTP gateway: the same echo server answering Streamable HTTP itself
+  # (rmcp's server transport, stateful, SSE answers), no gateway and no durability.
+  gateway_cell "echo server's own HTTP (no gateway)" /mcp \
+    "$T" demo-server --http 127.0.0.1:PORT
+  gateway_cell "tether (stdio upstream, SQLite)" /mcp \
+    "$T" serve --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:0 --state-dir "$STATE/tether-PORT" --log warn -- "${ECHO[@]}"
+  gateway_cell "supergateway $SUPERGATEWAY_VERSION (streamableHttp, stateful)" /mcp \
+    "$OUT/npm/node_modules/.bin/supergateway" --stdio "${ECHO[*]}" --outputTransport streamableHttp --stateful \
+    --port PORT --logLevel none
+  gateway_cell "mcp-proxy $MCP_PROXY_PYPI_VERSION (PyPI)" /mcp \
+    "$OUT/venv/bin/mcp-proxy" --host 127.0.0.1 --port PORT --log-level WARNING -- "${ECHO[@]}"
+  gateway_cell "mcp-proxy $MCP_PROXY_NPM_VERSION (npm)" /mcp \
+    "$OUT/npm/node_modules/.bin/mcp-proxy" --host 127.0.0.1 --port PORT -- "${ECHO[@]}"
+done
 
 python3 - "$RESULTS" "$DURATION" "$REPS" >"$OUT/results.md" <<'PY'
 import json, statistics, sys

@@ -709,12 +709,21 @@ fn sse_response(
                     _ = stop.cancelled() => None,
                 };
                 let Some(frame) = next else { break };
-                if let Err(e) = frame.ack.await {
-                    tracing::error!(error = %e, "event not durable; sending it anyway");
+                let ends = frame.terminal && ends_with_response;
+                // A request's final answer goes out while its commit runs (the write is
+                // still made; the writer logs a failed commit). Waiting for it was the
+                // largest single cost of a call (BENCHMARKS.md), and a client that got the
+                // answer never resumes this stream; one that did not finds it unfinished
+                // after a crash and gets the re-issue or `-32013` path, as before. Every
+                // other event is durable before it is sent, so no event id can be reused.
+                if !ends {
+                    if let Err(e) = frame.ack.await {
+                        tracing::error!(error = %e, "event not durable; sending it anyway");
+                    }
                 }
                 yield Ok(event(frame.seq, &frame.data));
                 ticker.reset();
-                if frame.terminal && ends_with_response {
+                if ends {
                     break;
                 }
             }

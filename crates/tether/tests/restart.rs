@@ -109,6 +109,16 @@ async fn completed_stream_replays_after_restart() {
         "priming event carries retry: {}",
         answer.body
     );
+    // A final answer is sent while its commit runs (invariant 3). The store applies writes
+    // in order and a later request's priming event waits for its own record, so once the
+    // next call's answer arrives, this one is durable.
+    let next = mcp
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 8, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(next.status, 200);
     gw.kill9();
 
     let gw2 = gw.restart();

@@ -4,7 +4,8 @@
 //! stream. Every event gets the next sequence number and is handed to the store *before*
 //! it is queued to the attached HTTP connection together with the store's [`Ack`]; the
 //! connection awaits the ack before writing, so an event is durable before the client can
-//! see it, while the store is free to commit many events at once. Event ids are
+//! see it, while the store is free to commit many events at once. The one exception is a
+//! request's final answer, written while its commit runs (ARCHITECTURE.md invariant 3). Event ids are
 //! `<stream>.<seq>`: unique within the session and naming their stream (spec §1.1.6).
 
 use std::sync::{Arc, Mutex};
