@@ -9,6 +9,7 @@
 #
 #   scripts/bench-peers.sh                      # 10s per cell, 3 repetitions
 #   DURATION=5s REPS=3 scripts/bench-peers.sh   # quicker
+#   SESSIONS=16 IN_FLIGHT=4 scripts/bench-peers.sh   # several calls in flight per session
 #
 # Peers are installed, pinned, under target/bench-peers/ (npm and a Python venv). Results go
 # to target/bench-peers/results.md (a table for BENCHMARKS.md) and results.jsonl (raw).
@@ -20,6 +21,7 @@ DURATION="${DURATION:-10s}"
 WARMUP="${WARMUP:-2s}"
 REPS="${REPS:-3}"
 SESSIONS="${SESSIONS:-1 16}"
+IN_FLIGHT="${IN_FLIGHT:-1}" # calls in flight per session
 SUPERGATEWAY_VERSION=4.0.0
 MCP_PROXY_NPM_VERSION=6.7.19
 MCP_PROXY_PYPI_VERSION=0.13.0
@@ -75,7 +77,7 @@ gateway_cell() { # name url-path start-command...
     local pid=$!
     wait_port "$port"
     local json
-    json=$("$T" bench "http://127.0.0.1:$port$path" --sessions "$n" --duration "$DURATION" \
+    json=$("$T" bench "http://127.0.0.1:$port$path" --sessions "$n" --in-flight "$IN_FLIGHT" --duration "$DURATION" \
       --warmup "$WARMUP" --watch-pid "$pid" --json) || { echo "$name failed; log:" >&2; cat "$STATE/$name.log" >&2; }
     [ -n "${json:-}" ] && record "$name" "$n" "$json"
     kill -- -"$pid" 2>/dev/null || true
@@ -89,7 +91,7 @@ gateway_cell() { # name url-path start-command...
 # rows instead of favouring whichever ran first.
 for rep in $(seq 1 "$REPS"); do
   for n in $SESSIONS; do
-    json=$("$T" bench --stdio --sessions "$n" --duration "$DURATION" --warmup "$WARMUP" --json -- "${ECHO[@]}")
+    json=$("$T" bench --stdio --sessions "$n" --in-flight "$IN_FLIGHT" --duration "$DURATION" --warmup "$WARMUP" --json -- "${ECHO[@]}")
     record "direct stdio (no gateway)" "$n" "$json"
     echo "direct n=$n rep=$rep done" >&2
   done
@@ -109,7 +111,7 @@ for rep in $(seq 1 "$REPS"); do
     "$OUT/npm/node_modules/.bin/mcp-proxy" --host 127.0.0.1 --port PORT -- "${ECHO[@]}"
 done
 
-python3 - "$RESULTS" "$DURATION" "$REPS" >"$OUT/results.md" <<'PY'
+python3 - "$RESULTS" "$DURATION" "$REPS" "$IN_FLIGHT" >"$OUT/results.md" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 order = []
@@ -119,7 +121,7 @@ for r in rows:
 def med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
-print(f"Each cell: median of {sys.argv[3]} runs of {sys.argv[2]} measured (`tether bench`, 1 call in flight per session, tool `echo`).\n")
+print(f"Each cell: median of {sys.argv[3]} runs of {sys.argv[2]} measured (`tether bench`, {sys.argv[4]} call(s) in flight per session, tool `echo`).\n")
 print("| path | sessions | calls/s | p50 µs | p99 µs | gateway CPU µs/call | peak RSS MiB | errors |")
 print("|---|---|---|---|---|---|---|---|")
 for name in order:
