@@ -391,6 +391,17 @@ async fn writer(
         while let Ok(op) = rx.try_recv() {
             batch.push(op);
         }
+        let mut healthy = healthy;
+        let wants_durable = batch
+            .iter()
+            .any(|op| matches!(op, Op::Write { durable: true, .. } | Op::Flush(_)));
+        if !healthy && wants_durable && drain(&mut conn, &mut backlog).await.is_ok() {
+            // Redis came back since the last retry. Refusing on the stale state instead
+            // lost every record an instance wrote back after a Redis restart whenever it
+            // still had writes buffered (found by `a_redis_that_lost_everything_...`).
+            recovered(&up, &metrics);
+            healthy = true;
+        }
         let mut cmds: Vec<Cmd> = Vec::new();
         // Commands of durable writes: on a failed batch they are not buffered, since their
         // callers were told the write failed (a refused session must not appear later).
@@ -434,9 +445,7 @@ async fn writer(
             }
             match drain(&mut conn, &mut backlog).await {
                 Ok(()) => {
-                    up.store(true, Ordering::Relaxed);
-                    metrics.store_up.set(1);
-                    tracing::info!("redis reachable again; buffered writes written");
+                    recovered(&up, &metrics);
                     for (d, _) in acks {
                         let _ = d.send(Ok(()));
                     }
@@ -508,6 +517,12 @@ async fn writer(
             }
         }
     }
+}
+
+fn recovered(up: &AtomicBool, metrics: &Metrics) {
+    up.store(true, Ordering::Relaxed);
+    metrics.store_up.set(1);
+    tracing::info!("redis reachable again; buffered writes written");
 }
 
 fn trim(backlog: &mut VecDeque<Cmd>, metrics: &Metrics) {
@@ -1247,5 +1262,49 @@ mod tests {
             store.flush().await.is_err(),
             "nothing is durable during an outage"
         );
+
+        // Redis comes back (empty). The next durable write must not be refused on the
+        // writer's stale view of the outage: it finds Redis back, writes the buffer, then
+        // the write itself.
+        let Ok(server) = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+        else {
+            eprintln!(
+                "skip: redis-server is not installed; the recovery half of this test did not run"
+            );
+            return;
+        };
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _server = Kill(server);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        store
+            .create_session(suite::record("new", 1))
+            .await
+            .expect("a durable write once Redis is back");
+        assert!(store.is_up());
+        assert_eq!(store.events_after("s", "0", 0).await.unwrap().len(), 2);
+        assert!(store.load_session("new").await.unwrap().is_some());
     }
 }
