@@ -483,9 +483,11 @@ fn prune_ledger(conn: &Connection, cutoff: i64, limit: usize) -> rusqlite::Resul
     })
 }
 
-/// One bounded chunk of pruning, at most `limit` rows: first the logs of closed sessions,
-/// then finished streams created before `cutoff`, then old events of live sessions'
-/// standalone streams (which never finish).
+/// One bounded chunk of pruning: first the logs of closed sessions, then finished streams
+/// created before `cutoff`, then old events of live sessions' standalone streams (which
+/// never finish). At most `limit` rows of closed logs and standalone events, and at most
+/// `limit` finished streams, each with its events (a handful per stream in practice: the
+/// answer and any notifications before it).
 fn prune(conn: &Connection, cutoff: i64, limit: usize) -> rusqlite::Result<Pruned> {
     let mut out = Pruned::default();
     let mut budget = limit;
