@@ -33,7 +33,8 @@ pub fn record(id: &str, last_active_ms: i64) -> SessionRecord {
     }
 }
 
-fn event(session: &str, stream: &str, seq: u64, terminal: bool) -> EventRecord {
+/// An event whose data is `{"n": seq}`.
+pub fn event(session: &str, stream: &str, seq: u64, terminal: bool) -> EventRecord {
     EventRecord {
         session_id: session.into(),
         stream_id: stream.into(),
@@ -43,7 +44,22 @@ fn event(session: &str, stream: &str, seq: u64, terminal: bool) -> EventRecord {
     }
 }
 
-fn call(sid: &str, tool: &str, started_ms: i64, outcome: &str) -> LedgerEvent {
+/// A request stream with nothing to repeat, opened at `created_ms`.
+pub fn stream(session: &str, stream: &str, created_ms: i64) -> StreamRecord {
+    StreamRecord {
+        session_id: session.into(),
+        stream_id: stream.into(),
+        client_request_id: None,
+        request: None,
+        retryable: false,
+        done: false,
+        last_seq: 0,
+        created_ms,
+    }
+}
+
+/// A tool call of 3 ms; any outcome but `ok` carries an error code.
+pub fn call(sid: &str, tool: &str, started_ms: i64, outcome: &str) -> LedgerEvent {
     LedgerEvent::ToolCall(ToolCallRecord {
         session_id: sid.into(),
         tool: tool.into(),

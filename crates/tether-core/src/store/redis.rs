@@ -1071,23 +1071,9 @@ mod tests {
             .unwrap();
         let mut acks = Vec::new();
         for i in 0..1200 {
-            acks.push(store.open_stream(StreamRecord {
-                session_id: "busy".into(),
-                stream_id: format!("r{i}"),
-                client_request_id: None,
-                request: None,
-                retryable: false,
-                done: false,
-                last_seq: 0,
-                created_ms: now_ms(),
-            }));
-            acks.push(store.append_event(EventRecord {
-                session_id: "busy".into(),
-                stream_id: format!("r{i}").into(),
-                seq: 1,
-                data: "{}".into(),
-                terminal: i % 2 == 0,
-            }));
+            let id = format!("r{i}");
+            acks.push(store.open_stream(suite::stream("busy", &id, now_ms())));
+            acks.push(store.append_event(suite::event("busy", &id, 1, i % 2 == 0)));
         }
         for a in futures::future::join_all(acks).await {
             a.unwrap();

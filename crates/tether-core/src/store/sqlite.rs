@@ -975,23 +975,7 @@ mod tests {
     async fn pruning_goes_in_bounded_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        let stream = |sid: &str, id: String, created_ms| StreamRecord {
-            session_id: sid.into(),
-            stream_id: id,
-            client_request_id: None,
-            request: None,
-            retryable: false,
-            done: false,
-            last_seq: 0,
-            created_ms,
-        };
-        let event = |sid: &str, id: &str, seq, terminal| EventRecord {
-            session_id: sid.into(),
-            stream_id: id.into(),
-            seq,
-            data: "{}".into(),
-            terminal,
-        };
+        let (stream, event) = (suite::stream, suite::event);
         for id in ["closed", "live"] {
             store.create_session(suite::record(id, 1)).await.unwrap();
         }
@@ -999,12 +983,12 @@ mod tests {
         let mut acks = Vec::new();
         for i in 0..n {
             for sid in ["closed", "live"] {
-                acks.push(store.open_stream(stream(sid, format!("r{i}"), 5)));
+                acks.push(store.open_stream(stream(sid, &format!("r{i}"), 5)));
                 acks.push(store.append_event(event(sid, &format!("r{i}"), 1, true)));
             }
         }
         let later = now_ms() + 600_000;
-        acks.push(store.open_stream(stream("live", "recent".into(), later)));
+        acks.push(store.open_stream(stream("live", "recent", later)));
         acks.push(store.append_event(event("live", "recent", 1, true)));
         acks.push(store.append_event(event("live", "0", 1, false)));
         for a in futures::future::join_all(acks).await {
@@ -1038,16 +1022,7 @@ mod tests {
         assert_eq!(store.prune_events(cutoff).await.unwrap(), 0);
 
         let calls: Vec<_> = (0..2 * PRUNE_CHUNK + 1)
-            .map(|i| {
-                LedgerEvent::ToolCall(crate::store::ToolCallRecord {
-                    session_id: "live".into(),
-                    tool: "echo".into(),
-                    started_ms: i as i64,
-                    duration_ms: 1,
-                    outcome: "ok".into(),
-                    error_code: None,
-                })
-            })
+            .map(|i| suite::call("live", "echo", i as i64, "ok"))
             .collect();
         store.record(calls).await.unwrap();
         // The calls, and the session closed at 9 ms.
