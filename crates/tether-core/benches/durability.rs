@@ -29,6 +29,7 @@ fn record() -> SessionRecord {
         client_name: None,
         client_version: None,
         upstream_name: "bench".into(),
+        upstream_fingerprint: None,
         state: SessionState::Live,
         close_reason: None,
         closed_ms: None,

@@ -113,15 +113,23 @@ fn lookup(c: &mut Criterion) {
     let registry = {
         let _guard = rt.enter();
         Registry::new(
-            SessionConfig::default(),
+            SessionConfig {
+                admission: tether_core::session::admission::AdmissionConfig {
+                    max_sessions: 20_000,
+                    max_per_principal: 20_000,
+                    ..Default::default()
+                },
+                ..SessionConfig::default()
+            },
             store.clone(),
             None,
             tether_core::upstream::Connector::new(
                 UpstreamSpec::Http {
                     url: "http://127.0.0.1:1/mcp".into(),
                 },
+                "bench",
                 None,
-                1 << 20,
+                tether_core::upstream::UpstreamLimits::default(),
                 tracker.clone(),
             ),
             tracker,
@@ -149,6 +157,7 @@ fn lookup(c: &mut Criterion) {
                     client_name: Some("bench".into()),
                     client_version: Some("1".into()),
                     upstream_name: "bench".into(),
+                    upstream_fingerprint: None,
                     state: SessionState::Live,
                     close_reason: None,
                     closed_ms: None,

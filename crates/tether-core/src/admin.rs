@@ -2,8 +2,10 @@
 //!
 //! Endpoints:
 //! - `GET /health`: status, version, uptime, live sessions.
-//! - `GET /health/ready`: store writable and upstream startable (503 otherwise).
-//! - `GET /health/deep`: store latency, upstream states, instances, ledger aggregates.
+//! - `GET /health/ready`: the live store takes a real write, the upstream can be started
+//!   and its circuit is closed (503 otherwise, naming the failing check).
+//! - `GET /health/deep`: store latency, upstream states and circuit, limits in use,
+//!   instances, ledger aggregates.
 //! - `GET /metrics`: Prometheus text.
 //! - `GET /api/sessions`, `GET|DELETE /api/sessions/{id}`, `GET /api/sessions/disconnected`,
 //!   `GET /api/stats`, `GET /api/users`, `GET /api/users/{id}/stats`: the JSON API, every
@@ -229,20 +231,40 @@ async fn upstream_startable(spec: &UpstreamSpec) -> Result<(), String> {
     }
 }
 
+/// The upstream's circuit: `Err` while new upstream starts are refused.
+fn circuit_check(registry: &Registry) -> Result<(), String> {
+    let circuit = registry.connector().circuit();
+    if circuit.is_open() {
+        let (failures, last) = circuit.failures();
+        return Err(format!(
+            "circuit open: the upstream failed to start {failures} times in a row (last: {last}); new sessions are refused"
+        ));
+    }
+    Ok(())
+}
+
 async fn ready(State(st): State<AdminState>) -> Response {
-    let store = match tokio::time::timeout(Duration::from_secs(2), st.store.flush()).await {
+    let store = match tokio::time::timeout(Duration::from_secs(2), st.store.check_writable()).await
+    {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("store write did not complete within 2s".into()),
     };
     let upstream = upstream_startable(&st.upstream).await;
-    let ok = store.is_ok() && upstream.is_ok();
+    let circuit = circuit_check(&st.registry);
+    let ok = store.is_ok() && upstream.is_ok() && circuit.is_ok();
     let show = |r: &Result<(), String>| match r {
         Ok(()) => json!({"ok": true}),
         Err(e) => json!({"ok": false, "error": e}),
     };
-    let body =
-        json!({ "ready": ok, "checks": { "store": show(&store), "upstream": show(&upstream) } });
+    if !ok {
+        tracing::debug!(?store, ?upstream, ?circuit, "not ready");
+    }
+    let body = json!({ "ready": ok, "checks": {
+        "store": show(&store),
+        "upstream": show(&upstream),
+        "circuit": show(&circuit),
+    } });
     let status = if ok {
         StatusCode::OK
     } else {
@@ -283,10 +305,28 @@ async fn deep(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiErro
             (listed, json!({ "kind": st.store.describe(), "up": up }))
         }
     };
+    let circuit = st.registry.connector().circuit();
+    let (failures, last_failure) = circuit.failures();
+    let admission = st.registry.admission();
     Ok(axum::Json(json!({
         "status": "ok",
         "store": { "latency_ms": store_latency_ms, "live": live_store },
-        "upstream": { "name": st.upstream_name, "sessions_by_state": states },
+        "upstream": {
+            "name": st.upstream_name,
+            "sessions_by_state": states,
+            "running": st.registry.connector().running(),
+            "circuit": {
+                "open": circuit.is_open(),
+                "consecutive_failures": failures,
+                "last_failure": (!last_failure.is_empty()).then_some(last_failure),
+                "refused": circuit.refused(),
+            },
+        },
+        "limits": {
+            "sessions_held": admission.held(),
+            "max_sessions": admission.config().max_sessions,
+            "max_sessions_per_principal": admission.config().max_per_principal,
+        },
         "instances": instances,
         "sessions": {
             "total": totals.sessions,
@@ -298,6 +338,12 @@ async fn deep(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiErro
 }
 
 async fn metrics(State(st): State<AdminState>) -> Response {
+    // Gauges of state owned elsewhere, read when scraped.
+    let connector = st.registry.connector();
+    st.metrics
+        .upstream_circuit_open
+        .set(i64::from(connector.circuit().is_open()));
+    st.metrics.upstreams_running.set(connector.running() as i64);
     (
         [(
             header::CONTENT_TYPE,

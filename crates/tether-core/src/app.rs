@@ -18,13 +18,15 @@ use crate::config::Config;
 use crate::config::{LedgerSpec, StoreSpec};
 use crate::front::{self, FrontConfig};
 use crate::ledger::{self, Ledger};
+use crate::listener::{self, ListenerLimits};
 use crate::metrics::Metrics;
+use crate::session::admission::AdmissionConfig;
 use crate::session::{Registry, SessionConfig};
 use crate::store::postgres::PostgresLedger;
 use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Coordinator, LedgerStore, LiveStore};
-use crate::upstream::Connector;
+use crate::upstream::{Connector, UpstreamLimits};
 
 /// Runs the gateway. `shim` is the `tether` executable used to supervise stdio children;
 /// `on_ready` is called with the bound MCP and admin addresses once both accept connections.
@@ -40,6 +42,14 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listen.local_addr()?;
+    let uses_state_dir =
+        matches!(config.store, StoreSpec::Sqlite) || matches!(config.ledger, LedgerSpec::Sqlite);
+    // Held for the life of the process; the kernel drops it when the process dies.
+    let _state_lock = if uses_state_dir {
+        Some(lock_state_dir(&config.state_dir, addr)?)
+    } else {
+        None
+    };
     let stores = open_stores(&config, addr, &metrics).await?;
     let store = stores.live.clone();
     match store.count_live().await {
@@ -62,18 +72,36 @@ pub async fn run(
         ledger_stop.clone(),
     ));
     let keys = Arc::new(Keys::new(&config.keys).map_err(|e| anyhow::anyhow!(e.join("; ")))?);
+    let limits = &config.limits;
+    raise_fd_limit(limits.max_connections + limits.admin_max_connections);
     let connector = Connector::new(
         config.upstream.clone(),
+        &config.upstream_name,
         shim,
-        config.max_body.max(1 << 20),
+        UpstreamLimits {
+            max_message: limits.max_upstream_message,
+            max_running: limits.max_upstreams,
+            stderr_lines_per_sec: limits.stderr_lines_per_sec,
+            circuit_failures: limits.circuit_failures,
+            circuit_cooldown: limits.circuit_cooldown,
+        },
         tracker.clone(),
     );
+
     let registry = Registry::new(
         SessionConfig {
             idle_timeout: config.idle_timeout,
             upstream_timeout: config.upstream_timeout,
             upstream_name: config.upstream_name.clone(),
+            upstream_fingerprint: config.upstream.fingerprint(),
             mirror_ledger: !stores.shared,
+            stream_buffer: limits.stream_buffer,
+            admission: AdmissionConfig {
+                max_sessions: limits.max_sessions,
+                max_per_principal: limits.max_sessions_per_principal,
+                rate: limits.session_rate,
+                burst: limits.session_burst,
+            },
             ..SessionConfig::default()
         },
         store.clone(),
@@ -88,6 +116,7 @@ pub async fn run(
         FrontConfig {
             keys: keys.clone(),
             max_body: config.max_body,
+            body_timeout: limits.body_timeout,
             allowed_origins: config.allowed_origins.clone(),
             allowed_hosts: config.allowed_hosts.clone(),
             loopback_listener: addr.ip().is_loopback(),
@@ -98,7 +127,7 @@ pub async fn run(
             },
         },
     );
-    let listener = listen;
+    let mcp_listener = listen;
     if !addr.ip().is_loopback() && !keys.enabled() {
         tracing::warn!(
             listen = %addr,
@@ -144,11 +173,20 @@ pub async fn run(
         loopback_listener: admin_addr.ip().is_loopback(),
     });
     let admin_stop = CancellationToken::new();
-    let admin_server = tokio::spawn(
-        axum::serve(admin_listener, admin_app)
-            .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
-            .into_future(),
-    );
+    let admin_server = tokio::spawn(listener::serve(
+        admin_listener,
+        admin_app,
+        ListenerLimits {
+            name: "admin",
+            max_connections: limits.admin_max_connections,
+            max_per_addr: limits.admin_max_connections,
+            header_timeout: limits.header_timeout,
+            write_timeout: limits.write_timeout,
+        },
+        metrics.clone(),
+        admin_stop.clone(),
+        admin_stop.clone(),
+    ));
     tracing::info!(admin = %admin_addr, "admin API, metrics and dashboard on http://{admin_addr}/");
     let retention = config.retention;
     let prune_store = stores.ledger.clone();
@@ -172,18 +210,21 @@ pub async fn run(
     });
 
     let stop_accepting = CancellationToken::new();
-    // SSE answers are several small writes (priming event, then events); with Nagle's
-    // algorithm on, each one after the first waits for the client's delayed ACK (~40 ms).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
-            .into_future(),
-    );
+    let drop_connections = CancellationToken::new();
+    let server = tokio::spawn(listener::serve(
+        mcp_listener,
+        app,
+        ListenerLimits {
+            name: "mcp",
+            max_connections: limits.max_connections,
+            max_per_addr: limits.max_connections_per_addr,
+            header_timeout: limits.header_timeout,
+            write_timeout: limits.write_timeout,
+        },
+        metrics.clone(),
+        stop_accepting.clone(),
+        drop_connections.clone(),
+    ));
     tracing::info!(listen = %addr, upstream.name = %config.upstream_name, "tether ready on http://{addr}/mcp");
     on_ready(addr, admin_addr);
 
@@ -191,7 +232,8 @@ pub async fn run(
     tokio::select! {
         _ = shutdown => {}
         res = &mut server => {
-            res.context("server task failed")?.context("server failed")?;
+            res.context("server task failed")?;
+            anyhow::bail!("the MCP listener stopped");
         }
     }
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: no new connections; in-flight requests may finish");
@@ -205,6 +247,7 @@ pub async fn run(
             "shutdown grace over; ending the remaining streams (clients can resume them after restart)"
         );
         registry.finish_shutdown().await;
+        drop_connections.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     }
     registry.finish_shutdown().await;
@@ -227,6 +270,77 @@ pub async fn run(
     Ok(())
 }
 
+/// Takes the state dir for this process: two gateways writing one SQLite store would serve
+/// each other's sessions (each replaying them into its own upstream). A second process
+/// exits at once, naming the holder.
+fn lock_state_dir(
+    dir: &std::path::Path,
+    addr: SocketAddr,
+) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot open the session store: cannot create the state dir {}",
+            dir.display()
+        )
+    })?;
+    let path = dir.join("tether.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            lock.set_len(0)?;
+            lock.rewind()?;
+            writeln!(
+                lock,
+                "pid {} listening on http://{addr}/mcp",
+                std::process::id()
+            )?;
+            Ok(lock)
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            anyhow::bail!(
+                "the state dir {} is in use by another tether ({}); give this one its own --state-dir, or share sessions between gateways with --store redis://...",
+                dir.display(),
+                holder.trim()
+            )
+        }
+        Err((_, e)) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit (a gateway holds a descriptor per
+/// connection, upstream pipe and database file), and says so when even the hard limit
+/// leaves less room than the connection caps ask for.
+fn raise_fd_limit(connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::debug!(error = %e, "cannot raise the open-files limit");
+        }
+    }
+    let now = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
+    // Each session's stdio upstream costs about 6 descriptors (3 pipes, both ends briefly).
+    let wanted = connections as u64 + 256;
+    if now < wanted {
+        tracing::warn!(
+            open_files = now,
+            wanted,
+            "the open-files limit is low for the connection limits; lower --max-connections or raise `ulimit -n`"
+        );
+    }
+}
+
 /// The backends of one gateway process.
 struct Stores {
     live: Arc<dyn LiveStore>,
@@ -244,12 +358,13 @@ async fn open_stores(
 ) -> anyhow::Result<Stores> {
     let sqlite = || -> anyhow::Result<Arc<SqliteStore>> {
         Ok(Arc::new(
-            SqliteStore::open(&config.state_dir).with_context(|| {
-                format!(
-                    "cannot open the session store in {}",
-                    config.state_dir.display()
-                )
-            })?,
+            SqliteStore::open_with(&config.state_dir, config.limits.max_stream_events)
+                .with_context(|| {
+                    format!(
+                        "cannot open the session store in {}",
+                        config.state_dir.display()
+                    )
+                })?,
         ))
     };
     let (ledger, ledger_name, sqlite_ledger): (

@@ -295,6 +295,8 @@ impl Bridge {
                 }
                 vec![value]
             }
+            // Only stdio links skip oversized messages; the bridge reads HTTP.
+            Inbound::Oversized { .. } => vec![],
             Inbound::NotStreamable(status) => {
                 tracing::info!(status, url = %self.opts.url, "server is not Streamable HTTP; falling back to the 2024-11-05 HTTP+SSE transport");
                 let Some(init) = self.initialize.clone() else {

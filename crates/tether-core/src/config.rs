@@ -35,6 +35,33 @@ pub const DEFAULT_STORE_PREFIX: &str = "tether";
 /// sessions move to other instances.
 pub const DEFAULT_INSTANCE_TTL: &str = "5s";
 
+/// Default time a client has to send its request headers (also how long an idle
+/// keep-alive connection is kept).
+pub const DEFAULT_HEADER_TIMEOUT: &str = "10s";
+/// Default time a client has to send a request body once its headers arrived.
+pub const DEFAULT_BODY_TIMEOUT: &str = "30s";
+/// Default time a connection may refuse to take bytes we have to write before it is cut.
+pub const DEFAULT_WRITE_TIMEOUT: &str = "30s";
+/// Default bytes buffered in memory per response stream for a client that reads slowly.
+pub const DEFAULT_STREAM_BUFFER: &str = "4MiB";
+/// Default wait before a broken upstream (circuit open) is tried again.
+pub const DEFAULT_CIRCUIT_COOLDOWN: &str = "10s";
+/// Environment variables a stdio upstream gets from the gateway's environment by default.
+pub const DEFAULT_PASS_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "TERM",
+    "SYSTEMROOT",
+];
+
 /// A size written either as bytes (`4194304`) or with a unit (`"4MiB"`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -73,6 +100,8 @@ pub struct Layer {
     pub admin_listen: Option<String>,
     /// Token required by the admin API when its listener is not on loopback.
     pub admin_token: Option<String>,
+    /// File holding the admin token (first line), instead of the token itself.
+    pub admin_token_file: Option<PathBuf>,
     /// How long closed sessions and tool calls stay in the ledger.
     pub retention: Option<String>,
     /// API keys (hashes) and the users they belong to.
@@ -91,6 +120,213 @@ pub struct Layer {
     pub advertise_url: Option<String>,
     /// Heartbeat lifetime of an instance in Redis.
     pub instance_ttl: Option<String>,
+    /// Resource limits (the `[limits]` table).
+    pub limits: Option<LimitsLayer>,
+}
+
+/// The `[limits]` table: every bound the gateway keeps on connections, sessions, upstreams
+/// and buffers. Flags and `TETHER_*` variables of the same names override it.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LimitsLayer {
+    /// Time a client has to send its request headers; an idle keep-alive connection is
+    /// closed after the same time.
+    pub header_timeout: Option<String>,
+    /// Time a client has to send a request body.
+    pub body_timeout: Option<String>,
+    /// Time a connection may refuse our writes (a client that does not read) before it is cut.
+    pub write_timeout: Option<String>,
+    /// Open connections on the MCP listener.
+    pub max_connections: Option<usize>,
+    /// Open connections on the MCP listener from one client address.
+    pub max_connections_per_addr: Option<usize>,
+    /// Open connections on the admin listener (its own budget).
+    pub admin_max_connections: Option<usize>,
+    /// Sessions held by this process.
+    pub max_sessions: Option<usize>,
+    /// Sessions held by this process for one authenticated principal.
+    pub max_sessions_per_principal: Option<usize>,
+    /// Running upstreams (stdio children or HTTP upstream sessions).
+    pub max_upstreams: Option<usize>,
+    /// New sessions per second per principal and per client address.
+    pub session_rate: Option<u32>,
+    /// Burst of new sessions allowed above the rate.
+    pub session_burst: Option<u32>,
+    /// Largest message accepted from an upstream.
+    pub max_upstream_message: Option<SizeValue>,
+    /// Bytes buffered in memory per response stream for a client that reads slowly.
+    pub stream_buffer: Option<SizeValue>,
+    /// Events kept in the log per stream for `Last-Event-ID` (older ones are dropped).
+    pub max_stream_events: Option<u64>,
+    /// Upstream stderr lines logged per second per upstream (the rest are counted).
+    pub stderr_lines_per_sec: Option<u32>,
+    /// Consecutive upstream start failures (across sessions) that open the circuit.
+    pub circuit_failures: Option<u32>,
+    /// How long an open circuit refuses new upstream starts before one is tried again.
+    pub circuit_cooldown: Option<String>,
+}
+
+impl LimitsLayer {
+    fn overlay(self, over: LimitsLayer) -> LimitsLayer {
+        macro_rules! pick {
+            ($($f:ident),*) => { LimitsLayer { $($f: over.$f.or(self.$f)),* } };
+        }
+        pick!(
+            header_timeout,
+            body_timeout,
+            write_timeout,
+            max_connections,
+            max_connections_per_addr,
+            admin_max_connections,
+            max_sessions,
+            max_sessions_per_principal,
+            max_upstreams,
+            session_rate,
+            session_burst,
+            max_upstream_message,
+            stream_buffer,
+            max_stream_events,
+            stderr_lines_per_sec,
+            circuit_failures,
+            circuit_cooldown
+        )
+    }
+}
+
+/// Resolved resource limits ([`LimitsLayer`] with defaults applied).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// See [`LimitsLayer::header_timeout`].
+    pub header_timeout: Duration,
+    /// See [`LimitsLayer::body_timeout`].
+    pub body_timeout: Duration,
+    /// See [`LimitsLayer::write_timeout`].
+    pub write_timeout: Duration,
+    /// See [`LimitsLayer::max_connections`].
+    pub max_connections: usize,
+    /// See [`LimitsLayer::max_connections_per_addr`].
+    pub max_connections_per_addr: usize,
+    /// See [`LimitsLayer::admin_max_connections`].
+    pub admin_max_connections: usize,
+    /// See [`LimitsLayer::max_sessions`].
+    pub max_sessions: usize,
+    /// See [`LimitsLayer::max_sessions_per_principal`].
+    pub max_sessions_per_principal: usize,
+    /// See [`LimitsLayer::max_upstreams`].
+    pub max_upstreams: usize,
+    /// See [`LimitsLayer::session_rate`].
+    pub session_rate: u32,
+    /// See [`LimitsLayer::session_burst`].
+    pub session_burst: u32,
+    /// See [`LimitsLayer::max_upstream_message`].
+    pub max_upstream_message: usize,
+    /// See [`LimitsLayer::stream_buffer`].
+    pub stream_buffer: usize,
+    /// See [`LimitsLayer::max_stream_events`].
+    pub max_stream_events: u64,
+    /// See [`LimitsLayer::stderr_lines_per_sec`].
+    pub stderr_lines_per_sec: u32,
+    /// See [`LimitsLayer::circuit_failures`].
+    pub circuit_failures: u32,
+    /// See [`LimitsLayer::circuit_cooldown`].
+    pub circuit_cooldown: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::resolve(&mut Vec::new(), &LimitsLayer::default())
+    }
+}
+
+impl Limits {
+    fn resolve(errors: &mut Vec<String>, l: &LimitsLayer) -> Limits {
+        let positive = |errors: &mut Vec<String>, name: &str, v: Option<usize>, d: usize| {
+            let v = v.unwrap_or(d);
+            if v == 0 {
+                errors.push(format!("{name}: must be greater than zero"));
+            }
+            v
+        };
+        let max_sessions = positive(errors, "max-sessions", l.max_sessions, 1000);
+        let max_connections = positive(errors, "max-connections", l.max_connections, 1024);
+        let stream_buffer = size(
+            errors,
+            "stream-buffer",
+            l.stream_buffer.as_ref(),
+            DEFAULT_STREAM_BUFFER,
+        );
+        Limits {
+            header_timeout: duration(
+                errors,
+                "header-timeout",
+                l.header_timeout.as_deref(),
+                DEFAULT_HEADER_TIMEOUT,
+            ),
+            body_timeout: duration(
+                errors,
+                "body-timeout",
+                l.body_timeout.as_deref(),
+                DEFAULT_BODY_TIMEOUT,
+            ),
+            write_timeout: duration(
+                errors,
+                "write-timeout",
+                l.write_timeout.as_deref(),
+                DEFAULT_WRITE_TIMEOUT,
+            ),
+            max_connections,
+            max_connections_per_addr: positive(
+                errors,
+                "max-connections-per-addr",
+                l.max_connections_per_addr,
+                max_connections.div_ceil(2),
+            ),
+            admin_max_connections: positive(
+                errors,
+                "admin-max-connections",
+                l.admin_max_connections,
+                64,
+            ),
+            max_sessions,
+            max_sessions_per_principal: positive(
+                errors,
+                "max-sessions-per-principal",
+                l.max_sessions_per_principal,
+                max_sessions.div_ceil(4),
+            ),
+            max_upstreams: positive(errors, "max-upstreams", l.max_upstreams, max_sessions),
+            session_rate: u32::try_from(positive(
+                errors,
+                "session-rate",
+                l.session_rate.map(|v| v as usize),
+                20,
+            ))
+            .unwrap_or(u32::MAX),
+            session_burst: u32::try_from(positive(
+                errors,
+                "session-burst",
+                l.session_burst.map(|v| v as usize),
+                40,
+            ))
+            .unwrap_or(u32::MAX),
+            max_upstream_message: size(
+                errors,
+                "max-upstream-message",
+                l.max_upstream_message.as_ref(),
+                "16MiB",
+            ),
+            stream_buffer,
+            max_stream_events: l.max_stream_events.unwrap_or(10_000).max(1),
+            stderr_lines_per_sec: l.stderr_lines_per_sec.unwrap_or(50).max(1),
+            circuit_failures: l.circuit_failures.unwrap_or(5).max(1),
+            circuit_cooldown: duration(
+                errors,
+                "circuit-cooldown",
+                l.circuit_cooldown.as_deref(),
+                DEFAULT_CIRCUIT_COOLDOWN,
+            ),
+        }
+    }
 }
 
 /// The `[upstream]` table.
@@ -107,6 +343,11 @@ pub struct UpstreamLayer {
     pub env: Option<BTreeMap<String, String>>,
     /// Working directory for a stdio server.
     pub cwd: Option<PathBuf>,
+    /// Give a stdio server the gateway's whole environment (less `TETHER_*`) instead of
+    /// the allow-list.
+    pub inherit_env: Option<bool>,
+    /// Variables passed from the gateway's environment besides the default allow-list.
+    pub pass_env: Option<Vec<String>>,
 }
 
 /// Where the gateway's upstream MCP server is.
@@ -120,12 +361,80 @@ pub enum UpstreamSpec {
         env: BTreeMap<String, String>,
         /// Working directory.
         cwd: Option<PathBuf>,
+        /// Which of the gateway's own variables the child sees.
+        env_policy: EnvPolicy,
     },
     /// A Streamable HTTP MCP endpoint, one upstream session per client session.
     Http {
         /// The endpoint URL.
         url: String,
     },
+}
+
+impl UpstreamSpec {
+    /// A short fingerprint of what this upstream runs: the argv and working directory of a
+    /// stdio command, or the URL. Sessions record it so a session is never resumed against
+    /// a different server (two gateways on one state dir, or a changed command).
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        match self {
+            UpstreamSpec::Stdio { argv, cwd, .. } => {
+                h.update(b"stdio\0");
+                for a in argv {
+                    h.update(a.as_bytes());
+                    h.update(b"\0");
+                }
+                if let Some(dir) = cwd {
+                    h.update(dir.to_string_lossy().as_bytes());
+                }
+            }
+            UpstreamSpec::Http { url } => {
+                h.update(b"http\0");
+                h.update(url.as_bytes());
+            }
+        }
+        h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// Which of the gateway's environment variables a stdio upstream inherits. `TETHER_*`
+/// never does: it holds the admin token and store URLs with passwords.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EnvPolicy {
+    /// Only these names (the defaults in [`DEFAULT_PASS_ENV`] plus `pass-env`).
+    Allow(Vec<String>),
+    /// Everything but `TETHER_*`.
+    Inherit,
+}
+
+impl EnvPolicy {
+    /// The variables a child gets from `vars` (the gateway's environment).
+    pub fn filter(
+        &self,
+        vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    ) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+        vars.filter(|(k, _)| {
+            let name = k.to_string_lossy();
+            if name.starts_with("TETHER_") {
+                return false;
+            }
+            match self {
+                EnvPolicy::Inherit => true,
+                EnvPolicy::Allow(names) => names.iter().any(|n| *n == name),
+            }
+        })
+        .collect()
+    }
+}
+
+impl Default for EnvPolicy {
+    fn default() -> EnvPolicy {
+        EnvPolicy::Allow(DEFAULT_PASS_ENV.iter().map(|s| (*s).to_owned()).collect())
+    }
 }
 
 /// Where live session state is kept.
@@ -197,6 +506,10 @@ pub struct Config {
     pub store: StoreSpec,
     /// Session history.
     pub ledger: LedgerSpec,
+    /// File holding the admin token (read at start), when given instead of the token.
+    pub admin_token_file: Option<PathBuf>,
+    /// Resource limits.
+    pub limits: Limits,
 }
 
 impl Layer {
@@ -231,6 +544,12 @@ impl Layer {
             url,
             env: top_up.env.or(base_up.env),
             cwd: top_up.cwd.or(base_up.cwd),
+            inherit_env: top_up.inherit_env.or(base_up.inherit_env),
+            pass_env: top_up.pass_env.or(base_up.pass_env),
+        };
+        let limits = match (self.limits, over.limits) {
+            (Some(a), Some(b)) => Some(a.overlay(b)),
+            (a, b) => b.or(a),
         };
         Layer {
             listen: over.listen.or(self.listen),
@@ -244,6 +563,7 @@ impl Layer {
             allowed_hosts: over.allowed_hosts.or(self.allowed_hosts),
             admin_listen: over.admin_listen.or(self.admin_listen),
             admin_token: over.admin_token.or(self.admin_token),
+            admin_token_file: over.admin_token_file.or(self.admin_token_file),
             retention: over.retention.or(self.retention),
             keys: over.keys.or(self.keys),
             store: over.store.or(self.store),
@@ -254,6 +574,7 @@ impl Layer {
             instance_ttl: over.instance_ttl.or(self.instance_ttl),
             demo,
             upstream: Some(upstream),
+            limits,
         }
     }
 }
@@ -282,18 +603,20 @@ fn duration(errors: &mut Vec<String>, field: &str, value: Option<&str>, default:
     }
 }
 
-fn size(errors: &mut Vec<String>, value: Option<&SizeValue>) -> usize {
-    let bytes = match value {
-        None => Ok(4 * 1024 * 1024),
-        Some(SizeValue::Bytes(b)) => Ok(*b),
-        Some(SizeValue::Text(t)) => t
-            .parse::<bytesize::ByteSize>()
+fn size(errors: &mut Vec<String>, field: &str, value: Option<&SizeValue>, default: &str) -> usize {
+    let parse = |t: &str| {
+        t.parse::<bytesize::ByteSize>()
             .map(|b| b.as_u64())
-            .map_err(|e| format!("max-body: {t:?} is not a size like 4MiB ({e})")),
+            .map_err(|e| format!("{field}: {t:?} is not a size like 4MiB ({e})"))
+    };
+    let bytes = match value {
+        None => parse(default),
+        Some(SizeValue::Bytes(b)) => Ok(*b),
+        Some(SizeValue::Text(t)) => parse(t),
     };
     match bytes {
         Ok(0) => {
-            errors.push("max-body: must be greater than zero".to_owned());
+            errors.push(format!("{field}: must be greater than zero"));
             0
         }
         Ok(b) => usize::try_from(b).unwrap_or(usize::MAX),
@@ -341,7 +664,13 @@ impl Config {
             layer.shutdown_grace.as_deref(),
             DEFAULT_SHUTDOWN_GRACE,
         );
-        let max_body = size(&mut errors, layer.max_body.as_ref());
+        let max_body = size(
+            &mut errors,
+            "max-body",
+            layer.max_body.as_ref(),
+            DEFAULT_MAX_BODY,
+        );
+        let limits = Limits::resolve(&mut errors, &layer.limits.clone().unwrap_or_default());
         let retention = duration(
             &mut errors,
             "retention",
@@ -359,7 +688,12 @@ impl Config {
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
         let admin_token = layer.admin_token.filter(|t| !t.is_empty());
-        if !admin_listen.ip().is_loopback() && admin_token.is_none() {
+        let admin_token_file = layer.admin_token_file.clone();
+        if admin_token.is_some() && admin_token_file.is_some() {
+            errors
+                .push("admin-token-file: give either a token or a token file, not both".to_owned());
+        }
+        if !admin_listen.ip().is_loopback() && admin_token.is_none() && admin_token_file.is_none() {
             errors.push(format!(
                 "admin-listen: {admin_listen} is not loopback, so the admin API needs --admin-token (TETHER_ADMIN_TOKEN)"
             ));
@@ -405,6 +739,26 @@ impl Config {
 
         let up = layer.upstream.unwrap_or_default();
         let demo = layer.demo.unwrap_or(false);
+        let env_policy = if up.inherit_env.unwrap_or(false) {
+            if up.pass_env.is_some() {
+                errors.push("upstream: pass-env has no effect with inherit-env".to_owned());
+            }
+            EnvPolicy::Inherit
+        } else {
+            let mut names: Vec<String> = DEFAULT_PASS_ENV.iter().map(|s| (*s).to_owned()).collect();
+            for n in up.pass_env.clone().unwrap_or_default() {
+                if n.is_empty() || n.contains('=') {
+                    errors.push(format!("upstream.pass-env: {n:?} is not a variable name"));
+                } else if n.starts_with("TETHER_") {
+                    errors.push(format!(
+                        "upstream.pass-env: {n:?}: TETHER_* variables never reach an upstream (they hold the gateway's secrets); name it in upstream.env instead"
+                    ));
+                } else if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+            EnvPolicy::Allow(names)
+        };
         let sources =
             usize::from(up.command.is_some()) + usize::from(up.url.is_some()) + usize::from(demo);
         let upstream = match (up.command, up.url) {
@@ -429,6 +783,7 @@ impl Config {
                 argv,
                 env: up.env.clone().unwrap_or_default(),
                 cwd: up.cwd.clone(),
+                env_policy: env_policy.clone(),
             }),
             (None, Some(url)) => {
                 if !(url.starts_with("http://") || url.starts_with("https://"))
@@ -438,8 +793,15 @@ impl Config {
                         "upstream-url: {url:?} is not an http:// or https:// URL"
                     ));
                 }
-                if up.env.is_some() || up.cwd.is_some() {
-                    errors.push("upstream: env and cwd apply only to a stdio command".to_owned());
+                if up.env.is_some()
+                    || up.cwd.is_some()
+                    || up.inherit_env.is_some()
+                    || up.pass_env.is_some()
+                {
+                    errors.push(
+                        "upstream: env, cwd, inherit-env and pass-env apply only to a stdio command"
+                            .to_owned(),
+                    );
                 }
                 Some(UpstreamSpec::Http { url })
             }
@@ -447,6 +809,7 @@ impl Config {
                 argv: demo_command,
                 env: BTreeMap::new(),
                 cwd: None,
+                env_policy: env_policy.clone(),
             }),
         };
         let upstream_name = up.name.unwrap_or_else(|| match &upstream {
@@ -491,6 +854,8 @@ impl Config {
             keys,
             store,
             ledger,
+            admin_token_file,
+            limits,
         })
     }
 }

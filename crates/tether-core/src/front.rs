@@ -8,12 +8,14 @@
 //! [`FrontError::into_response`]. This module knows nothing about processes or databases.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +23,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::{Keys, Principal};
+use crate::log_limit::{LogLimiter, cut};
 use crate::metrics::Metrics;
 use crate::policy::{self, Opening};
 use crate::protocol::{self, Envelope, Kind, code};
@@ -41,6 +44,8 @@ pub struct FrontConfig {
     pub keys: Arc<Keys>,
     /// Request body limit in bytes.
     pub max_body: usize,
+    /// Time a client has to send its request body.
+    pub body_timeout: Duration,
     /// Origins allowed besides loopback.
     pub allowed_origins: Vec<String>,
     /// `Host` names allowed besides loopback.
@@ -253,6 +258,8 @@ pub struct FrontError {
     id: Value,
     data: Option<Value>,
     www_authenticate: bool,
+    /// `Retry-After`; 503s get 1 s when not set.
+    retry_after: Option<Duration>,
 }
 
 impl FrontError {
@@ -264,6 +271,7 @@ impl FrontError {
             id: Value::Null,
             data: None,
             www_authenticate: false,
+            retry_after: None,
         }
     }
 
@@ -303,6 +311,16 @@ impl From<SessionError> for FrontError {
                     "the session is served by instance {instance}, which this instance cannot reach; retry shortly"
                 ),
             ),
+            SessionError::Refused(r) => {
+                let mut e = FrontError::new(
+                    StatusCode::from_u16(r.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    r.code,
+                    r.message,
+                );
+                e.data = Some(r.data);
+                e.retry_after = Some(r.retry_after);
+                e
+            }
             SessionError::Store(e) => FrontError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 code::STORE_UNAVAILABLE,
@@ -312,22 +330,31 @@ impl From<SessionError> for FrontError {
     }
 }
 
+/// Refused requests are logged at most this often per second (a flood of bad or
+/// over-limit requests must not flood the log); the rest are counted.
+static REFUSALS_LOGGED: std::sync::LazyLock<LogLimiter> =
+    std::sync::LazyLock::new(|| LogLimiter::new(10, "refused requests"));
+
 impl IntoResponse for FrontError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::warn!(
-                status = self.status.as_u16(),
-                jsonrpc.code = self.code,
-                "{}",
-                self.message
-            );
-        } else {
-            tracing::info!(
-                status = self.status.as_u16(),
-                jsonrpc.code = self.code,
-                "request refused: {}",
-                self.message
-            );
+        if REFUSALS_LOGGED.admit() {
+            // Messages can quote what the client sent (Host, Origin, a method name).
+            let message = cut(&self.message, 300);
+            // A limit doing its job (it sets Retry-After) is counted in metrics, not a
+            // warning; a failure of the gateway is.
+            if self.status.is_server_error() && self.retry_after.is_none() {
+                tracing::warn!(
+                    status = self.status.as_u16(),
+                    jsonrpc.code = self.code,
+                    "{message}"
+                );
+            } else {
+                tracing::info!(
+                    status = self.status.as_u16(),
+                    jsonrpc.code = self.code,
+                    "request refused: {message}"
+                );
+            }
         }
         let body = protocol::error_response(self.id, self.code, self.message, self.data);
         let mut resp = (self.status, axum::Json(body)).into_response();
@@ -337,9 +364,14 @@ impl IntoResponse for FrontError {
                 HeaderValue::from_static("Bearer realm=\"tether\""),
             );
         }
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        let retry_after = self
+            .retry_after
+            .or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(Duration::from_secs(1)));
+        if let Some(after) = retry_after {
+            // Whole seconds, rounded up (RFC 9110 §10.2.3).
+            let secs = after.as_millis().div_ceil(1000).max(1);
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
         }
         resp
     }
@@ -358,7 +390,10 @@ fn check_origin(headers: &HeaderMap, cfg: &FrontConfig) -> Result<(), FrontError
             return Err(FrontError::new(
                 StatusCode::FORBIDDEN,
                 code::SERVER_ERROR,
-                format!("Forbidden: Host {host:?} is not allowed (see --allowed-hosts)"),
+                format!(
+                    "Forbidden: Host {:?} is not allowed (see --allowed-hosts)",
+                    cut(host, 100)
+                ),
             ));
         }
     }
@@ -372,7 +407,10 @@ fn check_origin(headers: &HeaderMap, cfg: &FrontConfig) -> Result<(), FrontError
         Err(FrontError::new(
             StatusCode::FORBIDDEN,
             code::SERVER_ERROR,
-            format!("Forbidden: Origin {origin:?} is not allowed (see --allowed-origins)"),
+            format!(
+                "Forbidden: Origin {:?} is not allowed (see --allowed-origins)",
+                cut(origin, 100)
+            ),
         ))
     }
 }
@@ -423,9 +461,20 @@ async fn read_message(
     {
         return Err(too_large());
     }
-    let bytes: Bytes = match axum::body::to_bytes(body, cfg.max_body).await {
-        Ok(b) => b,
-        Err(e) => {
+    let read = tokio::time::timeout(cfg.body_timeout, axum::body::to_bytes(body, cfg.max_body));
+    let bytes: Bytes = match read.await {
+        Err(_) => {
+            return Err(FrontError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                code::PARSE_ERROR,
+                format!(
+                    "Request Timeout: the body did not arrive within {} ms (--body-timeout)",
+                    cfg.body_timeout.as_millis()
+                ),
+            ));
+        }
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
             let inner = e.into_inner();
             let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
             while let Some(s) = source {
@@ -459,10 +508,12 @@ fn modern_refusal(version: &str, id: Option<&Value>) -> FrontError {
 
 async fn mcp_post(
     State(st): State<AppState>,
+    client: Option<Extension<ConnectInfo<SocketAddr>>>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FrontError> {
+    let client = client.map(|c| c.0.0.ip());
     check_origin(&headers, &st.cfg)?;
     let principal = authenticate(&headers, &st.cfg)?;
     if !(accepts(&headers, "application/json") && accepts(&headers, "text/event-stream")) {
@@ -479,8 +530,9 @@ async fn mcp_post(
         Opening::LegacyInitialize => {
             let (session, response) = st
                 .registry
-                .initialize(&env, Transport::Streamable, None, &principal)
-                .await?;
+                .initialize(&env, Transport::Streamable, None, &principal, client)
+                .await
+                .map_err(|e| FrontError::from(e).with_id(env.id()))?;
             let mut resp = axum::Json(response).into_response();
             if let Some(s) = session {
                 resp.headers_mut().insert(
@@ -585,8 +637,8 @@ async fn mcp_delete(
 
 async fn sse_get(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, FrontError> {
     check_origin(&headers, &st.cfg)?;
-    authenticate(&headers, &st.cfg)?;
-    let (id, handle) = st.registry.legacy_open();
+    let principal = authenticate(&headers, &st.cfg)?;
+    let (id, handle) = st.registry.legacy_open(&principal);
     Ok(sse_response(
         handle,
         st.cfg.keepalive,
@@ -603,6 +655,7 @@ struct MessagesQuery {
 
 async fn messages_post(
     State(st): State<AppState>,
+    client: Option<Extension<ConnectInfo<SocketAddr>>>,
     Query(q): Query<MessagesQuery>,
     uri: Uri,
     headers: HeaderMap,
@@ -620,9 +673,11 @@ async fn messages_post(
     let (env, bytes) = read_message(&headers, body, &st.cfg).await?;
     if env.kind == Kind::Request
         && env.method() == Some("initialize")
-        && st.registry.legacy_pending(&id)
+        && st.registry.legacy_pending(&id, &principal)
     {
-        st.registry.legacy_initialize(&id, &env, &principal).await?;
+        st.registry
+            .legacy_initialize(&id, &env, &principal, client.map(|c| c.0.0.ip()))
+            .await?;
         return Ok(StatusCode::ACCEPTED.into_response());
     }
     let original = Original::new(Method::POST, &uri, &headers, bytes);

@@ -3,6 +3,7 @@
 //! Layers, with dependencies pointing down only (see `ARCHITECTURE.md`):
 //! - [`app`]: wiring; the only module that knows all others.
 //! - [`front`]: the HTTP front door (Streamable HTTP and 2024-11-05 HTTP+SSE).
+//! - [`listener`]: bounded connections (caps, header and write timeouts) for any router.
 //! - [`session`]: sessions, rehydration, id rewriting, routing, upstream supervision.
 //! - [`upstream`]: stdio children and Streamable HTTP upstream connections.
 //! - [`store`]: durable session records and stream event logs (SQLite by default).
@@ -18,6 +19,8 @@ pub mod config;
 pub mod front;
 pub mod fuzz;
 pub mod ledger;
+pub mod listener;
+pub mod log_limit;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;

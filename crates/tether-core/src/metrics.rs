@@ -31,6 +31,31 @@ pub struct RequestLabel {
     pub status: u16,
 }
 
+/// Label: which limit refused a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// `max-sessions`, `max-sessions-per-principal`, `max-upstreams`, `session-rate per
+    /// user`, `session-rate per client address`, `circuit_open`.
+    pub limit: String,
+}
+
+/// Label: a listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `mcp` or `admin`.
+    pub listener: String,
+}
+
+/// Label: a refused or cut connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabel {
+    /// `mcp` or `admin`.
+    pub listener: String,
+    /// `max-connections`, `max-connections-per-addr`, `accept_error`, `header_timeout`,
+    /// `write_timeout`.
+    pub reason: String,
+}
+
 /// Every metric of the gateway.
 pub struct Metrics {
     registry: Registry,
@@ -74,6 +99,20 @@ pub struct Metrics {
     pub forwarded: Counter,
     /// Sessions this instance took over from an instance that stopped.
     pub takeovers: Counter,
+    /// Requests refused by a limit, by limit.
+    pub refusals: Family<LimitLabel, Counter>,
+    /// Upstream messages skipped for their size.
+    pub upstream_oversized: Counter,
+    /// Open connections per listener.
+    pub connections_open: Family<ListenerLabel, Gauge>,
+    /// Connections refused or cut, by listener and reason.
+    pub connections_refused: Family<ConnectionLabel, Counter>,
+    /// 1 while the upstream's circuit refuses new starts.
+    pub upstream_circuit_open: Gauge,
+    /// Upstreams running (stdio processes or HTTP upstream sessions).
+    pub upstreams_running: Gauge,
+    /// Response streams closed because their client did not read.
+    pub stream_overflows: Counter,
 }
 
 impl Default for Metrics {
@@ -100,8 +139,50 @@ impl Default for Metrics {
             store_outages: Counter::default(),
             forwarded: Counter::default(),
             takeovers: Counter::default(),
+            refusals: Family::default(),
+            upstream_oversized: Counter::default(),
+            connections_open: Family::default(),
+            connections_refused: Family::default(),
+            upstream_circuit_open: Gauge::default(),
+            upstreams_running: Gauge::default(),
+            stream_overflows: Counter::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "refused_requests",
+            "Requests refused by a limit (503 or 429), by limit",
+            m.refusals.clone(),
+        );
+        registry.register(
+            "upstream_oversized_messages",
+            "Upstream messages skipped for being over --max-upstream-message",
+            m.upstream_oversized.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Open client connections per listener",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused at accept or cut for a timeout, by listener and reason",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "upstream_circuit_open",
+            "1 while new upstream starts are refused after consecutive start failures",
+            m.upstream_circuit_open.clone(),
+        );
+        registry.register(
+            "upstreams_running",
+            "Upstreams running (stdio processes or HTTP upstream sessions)",
+            m.upstreams_running.clone(),
+        );
+        registry.register(
+            "stream_overflows",
+            "Response streams closed because their client did not read (--stream-buffer)",
+            m.stream_overflows.clone(),
+        );
         m.store_up.set(1);
         registry.register(
             "ledger_backlog",
@@ -219,6 +300,34 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Counts a request refused by `limit`.
+    pub fn refused(&self, limit: &str) {
+        self.refusals
+            .get_or_create(&LimitLabel {
+                limit: limit.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection refused or cut on `listener` for `reason`.
+    pub fn connection_refused(&self, listener: &str, reason: &str) {
+        self.connections_refused
+            .get_or_create(&ConnectionLabel {
+                listener: listener.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The open-connections gauge of `listener`.
+    pub fn connections(&self, listener: &str) -> Gauge {
+        self.connections_open
+            .get_or_create(&ListenerLabel {
+                listener: listener.to_owned(),
+            })
+            .clone()
     }
 
     /// Counts an HTTP request.

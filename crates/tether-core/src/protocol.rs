@@ -46,6 +46,12 @@ pub mod code {
     pub const STORE_UNAVAILABLE: i64 = -32014;
     /// The session was closed while the request was in flight.
     pub const SESSION_CLOSED: i64 = -32015;
+    /// A limit of the gateway was reached (sessions, upstreams, creation rate); `data.limit`
+    /// names it.
+    pub const LIMIT_REACHED: i64 = -32016;
+    /// The upstream's answer was larger than `--max-upstream-message`; the upstream keeps
+    /// running.
+    pub const UPSTREAM_MESSAGE_TOO_LARGE: i64 = -32017;
     /// 2026-07-28: unsupported protocol version.
     pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
 }

@@ -3,7 +3,9 @@
 //! It is the upstream of `tether serve --demo`, so the quick start works on a machine with
 //! no Node.js or Python, and it is the fixture of the integration tests: its tools cover
 //! plain calls, progress, a server-to-client request (sampling), annotated and
-//! unannotated slow calls (for retry-after-restart rules), per-process state and a crash.
+//! unannotated slow calls (for retry-after-restart rules), per-process state and a crash,
+//! and misbehaviour on request (floods of notifications, huge answers, huge stderr lines)
+//! for the tests of the gateway's bounds.
 #![allow(deprecated)] // Sampling is deprecated by SEP-2577 but is what legacy clients speak.
 #![allow(missing_docs)] // The tool argument structs document themselves through schemars.
 
@@ -58,6 +60,12 @@ pub struct SlowArgs {
 pub struct SampleArgs {
     /// What to ask the client's model.
     pub prompt: String,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct SizeArgs {
+    /// How many bytes.
+    pub bytes: usize,
 }
 
 #[derive(Clone)]
@@ -211,6 +219,51 @@ impl Demo {
             .unwrap_or_else(|| "none".into());
         let subs: Vec<String> = self.subscriptions.lock().unwrap().iter().cloned().collect();
         format!("level={level} subscriptions={}", subs.join(","))
+    }
+
+    #[tool(
+        description = "Send log notifications of 64 KiB each, about `bytes` in all, then answer (for tests of clients that do not read)"
+    )]
+    async fn flood(
+        &self,
+        Parameters(SizeArgs { bytes }): Parameters<SizeArgs>,
+        client: Peer<RoleServer>,
+    ) -> String {
+        let chunk = "x".repeat(64 * 1024);
+        let mut sent = 0;
+        while sent < bytes {
+            let note = rmcp::model::LoggingMessageNotificationParam::new(
+                rmcp::model::LoggingLevel::Info,
+                serde_json::Value::String(chunk.clone()),
+            );
+            if client.notify_logging_message(note).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        format!("sent {sent} bytes")
+    }
+
+    #[tool(description = "Answer with a text of `bytes` bytes (for message size limits)")]
+    fn big(&self, Parameters(SizeArgs { bytes }): Parameters<SizeArgs>) -> String {
+        "y".repeat(bytes)
+    }
+
+    #[tool(description = "Write `bytes` bytes to stderr with no newline, then answer")]
+    fn stderr(&self, Parameters(SizeArgs { bytes }): Parameters<SizeArgs>) -> String {
+        use std::io::Write;
+        let chunk = vec![b'z'; 1 << 20];
+        let mut err = std::io::stderr().lock();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if err.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+            left -= n;
+        }
+        let _ = err.flush();
+        format!("wrote {bytes} bytes to stderr")
     }
 
     #[tool(description = "Exit this server process at once (for crash tests)")]

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tether_core::config::{Config, Layer, SizeValue, UpstreamLayer};
+use tether_core::config::{Config, Layer, LimitsLayer, SizeValue, UpstreamLayer};
 
 /// A gateway that makes MCP sessions durable: they survive gateway restarts (even
 /// kill -9), upstream crashes and upstream restarts, transparently.
@@ -232,7 +232,9 @@ struct ServeArgs {
     /// Address of the admin listener: health, metrics, API, dashboard [default: 127.0.0.1:7451].
     #[arg(long, env = "TETHER_ADMIN_LISTEN", value_name = "ADDR")]
     admin_listen: Option<String>,
-    /// Token the admin API requires when its listener is not on loopback.
+    /// Token the admin API requires for eviction and full session ids (and for everything
+    /// when its listener is not on loopback) [default: generated into the state dir].
+    /// Prefer TETHER_ADMIN_TOKEN or --admin-token-file: flags show in process lists.
     #[arg(
         long,
         env = "TETHER_ADMIN_TOKEN",
@@ -240,6 +242,24 @@ struct ServeArgs {
         hide_env_values = true
     )]
     admin_token: Option<String>,
+    /// File whose first line is the admin token.
+    #[arg(long, env = "TETHER_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Give a stdio upstream the gateway's whole environment (less TETHER_*) instead of
+    /// PATH, HOME, LANG, TZ and the few others of the default allow-list.
+    #[arg(long, env = "TETHER_UPSTREAM_INHERIT_ENV")]
+    upstream_inherit_env: bool,
+    /// Variables a stdio upstream gets from the gateway's environment besides the default
+    /// allow-list, comma-separated (TETHER_* never passes).
+    #[arg(
+        long,
+        env = "TETHER_UPSTREAM_PASS_ENV",
+        value_name = "NAMES",
+        value_delimiter = ','
+    )]
+    upstream_pass_env: Option<Vec<String>>,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// How long closed sessions and tool calls stay in the ledger [default: 30d].
     #[arg(long, env = "TETHER_RETENTION", value_name = "DURATION")]
     retention: Option<String>,
@@ -275,6 +295,91 @@ struct ServeArgs {
     command: Vec<String>,
 }
 
+/// Resource limits (README "Limits"); each also in the config file's `[limits]` table.
+#[derive(Args)]
+#[command(next_help_heading = "Limits")]
+struct LimitArgs {
+    /// Time a client has to send its request headers; idle keep-alive connections close
+    /// after the same time [default: 10s].
+    #[arg(long, env = "TETHER_HEADER_TIMEOUT", value_name = "DURATION")]
+    header_timeout: Option<String>,
+    /// Time a client has to send a request body [default: 30s].
+    #[arg(long, env = "TETHER_BODY_TIMEOUT", value_name = "DURATION")]
+    body_timeout: Option<String>,
+    /// A connection that takes none of our bytes for this long is cut [default: 30s].
+    #[arg(long, env = "TETHER_WRITE_TIMEOUT", value_name = "DURATION")]
+    write_timeout: Option<String>,
+    /// Open connections on the MCP listener [default: 1024].
+    #[arg(long, env = "TETHER_MAX_CONNECTIONS", value_name = "N")]
+    max_connections: Option<usize>,
+    /// Open connections from one client address [default: half of --max-connections].
+    #[arg(long, env = "TETHER_MAX_CONNECTIONS_PER_ADDR", value_name = "N")]
+    max_connections_per_addr: Option<usize>,
+    /// Open connections on the admin listener, a budget of its own [default: 64].
+    #[arg(long, env = "TETHER_ADMIN_MAX_CONNECTIONS", value_name = "N")]
+    admin_max_connections: Option<usize>,
+    /// Live sessions held by this process [default: 1000].
+    #[arg(long, env = "TETHER_MAX_SESSIONS", value_name = "N")]
+    max_sessions: Option<usize>,
+    /// Live sessions of one API-key user [default: a quarter of --max-sessions].
+    #[arg(long, env = "TETHER_MAX_SESSIONS_PER_PRINCIPAL", value_name = "N")]
+    max_sessions_per_principal: Option<usize>,
+    /// Running upstreams (stdio processes or HTTP upstream sessions) [default: --max-sessions].
+    #[arg(long, env = "TETHER_MAX_UPSTREAMS", value_name = "N")]
+    max_upstreams: Option<usize>,
+    /// New sessions per second per user and per client address [default: 20].
+    #[arg(long, env = "TETHER_SESSION_RATE", value_name = "N")]
+    session_rate: Option<u32>,
+    /// New sessions allowed in a burst above --session-rate [default: 40].
+    #[arg(long, env = "TETHER_SESSION_BURST", value_name = "N")]
+    session_burst: Option<u32>,
+    /// Largest message accepted from an upstream; a larger answer becomes an error for its
+    /// caller, the upstream keeps running [default: 16MiB].
+    #[arg(long, env = "TETHER_MAX_UPSTREAM_MESSAGE", value_name = "SIZE")]
+    max_upstream_message: Option<String>,
+    /// Bytes held in memory per response stream for a client that reads slowly; past it
+    /// the stream is closed and resumable from the log [default: 4MiB].
+    #[arg(long, env = "TETHER_STREAM_BUFFER", value_name = "SIZE")]
+    stream_buffer: Option<String>,
+    /// Events kept per stream for Last-Event-ID; older ones are dropped [default: 10000].
+    #[arg(long, env = "TETHER_MAX_STREAM_EVENTS", value_name = "N")]
+    max_stream_events: Option<u64>,
+    /// Upstream stderr lines logged per second per upstream; the rest are counted [default: 50].
+    #[arg(long, env = "TETHER_STDERR_LINES_PER_SEC", value_name = "N")]
+    stderr_lines_per_sec: Option<u32>,
+    /// Consecutive upstream start failures, across sessions, that open the circuit [default: 5].
+    #[arg(long, env = "TETHER_CIRCUIT_FAILURES", value_name = "N")]
+    circuit_failures: Option<u32>,
+    /// How long an open circuit refuses upstream starts before trying one [default: 10s].
+    #[arg(long, env = "TETHER_CIRCUIT_COOLDOWN", value_name = "DURATION")]
+    circuit_cooldown: Option<String>,
+}
+
+impl LimitArgs {
+    fn layer(&self) -> Option<LimitsLayer> {
+        let l = LimitsLayer {
+            header_timeout: self.header_timeout.clone(),
+            body_timeout: self.body_timeout.clone(),
+            write_timeout: self.write_timeout.clone(),
+            max_connections: self.max_connections,
+            max_connections_per_addr: self.max_connections_per_addr,
+            admin_max_connections: self.admin_max_connections,
+            max_sessions: self.max_sessions,
+            max_sessions_per_principal: self.max_sessions_per_principal,
+            max_upstreams: self.max_upstreams,
+            session_rate: self.session_rate,
+            session_burst: self.session_burst,
+            max_upstream_message: self.max_upstream_message.clone().map(SizeValue::Text),
+            stream_buffer: self.stream_buffer.clone().map(SizeValue::Text),
+            max_stream_events: self.max_stream_events,
+            stderr_lines_per_sec: self.stderr_lines_per_sec,
+            circuit_failures: self.circuit_failures,
+            circuit_cooldown: self.circuit_cooldown.clone(),
+        };
+        (l != LimitsLayer::default()).then_some(l)
+    }
+}
+
 impl ServeArgs {
     fn layer(&self) -> Layer {
         let upstream = UpstreamLayer {
@@ -283,6 +388,8 @@ impl ServeArgs {
             url: self.upstream_url.clone(),
             env: None,
             cwd: None,
+            inherit_env: self.upstream_inherit_env.then_some(true),
+            pass_env: self.upstream_pass_env.clone(),
         };
         Layer {
             listen: self.listen.clone(),
@@ -297,6 +404,7 @@ impl ServeArgs {
             demo: self.demo.then_some(true),
             admin_listen: self.admin_listen.clone(),
             admin_token: self.admin_token.clone(),
+            admin_token_file: self.admin_token_file.clone(),
             retention: self.retention.clone(),
             store: self.store.clone(),
             store_prefix: self.store_prefix.clone(),
@@ -306,6 +414,7 @@ impl ServeArgs {
             instance_ttl: self.instance_ttl.clone(),
             keys: None,
             upstream: Some(upstream),
+            limits: self.limits.layer(),
         }
     }
 }
@@ -559,6 +668,7 @@ mod tests {
         assert_eq!(c.retention, d.retention);
         assert_eq!(c.store, d.store);
         assert_eq!(c.ledger, d.ledger);
+        assert_eq!(c.limits, d.limits);
         assert!(c.keys.is_empty() && c.admin_token.is_none());
         assert_eq!(tether_core::config::DEFAULT_LISTEN, "127.0.0.1:7450");
     }

@@ -179,6 +179,7 @@ async fn startup_and_idle_session_memory() {
                         client_name: Some("m".into()),
                         client_version: Some("1".into()),
                         upstream_name: "demo".into(),
+                        upstream_fingerprint: None,
                         state: tether_core::store::SessionState::Live,
                         close_reason: None,
                         closed_ms: None,

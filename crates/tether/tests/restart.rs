@@ -282,10 +282,21 @@ async fn log_level_and_subscriptions_are_replayed_to_fresh_upstreams() {
 #[tokio::test]
 async fn rehydration_with_a_broken_upstream_is_an_error_not_a_404() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    // The same upstream command before and after the restart (a session is never resumed
+    // against another upstream), which only works while `healthy` exists.
+    let healthy = dir.path().join("healthy");
+    std::fs::write(&healthy, "").unwrap();
+    let script = format!(
+        "test -e '{}' && exec '{}' demo-server; exit 1",
+        healthy.display(),
+        common::BIN
+    );
+    let args = ["--", "sh", "-c", script.as_str()];
+    let mut gw = Gateway::start(dir.path(), &args);
     let sid = gw.client().initialize("stranded").await;
     gw.kill9();
-    let gw2 = gw.restart_with(&["--", "/nonexistent/mcp-server"]);
+    std::fs::remove_file(&healthy).unwrap();
+    let gw2 = gw.restart_with(&args);
     let a = gw2
         .client()
         .post(Some(&sid), &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "x"}}}))
@@ -294,4 +305,73 @@ async fn rehydration_with_a_broken_upstream_is_an_error_not_a_404() {
     let r = a.json();
     assert_eq!(r["id"], 1);
     assert_eq!(r.pointer("/error/code"), Some(&json!(-32010)), "{r}");
+}
+
+/// A session is never resumed against a different upstream: its stored `initialize` was
+/// for another server. The client gets 404 (and re-initializes), the log says why.
+#[tokio::test]
+async fn a_session_is_not_resumed_against_another_upstream() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let sid = gw.client().initialize("moved").await;
+    gw.kill9();
+    let gw2 = gw.restart_with(&[
+        "--upstream-name",
+        "demo",
+        "--",
+        common::BIN,
+        "demo-server",
+        "--http",
+        "127.0.0.1:1",
+    ]);
+    let a = gw2
+        .client()
+        .post(Some(&sid), &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "x"}}}))
+        .await;
+    assert_eq!(a.status, 404, "{}", a.body);
+    assert!(
+        gw2.log_text()
+            .contains("session was created for another upstream")
+    );
+    // The same upstream again: the session resumes.
+    drop(gw2);
+    let gw3 = gw.restart_with(&["--demo"]);
+    assert_eq!(
+        gw3.client()
+            .call_text(&sid, 2, "echo", json!({"text": "back"}))
+            .await,
+        "back"
+    );
+}
+
+/// One gateway per state dir: a second one exits at once, naming the first.
+#[tokio::test]
+async fn a_second_gateway_on_the_same_state_dir_exits_naming_the_first() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "serve",
+            "--demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is in use by another tether"), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", gw.pid())), "{stderr}");
+    assert!(stderr.contains(&gw.addr), "{stderr}");
+    // The first one is unaffected.
+    let mcp = gw.client();
+    let sid = mcp.initialize("first").await;
+    assert_eq!(
+        mcp.call_text(&sid, 1, "echo", json!({"text": "ok"})).await,
+        "ok"
+    );
 }

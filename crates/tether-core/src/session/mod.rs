@@ -13,9 +13,11 @@
 //!
 //! This module never touches HTTP: the front door calls it and renders what it returns.
 
+pub mod admission;
 pub mod stream;
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,8 +37,10 @@ use crate::store::{
     Ack, Coordinator, LedgerEvent, LiveStore, Owner, STANDALONE_STREAM, SessionRecord,
     SessionState, StoreError, StreamRecord, ToolCallRecord, now_ms,
 };
-use crate::upstream::{self, Connector, Inbound, Link, UpstreamError};
-pub use stream::{Frame, Stream, event_id, parse_event_id};
+use crate::upstream::{Connector, Inbound, Link, Started, UpstreamError};
+use admission::{Admission, Refusal, Slot};
+
+pub use stream::{Frame, FrameRx, Pushed, Stream, event_id, parse_event_id};
 
 /// Settings of the session layer.
 #[derive(Debug, Clone)]
@@ -47,6 +51,8 @@ pub struct SessionConfig {
     pub upstream_timeout: Duration,
     /// Configured upstream name (logs, records).
     pub upstream_name: String,
+    /// [`crate::config::UpstreamSpec::fingerprint`] of the configured upstream.
+    pub upstream_fingerprint: String,
     /// `retry` sent in priming events: how long clients wait before resuming a stream.
     pub sse_retry: Duration,
     /// Restart backoff after upstream crashes.
@@ -59,6 +65,10 @@ pub struct SessionConfig {
     /// The ledger is another backend than the live store: session creation, closing and
     /// activity are sent to it as ledger events too.
     pub mirror_ledger: bool,
+    /// Unread bytes a client connection may hold per stream before it is detached.
+    pub stream_buffer: usize,
+    /// Session limits and creation rates.
+    pub admission: admission::AdmissionConfig,
 }
 
 impl Default for SessionConfig {
@@ -67,11 +77,14 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(1800),
             upstream_timeout: Duration::from_secs(300),
             upstream_name: "upstream".into(),
+            upstream_fingerprint: String::new(),
             sse_retry: Duration::from_secs(1),
             backoff: Backoff::default(),
             healthy_after: Duration::from_secs(10),
             event_retention: Duration::from_secs(3600),
             mirror_ledger: false,
+            stream_buffer: 4 << 20,
+            admission: admission::AdmissionConfig::default(),
         }
     }
 }
@@ -107,6 +120,10 @@ pub enum SessionError {
     /// The store failed: 503.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A limit or a broken upstream refuses the request for now (503 or 429 with
+    /// `Retry-After`).
+    #[error("{}", .0.message)]
+    Refused(Refusal),
     /// Another live instance owns the session; the request belongs there.
     #[error("session is served by instance {instance} at {url}")]
     Elsewhere {
@@ -140,7 +157,7 @@ pub struct StreamHandle {
     /// Stored events to send before live ones.
     pub replay: Vec<(u64, String)>,
     /// Live events; `None` when the stream already ended.
-    pub live: Option<mpsc::UnboundedReceiver<Frame>>,
+    pub live: Option<FrameRx>,
     /// End the HTTP response after the final response event.
     pub ends_with_response: bool,
     /// Cancelled when this response must end (shutdown).
@@ -166,8 +183,10 @@ struct Shared {
     metrics: Arc<Metrics>,
     ledger: Ledger,
     connector: Connector,
+    admission: Arc<Admission>,
     sessions: Mutex<HashMap<String, Arc<OnceCell<Arc<Session>>>>>,
-    legacy_pending: Mutex<HashMap<String, (Arc<Stream>, Instant)>>,
+    /// `/sse` streams waiting for their `initialize`.
+    legacy_pending: Mutex<HashMap<String, LegacyPending>>,
     next_upstream_id: AtomicU64,
     next_server_request: AtomicU64,
     tracker: TaskTracker,
@@ -175,6 +194,14 @@ struct Shared {
     stopping: CancellationToken,
     /// Cancelled when the shutdown grace is over: every stream ends.
     stopped: CancellationToken,
+}
+
+/// A 2024-11-05 `/sse` stream whose client has not sent `initialize` yet.
+struct LegacyPending {
+    stream: Arc<Stream>,
+    opened: Instant,
+    /// Only the principal that opened the stream may initialize it.
+    principal: String,
 }
 
 impl Shared {
@@ -248,6 +275,8 @@ struct State {
     /// is known but not yet written to the client is not idle.
     exchanges: usize,
     closed: bool,
+    /// This session's place in the admission counts, released when it closes here.
+    slot: Option<Slot>,
 }
 
 /// An open HTTP exchange with a session's client ([`Session::exchange`]). Dropping it
@@ -304,12 +333,51 @@ fn closed_error() -> Value {
 }
 
 fn upstream_error(client_id: Value, name: &str, err: &UpstreamError) -> Value {
+    let (code, data) = match err {
+        UpstreamError::CircuitOpen {
+            failures, retry_in, ..
+        } => (
+            code::UPSTREAM_UNAVAILABLE,
+            json!({"kind": "circuit_open", "failures": failures, "retry_in_ms": retry_in.as_millis() as u64}),
+        ),
+        UpstreamError::Capacity(max) => (
+            code::LIMIT_REACHED,
+            json!({"kind": "limit", "limit": "max-upstreams", "max": max}),
+        ),
+        _ => (
+            code::UPSTREAM_UNAVAILABLE,
+            json!({ "kind": "upstream_unavailable" }),
+        ),
+    };
     protocol::error_response(
         client_id,
-        code::UPSTREAM_UNAVAILABLE,
+        code,
         format!("upstream {name:?} is unavailable: {err}"),
-        Some(json!({ "kind": "upstream_unavailable" })),
+        Some(data),
     )
+}
+
+/// A new session refused because of a full limit or an open circuit: a 503 with
+/// `Retry-After`, not a session.
+fn start_refusal(name: &str, err: &UpstreamError) -> Option<Refusal> {
+    let retry_after = match err {
+        UpstreamError::CircuitOpen { retry_in, .. } => *retry_in,
+        UpstreamError::Capacity(_) => Duration::from_secs(5),
+        _ => return None,
+    };
+    let body = upstream_error(Value::Null, name, err);
+    Some(Refusal {
+        status: 503,
+        code: body["error"]["code"]
+            .as_i64()
+            .unwrap_or(code::UPSTREAM_UNAVAILABLE),
+        message: body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        retry_after,
+        data: body["error"]["data"].clone(),
+    })
 }
 
 impl Registry {
@@ -323,6 +391,7 @@ impl Registry {
         metrics: Arc<Metrics>,
         ledger: Ledger,
     ) -> Registry {
+        let admission = Admission::new(cfg.admission.clone());
         Registry {
             shared: Arc::new(Shared {
                 cfg,
@@ -331,6 +400,7 @@ impl Registry {
                 metrics,
                 ledger,
                 connector,
+                admission,
                 sessions: Mutex::new(HashMap::new()),
                 legacy_pending: Mutex::new(HashMap::new()),
                 next_upstream_id: AtomicU64::new(1),
@@ -347,6 +417,25 @@ impl Registry {
         &self.shared.store
     }
 
+    /// The upstream connector (its circuit and running count, for health and metrics).
+    pub fn connector(&self) -> &Connector {
+        &self.shared.connector
+    }
+
+    /// Session counts and limits.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.shared.admission
+    }
+
+    fn refused(&self, r: Refusal) -> SessionError {
+        let limit = r.data["limit"]
+            .as_str()
+            .or(r.data["kind"].as_str())
+            .unwrap_or("other");
+        self.shared.metrics.refused(limit);
+        SessionError::Refused(r)
+    }
+
     /// Creates a session from a client's `initialize`: starts an upstream, forwards the
     /// handshake, records the session durably, and returns it with the response to send.
     /// An upstream failure is a JSON-RPC error response and creates nothing.
@@ -356,9 +445,17 @@ impl Registry {
         transport: Transport,
         legacy_id: Option<String>,
         principal: &Principal,
+        client: Option<IpAddr>,
     ) -> Result<(Option<Arc<Session>>, Value), SessionError> {
         let sh = &self.shared;
         let client_id = env.id().cloned().unwrap_or(Value::Null);
+        sh.admission
+            .check_rate(&principal.id, client)
+            .map_err(|r| self.refused(r))?;
+        let slot = sh
+            .admission
+            .reserve(&principal.id)
+            .map_err(|r| self.refused(r))?;
         let Some(params) = env.value.get("params").filter(|p| p.is_object()).cloned() else {
             return Ok((
                 None,
@@ -373,34 +470,33 @@ impl Registry {
         let id = legacy_id.unwrap_or_else(new_session_id);
         let span = tracing::info_span!(parent: None, "session", session.id = %id, upstream.name = %sh.cfg.upstream_name);
         async {
-            let (link, mut rx) = match sh.connector.connect(&id, &params).await {
+            let uid = sh.next_upstream_id.fetch_add(1, Ordering::Relaxed);
+            let Started {
+                link,
+                rx,
+                result,
+                early,
+            } = match sh
+                .connector
+                .start(&id, &params, uid, sh.cfg.upstream_timeout)
+                .await
+            {
                 Ok(x) => x,
+                Err(UpstreamError::Rejected(err)) => {
+                    return Ok((
+                        None,
+                        json!({"jsonrpc": "2.0", "id": client_id, "error": err}),
+                    ));
+                }
                 Err(e) => {
+                    if let Some(r) = start_refusal(&sh.cfg.upstream_name, &e) {
+                        return Err(self.refused(r));
+                    }
                     sh.metrics.upstream_failures.inc();
-                    tracing::warn!(error = %e, "cannot start upstream for a new session");
+                    tracing::debug!(error = %e, "cannot start upstream for a new session");
                     return Ok((None, upstream_error(client_id, &sh.cfg.upstream_name, &e)));
                 }
             };
-            let uid = sh.next_upstream_id.fetch_add(1, Ordering::Relaxed);
-            let (result, early) =
-                match upstream::handshake(&link, &mut rx, uid, &params, sh.cfg.upstream_timeout)
-                    .await
-                {
-                    Ok(x) => x,
-                    Err(UpstreamError::Rejected(err)) => {
-                        link.shutdown(true);
-                        return Ok((
-                            None,
-                            json!({"jsonrpc": "2.0", "id": client_id, "error": err}),
-                        ));
-                    }
-                    Err(e) => {
-                        link.shutdown(true);
-                        sh.metrics.upstream_failures.inc();
-                        tracing::warn!(error = %e, "upstream failed during initialize");
-                        return Ok((None, upstream_error(client_id, &sh.cfg.upstream_name, &e)));
-                    }
-                };
             let now = now_ms();
             let info = params.get("clientInfo");
             let text = |k: &str| {
@@ -425,6 +521,7 @@ impl Registry {
                 client_name: text("name"),
                 client_version: text("version"),
                 upstream_name: sh.cfg.upstream_name.clone(),
+                upstream_fingerprint: Some(sh.cfg.upstream_fingerprint.clone()),
                 transport: transport.as_str().to_owned(),
                 state: SessionState::Live,
                 close_reason: None,
@@ -453,7 +550,7 @@ impl Registry {
                     true,
                 ))
             });
-            let session = Session::new(sh.clone(), record, transport, standalone);
+            let session = Session::new(sh.clone(), record, transport, standalone, slot);
             let link = Arc::new(link);
             let generation = session
                 .install(link.clone())
@@ -558,6 +655,28 @@ impl Registry {
         let Some(record) = sh.store.load_session(id).await? else {
             return Err(SessionError::NotFound);
         };
+        let other_upstream = record.upstream_name != sh.cfg.upstream_name
+            || record
+                .upstream_fingerprint
+                .as_deref()
+                .is_some_and(|f| f != sh.cfg.upstream_fingerprint);
+        if other_upstream {
+            // Its stored initialize belongs to another server: replaying it here would
+            // hand the client a different server under the same session id.
+            static LOGGED: std::sync::LazyLock<crate::log_limit::LogLimiter> =
+                std::sync::LazyLock::new(|| {
+                    crate::log_limit::LogLimiter::new(5, "sessions of another upstream")
+                });
+            if LOGGED.admit() {
+                tracing::warn!(
+                    session.upstream = %record.upstream_name,
+                    session.fingerprint = record.upstream_fingerprint.as_deref().unwrap_or(""),
+                    fingerprint = %sh.cfg.upstream_fingerprint,
+                    "session was created for another upstream; not resumed here (404)"
+                );
+            }
+            return Err(SessionError::NotFound);
+        }
         if record.state == SessionState::Live && record.principal == principal.id {
             if let Some(c) = &sh.coordinator {
                 // One instance serves a session's upstream; the others forward to it. A
@@ -590,6 +709,10 @@ impl Registry {
             tracing::info!(reason = "server_shutdown", "session closed");
             return Err(SessionError::NotFound);
         }
+        let slot = sh
+            .admission
+            .reserve(&record.principal)
+            .map_err(|r| self.refused(r))?;
         let standalone_seq = sh
             .store
             .stream(id, STANDALONE_STREAM)
@@ -602,7 +725,7 @@ impl Registry {
             standalone_seq + 1,
             true,
         ));
-        let session = Session::new(sh.clone(), record, Transport::Streamable, standalone);
+        let session = Session::new(sh.clone(), record, Transport::Streamable, standalone, slot);
         let mut retry = Vec::new();
         for rec in unfinished {
             let stream = Arc::new(Stream::new(
@@ -661,7 +784,7 @@ impl Registry {
 
     /// Opens a 2024-11-05 `/sse` stream: a session id reserved until the client's
     /// `initialize` arrives on the POST endpoint.
-    pub fn legacy_open(&self) -> (String, StreamHandle) {
+    pub fn legacy_open(&self, principal: &Principal) -> (String, StreamHandle) {
         let id = new_session_id();
         let stream = Arc::new(Stream::new(
             id.as_str().into(),
@@ -669,12 +792,19 @@ impl Registry {
             1,
             false,
         ));
-        let (rx, _) = stream.attach();
+        let (rx, _) = stream.attach(self.shared.cfg.stream_buffer);
         self.shared
             .legacy_pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), (stream.clone(), Instant::now()));
+            .insert(
+                id.clone(),
+                LegacyPending {
+                    stream: stream.clone(),
+                    opened: Instant::now(),
+                    principal: principal.id.clone(),
+                },
+            );
         let handle = StreamHandle {
             stream_id: stream.id().clone(),
             opened: None,
@@ -688,13 +818,15 @@ impl Registry {
         (id, handle)
     }
 
-    /// Whether `id` is a `/sse` connection still waiting for `initialize`.
-    pub fn legacy_pending(&self, id: &str) -> bool {
+    /// Whether `id` is a `/sse` connection of `principal` still waiting for `initialize`.
+    /// Another principal's stream is not (it gets the 404 of an unknown session).
+    pub fn legacy_pending(&self, id: &str, principal: &Principal) -> bool {
         self.shared
             .legacy_pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
+            .get(id)
+            .is_some_and(|p| p.principal == principal.id)
     }
 
     fn take_legacy_stream(&self, id: &str) -> Option<Arc<Stream>> {
@@ -703,7 +835,7 @@ impl Registry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id)
-            .map(|(s, _)| s)
+            .map(|p| p.stream)
     }
 
     /// The metrics this registry updates.
@@ -775,6 +907,7 @@ impl Registry {
         id: &str,
         env: &Envelope,
         principal: &Principal,
+        client: Option<IpAddr>,
     ) -> Result<(), SessionError> {
         let stream = self
             .shared
@@ -782,10 +915,17 @@ impl Registry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .map(|(s, _)| s.clone())
+            .filter(|p| p.principal == principal.id)
+            .map(|p| p.stream.clone())
             .ok_or(SessionError::NotFound)?;
         let (_, response) = self
-            .initialize(env, Transport::LegacySse, Some(id.to_owned()), principal)
+            .initialize(
+                env,
+                Transport::LegacySse,
+                Some(id.to_owned()),
+                principal,
+                client,
+            )
             .await?;
         stream.push(self.shared.store.as_ref(), &response, false);
         Ok(())
@@ -843,7 +983,7 @@ impl Registry {
         sh.legacy_pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, (s, at)| s.attached() || at.elapsed() < Duration::from_secs(10));
+            .retain(|_, p| p.stream.attached() || p.opened.elapsed() < Duration::from_secs(10));
     }
 
     /// Runs [`Registry::reap`] until shutdown, and prunes stream logs past retention.
@@ -1011,6 +1151,7 @@ impl Session {
         record: SessionRecord,
         transport: Transport,
         standalone: Arc<Stream>,
+        slot: Slot,
     ) -> Arc<Session> {
         let now = Instant::now();
         let restore = Restore::from_json(&record.restore);
@@ -1036,6 +1177,7 @@ impl Session {
                 last_active: now,
                 last_touch_sent: now,
                 closed: false,
+                slot: Some(slot),
             }),
             upstream_gate: tokio::sync::Mutex::new(()),
             standalone,
@@ -1174,6 +1316,14 @@ impl Session {
                         Some(Inbound::Message { value, origin }) => {
                             me.on_upstream_message(generation, value, origin).await
                         }
+                        Some(Inbound::Oversized { id, len, limit }) => {
+                            me.on_oversized(
+                                generation,
+                                id.as_ref().and_then(Value::as_u64),
+                                len,
+                                limit,
+                            );
+                        }
                         Some(Inbound::NotStreamable(status)) => {
                             me.on_upstream_closed(
                                 generation,
@@ -1240,39 +1390,38 @@ impl Session {
             }
         }
         let started = Instant::now();
-        let fail = |err: &UpstreamError| {
-            sh.metrics.upstream_failures.inc();
-            let mut st = self.lock();
-            st.failures += 1;
-            st.upstream = UpstreamSlot::Down {
-                cause: Some(err.to_string()),
-                since: Some(Instant::now()),
-            };
-            tracing::warn!(error = %err, failures = st.failures, "upstream restart failed");
-            upstream_error(Value::Null, name, err)
-        };
-        let (link, mut rx) = match sh
+        let uid = sh.next_upstream_id.fetch_add(1, Ordering::Relaxed);
+        let Started {
+            link,
+            rx,
+            result,
+            early,
+        } = match sh
             .connector
-            .connect(&self.id, &self.record.init_params)
+            .start(
+                &self.id,
+                &self.record.init_params,
+                uid,
+                sh.cfg.upstream_timeout,
+            )
             .await
         {
             Ok(x) => x,
-            Err(e) => return Err(fail(&e)),
-        };
-        let uid = sh.next_upstream_id.fetch_add(1, Ordering::Relaxed);
-        let (result, early) = match upstream::handshake(
-            &link,
-            &mut rx,
-            uid,
-            &self.record.init_params,
-            sh.cfg.upstream_timeout,
-        )
-        .await
-        {
-            Ok(x) => x,
-            Err(e) => {
-                link.shutdown(true);
-                return Err(fail(&e));
+            Err(err @ (UpstreamError::CircuitOpen { .. } | UpstreamError::Capacity(_))) => {
+                // Refused before anything ran: not this session's failure, so its own
+                // backoff does not grow; the connector counts and logs.
+                return Err(upstream_error(Value::Null, name, &err));
+            }
+            Err(err) => {
+                sh.metrics.upstream_failures.inc();
+                let mut st = self.lock();
+                st.failures += 1;
+                st.upstream = UpstreamSlot::Down {
+                    cause: Some(err.to_string()),
+                    since: Some(Instant::now()),
+                };
+                tracing::warn!(error = %err, failures = st.failures, "upstream restart failed");
+                return Err(upstream_error(Value::Null, name, &err));
             }
         };
         link.send(protocol::notification("notifications/initialized", None))
@@ -1434,7 +1583,7 @@ impl Session {
                     created_ms: now_ms(),
                 });
                 let stream = Arc::new(Stream::new(self.id.clone(), stream_id, 1, true));
-                let (rx, _) = stream.attach();
+                let (rx, _) = stream.attach(self.shared.cfg.stream_buffer);
                 (stream, Some(opened), Some(rx))
             }
             Transport::LegacySse => (self.standalone.clone(), None, None),
@@ -1481,8 +1630,14 @@ impl Session {
             .map(Value::to_string);
         let weak = Arc::downgrade(self);
         let timeout = self.shared.cfg.upstream_timeout;
+        // Ends at shutdown too: a call still pending then must not hold the process for
+        // the rest of --upstream-timeout.
+        let stopped = self.shared.stopped.clone();
         let timer = self.shared.tracker.spawn(async move {
-            tokio::time::sleep(timeout).await;
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {}
+                _ = stopped.cancelled() => return,
+            }
             if let Some(s) = weak.upgrade() {
                 s.on_timeout(uid).await;
             }
@@ -1555,8 +1710,8 @@ impl Session {
                     .to_owned();
                 for (stream, client_id, _) in items {
                     self.lock().streams.remove(stream.id());
-                    stream.push(
-                        self.shared.store.as_ref(),
+                    self.emit(
+                        &stream,
                         &protocol::error_response(
                             client_id,
                             code::INTERRUPTED,
@@ -1626,7 +1781,7 @@ impl Session {
                 if p.method == "tools/call" {
                     self.record_call(p.tool.unwrap_or_default(), p.started, &message);
                 }
-                stream.push(self.shared.store.as_ref(), &message, terminal);
+                self.emit(&stream, &message, terminal);
             }
         }
     }
@@ -1740,7 +1895,7 @@ impl Session {
                 };
                 match target {
                     Some(stream) => {
-                        stream.push(self.shared.store.as_ref(), &value, false);
+                        self.emit(&stream, &value, false);
                     }
                     None => {
                         tracing::debug!(mcp.method = %method, "no client stream for an upstream notification; dropped")
@@ -1823,7 +1978,7 @@ impl Session {
             .server_requests
             .insert(ours.clone(), (generation, orig_id));
         protocol::set_id(&mut value, Value::from(ours));
-        stream.push(self.shared.store.as_ref(), &value, false);
+        self.emit(&stream, &value, false);
     }
 
     fn on_upstream_closed(&self, generation: u64, cause: &str) {
@@ -1869,6 +2024,39 @@ impl Session {
                 )
             });
         }
+    }
+
+    /// An upstream message over `--max-upstream-message` was skipped. The request it
+    /// answered (when its id could be read) fails with an error naming the limit; the
+    /// upstream keeps running with its state.
+    fn on_oversized(&self, generation: u64, id: Option<u64>, len: usize, limit: usize) {
+        self.shared.metrics.upstream_oversized.inc();
+        let pending = id.and_then(|uid| {
+            let mut st = self.lock();
+            match st.pending.get(&uid) {
+                Some(p) if p.generation == generation => st.pending.remove(&uid),
+                _ => None,
+            }
+        });
+        let Some(p) = pending else {
+            tracing::warn!(
+                bytes = len,
+                limit,
+                "upstream message over the size limit (--max-upstream-message) skipped; it answered no request in flight"
+            );
+            return;
+        };
+        tracing::warn!(bytes = len, limit, method = %p.method, "upstream answer over the size limit (--max-upstream-message); the request gets an error, the upstream keeps running");
+        self.finish(p, |client_id| {
+            protocol::error_response(
+                client_id,
+                code::UPSTREAM_MESSAGE_TOO_LARGE,
+                format!(
+                    "the upstream's answer was {len} bytes, over the gateway's {limit} byte limit (--max-upstream-message)"
+                ),
+                Some(json!({"kind": "message_too_large", "bytes": len, "limit": limit})),
+            )
+        });
     }
 
     /// Handles a client notification: forwarded upstream, with a cancelled request's id
@@ -1921,15 +2109,27 @@ impl Session {
 
     /// Sends a message on the session's single stream (2024-11-05 transport).
     pub fn deliver_standalone(&self, value: &Value) {
-        self.standalone
-            .push(self.shared.store.as_ref(), value, false);
+        self.emit(&self.standalone, value, false);
+    }
+
+    /// Pushes an event to a stream; a client that stopped reading is detached there
+    /// (counted and logged), and resumes from the log when it reads again.
+    fn emit(&self, stream: &Stream, value: &Value, terminal: bool) {
+        if stream.push(self.shared.store.as_ref(), value, terminal) == Pushed::Overflowed {
+            self.shared.metrics.stream_overflows.inc();
+            tracing::warn!(
+                stream = %stream.id(),
+                limit = self.shared.cfg.stream_buffer,
+                "client is not reading its stream: closed it at the buffer limit (--stream-buffer); its events stay resumable with Last-Event-ID"
+            );
+        }
     }
 
     /// Opens the standalone stream (GET without `Last-Event-ID`), replacing any previous
     /// connection to it.
     pub fn open_standalone(&self) -> StreamHandle {
         self.touch();
-        let (rx, _) = self.standalone.attach();
+        let (rx, _) = self.standalone.attach(self.shared.cfg.stream_buffer);
         StreamHandle {
             stream_id: self.standalone.id().clone(),
             opened: None,
@@ -1976,7 +2176,7 @@ impl Session {
         };
         match live_stream {
             Some(stream) => {
-                let (rx, boundary) = stream.attach();
+                let (rx, boundary) = stream.attach(self.shared.cfg.stream_buffer);
                 store.flush().await?;
                 let mut replay = store.events_after(&self.id, stream_id, after).await?;
                 replay.retain(|(seq, _)| *seq < boundary);
@@ -2011,6 +2211,7 @@ impl Session {
                 return false;
             }
             st.closed = true;
+            st.slot = None;
             let link = match std::mem::replace(
                 &mut st.upstream,
                 UpstreamSlot::Down {
@@ -2096,10 +2297,7 @@ impl Session {
             }
         };
         if let Some(link) = link {
-            match &*link {
-                Link::Stdio(l) => l.kill(),
-                Link::Http(_) => link.shutdown(false),
-            }
+            link.kill();
         }
     }
 }

@@ -22,6 +22,7 @@ pub fn record(id: &str, last_active_ms: i64) -> SessionRecord {
         client_name: Some("t".into()),
         client_version: Some("1".into()),
         upstream_name: "demo".into(),
+        upstream_fingerprint: None,
         state: SessionState::Live,
         close_reason: None,
         closed_ms: None,

@@ -90,6 +90,10 @@ pub struct SessionRecord {
     pub client_version: Option<String>,
     /// Configured upstream name.
     pub upstream_name: String,
+    /// Fingerprint of the upstream's command or URL the session was created for (`None`
+    /// for records written before it was kept). A session is never resumed against
+    /// another upstream.
+    pub upstream_fingerprint: Option<String>,
     /// Live or closed.
     pub state: SessionState,
     /// Why it closed (`timeout`, `client_disconnect`...).
@@ -173,6 +177,11 @@ pub trait LiveStore: Send + Sync + 'static {
     fn append_event(&self, event: EventRecord) -> Ack;
     /// Resolves once every write submitted before it is durable.
     fn flush(&self) -> Ack;
+    /// Whether a new write would be stored now (readiness): a real write, so a full disk,
+    /// a deleted database or a Redis refusing writes (maxmemory) all show.
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        self.flush().await
+    }
     /// Events of a stream with `seq > after`, in order.
     async fn events_after(
         &self,

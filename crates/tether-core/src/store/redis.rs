@@ -290,6 +290,7 @@ fn record_json(r: &SessionRecord) -> Value {
         "client_name": r.client_name,
         "client_version": r.client_version,
         "upstream_name": r.upstream_name,
+        "upstream_fingerprint": r.upstream_fingerprint,
     })
 }
 
@@ -315,6 +316,7 @@ fn decode_record(mut h: HashMap<String, String>) -> Result<Option<SessionRecord>
         client_name: s("client_name"),
         client_version: s("client_version"),
         upstream_name: s("upstream_name").unwrap_or_default(),
+        upstream_fingerprint: s("upstream_fingerprint"),
         state: if h.get("state").map(String::as_str) == Some("closed") {
             SessionState::Closed
         } else {
@@ -716,6 +718,18 @@ impl LiveStore for RedisStore {
 
     fn flush(&self) -> Ack {
         self.send(Op::Flush)
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        // Straight to Redis, not through the writer, whose outage buffer would accept it.
+        redis::cmd("SET")
+            .arg(self.key("ready", &self.inner.me.id))
+            .arg(now_ms())
+            .arg("PX")
+            .arg(60_000)
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))
     }
 
     async fn events_after(

@@ -37,6 +37,8 @@ enum Op {
     OpenStream(StreamRecord, Done),
     Append(EventRecord, Done),
     Flush(Done),
+    /// A real write (readiness): `Flush` commits nothing when nothing is queued.
+    Probe(Done),
     /// One bounded chunk of pruning of everything older than the cutoff; answers the rows
     /// removed and whether more remain. Run after the batch's other writes.
     Prune(PruneKind, i64, oneshot::Sender<Result<Pruned, StoreError>>),
@@ -63,6 +65,9 @@ struct Pruned {
 /// Rows one prune chunk may delete. Each chunk is one writer transaction, so this bounds
 /// how long every other write can wait behind pruning (a few milliseconds).
 const PRUNE_CHUNK: usize = 2000;
+
+/// Events kept per stream unless configured otherwise (`--max-stream-events`).
+pub const DEFAULT_MAX_STREAM_EVENTS: u64 = 10_000;
 
 /// SQLite-backed [`LiveStore`] and [`LedgerStore`].
 pub struct SqliteStore {
@@ -93,7 +98,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     close_reason TEXT,
     closed_ms INTEGER,
     restore TEXT NOT NULL DEFAULT '{}',
-    transport TEXT NOT NULL DEFAULT 'streamable-http'
+    transport TEXT NOT NULL DEFAULT 'streamable-http',
+    upstream_fingerprint TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions(state, last_active_ms);
 CREATE INDEX IF NOT EXISTS sessions_by_principal ON sessions(principal, last_active_ms);
@@ -118,6 +124,7 @@ CREATE TABLE IF NOT EXISTS streams (
     PRIMARY KEY (session_id, stream_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS streams_finished ON streams(done, created_ms);
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     session_id TEXT NOT NULL,
     stream_id TEXT NOT NULL,
@@ -143,6 +150,13 @@ fn json_text(v: &Value) -> String {
 impl SqliteStore {
     /// Opens (creating if needed) `tether.db` in `dir` and starts the writer thread.
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(dir, DEFAULT_MAX_STREAM_EVENTS)
+    }
+
+    /// Opens the store keeping at most `max_stream_events` events per stream: when a
+    /// stream's log grows past it, its oldest events are deleted as new ones are written
+    /// (a standalone stream that never ends would otherwise grow the file without bound).
+    pub fn open_with(dir: &Path, max_stream_events: u64) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Backend(format!("cannot create state dir {}: {e}", dir.display()))
         })?;
@@ -154,6 +168,7 @@ impl SqliteStore {
             )
             .map_err(backend)?;
         writer.execute_batch(SCHEMA).map_err(backend)?;
+        migrate(&writer).map_err(backend)?;
         let reader = Connection::open(&path).map_err(backend)?;
         reader
             .execute_batch("PRAGMA busy_timeout=5000;")
@@ -161,7 +176,7 @@ impl SqliteStore {
         let (writes, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("tether-store".into())
-            .spawn(move || writer_loop(writer, rx))
+            .spawn(move || writer_loop(writer, rx, max_stream_events.max(1)))
             .map_err(|e| StoreError::Backend(format!("cannot start store writer: {e}")))?;
         Ok(SqliteStore {
             path,
@@ -215,7 +230,7 @@ impl SqliteStore {
 }
 
 #[allow(clippy::needless_pass_by_value)] // the writer thread owns both for its whole life
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>) {
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>, max_stream_events: u64) {
     const MAX_BATCH: usize = 4096;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -225,11 +240,11 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        apply_batch(&conn, batch);
+        apply_batch(&conn, batch, max_stream_events);
     }
 }
 
-fn apply_batch(conn: &Connection, batch: Vec<Op>) {
+fn apply_batch(conn: &Connection, batch: Vec<Op>, max_stream_events: u64) {
     let mut results: Vec<(Done, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
     let mut prunes = Vec::new();
     let mut touches: HashMap<String, i64> = HashMap::new();
@@ -241,6 +256,7 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
                 | Op::OpenStream(_, d)
                 | Op::Append(_, d)
                 | Op::Flush(d)
+                | Op::Probe(d)
                 | Op::Restore(_, _, d)
                 | Op::Ledger(_, d) => results.push((d, Err(e.clone()))),
                 Op::Close { done, .. } => results.push((done, Err(e.clone()))),
@@ -274,8 +290,18 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
                 close_session(conn, &id, &reason, at_ms).map_err(backend),
             )),
             Op::OpenStream(s, d) => results.push((d, insert_stream(conn, &s).map_err(backend))),
-            Op::Append(e, d) => results.push((d, insert_event(conn, &e).map_err(backend))),
+            Op::Append(e, d) => results.push((
+                d,
+                insert_event(conn, &e, max_stream_events).map_err(backend),
+            )),
             Op::Flush(d) => results.push((d, Ok(()))),
+            Op::Probe(d) => results.push((
+                d,
+                conn.prepare_cached("INSERT OR REPLACE INTO probe (id, at_ms) VALUES (1, ?1)")
+                    .and_then(|mut s| s.execute(params![now_ms()]))
+                    .map(|_| ())
+                    .map_err(backend),
+            )),
             Op::Prune(kind, cutoff, d) => prunes.push((kind, cutoff, d)),
             Op::Ledger(events, d) => {
                 results.push((d, write_ledger(conn, &events).map_err(backend)))
@@ -320,12 +346,25 @@ fn apply_batch(conn: &Connection, batch: Vec<Op>) {
     }
 }
 
+/// Brings a database written by an earlier version up to the current schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |column: &str| -> rusqlite::Result<bool> {
+        let mut stmt =
+            conn.prepare("SELECT 1 FROM pragma_table_info('sessions') WHERE name = ?1")?;
+        stmt.exists(params![column])
+    };
+    if !has("upstream_fingerprint")? {
+        conn.execute_batch("ALTER TABLE sessions ADD COLUMN upstream_fingerprint TEXT")?;
+    }
+    Ok(())
+}
+
 fn insert_session(conn: &Connection, r: &SessionRecord) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO sessions (id, principal, created_ms, last_active_ms, protocol_version, init_params,
             client_name, client_version, upstream_name, state, close_reason, closed_ms, restore,
-            principal_email, principal_name, client_type, transport)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            principal_email, principal_name, client_type, transport, upstream_fingerprint)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
     )?
     .execute(params![
         r.id,
@@ -344,7 +383,8 @@ fn insert_session(conn: &Connection, r: &SessionRecord) -> rusqlite::Result<()> 
         r.principal_email,
         r.principal_name,
         r.client_type,
-        r.transport
+        r.transport,
+        r.upstream_fingerprint
     ])?;
     Ok(())
 }
@@ -379,11 +419,22 @@ fn insert_stream(conn: &Connection, s: &StreamRecord) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn insert_event(conn: &Connection, e: &EventRecord) -> rusqlite::Result<()> {
+fn insert_event(conn: &Connection, e: &EventRecord, max_events: u64) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT OR REPLACE INTO events (session_id, stream_id, seq, data, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![&*e.session_id, &*e.stream_id, e.seq as i64, &*e.data, now_ms()])?;
+    if e.seq > max_events {
+        // Only long streams pay this, one indexed delete of about one row per event.
+        conn.prepare_cached(
+            "DELETE FROM events WHERE session_id = ?1 AND stream_id = ?2 AND seq <= ?3",
+        )?
+        .execute(params![
+            &*e.session_id,
+            &*e.stream_id,
+            (e.seq - max_events) as i64
+        ])?;
+    }
     if &*e.stream_id == super::STANDALONE_STREAM {
         // The standalone stream is never opened like a request stream, but its last
         // sequence number must be known after a restart (or new events would reuse ids).
@@ -589,6 +640,7 @@ fn row_to_session(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         principal_name: row.get(14)?,
         client_type: row.get(15)?,
         transport: row.get(16)?,
+        upstream_fingerprint: row.get(17)?,
     })
 }
 
@@ -676,7 +728,7 @@ impl LiveStore for SqliteStore {
             c.prepare_cached(
                 "SELECT id, principal, created_ms, last_active_ms, protocol_version, init_params, client_name,
                         client_version, upstream_name, state, close_reason, closed_ms, restore,
-                        principal_email, principal_name, client_type, transport
+                        principal_email, principal_name, client_type, transport, upstream_fingerprint
                  FROM sessions WHERE id = ?1",
             )?
             .query_row(params![id], row_to_session)
@@ -738,6 +790,18 @@ impl LiveStore for SqliteStore {
 
     fn flush(&self) -> Ack {
         self.submit(Op::Flush)
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        // Deleting the file leaves the open connections writing to an unlinked inode:
+        // every write "succeeds" and is lost at the next start.
+        if !self.path.exists() {
+            return Err(StoreError::Backend(format!(
+                "the database file {} was removed",
+                self.path.display()
+            )));
+        }
+        self.submit(Op::Probe).await
     }
 
     async fn events_after(

@@ -12,10 +12,13 @@ pub mod shim;
 pub mod stdio;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::config::UpstreamSpec;
@@ -38,6 +41,16 @@ pub enum Inbound {
     /// Streamable HTTP (400, 404 or 405: spec §1.1.9); a client may fall back to the
     /// 2024-11-05 HTTP+SSE transport. Only links that reconnect (the bridge) report it.
     NotStreamable(u16),
+    /// A message longer than the limit was skipped; `id` is its JSON-RPC id when its first
+    /// bytes named one, so the caller waiting for it can be told.
+    Oversized {
+        /// The message's id, if it could be read.
+        id: Option<Value>,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit it exceeded.
+        limit: usize,
+    },
 }
 
 /// Why an upstream could not be used.
@@ -55,10 +68,146 @@ pub enum UpstreamError {
     /// The upstream answered `initialize` with an error.
     #[error("upstream rejected initialize: {0}")]
     Rejected(Value),
+    /// New upstreams kept failing to start; starts are refused until `retry_in` passes.
+    #[error(
+        "upstream failed to start {failures} times in a row (last: {last}); not starting another for {} ms",
+        retry_in.as_millis()
+    )]
+    CircuitOpen {
+        /// Consecutive start failures.
+        failures: u32,
+        /// Time until a start is tried again.
+        retry_in: Duration,
+        /// The last failure.
+        last: String,
+    },
+    /// `--max-upstreams` upstreams are running.
+    #[error("{0} upstreams are running, the most allowed (--max-upstreams)")]
+    Capacity(usize),
 }
 
-/// A live connection to one upstream.
-pub enum Link {
+/// Refuses new upstream starts, across sessions, after consecutive start failures: a
+/// server that exits at once would otherwise be spawned on every request of every session.
+/// After `cooldown` one start is let through (half-open); its success closes the circuit,
+/// its failure opens it again. Logs the first failure and the opening, then only counts.
+pub struct Circuit {
+    name: String,
+    threshold: u32,
+    cooldown: Duration,
+    state: Mutex<CircuitState>,
+    refused: AtomicU64,
+}
+
+#[derive(Default)]
+struct CircuitState {
+    failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+    last: String,
+}
+
+impl Circuit {
+    /// A closed circuit for the upstream `name`.
+    pub fn new(name: &str, threshold: u32, cooldown: Duration) -> Circuit {
+        Circuit {
+            name: name.to_owned(),
+            threshold: threshold.max(1),
+            cooldown,
+            state: Mutex::default(),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CircuitState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// May a start be tried now?
+    pub fn admit(&self) -> Result<(), UpstreamError> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some(until) = st.open_until else {
+            return Ok(());
+        };
+        if now >= until && !st.probing {
+            st.probing = true;
+            return Ok(());
+        }
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        Err(UpstreamError::CircuitOpen {
+            failures: st.failures,
+            retry_in: until
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(100)),
+            last: st.last.clone(),
+        })
+    }
+
+    /// A start succeeded.
+    pub fn success(&self) {
+        let mut st = self.lock();
+        if st.open_until.is_some() {
+            // Outside the macro: its fields are not evaluated when the level is off.
+            let refused = self.refused.swap(0, Ordering::Relaxed);
+            tracing::info!(
+                upstream.name = %self.name,
+                failures = st.failures,
+                refused,
+                "upstream starts again; circuit closed"
+            );
+        }
+        *st = CircuitState::default();
+    }
+
+    /// A start failed.
+    pub fn failure(&self, cause: &UpstreamError) {
+        let mut st = self.lock();
+        st.failures += 1;
+        st.last = cause.to_string();
+        st.probing = false;
+        if st.failures == 1 {
+            tracing::warn!(upstream.name = %self.name, error = %cause, "upstream failed to start");
+        }
+        if st.failures >= self.threshold {
+            let reopening = st.open_until.is_some();
+            st.open_until = Some(Instant::now() + self.cooldown);
+            if !reopening {
+                tracing::warn!(
+                    upstream.name = %self.name,
+                    failures = st.failures,
+                    error = %cause,
+                    cooldown_ms = self.cooldown.as_millis() as u64,
+                    "upstream keeps failing to start; circuit open: new starts are refused, one is tried after each cooldown"
+                );
+            }
+        }
+    }
+
+    /// Whether starts are being refused.
+    pub fn is_open(&self) -> bool {
+        self.lock().open_until.is_some()
+    }
+
+    /// Consecutive failures and the last cause.
+    pub fn failures(&self) -> (u32, String) {
+        let st = self.lock();
+        (st.failures, st.last.clone())
+    }
+
+    /// Starts refused while open, since the circuit last closed.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// A live connection to one upstream. It holds one of the connector's `--max-upstreams`
+/// slots until it is dropped.
+pub struct Link {
+    kind: LinkKind,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+enum LinkKind {
     /// A stdio child process.
     Stdio(stdio::StdioLink),
     /// A Streamable HTTP upstream session.
@@ -69,26 +218,74 @@ impl Link {
     /// Sends a message. Delivery failures surface as [`Inbound::Closed`] (or, for HTTP, an
     /// error response for the request), so callers never wait on a dead link.
     pub async fn send(&self, value: Value) {
-        match self {
-            Link::Stdio(l) => l.send(value).await,
-            Link::Http(l) => l.send(value),
+        match &self.kind {
+            LinkKind::Stdio(l) => l.send(value).await,
+            LinkKind::Http(l) => l.send(value),
         }
     }
 
     /// Stops the upstream: the stdio child's process group is killed, the HTTP upstream
     /// session is deleted when `end_session` is set. Idempotent.
     pub fn shutdown(&self, end_session: bool) {
-        match self {
-            Link::Stdio(l) => l.shutdown(),
-            Link::Http(l) => l.shutdown(end_session),
+        match &self.kind {
+            LinkKind::Stdio(l) => l.shutdown(),
+            LinkKind::Http(l) => l.shutdown(end_session),
+        }
+    }
+
+    /// Stops the upstream at once (gateway shutdown): the stdio child's group is killed
+    /// without the polite stdin close; an HTTP upstream session is left for its server.
+    pub fn kill(&self) {
+        match &self.kind {
+            LinkKind::Stdio(l) => l.kill(),
+            LinkKind::Http(l) => l.shutdown(false),
         }
     }
 
     /// Short description for logs: the child's pid or the upstream URL.
     pub fn describe(&self) -> String {
-        match self {
-            Link::Stdio(l) => format!("pid {}", l.pid()),
-            Link::Http(l) => l.url().to_owned(),
+        match &self.kind {
+            LinkKind::Stdio(l) => format!("pid {}", l.pid()),
+            LinkKind::Http(l) => l.url().to_owned(),
+        }
+    }
+}
+
+/// A started upstream: the link, its messages, and its `initialize` result.
+pub struct Started {
+    /// The link.
+    pub link: Link,
+    /// What the upstream says from now on.
+    pub rx: mpsc::Receiver<Inbound>,
+    /// The upstream's `InitializeResult`.
+    pub result: Value,
+    /// Messages it sent before answering `initialize`.
+    pub early: Vec<Inbound>,
+}
+
+/// Bounds of one configured upstream ([`Connector::new`]).
+#[derive(Debug, Clone)]
+pub struct UpstreamLimits {
+    /// Largest message read from the upstream.
+    pub max_message: usize,
+    /// Running links at most.
+    pub max_running: usize,
+    /// stderr lines logged per second.
+    pub stderr_lines_per_sec: u32,
+    /// Consecutive start failures that open the circuit.
+    pub circuit_failures: u32,
+    /// How long the circuit stays open.
+    pub circuit_cooldown: Duration,
+}
+
+impl Default for UpstreamLimits {
+    fn default() -> Self {
+        UpstreamLimits {
+            max_message: 16 << 20,
+            max_running: 1000,
+            stderr_lines_per_sec: 50,
+            circuit_failures: 5,
+            circuit_cooldown: Duration::from_secs(10),
         }
     }
 }
@@ -99,7 +296,10 @@ pub struct Connector {
     spec: UpstreamSpec,
     shim: Option<PathBuf>,
     http: reqwest::Client,
-    max_message: usize,
+    limits: UpstreamLimits,
+    slots: Arc<Semaphore>,
+    circuit: Arc<Circuit>,
+    stderr: Arc<crate::log_limit::LogLimiter>,
     tracker: TaskTracker,
 }
 
@@ -108,8 +308,9 @@ impl Connector {
     /// without it children are spawned directly and may outlive a SIGKILLed gateway.
     pub fn new(
         spec: UpstreamSpec,
+        name: &str,
         shim: Option<PathBuf>,
-        max_message: usize,
+        limits: UpstreamLimits,
         tracker: TaskTracker,
     ) -> Connector {
         let http = reqwest::Client::builder()
@@ -121,12 +322,79 @@ impl Connector {
             spec,
             shim,
             http,
-            max_message,
+            slots: Arc::new(Semaphore::new(limits.max_running)),
+            circuit: Arc::new(Circuit::new(
+                name,
+                limits.circuit_failures,
+                limits.circuit_cooldown,
+            )),
+            stderr: Arc::new(crate::log_limit::LogLimiter::new(
+                limits.stderr_lines_per_sec,
+                "upstream stderr lines (over --stderr-lines-per-sec)",
+            )),
+            limits,
             tracker,
         }
     }
 
-    /// Opens a new link. `init_params` are what an HTTP link replays if its upstream forgets
+    /// The circuit breaker of this upstream.
+    pub fn circuit(&self) -> &Circuit {
+        &self.circuit
+    }
+
+    /// Links running now.
+    pub fn running(&self) -> usize {
+        self.limits.max_running - self.slots.available_permits()
+    }
+
+    /// Starts an upstream and runs `initialize` on it: the one way both new sessions and
+    /// restarts get an upstream. Refused while `--max-upstreams` links run or the circuit
+    /// is open; every outcome is reported to the circuit.
+    pub async fn start(
+        &self,
+        session_id: &str,
+        params: &Value,
+        uid: u64,
+        timeout: Duration,
+    ) -> Result<Started, UpstreamError> {
+        let slot = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| UpstreamError::Capacity(self.limits.max_running))?;
+        self.circuit.admit()?;
+        let (mut link, mut rx) = match self.connect(session_id, params).await {
+            Ok(x) => x,
+            Err(e) => {
+                self.circuit.failure(&e);
+                return Err(e);
+            }
+        };
+        link._slot = Some(slot);
+        match handshake(&link, &mut rx, uid, params, timeout).await {
+            Ok((result, early)) => {
+                self.circuit.success();
+                Ok(Started {
+                    link,
+                    rx,
+                    result,
+                    early,
+                })
+            }
+            Err(e) => {
+                link.shutdown(true);
+                match &e {
+                    // It answered: the server runs, it refused these params.
+                    UpstreamError::Rejected(_) => self.circuit.success(),
+                    _ => self.circuit.failure(&e),
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens a new link without `initialize` or limits ([`Connector::start`] is the way
+    /// sessions get one). `init_params` are what an HTTP link replays if its upstream forgets
     /// the session (404); `session_id` labels the child's logs.
     pub async fn connect(
         &self,
@@ -134,20 +402,27 @@ impl Connector {
         init_params: &Value,
     ) -> Result<(Link, mpsc::Receiver<Inbound>), UpstreamError> {
         let (tx, rx) = mpsc::channel(256);
-        let link = match &self.spec {
-            UpstreamSpec::Stdio { argv, env, cwd } => Link::Stdio(stdio::StdioLink::spawn(
+        let kind = match &self.spec {
+            UpstreamSpec::Stdio {
+                argv,
+                env,
+                cwd,
+                env_policy,
+            } => LinkKind::Stdio(stdio::StdioLink::spawn(
                 stdio::SpawnSpec {
                     argv,
                     env,
                     cwd: cwd.as_deref(),
+                    env_policy,
                     shim: self.shim.as_deref(),
                 },
                 session_id,
-                self.max_message,
+                self.limits.max_message,
+                self.stderr.clone(),
                 tx,
                 &self.tracker,
             )?),
-            UpstreamSpec::Http { url } => Link::Http(http::HttpLink::new(
+            UpstreamSpec::Http { url } => LinkKind::Http(http::HttpLink::new(
                 self.http.clone(),
                 url,
                 init_params.clone(),
@@ -156,7 +431,7 @@ impl Connector {
                 self.tracker.clone(),
             )),
         };
-        Ok((link, rx))
+        Ok((Link { kind, _slot: None }, rx))
     }
 }
 
@@ -187,6 +462,11 @@ pub async fn handshake(
                 ));
             }
             Ok(Some(Inbound::Closed(cause))) => return Err(UpstreamError::Closed(cause)),
+            Ok(Some(Inbound::Oversized { len, limit, .. })) => {
+                return Err(UpstreamError::Closed(format!(
+                    "upstream answered initialize with {len} bytes, over the {limit} byte limit (--max-upstream-message)"
+                )));
+            }
             Ok(Some(Inbound::NotStreamable(status))) => {
                 return Err(UpstreamError::Closed(format!(
                     "upstream is not a Streamable HTTP server (HTTP {status})"
@@ -204,5 +484,50 @@ pub async fn handshake(
                 early.push(Inbound::Message { value, origin });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_circuit_opens_after_consecutive_failures_and_probes_once_per_cooldown() {
+        let c = Circuit::new("t", 3, Duration::from_secs(10));
+        let err = UpstreamError::Closed("exited at once".into());
+        for _ in 0..2 {
+            c.admit().unwrap();
+            c.failure(&err);
+        }
+        assert!(!c.is_open());
+        c.admit().unwrap();
+        c.failure(&err);
+        assert!(c.is_open());
+        match c.admit() {
+            Err(UpstreamError::CircuitOpen {
+                failures, retry_in, ..
+            }) => {
+                assert_eq!(failures, 3);
+                assert_eq!(retry_in, Duration::from_secs(10));
+            }
+            other => panic!("{other:?}"),
+        }
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // Half-open: one start goes through, the others wait for its outcome.
+        c.admit().unwrap();
+        assert!(c.admit().is_err());
+        c.failure(&err);
+        assert!(c.admit().is_err());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        c.admit().unwrap();
+        c.success();
+        assert!(!c.is_open());
+        assert_eq!(c.failures().0, 0);
+        c.admit().unwrap();
+        assert_eq!(
+            c.refused(),
+            0,
+            "the refusal count restarts when the circuit closes"
+        );
     }
 }

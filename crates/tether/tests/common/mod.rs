@@ -25,19 +25,33 @@ pub struct Gateway {
     pub state_dir: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Gateway {
     /// Starts `tether serve --listen 127.0.0.1:0 --state-dir DIR <args>`.
     pub fn start(state_dir: &Path, args: &[&str]) -> Gateway {
+        Gateway::start_env(state_dir, args, &[])
+    }
+
+    /// Like [`Gateway::start`], with extra environment variables for the gateway process.
+    pub fn start_env(state_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Gateway {
         Gateway::start_at(
             state_dir,
             "127.0.0.1:0",
             args.iter().map(|s| s.to_string()).collect(),
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         )
     }
 
-    fn start_at(state_dir: &Path, listen: &str, args: Vec<String>) -> Gateway {
+    fn start_at(
+        state_dir: &Path,
+        listen: &str,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Gateway {
         let log = state_dir.join(format!(
             "gateway-{}.log",
             std::time::SystemTime::now()
@@ -62,8 +76,14 @@ impl Gateway {
         if !flags.iter().any(|f| f == "--admin-listen") {
             cmd.args(["--admin-listen", "127.0.0.1:0"]);
         }
+        // Tests create sessions far faster than any person would; the ones about the
+        // creation rate set their own.
+        if !flags.iter().any(|f| f == "--session-rate") {
+            cmd.args(["--session-rate", "100000", "--session-burst", "100000"]);
+        }
         cmd.args(&upstream);
-        cmd.env("TETHER_LOG", "info,tether_core=debug")
+        cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("TETHER_LOG", "info,tether_core=debug")
             .stdout(Stdio::piped())
             .stderr(log_file)
             .stdin(Stdio::null());
@@ -101,6 +121,7 @@ impl Gateway {
                     state_dir: state_dir.to_path_buf(),
                     log,
                     args,
+                    env,
                 };
             }
             assert!(
@@ -121,7 +142,7 @@ impl Gateway {
         let mut last = None;
         for _ in 0..50 {
             match std::panic::catch_unwind(|| {
-                Gateway::start_at(&self.state_dir, &self.addr, args.clone())
+                Gateway::start_at(&self.state_dir, &self.addr, args.clone(), self.env.clone())
             }) {
                 Ok(g) => return g,
                 Err(e) => {
@@ -512,6 +533,26 @@ pub async fn stdio_client(
     info.serve(transport)
         .await
         .expect("initialize through the bridge")
+}
+
+/// The sum of every sample of a metric whose line starts with `prefix` (a name with some
+/// of its labels), 0 when there is none.
+pub async fn metric_sum(gw: &Gateway, prefix: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", gw.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 /// One value of an unlabelled metric from a gateway's `/metrics`.

@@ -1,0 +1,265 @@
+//! Admission: how many sessions this process holds, per principal and in all, and how fast
+//! new ones may be created per principal and per client address. A session holds a
+//! [`Slot`] from creation (or rehydration) until it closes or leaves this process, so the
+//! counts are exact and never drift.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::protocol::code;
+
+/// Admission settings.
+#[derive(Debug, Clone)]
+pub struct AdmissionConfig {
+    /// Sessions held in all.
+    pub max_sessions: usize,
+    /// Sessions held per authenticated principal.
+    pub max_per_principal: usize,
+    /// New sessions per second per principal and per client address.
+    pub rate: u32,
+    /// Burst above the rate.
+    pub burst: u32,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            max_sessions: 1000,
+            max_per_principal: 250,
+            rate: 20,
+            burst: 40,
+        }
+    }
+}
+
+/// A request the gateway will not take now, and how to tell the client.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// HTTP status: 503 (capacity) or 429 (rate).
+    pub status: u16,
+    /// JSON-RPC error code.
+    pub code: i64,
+    /// Message naming the limit.
+    pub message: String,
+    /// When to try again.
+    pub retry_after: Duration,
+    /// JSON-RPC error data (`kind`, `limit`, …).
+    pub data: Value,
+}
+
+impl Refusal {
+    fn capacity(limit: &str, max: usize, what: &str) -> Refusal {
+        Refusal {
+            status: 503,
+            code: code::LIMIT_REACHED,
+            message: format!(
+                "the gateway holds {max} {what}, the most allowed (--{limit}); try again later"
+            ),
+            retry_after: Duration::from_secs(5),
+            data: json!({"kind": "limit", "limit": limit, "max": max}),
+        }
+    }
+
+    fn rate(limit: &str, per_sec: u32, wait: Duration) -> Refusal {
+        let retry_after = wait.max(Duration::from_millis(1));
+        Refusal {
+            status: 429,
+            code: code::LIMIT_REACHED,
+            message: format!(
+                "too many new sessions from this {limit}: at most {per_sec} per second (--session-rate); retry in {} ms",
+                retry_after.as_millis()
+            ),
+            retry_after,
+            data: json!({"kind": "rate", "limit": format!("session-rate per {limit}"), "retry_in_ms": retry_after.as_millis() as u64}),
+        }
+    }
+}
+
+/// The session counts and creation rates of one process.
+pub struct Admission {
+    cfg: AdmissionConfig,
+    slots: Arc<Semaphore>,
+    per_principal: Mutex<HashMap<String, usize>>,
+    by_principal: DefaultKeyedRateLimiter<String>,
+    by_addr: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+/// One held session's place in the counts; released on drop.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    principal: Option<String>,
+    admission: Arc<Admission>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(p) = &self.principal {
+            let mut map = self.admission.lock();
+            if let Some(n) = map.get_mut(p) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(p);
+                }
+            }
+        }
+    }
+}
+
+/// Keyed rate limiters keep a cell per key; past this many keys the stale ones are dropped.
+const RATE_KEYS: usize = 10_000;
+
+impl Admission {
+    /// Admission with these limits.
+    pub fn new(cfg: AdmissionConfig) -> Arc<Admission> {
+        let quota = Quota::per_second(NonZeroU32::new(cfg.rate.max(1)).expect("at least one"))
+            .allow_burst(NonZeroU32::new(cfg.burst.max(1)).expect("at least one"));
+        Arc::new(Admission {
+            slots: Arc::new(Semaphore::new(cfg.max_sessions)),
+            per_principal: Mutex::default(),
+            by_principal: RateLimiter::keyed(quota),
+            by_addr: RateLimiter::keyed(quota),
+            cfg,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.per_principal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sessions holding a slot now.
+    pub fn held(&self) -> usize {
+        self.cfg.max_sessions - self.slots.available_permits()
+    }
+
+    /// The configured limits.
+    pub fn config(&self) -> &AdmissionConfig {
+        &self.cfg
+    }
+
+    /// Counts a new session creation against the principal's and the address's rate. The
+    /// anonymous principal (no API keys) is everyone, so only its address is limited.
+    pub fn check_rate(&self, principal: &str, addr: Option<IpAddr>) -> Result<(), Refusal> {
+        let now = DefaultClock::default().now();
+        if principal != crate::auth::Principal::anonymous().id {
+            if self.by_principal.len() > RATE_KEYS {
+                self.by_principal.retain_recent();
+            }
+            if let Err(not_until) = self.by_principal.check_key(&principal.to_owned()) {
+                return Err(Refusal::rate(
+                    "user",
+                    self.cfg.rate,
+                    not_until.wait_time_from(now),
+                ));
+            }
+        }
+        if let Some(addr) = addr {
+            if self.by_addr.len() > RATE_KEYS {
+                self.by_addr.retain_recent();
+            }
+            if let Err(not_until) = self.by_addr.check_key(&addr) {
+                return Err(Refusal::rate(
+                    "client address",
+                    self.cfg.rate,
+                    not_until.wait_time_from(now),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a place for one more session of `principal`, or says which limit is full.
+    pub fn reserve(self: &Arc<Self>, principal: &str) -> Result<Slot, Refusal> {
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            Refusal::capacity("max-sessions", self.cfg.max_sessions, "live sessions")
+        })?;
+        let counted = principal != crate::auth::Principal::anonymous().id;
+        if counted {
+            let mut map = self.lock();
+            let n = map.entry(principal.to_owned()).or_default();
+            if *n >= self.cfg.max_per_principal {
+                return Err(Refusal::capacity(
+                    "max-sessions-per-principal",
+                    self.cfg.max_per_principal,
+                    "live sessions of this user",
+                ));
+            }
+            *n += 1;
+        }
+        Ok(Slot {
+            _permit: permit,
+            principal: counted.then(|| principal.to_owned()),
+            admission: self.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_bound_sessions_in_all_and_per_principal() {
+        let a = Admission::new(AdmissionConfig {
+            max_sessions: 3,
+            max_per_principal: 2,
+            rate: 100,
+            burst: 100,
+        });
+        let s1 = a.reserve("alice").unwrap();
+        let _s2 = a.reserve("alice").unwrap();
+        let r = a.reserve("alice").err().unwrap();
+        assert_eq!(
+            (r.status, r.data["limit"].as_str()),
+            (503, Some("max-sessions-per-principal"))
+        );
+        let _s3 = a.reserve("bob").unwrap();
+        let r = a.reserve("carol").err().unwrap();
+        assert_eq!(r.data["limit"], "max-sessions");
+        assert_eq!(a.held(), 3);
+        drop(s1);
+        assert_eq!(a.held(), 2);
+        let _again = a.reserve("alice").unwrap();
+        // The anonymous principal is only bounded by the total.
+        let b = Admission::new(AdmissionConfig {
+            max_sessions: 3,
+            max_per_principal: 1,
+            ..AdmissionConfig::default()
+        });
+        let _x: Vec<Slot> = (0..3).map(|_| b.reserve("anonymous").unwrap()).collect();
+    }
+
+    #[test]
+    fn creation_rate_is_limited_per_principal_and_address() {
+        let a = Admission::new(AdmissionConfig {
+            rate: 1,
+            burst: 2,
+            ..AdmissionConfig::default()
+        });
+        let addr: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(a.check_rate("anonymous", Some(addr)).is_ok());
+        assert!(a.check_rate("anonymous", Some(addr)).is_ok());
+        let r = a.check_rate("anonymous", Some(addr)).unwrap_err();
+        assert_eq!(r.status, 429);
+        assert!(r.retry_after > Duration::ZERO && r.retry_after <= Duration::from_secs(1));
+        // Another address is not affected.
+        assert!(
+            a.check_rate("anonymous", Some("127.0.0.2".parse().unwrap()))
+                .is_ok()
+        );
+        // A user is limited wherever they come from.
+        assert!(a.check_rate("u1", None).is_ok());
+        assert!(a.check_rate("u1", None).is_ok());
+        assert!(
+            a.check_rate("u1", Some("10.0.0.9".parse().unwrap()))
+                .is_err()
+        );
+    }
+}
