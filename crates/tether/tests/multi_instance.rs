@@ -508,6 +508,76 @@ async fn a_redis_that_lost_everything_gets_held_sessions_written_back() {
     shared.cleanup().await;
 }
 
+/// Issue 12: two instances, clients alternating between them, and Redis restarted empty.
+/// No client ever sees 404: an instance that finds no record right after the restart waits
+/// (bounded) for the holder to write it back, and holders write back as soon as they notice.
+#[tokio::test]
+async fn a_redis_restart_that_loses_everything_loses_no_session() {
+    if redis_url().is_none() {
+        return;
+    }
+    let rdir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut redis = Guard(private_redis(rdir.path(), port, false));
+    let url = format!("redis://127.0.0.1:{port}");
+    let shared = Shared::new(&url, "restart_empty").await;
+    let (da, db) = (state_dir(), state_dir());
+    let a = Gateway::start(da.path(), &shared.args(&["--demo"]));
+    let b = Gateway::start(db.path(), &shared.args(&["--demo"]));
+    let clients = [a.client(), b.client()];
+    // Two sessions created on each instance; each calls its counter once.
+    let mut sessions = Vec::new();
+    for (i, owner) in [0usize, 0, 1, 1].into_iter().enumerate() {
+        let sid = clients[owner].initialize(&format!("alt-{i}")).await;
+        assert_eq!(
+            clients[owner]
+                .call_text(&sid, 1, "counter", json!({}))
+                .await,
+            "1"
+        );
+        sessions.push((sid, owner));
+    }
+    redis.0.kill().unwrap();
+    redis.0.wait().unwrap();
+    let _redis = Guard(private_redis(rdir.path(), port, false));
+    // At once, each session through the instance that does not hold it, then alternating.
+    for round in 0..4 {
+        for (sid, owner) in &sessions {
+            let via = (owner + 1 + round) % 2;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let r = clients[via]
+                    .post(
+                        Some(sid),
+                        &json!({"jsonrpc": "2.0", "id": 10 + round, "method": "tools/call",
+                        "params": {"name": "counter", "arguments": {}}}),
+                    )
+                    .await;
+                assert_ne!(
+                    r.status, 404,
+                    "round {round}: a client was told its session is gone: {}",
+                    r.body
+                );
+                if r.status == 200 {
+                    let text = r.response()["result"]["content"][0]["text"].clone();
+                    assert_eq!(
+                        text,
+                        json!((round + 2).to_string()),
+                        "same upstream, state kept: {}",
+                        r.body
+                    );
+                    break;
+                }
+                // Redis coming back: 503 + Retry-After is the documented answer meanwhile.
+                assert_eq!(r.status, 503, "{}", r.body);
+                assert!(Instant::now() < deadline, "never served: {}", r.body);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    shared.cleanup().await;
+}
+
 /// Kills a child process when dropped.
 struct Guard(Child);
 impl Drop for Guard {

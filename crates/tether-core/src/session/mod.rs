@@ -652,8 +652,9 @@ impl Registry {
         span: tracing::Span,
     ) -> Result<Arc<Session>, SessionError> {
         let sh = &self.shared;
-        let Some(record) = sh.store.load_session(id).await? else {
-            return Err(SessionError::NotFound);
+        let record = match sh.store.load_session(id).await? {
+            Some(r) => r,
+            None => self.await_write_back(id).await?,
         };
         let other_upstream = record.upstream_name != sh.cfg.upstream_name
             || record
@@ -769,6 +770,32 @@ impl Registry {
                 .spawn(async move { s.reissue(retry).await }.instrument(span.clone()));
         }
         Ok(session)
+    }
+
+    /// A session record the store does not have: right after the store lost its data (a
+    /// Redis restart without persistence) the instance holding the session is about to
+    /// write it back, so wait for that (bounded) instead of telling the client its session
+    /// is gone. Otherwise, and when the window passes, 404.
+    async fn await_write_back(&self, id: &str) -> Result<SessionRecord, SessionError> {
+        let sh = &self.shared;
+        let Some(c) = &sh.coordinator else {
+            return Err(SessionError::NotFound);
+        };
+        let Some(window) = c.write_back_window().await? else {
+            return Err(SessionError::NotFound);
+        };
+        let deadline = tokio::time::Instant::now() + window;
+        tracing::debug!(
+            window_ms = window.as_millis() as u64,
+            "session record missing after a store restart; waiting for its holder to write it back"
+        );
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Some(r) = sh.store.load_session(id).await? {
+                return Ok(r);
+            }
+        }
+        Err(SessionError::NotFound)
     }
 
     /// Ends a session for good (DELETE, idle timeout, operator).
@@ -1034,6 +1061,9 @@ impl Registry {
             tokio::select! {
                 _ = sh.stopping.cancelled() => return,
                 _ = interval.tick() => {}
+                // Back from an outage: re-check now, so records a restarted Redis lost are
+                // written back before the clients of other instances give up on them.
+                () = c.reconnected() => {}
             }
             match c.heartbeat().await {
                 Ok(lapsed) => {

@@ -288,6 +288,18 @@ pub trait Coordinator: Send + Sync + 'static {
     async fn reassert(&self, record: &SessionRecord) -> Result<(), StoreError>;
     /// Whether the live store is reachable right now (false during an outage).
     fn is_up(&self) -> bool;
+    /// After the store was seen to lose its data (a Redis restart without persistence),
+    /// how much longer a missing session record may still be written back by the instance
+    /// holding it; `None` outside that window. A lookup that finds nothing waits this long
+    /// before answering 404, so clients do not give up sessions that are about to return.
+    async fn write_back_window(&self) -> Result<Option<std::time::Duration>, StoreError> {
+        Ok(None)
+    }
+    /// Resolves when the store is reachable again after an outage (so held sessions can be
+    /// re-checked and written back at once, not at the next heartbeat).
+    async fn reconnected(&self) {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// One finished tool call. Never its arguments or results.

@@ -17,6 +17,14 @@
 //! | `P:inst:{instance}` | string | the instance's heartbeat (JSON) | instance TTL |
 //! | `P:instances` | sorted set | instance ids by last heartbeat | stale members removed after an hour |
 //! | `P:inbox:{instance}` | list | session ids the instance must drop | one minute |
+//! | `P:epoch` | string | a random value set by the first instance to find it missing | none |
+//!
+//! A Redis that restarts without persistence comes back empty: `P:epoch` is gone, and the
+//! first instance to look sets a new one. Every instance compares it with the one it last
+//! saw (heartbeat, and every lookup that finds no session record); for one instance TTL
+//! after a change a missing record may still be written back by the instance that holds
+//! the session ([`Coordinator::write_back_window`]), so lookups wait for it instead of
+//! answering 404, and holders write their sessions back at once when they notice.
 //!
 //! Writes go through one task, in order, as pipelines (one round trip for whatever queued
 //! during the previous one: the same group commit as the SQLite writer). When Redis cannot
@@ -92,6 +100,16 @@ struct Inner {
     writes: mpsc::UnboundedSender<Op>,
     up: Arc<AtomicBool>,
     describe: String,
+    /// Notified when the writer reaches Redis again after an outage.
+    reconnected: Arc<tokio::sync::Notify>,
+    epoch: std::sync::Mutex<Epoch>,
+}
+
+/// The `P:epoch` this instance last saw, and when it last saw it change.
+#[derive(Default)]
+struct Epoch {
+    seen: Option<String>,
+    changed: Option<tokio::time::Instant>,
 }
 
 fn unavailable(e: &redis::RedisError) -> StoreError {
@@ -169,6 +187,7 @@ impl RedisStore {
             .map_err(|e| StoreError::Backend(format!("redis: {e}")))?;
         let (writes, rx) = mpsc::unbounded_channel();
         let up = Arc::new(AtomicBool::new(true));
+        let reconnected = Arc::new(tokio::sync::Notify::new());
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let shown = match opts.url.split_once('@') {
             // Keep passwords out of logs.
@@ -192,8 +211,10 @@ impl RedisStore {
             writes,
             up: up.clone(),
             describe: format!("{shown} prefix {:?}", opts.prefix),
+            reconnected: reconnected.clone(),
+            epoch: std::sync::Mutex::default(),
         };
-        tokio::spawn(writer(conn, rx, up, metrics));
+        tokio::spawn(writer(conn, rx, up, metrics, reconnected));
         Ok(RedisStore {
             inner: Arc::new(inner),
         })
@@ -225,6 +246,36 @@ impl RedisStore {
 
     fn conn(&self) -> ConnectionManager {
         self.inner.conn.clone()
+    }
+
+    /// Sets `P:epoch` if Redis lost it, and reads it (one result, the epoch).
+    fn epoch_commands(&self, pipe: &mut Pipeline) {
+        let key = format!("{}epoch", self.inner.p);
+        pipe.cmd("SET")
+            .arg(&key)
+            .arg(crate::session::new_instance_id())
+            .arg("NX")
+            .ignore();
+        pipe.cmd("GET").arg(&key);
+    }
+
+    /// Records the epoch just read; true when it differs from the one seen before (Redis
+    /// restarted without its data since).
+    fn note_epoch(&self, epoch: Option<String>) -> bool {
+        let mut e = self.inner.epoch.lock().unwrap_or_else(|p| p.into_inner());
+        if e.seen.is_none() {
+            e.seen = epoch;
+            return false;
+        }
+        if epoch.is_some() && e.seen != epoch {
+            tracing::warn!(
+                "redis lost its data (restart without persistence?): held sessions are written back; lookups of missing sessions wait for that before answering 404"
+            );
+            e.seen = epoch;
+            e.changed = Some(tokio::time::Instant::now());
+            return true;
+        }
+        false
     }
 
     fn expire(&self, key: &str) -> Cmd {
@@ -368,6 +419,7 @@ async fn writer(
     mut rx: mpsc::UnboundedReceiver<Op>,
     up: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    reconnected: Arc<tokio::sync::Notify>,
 ) {
     let mut backlog: VecDeque<Cmd> = VecDeque::new();
     let mut touches: HashMap<String, i64> = HashMap::new();
@@ -401,7 +453,7 @@ async fn writer(
             // Redis came back since the last retry. Refusing on the stale state instead
             // lost every record an instance wrote back after a Redis restart whenever it
             // still had writes buffered (found by `a_redis_that_lost_everything_...`).
-            recovered(&up, &metrics);
+            recovered(&up, &metrics, &reconnected);
             healthy = true;
         }
         let mut cmds: Vec<Cmd> = Vec::new();
@@ -447,7 +499,7 @@ async fn writer(
             }
             match drain(&mut conn, &mut backlog).await {
                 Ok(()) => {
-                    recovered(&up, &metrics);
+                    recovered(&up, &metrics, &reconnected);
                     for (d, _) in acks {
                         let _ = d.send(Ok(()));
                     }
@@ -521,7 +573,8 @@ async fn writer(
     }
 }
 
-fn recovered(up: &AtomicBool, metrics: &Metrics) {
+fn recovered(up: &AtomicBool, metrics: &Metrics, reconnected: &tokio::sync::Notify) {
+    reconnected.notify_one();
     up.store(true, Ordering::Relaxed);
     metrics.store_up.set(1);
     tracing::info!("redis reachable again; buffered writes written");
@@ -879,6 +932,7 @@ impl Coordinator for RedisStore {
         let me = &self.inner.me;
         let info = serde_json::to_string(me).unwrap_or_default();
         let mut pipe = Pipeline::new();
+        self.epoch_commands(&mut pipe);
         pipe.cmd("SET")
             .arg(self.key("inst", &me.id))
             .arg(info)
@@ -890,11 +944,37 @@ impl Coordinator for RedisStore {
             .arg(now_ms())
             .arg(&me.id)
             .ignore();
-        let (old,): (Option<String>,) = pipe
+        let (epoch, old): (Option<String>, Option<String>) = pipe
             .query_async(&mut self.conn())
             .await
             .map_err(|e| unavailable(&e))?;
-        Ok(old.is_none())
+        let restarted = self.note_epoch(epoch);
+        Ok(old.is_none() || restarted)
+    }
+
+    async fn write_back_window(&self) -> Result<Option<Duration>, StoreError> {
+        let mut pipe = Pipeline::new();
+        self.epoch_commands(&mut pipe);
+        let (epoch,): (Option<String>,) = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        self.note_epoch(epoch);
+        let window = Duration::from_millis(self.inner.instance_ttl_ms.unsigned_abs());
+        let changed = self
+            .inner
+            .epoch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .changed;
+        Ok(changed
+            .map(|t| t.elapsed())
+            .filter(|e| *e < window)
+            .map(|e| window - e))
+    }
+
+    async fn reconnected(&self) {
+        self.inner.reconnected.notified().await;
     }
 
     async fn leave(&self) {
