@@ -1,10 +1,12 @@
-// Dashboard check in headless Chromium: node dashboard.mjs ADMIN_URL SESSION_ID SCREENSHOT
+// Dashboard check in headless Chromium:
+//   node dashboard.mjs ADMIN_URL SESSION_ID SCREENSHOT [PAGE_URL]
+// PAGE_URL is the link `tether dashboard` prints (the admin token in its fragment).
 // Opens the dashboard while a client holds sessions and calls tools, checks that the
 // session rows and a chart render, opens the session's detail, evicts it, saves a
 // screenshot, and prints one JSON line with what it saw. Exits non-zero on any failure.
 import { chromium } from "playwright-core";
 
-const [admin, sessionId, screenshot] = process.argv.slice(2);
+const [admin, sessionId, screenshot, pageUrl] = process.argv.slice(2);
 if (!admin || !sessionId || !screenshot) {
   console.error("usage: node dashboard.mjs ADMIN_URL SESSION_ID SCREENSHOT");
   process.exit(2);
@@ -18,7 +20,7 @@ try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
   const failed = [];
   page.on("requestfailed", (r) => failed.push(r.url()));
-  await page.goto(admin + "/");
+  await page.goto(pageUrl || admin + "/");
   const row = page.locator(`#sessions tbody tr[data-id="${sessionId}"]`);
   await row.waitFor({ timeout: 15000 });
   const rows = await page.locator("#sessions tbody tr[data-id]").count();

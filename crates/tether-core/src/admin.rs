@@ -13,8 +13,13 @@
 //! - `GET /api/openapi.json`: the API description.
 //! - `GET /`: the dashboard (one page, shipped in the binary, using only the JSON API).
 //!
-//! When the listener is not on loopback, every endpoint but the health checks needs
-//! `Authorization: Bearer <admin token>`.
+//! There is always an admin token (configured, read from a file, or generated at start into
+//! `STATE_DIR/admin.token`, readable only by its user, where the CLI finds it). When the
+//! listener is not on loopback, every endpoint but the health checks needs
+//! `Authorization: Bearer <admin token>`. On loopback, requests without it are read-only
+//! (anything but GET gets 401) and never see a full session id: ids in their answers are
+//! cut to a prefix, so another local process can tell sessions apart but cannot use or
+//! evict one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -52,8 +57,10 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Configured users.
     pub keys: Arc<Keys>,
-    /// Required on non-health endpoints when set.
-    pub token: Option<String>,
+    /// The admin token (see the module doc for where it is required).
+    pub token: String,
+    /// Where the token can be found, for the 401 message.
+    pub token_hint: String,
     /// Process start.
     pub started: Instant,
     /// The upstream, for readiness.
@@ -155,25 +162,91 @@ async fn require_token(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if let Some(token) = &st.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
-            let mut resp = ApiError(
-                StatusCode::UNAUTHORIZED,
-                "admin token required: Authorization: Bearer TOKEN".into(),
-            )
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| crate::auth::same_secret(g, &st.token)) {
+        return next.run(req).await;
+    }
+    let read_only = st.loopback_listener && req.method() == axum::http::Method::GET;
+    if !read_only {
+        static LOGGED: std::sync::LazyLock<crate::log_limit::LogLimiter> =
+            std::sync::LazyLock::new(|| {
+                crate::log_limit::LogLimiter::new(5, "refused admin requests")
+            });
+        if LOGGED.admit() {
+            tracing::info!(method = %req.method(), path = %crate::log_limit::cut(req.uri().path(), 100), "admin request without a valid token refused");
+        }
+        let what = if st.loopback_listener {
+            "changing anything (evicting a session) needs the admin token"
+        } else {
+            "the admin API needs the admin token"
+        };
+        let mut resp = ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!("{what}: Authorization: Bearer TOKEN ({})", st.token_hint),
+        )
+        .into_response();
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"tether-admin\""),
+        );
+        return resp;
+    }
+    redact_session_ids(next.run(req).await).await
+}
+
+/// Cuts every session id in a JSON answer to a prefix (read-only access without the
+/// token): enough to tell sessions apart, not enough to use or evict one.
+async fn redact_session_ids(resp: Response) -> Response {
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    // Admin answers are bounded pages; 16 MiB is far above any of them.
+    let Ok(bytes) = axum::body::to_bytes(body, 16 << 20).await else {
+        return ApiError(StatusCode::INTERNAL_SERVER_ERROR, "answer too large".into())
             .into_response();
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"tether-admin\""),
-            );
-            return resp;
+    };
+    let Ok(mut value) = serde_json::from_slice::<Value>(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    redact(&mut value);
+    let mut resp = (parts.status, axum::Json(value)).into_response();
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_LENGTH {
+            resp.headers_mut().insert(k, v.clone());
         }
     }
-    next.run(req).await
+    resp
+}
+
+/// Session ids are 40 lowercase hex characters ([`crate::session::new_session_id`]).
+fn redact(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (k, item) in map.iter_mut() {
+                if matches!(k.as_str(), "id" | "session_id") {
+                    if let Some(s) = item
+                        .as_str()
+                        .filter(|s| s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+                    {
+                        *item = Value::String(format!("{}…", &s[..8]));
+                        continue;
+                    }
+                }
+                redact(item);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
 }
 
 async fn health(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiError> {

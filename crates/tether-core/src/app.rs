@@ -153,6 +153,7 @@ pub async fn run(
         let every = (*instance_ttl / 5).max(Duration::from_millis(200));
         tracker.spawn(registry.clone().run_coordination(every));
     }
+    let admin_token = resolve_admin_token(&config)?;
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
@@ -164,7 +165,8 @@ pub async fn run(
         coordinator: stores.coordinator.clone(),
         metrics: metrics.clone(),
         keys: keys.clone(),
-        token: config.admin_token.clone(),
+        token: admin_token.secret.clone(),
+        token_hint: admin_token.hint.clone(),
         started: std::time::Instant::now(),
         upstream: config.upstream.clone(),
         upstream_name: config.upstream_name.clone(),
@@ -268,6 +270,65 @@ pub async fn run(
     }
     tracing::info!("stopped; sessions stay resumable");
     Ok(())
+}
+
+/// The admin token and where an operator finds it.
+struct AdminToken {
+    secret: String,
+    hint: String,
+}
+
+/// Name of the generated admin token file in the state dir (the CLI reads it there).
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// The configured token, the first line of `--admin-token-file`, or the one generated
+/// into the state dir (kept across restarts, readable only by this user).
+fn resolve_admin_token(config: &Config) -> anyhow::Result<AdminToken> {
+    if let Some(t) = &config.admin_token {
+        return Ok(AdminToken {
+            secret: t.clone(),
+            hint: "the configured --admin-token".into(),
+        });
+    }
+    let read = |path: &std::path::Path| -> anyhow::Result<String> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the admin token file {}", path.display()))?;
+        let token = text.lines().next().unwrap_or("").trim().to_owned();
+        anyhow::ensure!(
+            !token.is_empty(),
+            "the admin token file {} is empty",
+            path.display()
+        );
+        Ok(token)
+    };
+    if let Some(path) = &config.admin_token_file {
+        return Ok(AdminToken {
+            secret: read(path)?,
+            hint: format!("in {}", path.display()),
+        });
+    }
+    let path = config.state_dir.join(ADMIN_TOKEN_FILE);
+    let hint = format!("in {}", path.display());
+    if path.exists() {
+        return Ok(AdminToken {
+            secret: read(&path)?,
+            hint,
+        });
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create the state dir {}", config.state_dir.display()))?;
+    let secret = format!("tadm_{}", crate::session::new_session_id());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write the admin token to {}", path.display()))?;
+    writeln!(file, "{secret}")?;
+    tracing::info!(file = %path.display(), "generated an admin token (the CLI reads it there; `tether dashboard` prints a link with it)");
+    Ok(AdminToken { secret, hint })
 }
 
 /// Takes the state dir for this process: two gateways writing one SQLite store would serve

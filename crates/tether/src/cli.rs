@@ -20,7 +20,7 @@ pub struct AdminArgs {
         value_name = "URL"
     )]
     admin: String,
-    /// Admin token, when the admin listener requires one.
+    /// Admin token [default: the one the gateway generated in its state dir].
     #[arg(
         long,
         global = true,
@@ -29,6 +29,18 @@ pub struct AdminArgs {
         hide_env_values = true
     )]
     admin_token: Option<String>,
+    /// File holding the admin token (its first line).
+    #[arg(
+        long,
+        global = true,
+        env = "TETHER_ADMIN_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    admin_token_file: Option<PathBuf>,
+    /// The gateway's state dir, where it keeps a generated admin token [default: the
+    /// platform data dir].
+    #[arg(long, global = true, env = "TETHER_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -139,6 +151,41 @@ pub fn keys(cmd: &KeysCmd) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+impl AdminArgs {
+    /// The token: given, from the named file, or the one the gateway generated into its
+    /// state dir (readable only by the user the gateway runs as).
+    fn token(&self) -> Option<String> {
+        if let Some(t) = &self.admin_token {
+            return Some(t.clone());
+        }
+        let path = self.admin_token_file.clone().unwrap_or_else(|| {
+            self.state_dir
+                .clone()
+                .unwrap_or_else(tether_core::config::default_state_dir)
+                .join(tether_core::app::ADMIN_TOKEN_FILE)
+        });
+        let text = std::fs::read_to_string(path).ok()?;
+        let token = text.lines().next()?.trim();
+        (!token.is_empty()).then(|| token.to_owned())
+    }
+}
+
+/// Runs `tether dashboard`: prints the dashboard's address with the admin token in its
+/// fragment (never sent to a server, kept by the page for its API calls).
+pub fn dashboard(admin: &AdminArgs) -> ExitCode {
+    let base = admin.admin.trim_end_matches('/');
+    match admin.token() {
+        Some(t) => println!("{base}/#token={t}"),
+        None => {
+            println!("{base}/");
+            eprintln!(
+                "tether: no admin token found (give --admin-token, --admin-token-file or --state-dir); the page is read-only"
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 struct Admin {
     base: String,
     token: Option<String>,
@@ -149,7 +196,7 @@ impl Admin {
     fn new(a: &AdminArgs) -> Admin {
         Admin {
             base: a.admin.trim_end_matches('/').to_owned(),
-            token: a.admin_token.clone(),
+            token: a.token(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(15))
                 .build()

@@ -62,6 +62,11 @@ enum Command {
         #[command(flatten)]
         admin: cli::AdminArgs,
     },
+    /// Print the dashboard's address with the admin token (open it in a browser).
+    Dashboard {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+    },
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -439,6 +444,7 @@ fn main() -> ExitCode {
         Command::Sessions { admin, cmd } => cli::sessions(&admin, &cmd),
         Command::Stats { admin, since } => cli::stats(&admin, since.as_deref()),
         Command::Users { admin } => cli::users(&admin),
+        Command::Dashboard { admin } => cli::dashboard(&admin),
         Command::Keys { cmd } => cli::keys(&cmd),
         Command::DemoServer(args) => demo::run(args),
         Command::Bench(args) => bench::run(&args),

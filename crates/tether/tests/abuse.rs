@@ -580,3 +580,45 @@ async fn sigterm_finishes_within_the_grace_and_a_small_bound() {
     let log = gw.log_text();
     assert!(!log.contains("did not stop in time"), "{log}");
 }
+
+#[tokio::test]
+async fn readiness_fails_when_the_database_file_is_deleted() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let ready = format!("{}/health/ready", gw.admin);
+    assert_eq!(reqwest::get(&ready).await.unwrap().status(), 200);
+    std::fs::remove_file(dir.path().join("tether.db")).unwrap();
+    let r = reqwest::get(&ready).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["checks"]["store"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("removed"),
+        "{body}"
+    );
+}
+
+#[test]
+fn a_corrupted_database_stops_the_start_with_a_clear_error() {
+    let dir = state_dir();
+    std::fs::write(dir.path().join("tether.db"), vec![0x42u8; 64 * 1024]).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot open the session store"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+}

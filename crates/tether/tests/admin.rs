@@ -240,11 +240,14 @@ async fn keys_principals_ledger_api_metrics_and_cli() {
     assert_eq!(status, 200);
     assert!(spec["paths"]["/api/sessions/{id}"]["delete"].is_object());
 
-    // The CLI against the running gateway.
+    // The CLI against the running gateway; it finds the admin token the gateway generated
+    // in its state dir.
     let cli = |args: &[&str]| {
         let out = Command::new(BIN)
             .args(args)
             .args(["--admin", &admin])
+            .arg("--state-dir")
+            .arg(dir.path())
             .output()
             .unwrap();
         (
@@ -312,6 +315,92 @@ fn cli_explains_a_gateway_that_is_not_running() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is `tether serve` running?"), "{err}");
+}
+
+/// Issue 12: on loopback without the token the admin API is read-only and shows session ids
+/// only as prefixes; eviction needs the token, which the gateway generated into its state
+/// dir (readable only by its user) and `tether dashboard` puts in a link.
+#[tokio::test]
+async fn loopback_admin_without_the_token_is_read_only_and_hides_session_ids() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let sid = gw.client().initialize("local").await;
+    let token = gw.admin_token();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("admin.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the token file is readable only by its user"
+    );
+    let http = reqwest::Client::new();
+    let list: Value = http
+        .get(format!("{}/api/sessions", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let shown = list["sessions"][0]["id"].as_str().unwrap();
+    assert_eq!(shown, format!("{}…", &sid[..8]), "{list}");
+    assert!(
+        !list.to_string().contains(&sid),
+        "no full id anywhere: {list}"
+    );
+    // With the token: full ids.
+    let full: Value = http
+        .get(format!("{}/api/sessions", gw.admin))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(full["sessions"][0]["id"], sid.as_str());
+    // Eviction: refused without the token, done with it.
+    let refused = http
+        .delete(format!("{}/api/sessions/{sid}", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let text = refused.text().await.unwrap();
+    assert!(
+        text.contains("admin.token"),
+        "says where the token is: {text}"
+    );
+    assert_eq!(
+        gw.client()
+            .call_text(&sid, 1, "echo", json!({"text": "still mine"}))
+            .await,
+        "still mine"
+    );
+    let evicted = http
+        .delete(format!("{}/api/sessions/{sid}", gw.admin))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(evicted.status(), 200);
+    // `tether dashboard` prints the link with the token.
+    let out = Command::new(BIN)
+        .args(["dashboard", "--admin", &gw.admin, "--state-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}/#token={token}", gw.admin)
+    );
+    // A restart keeps the same token.
+    drop(gw);
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    assert_eq!(gw.admin_token(), token);
 }
 
 #[tokio::test]

@@ -50,12 +50,15 @@ async fn dashboard_shows_sessions_and_evicts_one() {
     tokio::time::sleep(Duration::from_millis(300)).await; // let the ledger batch land
 
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    // The link `tether dashboard` prints: the token in the fragment.
+    let admin_link = format!("{}/#token={}", gw.admin, gw.admin_token());
     let (admin, sid, shot) = (gw.admin.clone(), target.clone(), shots.clone());
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(e2e.join("dashboard.mjs"))
             .args([&admin, &sid])
             .arg(&shot)
+            .arg(&admin_link)
             .env("CHROMIUM", chromium)
             .output()
             .expect("node runs")

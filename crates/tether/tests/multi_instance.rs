@@ -145,7 +145,15 @@ async fn a_session_created_on_one_instance_continues_on_the_others_with_the_same
     if shared.ledger.is_some() {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let (status, list) = get_json(&format!("{}/api/sessions", b.admin)).await;
+            // Full session ids need the admin token.
+            let resp = reqwest::Client::new()
+                .get(format!("{}/api/sessions", b.admin))
+                .bearer_auth(b.admin_token())
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let list: Value = resp.json().await.unwrap();
             assert_eq!(status, 200);
             let row = list["sessions"]
                 .as_array()
@@ -575,6 +583,77 @@ async fn a_redis_restart_that_loses_everything_loses_no_session() {
             }
         }
     }
+    shared.cleanup().await;
+}
+
+/// Issue 12, readiness: a Redis that refuses writes (maxmemory reached, no eviction) makes
+/// the instance not ready, saying why; held sessions are not what readiness is about.
+#[tokio::test]
+async fn a_redis_at_maxmemory_makes_the_instance_not_ready() {
+    if redis_url().is_none() {
+        return;
+    }
+    let rdir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis = Guard(private_redis(rdir.path(), port, false));
+    let url = format!("redis://127.0.0.1:{port}");
+    let shared = Shared::new(&url, "maxmemory").await;
+    let dir = state_dir();
+    let a = Gateway::start(dir.path(), &shared.args(&["--demo"]));
+    let (status, _) = get_json(&format!("{}/health/ready", a.admin)).await;
+    assert_eq!(status, 200);
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let used: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let used: u64 = used
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(used + 1024)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Fill it up to the limit.
+    let filler = "f".repeat(64 * 1024);
+    for i in 0..64 {
+        let r: Result<(), _> = redis::cmd("SET")
+            .arg(format!("filler:{i}"))
+            .arg(&filler)
+            .query_async(&mut conn)
+            .await;
+        if r.is_err() {
+            break;
+        }
+    }
+    let (status, ready) = get_json(&format!("{}/health/ready", a.admin)).await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["checks"]["store"]["ok"], false, "{ready}");
+    assert!(
+        ready["checks"]["store"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("maxmemory")
+            || ready["checks"]["store"]["error"]
+                .as_str()
+                .unwrap()
+                .contains("OOM"),
+        "{ready}"
+    );
     shared.cleanup().await;
 }
 

@@ -194,6 +194,14 @@ impl Gateway {
     pub fn client(&self) -> Mcp {
         Mcp::new(&self.url)
     }
+
+    /// The admin token the gateway generated into its state dir.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("admin.token"))
+            .expect("the gateway wrote its admin token")
+            .trim()
+            .to_owned()
+    }
 }
 
 impl Drop for Gateway {
