@@ -204,6 +204,7 @@ impl Bridge {
                     max_outage: self.opts.max_outage,
                 }),
                 request_timeout: Some(self.opts.timeout),
+                ..HttpOptions::default()
             },
             self.inbound_tx.clone(),
             self.tracker.clone(),

@@ -622,3 +622,46 @@ fn a_corrupted_database_stops_the_start_with_a_clear_error() {
     assert!(stderr.contains("cannot open the session store"), "{stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo", "--header-timeout", "1s"]);
+    let mut tcp = TcpStream::connect(&gw.addr).await.unwrap();
+    // One complete request (answered 405), then nothing on the kept-alive connection.
+    tcp.write_all(b"PUT /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (bytes, closed) = read_to_close(&mut tcp, Duration::from_secs(5)).await;
+    assert!(
+        bytes.starts_with(b"HTTP/1.1 405"),
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    assert!(closed, "the idle connection was closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_answer_from_an_http_upstream_fails_its_call_only() {
+    let dir = state_dir();
+    let (mut upstream, url) = common::http_upstream("127.0.0.1:0");
+    let gw = Gateway::start(
+        dir.path(),
+        &["--upstream-url", &url, "--max-upstream-message", "1MiB"],
+    );
+    let mcp = gw.client();
+    let sid = mcp.initialize("big-http").await;
+    let r = mcp.call(&sid, 1, "big", json!({"bytes": 2 << 20})).await;
+    assert_eq!(r["error"]["code"], -32017, "{r}");
+    assert_eq!(r["id"], 1);
+    let small = mcp.call_text(&sid, 2, "big", json!({"bytes": 1000})).await;
+    assert_eq!(small.len(), 1000);
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+}

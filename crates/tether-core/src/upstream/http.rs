@@ -49,7 +49,7 @@ pub struct Reconnect {
 }
 
 /// How an [`HttpLink`] talks to its server.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HttpOptions {
     /// Headers sent with every request (for example `Authorization`).
     pub headers: HeaderMap,
@@ -57,6 +57,79 @@ pub struct HttpOptions {
     pub reconnect: Option<Reconnect>,
     /// Time to wait for response headers; `None` waits as long as the connection lives.
     pub request_timeout: Option<Duration>,
+    /// Largest message (JSON body or one SSE event) read from the server; a larger answer
+    /// is reported as [`Inbound::Oversized`] for its request and not read further.
+    pub max_message: usize,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            headers: HeaderMap::new(),
+            reconnect: None,
+            request_timeout: None,
+            max_message: 16 << 20,
+        }
+    }
+}
+
+/// The body of an SSE answer, ended once one event grows past `max` bytes (its size is
+/// then in `over`): `eventsource-stream` buffers an event until its blank line, so a server
+/// that never sends one would grow that buffer without bound.
+fn bounded_sse(
+    resp: reqwest::Response,
+    max: usize,
+    over: Arc<std::sync::atomic::AtomicUsize>,
+) -> futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>> {
+    async_stream::stream! {
+        let mut body = std::pin::pin!(resp.bytes_stream());
+        let (mut since, mut prev_nl) = (0usize, false);
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    for &b in bytes.iter() {
+                        if b == b'\r' {
+                            continue;
+                        }
+                        if b == b'\n' && prev_nl {
+                            since = 0;
+                        } else {
+                            since += 1;
+                        }
+                        prev_nl = b == b'\n';
+                    }
+                    if since > max {
+                        over.store(since, Ordering::Relaxed);
+                        break;
+                    }
+                    yield Ok(bytes);
+                }
+                Err(e) => {
+                    yield Err(e);
+                    break;
+                }
+            }
+        }
+    }
+    .boxed()
+}
+
+/// A JSON body of at most `max` bytes; `Ok(Err(len))` when it is longer (not read further).
+async fn read_limited(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> reqwest::Result<Result<bytes::Bytes, usize>> {
+    if let Some(len) = resp.content_length().filter(|l| *l as usize > max) {
+        return Ok(Err(len as usize));
+    }
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if buf.len() + chunk.len() > max {
+            return Ok(Err(buf.len() + chunk.len()));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Ok(buf.freeze()))
 }
 
 /// One session with a Streamable HTTP server.
@@ -391,9 +464,20 @@ impl Inner {
             self.read_sse(resp, req_id.as_ref(), origin).await;
             return;
         }
-        match resp.bytes().await {
-            Ok(bytes) if bytes.is_empty() => {}
-            Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+        let max = self.opts.max_message;
+        match read_limited(resp, max).await {
+            Ok(Err(len)) => {
+                let _ = self
+                    .inbound
+                    .send(Inbound::Oversized {
+                        id: request_id(value).cloned(),
+                        len,
+                        limit: max,
+                    })
+                    .await;
+            }
+            Ok(Ok(bytes)) if bytes.is_empty() => {}
+            Ok(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
                 Ok(v) => {
                     if is_init {
                         self.note_initialized(&v).await;
@@ -444,8 +528,9 @@ impl Inner {
         let mut retry = DEFAULT_RETRY;
         let mut resp = resp;
         let mut resumes = 0;
+        let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         loop {
-            let mut events = resp.bytes_stream().eventsource();
+            let mut events = bounded_sse(resp, self.opts.max_message, over.clone()).eventsource();
             while let Some(Ok(ev)) = events.next().await {
                 if !ev.id.is_empty() {
                     last_id = Some(ev.id.clone());
@@ -471,6 +556,19 @@ impl Inner {
                 }
             }
             let Some(id) = req_id else { return };
+            let len = over.load(Ordering::Relaxed);
+            if len > 0 {
+                // Resuming would only fetch the same event again.
+                let _ = self
+                    .inbound
+                    .send(Inbound::Oversized {
+                        id: Some(id.clone()),
+                        len,
+                        limit: self.opts.max_message,
+                    })
+                    .await;
+                return;
+            }
             let Some(last) = last_id.clone() else {
                 self.lost(id, "the server closed the response stream before answering, and it cannot be resumed").await;
                 return;
@@ -582,7 +680,8 @@ impl Inner {
         let want = request_id(value).cloned();
         let is_sse = is_event_stream(resp.headers());
         if is_sse {
-            let mut events = resp.bytes_stream().eventsource();
+            let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut events = bounded_sse(resp, self.opts.max_message, over).eventsource();
             while let Some(Ok(ev)) = events.next().await {
                 if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
                     if want.is_some() && v.get("method").is_none() && v.get("id") == want.as_ref() {
@@ -592,10 +691,15 @@ impl Inner {
             }
             return Ok(None);
         }
-        let bytes = resp
-            .bytes()
+        let bytes = read_limited(resp, self.opts.max_message)
             .await
-            .map_err(|e| SendError::Sent(error_chain(&e)))?;
+            .map_err(|e| SendError::Sent(error_chain(&e)))?
+            .map_err(|len| {
+                SendError::Sent(format!(
+                    "answer of {len} bytes over the {} byte limit",
+                    self.opts.max_message
+                ))
+            })?;
         Ok(serde_json::from_slice(&bytes).ok())
     }
 
@@ -655,6 +759,7 @@ impl Inner {
         let inbound = self.inbound.clone();
         let base_headers = self.opts.headers.clone();
         let session = self.session.clone();
+        let max_message = self.opts.max_message;
         self.tracker.spawn(async move {
             let mut last_id: Option<String> = None;
             let mut retry = DEFAULT_RETRY;
@@ -692,7 +797,8 @@ impl Inner {
                     }
                     Ok(r) if r.status().is_success() => {
                         failures = 0;
-                        let mut events = r.bytes_stream().eventsource();
+                        let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                        let mut events = bounded_sse(r, max_message, over).eventsource();
                         loop {
                             let ev = tokio::select! {
                                 _ = stop.cancelled() => return,

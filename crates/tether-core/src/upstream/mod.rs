@@ -426,7 +426,10 @@ impl Connector {
                 self.http.clone(),
                 url,
                 init_params.clone(),
-                http::HttpOptions::default(),
+                http::HttpOptions {
+                    max_message: self.limits.max_message,
+                    ..http::HttpOptions::default()
+                },
                 tx,
                 self.tracker.clone(),
             )),
