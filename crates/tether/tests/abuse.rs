@@ -452,35 +452,37 @@ async fn stdio_upstreams_get_a_clean_environment() {
         &["--demo", "--upstream-pass-env", "PASSED_ON"],
         &env,
     );
-    let mcp = gw.client();
-    let sid = mcp.initialize("env").await;
-    let get = |name: &'static str| {
-        let (mcp, sid) = (mcp.clone(), sid.clone());
-        async move {
-            mcp.call_text(&sid, 1, "getenv", json!({ "name": name }))
-                .await
+    let getenv = async |gw: &Gateway, names: &[&str]| -> Vec<String> {
+        let mcp = gw.client();
+        let sid = mcp.initialize("env").await;
+        let mut out = Vec::new();
+        for name in names {
+            out.push(
+                mcp.call_text(&sid, 1, "getenv", json!({ "name": name }))
+                    .await,
+            );
         }
+        out
     };
-    assert_eq!(get("TETHER_ADMIN_TOKEN").await, "");
-    assert_eq!(get("TETHER_STORE_PREFIX_TEST").await, "");
-    assert_eq!(get("DATABASE_PASSWORD").await, "");
-    assert_eq!(get("PASSED_ON").await, "yes");
-    assert!(!get("PATH").await.is_empty(), "PATH is on the allow-list");
+    let seen = getenv(
+        &gw,
+        &[
+            "TETHER_ADMIN_TOKEN",
+            "TETHER_STORE_PREFIX_TEST",
+            "DATABASE_PASSWORD",
+            "PASSED_ON",
+            "PATH",
+        ],
+    )
+    .await;
+    assert_eq!(&seen[..4], ["", "", "", "yes"]);
+    assert!(!seen[4].is_empty(), "PATH is on the allow-list");
 
     // Inheriting is a choice, and TETHER_* still never passes.
     let dir = state_dir();
     let gw = Gateway::start_env(dir.path(), &["--demo", "--upstream-inherit-env"], &env);
-    let mcp = gw.client();
-    let sid = mcp.initialize("env").await;
-    let get = |name: &'static str| {
-        let (mcp, sid) = (mcp.clone(), sid.clone());
-        async move {
-            mcp.call_text(&sid, 1, "getenv", json!({ "name": name }))
-                .await
-        }
-    };
-    assert_eq!(get("DATABASE_PASSWORD").await, "hunter2");
-    assert_eq!(get("TETHER_ADMIN_TOKEN").await, "");
+    let seen = getenv(&gw, &["DATABASE_PASSWORD", "TETHER_ADMIN_TOKEN"]).await;
+    assert_eq!(seen, ["hunter2", ""]);
 }
 
 #[tokio::test]
@@ -604,23 +606,10 @@ async fn readiness_fails_when_the_database_file_is_deleted() {
 fn a_corrupted_database_stops_the_start_with_a_clear_error() {
     let dir = state_dir();
     std::fs::write(dir.path().join("tether.db"), vec![0x42u8; 64 * 1024]).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args([
-            "serve",
-            "--demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert_ne!(out.status.code(), Some(0));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, stdout, stderr) = common::serve_to_exit(dir.path());
+    assert_ne!(code, Some(0));
     assert!(stderr.contains("cannot open the session store"), "{stderr}");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+    assert!(!stdout.contains("listening"));
 }
 
 #[tokio::test]

@@ -349,21 +349,8 @@ async fn a_session_is_not_resumed_against_another_upstream() {
 async fn a_second_gateway_on_the_same_state_dir_exits_naming_the_first() {
     let dir = state_dir();
     let gw = Gateway::start(dir.path(), &["--demo"]);
-    let out = std::process::Command::new(common::BIN)
-        .args([
-            "serve",
-            "--demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, _, stderr) = common::serve_to_exit(dir.path());
+    assert_eq!(code, Some(1));
     assert!(stderr.contains("is in use by another tether"), "{stderr}");
     assert!(stderr.contains(&format!("pid {}", gw.pid())), "{stderr}");
     assert!(stderr.contains(&gw.addr), "{stderr}");

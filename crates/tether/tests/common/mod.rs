@@ -543,16 +543,44 @@ pub async fn stdio_client(
         .expect("initialize through the bridge")
 }
 
-/// The sum of every sample of a metric whose line starts with `prefix` (a name with some
-/// of its labels), 0 when there is none.
-pub async fn metric_sum(gw: &Gateway, prefix: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", gw.admin))
+/// `tether serve --demo` on port 0 with `state_dir`, run to its exit (for starts that must
+/// fail): exit code, stdout and stderr.
+pub fn serve_to_exit(state_dir: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(state_dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn metrics_text(gw: &Gateway) -> String {
+    reqwest::get(format!("{}/metrics", gw.admin))
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    text.lines()
+        .unwrap()
+}
+
+/// The sum of every sample of a metric whose line starts with `prefix` (a name with some
+/// of its labels), 0 when there is none.
+pub async fn metric_sum(gw: &Gateway, prefix: &str) -> f64 {
+    metrics_text(gw)
+        .await
+        .lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum()
@@ -565,12 +593,7 @@ pub fn fd_count(pid: i32) -> usize {
 
 /// One value of an unlabelled metric from a gateway's `/metrics`.
 pub async fn metric(gw: &Gateway, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", gw.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(gw).await;
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.parse().ok())
