@@ -205,6 +205,15 @@ struct LegacyPending {
 }
 
 impl Shared {
+    /// Starts an upstream for session `id` and replays `params` as its `initialize` under a
+    /// fresh gateway id: the one start of new sessions and restarts alike.
+    async fn start_upstream(&self, id: &str, params: &Value) -> Result<Started, UpstreamError> {
+        let uid = self.next_upstream_id.fetch_add(1, Ordering::Relaxed);
+        self.connector
+            .start(id, params, uid, self.cfg.upstream_timeout)
+            .await
+    }
+
     /// Marks a session closed in the live store (and the ledger, when that is elsewhere).
     async fn close_stored(&self, id: &str, reason: &str) -> Result<(), StoreError> {
         let at_ms = now_ms();
@@ -470,17 +479,12 @@ impl Registry {
         let id = legacy_id.unwrap_or_else(new_session_id);
         let span = tracing::info_span!(parent: None, "session", session.id = %id, upstream.name = %sh.cfg.upstream_name);
         async {
-            let uid = sh.next_upstream_id.fetch_add(1, Ordering::Relaxed);
             let Started {
                 link,
                 rx,
                 result,
                 early,
-            } = match sh
-                .connector
-                .start(&id, &params, uid, sh.cfg.upstream_timeout)
-                .await
-            {
+            } = match sh.start_upstream(&id, &params).await {
                 Ok(x) => x,
                 Err(UpstreamError::Rejected(err)) => {
                     return Ok((
@@ -1420,22 +1424,12 @@ impl Session {
             }
         }
         let started = Instant::now();
-        let uid = sh.next_upstream_id.fetch_add(1, Ordering::Relaxed);
         let Started {
             link,
             rx,
             result,
             early,
-        } = match sh
-            .connector
-            .start(
-                &self.id,
-                &self.record.init_params,
-                uid,
-                sh.cfg.upstream_timeout,
-            )
-            .await
-        {
+        } = match sh.start_upstream(&self.id, &self.record.init_params).await {
             Ok(x) => x,
             Err(err @ (UpstreamError::CircuitOpen { .. } | UpstreamError::Capacity(_))) => {
                 // Refused before anything ran: not this session's failure, so its own
