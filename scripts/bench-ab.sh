@@ -17,14 +17,7 @@ DURATION="${DURATION:-5s}"
 ROUNDS="${ROUNDS:-3}"
 SESSIONS="${SESSIONS:-1 16}"
 OUT=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  return 1
-}
+. "$(dirname "$0")/lib.sh"
 run() { # label binary sessions
   local port state pid
   port=$(free_port)

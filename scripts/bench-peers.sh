@@ -44,16 +44,7 @@ if [ ! -x "$OUT/venv/bin/mcp-proxy" ]; then
   "$OUT/venv/bin/pip" install -q "mcp-proxy==$MCP_PROXY_PYPI_VERSION"
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on $1" >&2
-  return 1
-}
+. scripts/lib.sh
 
 RESULTS="$OUT/results.jsonl"
 : >"$RESULTS"

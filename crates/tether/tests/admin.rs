@@ -337,14 +337,14 @@ async fn loopback_admin_without_the_token_is_read_only_and_hides_session_ids() {
         "the token file is readable only by its user"
     );
     let http = reqwest::Client::new();
-    let list: Value = http
-        .get(format!("{}/api/sessions", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sessions = async |token: Option<&str>| -> Value {
+        let mut req = http.get(format!("{}/api/sessions", gw.admin));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap().json().await.unwrap()
+    };
+    let list = sessions(None).await;
     let shown = list["sessions"][0]["id"].as_str().unwrap();
     assert_eq!(shown, format!("{}…", &sid[..8]), "{list}");
     assert!(
@@ -352,15 +352,7 @@ async fn loopback_admin_without_the_token_is_read_only_and_hides_session_ids() {
         "no full id anywhere: {list}"
     );
     // With the token: full ids.
-    let full: Value = http
-        .get(format!("{}/api/sessions", gw.admin))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let full = sessions(Some(&token)).await;
     assert_eq!(full["sessions"][0]["id"], sid.as_str());
     // Eviction: refused without the token, done with it.
     let refused = http

@@ -388,10 +388,8 @@ async fn a_redis_outage_keeps_held_sessions_working_and_loses_nothing_acknowledg
     if redis_url().is_none() {
         return;
     }
-    let rdir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut redis = Guard(private_redis(rdir.path(), port, true));
-    let url = format!("redis://127.0.0.1:{port}");
+    let mut redis = PrivateRedis::start(true);
+    let url = redis.url();
     let shared = Shared::new(&url, "outage").await;
     let (da, db) = (state_dir(), state_dir());
     let a = Gateway::start(da.path(), &shared.args(&["--demo"]));
@@ -401,8 +399,7 @@ async fn a_redis_outage_keeps_held_sessions_working_and_loses_nothing_acknowledg
     assert_eq!(mb.call_text(&sid, 1, "counter", json!({})).await, "1");
 
     // Redis dies (SIGKILL).
-    redis.0.kill().unwrap();
-    redis.0.wait().unwrap();
+    redis.stop();
     // The session A holds keeps working; its answers are kept for Redis.
     let during = ma
         .post(
@@ -434,7 +431,7 @@ async fn a_redis_outage_keeps_held_sessions_working_and_loses_nothing_acknowledg
     assert_eq!(metric(&a, "tether_store_up").await, 0.0);
 
     // Redis comes back from its append-only file; the instances reconnect by themselves.
-    let _redis = Guard(private_redis(rdir.path(), port, true));
+    redis.restart();
     wait_metric(&a, "tether_store_up", 1.0).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -468,10 +465,8 @@ async fn a_redis_that_lost_everything_gets_held_sessions_written_back() {
     if redis_url().is_none() {
         return;
     }
-    let rdir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut redis = Guard(private_redis(rdir.path(), port, false));
-    let url = format!("redis://127.0.0.1:{port}");
+    let mut redis = PrivateRedis::start(false);
+    let url = redis.url();
     let shared = Shared::new(&url, "amnesia").await;
     let (da, db) = (state_dir(), state_dir());
     let a = Gateway::start(da.path(), &shared.args(&["--demo"]));
@@ -480,9 +475,8 @@ async fn a_redis_that_lost_everything_gets_held_sessions_written_back() {
     let sid = ma.initialize("amnesia").await;
     assert_eq!(ma.call_text(&sid, 1, "counter", json!({})).await, "1");
     // A restart without persistence: every key is gone.
-    redis.0.kill().unwrap();
-    redis.0.wait().unwrap();
-    let _redis = Guard(private_redis(rdir.path(), port, false));
+    redis.stop();
+    redis.restart();
     // A notices its heartbeat had lapsed and writes back what it holds; then B finds the
     // session again and forwards to A, whose upstream still counts.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -524,10 +518,8 @@ async fn a_redis_restart_that_loses_everything_loses_no_session() {
     if redis_url().is_none() {
         return;
     }
-    let rdir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut redis = Guard(private_redis(rdir.path(), port, false));
-    let url = format!("redis://127.0.0.1:{port}");
+    let mut redis = PrivateRedis::start(false);
+    let url = redis.url();
     let shared = Shared::new(&url, "restart_empty").await;
     let (da, db) = (state_dir(), state_dir());
     let a = Gateway::start(da.path(), &shared.args(&["--demo"]));
@@ -545,9 +537,8 @@ async fn a_redis_restart_that_loses_everything_loses_no_session() {
         );
         sessions.push((sid, owner));
     }
-    redis.0.kill().unwrap();
-    redis.0.wait().unwrap();
-    let _redis = Guard(private_redis(rdir.path(), port, false));
+    redis.stop();
+    redis.restart();
     // At once, each session through the instance that does not hold it, then alternating.
     for round in 0..4 {
         for (sid, owner) in &sessions {
@@ -593,10 +584,8 @@ async fn a_redis_at_maxmemory_makes_the_instance_not_ready() {
     if redis_url().is_none() {
         return;
     }
-    let rdir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _redis = Guard(private_redis(rdir.path(), port, false));
-    let url = format!("redis://127.0.0.1:{port}");
+    let redis = PrivateRedis::start(false);
+    let url = redis.url();
     let shared = Shared::new(&url, "maxmemory").await;
     let dir = state_dir();
     let a = Gateway::start(dir.path(), &shared.args(&["--demo"]));
@@ -655,6 +644,46 @@ async fn a_redis_at_maxmemory_makes_the_instance_not_ready() {
         "{ready}"
     );
     shared.cleanup().await;
+}
+
+/// A `redis-server` of the test's own on a free port (never the shared one), stopped when
+/// dropped; restarting it keeps its port (and, when persistent, its data).
+struct PrivateRedis {
+    dir: tempfile::TempDir,
+    port: u16,
+    persistent: bool,
+    child: Option<Guard>,
+}
+
+impl PrivateRedis {
+    fn start(persistent: bool) -> PrivateRedis {
+        let mut r = PrivateRedis {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            persistent,
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (an outage, or a crash that loses what is not persisted).
+    fn stop(&mut self) {
+        self.child = None;
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        self.child = Some(Guard(private_redis(
+            self.dir.path(),
+            self.port,
+            self.persistent,
+        )));
+    }
 }
 
 /// Kills a child process when dropped.
