@@ -251,57 +251,15 @@ fn redact(v: &mut Value) {
 
 async fn health(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiError> {
     let live = st.store.count_live().await?;
+    st.metrics.sessions_live.set(live as i64);
+    let held = st.registry.held_count();
     Ok(axum::Json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": st.started.elapsed().as_secs(),
         "live_sessions": live,
+        "held_sessions": held,
     })))
-}
-
-/// Whether the upstream could be started now: the stdio program exists and is
-/// executable, or the HTTP upstream accepts a TCP connection.
-async fn upstream_startable(spec: &UpstreamSpec) -> Result<(), String> {
-    match spec {
-        UpstreamSpec::Stdio { argv, .. } => {
-            let program = std::path::Path::new(&argv[0]);
-            let candidates: Vec<std::path::PathBuf> = if program.components().count() > 1 {
-                vec![program.to_path_buf()]
-            } else {
-                std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-                    .map(|d| d.join(program))
-                    .collect()
-            };
-            use std::os::unix::fs::PermissionsExt;
-            let found = candidates.iter().any(|p| {
-                std::fs::metadata(p)
-                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            });
-            if found {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{:?} is not an executable file or on PATH",
-                    argv[0]
-                ))
-            }
-        }
-        UpstreamSpec::Http { url } => {
-            let u = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
-            let host = u.host_str().unwrap_or("localhost").to_owned();
-            let port = u.port_or_known_default().unwrap_or(80);
-            match tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::net::TcpStream::connect((host.as_str(), port)),
-            )
-            .await
-            {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(format!("cannot connect to {host}:{port}: {e}")),
-                Err(_) => Err(format!("no answer from {host}:{port}")),
-            }
-        }
-    }
 }
 
 /// The upstream's circuit: `Err` while new upstream starts are refused.
@@ -323,7 +281,7 @@ async fn ready(State(st): State<AdminState>) -> Response {
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("store write did not complete within 2s".into()),
     };
-    let upstream = upstream_startable(&st.upstream).await;
+    let upstream = crate::upstream::startable(&st.upstream).await;
     let circuit = circuit_check(&st.registry);
     let ok = store.is_ok() && upstream.is_ok() && circuit.is_ok();
     let show = |r: &Result<(), String>| match r {
@@ -417,6 +375,17 @@ async fn metrics(State(st): State<AdminState>) -> Response {
         .upstream_circuit_open
         .set(i64::from(connector.circuit().is_open()));
     st.metrics.upstreams_running.set(connector.running() as i64);
+    st.metrics
+        .sessions_held
+        .set(st.registry.held_count() as i64);
+    // The same figure /health reports. A store that does not answer leaves the last value:
+    // the scrape still serves every other metric, and readiness reports the outage.
+    match st.store.count_live().await {
+        Ok(live) => {
+            st.metrics.sessions_live.set(live as i64);
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot count live sessions for /metrics"),
+    };
     (
         [(
             header::CONTENT_TYPE,

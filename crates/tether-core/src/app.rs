@@ -38,6 +38,21 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let metrics = Arc::new(Metrics::default());
+    // Said once at start rather than discovered by the first client: readiness knows the
+    // same thing, but nobody reads it before something is already broken.
+    if let Err(why) = crate::upstream::startable(&config.upstream).await {
+        if config.require_upstream {
+            anyhow::bail!(
+                "upstream {:?} cannot be started: {why} (--require-upstream)",
+                config.upstream_name
+            );
+        }
+        tracing::warn!(
+            upstream.name = %config.upstream_name,
+            error = %why,
+            "upstream cannot be started: new sessions will get -32010 and /health/ready reports it (--require-upstream makes this fatal)"
+        );
+    }
     let listen = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -227,7 +242,22 @@ pub async fn run(
         stop_accepting.clone(),
         drop_connections.clone(),
     ));
-    tracing::info!(listen = %addr, upstream.name = %config.upstream_name, "tether ready on http://{addr}/mcp");
+    let auth = if config.keys.is_empty() {
+        "off: every client is anonymous (add API keys with `tether keys add`)".to_owned()
+    } else {
+        let users: std::collections::BTreeSet<&str> =
+            config.keys.iter().map(|k| k.user.as_str()).collect();
+        format!("{} API keys of {} users", config.keys.len(), users.len())
+    };
+    tracing::info!(
+        listen = %addr,
+        upstream.name = %config.upstream_name,
+        upstream = %config.upstream.describe(),
+        auth = %auth,
+        store = %store.describe(),
+        ledger = %stores.ledger_name,
+        "tether ready on http://{addr}/mcp"
+    );
     on_ready(addr, admin_addr);
 
     let mut server = server;

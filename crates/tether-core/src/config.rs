@@ -348,6 +348,9 @@ pub struct UpstreamLayer {
     pub inherit_env: Option<bool>,
     /// Variables passed from the gateway's environment besides the default allow-list.
     pub pass_env: Option<Vec<String>>,
+    /// Refuse to start when the upstream cannot be started (program missing, URL not
+    /// answering) instead of warning and serving errors to the first sessions.
+    pub require: Option<bool>,
 }
 
 /// Where the gateway's upstream MCP server is.
@@ -372,6 +375,97 @@ pub enum UpstreamSpec {
 }
 
 impl UpstreamSpec {
+    /// What the upstream is, for the start-up log: the program and how many arguments it
+    /// gets (arguments can hold secrets), or the URL without credentials or query.
+    pub fn describe(&self) -> String {
+        match self {
+            UpstreamSpec::Stdio { argv, .. } => {
+                format!("stdio {} ({} args)", argv[0], argv.len() - 1)
+            }
+            UpstreamSpec::Http { url } => match reqwest::Url::parse(url) {
+                Ok(mut u) => {
+                    let _ = u.set_username("");
+                    let _ = u.set_password(None);
+                    u.set_query(None);
+                    u.to_string()
+                }
+                Err(_) => "http (unparsable URL)".to_owned(),
+            },
+        }
+    }
+
+    /// The name an upstream gets when none is configured: what a person would call it.
+    /// For a launcher (`npx`, `uvx`, `node`, `python`, ...) that is the package or script
+    /// it runs, without scope, version or extension; otherwise the program's file name.
+    /// For a URL, its host and path (`127.0.0.1-mcp`). Characters a name may not hold
+    /// become `-`.
+    pub fn default_name(&self) -> String {
+        const LAUNCHERS: &[&str] = &[
+            "npx", "bunx", "pnpx", "uvx", "uv", "node", "bun", "deno", "python", "python3", "pipx",
+            "docker", "podman",
+        ];
+        let base = |p: &str| {
+            Path::new(p)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let raw = match self {
+            UpstreamSpec::Stdio { argv, .. } => {
+                let program = base(&argv[0]);
+                let target = LAUNCHERS
+                    .contains(&program.as_str())
+                    .then(|| {
+                        argv[1..].iter().find(|a| {
+                            !a.starts_with('-')
+                                && !["run", "exec", "tool", "x"].contains(&a.as_str())
+                        })
+                    })
+                    .flatten();
+                match target {
+                    Some(t) => {
+                        // @scope/pkg@1.2 → pkg; server.py → server; ghcr.io/a/b:tag → b
+                        let t = t.rsplit('/').next().unwrap_or(t);
+                        let t = t.split(['@', ':']).find(|p| !p.is_empty()).unwrap_or(t);
+                        let t = [".py", ".js", ".mjs", ".cjs", ".ts"]
+                            .iter()
+                            .find_map(|ext| t.strip_suffix(ext))
+                            .unwrap_or(t);
+                        t.to_owned()
+                    }
+                    None => program,
+                }
+            }
+            UpstreamSpec::Http { url } => match reqwest::Url::parse(url) {
+                Ok(u) => {
+                    let host = u.host_str().unwrap_or("http").to_owned();
+                    let path = u.path().trim_matches('/').replace('/', "-");
+                    if path.is_empty() {
+                        host
+                    } else {
+                        format!("{host}-{path}")
+                    }
+                }
+                Err(_) => "http".to_owned(),
+            },
+        };
+        let name: String = raw
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        if name.is_empty() {
+            "upstream".to_owned()
+        } else {
+            name
+        }
+    }
+
     /// A short fingerprint of what this upstream runs: the argv and working directory of a
     /// stdio command, or the URL. Sessions record it so a session is never resumed against
     /// a different server (two gateways on one state dir, or a changed command).
@@ -510,6 +604,8 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     /// Resource limits.
     pub limits: Limits,
+    /// Exit at start when the upstream cannot be started (`--require-upstream`).
+    pub require_upstream: bool,
 }
 
 impl Layer {
@@ -546,6 +642,7 @@ impl Layer {
             cwd: top_up.cwd.or(base_up.cwd),
             inherit_env: top_up.inherit_env.or(base_up.inherit_env),
             pass_env: top_up.pass_env.or(base_up.pass_env),
+            require: top_up.require.or(base_up.require),
         };
         let limits = match (self.limits, over.limits) {
             (Some(a), Some(b)) => Some(a.overlay(b)),
@@ -738,6 +835,7 @@ impl Config {
         };
 
         let up = layer.upstream.unwrap_or_default();
+        let require_upstream = up.require.unwrap_or(false);
         let demo = layer.demo.unwrap_or(false);
         let env_policy = if up.inherit_env.unwrap_or(false) {
             if up.pass_env.is_some() {
@@ -814,14 +912,7 @@ impl Config {
         };
         let upstream_name = up.name.unwrap_or_else(|| match &upstream {
             Some(UpstreamSpec::Stdio { .. }) if demo => "demo".to_owned(),
-            Some(UpstreamSpec::Stdio { argv, .. }) => Path::new(&argv[0])
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "stdio".to_owned()),
-            Some(UpstreamSpec::Http { url }) => reqwest::Url::parse(url)
-                .ok()
-                .and_then(|u| u.host_str().map(str::to_owned))
-                .unwrap_or_else(|| "http".to_owned()),
+            Some(spec) => spec.default_name(),
             None => "upstream".to_owned(),
         });
         if !upstream_name
@@ -856,6 +947,7 @@ impl Config {
             ledger,
             admin_token_file,
             limits,
+            require_upstream,
         })
     }
 }
@@ -953,6 +1045,45 @@ mod tests {
         assert_eq!(c.upstream_timeout, Duration::from_secs(300));
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
         assert_eq!(c.upstream_name, "demo");
+        let stdio = |argv: &[&str]| UpstreamSpec::Stdio {
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            env: BTreeMap::new(),
+            cwd: None,
+            env_policy: EnvPolicy::Inherit,
+        };
+        let http = |url: &str| UpstreamSpec::Http {
+            url: url.to_owned(),
+        };
+        for (spec, want) in [
+            (stdio(&["/usr/bin/mcp-server-time"]), "mcp-server-time"),
+            (
+                stdio(&["npx", "-y", "@modelcontextprotocol/server-everything"]),
+                "server-everything",
+            ),
+            (stdio(&["npx", "-y", "@scope/pkg@1.2.3", "stdio"]), "pkg"),
+            (stdio(&["uvx", "mcp-server-fetch"]), "mcp-server-fetch"),
+            (stdio(&["python3", "-u", "/srv/tools/server.py"]), "server"),
+            (
+                stdio(&["docker", "run", "-i", "--rm", "ghcr.io/org/thing:latest"]),
+                "thing",
+            ),
+            (http("http://127.0.0.1:3001/mcp"), "127.0.0.1-mcp"),
+            (
+                http("https://tools.example.com/v1/mcp/"),
+                "tools.example.com-v1-mcp",
+            ),
+            (http("https://tools.example.com"), "tools.example.com"),
+        ] {
+            assert_eq!(spec.default_name(), want, "{spec:?}");
+        }
+        assert_eq!(
+            http("https://user:secret@h.example/mcp?key=x").describe(),
+            "https://h.example/mcp"
+        );
+        assert_eq!(
+            stdio(&["npx", "-y", "pkg"]).describe(),
+            "stdio npx (2 args)"
+        );
     }
 
     #[test]

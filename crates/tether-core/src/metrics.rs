@@ -59,8 +59,11 @@ pub struct ConnectionLabel {
 /// Every metric of the gateway.
 pub struct Metrics {
     registry: Registry,
-    /// Sessions held in memory by this process.
+    /// Live sessions in the live store (deployment-wide with Redis): the figure `/health`
+    /// reports as `live_sessions`, read from the store when scraped.
     pub sessions_live: Gauge,
+    /// Sessions held in memory by this process; the rest of the live ones resume on contact.
+    pub sessions_held: Gauge,
     /// Sessions created.
     pub sessions_created: Counter,
     /// Sessions closed, by reason.
@@ -120,6 +123,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("tether");
         let m = Metrics {
             sessions_live: Gauge::default(),
+            sessions_held: Gauge::default(),
             sessions_created: Counter::default(),
             sessions_closed: Family::default(),
             rehydrations: Counter::default(),
@@ -221,8 +225,13 @@ impl Default for Metrics {
         );
         registry.register(
             "sessions_live",
-            "Sessions held in memory by this process",
+            "Live sessions in the live store (held here or resumable on contact); /health live_sessions",
             m.sessions_live.clone(),
+        );
+        registry.register(
+            "sessions_held",
+            "Sessions held in memory by this process (upstream state, open streams); the other live ones resume on contact",
+            m.sessions_held.clone(),
         );
         registry.register(
             "sessions_created",

@@ -264,6 +264,9 @@ pub fn call_outcome(response: &Value) -> (&'static str, Option<i64>) {
             code::UPSTREAM_LOST => "upstream_lost",
             code::INTERRUPTED => "interrupted",
             code::SESSION_CLOSED => "session_closed",
+            code::UPSTREAM_UNAVAILABLE => "upstream_unavailable",
+            code::LIMIT_REACHED => "refused",
+            code::UPSTREAM_MESSAGE_TOO_LARGE => "too_large",
             _ => "error",
         };
         return (kind, Some(c));

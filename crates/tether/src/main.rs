@@ -232,7 +232,7 @@ struct ServeArgs {
     #[arg(long, env = "TETHER_UPSTREAM_NAME", value_name = "NAME")]
     upstream_name: Option<String>,
     /// Run the bundled demo MCP server as the upstream.
-    #[arg(long, env = "TETHER_DEMO")]
+    #[arg(long, env = "TETHER_DEMO", value_parser = clap::builder::BoolishValueParser::new())]
     demo: bool,
     /// Address of the admin listener: health, metrics, API, dashboard [default: 127.0.0.1:7451].
     #[arg(long, env = "TETHER_ADMIN_LISTEN", value_name = "ADDR")]
@@ -252,7 +252,7 @@ struct ServeArgs {
     admin_token_file: Option<PathBuf>,
     /// Give a stdio upstream the gateway's whole environment (less TETHER_*) instead of
     /// PATH, HOME, LANG, TZ and the few others of the default allow-list.
-    #[arg(long, env = "TETHER_UPSTREAM_INHERIT_ENV")]
+    #[arg(long, env = "TETHER_UPSTREAM_INHERIT_ENV", value_parser = clap::builder::BoolishValueParser::new())]
     upstream_inherit_env: bool,
     /// Variables a stdio upstream gets from the gateway's environment besides the default
     /// allow-list, comma-separated (TETHER_* never passes).
@@ -263,6 +263,10 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     upstream_pass_env: Option<Vec<String>>,
+    /// Exit at start when the upstream cannot be started (program missing or not
+    /// executable, URL not answering) instead of warning and serving errors.
+    #[arg(long, env = "TETHER_REQUIRE_UPSTREAM", value_parser = clap::builder::BoolishValueParser::new())]
+    require_upstream: bool,
     #[command(flatten)]
     limits: LimitArgs,
     /// How long closed sessions and tool calls stay in the ledger [default: 30d].
@@ -395,6 +399,7 @@ impl ServeArgs {
             cwd: None,
             inherit_env: self.upstream_inherit_env.then_some(true),
             pass_env: self.upstream_pass_env.clone(),
+            require: self.require_upstream.then_some(true),
         };
         Layer {
             listen: self.listen.clone(),

@@ -337,6 +337,19 @@ pub fn new_session_id() -> String {
 
 /// What a request gets when its session closed before its upstream was up (the caller
 /// sets the client's id).
+/// The tool of a `tools/call` whose stream a crash left unfinished, read from the request
+/// the stream kept (whole when retryable, else only its method and tool name).
+fn interrupted_tool(rec: &StreamRecord) -> Option<String> {
+    let request = rec.request.as_ref()?;
+    (request.get("method").and_then(Value::as_str) == Some("tools/call")).then(|| {
+        request
+            .pointer("/params/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    })
+}
+
 fn closed_error() -> Value {
     protocol::error_response(Value::Null, code::SESSION_CLOSED, "session closed", None)
 }
@@ -586,17 +599,23 @@ impl Registry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(session.id.to_string(), cell);
-        self.count_live();
+        self.count_held();
     }
 
-    fn count_live(&self) {
-        let n = self
-            .shared
+    fn count_held(&self) {
+        self.shared
+            .metrics
+            .sessions_held
+            .set(self.held_count() as i64);
+    }
+
+    /// Sessions this process holds in memory (being loaded included).
+    pub fn held_count(&self) -> usize {
+        self.shared
             .sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .len();
-        self.shared.metrics.sessions_live.set(n as i64);
+            .len()
     }
 
     /// Finds `principal`'s session, rehydrating it from the store if this process does not
@@ -633,7 +652,7 @@ impl Registry {
             }
         }
         let session = result?;
-        self.count_live();
+        self.count_held();
         if session.is_closed() || session.record.principal != principal.id {
             return Err(SessionError::NotFound);
         }
@@ -660,11 +679,12 @@ impl Registry {
             Some(r) => r,
             None => self.await_write_back(id).await?,
         };
-        let other_upstream = record.upstream_name != sh.cfg.upstream_name
-            || record
-                .upstream_fingerprint
-                .as_deref()
-                .is_some_and(|f| f != sh.cfg.upstream_fingerprint);
+        // The fingerprint says what runs; the name is a label (its default changed once),
+        // so it decides only for records written before fingerprints existed.
+        let other_upstream = match record.upstream_fingerprint.as_deref() {
+            Some(f) => f != sh.cfg.upstream_fingerprint,
+            None => record.upstream_name != sh.cfg.upstream_name,
+        };
         if other_upstream {
             // Its stored initialize belongs to another server: replaying it here would
             // hand the client a different server under the same session id.
@@ -743,17 +763,18 @@ impl Registry {
             match rec.request.clone().filter(|_| rec.retryable) {
                 Some(request) => retry.push((stream, client_id, request)),
                 None => {
-                    stream.push(
-                        sh.store.as_ref(),
-                        &protocol::error_response(
-                            client_id,
-                            code::INTERRUPTED,
-                            "the gateway restarted while this request was in flight; it was not retried \
-                             because the tool is not annotated readOnlyHint or idempotentHint",
-                            Some(json!({"kind": "interrupted", "retried": false})),
-                        ),
-                        true,
+                    let answer = protocol::error_response(
+                        client_id,
+                        code::INTERRUPTED,
+                        "the gateway restarted while this request was in flight; it was not retried \
+                         because the tool is not annotated readOnlyHint or idempotentHint",
+                        Some(json!({"kind": "interrupted", "retried": false})),
                     );
+                    if let Some(tool) = interrupted_tool(&rec) {
+                        let waited = now_ms().saturating_sub(rec.created_ms).max(0);
+                        session.record_call(tool, Duration::from_millis(waited as u64), &answer);
+                    }
+                    stream.push(sh.store.as_ref(), &answer, true);
                 }
             }
         }
@@ -810,7 +831,7 @@ impl Registry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&*session.id);
-        self.count_live();
+        self.count_held();
     }
 
     /// Opens a 2024-11-05 `/sse` stream: a session id reserved until the client's
@@ -1152,7 +1173,7 @@ impl Registry {
             s.shutdown_local(why);
             tracing::info!(session.id = %id, why, "session released by this instance");
         }
-        self.count_live();
+        self.count_held();
     }
 
     /// Shutdown, first phase: standalone streams end; request streams continue.
@@ -1580,14 +1601,20 @@ impl Session {
                 None,
             ));
         }
+        let started = Instant::now();
+        let tool = env.tool_name().map(str::to_owned);
         let (link, generation) = match self.ensure_upstream().await {
             Ok(x) => x,
             Err(mut err) => {
                 protocol::set_id(&mut err, client_id);
+                // Refused before it reached the upstream (backoff, circuit, capacity): still
+                // a call the client made, counted with that outcome.
+                if method == "tools/call" {
+                    self.record_call(tool.unwrap_or_default(), started.elapsed(), &err);
+                }
                 return Reply::Immediate(err);
             }
         };
-        let tool = env.tool_name().map(str::to_owned);
         let retryable = SAFE_METHODS.contains(&method.as_str())
             || (method == "tools/call"
                 && tool
@@ -1600,7 +1627,14 @@ impl Session {
                     session_id: self.id.to_string(),
                     stream_id: stream_id.to_string(),
                     client_request_id: Some(client_id.clone()),
-                    request: retryable.then(|| env.value.clone()),
+                    request: if retryable {
+                        Some(env.value.clone())
+                    } else {
+                        // Enough to record an interrupted call with its tool after a crash,
+                        // without keeping its arguments.
+                        tool.as_ref()
+                            .map(|t| json!({"method": "tools/call", "params": {"name": t}}))
+                    },
                     retryable,
                     done: false,
                     last_seq: 0,
@@ -1732,18 +1766,25 @@ impl Session {
                     .and_then(Value::as_str)
                     .unwrap_or("upstream unavailable")
                     .to_owned();
-                for (stream, client_id, _) in items {
+                for (stream, client_id, request) in items {
                     self.lock().streams.remove(stream.id());
-                    self.emit(
-                        &stream,
-                        &protocol::error_response(
-                            client_id,
-                            code::INTERRUPTED,
-                            format!("the gateway restarted while this request was in flight, and retrying it failed: {why}"),
-                            Some(json!({"kind": "interrupted", "retried": false})),
+                    let answer = protocol::error_response(
+                        client_id,
+                        code::INTERRUPTED,
+                        format!(
+                            "the gateway restarted while this request was in flight, and retrying it failed: {why}"
                         ),
-                        true,
+                        Some(json!({"kind": "interrupted", "retried": false})),
                     );
+                    if request.get("method").and_then(Value::as_str) == Some("tools/call") {
+                        let tool = request.pointer("/params/name").and_then(Value::as_str);
+                        self.record_call(
+                            tool.unwrap_or_default().to_owned(),
+                            Duration::ZERO,
+                            &answer,
+                        );
+                    }
+                    self.emit(&stream, &answer, true);
                 }
             }
         }
@@ -1803,7 +1844,7 @@ impl Session {
                 let terminal = !Arc::ptr_eq(&stream, &self.standalone);
                 let message = make(client_id);
                 if p.method == "tools/call" {
-                    self.record_call(p.tool.unwrap_or_default(), p.started, &message);
+                    self.record_call(p.tool.unwrap_or_default(), p.started.elapsed(), &message);
                 }
                 self.emit(&stream, &message, terminal);
             }
@@ -1811,9 +1852,8 @@ impl Session {
     }
 
     /// Ledger, metrics and (for failures) one log line for a finished tool call.
-    fn record_call(&self, tool: String, started: Instant, response: &Value) {
+    fn record_call(&self, tool: String, elapsed: Duration, response: &Value) {
         let sh = &self.shared;
-        let elapsed = started.elapsed();
         let (outcome, error_code) = protocol::call_outcome(response);
         sh.metrics
             .tool_calls

@@ -115,7 +115,9 @@ pub struct StreamRecord {
     pub stream_id: String,
     /// The client's JSON-RPC id of the request this stream answers.
     pub client_request_id: Option<Value>,
-    /// The request itself, kept so an interrupted safe request can be re-issued.
+    /// The request: whole when `retryable`, so an interrupted safe request can be
+    /// re-issued; for other tool calls only its method and tool name, so an interrupted call
+    /// is recorded with its tool (arguments are never kept for them).
     pub request: Option<Value>,
     /// Whether re-issuing the request after a crash is safe.
     pub retryable: bool,

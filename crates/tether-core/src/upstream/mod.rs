@@ -490,6 +490,52 @@ pub async fn handshake(
     }
 }
 
+/// Whether the upstream could be started now: the stdio program exists and is
+/// executable, or the HTTP upstream accepts a TCP connection. Readiness asks it on every
+/// probe; start-up asks it once, to say at once what the first session would meet.
+pub async fn startable(spec: &UpstreamSpec) -> Result<(), String> {
+    match spec {
+        UpstreamSpec::Stdio { argv, .. } => {
+            let program = std::path::Path::new(&argv[0]);
+            let candidates: Vec<std::path::PathBuf> = if program.components().count() > 1 {
+                vec![program.to_path_buf()]
+            } else {
+                std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                    .map(|d| d.join(program))
+                    .collect()
+            };
+            use std::os::unix::fs::PermissionsExt;
+            let found = candidates.iter().any(|p| {
+                std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            });
+            if found {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{:?} is not an executable file or on PATH",
+                    argv[0]
+                ))
+            }
+        }
+        UpstreamSpec::Http { url } => {
+            let u = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+            let host = u.host_str().unwrap_or("localhost").to_owned();
+            let port = u.port_or_known_default().unwrap_or(80);
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect((host.as_str(), port)),
+            )
+            .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("cannot connect to {host}:{port}: {e}")),
+                Err(_) => Err(format!("no answer from {host}:{port}")),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
