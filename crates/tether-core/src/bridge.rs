@@ -43,6 +43,9 @@ pub struct BridgeOptions {
     pub timeout: Duration,
     /// Longest outage a message waits through.
     pub max_outage: Duration,
+    /// How long the client's `initialize` waits for a server never reached before it is
+    /// answered with an error naming the cause.
+    pub first_contact: Duration,
     /// Reconnection backoff.
     pub backoff: Backoff,
     /// Send an MCP `ping` this often to notice dead connections early.
@@ -115,6 +118,8 @@ struct Bridge {
     remote: Option<Remote>,
     /// The client's `initialize` request, replayed whenever the remote must start over.
     initialize: Option<Value>,
+    /// Id of the client's `initialize` while its answer is awaited.
+    initializing: Option<Value>,
     /// Client requests in flight: id (as JSON text) → the state change it would make.
     pending: HashMap<String, Option<RestoreOp>>,
     restore: Restore,
@@ -140,6 +145,7 @@ pub async fn run(
         inbound_tx,
         remote: None,
         initialize: None,
+        initializing: None,
         pending: HashMap::new(),
         restore: Restore::default(),
         next_own: 1,
@@ -202,6 +208,7 @@ impl Bridge {
                 reconnect: Some(Reconnect {
                     backoff: self.opts.backoff,
                     max_outage: self.opts.max_outage,
+                    first_contact: self.opts.first_contact,
                 }),
                 request_timeout: Some(self.opts.timeout),
                 ..HttpOptions::default()
@@ -234,6 +241,7 @@ impl Bridge {
                 old.shutdown();
             }
             self.initialize = Some(value.clone());
+            self.initializing = value.get("id").cloned();
             self.restore = Restore::default();
             let remote = self.streamable(params);
             self.track(&value);
@@ -281,6 +289,21 @@ impl Bridge {
                     }
                     return vec![];
                 }
+                let answers_initialize = value.get("method").is_none()
+                    && self.initializing.is_some()
+                    && value.get("id") == self.initializing.as_ref();
+                if answers_initialize {
+                    self.initializing = None;
+                    if value.get("error").is_some() {
+                        // No session came of it: the client's next initialize starts over
+                        // (and its other requests hear "send initialize first", not silence).
+                        if let Some(r) = self.remote.take() {
+                            r.shutdown();
+                        }
+                        self.initialize = None;
+                        self.pending.clear();
+                    }
+                }
                 if value.get("method").is_none() {
                     if let Some(op) = value
                         .get("id")
@@ -303,7 +326,8 @@ impl Bridge {
                 let Some(init) = self.initialize.clone() else {
                     return vec![];
                 };
-                let legacy = LegacySse::start(self, None);
+                let first = init.get("id").cloned().map(|id| (status, id));
+                let legacy = LegacySse::start(self, None, first);
                 legacy.send(init);
                 self.remote = Some(Remote::Legacy(legacy));
                 vec![]
@@ -336,7 +360,7 @@ impl Bridge {
                             Some(params),
                         ));
                     }
-                    let legacy = LegacySse::start(self, Some((replay, then)));
+                    let legacy = LegacySse::start(self, Some((replay, then)), None);
                     self.remote = Some(Remote::Legacy(legacy));
                 }
                 failed
@@ -374,8 +398,15 @@ struct LegacySse {
 
 impl LegacySse {
     /// Connects; `preamble` (an initialize and what follows it) is sent before anything
-    /// queued later, for a reconnection.
-    fn start(bridge: &Bridge, preamble: Option<(Value, Vec<Value>)>) -> LegacySse {
+    /// queued later, for a reconnection. `first` is set when this is a fallback tried for
+    /// the client's initialize (the POST's status and the request's id): then a server
+    /// that does not serve this transport either gets that request answered with an error
+    /// naming both answers, instead of retries that would never succeed.
+    fn start(
+        bridge: &Bridge,
+        preamble: Option<(Value, Vec<Value>)>,
+        first: Option<(u16, Value)>,
+    ) -> LegacySse {
         let (outgoing, mut rx) = mpsc::unbounded_channel::<Value>();
         let stop = CancellationToken::new();
         let (client, url, headers, inbound, timeout) = (
@@ -386,21 +417,37 @@ impl LegacySse {
             bridge.opts.timeout,
         );
         let (backoff, max_outage) = (bridge.opts.backoff, bridge.opts.max_outage);
+        let first_contact = bridge.opts.first_contact;
         let task_stop = stop.clone();
         bridge.tracker.spawn(async move {
             let started = tokio::time::Instant::now();
             let mut attempt = 0u32;
+            let give_up_first = async |why: String| {
+                let Some((post, id)) = &first else { return false };
+                let message = format!(
+                    "nothing serves MCP at {url}: POST answered HTTP {post}, and the 2024-11-05 HTTP+SSE fallback failed too ({why}). \
+                     Check the URL: MCP endpoints are usually /mcp (a Tether gateway's is /mcp on its MCP port, not the admin port)"
+                );
+                tracing::warn!("{message}");
+                let err = protocol::error_response(id.clone(), code::UPSTREAM_UNAVAILABLE, message, None);
+                let _ = inbound.send(Inbound::Message { value: err, origin: None }).await;
+                true
+            };
             let resp = loop {
                 let req = client.get(&url).headers(headers.clone()).header(ACCEPT, "text/event-stream").send();
                 match tokio::time::timeout(timeout, req).await {
                     Ok(Ok(r)) if r.status().is_success() => break r,
                     other => {
+                        let definite = matches!(&other, Ok(Ok(_)));
                         let why = match other {
-                            Ok(Ok(r)) => format!("HTTP {}", r.status()),
-                            Ok(Err(e)) => e.to_string(),
+                            Ok(Ok(r)) => format!("GET answered HTTP {}", r.status()),
+                            Ok(Err(e)) => crate::upstream::http::explain_error(&e, &url).0,
                             Err(_) => "timed out".into(),
                         };
                         attempt += 1;
+                        if (definite || started.elapsed() >= first_contact) && give_up_first(why.clone()).await {
+                            return;
+                        }
                         if started.elapsed() >= max_outage {
                             let _ = inbound.send(Inbound::Closed(format!("cannot open the SSE stream: {why}"))).await;
                             return;
@@ -424,7 +471,9 @@ impl LegacySse {
                     },
                     Some(Ok(_)) => {}
                     _ => {
-                        let _ = inbound.send(Inbound::Closed("SSE stream ended before the endpoint event".into())).await;
+                        if !give_up_first("its GET stream sent no endpoint event".into()).await {
+                            let _ = inbound.send(Inbound::Closed("SSE stream ended before the endpoint event".into())).await;
+                        }
                         return;
                     }
                 }

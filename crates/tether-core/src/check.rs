@@ -67,31 +67,81 @@ struct Answer {
 }
 
 fn describe(e: &reqwest::Error, url: &str) -> String {
-    let mut chain = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        src = s.source();
-    }
-    let lower = chain.to_ascii_lowercase();
-    if e.is_timeout() {
-        format!("no answer from {url} in time ({chain})")
-    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")
-    {
-        format!("TLS failed: {chain}. If the server uses a private CA, pass --ca-file.")
-    } else if e.is_connect() && lower.contains("refused") {
-        format!(
-            "connection refused: nothing is listening at {url}. Is the server running, on this port?"
-        )
-    } else if e.is_connect() {
-        format!("cannot connect to {url}: {chain}")
-    } else {
-        format!("request failed: {chain}")
-    }
+    crate::upstream::http::explain_error(e, url).0
 }
 
 impl Probe {
+    /// What answers at the URL when it is not a Streamable HTTP endpoint: a 2024-11-05
+    /// HTTP+SSE endpoint (its GET stream names a POST endpoint), or a Tether admin
+    /// listener (its `/health` says so; `/health/deep` names the MCP address).
+    async fn identify(&self) -> Option<String> {
+        let get = |url: String, accept: &'static str| {
+            self.client
+                .get(url)
+                .headers(self.headers.clone())
+                .header("accept", accept)
+                .timeout(self.timeout)
+                .send()
+        };
+        if let Ok(resp) = get(self.url.clone(), "text/event-stream").await {
+            let sse = resp
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|c| c.starts_with("text/event-stream"));
+            if resp.status().is_success() && sse {
+                let mut events = resp.bytes_stream().eventsource();
+                if let Ok(Some(Ok(ev))) = tokio::time::timeout(self.timeout, events.next()).await {
+                    if ev.event == "endpoint" {
+                        return Some(format!(
+                            "this is a 2024-11-05 HTTP+SSE endpoint (its stream posts to {}), not Streamable HTTP: \
+                             clients of the current spec need the server's Streamable HTTP endpoint (usually /mcp); \
+                             `tether connect` speaks this transport too",
+                            ev.data.trim()
+                        ));
+                    }
+                }
+            }
+        }
+        let base = reqwest::Url::parse(&self.url).ok()?;
+        let health: Value = get(base.join("/health").ok()?.to_string(), "application/json")
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let is_tether_admin =
+            health.get("live_sessions").is_some() && health.get("version").is_some();
+        if !is_tether_admin {
+            return None;
+        }
+        let deep: Option<Value> = match get(
+            base.join("/health/deep").ok()?.to_string(),
+            "application/json",
+        )
+        .await
+        {
+            Ok(r) => r.json().await.ok(),
+            Err(_) => None,
+        };
+        let mcp = deep
+            .as_ref()
+            .and_then(|d| d.get("instances"))
+            .and_then(Value::as_array)
+            .and_then(|list| list.iter().find(|i| i.get("self") != Some(&json!(false))))
+            .and_then(|i| i.get("address"))
+            .and_then(Value::as_str)
+            .map(|a| {
+                let a = a.trim_end_matches('/');
+                let scheme = if a.contains("://") { "" } else { "http://" };
+                format!(" its MCP endpoint is {scheme}{a}/mcp")
+            })
+            .unwrap_or_default();
+        Some(format!(
+            "this is a Tether gateway's admin listener (health, metrics, API, dashboard), not its MCP endpoint;{mcp}"
+        ))
+    }
+
     async fn post(
         &self,
         session: Option<&str>,
@@ -208,31 +258,20 @@ pub async fn run(
             let challenge = answer
                 .headers
                 .get("www-authenticate")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            fail(
-                &mut report,
-                format!(
-                    "the server requires authentication (HTTP {}{}). Pass a key: --header 'Authorization: Bearer KEY'.",
-                    answer.status.as_u16(),
-                    if challenge.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", WWW-Authenticate: {challenge}")
-                    }
-                ),
-            );
+                .and_then(|v| v.to_str().ok());
+            let why =
+                crate::upstream::http::explain_status(answer.status, challenge).expect("explained");
+            fail(&mut report, why);
             return report;
         }
         StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST => {
-            fail(
-                &mut report,
-                format!(
-                    "the server answered HTTP {} to initialize: wrong path (MCP endpoints are usually /mcp), or a \
-                 2024-11-05 HTTP+SSE server (its endpoint is usually /sse; `tether connect` falls back to it)",
-                    answer.status.as_u16()
-                ),
-            );
+            let why = match p.identify().await {
+                Some(what) => what,
+                None => {
+                    crate::upstream::http::explain_status(answer.status, None).expect("explained")
+                }
+            };
+            fail(&mut report, why);
             return report;
         }
         s if !s.is_success() => {

@@ -46,6 +46,19 @@ pub struct AdminArgs {
     json: bool,
 }
 
+impl AdminArgs {
+    /// The admin URL without a trailing slash; `host:port` (as the gateway prints its
+    /// listeners and people type them) gets `http://`.
+    fn base(&self) -> String {
+        let a = self.admin.trim().trim_end_matches('/');
+        if a.contains("://") {
+            a.to_owned()
+        } else {
+            format!("http://{a}")
+        }
+    }
+}
+
 /// `tether sessions ...`
 #[derive(Subcommand)]
 pub enum SessionsCmd {
@@ -97,6 +110,155 @@ pub enum KeysCmd {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// List the keys of a config file: user, email, name and the hash's first characters
+    /// (the keys themselves are never stored).
+    List {
+        /// The config file holding `[[keys]]` entries.
+        #[arg(long, env = "TETHER_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove keys from a config file: every key of a user, or the one whose hash starts
+    /// with a prefix (as `keys list` shows it). The gateway reads keys at start; restart it
+    /// for the removal to take effect.
+    Revoke {
+        /// The config file holding `[[keys]]` entries.
+        #[arg(long, env = "TETHER_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+        /// Revoke every key of this user.
+        #[arg(long, conflicts_with = "hash", required_unless_present = "hash")]
+        user: Option<String>,
+        /// Revoke the key whose hash starts with this (at least 8 hex characters).
+        #[arg(long, value_name = "PREFIX")]
+        hash: Option<String>,
+    },
+}
+
+/// The `[[keys]]` of a config file, as an editable document (comments and layout kept).
+fn read_keys_file(path: &std::path::Path) -> Result<toml_edit::DocumentMut, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    text.parse::<toml_edit::DocumentMut>()
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn key_field(t: &toml_edit::Table, k: &str) -> String {
+    t.get(k)
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The part of a stored hash people compare: the hex after `sha256:`.
+fn hash_hex(hash: &str) -> &str {
+    hash.strip_prefix("sha256:").unwrap_or(hash)
+}
+
+fn keys_list(config: &std::path::Path, json: bool) -> ExitCode {
+    let doc = match read_keys_file(config) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rows: Vec<[String; 4]> = doc
+        .get("keys")
+        .and_then(|k| k.as_array_of_tables())
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    [
+                        key_field(t, "user"),
+                        key_field(t, "email"),
+                        key_field(t, "name"),
+                        hash_hex(&key_field(t, "hash")).chars().take(12).collect(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if json {
+        let v: Vec<Value> = rows
+            .iter()
+            .map(|[u, e, n, h]| serde_json::json!({"user": u, "email": e, "name": n, "hash_prefix": h}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+    } else if rows.is_empty() {
+        println!("no keys in {} (clients are anonymous)", config.display());
+    } else {
+        let rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+        print!("{}", table(&["USER", "EMAIL", "NAME", "HASH"], &rows));
+    }
+    ExitCode::SUCCESS
+}
+
+fn keys_revoke(config: &std::path::Path, user: Option<&str>, hash: Option<&str>) -> ExitCode {
+    let mut doc = match read_keys_file(config) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(h) = hash {
+        if h.len() < 8 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+            eprintln!(
+                "tether: --hash needs at least 8 hex characters of the hash (`tether keys list` shows them)"
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let matches = |t: &toml_edit::Table| match (user, hash) {
+        (Some(u), _) => key_field(t, "user") == u,
+        (None, Some(h)) => hash_hex(&key_field(t, "hash")).starts_with(&h.to_ascii_lowercase()),
+        (None, None) => false,
+    };
+    let Some(keys) = doc.get_mut("keys").and_then(|k| k.as_array_of_tables_mut()) else {
+        eprintln!("tether: {} has no [[keys]]", config.display());
+        return ExitCode::FAILURE;
+    };
+    let hits: Vec<usize> = keys
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| matches(t))
+        .map(|(i, _)| i)
+        .collect();
+    if hits.is_empty() {
+        eprintln!("tether: no key matches in {}", config.display());
+        return ExitCode::FAILURE;
+    }
+    if hash.is_some() && hits.len() > 1 {
+        eprintln!(
+            "tether: {} keys match that prefix; give more of the hash",
+            hits.len()
+        );
+        return ExitCode::from(2);
+    }
+    for i in hits.iter().rev() {
+        keys.remove(*i);
+    }
+    // Written beside and renamed over: a crash mid-write never leaves half a config.
+    let tmp = config.with_extension("toml.tmp");
+    let written = std::fs::write(&tmp, doc.to_string()).and_then(|()| {
+        if let Ok(meta) = std::fs::metadata(config) {
+            std::fs::set_permissions(&tmp, meta.permissions())?;
+        }
+        std::fs::rename(&tmp, config)
+    });
+    if let Err(e) = written {
+        eprintln!("tether: cannot write {}: {e}", config.display());
+        let _ = std::fs::remove_file(&tmp);
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "revoked {} key(s) in {}; restart the gateway for it to take effect",
+        hits.len(),
+        config.display()
+    );
+    ExitCode::SUCCESS
 }
 
 fn toml_string(s: &str) -> String {
@@ -105,12 +267,18 @@ fn toml_string(s: &str) -> String {
 
 /// Runs `tether keys add`.
 pub fn keys(cmd: &KeysCmd) -> ExitCode {
-    let KeysCmd::Add {
-        user,
-        email,
-        name,
-        config,
-    } = cmd;
+    let (user, email, name, config) = match cmd {
+        KeysCmd::List { config, json } => return keys_list(config, *json),
+        KeysCmd::Revoke { config, user, hash } => {
+            return keys_revoke(config, user.as_deref(), hash.as_deref());
+        }
+        KeysCmd::Add {
+            user,
+            email,
+            name,
+            config,
+        } => (user, email, name, config),
+    };
     if user.is_empty() || user == "anonymous" {
         eprintln!("tether: --user must name a user (not {user:?})");
         return ExitCode::from(2);
@@ -173,7 +341,8 @@ impl AdminArgs {
 /// Runs `tether dashboard`: prints the dashboard's address with the admin token in its
 /// fragment (never sent to a server, kept by the page for its API calls).
 pub fn dashboard(admin: &AdminArgs) -> ExitCode {
-    let base = admin.admin.trim_end_matches('/');
+    let base = admin.base();
+    let base = base.as_str();
     match admin.token() {
         Some(t) => println!("{base}/#token={t}"),
         None => {
@@ -195,7 +364,7 @@ struct Admin {
 impl Admin {
     fn new(a: &AdminArgs) -> Admin {
         Admin {
-            base: a.admin.trim_end_matches('/').to_owned(),
+            base: a.base(),
             token: a.token(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(15))

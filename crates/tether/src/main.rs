@@ -149,6 +149,10 @@ struct ConnectArgs {
     /// Longest outage a message waits through before it gets an error.
     #[arg(long, default_value = "5m", value_name = "DURATION")]
     max_outage: String,
+    /// How long the client's first request waits for a server never reached before it is
+    /// answered with an error naming the cause (refused, TLS, wrong path, 401).
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    first_contact: String,
     /// First reconnection delay; doubles (jittered) up to 30s.
     #[arg(long, default_value = "250ms", value_name = "DURATION")]
     retry_base: String,
@@ -166,6 +170,9 @@ struct ConnectArgs {
         value_name = "FILTER"
     )]
     log: String,
+    /// Log lines as text or JSON.
+    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 #[derive(Args)]
@@ -291,7 +298,8 @@ struct ServeArgs {
     /// Heartbeat lifetime in Redis: how soon a killed instance's sessions move [default: 5s].
     #[arg(long, env = "TETHER_INSTANCE_TTL", value_name = "DURATION")]
     instance_ttl: Option<String>,
-    /// Log filter (tracing EnvFilter syntax), e.g. info or tether_core=debug.
+    /// Log filter (tracing EnvFilter syntax), e.g. info or tether_core=debug. Upstream
+    /// stderr is at debug: `info,tether_core::upstream::stderr=debug` shows it.
     #[arg(
         long,
         env = "TETHER_LOG",
@@ -299,9 +307,40 @@ struct ServeArgs {
         default_value = "info"
     )]
     log: String,
+    /// Log lines as text for people, or JSON (one object per line, with the fields of
+    /// every enclosing span) for log pipelines.
+    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// The stdio MCP server to run per session, given after `--` (no shell involved).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// JSON lines: timestamp, level, target, fields, and the span list.
+    Json,
+}
+
+/// Installs the global subscriber writing to `writer`.
+fn init_logging<W>(filter: tracing_subscriber::EnvFilter, format: LogFormat, writer: W, ansi: bool)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => builder.with_ansi(ansi).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 /// Resource limits (README "Limits"); each also in the config file's `[limits]` table.
@@ -457,15 +496,14 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
-    let file = match &args.config {
+    // A file that does not parse is one problem among the others: the flags are still
+    // checked, so every problem is reported in one run.
+    let (file, file_error) = match &args.config {
         Some(path) => match Layer::from_file(path) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("tether: {e}");
-                return ExitCode::from(2);
-            }
+            Ok(l) => (l, None),
+            Err(e) => (Layer::default(), Some(e)),
         },
-        None => Layer::default(),
+        None => (Layer::default(), None),
     };
     let exe = std::env::current_exe().ok();
     let demo_command = vec![
@@ -474,12 +512,27 @@ fn serve(args: &ServeArgs) -> ExitCode {
             .unwrap_or_else(|| "tether".into()),
         "demo-server".into(),
     ];
-    let config = match Config::resolve(file.overlay(args.layer()), demo_command) {
-        Ok(c) => c,
-        Err(errors) => {
+    let resolved = Config::resolve(file.overlay(args.layer()), demo_command);
+    let config = match (resolved, file_error) {
+        (Ok(c), None) => c,
+        (result, file_error) => {
+            let mut errors: Vec<String> = file_error.into_iter().collect();
+            // Without the file, "no upstream given" may only mean the file named it.
+            let skip_upstream = !errors.is_empty();
+            errors.extend(
+                result
+                    .err()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|e| !(skip_upstream && e.starts_with("upstream: none given"))),
+            );
             eprintln!("tether: invalid configuration:");
             for e in errors {
-                eprintln!("  - {e}");
+                let mut lines = e.lines();
+                eprintln!("  - {}", lines.next().unwrap_or_default());
+                for l in lines {
+                    eprintln!("    {l}");
+                }
             }
             return ExitCode::from(2);
         }
@@ -491,11 +544,12 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging(
+        filter,
+        args.log_format,
+        std::io::stderr,
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    );
     let runtime = match runtime() {
         Ok(r) => r,
         Err(code) => return code,
@@ -532,13 +586,14 @@ fn connect(args: &ConnectArgs) -> ExitCode {
             duration_arg("timeout", &args.timeout)?,
             duration_arg("max-outage", &args.max_outage)?,
             duration_arg("retry-base", &args.retry_base)?,
+            duration_arg("first-contact", &args.first_contact)?,
             args.heartbeat
                 .as_deref()
                 .map(|h| duration_arg("heartbeat", h))
                 .transpose()?,
         ))
     })();
-    let (timeout, max_outage, retry_base, heartbeat) = match parsed {
+    let (timeout, max_outage, retry_base, first_contact, heartbeat) = match parsed {
         Ok(v) => v,
         Err(code) => return code,
     };
@@ -554,28 +609,26 @@ fn connect(args: &ConnectArgs) -> ExitCode {
         }
     };
     // stdout is the protocol channel: logs go to stderr or a file, never stdout.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false);
     match &args.log_file {
         Some(path) => match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
         {
-            Ok(file) => builder.with_writer(std::sync::Mutex::new(file)).init(),
+            Ok(file) => init_logging(filter, args.log_format, std::sync::Mutex::new(file), false),
             Err(e) => {
                 eprintln!("tether: cannot open log file {}: {e}", path.display());
                 return ExitCode::from(2);
             }
         },
-        None => builder.with_writer(std::io::stderr).init(),
+        None => init_logging(filter, args.log_format, std::io::stderr, false),
     }
     let opts = tether_core::bridge::BridgeOptions {
         url: args.url.clone(),
         headers,
         timeout,
         max_outage,
+        first_contact,
         backoff: tether_core::policy::Backoff {
             base: retry_base,
             max: std::time::Duration::from_secs(30),

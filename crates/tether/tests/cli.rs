@@ -43,6 +43,8 @@ const OPTIONS: &[&str] = &[
     "--upstream-inherit-env",
     "--upstream-pass-env",
     "--admin-token-file",
+    "--require-upstream",
+    "--log-format",
 ];
 
 #[test]
@@ -136,6 +138,153 @@ fn bad_config_file_fails_with_every_problem() {
     let (code, _, stderr) = run_serve(&["--config", "/nonexistent/tether.toml", "--demo"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("cannot read config file"), "{stderr}");
+
+    // A syntax error (with its line and column) and bad flags, in one run.
+    std::fs::write(&path, "listen = \"127.0.0.1:0\"\nidle-timeout = \n").unwrap();
+    let (code, stdout, stderr) = run_serve(&[
+        "--config",
+        path.to_str().unwrap(),
+        "--keepalive",
+        "nope",
+        "--max-body",
+        "lots",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(!stdout.contains("listening"));
+    for needle in ["line 2, column 16", "keepalive", "max-body"] {
+        assert!(stderr.contains(needle), "{needle} in {stderr}");
+    }
+    assert!(
+        !stderr.contains("none given"),
+        "no upstream complaint the file might have answered: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn boolean_variables_accept_1_and_admin_urls_need_no_scheme() {
+    let dir = state_dir();
+    // TETHER_DEMO=1 (not only "true") chooses the demo upstream.
+    let gw = common::Gateway::start_env(dir.path(), &[], &[("TETHER_DEMO", "1")]);
+    let sid = gw.client().initialize("env-demo").await;
+    assert!(!sid.is_empty());
+    let bare = gw.admin.trim_start_matches("http://").to_owned();
+    let out = Command::new(BIN)
+        .args([
+            "sessions",
+            "list",
+            "--json",
+            "--admin",
+            &bare,
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&sid), "{stdout}");
+}
+
+#[test]
+fn keys_list_and_revoke_edit_the_config_file() {
+    let dir = state_dir();
+    let path = dir.path().join("tether.toml");
+    std::fs::write(&path, "# my gateway\nlisten = \"127.0.0.1:7450\"\n").unwrap();
+    let add = |user: &str| {
+        let out = Command::new(BIN)
+            .args([
+                "keys",
+                "add",
+                "--user",
+                user,
+                "--email",
+                &format!("{user}@example.com"),
+            ])
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    };
+    add("alice");
+    add("bob");
+    add("alice");
+    let list = |json: bool| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["keys", "list", "--config"]).arg(&path);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let rows: serde_json::Value = serde_json::from_str(&list(true)).unwrap();
+    let users: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["user"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["alice", "bob", "alice"]);
+    assert!(list(false).contains("bob@example.com"));
+    let bob_hash = rows[1]["hash_prefix"].as_str().unwrap().to_owned();
+
+    let revoke = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["keys", "revoke", "--config"])
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = revoke(&["--hash", &bob_hash]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = revoke(&["--user", "alice"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("revoked 2"));
+    assert!(!revoke(&["--user", "nobody"]).status.success());
+    assert_eq!(revoke(&["--hash", "ab"]).status.code(), Some(2));
+    assert!(list(false).contains("no keys"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("# my gateway"), "comments kept: {text}");
+    // The file still configures a gateway.
+    let layer = tether_core::config::Layer::from_file(&path).unwrap();
+    assert!(layer.keys.unwrap_or_default().is_empty());
+}
+
+#[tokio::test]
+async fn check_says_what_answers_at_a_url_that_is_not_mcp() {
+    let dir = state_dir();
+    let gw = common::Gateway::start(dir.path(), &["--demo"]);
+    for (url, needle) in [
+        (format!("{}/", gw.admin), "admin listener"),
+        (
+            format!("http://{}/sse", gw.addr),
+            "2024-11-05 HTTP+SSE endpoint",
+        ),
+        (format!("https://{}/mcp", gw.addr), "answered in plain HTTP"),
+    ] {
+        let out = Command::new(BIN).args(["check", &url]).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{url}: {stdout}");
+        assert!(stdout.contains(needle), "{url}: {needle:?} in {stdout}");
+    }
+    let out = Command::new(BIN)
+        .args(["check", &format!("{}/", gw.admin)])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&gw.url),
+        "names the MCP endpoint"
+    );
 }
 
 #[test]
@@ -237,4 +386,57 @@ async fn bench_loads_a_gateway_and_a_stdio_server() {
             .any(|k| k.starts_with("rpc_") || k == "tool_error"),
         "{bad}"
     );
+}
+
+#[tokio::test]
+async fn json_logs_carry_span_fields_and_upstream_stderr_is_prefixed() {
+    let dir = state_dir();
+    let gw = common::Gateway::start(dir.path(), &["--demo", "--log-format", "json"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("json-logs").await;
+    // The demo's `stderr` tool writes to its stderr (debug in the harness's filter).
+    mcp.call(&sid, 1, "stderr", serde_json::json!({"bytes": 10}))
+        .await;
+    // It writes no newline: the line is logged when the upstream's stderr closes.
+    assert_eq!(mcp.delete(&sid).await, 200);
+    let mut found = false;
+    for _ in 0..50 {
+        found = gw.log_text().contains("tether_core::upstream::stderr");
+        if found {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(found, "{}", gw.log_text());
+    let lines: Vec<serde_json::Value> = gw
+        .log_text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let ready = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("tether ready"))
+        })
+        .expect("ready line");
+    for field in ["auth", "store", "ledger", "upstream", "upstream.name"] {
+        assert!(ready["fields"][field].is_string(), "{field} in {ready}");
+    }
+    assert!(ready["fields"]["auth"].as_str().unwrap().starts_with("off"));
+    let created = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "session created")
+        .expect("session created");
+    assert_eq!(created["spans"][0]["session.id"], sid, "{created}");
+    let stderr = lines
+        .iter()
+        .find(|l| l["target"] == "tether_core::upstream::stderr")
+        .unwrap();
+    assert_eq!(stderr["level"], "DEBUG", "{stderr}");
+    let span = &stderr["spans"][0];
+    assert_eq!(span["upstream.name"], "demo", "{stderr}");
+    assert_eq!(span["session"], &sid[..8], "one short session id: {stderr}");
+    assert_eq!(stderr["spans"].as_array().unwrap().len(), 1, "{stderr}");
 }

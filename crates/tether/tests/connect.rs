@@ -296,3 +296,151 @@ fn headers_from_flags_and_env_reach_the_server() {
         assert!(request.contains(h), "{h} in\n{request}");
     }
 }
+
+/// Runs `tether connect URL` with a raw stdio client: sends `initialize`, returns the first
+/// line it answers with, what it answers to a request after that, and its log.
+async fn first_answer(url: &str) -> (Value, Value, String) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let dir = state_dir();
+    let log = dir.path().join("connect.log");
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "connect",
+            url,
+            "--first-contact",
+            "1s",
+            "--retry-base",
+            "50ms",
+        ])
+        .arg("--log-file")
+        .arg(&log)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}});
+    let mut read = async |msg: Value| {
+        stdin
+            .write_all(format!("{msg}\n").as_bytes())
+            .await
+            .unwrap();
+        // A bound on silence, not a performance figure: the bridge used to wait out its
+        // whole --max-outage (5 min) before saying anything.
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no answer from the bridge for {url}"))
+            .unwrap()
+            .expect("a line");
+        serde_json::from_str::<Value>(&line).unwrap()
+    };
+    let first = read(init).await;
+    let second = read(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"})).await;
+    drop(stdin);
+    let _ = child.wait().await;
+    (
+        first,
+        second,
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    )
+}
+
+#[tokio::test]
+async fn connect_answers_a_request_it_cannot_deliver_with_the_cause() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let (_reserved, free) = common::refused_addr();
+    let unauthorized = canned(
+        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nContent-Length: 0\r\n\r\n",
+    );
+    for (url, needle) in [
+        (format!("http://{free}/mcp"), "connection refused"),
+        (format!("http://{}/nope", gw.addr), "nothing serves MCP at"),
+        (format!("{}/", gw.admin), "nothing serves MCP at"),
+        (format!("https://{}/mcp", gw.addr), "answered in plain HTTP"),
+        (unauthorized, "requires authentication"),
+    ] {
+        let (first, second, log) = first_answer(&url).await;
+        assert_eq!(first["id"], 1, "{url}: {first}");
+        let message = first
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("{url}: an error, got {first}"));
+        assert!(message.contains(needle), "{url}: {needle:?} in {message}");
+        assert!(
+            second.pointer("/error/message").is_some(),
+            "{url}: the next request is answered too: {second}"
+        );
+        let warnings = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains(needle))
+            .count();
+        assert_eq!(warnings, 1, "{url}: the cause logged once at WARN:\n{log}");
+    }
+}
+
+/// `node forgetful-server.mjs PORT` (server-everything's 400 for an unknown session), or
+/// None (with one skip line) when the TypeScript SDK is not installed.
+fn forgetful_server(port: u16) -> Option<(std::process::Child, String)> {
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../e2e/ts"));
+    if !dir.join("node_modules/@modelcontextprotocol/sdk").exists() {
+        assert!(
+            std::env::var("TETHER_TEST_REQUIRE_NODE").is_err(),
+            "TETHER_TEST_REQUIRE_NODE is set but e2e/ts has no node_modules (run npm ci there)"
+        );
+        println!("skipped: e2e/ts/node_modules missing (run `npm ci` in e2e/ts)");
+        return None;
+    }
+    let mut cmd = Command::new("node");
+    cmd.arg(dir.join("forgetful-server.mjs"))
+        .arg(port.to_string())
+        .stderr(std::process::Stdio::null());
+    Some(common::spawn_announced(cmd, "listening on "))
+}
+
+fn restart_forgetful(mut old: std::process::Child, url: &str) -> std::process::Child {
+    old.kill().unwrap();
+    old.wait().unwrap();
+    let port = reqwest::Url::parse(url).unwrap().port().unwrap();
+    forgetful_server(port).expect("installed").0
+}
+
+#[tokio::test]
+async fn connect_and_serve_recover_from_a_400_for_a_forgotten_session() {
+    let Some((server, url)) = forgetful_server(0) else {
+        return;
+    };
+    let dir = state_dir();
+    let client = bridge_client(&url, dir.path()).await;
+    let gw = Gateway::start(dir.path(), &["--upstream-url", &url]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("behind-gateway").await;
+    assert_eq!(text(&client, "counter", json!({})).await.unwrap(), "1");
+    assert_eq!(mcp.call_text(&sid, 1, "counter", json!({})).await, "1");
+
+    let mut server = restart_forgetful(server, &url);
+    // The bridge: 400 "No valid session ID" → re-initialize → retry, invisible to the client.
+    assert_eq!(
+        text(&client, "counter", json!({})).await.unwrap(),
+        "1",
+        "a new server session, reached without the client noticing"
+    );
+    assert_eq!(
+        text(&client, "echo", json!({"text": "on"})).await.unwrap(),
+        "on"
+    );
+    // The gateway the same way.
+    assert_eq!(mcp.call_text(&sid, 2, "counter", json!({})).await, "1");
+    client.cancel().await.unwrap();
+    let log = std::fs::read_to_string(dir.path().join("connect.log")).unwrap();
+    assert!(
+        log.contains("re-initializing") && log.contains("400"),
+        "{log}"
+    );
+    server.kill().unwrap();
+    let _ = server.wait();
+}

@@ -38,6 +38,8 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// How often one broken response stream is resumed before the request is failed.
 const MAX_RESUMES: u32 = 20;
 const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+/// Marks a connect failure that waiting will not cure (TLS mismatch, unknown host).
+const LASTING: &str = "\u{1}";
 
 /// Retrying connection failures instead of ending the link.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +48,11 @@ pub struct Reconnect {
     pub backoff: Backoff,
     /// Longest outage a message waits through before it is answered with an error.
     pub max_outage: Duration,
+    /// How long the first `initialize` waits for a server that was never reached before
+    /// it is answered with an error naming the cause. A server that answered once is
+    /// waited for through `max_outage` (a restart); one never reached is more likely a
+    /// wrong URL, and the person starting the client should hear so at once.
+    pub first_contact: Duration,
 }
 
 /// How an [`HttpLink`] talks to its server.
@@ -151,6 +158,8 @@ struct Inner {
     tracker: TaskTracker,
     next_internal: AtomicU64,
     closed: AtomicBool,
+    /// Whether the server ever answered (any HTTP status).
+    reached: AtomicBool,
 }
 
 #[derive(Default, Clone)]
@@ -165,6 +174,84 @@ enum SendError {
     Connect(String),
     /// The connection failed after the request may have reached the server.
     Sent(String),
+}
+
+/// A request failure in words a person can act on, and whether waiting may cure it (a
+/// refused connection may be a restart; a TLS mismatch or a bad name will not fix itself).
+pub fn explain_error(e: &reqwest::Error, url: &str) -> (String, bool) {
+    let chain = error_chain(e);
+    let lower = chain.to_ascii_lowercase();
+    let host = reqwest::Url::parse(url)
+        .ok()
+        .map(|u| {
+            format!(
+                "{}:{}",
+                u.host_str().unwrap_or(""),
+                u.port_or_known_default().unwrap_or(0)
+            )
+        })
+        .unwrap_or_default();
+    if e.is_timeout() {
+        (format!("no answer from {url} in time ({chain})"), true)
+    } else if lower.contains("invalidcontenttype") || lower.contains("corrupt message") {
+        (
+            format!(
+                "TLS failed: {host} answered in plain HTTP, not TLS. The URL says https:// but the server speaks http://; use http:// (or put TLS in front of it)"
+            ),
+            false,
+        )
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")
+    {
+        (
+            format!(
+                "TLS failed with {host}: {chain}. If the server uses a private CA, pass --ca-file."
+            ),
+            false,
+        )
+    } else if e.is_connect() && lower.contains("refused") {
+        (
+            format!(
+                "connection refused: nothing is listening at {host} ({url}). Is the server running, on this port?"
+            ),
+            true,
+        )
+    } else if e.is_connect() && (lower.contains("dns") || lower.contains("resolve")) {
+        (format!("cannot resolve the host of {url}: {chain}"), false)
+    } else if e.is_connect() {
+        (format!("cannot connect to {url}: {chain}"), true)
+    } else {
+        (format!("HTTP request to {url} failed: {chain}"), true)
+    }
+}
+
+/// What an HTTP status on `initialize` says about the URL, for the statuses whose meaning
+/// is clear: credentials wanted, or nothing serving MCP at that path.
+pub fn explain_status(status: StatusCode, www_authenticate: Option<&str>) -> Option<String> {
+    match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Some(format!(
+            "the server requires authentication (HTTP {}{}). Pass a key: --header 'Authorization: Bearer KEY', --bearer-env VAR or TETHER_HEADERS.",
+            status.as_u16(),
+            www_authenticate
+                .filter(|c| !c.is_empty())
+                .map(|c| format!(", WWW-Authenticate: {c}"))
+                .unwrap_or_default()
+        )),
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST => {
+            Some(format!(
+                "the server answered HTTP {} to initialize: wrong path (MCP endpoints are usually /mcp), or a \
+             2024-11-05 HTTP+SSE server (its endpoint is usually /sse; `tether connect` falls back to it)",
+                status.as_u16()
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Whether a 400's body blames the session id, as servers do that answer 400 where the
+/// spec says 404 for a session they forgot (the official server-everything's
+/// "Bad Request: No valid session ID provided").
+fn names_the_session(body: &str) -> bool {
+    body.to_ascii_lowercase().contains("session")
 }
 
 impl HttpLink {
@@ -190,6 +277,7 @@ impl HttpLink {
             tracker,
             next_internal: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            reached: AtomicBool::new(false),
         });
         let (outgoing, mut rx) = mpsc::unbounded_channel::<Value>();
         let dispatcher = inner.clone();
@@ -268,17 +356,48 @@ impl Inner {
         let mut reinitialized = false;
         loop {
             let had_session = self.session.lock().await.id.is_some();
-            match self.open(&value).await {
+            let first_contact = is_init && !self.reached.load(Ordering::Relaxed);
+            let sent = self.open(&value).await;
+            if sent.is_ok() {
+                self.reached.store(true, Ordering::Relaxed);
+            }
+            let sent = match sent {
+                // 400 where the spec says 404: forgotten only if the body blames the session.
+                Ok(resp) if resp.status() == StatusCode::BAD_REQUEST && had_session && !is_init => {
+                    let body = read_limited(resp, 64 << 10)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default();
+                    if names_the_session(&body) {
+                        Err(StatusCode::BAD_REQUEST)
+                    } else {
+                        self.answer_status(&value, StatusCode::BAD_REQUEST, None, &body)
+                            .await;
+                        return;
+                    }
+                }
                 Ok(resp) if resp.status() == StatusCode::NOT_FOUND && had_session && !is_init => {
+                    Err(StatusCode::NOT_FOUND)
+                }
+                other => Ok(other),
+            };
+            let sent = match sent {
+                Ok(sent) => sent,
+                Err(status) => {
                     if reinitialized {
                         self.answer_error(
                             &value,
-                            "server answered 404 again right after re-initialization",
+                            &format!(
+                                "server answered {} again right after re-initialization",
+                                status.as_u16()
+                            ),
                         )
                         .await;
                         return;
                     }
-                    tracing::info!(url = %self.url, "server forgot our session (404); re-initializing");
+                    tracing::info!(url = %self.url, status = status.as_u16(), "server forgot our session; re-initializing");
                     match self.reinitialize().await {
                         Ok(()) => reinitialized = true,
                         Err(SendError::Connect(cause) | SendError::Sent(cause)) => {
@@ -291,7 +410,10 @@ impl Inner {
                             return;
                         }
                     }
+                    continue;
                 }
+            };
+            match sent {
                 Ok(resp) => {
                     if is_init {
                         self.read_response(resp, &value, true).await;
@@ -308,9 +430,25 @@ impl Inner {
                     return;
                 }
                 Err(SendError::Connect(cause)) => match self.opts.reconnect {
+                    Some(rc)
+                        if first_contact
+                            && (started.elapsed() >= rc.first_contact
+                                || cause.starts_with(LASTING)) =>
+                    {
+                        let cause = cause.trim_start_matches(LASTING);
+                        self.answer_error(
+                            &value,
+                            &format!(
+                                "{cause} (the server was never reached; gave up on this first request after {})",
+                                humantime::format_duration(started.elapsed().min(rc.first_contact))
+                            ),
+                        )
+                        .await;
+                        return;
+                    }
                     Some(rc) if started.elapsed() < rc.max_outage => {
                         attempt += 1;
-                        if attempt == 1 {
+                        if attempt == 1 && !first_contact {
                             tracing::warn!(url = %self.url, "server unreachable ({cause}); retrying");
                         }
                         let wait = rc
@@ -401,9 +539,14 @@ impl Inner {
             None => send.await,
         };
         result.map_err(|e| {
-            let cause = format!("HTTP request failed: {}", error_chain(&e));
+            let (cause, curable) = explain_error(&e, &self.url);
             if e.is_connect() {
-                SendError::Connect(cause)
+                // Marked so first contact can give up at once on what waiting won't fix.
+                SendError::Connect(if curable {
+                    cause
+                } else {
+                    format!("{LASTING}{cause}")
+                })
             } else {
                 SendError::Sent(cause)
             }
@@ -443,19 +586,19 @@ impl Inner {
             return;
         }
         if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
-            if let (Some(id), Some(mut err)) = (
-                &req_id,
-                serde_json::from_str::<Value>(&body)
-                    .ok()
-                    .filter(|v| v.get("error").is_some()),
-            ) {
-                protocol::set_id(&mut err, id.clone());
-                self.emit(err, origin).await;
-                return;
-            }
-            let snippet: String = body.chars().take(200).collect();
-            self.answer_error(value, &format!("server answered HTTP {status}: {snippet}"))
+            let challenge = resp
+                .headers()
+                .get(reqwest::header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = read_limited(resp, 64 << 10)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            let challenge = challenge.filter(|_| is_init);
+            self.answer_status(value, status, challenge.as_deref(), &body)
                 .await;
             return;
         }
@@ -498,6 +641,39 @@ impl Inner {
                 .await
             }
         }
+    }
+
+    /// Answers a request the server refused with an HTTP error: the server's own JSON-RPC
+    /// error when it sent one, else a message saying what the status means.
+    async fn answer_status(
+        &self,
+        value: &Value,
+        status: StatusCode,
+        challenge: Option<&str>,
+        body: &str,
+    ) {
+        let req_id = request_id(value).cloned();
+        if let (Some(id), Some(mut err)) = (
+            &req_id,
+            serde_json::from_str::<Value>(body)
+                .ok()
+                .filter(|v| v.get("error").is_some()),
+        ) {
+            protocol::set_id(&mut err, id.clone());
+            let origin = id.as_u64();
+            self.emit(err, origin).await;
+            return;
+        }
+        let why = match explain_status(status, challenge)
+            .filter(|_| matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN))
+        {
+            Some(why) => why,
+            None => {
+                let snippet: String = body.chars().take(200).collect();
+                format!("server answered HTTP {status}: {snippet}")
+            }
+        };
+        self.answer_error(value, &why).await;
     }
 
     /// Records the negotiated version and opens the standalone stream.

@@ -107,6 +107,11 @@ struct CircuitState {
 }
 
 impl Circuit {
+    /// The upstream's configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// A closed circuit for the upstream `name`.
     pub fn new(name: &str, threshold: u32, cooldown: Duration) -> Circuit {
         Circuit {
@@ -415,6 +420,7 @@ impl Connector {
                     cwd: cwd.as_deref(),
                     env_policy,
                     shim: self.shim.as_deref(),
+                    name: self.circuit.name(),
                 },
                 session_id,
                 self.limits.max_message,

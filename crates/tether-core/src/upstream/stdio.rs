@@ -47,6 +47,8 @@ pub struct SpawnSpec<'a> {
     pub env_policy: &'a EnvPolicy,
     /// The `tether` executable to supervise the child through, if available.
     pub shim: Option<&'a Path>,
+    /// The upstream's configured name (log prefix).
+    pub name: &'a str,
 }
 
 /// A running stdio child.
@@ -217,9 +219,9 @@ async fn log_stderr(mut stderr: tokio::process::ChildStderr, limiter: Arc<LogLim
         if *len > 0 && limiter.admit() {
             let text = String::from_utf8_lossy(line);
             if *len > line.len() {
-                tracing::info!(target: "tether::upstream::stderr", bytes = *len, "{text}… (cut: {} bytes in all)", *len);
+                tracing::debug!(target: "tether_core::upstream::stderr", bytes = *len, "{text}… (cut: {} bytes in all)", *len);
             } else {
-                tracing::info!(target: "tether::upstream::stderr", "{text}");
+                tracing::debug!(target: "tether_core::upstream::stderr", "{text}");
             }
         }
         line.clear();
@@ -299,7 +301,10 @@ impl StdioLink {
         let stderr = child.stderr.take().expect("stderr is piped");
         let stop = CancellationToken::new();
         let exited = Arc::new(AtomicBool::new(false));
-        let span = tracing::info_span!("upstream_child", session.id = %session_id, pid);
+        // A root span with a short prefix: stderr lines are many and long, and the
+        // session's span would repeat the full id on each.
+        let short: String = session_id.chars().take(8).collect();
+        let span = tracing::info_span!(parent: None, "upstream", upstream.name = %spec.name, session = %short, pid);
 
         let writer_stop = stop.clone();
         tracker.spawn(
