@@ -15,3 +15,16 @@ fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+
+# The container image, when this machine runs a container engine (the client alone is not
+# enough) and can fetch the base images; otherwise one skip line.
+if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+  if docker pull -q rust:1-bookworm >/dev/null 2>&1 && docker pull -q debian:bookworm-slim >/dev/null 2>&1; then
+    docker build -q -t tether:test . >/dev/null
+    echo "container image built (tether:test)"
+  else
+    echo "skipped: container build (the engine cannot fetch the base images)"
+  fi
+else
+  echo "skipped: container build (no container engine running)"
+fi

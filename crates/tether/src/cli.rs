@@ -355,6 +355,73 @@ pub fn dashboard(admin: &AdminArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Runs `tether health`: readiness of a running gateway, as an exit code.
+pub fn health(a: &AdminArgs) -> ExitCode {
+    let base = a.base();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("static client config");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let answer = runtime.block_on(async {
+        let resp = http.get(format!("{base}/health/ready")).send().await?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        Ok::<_, reqwest::Error>((status, body))
+    });
+    match answer {
+        Ok((status, body)) if status.is_success() => {
+            if a.json {
+                println!("{body}");
+            } else {
+                println!("ready");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            let failing: Vec<String> = body
+                .get("checks")
+                .and_then(Value::as_object)
+                .map(|checks| {
+                    checks
+                        .iter()
+                        .filter(|(_, c)| c.get("ok") == Some(&Value::Bool(false)))
+                        .map(|(name, c)| {
+                            format!(
+                                "{name}: {}",
+                                c.get("error").and_then(Value::as_str).unwrap_or("failed")
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if a.json {
+                println!("{body}");
+            } else {
+                println!(
+                    "not ready (HTTP {}): {}",
+                    status.as_u16(),
+                    failing.join("; ")
+                );
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("not reachable: cannot reach the admin listener at {base}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 struct Admin {
     base: String,
     token: Option<String>,

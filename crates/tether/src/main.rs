@@ -62,6 +62,12 @@ enum Command {
         #[command(flatten)]
         admin: cli::AdminArgs,
     },
+    /// Ask a running gateway whether it is ready (GET /health/ready): exit 0 when ready,
+    /// 1 naming the failing check. For container health checks and scripts.
+    Health {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+    },
     /// Print the dashboard's address with the admin token (open it in a browser).
     Dashboard {
         #[command(flatten)]
@@ -74,6 +80,18 @@ enum Command {
     },
     /// Run the bundled demo MCP server on stdio (or on HTTP with --http ADDR).
     DemoServer(demo::DemoArgs),
+    /// Print a shell completion script, e.g. `tether completions bash > /etc/bash_completion.d/tether`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print man pages (roff): `tether man` for tether(1); `--dir DIR` writes one page per
+    /// command (tether.1, tether-serve.1, ...).
+    Man {
+        /// Write every page into this directory instead of printing tether(1).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Load an MCP endpoint (or a stdio server directly) and report calls/s and latency.
     ///
     /// Examples:
@@ -489,9 +507,16 @@ fn main() -> ExitCode {
         Command::Stats { admin, since } => cli::stats(&admin, since.as_deref()),
         Command::Users { admin } => cli::users(&admin),
         Command::Dashboard { admin } => cli::dashboard(&admin),
+        Command::Health { admin } => cli::health(&admin),
         Command::Keys { cmd } => cli::keys(&cmd),
         Command::DemoServer(args) => demo::run(args),
         Command::Bench(args) => bench::run(&args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "tether", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => man(dir.as_deref()),
     }
 }
 
@@ -568,6 +593,23 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tether: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Man pages generated from the CLI definition, so they never drift from `--help`.
+fn man(dir: Option<&std::path::Path>) -> ExitCode {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let result = match dir {
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
+        Some(dir) => std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(cmd, dir)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether: cannot write man pages: {e}");
             ExitCode::FAILURE
         }
     }
