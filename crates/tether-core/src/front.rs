@@ -30,6 +30,7 @@ use crate::protocol::{self, Envelope, Kind, code};
 use crate::session::{
     Exchange, Registry, Reply, Session, SessionError, StreamHandle, Transport, event_id,
 };
+use tracing::Instrument;
 
 /// Session id header (case-insensitive; 2025-06-18 wrote `Mcp-Session-Id`).
 pub const SESSION_HEADER: &str = "mcp-session-id";
@@ -556,13 +557,16 @@ async fn mcp_post(
             };
             let exchange = session.exchange();
             match env.kind {
-                Kind::Request => match session.request(env).await {
-                    Reply::Stream(handle) => {
-                        Ok(sse_response(handle, st.cfg.keepalive, None, Some(exchange)))
+                Kind::Request => {
+                    let span = http_span(&headers, &env.value);
+                    match session.request(env).instrument(span).await {
+                        Reply::Stream(handle) => {
+                            Ok(sse_response(handle, st.cfg.keepalive, None, Some(exchange)))
+                        }
+                        Reply::Immediate(v) => Ok(axum::Json(v).into_response()),
+                        Reply::Accepted => Ok(StatusCode::ACCEPTED.into_response()),
                     }
-                    Reply::Immediate(v) => Ok(axum::Json(v).into_response()),
-                    Reply::Accepted => Ok(StatusCode::ACCEPTED.into_response()),
-                },
+                }
                 Kind::Notification => {
                     session.notify(env).await;
                     Ok(StatusCode::ACCEPTED.into_response())
@@ -574,6 +578,17 @@ async fn mcp_post(
             }
         }
     }
+}
+
+/// The span a client's request is served in: a child of the client's trace when its
+/// `traceparent` header names one, else when `params._meta.traceparent` does (how MCP SDKs
+/// send it). Exported only with `--otlp-endpoint`.
+fn http_span(headers: &HeaderMap, message: &serde_json::Value) -> tracing::Span {
+    let span = tracing::info_span!("mcp.http");
+    if !crate::telemetry::adopt_headers(&span, headers) {
+        crate::telemetry::adopt_meta(&span, message);
+    }
+    span
 }
 
 async fn mcp_get(
@@ -691,7 +706,8 @@ async fn messages_post(
     let _exchange = session.exchange();
     match env.kind {
         Kind::Request => {
-            if let Reply::Immediate(v) = session.request(env).await {
+            let span = http_span(&headers, &env.value);
+            if let Reply::Immediate(v) = session.request(env).instrument(span).await {
                 session.deliver_standalone(&v);
             }
         }

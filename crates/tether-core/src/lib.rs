@@ -26,4 +26,5 @@ pub mod policy;
 pub mod protocol;
 pub mod session;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;

@@ -266,6 +266,24 @@ impl Demo {
         format!("wrote {bytes} bytes to stderr")
     }
 
+    #[tool(
+        description = "Return the W3C trace context this request carried: `_meta.traceparent`, and the `traceparent` HTTP header in HTTP mode (for tracing tests)",
+        annotations(read_only_hint = true)
+    )]
+    #[allow(clippy::needless_pass_by_value)] // rmcp's extractors hand over owned values
+    fn trace(&self, meta: RequestMetaObject, extensions: rmcp::model::Extensions) -> String {
+        let header = extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|p| p.headers.get("traceparent"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        serde_json::json!({
+            "meta": meta.get("traceparent"),
+            "header": header,
+        })
+        .to_string()
+    }
+
     #[tool(description = "Exit this server process at once (for crash tests)")]
     fn crash(&self) -> String {
         std::process::exit(3)

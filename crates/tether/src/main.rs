@@ -329,6 +329,11 @@ struct ServeArgs {
     /// every enclosing span) for log pipelines.
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Export traces over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318): one span
+    /// per MCP request (session, method, tool, outcome) with children for the upstream
+    /// call and store writes. Standard OTEL_* variables tune the exporter.
+    #[arg(long, env = "TETHER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
     /// The stdio MCP server to run per session, given after `--` (no shell involved).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -343,22 +348,46 @@ enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber writing to `writer`.
-fn init_logging<W>(filter: tracing_subscriber::EnvFilter, format: LogFormat, writer: W, ansi: bool)
+/// Installs the global subscriber writing to `writer`, and the OTLP exporter when
+/// `otlp` names a collector (returned, to be flushed at exit).
+fn init_logging<W>(
+    filter: tracing_subscriber::EnvFilter,
+    format: LogFormat,
+    writer: W,
+    ansi: bool,
+    otlp: Option<&str>,
+) -> anyhow::Result<Option<tether_core::telemetry::Telemetry>>
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
 {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    match format {
-        LogFormat::Text => builder.with_ansi(ansi).init(),
-        LogFormat::Json => builder
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let fmt = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_ansi(ansi)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(false)
             .with_span_list(true)
-            .init(),
-    }
+            .with_writer(writer)
+            .boxed(),
+    };
+    let (otel, telemetry) = match otlp {
+        Some(endpoint) => {
+            let (layer, t) = tether_core::telemetry::Telemetry::start(endpoint)?;
+            (Some(layer), Some(t))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .with(filter)
+        .init();
+    Ok(telemetry)
 }
 
 /// Resource limits (README "Limits"); each also in the config file's `[limits]` table.
@@ -569,12 +598,22 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(
+    let telemetry = match init_logging(
         filter,
         args.log_format,
         std::io::stderr,
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
-    );
+        args.otlp_endpoint.as_deref(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tether: --otlp-endpoint: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(endpoint) = &args.otlp_endpoint {
+        tracing::info!(endpoint = %endpoint, "exporting traces over OTLP/HTTP");
+    }
     let runtime = match runtime() {
         Ok(r) => r,
         Err(code) => return code,
@@ -589,6 +628,10 @@ fn serve(args: &ServeArgs) -> ExitCode {
             println!("tether: listening on http://{addr}/mcp");
         },
     ));
+    drop(runtime);
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -657,13 +700,23 @@ fn connect(args: &ConnectArgs) -> ExitCode {
             .append(true)
             .open(path)
         {
-            Ok(file) => init_logging(filter, args.log_format, std::sync::Mutex::new(file), false),
+            Ok(file) => {
+                let _ = init_logging(
+                    filter,
+                    args.log_format,
+                    std::sync::Mutex::new(file),
+                    false,
+                    None,
+                );
+            }
             Err(e) => {
                 eprintln!("tether: cannot open log file {}: {e}", path.display());
                 return ExitCode::from(2);
             }
         },
-        None => init_logging(filter, args.log_format, std::io::stderr, false),
+        None => {
+            let _ = init_logging(filter, args.log_format, std::io::stderr, false, None);
+        }
     }
     let opts = tether_core::bridge::BridgeOptions {
         url: args.url.clone(),

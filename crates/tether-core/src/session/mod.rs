@@ -264,6 +264,9 @@ struct Pending {
     method: String,
     timer: Option<tokio::task::AbortHandle>,
     started: Instant,
+    /// The client request's span (its outcome is recorded on it at the end) and the child
+    /// span timing the upstream's part; both end when the call is finished.
+    spans: Option<(tracing::Span, tracing::Span)>,
 }
 
 struct State {
@@ -546,7 +549,14 @@ impl Registry {
                 restore: json!({}),
             };
             sh.metrics.upstream_starts.inc();
-            if let Err(e) = sh.store.create_session(record.clone()).await {
+            let write = sh
+                .store
+                .create_session(record.clone())
+                .instrument(tracing::info_span!(
+                    "store.write",
+                    store.op = "create_session"
+                ));
+            if let Err(e) = write.await {
                 link.shutdown(true);
                 tracing::error!(error = %e, "cannot record new session");
                 return Err(SessionError::Store(e));
@@ -1527,6 +1537,7 @@ impl Session {
                 method: method.to_owned(),
                 timer: None,
                 started: Instant::now(),
+                spans: None,
             },
         );
         link.send(protocol::request(Value::from(uid), method, params))
@@ -1581,12 +1592,27 @@ impl Session {
         }
     }
 
-    /// Handles a client request.
+    /// Handles a client request. Its span (a child of the caller's, which carries the
+    /// client's trace context) lasts until the call is finished and records its outcome.
     pub async fn request(self: &Arc<Self>, env: Envelope) -> Reply {
         let span = tracing::info_span!(
-            parent: None, "request", session.id = %self.id, mcp.method = env.method().unwrap_or_default()
+            "request",
+            session.id = %self.id,
+            mcp.method = env.method().unwrap_or_default(),
+            mcp.tool = env.tool_name(),
+            mcp.outcome = tracing::field::Empty,
+            jsonrpc.code = tracing::field::Empty,
         );
         self.request_inner(env).instrument(span).await
+    }
+
+    /// Records how a request ended on its span.
+    fn record_outcome(span: &tracing::Span, response: &Value) {
+        let (outcome, code) = protocol::call_outcome(response);
+        span.record("mcp.outcome", outcome);
+        if let Some(c) = code {
+            span.record("jsonrpc.code", c);
+        }
     }
 
     async fn request_inner(self: &Arc<Self>, env: Envelope) -> Reply {
@@ -1612,6 +1638,7 @@ impl Session {
                 if method == "tools/call" {
                     self.record_call(tool.unwrap_or_default(), started.elapsed(), &err);
                 }
+                Session::record_outcome(&tracing::Span::current(), &err);
                 return Reply::Immediate(err);
             }
         };
@@ -1642,6 +1669,9 @@ impl Session {
                 });
                 let stream = Arc::new(Stream::new(self.id.clone(), stream_id, 1, true));
                 let (rx, _) = stream.attach(self.shared.cfg.stream_buffer);
+                let opened: crate::store::Ack = Box::pin(
+                    opened.instrument(tracing::info_span!("store.write", store.op = "open_stream")),
+                );
                 (stream, Some(opened), Some(rx))
             }
             Transport::LegacySse => (self.standalone.clone(), None, None),
@@ -1683,6 +1713,12 @@ impl Session {
     ) {
         let uid = self.shared.next_upstream_id.fetch_add(1, Ordering::Relaxed);
         protocol::set_id(&mut message, Value::from(uid));
+        let upstream_span = tracing::info_span!(
+            "upstream",
+            upstream.name = %self.shared.cfg.upstream_name,
+            upstream.generation = generation,
+        );
+        crate::telemetry::inject_meta(&upstream_span, &mut message);
         let token = message
             .pointer("/params/_meta/progressToken")
             .map(Value::to_string);
@@ -1715,6 +1751,7 @@ impl Session {
             method,
             timer: Some(timer.abort_handle()),
             started: Instant::now(),
+            spans: Some((tracing::Span::current(), upstream_span)),
         };
         {
             let mut st = self.lock();
@@ -1843,6 +1880,9 @@ impl Session {
                 }
                 let terminal = !Arc::ptr_eq(&stream, &self.standalone);
                 let message = make(client_id);
+                if let Some((request, _upstream)) = &p.spans {
+                    Session::record_outcome(request, &message);
+                }
                 if p.method == "tools/call" {
                     self.record_call(p.tool.unwrap_or_default(), p.started.elapsed(), &message);
                 }

@@ -513,6 +513,13 @@ impl Inner {
         let session = self.session.lock().await.clone();
         let mut headers = self.headers(&session, "application/json, text/event-stream");
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        // The trace context travels in `_meta` for every upstream; an HTTP one also gets
+        // it where HTTP tooling (proxies, the server's own tracing) looks for it.
+        for (name, v) in crate::telemetry::meta_headers(value) {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                headers.insert(name, v);
+            }
+        }
         let send = self
             .client
             .post(&self.url)
