@@ -540,11 +540,39 @@ async fn show_session(
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no session {id}")));
     };
     let calls = st.ledger.session_calls(&id, 50).await?;
+    let events = st.ledger.session_events(&id, 200).await?;
+    // The session's life in order: created, rehydrations and upstream restarts, tool calls
+    // (the 50 most recent; never arguments or results), closed.
+    let mut timeline: Vec<(i64, Value)> = Vec::with_capacity(calls.len() + events.len() + 2);
+    timeline.push((
+        s.created_ms,
+        json!({"at_ms": s.created_ms, "kind": "created"}),
+    ));
+    for e in &events {
+        timeline.push((e.at_ms, json!({"at_ms": e.at_ms, "kind": e.kind})));
+    }
+    for c in &calls {
+        timeline.push((
+            c.started_ms,
+            json!({"at_ms": c.started_ms, "kind": "tool_call", "tool": c.tool, "outcome": c.outcome,
+                   "error_code": c.error_code, "duration_ms": c.duration_ms}),
+        ));
+    }
+    if let Some(at) = s.closed_ms {
+        timeline.push((
+            at,
+            json!({"at_ms": at, "kind": "closed", "reason": s.close_reason}),
+        ));
+    }
+    timeline.sort_by_key(|(at, _)| *at);
+    let timeline: Vec<Value> = timeline.into_iter().map(|(_, v)| v).collect();
     let session = with_state(&st, vec![s])
         .await
         .pop()
         .expect("one in, one out");
-    Ok(axum::Json(json!({ "session": session, "calls": calls })))
+    Ok(axum::Json(
+        json!({ "session": session, "calls": calls, "timeline": timeline }),
+    ))
 }
 
 async fn evict_session(
@@ -615,14 +643,18 @@ async fn disconnected(
     ))
 }
 
+/// The `p` quantile of sorted values (nearest rank), none when empty.
+fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+}
+
 /// Calls, errors, error rate and duration percentiles of a group of calls.
 fn summarize(calls: &[&CallRow]) -> Value {
     let mut d: Vec<i64> = calls.iter().map(|c| c.call.duration_ms).collect();
     d.sort_unstable();
-    let pct = |p: f64| {
-        d.get(((d.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-    };
+    let pct = |p: f64| percentile(&d, p);
     let errors = calls.iter().filter(|c| c.call.outcome != "ok").count();
     json!({
         "calls": calls.len(),
@@ -647,19 +679,28 @@ fn grouped<'a>(rows: &'a [CallRow], key: impl Fn(&CallRow) -> String) -> BTreeMa
 /// Per-minute calls and errors over the last hour, oldest first (for the charts).
 fn timeline(rows: &[CallRow]) -> Vec<Value> {
     let now_min = now_ms() / 60_000;
-    let mut buckets = vec![(0usize, 0usize); 60];
+    let mut buckets: Vec<(usize, Vec<i64>)> = vec![(0, Vec::new()); 60];
     for r in rows {
         let age = now_min - r.call.started_ms / 60_000;
         if (0..60).contains(&age) {
             let b = &mut buckets[59 - age as usize];
-            b.0 += 1;
-            b.1 += usize::from(r.call.outcome != "ok");
+            b.0 += usize::from(r.call.outcome != "ok");
+            b.1.push(r.call.duration_ms);
         }
     }
     buckets
         .into_iter()
         .enumerate()
-        .map(|(i, (calls, errors))| json!({ "minute_ms": (now_min - 59 + i as i64) * 60_000, "calls": calls, "errors": errors }))
+        .map(|(i, (errors, mut durations))| {
+            durations.sort_unstable();
+            json!({
+                "minute_ms": (now_min - 59 + i as i64) * 60_000,
+                "calls": durations.len(),
+                "errors": errors,
+                "p50_ms": percentile(&durations, 0.50),
+                "p95_ms": percentile(&durations, 0.95),
+            })
+        })
         .collect()
 }
 

@@ -1,6 +1,9 @@
 //! The dashboard in a real browser: headless Chromium driven by Playwright (`playwright-core`
 //! from npm, Debian's `chromium`). While a client holds sessions and calls tools, the page
-//! must show the rows and a chart, open a session's detail, and evict it.
+//! must keep its rows in place between refreshes, filter them, draw charts with axes and
+//! tooltips, show per-tool and per-upstream panels, open a session's detail with its
+//! timeline, evict it, page closed sessions, fit a 400 px viewport and follow dark mode.
+//! Screenshots land in `target/artifacts/` (kept by CI).
 //! Without Chromium or `e2e/ts/node_modules` it prints one skip line, unless
 //! `TETHER_TEST_REQUIRE_BROWSER=1` (set by `.ci/run`) makes that a failure.
 
@@ -49,7 +52,9 @@ async fn dashboard_shows_sessions_and_evicts_one() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await; // let the ledger batch land
 
-    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    // Kept as CI artifacts: target/artifacts/dashboard*.png.
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/artifacts");
+    std::fs::create_dir_all(&shots).unwrap();
     // The link `tether dashboard` prints: the token in the fragment.
     let admin_link = format!("{}/#token={}", gw.admin, gw.admin_token());
     let (admin, sid, shot) = (gw.admin.clone(), target.clone(), shots.clone());
@@ -59,6 +64,7 @@ async fn dashboard_shows_sessions_and_evicts_one() {
             .args([&admin, &sid])
             .arg(&shot)
             .arg(&admin_link)
+            .arg("cursor")
             .env("CHROMIUM", chromium)
             .output()
             .expect("node runs")
@@ -75,8 +81,10 @@ async fn dashboard_shows_sessions_and_evicts_one() {
     );
     let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert!(report["rows"].as_u64().unwrap() >= 2, "{report}");
+    assert_eq!(report["stable"], true, "{report}");
+    assert_eq!(report["byClient"], 1, "{report}");
+    assert_eq!(report["byId"], 1, "{report}");
     assert!(report["calls"].as_u64().unwrap() >= 5, "{report}");
-    assert!(report["perClient"].as_u64().unwrap() >= 2, "{report}");
     assert!(
         report["detailText"]
             .as_str()
@@ -92,11 +100,25 @@ async fn dashboard_shows_sessions_and_evicts_one() {
             .contains("evicted"),
         "{report}"
     );
-    assert!(
-        std::fs::metadata(&shots).unwrap().len() > 10_000,
-        "screenshot saved at {}",
-        shots.display()
+    assert!(report["closedRows"].as_u64().unwrap() >= 1, "{report}");
+    assert!(report["narrow"].as_u64().unwrap() <= 400, "{report}");
+    assert_eq!(
+        report["failed"].as_array().map(Vec::len),
+        Some(0),
+        "no failed requests (favicon included): {report}"
     );
+    for name in [
+        "dashboard.png",
+        "dashboard-narrow.png",
+        "dashboard-dark.png",
+    ] {
+        let path = shots.join(name);
+        assert!(
+            std::fs::metadata(&path).unwrap().len() > 10_000,
+            "screenshot saved at {}",
+            path.display()
+        );
+    }
     // The evicted client now gets the spec's 404.
     let a = mcp
         .post(

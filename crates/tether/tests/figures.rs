@@ -254,3 +254,62 @@ async fn a_command_that_cannot_start_is_said_at_start_up() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[tokio::test]
+async fn a_sessions_timeline_tells_its_life_in_order() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("timeline").await;
+    mcp.call_text(&sid, 1, "echo", json!({"text": "a"})).await;
+    // The ledger is written in batches of up to 50 ms, off the request path: a SIGKILL
+    // inside that window loses those records (the session itself is durable before its
+    // id is sent). Wait for the batch, then kill.
+    ledger_outcomes(&gw, &sid, 1).await;
+    gw.kill9();
+    let gw2 = gw.restart();
+    let mcp = gw2.client();
+    mcp.call_text(&sid, 2, "echo", json!({"text": "b"})).await;
+    assert_eq!(mcp.delete(&sid).await, 200);
+    let mut kinds: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        let detail = session_detail(&gw2, &sid).await;
+        kinds = detail["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+            .collect();
+        if kinds.last().map(String::as_str) == Some("closed") && kinds.len() >= 6 {
+            let calls: Vec<&Value> = detail["timeline"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["kind"] == "tool_call")
+                .collect();
+            assert!(
+                calls
+                    .iter()
+                    .all(|c| c["tool"] == "echo" && c["outcome"] == "ok")
+            );
+            assert!(
+                !detail.to_string().contains("\"text\""),
+                "never arguments or results: {detail}"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "tool_call",
+            "rehydrated",
+            "upstream_restarted",
+            "tool_call",
+            "closed"
+        ],
+        "in time order"
+    );
+}

@@ -791,7 +791,10 @@ impl Registry {
         // The interrupted-call errors above must be readable before any resume is served.
         sh.store.flush().await?;
         sh.metrics.rehydrations.inc();
-        sh.ledger.record(LedgerEvent::Rehydrated(id.to_owned()));
+        sh.ledger.record(LedgerEvent::Rehydrated {
+            id: id.to_owned(),
+            at_ms: now_ms(),
+        });
         tracing::info!(interrupted_retrying = retry.len(), "session rehydrated");
         if !retry.is_empty() {
             let s = session.clone();
@@ -1493,8 +1496,10 @@ impl Session {
         self.spawn_pump(generation, rx, early);
         sh.metrics.upstream_starts.inc();
         sh.metrics.upstream_restarts.inc();
-        sh.ledger
-            .record(LedgerEvent::UpstreamRestarted(self.id.to_string()));
+        sh.ledger.record(LedgerEvent::UpstreamRestarted {
+            id: self.id.to_string(),
+            at_ms: now_ms(),
+        });
         tracing::info!(
             upstream = %link.describe(),
             generation,

@@ -184,8 +184,18 @@ pub async fn ledger_counts_and_retention_pruning(ledger: &dyn LedgerStore) {
             call("old", "echo", 100, "ok"),
             call("old", "echo", 200, "timeout"),
             call("new", "echo", 5_000, "ok"),
-            LedgerEvent::Rehydrated("new".into()),
-            LedgerEvent::UpstreamRestarted("new".into()),
+            LedgerEvent::Rehydrated {
+                id: "new".into(),
+                at_ms: 5_100,
+            },
+            LedgerEvent::UpstreamRestarted {
+                id: "new".into(),
+                at_ms: 5_200,
+            },
+            LedgerEvent::UpstreamRestarted {
+                id: "old".into(),
+                at_ms: 150,
+            },
             LedgerEvent::Touched {
                 id: "new".into(),
                 at_ms: 6_000,
@@ -198,6 +208,16 @@ pub async fn ledger_counts_and_retention_pruning(ledger: &dyn LedgerStore) {
     let new = ledger.session_summary("new").await.unwrap().unwrap();
     assert_eq!((new.rehydrations, new.upstream_restarts), (1, 1));
     assert_eq!(new.last_active_ms, 6_000);
+    let timeline = ledger.session_events("new", 10).await.unwrap();
+    let seen: Vec<(i64, &str)> = timeline
+        .iter()
+        .map(|e| (e.at_ms, e.kind.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [(5_200, "upstream_restarted"), (5_100, "rehydrated")],
+        "newest first"
+    );
     ledger
         .record(vec![LedgerEvent::Closed {
             id: "old".into(),
@@ -212,8 +232,10 @@ pub async fn ledger_counts_and_retention_pruning(ledger: &dyn LedgerStore) {
         ("closed", Some("timeout"))
     );
     // Past retention: the closed session and old calls go; live sessions and recent calls stay.
-    assert_eq!(ledger.prune_ledger(2_000).await.unwrap(), 3);
+    assert_eq!(ledger.prune_ledger(2_000).await.unwrap(), 4);
     assert!(ledger.session_summary("old").await.unwrap().is_none());
+    assert!(ledger.session_events("old", 10).await.unwrap().is_empty());
+    assert_eq!(ledger.session_events("new", 10).await.unwrap().len(), 2);
     assert!(ledger.session_summary("new").await.unwrap().is_some());
     assert_eq!(ledger.calls_since(0, 10).await.unwrap().len(), 1);
     let totals = ledger.totals().await.unwrap();

@@ -219,6 +219,10 @@ pub trait LedgerStore: LedgerSink {
         id: &str,
         limit: usize,
     ) -> Result<Vec<ToolCallRecord>, StoreError>;
+    /// A session's recorded lifecycle events (`rehydrated`, `upstream_restarted`), newest
+    /// first: with its record and tool calls, the session's timeline.
+    async fn session_events(&self, id: &str, limit: usize)
+    -> Result<Vec<SessionEvent>, StoreError>;
     /// Tool calls started since `since_ms` (at most `limit`, newest first), with dimensions.
     async fn calls_since(&self, since_ms: i64, limit: usize) -> Result<Vec<CallRow>, StoreError>;
     /// Ledger-wide totals.
@@ -322,15 +326,34 @@ pub struct ToolCallRecord {
     pub error_code: Option<i64>,
 }
 
+/// A lifecycle event of a session, for its timeline.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionEvent {
+    /// When, ms since the Unix epoch.
+    pub at_ms: i64,
+    /// `rehydrated` or `upstream_restarted`.
+    pub kind: String,
+}
+
 /// Something for the ledger; written in batches off the request path.
 #[derive(Debug, Clone)]
 pub enum LedgerEvent {
     /// A tool call finished.
     ToolCall(ToolCallRecord),
     /// A stored session was resumed after a gateway restart.
-    Rehydrated(String),
+    Rehydrated {
+        /// Session id.
+        id: String,
+        /// When, ms since the Unix epoch.
+        at_ms: i64,
+    },
     /// A session's upstream was started again (crash, rehydration).
-    UpstreamRestarted(String),
+    UpstreamRestarted {
+        /// Session id.
+        id: String,
+        /// When, ms since the Unix epoch.
+        at_ms: i64,
+    },
     /// A session was created. Only sent to a ledger on another backend than the live
     /// store (a backend holding both already has the row).
     Opened(Box<SessionRecord>),

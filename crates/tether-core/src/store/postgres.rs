@@ -14,12 +14,13 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    Ack, CallRow, LedgerEvent, LedgerSink, LedgerStore, SessionQuery, SessionState, SessionSummary,
-    StoreError, ToolCallRecord, Totals, UserRow, now_ms,
+    Ack, CallRow, LedgerEvent, LedgerSink, LedgerStore, SessionEvent, SessionQuery, SessionState,
+    SessionSummary, StoreError, ToolCallRecord, Totals, UserRow, now_ms,
 };
 
 /// Schema versions, applied in order; never edit one that has shipped.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     principal TEXT NOT NULL,
@@ -53,7 +54,17 @@ CREATE TABLE IF NOT EXISTS tool_calls (
 );
 CREATE INDEX IF NOT EXISTS tool_calls_by_time ON tool_calls(started_ms);
 CREATE INDEX IF NOT EXISTS tool_calls_by_session ON tool_calls(session_id, started_ms);
-"];
+",
+    "
+CREATE TABLE IF NOT EXISTS session_events (
+    session_id TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    kind TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS session_events_by_session ON session_events(session_id, at_ms);
+CREATE INDEX IF NOT EXISTS session_events_by_time ON session_events(at_ms);
+",
+];
 
 /// PostgreSQL-backed [`LedgerStore`].
 #[derive(Clone)]
@@ -222,18 +233,30 @@ impl PostgresLedger {
                     .await
                     .map_err(|e| pg(&e))?;
                 }
-                LedgerEvent::Rehydrated(id) => {
+                LedgerEvent::Rehydrated { id, at_ms } => {
                     tx.execute(
                         "UPDATE sessions SET rehydrations = rehydrations + 1 WHERE id = $1",
                         &[id],
                     )
                     .await
                     .map_err(|e| pg(&e))?;
+                    tx.execute(
+                        "INSERT INTO session_events (session_id, at_ms, kind) VALUES ($1, $2, 'rehydrated')",
+                        &[id, at_ms],
+                    )
+                    .await
+                    .map_err(|e| pg(&e))?;
                 }
-                LedgerEvent::UpstreamRestarted(id) => {
+                LedgerEvent::UpstreamRestarted { id, at_ms } => {
                     tx.execute(
                         "UPDATE sessions SET upstream_restarts = upstream_restarts + 1 WHERE id = $1",
                         &[id],
+                    )
+                    .await
+                    .map_err(|e| pg(&e))?;
+                    tx.execute(
+                        "INSERT INTO session_events (session_id, at_ms, kind) VALUES ($1, $2, 'upstream_restarted')",
+                        &[id, at_ms],
                     )
                     .await
                     .map_err(|e| pg(&e))?;
@@ -385,6 +408,29 @@ impl LedgerStore for PostgresLedger {
         Ok(rows.iter().map(row_to_call).collect())
     }
 
+    async fn session_events(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<SessionEvent>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT at_ms, kind FROM session_events WHERE session_id = $1 ORDER BY at_ms DESC LIMIT $2",
+                &[&id, &i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+            .await
+            .map_err(|e| pg(&e))?;
+        Ok(rows
+            .iter()
+            .map(|r| SessionEvent {
+                at_ms: r.get(0),
+                kind: r.get(1),
+            })
+            .collect())
+    }
+
     async fn calls_since(&self, since_ms: i64, limit: usize) -> Result<Vec<CallRow>, StoreError> {
         let rows = self
             .client()
@@ -469,6 +515,11 @@ impl LedgerStore for PostgresLedger {
             )
             .await
             .map_err(|e| pg(&e))?;
+        let events = tx
+            .execute("DELETE FROM session_events WHERE at_ms < $1", &[&cutoff_ms])
+            .await
+            .map_err(|e| pg(&e))?;
+        let calls = calls + events;
         let sessions = tx
             .execute(
                 "DELETE FROM sessions WHERE state = 'closed' AND closed_ms < $1",

@@ -16,9 +16,9 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::{
-    Ack, CallRow, EventRecord, LedgerEvent, LedgerSink, LedgerStore, LiveStore, SessionQuery,
-    SessionRecord, SessionState, SessionSummary, StoreError, StreamRecord, ToolCallRecord, Totals,
-    UserRow, now_ms,
+    Ack, CallRow, EventRecord, LedgerEvent, LedgerSink, LedgerStore, LiveStore, SessionEvent,
+    SessionQuery, SessionRecord, SessionState, SessionSummary, StoreError, StreamRecord,
+    ToolCallRecord, Totals, UserRow, now_ms,
 };
 
 type Done = oneshot::Sender<Result<(), StoreError>>;
@@ -133,6 +133,12 @@ CREATE TABLE IF NOT EXISTS events (
     created_ms INTEGER NOT NULL,
     PRIMARY KEY (session_id, stream_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS session_events (
+    session_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS session_events_by_session ON session_events(session_id, at_ms);
 CREATE TABLE IF NOT EXISTS closed_logs (
     session_id TEXT PRIMARY KEY
 ) WITHOUT ROWID;
@@ -452,6 +458,19 @@ fn insert_event(conn: &Connection, e: &EventRecord, max_events: u64) -> rusqlite
     Ok(())
 }
 
+fn insert_session_event(
+    conn: &Connection,
+    id: &str,
+    at_ms: i64,
+    kind: &str,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO session_events (session_id, at_ms, kind) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![id, at_ms, kind])?;
+    Ok(())
+}
+
 fn write_ledger(conn: &Connection, events: &[LedgerEvent]) -> rusqlite::Result<()> {
     for e in events {
         match e {
@@ -466,17 +485,19 @@ fn write_ledger(conn: &Connection, events: &[LedgerEvent]) -> rusqlite::Result<(
                 )?
                 .execute(params![c.session_id, i64::from(c.outcome != "ok")])?;
             }
-            LedgerEvent::Rehydrated(id) => {
+            LedgerEvent::Rehydrated { id, at_ms } => {
                 conn.prepare_cached(
                     "UPDATE sessions SET rehydrations = rehydrations + 1 WHERE id = ?1",
                 )?
                 .execute(params![id])?;
+                insert_session_event(conn, id, *at_ms, "rehydrated")?;
             }
-            LedgerEvent::UpstreamRestarted(id) => {
+            LedgerEvent::UpstreamRestarted { id, at_ms } => {
                 conn.prepare_cached(
                     "UPDATE sessions SET upstream_restarts = upstream_restarts + 1 WHERE id = ?1",
                 )?
                 .execute(params![id])?;
+                insert_session_event(conn, id, *at_ms, "upstream_restarted")?;
             }
             // Sent only when the live store is another backend: this file is then the
             // ledger alone, and keeps the history of sessions that live elsewhere.
@@ -516,6 +537,19 @@ fn prune_ledger(conn: &Connection, cutoff: i64, limit: usize) -> rusqlite::Resul
                (SELECT rowid FROM tool_calls WHERE started_ms < ?1 LIMIT ?2)",
         )?
         .execute(params![cutoff, limit as i64])?;
+    if calls == limit {
+        return Ok(Pruned {
+            rows: calls as u64,
+            more: true,
+        });
+    }
+    let events = conn
+        .prepare_cached(
+            "DELETE FROM session_events WHERE rowid IN
+               (SELECT rowid FROM session_events WHERE at_ms < ?1 LIMIT ?2)",
+        )?
+        .execute(params![cutoff, (limit - calls) as i64])?;
+    let calls = calls + events;
     if calls == limit {
         return Ok(Pruned {
             rows: calls as u64,
@@ -920,6 +954,27 @@ impl LedgerStore for SqliteStore {
                  WHERE session_id = ?1 ORDER BY started_ms DESC LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![id, limit as i64], row_to_call)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn session_events(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<SessionEvent>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT at_ms, kind FROM session_events WHERE session_id = ?1 ORDER BY at_ms DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![id, limit as i64], |r| {
+                Ok(SessionEvent {
+                    at_ms: r.get(0)?,
+                    kind: r.get(1)?,
+                })
+            })?;
             rows.collect()
         })
         .await
