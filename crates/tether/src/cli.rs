@@ -362,15 +362,9 @@ pub fn health(a: &AdminArgs) -> ExitCode {
         .timeout(Duration::from_secs(5))
         .build()
         .expect("static client config");
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match current_thread() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("tether: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let answer = runtime.block_on(async {
         let resp = http.get(format!("{base}/health/ready")).send().await?;
@@ -563,16 +557,20 @@ const SESSION_HEADERS: &[&str] = &[
     "CLOSED BECAUSE",
 ];
 
-fn run(f: impl std::future::Future<Output = Result<String, String>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+fn current_thread() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("tether: {e}");
-            return ExitCode::FAILURE;
-        }
+            ExitCode::FAILURE
+        })
+}
+
+fn run(f: impl std::future::Future<Output = Result<String, String>>) -> ExitCode {
+    let runtime = match current_thread() {
+        Ok(r) => r,
+        Err(code) => return code,
     };
     match runtime.block_on(f) {
         Ok(out) => {

@@ -91,6 +91,15 @@ async fn span_where(spans: &Spans, what: &str, f: impl Fn(&Span) -> bool) -> Spa
     panic!("no {what} span in {:#?}", spans.lock().unwrap());
 }
 
+/// What the demo's `trace` tool reported: the trace context it was sent.
+fn seen_by_upstream(answer: &Value) -> Value {
+    let text = answer
+        .pointer("/result/content/0/text")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("trace did not succeed: {answer}"));
+    serde_json::from_str(text).unwrap()
+}
+
 async fn traced_call(
     gw: &Gateway,
     sid: &str,
@@ -138,14 +147,7 @@ async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
 
     // traceparent as an HTTP header.
     let answer = traced_call(&gw, &sid, 1, "trace", true, false).await;
-    let seen: Value = serde_json::from_str(
-        answer
-            .pointer("/result/content/0/text")
-            .unwrap()
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let seen = seen_by_upstream(&answer);
     let request = span_where(&spans, "request", |s| {
         s.name == "request" && s.attrs.get("mcp.tool").map(String::as_str) == Some("trace")
     })
@@ -202,14 +204,7 @@ async fn an_http_upstream_gets_the_trace_context_in_its_headers() {
     );
     let sid = gw.client().initialize("traced-http").await;
     let answer = traced_call(&gw, &sid, 1, "trace", true, false).await;
-    let seen: Value = serde_json::from_str(
-        answer
-            .pointer("/result/content/0/text")
-            .unwrap()
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let seen = seen_by_upstream(&answer);
     let up = span_where(&spans, "upstream", |s| {
         s.name == "upstream" && s.trace_id == TRACE_ID
     })
@@ -227,14 +222,7 @@ async fn without_an_endpoint_a_clients_meta_passes_untouched() {
     let gw = Gateway::start(dir.path(), &["--demo"]);
     let sid = gw.client().initialize("untraced").await;
     let answer = traced_call(&gw, &sid, 1, "trace", true, true).await;
-    let seen: Value = serde_json::from_str(
-        answer
-            .pointer("/result/content/0/text")
-            .unwrap()
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let seen = seen_by_upstream(&answer);
     assert_eq!(
         seen["meta"],
         format!("00-{TRACE_ID}-{CLIENT_SPAN}-01").as_str()

@@ -247,6 +247,16 @@ pub fn explain_status(status: StatusCode, www_authenticate: Option<&str>) -> Opt
     }
 }
 
+/// The body of an error answer, as text, at most 64 KiB (it is only read for a message).
+async fn error_body(resp: reqwest::Response) -> String {
+    read_limited(resp, 64 << 10)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
 /// Whether a 400's body blames the session id, as servers do that answer 400 where the
 /// spec says 404 for a session they forgot (the official server-everything's
 /// "Bad Request: No valid session ID provided").
@@ -364,12 +374,7 @@ impl Inner {
             let sent = match sent {
                 // 400 where the spec says 404: forgotten only if the body blames the session.
                 Ok(resp) if resp.status() == StatusCode::BAD_REQUEST && had_session && !is_init => {
-                    let body = read_limited(resp, 64 << 10)
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .unwrap_or_default();
+                    let body = error_body(resp).await;
                     if names_the_session(&body) {
                         Err(StatusCode::BAD_REQUEST)
                     } else {
@@ -598,12 +603,7 @@ impl Inner {
                 .get(reqwest::header::WWW_AUTHENTICATE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            let body = read_limited(resp, 64 << 10)
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default();
+            let body = error_body(resp).await;
             let challenge = challenge.filter(|_| is_init);
             self.answer_status(value, status, challenge.as_deref(), &body)
                 .await;
