@@ -227,7 +227,7 @@ async fn redact_session_ids(resp: Response) -> Response {
     resp
 }
 
-/// Session ids are 40 lowercase hex characters ([`crate::session::new_session_id`]).
+/// Session ids are 40 lowercase hex characters ([`crate::ids::new_session_id`]).
 fn redact(v: &mut Value) {
     match v {
         Value::Object(map) => {

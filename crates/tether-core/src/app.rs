@@ -349,7 +349,7 @@ fn resolve_admin_token(config: &Config) -> anyhow::Result<AdminToken> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create the state dir {}", config.state_dir.display()))?;
-    let secret = format!("tadm_{}", crate::session::new_session_id());
+    let secret = format!("tadm_{}", crate::ids::new_session_id());
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -18,6 +18,7 @@ pub mod check;
 pub mod config;
 pub mod front;
 pub mod fuzz;
+pub mod ids;
 pub mod ledger;
 pub mod listener;
 pub mod log_limit;

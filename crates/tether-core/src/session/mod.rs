@@ -321,22 +321,7 @@ pub struct Session {
     standalone: Arc<Stream>,
 }
 
-fn random_hex(bytes: usize) -> String {
-    use rand::RngCore;
-    let mut buf = vec![0u8; bytes];
-    rand::rng().fill_bytes(&mut buf);
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A new instance id: 48 random bits as 12 hex characters.
-pub fn new_instance_id() -> String {
-    random_hex(6)
-}
-
-/// A new session id: 160 random bits as 40 lowercase hex characters (visible ASCII).
-pub fn new_session_id() -> String {
-    random_hex(20)
-}
+pub use crate::ids::{new_instance_id, new_session_id};
 
 /// What a request gets when its session closed before its upstream was up (the caller
 /// sets the client's id).
@@ -1654,7 +1639,7 @@ impl Session {
                     .is_some_and(|t| self.lock().safe_tools.contains(t)));
         let (stream, opened, live) = match self.transport {
             Transport::Streamable => {
-                let stream_id: Arc<str> = random_hex(8).into();
+                let stream_id: Arc<str> = crate::ids::new_stream_id().into();
                 let opened = self.shared.store.open_stream(StreamRecord {
                     session_id: self.id.to_string(),
                     stream_id: stream_id.to_string(),

@@ -364,7 +364,7 @@ pub fn redis_options(test: &str) -> Option<super::redis::RedisOptions> {
     };
     Some(super::redis::RedisOptions {
         url,
-        prefix: format!("tether-test:{test}:{}", crate::session::new_instance_id()),
+        prefix: format!("tether-test:{test}:{}", crate::ids::new_instance_id()),
         session_ttl: std::time::Duration::from_secs(3600),
         instance_ttl: std::time::Duration::from_secs(5),
         advertise_url: "http://127.0.0.1:1".into(),
@@ -377,7 +377,7 @@ pub async fn postgres_ledger(test: &str) -> Option<(super::postgres::PostgresLed
         eprintln!("skipped: TETHER_TEST_DATABASE_URL is not set (a PostgreSQL test)");
         return None;
     };
-    let schema = format!("tether_test_{test}_{}", crate::session::new_instance_id());
+    let schema = format!("tether_test_{test}_{}", crate::ids::new_instance_id());
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .expect("TETHER_TEST_DATABASE_URL must reach PostgreSQL");

@@ -203,7 +203,7 @@ impl RedisStore {
             ttl_ms: ms(opts.session_ttl),
             instance_ttl_ms: ms(opts.instance_ttl).max(1000),
             me: InstanceInfo {
-                id: crate::session::new_instance_id(),
+                id: crate::ids::new_instance_id(),
                 url: opts.advertise_url.trim_end_matches('/').to_owned(),
                 started_ms: now_ms(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -253,7 +253,7 @@ impl RedisStore {
         let key = format!("{}epoch", self.inner.p);
         pipe.cmd("SET")
             .arg(&key)
-            .arg(crate::session::new_instance_id())
+            .arg(crate::ids::new_instance_id())
             .arg("NX")
             .ignore();
         pipe.cmd("GET").arg(&key);
