@@ -37,7 +37,10 @@ mod tests {
             (new_stream_id(), 16),
         ] {
             assert_eq!(id.len(), len);
-            assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            );
         }
         assert_ne!(new_session_id(), new_session_id());
     }

@@ -222,6 +222,36 @@ impl Demo {
     }
 
     #[tool(
+        description = "Send notifications/resources/updated for every subscribed resource and one log message at the level the client set, then answer with how many were sent (for tests of restored session state)"
+    )]
+    async fn touch(&self, client: Peer<RoleServer>) -> String {
+        let subs: Vec<String> = self.subscriptions.lock().unwrap().iter().cloned().collect();
+        let level = self.log_level.lock().unwrap().clone();
+        for uri in &subs {
+            let _ = client
+                .notify_resource_updated(rmcp::model::ResourceUpdatedNotificationParam::new(
+                    uri.clone(),
+                ))
+                .await;
+        }
+        if let Some(level) = level
+            .as_deref()
+            .and_then(|l| serde_json::from_value(serde_json::Value::String(l.to_owned())).ok())
+        {
+            let note = rmcp::model::LoggingMessageNotificationParam::new(
+                level,
+                serde_json::Value::String("touched".into()),
+            );
+            let _ = client.notify_logging_message(note).await;
+        }
+        format!(
+            "updated={} level={}",
+            subs.len(),
+            level.unwrap_or_else(|| "none".into())
+        )
+    }
+
+    #[tool(
         description = "Send log notifications of 64 KiB each, about `bytes` in all, then answer (for tests of clients that do not read)"
     )]
     async fn flood(

@@ -157,6 +157,55 @@ async fn http_upstream_restart_is_invisible_to_the_client() {
 }
 
 #[tokio::test]
+async fn http_upstream_restart_keeps_the_clients_log_level_and_subscriptions() {
+    let (upstream, url) = http_upstream("127.0.0.1:0");
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--upstream-url", &url]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("http-restore").await;
+    for (id, method, params) in [
+        (1, "logging/setLevel", json!({"level": "debug"})),
+        (2, "resources/subscribe", json!({"uri": "demo://watched"})),
+    ] {
+        let a = mcp
+            .post(
+                Some(&sid),
+                &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}),
+            )
+            .await;
+        assert!(a.response().get("result").is_some(), "{}", a.body);
+    }
+
+    // The upstream restarts and forgets; the link re-initializes it on the next request,
+    // and must replay the level and the subscription there too.
+    let mut upstream2 = common::restart_http_upstream(upstream, &url);
+    let a = mcp
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "touch", "arguments": {}}}),
+        )
+        .await;
+    let events: Vec<Value> = a.events().into_iter().filter_map(|(_, v)| v).collect();
+    let updated = events
+        .iter()
+        .find(|v| v["method"] == "notifications/resources/updated")
+        .unwrap_or_else(|| panic!("resource update after the restart: {events:?}"));
+    assert_eq!(updated["params"]["uri"], "demo://watched");
+    let log = events
+        .iter()
+        .find(|v| v["method"] == "notifications/message")
+        .unwrap_or_else(|| panic!("log message after the restart: {events:?}"));
+    assert_eq!(log["params"]["level"], "debug");
+    assert_eq!(
+        a.response().pointer("/result/content/0/text"),
+        Some(&json!("updated=1 level=debug"))
+    );
+    assert!(gw.log_text().contains("re-initializing"));
+    upstream2.kill().unwrap();
+    let _ = upstream2.wait();
+}
+
+#[tokio::test]
 async fn http_upstream_down_is_an_error_then_recovers() {
     let (mut upstream, url) = http_upstream("127.0.0.1:0");
     let dir = state_dir();

@@ -1338,6 +1338,7 @@ impl Session {
             return None;
         }
         st.generation += 1;
+        link.set_restore(st.restore.requests());
         st.upstream = UpstreamSlot::Up {
             link,
             started: Instant::now(),
@@ -1574,7 +1575,15 @@ impl Session {
     fn remember(&self, op: &RestoreOp) {
         let snapshot = {
             let mut st = self.lock();
-            st.restore.apply(op).then(|| st.restore.to_json())
+            let changed = st.restore.apply(op);
+            if changed {
+                // An HTTP link re-initializes a forgetful upstream by itself: it must
+                // replay this too, not only a restart this session runs.
+                if let UpstreamSlot::Up { link, .. } = &st.upstream {
+                    link.set_restore(st.restore.requests());
+                }
+            }
+            changed.then(|| st.restore.to_json())
         };
         if let Some(v) = snapshot {
             // Not awaited: a lost update costs one setting after a crash, never a request.

@@ -229,6 +229,15 @@ impl Link {
         }
     }
 
+    /// Sets the requests that restore the client's session state (log level, resource
+    /// subscriptions) after an HTTP upstream forgot the session and the link re-initialized
+    /// it by itself. A stdio upstream is restarted by the session, which replays them.
+    pub fn set_restore(&self, requests: Vec<(&'static str, Value)>) {
+        if let LinkKind::Http(l) = &self.kind {
+            l.set_restore(requests);
+        }
+    }
+
     /// Stops the upstream: the stdio child's process group is killed, the HTTP upstream
     /// session is deleted when `end_session` is set. Idempotent.
     pub fn shutdown(&self, end_session: bool) {
