@@ -153,7 +153,13 @@ impl Backoff {
         }
         let exp = (failures - 2).min(20);
         let raw = self.base.saturating_mul(1u32 << exp).min(self.max);
-        raw.mul_f64(jitter.clamp(0.5, 1.0))
+        // NaN would panic in `mul_f64` (clamp keeps it): no jitter then.
+        let jitter = if jitter.is_nan() {
+            1.0
+        } else {
+            jitter.clamp(0.5, 1.0)
+        };
+        raw.mul_f64(jitter)
     }
 }
 
@@ -331,6 +337,47 @@ mod tests {
         }
         assert_eq!(b.delay(40, 1.0), b.max);
         assert_eq!(b.delay(3, 1.0), 2 * b.delay(2, 1.0));
+    }
+
+    /// The same properties over a grid of configurations, failure counts and jitters
+    /// (deterministic: every case, no sampling), including extremes that could overflow.
+    #[test]
+    fn backoff_properties_hold_for_every_configuration() {
+        let bases = [1u64, 7, 250, 1_000, 60_000];
+        let maxes = [1u64, 500, 30_000, 3_600_000, u64::MAX / 4];
+        let jitters = [f64::NEG_INFINITY, -1.0, 0.0, 0.5, 0.73, 1.0, 2.0, f64::NAN];
+        for base in bases.map(Duration::from_millis) {
+            for max in maxes.map(Duration::from_millis) {
+                let b = Backoff { base, max };
+                let mut last = Duration::ZERO;
+                for failures in 0..=70u32 {
+                    let full = b.delay(failures, 1.0);
+                    // Bounds: nothing before the second failure, never above max.
+                    if failures <= 1 {
+                        assert_eq!(full, Duration::ZERO);
+                    } else {
+                        assert!(full <= max, "{b:?} {failures}");
+                        assert!(full >= base.min(max), "{b:?} {failures}");
+                    }
+                    // Growth: non-decreasing, doubling until the cap.
+                    assert!(full >= last, "{b:?} {failures}");
+                    // (the exponent stops growing after 20 doublings)
+                    if (3..=22).contains(&failures) && last * 2 <= max {
+                        assert_eq!(full, last * 2, "{b:?} {failures}");
+                    }
+                    last = full;
+                    // Jitter: any input lands in [full/2, full].
+                    for j in jitters {
+                        let d = b.delay(failures, j);
+                        assert!(
+                            d <= full && d + Duration::from_nanos(1) >= full / 2,
+                            "{b:?} {failures} {j}"
+                        );
+                    }
+                }
+                assert_eq!(last, base.saturating_mul(1 << 20).min(max), "{b:?}");
+            }
+        }
     }
 
     #[test]

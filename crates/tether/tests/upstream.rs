@@ -179,13 +179,45 @@ async fn http_upstream_restart_keeps_the_clients_log_level_and_subscriptions() {
     // The upstream restarts and forgets; the link re-initializes it on the next request,
     // and must replay the level and the subscription there too.
     let mut upstream2 = common::restart_http_upstream(upstream, &url);
+    // The demo sends these notifications unrelated to the request, so the server may put
+    // them on its standalone stream: listen there too, as clients do.
+    let listen = {
+        use futures::StreamExt;
+        let resp = reqwest::Client::new()
+            .get(&gw.url)
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", &sid)
+            .header("mcp-protocol-version", "2025-11-25")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while let Ok(Some(Ok(ev))) = tokio::time::timeout_at(deadline, events.next()).await {
+                if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
+                    seen.push(v);
+                    if seen.len() == 2 {
+                        break;
+                    }
+                }
+            }
+            seen
+        })
+    };
     let a = mcp
         .post(
             Some(&sid),
             &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "touch", "arguments": {}}}),
         )
         .await;
-    let events: Vec<Value> = a.events().into_iter().filter_map(|(_, v)| v).collect();
+    let mut events: Vec<Value> = a.events().into_iter().filter_map(|(_, v)| v).collect();
+    let notes = events.iter().filter(|v| v.get("method").is_some()).count();
+    if notes < 2 {
+        events.extend(listen.await.unwrap());
+    }
     let updated = events
         .iter()
         .find(|v| v["method"] == "notifications/resources/updated")

@@ -1,0 +1,90 @@
+//! Ending a session here: closing (recorded), or only letting go of it (it lives on
+//! elsewhere); pending calls get an error, streams end, the upstream stops.
+//! Must not: record a close for a session that moved to another instance.
+
+use super::*;
+
+impl Session {
+    pub(super) async fn close(&self, reason: &str) {
+        self.close_inner(reason).instrument(self.span()).await
+    }
+
+    /// Marks the session closed in this process and ends everything it runs here: pending
+    /// requests get the error `make` builds, streams end, the upstream stops. False if it
+    /// was already closed.
+    pub(super) fn tear_down(&self, make: impl Fn(Value) -> Value) -> bool {
+        let (link, pending, streams) = {
+            let mut st = self.lock();
+            if st.closed {
+                return false;
+            }
+            st.closed = true;
+            st.slot = None;
+            let link = match std::mem::replace(
+                &mut st.upstream,
+                UpstreamSlot::Down {
+                    cause: None,
+                    since: None,
+                },
+            ) {
+                UpstreamSlot::Up { link, .. } => Some(link),
+                UpstreamSlot::Down { .. } => None,
+            };
+            let (pending, streams) = st.calls.drain();
+            (link, pending, streams)
+        };
+        for p in pending {
+            self.finish(p, &make);
+        }
+        for s in streams {
+            s.detach();
+        }
+        self.standalone.detach();
+        if let Some(link) = link {
+            link.shutdown(true);
+        }
+        true
+    }
+
+    pub(super) async fn close_inner(&self, reason: &str) {
+        let closed_now = self.tear_down(|client_id| {
+            protocol::error_response(
+                client_id,
+                code::SESSION_CLOSED,
+                format!("session closed ({reason})"),
+                None,
+            )
+        });
+        if !closed_now {
+            return;
+        }
+        if let Err(e) = self.shared.close_stored(&self.id, reason).await {
+            tracing::error!(error = %e, "cannot record session close");
+        }
+        self.shared.metrics.closed(reason);
+        tracing::info!(reason, "session closed");
+    }
+
+    /// The record as it stands now (activity and restore state included).
+    pub(super) fn current_record(&self) -> SessionRecord {
+        let mut r = self.record.clone();
+        let st = self.lock();
+        r.restore = st.restore.to_json();
+        r.last_active_ms =
+            now_ms() - i64::try_from(st.last_active.elapsed().as_millis()).unwrap_or(0);
+        r
+    }
+
+    /// Ends this process's part in the session (streams, pending calls, upstream) without
+    /// recording a close: the session lives on elsewhere.
+    pub(super) fn shutdown_local(&self, why: &str) {
+        self.tear_down(|client_id| {
+            protocol::error_response(
+                client_id,
+                code::UPSTREAM_LOST,
+                format!("the session moved to another gateway instance ({why}); the outcome of this request is unknown"),
+                Some(json!({"kind": "upstream_lost"})),
+            )
+        });
+    }
+}

@@ -1,0 +1,260 @@
+//! Client → upstream: requests (ids rewritten, registered in flight, timed out),
+//! notifications (a cancelled request's id rewritten) and the client's answers to
+//! server-initiated requests.
+//! Must not: send a request into an upstream already declared dead.
+
+use super::*;
+
+impl Session {
+    /// Handles a client request. Its span (a child of the caller's, which carries the
+    /// client's trace context) lasts until the call is finished and records its outcome.
+    pub async fn request(self: &Arc<Self>, env: Envelope) -> Reply {
+        let span = tracing::info_span!(
+            "request",
+            session.id = %self.id,
+            mcp.method = env.method().unwrap_or_default(),
+            mcp.tool = env.tool_name(),
+            mcp.outcome = tracing::field::Empty,
+            jsonrpc.code = tracing::field::Empty,
+        );
+        self.request_inner(env).instrument(span).await
+    }
+
+    /// Records how a request ended on its span.
+    pub(super) fn record_outcome(span: &tracing::Span, response: &Value) {
+        let (outcome, code) = protocol::call_outcome(response);
+        span.record("mcp.outcome", outcome);
+        if let Some(c) = code {
+            span.record("jsonrpc.code", c);
+        }
+    }
+
+    pub(super) async fn request_inner(self: &Arc<Self>, env: Envelope) -> Reply {
+        self.touch();
+        let client_id = env.id().cloned().unwrap_or(Value::Null);
+        let method = env.method().unwrap_or_default().to_owned();
+        if method == "initialize" {
+            return Reply::Immediate(protocol::error_response(
+                client_id,
+                code::INVALID_REQUEST,
+                "this session is already initialized; send initialize without MCP-Session-Id to start a new one",
+                None,
+            ));
+        }
+        let started = Instant::now();
+        let tool = env.tool_name().map(str::to_owned);
+        let (link, generation) = match self.ensure_upstream().await {
+            Ok(x) => x,
+            Err(mut err) => {
+                protocol::set_id(&mut err, client_id);
+                // Refused before it reached the upstream (backoff, circuit, capacity): still
+                // a call the client made, counted with that outcome.
+                if method == "tools/call" {
+                    self.record_call(tool.unwrap_or_default(), started.elapsed(), &err);
+                }
+                Session::record_outcome(&tracing::Span::current(), &err);
+                return Reply::Immediate(err);
+            }
+        };
+        let retryable = SAFE_METHODS.contains(&method.as_str())
+            || (method == "tools/call"
+                && tool
+                    .as_ref()
+                    .is_some_and(|t| self.lock().safe_tools.contains(t)));
+        let (stream, opened, live) = match self.transport {
+            Transport::Streamable => {
+                let stream_id: Arc<str> = crate::ids::new_stream_id().into();
+                let opened = self.shared.store.open_stream(StreamRecord {
+                    session_id: self.id.to_string(),
+                    stream_id: stream_id.to_string(),
+                    client_request_id: Some(client_id.clone()),
+                    request: if retryable {
+                        Some(env.value.clone())
+                    } else {
+                        // Enough to record an interrupted call with its tool after a crash,
+                        // without keeping its arguments.
+                        tool.as_ref()
+                            .map(|t| json!({"method": "tools/call", "params": {"name": t}}))
+                    },
+                    retryable,
+                    done: false,
+                    last_seq: 0,
+                    created_ms: now_ms(),
+                });
+                let stream = Arc::new(Stream::new(self.id.clone(), stream_id, 1, true));
+                let (rx, _) = stream.attach(self.shared.cfg.stream_buffer);
+                let opened: crate::store::Ack = Box::pin(
+                    opened.instrument(tracing::info_span!("store.write", store.op = "open_stream")),
+                );
+                (stream, Some(opened), Some(rx))
+            }
+            Transport::LegacySse => (self.standalone.clone(), None, None),
+        };
+        self.forward(
+            &link,
+            generation,
+            env.value,
+            client_id,
+            stream.clone(),
+            method,
+        )
+        .await;
+        match live {
+            Some(rx) => Reply::Stream(StreamHandle {
+                stream_id: stream.id().clone(),
+                opened,
+                priming: self.record.protocol_version.as_str() >= "2025-11-25",
+                retry: self.shared.cfg.sse_retry,
+                replay: Vec::new(),
+                live: Some(rx),
+                ends_with_response: true,
+                stop: self.shared.stopped.clone(),
+            }),
+            None => Reply::Accepted,
+        }
+    }
+
+    /// Rewrites a client request's id, registers it as pending on `stream`, arms its
+    /// timeout, and sends it upstream.
+    pub(super) async fn forward(
+        self: &Arc<Self>,
+        link: &Link,
+        generation: u64,
+        mut message: Value,
+        client_id: Value,
+        stream: Arc<Stream>,
+        method: String,
+    ) {
+        let uid = self.shared.next_upstream_id.fetch_add(1, Ordering::Relaxed);
+        protocol::set_id(&mut message, Value::from(uid));
+        let upstream_span = tracing::info_span!(
+            "upstream",
+            upstream.name = %self.shared.cfg.upstream_name,
+            upstream.generation = generation,
+        );
+        crate::telemetry::inject_meta(&upstream_span, &mut message);
+        let token = message
+            .pointer("/params/_meta/progressToken")
+            .map(Value::to_string);
+        let weak = Arc::downgrade(self);
+        let timeout = self.shared.cfg.upstream_timeout;
+        // Ends at shutdown too: a call still pending then must not hold the process for
+        // the rest of --upstream-timeout.
+        let stopped = self.shared.stopped.clone();
+        let timer = self.shared.tracker.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {}
+                _ = stopped.cancelled() => return,
+            }
+            if let Some(s) = weak.upgrade() {
+                s.on_timeout(uid).await;
+            }
+        });
+        let pending = Pending {
+            kind: PendingKind::Client {
+                client_id,
+                stream: stream.clone(),
+                token: token.clone(),
+            },
+            restore: RestoreOp::of(&message),
+            tool: message
+                .pointer("/params/name")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            generation,
+            method,
+            timer: Some(timer.abort_handle()),
+            started: Instant::now(),
+            spans: Some((tracing::Span::current(), upstream_span)),
+        };
+        {
+            let mut st = self.lock();
+            // Checked under the lock `on_upstream_closed` takes: a request registered after
+            // that upstream was declared dead would be sent into it and wait for nothing.
+            let live =
+                st.generation == generation && matches!(st.upstream, UpstreamSlot::Up { .. });
+            if !live {
+                drop(st);
+                self.finish(pending, |client_id| {
+                    protocol::error_response(
+                        client_id,
+                        code::UPSTREAM_LOST,
+                        "the upstream went away before this request could be sent; the next request restarts it",
+                        Some(json!({"kind": "upstream_lost"})),
+                    )
+                });
+                return;
+            }
+            let own_stream = (!Arc::ptr_eq(&stream, &self.standalone)).then_some(stream);
+            st.calls.insert(uid, pending, own_stream);
+        }
+        link.send(message).await;
+    }
+
+    pub(super) async fn on_timeout(self: &Arc<Self>, uid: u64) {
+        let pending = self.lock().calls.take(uid);
+        let Some(p) = pending else { return };
+        tracing::warn!(mcp.method = %p.method, duration_ms = p.started.elapsed().as_millis() as u64, "upstream request timed out");
+        let timeout = self.shared.cfg.upstream_timeout;
+        self.finish(p, |client_id| {
+            protocol::error_response(
+                client_id,
+                code::UPSTREAM_TIMEOUT,
+                format!(
+                    "upstream did not answer within {}",
+                    humantime::format_duration(timeout)
+                ),
+                Some(json!({"kind": "upstream_timeout"})),
+            )
+        });
+        if let Some((link, _)) = self.current_link() {
+            link.send(protocol::notification(
+                "notifications/cancelled",
+                Some(json!({"requestId": uid, "reason": "timed out at the gateway"})),
+            ))
+            .await;
+        }
+    }
+
+    /// Handles a client notification: forwarded upstream, with a cancelled request's id
+    /// rewritten to the upstream's id for it.
+    pub async fn notify(self: &Arc<Self>, env: Envelope) {
+        self.touch();
+        let mut value = env.value;
+        if env.kind == Kind::Notification
+            && value.get("method").and_then(Value::as_str) == Some("notifications/cancelled")
+        {
+            let target = value.pointer("/params/requestId").cloned();
+            let uid = target.and_then(|t| self.lock().calls.upstream_id_of(&t));
+            match uid {
+                Some(uid) => value["params"]["requestId"] = Value::from(uid),
+                None => return,
+            }
+        }
+        match self.ensure_upstream().await {
+            Ok((link, _)) => link.send(value).await,
+            Err(_) => tracing::debug!("client notification dropped: upstream unavailable"),
+        }
+    }
+
+    /// Handles a client response to a request the upstream sent.
+    pub async fn respond(self: &Arc<Self>, env: Envelope) {
+        self.touch();
+        let mut value = env.value;
+        let key = value.get("id").and_then(Value::as_str).map(str::to_owned);
+        let entry = key.and_then(|k| self.lock().calls.take_server_request(&k));
+        let Some((generation, orig)) = entry else {
+            tracing::debug!(
+                "client answered a request that is unknown or already answered; dropped"
+            );
+            return;
+        };
+        match self.current_link() {
+            Some((link, g)) if g == generation => {
+                protocol::set_id(&mut value, orig);
+                link.send(value).await;
+            }
+            _ => tracing::debug!("the upstream that asked is gone; client answer dropped"),
+        }
+    }
+}

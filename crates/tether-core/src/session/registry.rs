@@ -1,0 +1,383 @@
+//! The session map: single-flight lookup by id, creation (`initialize`, the 2024-11-05
+//! `/sse` opening), eviction, and what the admin API asks of held sessions.
+//! Must not: talk HTTP, or start an upstream except through `Shared::start_upstream`.
+
+use super::*;
+
+impl Registry {
+    /// Creates a session from a client's `initialize`: starts an upstream, forwards the
+    /// handshake, records the session durably, and returns it with the response to send.
+    /// An upstream failure is a JSON-RPC error response and creates nothing.
+    pub async fn initialize(
+        &self,
+        env: &Envelope,
+        transport: Transport,
+        legacy_id: Option<String>,
+        principal: &Principal,
+        client: Option<IpAddr>,
+    ) -> Result<(Option<Arc<Session>>, Value), SessionError> {
+        let sh = &self.shared;
+        let client_id = env.id().cloned().unwrap_or(Value::Null);
+        sh.admission
+            .check_rate(&principal.id, client)
+            .map_err(|r| self.refused(r))?;
+        let slot = sh
+            .admission
+            .reserve(&principal.id)
+            .map_err(|r| self.refused(r))?;
+        let Some(params) = env.value.get("params").filter(|p| p.is_object()).cloned() else {
+            return Ok((
+                None,
+                protocol::error_response(
+                    client_id,
+                    code::INVALID_PARAMS,
+                    "initialize needs params",
+                    None,
+                ),
+            ));
+        };
+        let id = legacy_id.unwrap_or_else(new_session_id);
+        let span = tracing::info_span!(parent: None, "session", session.id = %id, upstream.name = %sh.cfg.upstream_name);
+        async {
+            let Started {
+                link,
+                rx,
+                result,
+                early,
+            } = match sh.start_upstream(&id, &params).await {
+                Ok(x) => x,
+                Err(UpstreamError::Rejected(err)) => {
+                    return Ok((
+                        None,
+                        json!({"jsonrpc": "2.0", "id": client_id, "error": err}),
+                    ));
+                }
+                Err(e) => {
+                    if let Some(r) = start_refusal(&sh.cfg.upstream_name, &e) {
+                        return Err(self.refused(r));
+                    }
+                    sh.metrics.upstream_failures.inc();
+                    tracing::debug!(error = %e, "cannot start upstream for a new session");
+                    return Ok((None, upstream_error(client_id, &sh.cfg.upstream_name, &e)));
+                }
+            };
+            let now = now_ms();
+            let info = params.get("clientInfo");
+            let text = |k: &str| {
+                info.and_then(|i| i.get(k))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            };
+            let record = SessionRecord {
+                id: id.clone(),
+                principal: principal.id.clone(),
+                principal_email: principal.email.clone(),
+                principal_name: principal.name.clone(),
+                client_type: policy::client_type(text("name").as_deref()).to_owned(),
+                created_ms: now,
+                last_active_ms: now,
+                protocol_version: result
+                    .get("protocolVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or(protocol::DEFAULT_VERSION)
+                    .to_owned(),
+                init_params: params.clone(),
+                client_name: text("name"),
+                client_version: text("version"),
+                upstream_name: sh.cfg.upstream_name.clone(),
+                upstream_fingerprint: Some(sh.cfg.upstream_fingerprint.clone()),
+                transport: transport.as_str().to_owned(),
+                state: SessionState::Live,
+                close_reason: None,
+                closed_ms: None,
+                restore: json!({}),
+            };
+            sh.metrics.upstream_starts.inc();
+            let write = sh
+                .store
+                .create_session(record.clone())
+                .instrument(tracing::info_span!(
+                    "store.write",
+                    store.op = "create_session"
+                ));
+            if let Err(e) = write.await {
+                link.shutdown(true);
+                tracing::error!(error = %e, "cannot record new session");
+                return Err(SessionError::Store(e));
+            }
+            if sh.cfg.mirror_ledger {
+                sh.ledger
+                    .record(LedgerEvent::Opened(Box::new(record.clone())));
+            }
+            let standalone = match transport {
+                Transport::LegacySse => self.take_legacy_stream(&id),
+                Transport::Streamable => None,
+            }
+            .unwrap_or_else(|| {
+                Arc::new(Stream::new(
+                    id.as_str().into(),
+                    STANDALONE_STREAM.into(),
+                    1,
+                    true,
+                ))
+            });
+            let session = Session::new(sh.clone(), record, transport, standalone, slot);
+            let link = Arc::new(link);
+            let generation = session
+                .install(link.clone())
+                .expect("a session nobody else has seen yet is open");
+            session.spawn_pump(generation, rx, early);
+            self.insert(&session);
+            sh.metrics.sessions_created.inc();
+            tracing::info!(
+                principal = %session.record.principal,
+                client.name = session.record.client_name.as_deref().unwrap_or("unknown"),
+                "client.type" = %session.record.client_type,
+                protocol.version = %session.record.protocol_version,
+                upstream = %link.describe(),
+                "session created"
+            );
+            Ok((
+                Some(session),
+                json!({"jsonrpc": "2.0", "id": client_id, "result": result}),
+            ))
+        }
+        .instrument(span)
+        .await
+    }
+
+    pub(super) fn insert(&self, session: &Arc<Session>) {
+        let cell = Arc::new(OnceCell::new_with(Some(session.clone())));
+        self.shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session.id.to_string(), cell);
+        self.count_held();
+    }
+
+    pub(super) fn count_held(&self) {
+        self.shared
+            .metrics
+            .sessions_held
+            .set(self.held_count() as i64);
+    }
+
+    /// Sessions this process holds in memory (being loaded included).
+    pub fn held_count(&self) -> usize {
+        self.shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Finds `principal`'s session, rehydrating it from the store if this process does not
+    /// hold it. Another principal's session is reported exactly like an unknown one.
+    pub async fn get(&self, id: &str, principal: &Principal) -> Result<Arc<Session>, SessionError> {
+        if !policy::plausible_session_id(id) {
+            return Err(SessionError::NotFound);
+        }
+        let cell = {
+            let mut map = self
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.entry(id.to_owned())
+                .or_insert_with(|| Arc::new(OnceCell::new()))
+                .clone()
+        };
+        let result = cell
+            .get_or_try_init(|| self.load(id, principal))
+            .await
+            .cloned();
+        if result.is_err() {
+            let mut map = self
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if map
+                .get(id)
+                .is_some_and(|c| Arc::ptr_eq(c, &cell) && !c.initialized())
+            {
+                map.remove(id);
+            }
+        }
+        let session = result?;
+        self.count_held();
+        if session.is_closed() || session.record.principal != principal.id {
+            return Err(SessionError::NotFound);
+        }
+        Ok(session)
+    }
+
+    pub(super) async fn load(
+        &self,
+        id: &str,
+        principal: &Principal,
+    ) -> Result<Arc<Session>, SessionError> {
+        let span = tracing::info_span!(
+            parent: None, "session", session.id = %id, upstream.name = %self.shared.cfg.upstream_name
+        );
+        self.load_inner(id, principal, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    /// Ends a session for good (DELETE, idle timeout, operator).
+    pub async fn close(&self, session: &Arc<Session>, reason: &str) {
+        session.close(reason).await;
+        self.shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&*session.id);
+        self.count_held();
+    }
+
+    /// Every session this process holds (loaded, not being loaded).
+    pub(super) fn held(&self) -> Vec<Arc<Session>> {
+        let map = self
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.values().filter_map(|c| c.get().cloned()).collect()
+    }
+
+    /// Upstream state of every session this process holds: id → `up`, `down`, `backoff`
+    /// or `idle` (not started since the session was loaded).
+    pub fn upstream_states(&self) -> HashMap<String, &'static str> {
+        let sessions = self.held();
+        sessions
+            .iter()
+            .map(|s| (s.id.to_string(), s.upstream_state()))
+            .collect()
+    }
+
+    /// Ends a session on an operator's request (reason `evicted`), whether this process
+    /// holds it or it is only in the store. Returns whether a live session was found.
+    pub async fn evict(&self, id: &str) -> Result<bool, SessionError> {
+        let held = {
+            let map = self
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.get(id).and_then(|c| c.get().cloned())
+        };
+        if let Some(s) = held {
+            if s.is_closed() {
+                return Ok(false);
+            }
+            self.close(&s, "evicted").await;
+            return Ok(true);
+        }
+        match self.shared.store.load_session(id).await? {
+            Some(r) if r.state == SessionState::Live => {
+                let owner = match &self.shared.coordinator {
+                    Some(c) => c.owners(&[id.to_owned()]).await?.pop().flatten(),
+                    None => None,
+                };
+                self.shared.close_stored(id, "evicted").await?;
+                if let (Some(c), Some(owner)) = (&self.shared.coordinator, owner) {
+                    if owner != c.me().id {
+                        c.send_drop(&owner, id).await?;
+                    }
+                }
+                self.shared.metrics.closed("evicted");
+                tracing::info!(session.id = %id, reason = "evicted", "session closed");
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Opens a 2024-11-05 `/sse` stream: a session id reserved until the client's
+    /// `initialize` arrives on the POST endpoint.
+    pub fn legacy_open(&self, principal: &Principal) -> (String, StreamHandle) {
+        let id = new_session_id();
+        let stream = Arc::new(Stream::new(
+            id.as_str().into(),
+            STANDALONE_STREAM.into(),
+            1,
+            false,
+        ));
+        let (rx, _) = stream.attach(self.shared.cfg.stream_buffer);
+        self.shared
+            .legacy_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.clone(),
+                LegacyPending {
+                    stream: stream.clone(),
+                    opened: Instant::now(),
+                    principal: principal.id.clone(),
+                },
+            );
+        let handle = StreamHandle {
+            stream_id: stream.id().clone(),
+            opened: None,
+            priming: false,
+            retry: self.shared.cfg.sse_retry,
+            replay: Vec::new(),
+            live: Some(rx),
+            ends_with_response: false,
+            stop: self.shared.stopping.clone(),
+        };
+        (id, handle)
+    }
+
+    /// Whether `id` is a `/sse` connection of `principal` still waiting for `initialize`.
+    /// Another principal's stream is not (it gets the 404 of an unknown session).
+    pub fn legacy_pending(&self, id: &str, principal: &Principal) -> bool {
+        self.shared
+            .legacy_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_some_and(|p| p.principal == principal.id)
+    }
+
+    pub(super) fn take_legacy_stream(&self, id: &str) -> Option<Arc<Stream>> {
+        self.shared
+            .legacy_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .map(|p| p.stream)
+    }
+
+    /// Delivers the answer to a 2024-11-05 `initialize` on the session's SSE stream.
+    pub async fn legacy_initialize(
+        &self,
+        id: &str,
+        env: &Envelope,
+        principal: &Principal,
+        client: Option<IpAddr>,
+    ) -> Result<(), SessionError> {
+        let stream = self
+            .shared
+            .legacy_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .filter(|p| p.principal == principal.id)
+            .map(|p| p.stream.clone())
+            .ok_or(SessionError::NotFound)?;
+        let (_, response) = self
+            .initialize(
+                env,
+                Transport::LegacySse,
+                Some(id.to_owned()),
+                principal,
+                client,
+            )
+            .await?;
+        stream.push(self.shared.store.as_ref(), &response, false);
+        Ok(())
+    }
+}

@@ -1,0 +1,223 @@
+//! Background care of the session set: the idle reaper, multi-instance coordination
+//! (releases, takeovers, write-back after a store outage) and shutdown.
+//! Must not: block a request; every loop here has a shutdown path.
+
+use super::*;
+
+impl Registry {
+    /// Expires idle sessions (in memory and in the store) and prunes old stream logs.
+    /// Called periodically by [`Registry::run_reaper`].
+    pub async fn reap(&self) {
+        let sh = &self.shared;
+        for s in self.held() {
+            if s.is_idle() {
+                self.close(&s, "timeout").await;
+            }
+        }
+        let idle_ms = i64::try_from(sh.cfg.idle_timeout.as_millis()).unwrap_or(i64::MAX);
+        match sh
+            .store
+            .idle_sessions(now_ms().saturating_sub(idle_ms), 256)
+            .await
+        {
+            Ok(ids) => {
+                for id in ids {
+                    let held = sh
+                        .sessions
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains_key(&id);
+                    if held {
+                        continue;
+                    }
+                    if let Some(c) = &sh.coordinator {
+                        // Another live instance may hold it with an open stream; its own
+                        // reaper decides. An orphan (owner gone) is claimed, then expired.
+                        match c.claim(&id).await {
+                            Ok(Owner::Me | Owner::TookOver { .. }) => {}
+                            Ok(Owner::Other { .. }) => continue,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot check a session's owner");
+                                continue;
+                            }
+                        }
+                    }
+                    match sh.close_stored(&id, "timeout").await {
+                        Ok(()) => {
+                            tracing::info!(session.id = %id, reason = "timeout", "session closed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(session.id = %id, error = %e, "cannot expire session")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot look up idle sessions"),
+        }
+        sh.legacy_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, p| p.stream.attached() || p.opened.elapsed() < Duration::from_secs(10));
+    }
+
+    /// Runs [`Registry::reap`] until shutdown, and prunes stream logs past retention.
+    pub async fn run_reaper(self) {
+        let sh = self.shared.clone();
+        let tick =
+            (sh.cfg.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune = Instant::now();
+        // Pruning runs beside reaping, not in its loop: a large prune takes many chunks and
+        // must not delay expiry. At most one at a time; dropping the set on return (shutdown)
+        // aborts it between chunks.
+        let mut pruning = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = sh.stopping.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            self.reap().await;
+            while pruning.try_join_next().is_some() {}
+            if pruning.is_empty() && last_prune.elapsed() >= Duration::from_secs(60) {
+                last_prune = Instant::now();
+                let retention =
+                    i64::try_from(sh.cfg.event_retention.as_millis()).unwrap_or(i64::MAX);
+                let store = sh.store.clone();
+                pruning.spawn(async move {
+                    if let Err(e) = store.prune_events(now_ms().saturating_sub(retention)).await {
+                        tracing::warn!(error = %e, "cannot prune stream logs");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Keeps this instance's heartbeat alive and obeys the deployment: drops sessions that
+    /// were closed elsewhere or taken over after a lapse, and writes back records a store
+    /// lost. Runs until shutdown; only with a coordinator (Redis).
+    pub async fn run_coordination(self, every: Duration) {
+        let sh = self.shared.clone();
+        let Some(c) = sh.coordinator.clone() else {
+            return;
+        };
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut down = false;
+        loop {
+            tokio::select! {
+                _ = sh.stopping.cancelled() => return,
+                _ = interval.tick() => {}
+                // Back from an outage: re-check now, so records a restarted Redis lost are
+                // written back before the clients of other instances give up on them.
+                () = c.reconnected() => {}
+            }
+            match c.heartbeat().await {
+                Ok(lapsed) => {
+                    if down {
+                        tracing::info!("heartbeat restored");
+                        down = false;
+                    }
+                    if lapsed {
+                        self.resync(c.as_ref()).await;
+                    }
+                }
+                Err(e) => {
+                    if !down {
+                        tracing::warn!(error = %e, "cannot refresh this instance's heartbeat; held sessions keep working");
+                        down = true;
+                    }
+                    continue;
+                }
+            }
+            match c.take_drops().await {
+                Ok(ids) => {
+                    for id in ids {
+                        self.release(&id, "closed by another instance").await;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read this instance's inbox"),
+            }
+        }
+    }
+
+    /// After a lapsed heartbeat: every held session is checked against the store.
+    pub(super) async fn resync(&self, c: &dyn Coordinator) {
+        let held = self.held();
+        if held.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = held.iter().map(|s| s.id.to_string()).collect();
+        let owners = match c.owners(&ids).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-check session ownership");
+                return;
+            }
+        };
+        let (mut kept, mut restored, mut lost) = (0, 0, 0);
+        for (s, owner) in held.iter().zip(owners) {
+            match owner {
+                Some(o) if o == c.me().id => kept += 1,
+                Some(_) => {
+                    lost += 1;
+                    self.release(&s.id, "taken over by another instance").await;
+                }
+                None => {
+                    let record = s.current_record();
+                    match c.reassert(&record).await {
+                        Ok(()) => restored += 1,
+                        Err(e) => {
+                            tracing::warn!(session.id = %s.id, error = %e, "cannot write back a session record");
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            kept,
+            restored,
+            released = lost,
+            "heartbeat had lapsed: session ownership re-checked"
+        );
+    }
+
+    /// Drops this process's copy of a session without closing it in the store: another
+    /// instance serves it now (or it was closed there).
+    pub async fn release(&self, id: &str, why: &str) {
+        let cell = self
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(s) = cell.and_then(|c| c.get().cloned()) {
+            s.shutdown_local(why);
+            tracing::info!(session.id = %id, why, "session released by this instance");
+        }
+        self.count_held();
+    }
+
+    /// Shutdown, first phase: standalone streams end; request streams continue.
+    pub fn begin_shutdown(&self) {
+        self.shared.stopping.cancel();
+    }
+
+    /// Shutdown, last phase: every stream ends and every upstream stops. Sessions stay
+    /// live in the store and resume on contact after a restart.
+    pub async fn finish_shutdown(&self) {
+        let sh = &self.shared;
+        sh.stopping.cancel();
+        sh.stopped.cancel();
+        let sessions: Vec<Arc<Session>> = {
+            let mut map = sh.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            map.drain().filter_map(|(_, c)| c.get().cloned()).collect()
+        };
+        for s in &sessions {
+            s.stop_upstream();
+        }
+        if let Err(e) = sh.store.flush().await {
+            tracing::error!(error = %e, "store flush failed at shutdown");
+        }
+    }
+}
