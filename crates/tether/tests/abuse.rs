@@ -56,8 +56,11 @@ async fn connections_that_never_finish_their_headers_are_capped_and_cut() {
         dir.path(),
         &[
             "--demo",
+            // Long enough that all 300 connections are open before the first held one is
+            // cut, on a loaded 2-core machine too (at 1 s some were cut while the rest
+            // were still connecting, and took their freed places).
             "--header-timeout",
-            "1s",
+            "3s",
             "--max-connections",
             "200",
             "--max-connections-per-addr",
@@ -85,7 +88,7 @@ async fn connections_that_never_finish_their_headers_are_capped_and_cut() {
     let started = Instant::now();
     let (mut refused, mut cut) = (0, 0);
     for tcp in &mut held {
-        let (bytes, closed) = read_to_close(tcp, Duration::from_secs(5)).await;
+        let (bytes, closed) = read_to_close(tcp, Duration::from_secs(8)).await;
         assert!(
             closed,
             "every connection is closed within the header timeout"
@@ -108,8 +111,8 @@ async fn connections_that_never_finish_their_headers_are_capped_and_cut() {
         "100 held at the per-address cap, 200 refused at once"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "{:?}",
+        started.elapsed() < Duration::from_secs(7),
+        "closed by the header timeout, not by the client: {:?}",
         started.elapsed()
     );
     drop(held);
