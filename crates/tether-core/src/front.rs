@@ -207,14 +207,14 @@ pub fn router(registry: Registry, cfg: FrontConfig) -> Router {
         .route("/sse", get(sse_get))
         .route("/messages", post(messages_post))
         .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            metrics,
-            count_requests,
-        ))
+        .layer(axum::middleware::from_fn_with_state(metrics, front_door))
 }
 
-/// Counts every request by a bounded class (HTTP method and endpoint) and status.
-async fn count_requests(
+/// Every request: one span that every log line of the request carries (HTTP method,
+/// endpoint, client address, the session id it names, and the MCP method once the body is
+/// read), a child of the client's trace when its `traceparent` header names one; and a
+/// count by a bounded class (HTTP method and endpoint) and status.
+async fn front_door(
     State(metrics): State<Arc<Metrics>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -227,7 +227,32 @@ async fn count_requests(
         (_, "/messages") => "messages",
         _ => "other",
     };
-    let resp = next.run(req).await;
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    // The id a client sent, cut: it is untrusted input on its way into a log line.
+    let session = req
+        .headers()
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| cut(v, 64).into_owned())
+        .or_else(|| {
+            (class == "messages")
+                .then(|| req.uri().query().unwrap_or_default())
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("sessionId=")))
+                .map(|v| cut(v, 64).into_owned())
+        });
+    let span = tracing::info_span!(
+        "mcp.http",
+        http.method = %req.method(),
+        http.route = class,
+        client.address = client.as_deref().unwrap_or("unknown"),
+        session.id = session.as_deref(),
+        mcp.method = tracing::field::Empty,
+    );
+    crate::telemetry::adopt_headers(&span, req.headers());
+    let resp = next.run(req).instrument(span).await;
     metrics.request(class, resp.status().as_u16());
     resp
 }
@@ -525,6 +550,7 @@ async fn mcp_post(
         ));
     }
     let (env, bytes) = read_message(&headers, body, &st.cfg).await?;
+    note_message(&env);
     let session_header = header_str(&headers, SESSION_HEADER);
     let version_header = header_str(&headers, VERSION_HEADER);
     match policy::classify_post(&env, session_header, version_header) {
@@ -557,16 +583,13 @@ async fn mcp_post(
             };
             let exchange = session.exchange();
             match env.kind {
-                Kind::Request => {
-                    let span = http_span(&headers, &env.value);
-                    match session.request(env).instrument(span).await {
-                        Reply::Stream(handle) => {
-                            Ok(sse_response(handle, st.cfg.keepalive, None, Some(exchange)))
-                        }
-                        Reply::Immediate(v) => Ok(axum::Json(v).into_response()),
-                        Reply::Accepted => Ok(StatusCode::ACCEPTED.into_response()),
+                Kind::Request => match session.request(env).await {
+                    Reply::Stream(handle) => {
+                        Ok(sse_response(handle, st.cfg.keepalive, None, Some(exchange)))
                     }
-                }
+                    Reply::Immediate(v) => Ok(axum::Json(v).into_response()),
+                    Reply::Accepted => Ok(StatusCode::ACCEPTED.into_response()),
+                },
                 Kind::Notification => {
                     session.notify(env).await;
                     Ok(StatusCode::ACCEPTED.into_response())
@@ -580,15 +603,13 @@ async fn mcp_post(
     }
 }
 
-/// The span a client's request is served in: a child of the client's trace when its
-/// `traceparent` header names one, else when `params._meta.traceparent` does (how MCP SDKs
-/// send it). Exported only with `--otlp-endpoint`.
-fn http_span(headers: &HeaderMap, message: &serde_json::Value) -> tracing::Span {
-    let span = tracing::info_span!("mcp.http");
-    if !crate::telemetry::adopt_headers(&span, headers) {
-        crate::telemetry::adopt_meta(&span, message);
+/// Notes what a message is on the front door's span: its MCP method. (A trace context in
+/// `params._meta` is adopted by the session's request span, created after this one: a
+/// span's trace is fixed when its first child is created.)
+fn note_message(env: &Envelope) {
+    if let Some(m) = env.method() {
+        tracing::Span::current().record("mcp.method", cut(m, 64).as_ref());
     }
-    span
 }
 
 async fn mcp_get(
@@ -686,6 +707,7 @@ async fn messages_post(
         )
     })?;
     let (env, bytes) = read_message(&headers, body, &st.cfg).await?;
+    note_message(&env);
     if env.kind == Kind::Request
         && env.method() == Some("initialize")
         && st.registry.legacy_pending(&id, &principal)
@@ -706,8 +728,7 @@ async fn messages_post(
     let _exchange = session.exchange();
     match env.kind {
         Kind::Request => {
-            let span = http_span(&headers, &env.value);
-            if let Reply::Immediate(v) = session.request(env).instrument(span).await {
+            if let Reply::Immediate(v) = session.request(env).await {
                 session.deliver_standalone(&v);
             }
         }

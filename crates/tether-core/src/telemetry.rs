@@ -4,8 +4,8 @@
 //! OTLP/HTTP (protobuf) by a batch processor on its own thread, never on a request's path:
 //! one `request` span per MCP request (session, method, tool, outcome), an `upstream` child
 //! for the time the upstream took, and `store.write` children for the writes a request
-//! waits on. A client's `traceparent` (HTTP header, or `params._meta.traceparent` as MCP SDKs
-//! send it) becomes the parent; the upstream call's context goes on to every upstream in
+//! waits on. A client's `traceparent` HTTP header becomes the parent of the front door's
+//! `mcp.http` span, `params._meta.traceparent` (as MCP SDKs send it) that of `request`; the upstream call's context goes on to every upstream in
 //! `params._meta` and to HTTP upstreams in the `traceparent` header too.
 //!
 //! Without an endpoint nothing is exported and no context is minted: a client's

@@ -429,7 +429,40 @@ async fn json_logs_carry_span_fields_and_upstream_stderr_is_prefixed() {
         .iter()
         .find(|l| l["fields"]["message"] == "session created")
         .expect("session created");
-    assert_eq!(created["spans"][0]["session.id"], sid, "{created}");
+    let spans = created["spans"].as_array().unwrap();
+    let session = spans.iter().find(|s| s["name"] == "session").unwrap();
+    assert_eq!(session["session.id"], sid, "{created}");
+    // The request that created it: the front door's span, outermost.
+    assert_eq!(spans[0]["name"], "mcp.http", "{created}");
+    assert_eq!(spans[0]["client.address"], "127.0.0.1", "{created}");
+    assert_eq!(spans[0]["mcp.method"], "initialize", "{created}");
+
+    // A refused request's one log line names where it came from and what it asked.
+    let bogus = "0123456789abcdef0123456789abcdef01234567";
+    let a = mcp
+        .post(
+            Some(bogus),
+            &serde_json::json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(a.status, 404);
+    let refused: serde_json::Value = gw
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("request refused: Session not found"))
+        })
+        .expect("a refused request is logged");
+    let front = &refused["spans"][0];
+    assert_eq!(front["name"], "mcp.http", "{refused}");
+    assert_eq!(front["http.method"], "POST", "{refused}");
+    assert_eq!(front["http.route"], "post", "{refused}");
+    assert_eq!(front["client.address"], "127.0.0.1", "{refused}");
+    assert_eq!(front["session.id"], bogus, "{refused}");
+    assert_eq!(front["mcp.method"], "tools/list", "{refused}");
     let stderr = lines
         .iter()
         .find(|l| l["target"] == "tether_core::upstream::stderr")

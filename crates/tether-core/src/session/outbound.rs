@@ -17,6 +17,9 @@ impl Session {
             mcp.outcome = tracing::field::Empty,
             jsonrpc.code = tracing::field::Empty,
         );
+        // How MCP SDKs send a trace context: it names this request's trace (else the front
+        // door's span, child of a `traceparent` header, does).
+        crate::telemetry::adopt_meta(&span, &env.value);
         self.request_inner(env).instrument(span).await
     }
 

@@ -37,7 +37,8 @@ impl Registry {
             ));
         };
         let id = legacy_id.unwrap_or_else(new_session_id);
-        let span = tracing::info_span!(parent: None, "session", session.id = %id, upstream.name = %sh.cfg.upstream_name);
+        let span =
+            tracing::info_span!("session", session.id = %id, upstream.name = %sh.cfg.upstream_name);
         async {
             let Started {
                 link,
