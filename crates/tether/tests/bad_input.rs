@@ -168,7 +168,7 @@ async fn bad_inputs_get_clear_errors_and_harm_nothing() {
 async fn slow_headers_do_not_block_others() {
     use tokio::io::AsyncWriteExt;
     let dir = state_dir();
-    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let gw = common::TestApp::start(dir.path(), tether_core::config::Layer::default()).await;
     // A slowloris connection that never finishes its headers.
     let mut slow = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
     slow.write_all(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: appl")

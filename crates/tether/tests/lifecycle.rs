@@ -13,7 +13,8 @@ use tether_core::store::LiveStore;
 #[tokio::test]
 async fn delete_ends_the_session_and_its_upstream() {
     let dir = state_dir();
-    let gw = Gateway::start(dir.path(), &["--demo"]);
+    // In process, from a config (common::TestApp), instead of the binary with flags.
+    let gw = common::TestApp::start(dir.path(), tether_core::config::Layer::default()).await;
     let mcp = gw.client();
     let sid = mcp.initialize("deleter").await;
     let pid: i32 = mcp
@@ -37,6 +38,36 @@ async fn delete_ends_the_session_and_its_upstream() {
     let rec = store.load_session(&sid).await.unwrap().unwrap();
     assert_eq!(rec.close_reason.as_deref(), Some("client_disconnect"));
     assert_eq!(rec.client_name.as_deref(), Some("deleter"));
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_in_process_gateway_stops_and_its_sessions_resume_in_the_next() {
+    let dir = state_dir();
+    let idle = tether_core::config::Layer {
+        idle_timeout: Some("10m".into()),
+        ..Default::default()
+    };
+    let first = common::TestApp::start(dir.path(), idle.clone()).await;
+    let sid = first.client().initialize("in-process").await;
+    assert_eq!(
+        first
+            .client()
+            .call_text(&sid, 1, "echo", json!({"text": "before"}))
+            .await,
+        "before"
+    );
+    first.stop().await.expect("a clean stop");
+    let second = common::TestApp::start(dir.path(), idle).await;
+    assert_eq!(
+        second
+            .client()
+            .call_text(&sid, 2, "echo", json!({"text": "after"}))
+            .await,
+        "after",
+        "the same session id, served by the next gateway on the state dir"
+    );
+    second.stop().await.unwrap();
 }
 
 #[tokio::test]

@@ -670,3 +670,77 @@ pub fn marked_processes(entry: &str) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// A gateway run in this test process from a config layer instead of string flags: real
+/// listeners on port 0, its own state dir, the demo server as a supervised stdio upstream
+/// (through this crate's binary) unless the layer names another. Stopped like SIGTERM by
+/// [`TestApp::stop`], or dropped with the test's runtime.
+pub struct TestApp {
+    pub url: String,
+    pub addr: String,
+    pub admin: String,
+    pub state_dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestApp {
+    /// Starts `layer` (listen, admin listen and state dir are set here) with test-friendly
+    /// session rates, as the binary harness does.
+    pub async fn start(state_dir: &Path, layer: tether_core::config::Layer) -> TestApp {
+        use tether_core::config::{Config, Layer, LimitsLayer};
+        let base = Layer {
+            listen: Some("127.0.0.1:0".into()),
+            admin_listen: Some("127.0.0.1:0".into()),
+            state_dir: Some(state_dir.to_path_buf()),
+            demo: Some(true),
+            limits: Some(LimitsLayer {
+                session_rate: Some(100_000),
+                session_burst: Some(100_000),
+                ..LimitsLayer::default()
+            }),
+            ..Layer::default()
+        };
+        let config = Config::resolve(base.overlay(layer), vec![BIN.into(), "demo-server".into()])
+            .unwrap_or_else(|e| panic!("invalid test config: {e:?}"));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(tether_core::app::run(
+            config,
+            Some(PathBuf::from(BIN)),
+            async {
+                let _ = stop_rx.await;
+            },
+            move |addr, admin| {
+                let _ = ready_tx.send((addr, admin));
+            },
+        ));
+        let (addr, admin) = tokio::time::timeout(Duration::from_secs(20), ready_rx)
+            .await
+            .expect("the gateway starts within 20 s")
+            .expect("the gateway reports its addresses");
+        TestApp {
+            url: format!("http://{addr}/mcp"),
+            addr: addr.to_string(),
+            admin: format!("http://{admin}"),
+            state_dir: state_dir.to_path_buf(),
+            stop: Some(stop_tx),
+            task,
+        }
+    }
+
+    pub fn client(&self) -> Mcp {
+        Mcp::new(&self.url)
+    }
+
+    /// Stops it as SIGTERM would (grace for in-flight calls, sessions stay resumable) and
+    /// returns how `app::run` ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task)
+            .await
+            .expect("the gateway task did not panic")
+    }
+}
