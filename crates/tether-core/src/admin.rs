@@ -20,6 +20,8 @@
 //! (anything but GET gets 401) and never see a full session id: ids in their answers are
 //! cut to a prefix, so another local process can tell sessions apart but cannot use or
 //! evict one.
+//!
+//! Must not: touch sessions except through `Registry` (evict, upstream states), or show a full session id without the token.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! Wiring: the only module that knows every other one. Opens the store, builds the
 //! session registry and the front door, serves until the shutdown future resolves, then
 //! drains in-flight requests under the grace period and stops every upstream.
+//!
+//! Must not: hold request logic: it wires the parts and owns their tasks and shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;

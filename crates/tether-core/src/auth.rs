@@ -2,6 +2,8 @@
 //!
 //! Keys are 32 random bytes, so a fast hash is enough: nobody can brute-force the preimage,
 //! and hashing keeps a leaked config file from leaking usable keys.
+//!
+//! Must not: keep a key in memory or on disk other than as its hash, or tell a wrong key from an unknown one in its answer.
 
 use std::collections::HashMap;
 

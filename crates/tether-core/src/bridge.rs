@@ -10,6 +10,8 @@
 //! A server that answers `initialize` with 400/404/405 is spoken to with the 2024-11-05
 //! HTTP+SSE transport instead ([`LegacySse`]), re-initialized the same way if its stream
 //! drops. stdout carries protocol bytes only; logs go to stderr or a file.
+//!
+//! Must not: write anything but protocol messages to stdout.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -4,6 +4,8 @@
 //! endpoint validates `Origin` and answers 404 for an unknown session; reports the protocol
 //! version, server, capabilities and latency per step, and a diagnosis when something is
 //! wrong (refused, TLS, 401, wrong path, not MCP).
+//!
+//! Must not: change anything on the server beyond one session it closes again.
 
 use std::time::{Duration, Instant};
 

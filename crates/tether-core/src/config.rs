@@ -3,6 +3,8 @@
 //! The file and the command line (which clap already merges with the environment) are each
 //! read into a [`Layer`] of optional values; [`Config::resolve`] lays the command line over
 //! the file over the defaults and reports every problem at once, before anything binds.
+//!
+//! Must not: do I/O beyond reading the file, or accept a value it cannot use (every problem is reported, all at once).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

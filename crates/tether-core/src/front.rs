@@ -6,6 +6,8 @@
 //! what the session layer returns as JSON, 202 or SSE. Every failure becomes one
 //! [`FrontError`], mapped to its status and JSON-RPC error body and logged once, in
 //! [`FrontError::into_response`]. This module knows nothing about processes or databases.
+//!
+//! Must not: know about processes or databases.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

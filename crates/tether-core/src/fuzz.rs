@@ -1,6 +1,8 @@
 //! Entry points for the fuzz targets in `fuzz/` (cargo-fuzz) and their smoke test: every
 //! parser that reads the network, an upstream or a config file, driven with arbitrary bytes.
 //! Each function must return normally for any input; invariants worth checking are asserted.
+//!
+//! Must not: be used by the gateway itself (it exists for `cargo fuzz` and the parser tests).
 #![doc(hidden)]
 
 use bytes::BytesMut;

@@ -3,6 +3,8 @@
 //! The request path only `try_send`s into a bounded queue; one task drains it in batches
 //! (up to 512 records or 50 ms) into the store. When the queue is full the record is counted
 //! in `tether_ledger_dropped_total` and the call goes on: recording never slows a call down.
+//!
+//! Must not: block the request path; a full queue drops and counts.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -2,6 +2,8 @@
 //! sending bad requests, a flood of connections) gets a bounded number of log lines per
 //! second; what is over the rate is counted and the count logged with the next line let
 //! through. Client-provided strings are cut before they reach a log line.
+//!
+//! Must not: drop a count: what is not logged is summarized.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

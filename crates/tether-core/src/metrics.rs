@@ -1,5 +1,7 @@
 //! Prometheus metrics. Labels are bounded: reasons, outcomes, method classes and status
 //! codes come from fixed sets; never a session id, user or tool argument.
+//!
+//! Must not: label by session id, user or tool argument.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

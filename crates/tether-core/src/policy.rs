@@ -1,6 +1,8 @@
 //! Pure policy decisions: which protocol era a request opens, whether an Origin is allowed,
 //! how long to back off after upstream crashes. No I/O, no clocks: callers pass what they
 //! know, which keeps every rule unit-testable and in one place.
+//!
+//! Must not: touch clocks, I/O or state.
 
 use std::time::Duration;
 
@@ -161,6 +163,13 @@ impl Backoff {
         };
         raw.mul_f64(jitter)
     }
+}
+
+/// Whether streams of a session speaking `version` start with a priming event (event id,
+/// empty data, `retry`): from 2025-11-25 on; older clients may choke on an empty event.
+/// Versions are dates, so they compare as strings.
+pub fn primes_streams(version: &str) -> bool {
+    version >= "2025-11-25"
 }
 
 /// A session counts as idle when nothing touched it for `idle` and it holds no open stream
@@ -377,6 +386,19 @@ mod tests {
                 }
                 assert_eq!(last, base.saturating_mul(1 << 20).min(max), "{b:?}");
             }
+        }
+    }
+
+    #[test]
+    fn streams_are_primed_from_2025_11_25() {
+        for (v, primed) in [
+            ("2024-11-05", false),
+            ("2025-03-26", false),
+            ("2025-06-18", false),
+            ("2025-11-25", true),
+            ("2026-07-28", true),
+        ] {
+            assert_eq!(primes_streams(v), primed, "{v}");
         }
     }
 

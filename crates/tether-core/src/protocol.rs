@@ -5,6 +5,8 @@
 //! MCP structs: it must forward methods and fields it does not know (future spec revisions,
 //! `experimental` capabilities) byte-for-byte in meaning, and only ever touches `id`,
 //! `method`, a few `params` fields and `_meta.progressToken`.
+//!
+//! Must not: know about sessions or HTTP.
 
 use serde_json::{Map, Value, json};
 

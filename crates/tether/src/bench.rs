@@ -9,6 +9,8 @@
 //! Written here rather than using wrk or oha because an MCP call is a session handshake plus
 //! a POST whose answer may be JSON or an SSE stream, and the stdio baseline must drive the
 //! same pattern over pipes; the hot loop is one reqwest POST and a scan of the answer.
+//!
+//! Must not: share state between workers in the hot loop.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;

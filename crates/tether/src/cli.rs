@@ -1,5 +1,7 @@
 //! The operator commands: `tether keys add`, and `sessions`, `stats`, `users`, which talk
 //! to a running gateway's admin API. Aligned tables for people, `--json` for scripts.
+//!
+//! Must not: read the store directly: everything goes through the admin API.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -6,6 +6,8 @@
 //! unannotated slow calls (for retry-after-restart rules), per-process state and a crash,
 //! and misbehaviour on request (floods of notifications, huge answers, huge stderr lines)
 //! for the tests of the gateway's bounds.
+//!
+//! Must not: be needed by the gateway: it is a test and quick-start upstream only.
 #![allow(deprecated)] // Sampling is deprecated by SEP-2577 but is what legacy clients speak.
 #![allow(missing_docs)] // The tool argument structs document themselves through schemars.
 

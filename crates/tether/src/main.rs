@@ -1,6 +1,8 @@
 //! `tether`: the command line. Parses flags (over `TETHER_*` env and a TOML file), then
 //! hands off to `tether_core::app`. Also hosts the bundled demo MCP server and the hidden
 //! `__shim` that supervises stdio children (see `tether_core::upstream::shim`).
+//!
+//! Must not: contain gateway logic; flags become a `config::Layer`, nothing more.
 
 mod bench;
 mod cli;

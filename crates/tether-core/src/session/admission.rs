@@ -2,6 +2,8 @@
 //! new ones may be created per principal and per client address. A session holds a
 //! [`Slot`] from creation (or rehydration) until it closes or leaves this process, so the
 //! counts are exact and never drift.
+//!
+//! Must not: count a session twice or forget to release it (a `Slot` releases on drop).
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -170,7 +170,7 @@ impl Session {
         StreamHandle {
             stream_id: self.standalone.id().clone(),
             opened: None,
-            priming: self.record.protocol_version.as_str() >= "2025-11-25",
+            priming: policy::primes_streams(&self.record.protocol_version),
             retry: self.shared.cfg.sse_retry,
             replay: Vec::new(),
             live: Some(rx),

@@ -106,7 +106,7 @@ impl Session {
             Some(rx) => Reply::Stream(StreamHandle {
                 stream_id: stream.id().clone(),
                 opened,
-                priming: self.record.protocol_version.as_str() >= "2025-11-25",
+                priming: policy::primes_streams(&self.record.protocol_version),
                 retry: self.shared.cfg.sse_retry,
                 replay: Vec::new(),
                 live: Some(rx),

@@ -7,6 +7,8 @@
 //! see it, while the store is free to commit many events at once. The one exception is a
 //! request's final answer, written while its commit runs (ARCHITECTURE.md invariant 3). Event ids are
 //! `<stream>.<seq>`: unique within the session and naming their stream (spec §1.1.6).
+//!
+//! Must not: send an event before it is durable (except a request's final answer, invariant 3), or hold a slow client's bytes without a bound.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -2,6 +2,8 @@
 //! backend's tests (SQLite always; Redis and PostgreSQL against the real servers named by
 //! `TETHER_TEST_REDIS_URL` / `TETHER_TEST_DATABASE_URL`, each test in its own key prefix or
 //! schema).
+//!
+//! Must not: be compiled into the gateway (tests only) or share a key prefix or schema between tests.
 
 use serde_json::json;
 

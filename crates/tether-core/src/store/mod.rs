@@ -10,6 +10,8 @@
 //! Every backend passes the same conformance suite (`conformance.rs`). Writes that sit on the request path return an [`Ack`]
 //! future instead of blocking: a backend may group many writes into one commit, and the
 //! caller decides what must be durable before it answers the client.
+//!
+//! Must not: know about sessions' behaviour: the traits say what must be durable, not why.
 
 #[cfg(test)]
 pub(crate) mod conformance;

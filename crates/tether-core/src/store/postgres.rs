@@ -6,6 +6,8 @@
 //! so a deployment (or a test) can use its own schema with
 //! `?options=-c%20search_path%3Dmyschema`. Writes come only from the ledger writer
 //! ([`crate::ledger`]), which buffers and retries while the database is unreachable.
+//!
+//! Must not: serve live state.
 
 use std::time::Duration;
 

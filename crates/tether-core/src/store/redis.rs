@@ -33,6 +33,8 @@
 //! working; a write that must be durable before a client sees it (a new session) fails
 //! with [`StoreError::Unavailable`] instead, which the front door turns into 503 +
 //! `Retry-After`.
+//!
+//! Must not: be used for the ledger, or let a Redis outage stall a held session.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

@@ -6,6 +6,8 @@
 //! a commit is durable against a crash of this process without an fsync per commit; fsyncs
 //! happen at checkpoints. Reads use a second connection on the blocking pool, so they never
 //! wait behind a commit.
+//!
+//! Must not: write from more than its one writer thread, or run an unbounded statement on it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

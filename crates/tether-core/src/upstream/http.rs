@@ -14,6 +14,8 @@
 //! with [`Reconnect`], are retried with backoff for a bounded outage (the bridge); a request
 //! whose outcome became unknown (the connection died after it was sent) is answered with
 //! an error saying so, never left hanging.
+//!
+//! Must not: buffer an answer without a bound, or retry a request whose outcome is unknown (it is answered with an error instead).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

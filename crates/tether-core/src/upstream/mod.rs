@@ -6,6 +6,8 @@
 //! ending with exactly one [`Inbound::Closed`] naming the cause. This layer knows nothing of
 //! client sessions, HTTP front doors or stores: supervision policy (restart, backoff) lives
 //! in the session layer, which owns each link.
+//!
+//! Must not: know about client sessions or stores.
 
 pub mod http;
 pub mod shim;

@@ -7,6 +7,8 @@
 //! asks for SIGTERM when the gateway dies, starts the real server in the same group with
 //! the gateway's pipes, and on SIGTERM/SIGINT/SIGHUP kills the whole group. The gateway
 //! itself stops a session's upstream the same way: one `killpg`.
+//!
+//! Must not: outlive its gateway, or leave a process of its group running.
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{getpgrp, getppid};

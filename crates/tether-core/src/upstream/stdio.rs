@@ -9,6 +9,8 @@
 //! is skipped to its newline and reported as [`Inbound::Oversized`] (the child keeps
 //! running); stderr is read in bounded chunks, long lines are cut in the log with their
 //! length, and the log lines per second of one upstream are limited.
+//!
+//! Must not: block on a child (every read and write is bounded and owned by a tracked task), pass `TETHER_*` variables to it, or outlive the session that started it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
