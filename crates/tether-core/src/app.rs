@@ -207,26 +207,12 @@ pub async fn run(
         admin_stop.clone(),
     ));
     tracing::info!(admin = %admin_addr, "admin API, metrics and dashboard on http://{admin_addr}/");
-    let retention = config.retention;
-    let prune_store = stores.ledger.clone();
     let prune_stop = CancellationToken::new();
-    let prune_token = prune_stop.clone();
-    tracker.spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(600));
-        loop {
-            tokio::select! {
-                _ = prune_token.cancelled() => return,
-                _ = every.tick() => {}
-            }
-            let cutoff =
-                crate::store::now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-            match prune_store.prune_ledger(cutoff).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(rows = n, "pruned ledger history past retention"),
-                Err(e) => tracing::warn!(error = %e, "cannot prune ledger history"),
-            }
-        }
-    });
+    tracker.spawn(crate::session::run_ledger_pruning(
+        stores.ledger.clone(),
+        config.retention,
+        prune_stop.clone(),
+    ));
 
     let stop_accepting = CancellationToken::new();
     let drop_connections = CancellationToken::new();

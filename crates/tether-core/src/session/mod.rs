@@ -340,6 +340,7 @@ pub struct Session {
 }
 
 pub use crate::ids::{new_instance_id, new_session_id};
+pub use upkeep::run_ledger_pruning;
 
 /// What a request gets when its session closed before its upstream was up (the caller
 /// sets the client's id).

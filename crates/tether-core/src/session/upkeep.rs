@@ -1,5 +1,6 @@
 //! Background care of the session set: the idle reaper, multi-instance coordination
-//! (releases, takeovers, write-back after a store outage) and shutdown.
+//! (releases, takeovers, write-back after a store outage), the ledger's retention pruning
+//! and shutdown.
 //! Must not: block a request; every loop here has a shutdown path.
 
 use super::*;
@@ -218,6 +219,32 @@ impl Registry {
         }
         if let Err(e) = sh.store.flush().await {
             tracing::error!(error = %e, "store flush failed at shutdown");
+        }
+    }
+}
+
+/// Deletes ledger history past `retention` every ten minutes (and once at start) until
+/// `stop`. Stream logs are pruned by the reaper; this is the sessions and tool calls.
+pub async fn run_ledger_pruning(
+    ledger: Arc<dyn crate::store::LedgerStore>,
+    retention: Duration,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match ledger
+            .prune_ledger(cutoff)
+            .instrument(tracing::info_span!("prune_ledger"))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "pruned ledger history past retention"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune ledger history"),
         }
     }
 }
