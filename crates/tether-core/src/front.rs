@@ -259,6 +259,23 @@ async fn front_door(
     resp
 }
 
+/// The checks every MCP request passes first, in this order: its `Origin` is allowed
+/// (403), then its caller is authenticated (401). Taken by every handler before anything
+/// else is read, so no handler can skip or reorder them.
+struct Caller(Principal);
+
+impl axum::extract::FromRequestParts<AppState> for Caller {
+    type Rejection = FrontError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &AppState,
+    ) -> Result<Self, FrontError> {
+        check_origin(&parts.headers, &st.cfg)?;
+        Ok(Caller(authenticate(&parts.headers, &st.cfg)?))
+    }
+}
+
 /// The principal of a request: anonymous without keys, else the key's user or 401.
 fn authenticate(headers: &HeaderMap, cfg: &FrontConfig) -> Result<Principal, FrontError> {
     if !cfg.keys.enabled() {
@@ -536,14 +553,13 @@ fn modern_refusal(version: &str, id: Option<&Value>) -> FrontError {
 
 async fn mcp_post(
     State(st): State<AppState>,
+    Caller(principal): Caller,
     client: Option<Extension<ConnectInfo<SocketAddr>>>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FrontError> {
     let client = client.map(|c| c.0.0.ip());
-    check_origin(&headers, &st.cfg)?;
-    let principal = authenticate(&headers, &st.cfg)?;
     if !(accepts(&headers, "application/json") && accepts(&headers, "text/event-stream")) {
         return Err(FrontError::new(
             StatusCode::NOT_ACCEPTABLE,
@@ -616,11 +632,10 @@ fn note_message(env: &Envelope) {
 
 async fn mcp_get(
     State(st): State<AppState>,
+    Caller(principal): Caller,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, FrontError> {
-    check_origin(&headers, &st.cfg)?;
-    let principal = authenticate(&headers, &st.cfg)?;
     if !accepts(&headers, "text/event-stream") {
         return Err(FrontError::new(
             StatusCode::NOT_ACCEPTABLE,
@@ -652,11 +667,10 @@ async fn mcp_get(
 
 async fn mcp_delete(
     State(st): State<AppState>,
+    Caller(principal): Caller,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, FrontError> {
-    check_origin(&headers, &st.cfg)?;
-    let principal = authenticate(&headers, &st.cfg)?;
     let id = header_str(&headers, SESSION_HEADER).ok_or_else(FrontError::session_missing)?;
     let session = match route(
         &st,
@@ -673,9 +687,10 @@ async fn mcp_delete(
     Ok(StatusCode::OK.into_response())
 }
 
-async fn sse_get(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, FrontError> {
-    check_origin(&headers, &st.cfg)?;
-    let principal = authenticate(&headers, &st.cfg)?;
+async fn sse_get(
+    State(st): State<AppState>,
+    Caller(principal): Caller,
+) -> Result<Response, FrontError> {
     let (id, handle) = st.registry.legacy_open(&principal);
     Ok(sse_response(
         handle,
@@ -693,14 +708,13 @@ struct MessagesQuery {
 
 async fn messages_post(
     State(st): State<AppState>,
+    Caller(principal): Caller,
     client: Option<Extension<ConnectInfo<SocketAddr>>>,
     Query(q): Query<MessagesQuery>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FrontError> {
-    check_origin(&headers, &st.cfg)?;
-    let principal = authenticate(&headers, &st.cfg)?;
     let id = q.session_id.ok_or_else(|| {
         FrontError::new(
             StatusCode::BAD_REQUEST,
