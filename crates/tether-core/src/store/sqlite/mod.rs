@@ -1,0 +1,488 @@
+//! The embedded SQLite store (WAL mode).
+//!
+//! One writer thread owns the write connection and applies every write in batches: it takes
+//! whatever has queued while the previous commit ran and commits it as one transaction
+//! (group commit), then resolves each write's [`Ack`]. With `synchronous=NORMAL` in WAL mode
+//! a commit is durable against a crash of this process without an fsync per commit; fsyncs
+//! happen at checkpoints. Reads use a second connection on the blocking pool, so they never
+//! wait behind a commit.
+//!
+//! Must not: write from more than its one writer thread, or run an unbounded statement on it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::{
+    Ack, CallRow, EventRecord, LedgerEvent, LedgerSink, LedgerStore, LiveStore, SessionEvent,
+    SessionQuery, SessionRecord, SessionState, SessionSummary, StoreError, StreamRecord,
+    ToolCallRecord, Totals, UserRow, now_ms,
+};
+
+mod ledger;
+mod rows;
+mod writer;
+
+use rows::*;
+use writer::*;
+
+/// Events kept per stream unless configured otherwise (`--max-stream-events`).
+pub const DEFAULT_MAX_STREAM_EVENTS: u64 = 10_000;
+
+/// SQLite-backed [`LiveStore`] and [`LedgerStore`].
+pub struct SqliteStore {
+    path: PathBuf,
+    writes: mpsc::Sender<Op>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    principal_email TEXT,
+    principal_name TEXT,
+    client_type TEXT NOT NULL DEFAULT 'unknown',
+    tool_calls INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    rehydrations INTEGER NOT NULL DEFAULT 0,
+    upstream_restarts INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    last_active_ms INTEGER NOT NULL,
+    protocol_version TEXT NOT NULL,
+    init_params TEXT NOT NULL,
+    client_name TEXT,
+    client_version TEXT,
+    upstream_name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    close_reason TEXT,
+    closed_ms INTEGER,
+    restore TEXT NOT NULL DEFAULT '{}',
+    transport TEXT NOT NULL DEFAULT 'streamable-http',
+    upstream_fingerprint TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions(state, last_active_ms);
+CREATE INDEX IF NOT EXISTS sessions_by_principal ON sessions(principal, last_active_ms);
+CREATE TABLE IF NOT EXISTS tool_calls (
+    session_id TEXT NOT NULL,
+    tool TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    error_code INTEGER
+);
+CREATE INDEX IF NOT EXISTS tool_calls_by_time ON tool_calls(started_ms);
+CREATE INDEX IF NOT EXISTS tool_calls_by_session ON tool_calls(session_id, started_ms);
+CREATE TABLE IF NOT EXISTS streams (
+    session_id TEXT NOT NULL,
+    stream_id TEXT NOT NULL,
+    client_request_id TEXT,
+    request TEXT,
+    retryable INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (session_id, stream_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS streams_finished ON streams(done, created_ms);
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    session_id TEXT NOT NULL,
+    stream_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (session_id, stream_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS session_events (
+    session_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS session_events_by_session ON session_events(session_id, at_ms);
+CREATE TABLE IF NOT EXISTS closed_logs (
+    session_id TEXT PRIMARY KEY
+) WITHOUT ROWID;
+";
+
+#[allow(clippy::needless_pass_by_value)] // used as `map_err(backend)`
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn json_text(v: &Value) -> String {
+    v.to_string()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `tether.db` in `dir` and starts the writer thread.
+    pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(dir, DEFAULT_MAX_STREAM_EVENTS)
+    }
+
+    /// Opens the store keeping at most `max_stream_events` events per stream: when a
+    /// stream's log grows past it, its oldest events are deleted as new ones are written
+    /// (a standalone stream that never ends would otherwise grow the file without bound).
+    pub fn open_with(dir: &Path, max_stream_events: u64) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Backend(format!("cannot create state dir {}: {e}", dir.display()))
+        })?;
+        let path = dir.join("tether.db");
+        let writer = Connection::open(&path).map_err(backend)?;
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+            )
+            .map_err(backend)?;
+        writer.execute_batch(SCHEMA).map_err(backend)?;
+        migrate(&writer).map_err(backend)?;
+        let reader = Connection::open(&path).map_err(backend)?;
+        reader
+            .execute_batch("PRAGMA busy_timeout=5000;")
+            .map_err(backend)?;
+        let (writes, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("tether-store".into())
+            .spawn(move || writer_loop(writer, rx, max_stream_events.max(1)))
+            .map_err(|e| StoreError::Backend(format!("cannot start store writer: {e}")))?;
+        Ok(SqliteStore {
+            path,
+            writes,
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn submit(&self, make: impl FnOnce(Done) -> Op) -> Ack {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(make(tx)).is_err() {
+            return Box::pin(std::future::ready(Err(StoreError::Closed)));
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
+    }
+
+    /// Prunes chunk by chunk, each its own writer transaction, so other sessions' writes
+    /// queue behind a few milliseconds of deleting at most.
+    async fn prune_in_chunks(&self, kind: PruneKind, cutoff_ms: i64) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            if self.writes.send(Op::Prune(kind, cutoff_ms, tx)).is_err() {
+                return Err(StoreError::Closed);
+            }
+            let chunk = rx.await.unwrap_or(Err(StoreError::Closed))?;
+            removed += chunk.rows;
+            if !chunk.more {
+                return Ok(removed);
+            }
+        }
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn).map_err(backend)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("store reader failed: {e}")))?
+    }
+}
+
+/// Brings a database written by an earlier version up to the current schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |column: &str| -> rusqlite::Result<bool> {
+        let mut stmt =
+            conn.prepare("SELECT 1 FROM pragma_table_info('sessions') WHERE name = ?1")?;
+        stmt.exists(params![column])
+    };
+    if !has("upstream_fingerprint")? {
+        conn.execute_batch("ALTER TABLE sessions ADD COLUMN upstream_fingerprint TEXT")?;
+    }
+    Ok(())
+}
+
+impl LedgerSink for SqliteStore {
+    fn record(&self, events: Vec<LedgerEvent>) -> Ack {
+        self.submit(|d| Op::Ledger(events, d))
+    }
+}
+
+#[async_trait::async_trait]
+impl LiveStore for SqliteStore {
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+
+    async fn create_session(&self, record: SessionRecord) -> Result<(), StoreError> {
+        self.submit(|d| Op::CreateSession(Box::new(record), d))
+            .await
+    }
+
+    async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT id, principal, created_ms, last_active_ms, protocol_version, init_params, client_name,
+                        client_version, upstream_name, state, close_reason, closed_ms, restore,
+                        principal_email, principal_name, client_type, transport, upstream_fingerprint
+                 FROM sessions WHERE id = ?1",
+            )?
+            .query_row(params![id], row_to_session)
+            .optional()
+        })
+        .await
+    }
+
+    fn set_restore(&self, id: &str, restore: Value) -> Ack {
+        let id = id.to_owned();
+        self.submit(|d| Op::Restore(id, restore, d))
+    }
+
+    fn touch(&self, id: &str, at_ms: i64) {
+        let _ = self.writes.send(Op::Touch(id.to_owned(), at_ms));
+    }
+
+    async fn close_session(&self, id: &str, reason: &str, at_ms: i64) -> Result<(), StoreError> {
+        let (id, reason) = (id.to_owned(), reason.to_owned());
+        self.submit(|done| Op::Close {
+            id,
+            reason,
+            at_ms,
+            done,
+        })
+        .await
+    }
+
+    async fn idle_sessions(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id FROM sessions WHERE state = 'live' AND last_active_ms < ?1 ORDER BY last_active_ms LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![cutoff_ms, limit as i64], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn count_live(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT count(*) FROM sessions WHERE state = 'live'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+        })
+        .await
+    }
+
+    fn open_stream(&self, record: StreamRecord) -> Ack {
+        self.submit(|d| Op::OpenStream(record, d))
+    }
+
+    fn append_event(&self, event: EventRecord) -> Ack {
+        self.submit(|d| Op::Append(event, d))
+    }
+
+    fn flush(&self) -> Ack {
+        self.submit(Op::Flush)
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        // Deleting the file leaves the open connections writing to an unlinked inode:
+        // every write "succeeds" and is lost at the next start.
+        if !self.path.exists() {
+            return Err(StoreError::Backend(format!(
+                "the database file {} was removed",
+                self.path.display()
+            )));
+        }
+        self.submit(Op::Probe).await
+    }
+
+    async fn events_after(
+        &self,
+        session_id: &str,
+        stream_id: &str,
+        after: u64,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        let (s, t) = (session_id.to_owned(), stream_id.to_owned());
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, data FROM events WHERE session_id = ?1 AND stream_id = ?2 AND seq > ?3 ORDER BY seq",
+            )?;
+            let rows = stmt.query_map(params![s, t, after as i64], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn stream(
+        &self,
+        session_id: &str,
+        stream_id: &str,
+    ) -> Result<Option<StreamRecord>, StoreError> {
+        let (s, t) = (session_id.to_owned(), stream_id.to_owned());
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {STREAM_COLUMNS} FROM streams s WHERE s.session_id = ?1 AND s.stream_id = ?2"
+            ))?
+            .query_row(params![s, t], row_to_stream)
+            .optional()
+        })
+        .await
+    }
+
+    async fn unfinished_streams(&self, session_id: &str) -> Result<Vec<StreamRecord>, StoreError> {
+        let s = session_id.to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {STREAM_COLUMNS} FROM streams s WHERE s.session_id = ?1 AND s.done = 0 AND s.stream_id != '0'
+                 ORDER BY s.created_ms"
+            ))?;
+            let rows = stmt.query_map(params![s], row_to_stream)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        // Chunk by chunk, each its own writer transaction, so other sessions' writes queue
+        // behind a few milliseconds of deleting at most.
+        self.prune_in_chunks(PruneKind::Events, cutoff_ms).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance as suite;
+
+    #[tokio::test]
+    async fn conformance_live_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        suite::sessions_round_trip_and_close(&SqliteStore::open(dir.path()).unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_event_log_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        suite::event_log_survives_reopen(move || {
+            Box::new(SqliteStore::open(&path).unwrap()) as Box<dyn LiveStore>
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn conformance_concurrent_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        suite::many_concurrent_writes(&SqliteStore::open(dir.path()).unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_ledger_counts_and_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        suite::ledger_counts_and_retention_pruning(&SqliteStore::open(dir.path()).unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_ledger_queries() {
+        let dir = tempfile::tempdir().unwrap();
+        suite::ledger_queries(&SqliteStore::open(dir.path()).unwrap()).await;
+    }
+
+    /// A busy closed session's log, many old finished streams and old standalone events all
+    /// go, in chunks of at most `PRUNE_CHUNK` rows each (one writer transaction apiece), and
+    /// one `prune_events` call runs the chunks until nothing is left; a stream within
+    /// retention stays. Ledger pruning is chunked the same way.
+    #[tokio::test]
+    async fn pruning_goes_in_bounded_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let (stream, event) = (suite::stream, suite::event);
+        for id in ["closed", "live"] {
+            store.create_session(suite::record(id, 1)).await.unwrap();
+        }
+        let n = PRUNE_CHUNK + PRUNE_CHUNK / 2;
+        let mut acks = Vec::new();
+        for i in 0..n {
+            for sid in ["closed", "live"] {
+                acks.push(store.open_stream(stream(sid, &format!("r{i}"), 5)));
+                acks.push(store.append_event(event(sid, &format!("r{i}"), 1, true)));
+            }
+        }
+        let later = now_ms() + 600_000;
+        acks.push(store.open_stream(stream("live", "recent", later)));
+        acks.push(store.append_event(event("live", "recent", 1, true)));
+        acks.push(store.append_event(event("live", "0", 1, false)));
+        for a in futures::future::join_all(acks).await {
+            a.unwrap();
+        }
+        store.close_session("closed", "timeout", 9).await.unwrap();
+
+        let conn = Connection::open(store.path()).unwrap();
+        let cutoff = now_ms() + 60_000;
+        let (mut chunks, mut rows) = (0, 0);
+        loop {
+            let p = prune(&conn, cutoff, PRUNE_CHUNK).unwrap();
+            assert!(p.rows as usize <= PRUNE_CHUNK);
+            rows += p.rows;
+            chunks += 1;
+            if !p.more {
+                break;
+            }
+        }
+        assert_eq!(rows, 2 * n as u64 + 1, "every old event counted once");
+        // 3,000 events + 3,000 streams of the closed session, 3,000 old streams of the live one.
+        assert!(chunks >= 5, "{chunks} chunks");
+        let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(count("SELECT count(*) FROM events"), 1);
+        assert_eq!(
+            count("SELECT count(*) FROM streams WHERE stream_id != '0'"),
+            1
+        );
+        assert_eq!(count("SELECT count(*) FROM closed_logs"), 0);
+        assert!(store.stream("live", "recent").await.unwrap().is_some());
+        assert_eq!(store.prune_events(cutoff).await.unwrap(), 0);
+
+        let calls: Vec<_> = (0..2 * PRUNE_CHUNK + 1)
+            .map(|i| suite::call("live", "echo", i as i64, "ok"))
+            .collect();
+        store.record(calls).await.unwrap();
+        // The calls, and the session closed at 9 ms.
+        assert_eq!(
+            store.prune_ledger(1_000_000).await.unwrap(),
+            2 * PRUNE_CHUNK as u64 + 2
+        );
+    }
+
+    /// The shared-file case: a session created through the live store is the ledger's row,
+    /// and the mirror events a split deployment sends change nothing twice.
+    #[tokio::test]
+    async fn one_file_serves_both_roles() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.create_session(suite::record("s", 10)).await.unwrap();
+        store
+            .record(vec![LedgerEvent::Opened(Box::new(suite::record("s", 10)))])
+            .await
+            .unwrap();
+        assert_eq!(store.totals().await.unwrap().sessions, 1);
+        assert_eq!(
+            store.session_summary("s").await.unwrap().unwrap().state,
+            "live"
+        );
+    }
+}
