@@ -7,14 +7,16 @@
 //! - [`session`]: sessions, rehydration, id rewriting, routing, upstream supervision.
 //! - [`upstream`]: stdio children and Streamable HTTP upstream connections.
 //! - [`store`]: durable session records and stream event logs (SQLite by default).
-//! - [`bridge`], [`check`]: the client side: `tether connect` and `tether check`.
+//! - [`client`]: the client side: `tether connect` ([`bridge`]) and `tether check` ([`check`]).
 //! - [`policy`], [`protocol`], [`config`]: pure decisions, JSON-RPC envelopes, settings.
+//! - [`ids`], [`telemetry`], [`log_limit`], [`metrics`], [`ledger`]: the ground floor.
+//!
+//! Must not: export anything a binary could use to bypass the session layer's rules.
 
 pub mod admin;
 pub mod app;
 pub mod auth;
-pub mod bridge;
-pub mod check;
+pub mod client;
 pub mod config;
 pub mod front;
 pub mod fuzz;
@@ -29,3 +31,6 @@ pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;
+
+/// Where the client tools lived before `client/`; kept so existing paths still work.
+pub use client::{bridge, check};
