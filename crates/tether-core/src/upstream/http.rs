@@ -40,8 +40,6 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// How often one broken response stream is resumed before the request is failed.
 const MAX_RESUMES: u32 = 20;
 const DEFAULT_RETRY: Duration = Duration::from_secs(1);
-/// Marks a connect failure that waiting will not cure (TLS mismatch, unknown host).
-const LASTING: &str = "\u{1}";
 
 /// Retrying connection failures instead of ending the link.
 #[derive(Debug, Clone, Copy)]
@@ -172,8 +170,9 @@ struct UpstreamSession {
 
 /// Why a request could not be sent or answered.
 enum SendError {
-    /// No connection was made: nothing reached the server, retrying is safe.
-    Connect(String),
+    /// No connection was made: nothing reached the server, retrying is safe. The flag says
+    /// whether waiting may cure it (false: a TLS mismatch, an unknown host).
+    Connect(String, bool),
     /// The connection failed after the request may have reached the server.
     Sent(String),
 }
@@ -407,7 +406,7 @@ impl Inner {
                     tracing::info!(url = %self.url, status = status.as_u16(), "server forgot our session; re-initializing");
                     match self.reinitialize().await {
                         Ok(()) => reinitialized = true,
-                        Err(SendError::Connect(cause) | SendError::Sent(cause)) => {
+                        Err(SendError::Connect(cause, _) | SendError::Sent(cause)) => {
                             self.give_up(
                                 &value,
                                 &format!("re-initialization failed: {cause}"),
@@ -436,13 +435,10 @@ impl Inner {
                     }
                     return;
                 }
-                Err(SendError::Connect(cause)) => match self.opts.reconnect {
+                Err(SendError::Connect(cause, curable)) => match self.opts.reconnect {
                     Some(rc)
-                        if first_contact
-                            && (started.elapsed() >= rc.first_contact
-                                || cause.starts_with(LASTING)) =>
+                        if first_contact && (started.elapsed() >= rc.first_contact || !curable) =>
                     {
-                        let cause = cause.trim_start_matches(LASTING);
                         self.answer_error(
                             &value,
                             &format!(
@@ -555,12 +551,8 @@ impl Inner {
         result.map_err(|e| {
             let (cause, curable) = explain_error(&e, &self.url);
             if e.is_connect() {
-                // Marked so first contact can give up at once on what waiting won't fix.
-                SendError::Connect(if curable {
-                    cause
-                } else {
-                    format!("{LASTING}{cause}")
-                })
+                // First contact gives up at once on what waiting will not cure.
+                SendError::Connect(cause, curable)
             } else {
                 SendError::Sent(cause)
             }
@@ -799,7 +791,7 @@ impl Inner {
                         r.status()
                     ));
                 }
-                Err(SendError::Connect(cause) | SendError::Sent(cause)) => {
+                Err(SendError::Connect(cause, _) | SendError::Sent(cause)) => {
                     match self.opts.reconnect {
                         Some(rc) if started.elapsed() < rc.max_outage => {
                             // Gateway restarting: keep trying within the outage budget.
