@@ -382,11 +382,13 @@ async fn metrics(State(st): State<AdminState>) -> Response {
         .set(st.registry.held_count() as i64);
     // The same figure /health reports. A store that does not answer leaves the last value:
     // the scrape still serves every other metric, and readiness reports the outage.
-    match st.store.count_live().await {
-        Ok(live) => {
+    // Bounded: a store that hangs (Redis unreachable) must not stall the scrape.
+    match tokio::time::timeout(Duration::from_secs(1), st.store.count_live()).await {
+        Ok(Ok(live)) => {
             st.metrics.sessions_live.set(live as i64);
         }
-        Err(e) => tracing::debug!(error = %e, "cannot count live sessions for /metrics"),
+        Ok(Err(e)) => tracing::debug!(error = %e, "cannot count live sessions for /metrics"),
+        Err(_) => tracing::debug!("counting live sessions for /metrics timed out"),
     };
     (
         [(

@@ -178,6 +178,10 @@ impl Envelope {
 
     /// `params.name`, the tool of a `tools/call`.
     pub fn tool_name(&self) -> Option<&str> {
+        // `prompts/get` has a `params.name` too: only a tool call names a tool.
+        if self.method() != Some("tools/call") {
+            return None;
+        }
         self.params()?.get("name")?.as_str()
     }
 
@@ -382,6 +386,20 @@ impl Restore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_tool_call_names_a_tool() {
+        let env = |m: &str| {
+            Envelope::parse(
+                json!({"jsonrpc": "2.0", "id": 1, "method": m, "params": {"name": "x"}})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        assert_eq!(env("tools/call").tool_name(), Some("x"));
+        assert_eq!(env("prompts/get").tool_name(), None);
+    }
 
     #[test]
     fn classifies_messages() {
