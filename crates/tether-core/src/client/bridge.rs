@@ -394,7 +394,9 @@ impl Bridge {
 /// The 2024-11-05 HTTP+SSE transport: one GET stream carries every server message; the
 /// first event names the endpoint that client messages are POSTed to.
 struct LegacySse {
-    outgoing: mpsc::UnboundedSender<Value>,
+    outgoing: mpsc::Sender<Value>,
+    /// Where a refused request's error goes (the bridge's inbound queue).
+    inbound: mpsc::Sender<Inbound>,
     stop: CancellationToken,
 }
 
@@ -409,7 +411,8 @@ impl LegacySse {
         preamble: Option<(Value, Vec<Value>)>,
         first: Option<(u16, Value)>,
     ) -> LegacySse {
-        let (outgoing, mut rx) = mpsc::unbounded_channel::<Value>();
+        // Bounded like the Streamable HTTP link's queue: over it, requests get an error.
+        let (outgoing, mut rx) = mpsc::channel::<Value>(1024);
         let stop = CancellationToken::new();
         let (client, url, headers, inbound, timeout) = (
             bridge.client.clone(),
@@ -534,11 +537,29 @@ impl LegacySse {
             }
             poster.abort();
         });
-        LegacySse { outgoing, stop }
+        LegacySse {
+            outgoing,
+            stop,
+            inbound: bridge.inbound_tx.clone(),
+        }
     }
 
     fn send(&self, value: Value) {
-        let _ = self.outgoing.send(value);
+        if let Err(mpsc::error::TrySendError::Full(v)) = self.outgoing.try_send(value) {
+            tracing::warn!("server connection backed up: message refused");
+            if let Some(id) = v.get("method").and(v.get("id")) {
+                let err = protocol::error_response(
+                    id.clone(),
+                    code::LIMIT_REACHED,
+                    "too many messages are waiting to be sent to the server; retry later",
+                    None,
+                );
+                let _ = self.inbound.try_send(Inbound::Message {
+                    value: err,
+                    origin: None,
+                });
+            }
+        }
     }
 }
 

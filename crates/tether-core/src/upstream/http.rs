@@ -40,6 +40,9 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// How often one broken response stream is resumed before the request is failed.
 const MAX_RESUMES: u32 = 20;
 const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+/// Messages waiting for the dispatcher (it sends one POST at a time, in order) before new
+/// ones are refused: a client that floods a slow upstream must not grow the gateway.
+const QUEUE: usize = 1024;
 
 /// Retrying connection failures instead of ending the link.
 #[derive(Debug, Clone, Copy)]
@@ -142,7 +145,7 @@ async fn read_limited(
 /// One session with a Streamable HTTP server.
 pub struct HttpLink {
     inner: Arc<Inner>,
-    outgoing: mpsc::UnboundedSender<Value>,
+    outgoing: mpsc::Sender<Value>,
 }
 
 struct Inner {
@@ -290,7 +293,7 @@ impl HttpLink {
             closed: AtomicBool::new(false),
             reached: AtomicBool::new(false),
         });
-        let (outgoing, mut rx) = mpsc::unbounded_channel::<Value>();
+        let (outgoing, mut rx) = mpsc::channel::<Value>(QUEUE);
         let dispatcher = inner.clone();
         inner.tracker.spawn(async move {
             loop {
@@ -313,9 +316,35 @@ impl HttpLink {
         &self.inner.url
     }
 
-    /// Queues one message; messages reach the server in the order they were queued.
+    /// Queues one message; messages reach the server in the order they were queued. Never
+    /// waits: over [`QUEUE`] messages waiting, a request is answered at once with
+    /// `-32016` (`data.limit` = `upstream-queue`) and anything else is dropped and logged.
     pub fn send(&self, value: Value) {
-        let _ = self.outgoing.send(value);
+        let value = match self.outgoing.try_send(value) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(v)) => v,
+        };
+        static LOGGED: std::sync::LazyLock<crate::log_limit::LogLimiter> =
+            std::sync::LazyLock::new(|| {
+                crate::log_limit::LogLimiter::new(5, "messages refused by a full upstream queue")
+            });
+        if LOGGED.admit() {
+            tracing::warn!(url = %self.inner.url, queued = QUEUE, method = method_of(&value).unwrap_or("(response)"), "upstream queue full: message refused");
+        }
+        if let Some(id) = request_id(&value) {
+            let err = protocol::error_response(
+                id.clone(),
+                code::LIMIT_REACHED,
+                format!(
+                    "{QUEUE} messages are already waiting to be sent to the upstream; this request was refused, retry it later"
+                ),
+                Some(serde_json::json!({"limit": "upstream-queue"})),
+            );
+            let _ = self.inner.inbound.try_send(Inbound::Message {
+                value: err,
+                origin: None,
+            });
+        }
     }
 
     /// Sets the requests replayed after a re-initialization (log level, subscriptions).
@@ -1034,4 +1063,55 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A server that accepts and never answers holds the dispatcher on its first POST; what
+    /// is queued behind it is bounded, and a request over the bound is answered at once.
+    #[tokio::test]
+    async fn a_full_queue_refuses_requests_with_an_error_instead_of_growing() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+        let (tx, mut rx) = mpsc::channel(QUEUE * 2);
+        let tracker = TaskTracker::new();
+        let link = HttpLink::new(
+            reqwest::Client::new(),
+            &url,
+            json!({}),
+            HttpOptions::default(),
+            tx,
+            tracker.clone(),
+        );
+        link.send(protocol::request(Value::from(0), "tools/list", None));
+        // The dispatcher took the first message and waits on the server for good.
+        let (_held, _) = listener.accept().await.unwrap();
+        for id in 1..=QUEUE as u64 + 3 {
+            link.send(protocol::request(Value::from(id), "tools/list", None));
+        }
+        link.send(protocol::notification("notifications/progress", None));
+        let mut refused = Vec::new();
+        while let Ok(Inbound::Message { value, .. }) = rx.try_recv() {
+            assert_eq!(
+                value.pointer("/error/code"),
+                Some(&json!(code::LIMIT_REACHED))
+            );
+            assert_eq!(
+                value.pointer("/error/data/limit"),
+                Some(&json!("upstream-queue"))
+            );
+            refused.push(value["id"].as_u64().unwrap());
+        }
+        let over = QUEUE as u64 + 1;
+        assert_eq!(
+            refused,
+            [over, over + 1, over + 2],
+            "exactly the ones over the bound"
+        );
+        link.shutdown(false);
+        tracker.close();
+    }
 }

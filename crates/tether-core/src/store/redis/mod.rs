@@ -191,6 +191,10 @@ impl RedisStore {
         let conn = client
             .get_connection_manager_lazy(config)
             .map_err(|e| StoreError::Backend(format!("redis: {e}")))?;
+        // Not bounded by count: the writer empties it into one batch on every turn, and a
+        // turn lasts at most the response timeout above (2 s), so it holds at most that long
+        // of writes; during an outage they move to the backlog, which is bounded
+        // (`BACKLOG`, oldest dropped and counted; tested by the Redis outage tests).
         let (writes, rx) = mpsc::unbounded_channel();
         let up = Arc::new(AtomicBool::new(true));
         let reconnected = Arc::new(tokio::sync::Notify::new());
