@@ -13,15 +13,7 @@ use serde_json::{Value, json};
 
 /// The admin API's view of one session (with the token, so the id is not cut).
 async fn session_detail(gw: &Gateway, sid: &str) -> Value {
-    reqwest::Client::new()
-        .get(format!("{}/api/sessions/{sid}", gw.admin))
-        .bearer_auth(gw.admin_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    gw.admin_json(&format!("/api/sessions/{sid}")).await
 }
 
 /// Outcome → count of `tether_tool_calls_total`.
@@ -103,15 +95,7 @@ async fn refusals_in_backoff_are_counted_calls_with_their_outcome() {
         14 - errors,
         "every answer a client got is counted as what it was: {codes:?} vs {ledger:?}"
     );
-    let stats: Value = reqwest::Client::new()
-        .get(format!("{}/api/stats", gw.admin))
-        .bearer_auth(gw.admin_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = gw.admin_json("/api/stats").await;
     // The dashboard's and the CLI's figures come from the same ledger rows.
     assert_eq!(stats["window"]["calls"], 14, "{stats}");
     assert_eq!(stats["window"]["errors"], errors, "{stats}");

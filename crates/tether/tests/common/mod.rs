@@ -195,6 +195,19 @@ impl Gateway {
         Mcp::new(&self.url)
     }
 
+    /// GET on the admin API with the admin token (full session ids), as JSON.
+    pub async fn admin_json(&self, path: &str) -> Value {
+        reqwest::Client::new()
+            .get(format!("{}{path}", self.admin))
+            .bearer_auth(self.admin_token())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The admin token the gateway generated into its state dir.
     pub fn admin_token(&self) -> String {
         std::fs::read_to_string(self.state_dir.join("admin.token"))

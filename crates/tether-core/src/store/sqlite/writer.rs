@@ -338,48 +338,35 @@ pub(super) fn write_ledger(conn: &Connection, events: &[LedgerEvent]) -> rusqlit
     Ok(())
 }
 
-/// One bounded chunk of ledger pruning, at most `limit` rows: tool calls, then closed
-/// sessions, past retention. At thousands of calls a second ten minutes of history is
+/// One bounded chunk of ledger pruning, at most `limit` rows: tool calls, then timeline
+/// events, then closed sessions, past retention. At thousands of calls a second ten minutes of history is
 /// millions of rows, too many for one writer transaction.
 pub(super) fn prune_ledger(
     conn: &Connection,
     cutoff: i64,
     limit: usize,
 ) -> rusqlite::Result<Pruned> {
-    let calls = conn
-        .prepare_cached(
-            "DELETE FROM tool_calls WHERE rowid IN
-               (SELECT rowid FROM tool_calls WHERE started_ms < ?1 LIMIT ?2)",
-        )?
-        .execute(params![cutoff, limit as i64])?;
-    if calls == limit {
-        return Ok(Pruned {
-            rows: calls as u64,
-            more: true,
-        });
+    // In this order, each taking what the budget has left.
+    const STATEMENTS: [&str; 3] = [
+        "DELETE FROM tool_calls WHERE rowid IN
+           (SELECT rowid FROM tool_calls WHERE started_ms < ?1 LIMIT ?2)",
+        "DELETE FROM session_events WHERE rowid IN
+           (SELECT rowid FROM session_events WHERE at_ms < ?1 LIMIT ?2)",
+        "DELETE FROM sessions WHERE id IN
+           (SELECT id FROM sessions WHERE state = 'closed' AND closed_ms < ?1 LIMIT ?2)",
+    ];
+    let mut removed = 0;
+    for sql in STATEMENTS {
+        removed += conn
+            .prepare_cached(sql)?
+            .execute(params![cutoff, (limit - removed) as i64])?;
+        if removed == limit {
+            break;
+        }
     }
-    let events = conn
-        .prepare_cached(
-            "DELETE FROM session_events WHERE rowid IN
-               (SELECT rowid FROM session_events WHERE at_ms < ?1 LIMIT ?2)",
-        )?
-        .execute(params![cutoff, (limit - calls) as i64])?;
-    let calls = calls + events;
-    if calls == limit {
-        return Ok(Pruned {
-            rows: calls as u64,
-            more: true,
-        });
-    }
-    let sessions = conn
-        .prepare_cached(
-            "DELETE FROM sessions WHERE id IN
-               (SELECT id FROM sessions WHERE state = 'closed' AND closed_ms < ?1 LIMIT ?2)",
-        )?
-        .execute(params![cutoff, (limit - calls) as i64])?;
     Ok(Pruned {
-        rows: (calls + sessions) as u64,
-        more: calls + sessions == limit,
+        rows: removed as u64,
+        more: removed == limit,
     })
 }
 
