@@ -30,7 +30,8 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Opening};
 use crate::protocol::{self, Envelope, Kind, code};
 use crate::session::{
-    Exchange, Registry, Reply, Session, SessionError, StreamHandle, Transport, event_id,
+    Exchange, FailureKind, Origin, Registry, Reply, Retry, Session, SessionError, StreamHandle,
+    Transport, event_id,
 };
 use tracing::Instrument;
 
@@ -356,14 +357,19 @@ impl From<SessionError> for FrontError {
                     "the session is served by instance {instance}, which this instance cannot reach; retry shortly"
                 ),
             ),
-            SessionError::Refused(r) => {
-                let mut e = FrontError::new(
-                    StatusCode::from_u16(r.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                    r.code,
-                    r.message,
-                );
-                e.data = Some(r.data);
-                e.retry_after = Some(r.retry_after);
+            SessionError::Refused(f) => {
+                // The one place a refusal gets its HTTP status: a rate is the client's to
+                // slow down (429), anything else is the gateway's or upstream's state (503).
+                let status = match (f.kind(), f.origin()) {
+                    (FailureKind::Rate, _) => StatusCode::TOO_MANY_REQUESTS,
+                    (_, Origin::Client) => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                let mut e = FrontError::new(status, f.code(), f.message());
+                e.data = Some(f.data());
+                if let Retry::Safe(after) = f.retry() {
+                    e.retry_after = after;
+                }
                 e
             }
             SessionError::Store(e) => FrontError::new(

@@ -13,10 +13,9 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::protocol::code;
+use super::error::{Failure, Kind, Retry};
 
 /// Admission settings.
 #[derive(Debug, Clone)]
@@ -42,47 +41,31 @@ impl Default for AdmissionConfig {
     }
 }
 
-/// A request the gateway will not take now, and how to tell the client.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    /// HTTP status: 503 (capacity) or 429 (rate).
-    pub status: u16,
-    /// JSON-RPC error code.
-    pub code: i64,
-    /// Message naming the limit.
-    pub message: String,
-    /// When to try again.
-    pub retry_after: Duration,
-    /// JSON-RPC error data (`kind`, `limit`, …).
-    pub data: Value,
+/// A session the gateway will not take now: a full count (`Kind::Limit`) or a creation
+/// rate (`Kind::Rate`), with when to try again.
+pub type Refusal = Failure;
+
+fn capacity(limit: &str, max: usize, what: &str) -> Refusal {
+    Failure::new(
+        Kind::Limit,
+        format!("the gateway holds {max} {what}, the most allowed (--{limit}); try again later"),
+        Retry::Safe(Some(Duration::from_secs(5))),
+    )
+    .with("limit", limit)
+    .with("max", max)
 }
 
-impl Refusal {
-    fn capacity(limit: &str, max: usize, what: &str) -> Refusal {
-        Refusal {
-            status: 503,
-            code: code::LIMIT_REACHED,
-            message: format!(
-                "the gateway holds {max} {what}, the most allowed (--{limit}); try again later"
-            ),
-            retry_after: Duration::from_secs(5),
-            data: json!({"kind": "limit", "limit": limit, "max": max}),
-        }
-    }
-
-    fn rate(limit: &str, per_sec: u32, wait: Duration) -> Refusal {
-        let retry_after = wait.max(Duration::from_millis(1));
-        Refusal {
-            status: 429,
-            code: code::LIMIT_REACHED,
-            message: format!(
-                "too many new sessions from this {limit}: at most {per_sec} per second (--session-rate); retry in {} ms",
-                retry_after.as_millis()
-            ),
-            retry_after,
-            data: json!({"kind": "rate", "limit": format!("session-rate per {limit}"), "retry_in_ms": retry_after.as_millis() as u64}),
-        }
-    }
+fn rate(limit: &str, per_sec: u32, wait: Duration) -> Refusal {
+    let retry_after = wait.max(Duration::from_millis(1));
+    Failure::new(
+        Kind::Rate,
+        format!(
+            "too many new sessions from this {limit}: at most {per_sec} per second (--session-rate); retry in {} ms",
+            retry_after.as_millis()
+        ),
+        Retry::Safe(Some(retry_after)),
+    )
+    .with("limit", format!("session-rate per {limit}"))
 }
 
 /// The session counts and creation rates of one process.
@@ -155,11 +138,7 @@ impl Admission {
                 self.by_principal.retain_recent();
             }
             if let Err(not_until) = self.by_principal.check_key(&principal.to_owned()) {
-                return Err(Refusal::rate(
-                    "user",
-                    self.cfg.rate,
-                    not_until.wait_time_from(now),
-                ));
+                return Err(rate("user", self.cfg.rate, not_until.wait_time_from(now)));
             }
         }
         if let Some(addr) = addr {
@@ -167,7 +146,7 @@ impl Admission {
                 self.by_addr.retain_recent();
             }
             if let Err(not_until) = self.by_addr.check_key(&addr) {
-                return Err(Refusal::rate(
+                return Err(rate(
                     "client address",
                     self.cfg.rate,
                     not_until.wait_time_from(now),
@@ -179,15 +158,17 @@ impl Admission {
 
     /// Takes a place for one more session of `principal`, or says which limit is full.
     pub fn reserve(self: &Arc<Self>, principal: &str) -> Result<Slot, Refusal> {
-        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
-            Refusal::capacity("max-sessions", self.cfg.max_sessions, "live sessions")
-        })?;
+        let permit = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| capacity("max-sessions", self.cfg.max_sessions, "live sessions"))?;
         let counted = principal != crate::auth::Principal::anonymous().id;
         if counted {
             let mut map = self.lock();
             let n = map.entry(principal.to_owned()).or_default();
             if *n >= self.cfg.max_per_principal {
-                return Err(Refusal::capacity(
+                return Err(capacity(
                     "max-sessions-per-principal",
                     self.cfg.max_per_principal,
                     "live sessions of this user",
@@ -219,12 +200,12 @@ mod tests {
         let _s2 = a.reserve("alice").unwrap();
         let r = a.reserve("alice").err().unwrap();
         assert_eq!(
-            (r.status, r.data["limit"].as_str()),
-            (503, Some("max-sessions-per-principal"))
+            (r.kind(), r.field("limit").and_then(|l| l.as_str())),
+            (Kind::Limit, Some("max-sessions-per-principal"))
         );
         let _s3 = a.reserve("bob").unwrap();
         let r = a.reserve("carol").err().unwrap();
-        assert_eq!(r.data["limit"], "max-sessions");
+        assert_eq!(r.field("limit").unwrap(), "max-sessions");
         assert_eq!(a.held(), 3);
         drop(s1);
         assert_eq!(a.held(), 2);
@@ -249,8 +230,11 @@ mod tests {
         assert!(a.check_rate("anonymous", Some(addr)).is_ok());
         assert!(a.check_rate("anonymous", Some(addr)).is_ok());
         let r = a.check_rate("anonymous", Some(addr)).unwrap_err();
-        assert_eq!(r.status, 429);
-        assert!(r.retry_after > Duration::ZERO && r.retry_after <= Duration::from_secs(1));
+        assert_eq!(r.kind(), Kind::Rate);
+        let Retry::Safe(Some(after)) = r.retry() else {
+            panic!("a rate says when: {r:?}")
+        };
+        assert!(after > Duration::ZERO && after <= Duration::from_secs(1));
         // Another address is not affected.
         assert!(
             a.check_rate("anonymous", Some("127.0.0.2".parse().unwrap()))

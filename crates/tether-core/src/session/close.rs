@@ -24,7 +24,7 @@ impl Session {
                 &mut st.upstream,
                 UpstreamSlot::Down {
                     cause: None,
-                    since: None,
+                    retry_at: None,
                 },
             ) {
                 UpstreamSlot::Up { link, .. } => Some(link),
@@ -47,14 +47,8 @@ impl Session {
     }
 
     pub(super) async fn close_inner(&self, reason: &str) {
-        let closed_now = self.tear_down(|client_id| {
-            protocol::error_response(
-                client_id,
-                code::SESSION_CLOSED,
-                format!("session closed ({reason})"),
-                None,
-            )
-        });
+        let closed = Failure::session_closed(Some(reason));
+        let closed_now = self.tear_down(|client_id| closed.response(client_id));
         if !closed_now {
             return;
         }
@@ -78,13 +72,13 @@ impl Session {
     /// Ends this process's part in the session (streams, pending calls, upstream) without
     /// recording a close: the session lives on elsewhere.
     pub(super) fn shutdown_local(&self, why: &str) {
-        self.tear_down(|client_id| {
-            protocol::error_response(
-                client_id,
-                code::UPSTREAM_LOST,
-                format!("the session moved to another gateway instance ({why}); the outcome of this request is unknown"),
-                Some(json!({"kind": "upstream_lost"})),
-            )
-        });
+        let moved = Failure::new(
+            FailureKind::Moved,
+            format!(
+                "the session moved to another gateway instance ({why}); the outcome of this request is unknown"
+            ),
+            Retry::Unknown,
+        );
+        self.tear_down(|client_id| moved.response(client_id));
     }
 }

@@ -20,7 +20,9 @@
 //! - `supervisor.rs`: upstream (re)start, backoff, the pump, upstream death;
 //! - `outbound.rs`: client → upstream (requests, notifications, answers, timeouts);
 //! - `inbound.rs`: upstream → client (routing, server requests, resumption);
-//! - `calls.rs`: completing a call and recording it;
+//! - `calls.rs`: the in-flight table, completing a call and recording it;
+//! - `error.rs`: [`Failure`], the one error (kind, origin, retry advice) and its JSON-RPC
+//!   form; `tests.rs`: the state machine under paused time, with fake upstreams;
 //! - `close.rs`: closing or letting go; `upkeep.rs`: reaper, coordination, shutdown;
 //! - `stream.rs`: SSE streams and their logs; `admission.rs`: session limits.
 //!
@@ -29,6 +31,7 @@
 pub mod admission;
 mod calls;
 mod close;
+mod error;
 mod inbound;
 mod outbound;
 mod registry;
@@ -41,10 +44,13 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::{OnceCell, mpsc, oneshot};
+// Tokio's clock, not std's: under `tokio::time::pause` the session's idleness, backoff and
+// health windows move with the timers, so its state machine tests without sleeping.
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -59,7 +65,8 @@ use crate::store::{
     SessionState, StoreError, StreamRecord, ToolCallRecord, now_ms,
 };
 use crate::upstream::{Connector, Inbound, Link, Started, UpstreamError};
-use admission::{Admission, Refusal, Slot};
+use admission::{Admission, Slot};
+pub use error::{Failure, Kind as FailureKind, Origin, Retry};
 
 pub use stream::{Frame, FrameRx, Pushed, Stream, event_id, parse_event_id};
 
@@ -141,10 +148,10 @@ pub enum SessionError {
     /// The store failed: 503.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A limit or a broken upstream refuses the request for now (503 or 429 with
-    /// `Retry-After`).
-    #[error("{}", .0.message)]
-    Refused(Refusal),
+    /// A limit or a broken upstream refuses the request for now (503, or 429 for a rate,
+    /// with `Retry-After`).
+    #[error("{0}")]
+    Refused(Failure),
     /// Another live instance owns the session; the request belongs there.
     #[error("session is served by instance {instance} at {url}")]
     Elsewhere {
@@ -153,6 +160,18 @@ pub enum SessionError {
         /// Its MCP listener root URL.
         url: String,
     },
+}
+
+impl SessionError {
+    /// Where the failure came from.
+    pub fn origin(&self) -> Origin {
+        match self {
+            SessionError::NotFound | SessionError::BadRequest(_) => Origin::Client,
+            SessionError::Store(_) => Origin::Store,
+            SessionError::Refused(f) => f.origin(),
+            SessionError::Elsewhere { .. } => Origin::Gateway,
+        }
+    }
 }
 
 /// What a client request produces.
@@ -225,6 +244,18 @@ struct LegacyPending {
     principal: String,
 }
 
+impl UpstreamSlot {
+    /// Down after the `failures`-th consecutive failure: the next start waits out the
+    /// jittered backoff from now.
+    fn failed(cause: String, failures: u32, backoff: &Backoff) -> UpstreamSlot {
+        let delay = backoff.delay(failures, rand::random_range(0.5..=1.0));
+        UpstreamSlot::Down {
+            cause: Some(cause),
+            retry_at: Some(Instant::now() + delay),
+        }
+    }
+}
+
 impl Shared {
     /// Starts an upstream for session `id` and replays `params` as its `initialize` under a
     /// fresh gateway id: the one start of new sessions and restarts alike.
@@ -257,9 +288,12 @@ pub struct Registry {
 }
 
 enum UpstreamSlot {
+    /// No upstream. After a failure, `cause` says why and `retry_at` when the next start
+    /// may be tried: drawn once per failure, so a client told "retry in N ms" is not
+    /// refused again when it does.
     Down {
         cause: Option<String>,
-        since: Option<Instant>,
+        retry_at: Option<Instant>,
     },
     Up {
         link: Arc<Link>,
@@ -342,8 +376,6 @@ pub struct Session {
 pub use crate::ids::{new_instance_id, new_session_id};
 pub use upkeep::run_ledger_pruning;
 
-/// What a request gets when its session closed before its upstream was up (the caller
-/// sets the client's id).
 /// The tool of a `tools/call` whose stream a crash left unfinished, read from the request
 /// the stream kept (whole when retryable, else only its method and tool name).
 fn interrupted_tool(rec: &StreamRecord) -> Option<String> {
@@ -357,56 +389,13 @@ fn interrupted_tool(rec: &StreamRecord) -> Option<String> {
     })
 }
 
-fn closed_error() -> Value {
-    protocol::error_response(Value::Null, code::SESSION_CLOSED, "session closed", None)
-}
-
-fn upstream_error(client_id: Value, name: &str, err: &UpstreamError) -> Value {
-    let (code, data) = match err {
-        UpstreamError::CircuitOpen {
-            failures, retry_in, ..
-        } => (
-            code::UPSTREAM_UNAVAILABLE,
-            json!({"kind": "circuit_open", "failures": failures, "retry_in_ms": retry_in.as_millis() as u64}),
-        ),
-        UpstreamError::Capacity(max) => (
-            code::LIMIT_REACHED,
-            json!({"kind": "limit", "limit": "max-upstreams", "max": max}),
-        ),
-        _ => (
-            code::UPSTREAM_UNAVAILABLE,
-            json!({ "kind": "upstream_unavailable" }),
-        ),
-    };
-    protocol::error_response(
-        client_id,
-        code,
-        format!("upstream {name:?} is unavailable: {err}"),
-        Some(data),
+/// Whether a failed start refuses a new session outright (a full limit or an open circuit:
+/// a 503 with `Retry-After`) rather than answering its `initialize` with an error.
+fn refuses_start(err: &UpstreamError) -> bool {
+    matches!(
+        err,
+        UpstreamError::CircuitOpen { .. } | UpstreamError::Capacity(_)
     )
-}
-
-/// A new session refused because of a full limit or an open circuit: a 503 with
-/// `Retry-After`, not a session.
-fn start_refusal(name: &str, err: &UpstreamError) -> Option<Refusal> {
-    let retry_after = match err {
-        UpstreamError::CircuitOpen { retry_in, .. } => *retry_in,
-        UpstreamError::Capacity(_) => Duration::from_secs(5),
-        _ => return None,
-    };
-    let body = upstream_error(Value::Null, name, err);
-    Some(Refusal {
-        status: 503,
-        code: body["error"]["code"]
-            .as_i64()
-            .unwrap_or(code::UPSTREAM_UNAVAILABLE),
-        message: body["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-        retry_after,
-        data: body["error"]["data"].clone(),
-    })
 }
 
 impl Registry {
@@ -456,11 +445,11 @@ impl Registry {
         &self.shared.admission
     }
 
-    fn refused(&self, r: Refusal) -> SessionError {
-        let limit = r.data["limit"]
-            .as_str()
-            .or(r.data["kind"].as_str())
-            .unwrap_or("other");
+    fn refused(&self, r: Failure) -> SessionError {
+        let limit = r
+            .field("limit")
+            .and_then(Value::as_str)
+            .unwrap_or(r.kind().as_str());
         self.shared.metrics.refused(limit);
         SessionError::Refused(r)
     }
@@ -489,7 +478,7 @@ impl Session {
             state: Mutex::new(State {
                 upstream: UpstreamSlot::Down {
                     cause: None,
-                    since: None,
+                    retry_at: None,
                 },
                 generation: 0,
                 failures: 0,
@@ -536,8 +525,10 @@ impl Session {
         let st = self.lock();
         match &st.upstream {
             UpstreamSlot::Up { .. } => "up",
-            UpstreamSlot::Down { since: None, .. } => "idle",
-            UpstreamSlot::Down { since: Some(_), .. } if st.failures > 1 => "backoff",
+            UpstreamSlot::Down { retry_at: None, .. } => "idle",
+            UpstreamSlot::Down {
+                retry_at: Some(_), ..
+            } if st.failures > 1 => "backoff",
             UpstreamSlot::Down { .. } => "down",
         }
     }
@@ -599,3 +590,6 @@ impl Session {
         )
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -37,19 +37,18 @@ impl Session {
         let client_id = env.id().cloned().unwrap_or(Value::Null);
         let method = env.method().unwrap_or_default().to_owned();
         if method == "initialize" {
-            return Reply::Immediate(protocol::error_response(
-                client_id,
-                code::INVALID_REQUEST,
+            return Reply::Immediate(Failure::new(
+                FailureKind::InvalidRequest,
                 "this session is already initialized; send initialize without MCP-Session-Id to start a new one",
-                None,
-            ));
+                Retry::Never,
+            ).response(client_id));
         }
         let started = Instant::now();
         let tool = env.tool_name().map(str::to_owned);
         let (link, generation) = match self.ensure_upstream().await {
             Ok(x) => x,
-            Err(mut err) => {
-                protocol::set_id(&mut err, client_id);
+            Err(failure) => {
+                let err = failure.response(client_id);
                 // Refused before it reached the upstream (backoff, circuit, capacity): still
                 // a call the client made, counted with that outcome.
                 if method == "tools/call" {
@@ -178,14 +177,11 @@ impl Session {
                 st.generation == generation && matches!(st.upstream, UpstreamSlot::Up { .. });
             if !live {
                 drop(st);
-                self.finish(pending, |client_id| {
-                    protocol::error_response(
-                        client_id,
-                        code::UPSTREAM_LOST,
-                        "the upstream went away before this request could be sent; the next request restarts it",
-                        Some(json!({"kind": "upstream_lost"})),
-                    )
-                });
+                let lost = Failure::upstream_lost(
+                    "the upstream went away before this request could be sent; the next request restarts it",
+                    false,
+                );
+                self.finish(pending, |client_id| lost.response(client_id));
                 return;
             }
             let own_stream = (!Arc::ptr_eq(&stream, &self.standalone)).then_some(stream);
@@ -198,18 +194,8 @@ impl Session {
         let pending = self.lock().calls.take(uid);
         let Some(p) = pending else { return };
         tracing::warn!(mcp.method = %p.method, duration_ms = p.started.elapsed().as_millis() as u64, "upstream request timed out");
-        let timeout = self.shared.cfg.upstream_timeout;
-        self.finish(p, |client_id| {
-            protocol::error_response(
-                client_id,
-                code::UPSTREAM_TIMEOUT,
-                format!(
-                    "upstream did not answer within {}",
-                    humantime::format_duration(timeout)
-                ),
-                Some(json!({"kind": "upstream_timeout"})),
-            )
-        });
+        let timed_out = Failure::timeout(self.shared.cfg.upstream_timeout);
+        self.finish(p, |client_id| timed_out.response(client_id));
         if let Some((link, _)) = self.current_link() {
             link.send(protocol::notification(
                 "notifications/cancelled",

@@ -26,15 +26,12 @@ impl Registry {
             .reserve(&principal.id)
             .map_err(|r| self.refused(r))?;
         let Some(params) = env.value.get("params").filter(|p| p.is_object()).cloned() else {
-            return Ok((
-                None,
-                protocol::error_response(
-                    client_id,
-                    code::INVALID_PARAMS,
-                    "initialize needs params",
-                    None,
-                ),
-            ));
+            let f = Failure::new(
+                FailureKind::InvalidParams,
+                "initialize needs params",
+                Retry::Never,
+            );
+            return Ok((None, f.response(client_id)));
         };
         let id = legacy_id.unwrap_or_else(new_session_id);
         let span =
@@ -54,12 +51,13 @@ impl Registry {
                     ));
                 }
                 Err(e) => {
-                    if let Some(r) = start_refusal(&sh.cfg.upstream_name, &e) {
-                        return Err(self.refused(r));
+                    let failure = Failure::unavailable(&sh.cfg.upstream_name, &e);
+                    if refuses_start(&e) {
+                        return Err(self.refused(failure));
                     }
                     sh.metrics.upstream_failures.inc();
                     tracing::debug!(error = %e, "cannot start upstream for a new session");
-                    return Ok((None, upstream_error(client_id, &sh.cfg.upstream_name, &e)));
+                    return Ok((None, failure.response(client_id)));
                 }
             };
             let now = now_ms();

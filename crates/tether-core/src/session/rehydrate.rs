@@ -101,13 +101,11 @@ impl Registry {
             match rec.request.clone().filter(|_| rec.retryable) {
                 Some(request) => retry.push((stream, client_id, request)),
                 None => {
-                    let answer = protocol::error_response(
-                        client_id,
-                        code::INTERRUPTED,
+                    let answer = Failure::interrupted(
                         "the gateway restarted while this request was in flight; it was not retried \
                          because the tool is not annotated readOnlyHint or idempotentHint",
-                        Some(json!({"kind": "interrupted", "retried": false})),
-                    );
+                    )
+                    .response(client_id);
                     if let Some(tool) = interrupted_tool(&rec) {
                         let waited = now_ms().saturating_sub(rec.created_ms).max(0);
                         session.record_call(tool, Duration::from_millis(waited as u64), &answer);
@@ -182,21 +180,12 @@ impl Session {
                 }
             }
             Err(err) => {
-                let why = err
-                    .pointer("/error/message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("upstream unavailable")
-                    .to_owned();
+                let interrupted = Failure::interrupted(format!(
+                    "the gateway restarted while this request was in flight, and retrying it failed: {err}"
+                ));
                 for (stream, client_id, request) in items {
                     self.lock().calls.remove_stream(stream.id());
-                    let answer = protocol::error_response(
-                        client_id,
-                        code::INTERRUPTED,
-                        format!(
-                            "the gateway restarted while this request was in flight, and retrying it failed: {why}"
-                        ),
-                        Some(json!({"kind": "interrupted", "retried": false})),
-                    );
+                    let answer = interrupted.response(client_id);
                     if request.get("method").and_then(Value::as_str) == Some("tools/call") {
                         let tool = request.pointer("/params/name").and_then(Value::as_str);
                         self.record_call(

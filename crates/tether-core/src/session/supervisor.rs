@@ -79,7 +79,7 @@ impl Session {
 
     /// Returns the live upstream, (re)starting it if needed: connect, replay the stored
     /// `initialize` and `notifications/initialized`, refresh tool annotations.
-    pub(super) async fn ensure_upstream(self: &Arc<Self>) -> Result<(Arc<Link>, u64), Value> {
+    pub(super) async fn ensure_upstream(self: &Arc<Self>) -> Result<(Arc<Link>, u64), Failure> {
         if let Some(up) = self.current_link() {
             return Ok(up);
         }
@@ -92,31 +92,26 @@ impl Session {
         {
             let st = self.lock();
             if st.closed {
-                return Err(closed_error());
+                return Err(Failure::session_closed(None));
             }
             if let UpstreamSlot::Down {
                 cause: Some(cause),
-                since: Some(since),
+                retry_at: Some(at),
             } = &st.upstream
             {
-                let delay = sh
-                    .cfg
-                    .backoff
-                    .delay(st.failures, rand::random_range(0.5..=1.0));
-                let elapsed = since.elapsed();
-                if elapsed < delay {
-                    let retry_in = (delay - elapsed).as_millis();
-                    return Err(protocol::error_response(
-                        Value::Null,
-                        code::UPSTREAM_UNAVAILABLE,
+                let now = Instant::now();
+                if now < *at {
+                    let retry_in = *at - now;
+                    return Err(Failure::new(
+                        FailureKind::UpstreamBackoff,
                         format!(
-                            "upstream {name:?} failed {} times in a row (last: {cause}); backing off, next restart attempt in {retry_in} ms",
-                            st.failures
+                            "upstream {name:?} failed {} times in a row (last: {cause}); backing off, next restart attempt in {} ms",
+                            st.failures,
+                            error::ceil_ms(retry_in)
                         ),
-                        Some(
-                            json!({"kind": "upstream_backoff", "failures": st.failures, "retry_in_ms": retry_in}),
-                        ),
-                    ));
+                        Retry::Safe(Some(retry_in)),
+                    )
+                    .with("failures", st.failures));
                 }
             }
         }
@@ -131,18 +126,15 @@ impl Session {
             Err(err @ (UpstreamError::CircuitOpen { .. } | UpstreamError::Capacity(_))) => {
                 // Refused before anything ran: not this session's failure, so its own
                 // backoff does not grow; the connector counts and logs.
-                return Err(upstream_error(Value::Null, name, &err));
+                return Err(Failure::unavailable(name, &err));
             }
             Err(err) => {
                 sh.metrics.upstream_failures.inc();
                 let mut st = self.lock();
                 st.failures += 1;
-                st.upstream = UpstreamSlot::Down {
-                    cause: Some(err.to_string()),
-                    since: Some(Instant::now()),
-                };
+                st.upstream = UpstreamSlot::failed(err.to_string(), st.failures, &sh.cfg.backoff);
                 tracing::warn!(error = %err, failures = st.failures, "upstream restart failed");
-                return Err(upstream_error(Value::Null, name, &err));
+                return Err(Failure::unavailable(name, &err));
             }
         };
         link.send(protocol::notification("notifications/initialized", None))
@@ -154,7 +146,7 @@ impl Session {
         // process (found by the soak at a 1 s idle timeout).
         let Some(generation) = self.install(link.clone()) else {
             link.shutdown(true);
-            return Err(closed_error());
+            return Err(Failure::session_closed(None));
         };
         self.spawn_pump(generation, rx, early);
         sh.metrics.upstream_starts.inc();
@@ -282,10 +274,8 @@ impl Session {
                 UpstreamSlot::Down { .. } => return,
             };
             st.failures = if healthy { 1 } else { st.failures + 1 };
-            st.upstream = UpstreamSlot::Down {
-                cause: Some(cause.to_owned()),
-                since: Some(Instant::now()),
-            };
+            st.upstream =
+                UpstreamSlot::failed(cause.to_owned(), st.failures, &self.shared.cfg.backoff);
             st.calls.take_generation(generation)
         };
         if self.is_closed() {
@@ -293,15 +283,14 @@ impl Session {
         }
         self.shared.metrics.upstream_failures.inc();
         tracing::warn!(cause = %cause, in_flight = failed.len(), "upstream lost");
+        let lost = Failure::upstream_lost(
+            format!(
+                "{cause}; the request was not completed. The next request restarts the upstream."
+            ),
+            true,
+        );
         for p in failed {
-            self.finish(p, |client_id| {
-                protocol::error_response(
-                    client_id,
-                    code::UPSTREAM_LOST,
-                    format!("{cause}; the request was not completed. The next request restarts the upstream."),
-                    Some(json!({"kind": "upstream_lost"})),
-                )
-            });
+            self.finish(p, |client_id| lost.response(client_id));
         }
     }
 
@@ -323,16 +312,16 @@ impl Session {
             return;
         };
         tracing::warn!(bytes = len, limit, method = %p.method, "upstream answer over the size limit (--max-upstream-message); the request gets an error, the upstream keeps running");
-        self.finish(p, |client_id| {
-            protocol::error_response(
-                client_id,
-                code::UPSTREAM_MESSAGE_TOO_LARGE,
-                format!(
-                    "the upstream's answer was {len} bytes, over the gateway's {limit} byte limit (--max-upstream-message)"
-                ),
-                Some(json!({"kind": "message_too_large", "bytes": len, "limit": limit})),
-            )
-        });
+        let too_large = Failure::new(
+            FailureKind::MessageTooLarge,
+            format!(
+                "the upstream's answer was {len} bytes, over the gateway's {limit} byte limit (--max-upstream-message)"
+            ),
+            Retry::Never,
+        )
+        .with("bytes", len)
+        .with("limit", limit);
+        self.finish(p, |client_id| too_large.response(client_id));
     }
 
     /// Stops the upstream without ending the session (gateway shutdown).
@@ -343,7 +332,7 @@ impl Session {
                 &mut st.upstream,
                 UpstreamSlot::Down {
                     cause: None,
-                    since: None,
+                    retry_at: None,
                 },
             ) {
                 UpstreamSlot::Up { link, .. } => Some(link),

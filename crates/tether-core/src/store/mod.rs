@@ -15,6 +15,8 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+#[cfg(test)]
+pub(crate) mod memory;
 pub mod postgres;
 pub mod redis;
 pub mod sqlite;

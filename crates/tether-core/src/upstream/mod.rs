@@ -10,6 +10,8 @@
 //! Must not: know about client sessions or stores.
 
 pub mod http;
+#[cfg(test)]
+pub(crate) mod memory;
 pub mod shim;
 pub mod stdio;
 
@@ -219,6 +221,9 @@ enum LinkKind {
     Stdio(stdio::StdioLink),
     /// A Streamable HTTP upstream session.
     Http(http::HttpLink),
+    /// A test's fake upstream.
+    #[cfg(test)]
+    Memory(memory::MemoryLink),
 }
 
 impl Link {
@@ -228,6 +233,8 @@ impl Link {
         match &self.kind {
             LinkKind::Stdio(l) => l.send(value).await,
             LinkKind::Http(l) => l.send(value),
+            #[cfg(test)]
+            LinkKind::Memory(l) => l.send(value).await,
         }
     }
 
@@ -246,6 +253,8 @@ impl Link {
         match &self.kind {
             LinkKind::Stdio(l) => l.shutdown(),
             LinkKind::Http(l) => l.shutdown(end_session),
+            #[cfg(test)]
+            LinkKind::Memory(l) => l.shutdown(),
         }
     }
 
@@ -255,6 +264,8 @@ impl Link {
         match &self.kind {
             LinkKind::Stdio(l) => l.kill(),
             LinkKind::Http(l) => l.shutdown(false),
+            #[cfg(test)]
+            LinkKind::Memory(l) => l.shutdown(),
         }
     }
 
@@ -263,6 +274,8 @@ impl Link {
         match &self.kind {
             LinkKind::Stdio(l) => format!("pid {}", l.pid()),
             LinkKind::Http(l) => l.url().to_owned(),
+            #[cfg(test)]
+            LinkKind::Memory(_) => "memory".to_owned(),
         }
     }
 }
@@ -317,6 +330,9 @@ pub struct Connector {
     circuit: Arc<Circuit>,
     stderr: Arc<crate::log_limit::LogLimiter>,
     tracker: TaskTracker,
+    /// Tests: links are [`memory::FakeUpstream`]s handed to the test through this channel.
+    #[cfg(test)]
+    memory: Option<mpsc::UnboundedSender<memory::FakeUpstream>>,
 }
 
 impl Connector {
@@ -350,7 +366,29 @@ impl Connector {
             )),
             limits,
             tracker,
+            #[cfg(test)]
+            memory: None,
         }
+    }
+
+    /// A connector whose links are fakes the test plays (each start hands one over).
+    #[cfg(test)]
+    pub(crate) fn in_memory(
+        limits: UpstreamLimits,
+        tracker: TaskTracker,
+    ) -> (Connector, mpsc::UnboundedReceiver<memory::FakeUpstream>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut c = Connector::new(
+            UpstreamSpec::Http {
+                url: "http://memory.invalid/mcp".into(),
+            },
+            "fake",
+            None,
+            limits,
+            tracker,
+        );
+        c.memory = Some(tx);
+        (c, rx)
     }
 
     /// The circuit breaker of this upstream.
@@ -418,6 +456,13 @@ impl Connector {
         init_params: &Value,
     ) -> Result<(Link, mpsc::Receiver<Inbound>), UpstreamError> {
         let (tx, rx) = mpsc::channel(256);
+        #[cfg(test)]
+        if let Some(m) = &self.memory {
+            let (link, fake) = memory::pair(tx);
+            let _ = m.send(fake);
+            let kind = LinkKind::Memory(link);
+            return Ok((Link { kind, _slot: None }, rx));
+        }
         let kind = match &self.spec {
             UpstreamSpec::Stdio {
                 argv,
