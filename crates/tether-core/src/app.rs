@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::admin::{self, AdminState};
 use crate::auth::Keys;
@@ -151,7 +152,12 @@ pub async fn run(
             "listening beyond loopback without authentication: anyone who can reach this address can use the upstream"
         );
     }
-    tracker.spawn(registry.clone().run_reaper());
+    tracker.spawn(
+        registry
+            .clone()
+            .run_reaper()
+            .instrument(tracing::info_span!("reaper")),
+    );
     if let Some(c) = &stores.coordinator {
         // Beat once before accepting: a session created here must never look orphaned
         // (owner without a heartbeat) to the other instances.
@@ -168,7 +174,12 @@ pub async fn run(
         // Five beats per TTL: a few missed beats (a slow Redis, a busy machine) do not
         // make other instances take this one's sessions.
         let every = (*instance_ttl / 5).max(Duration::from_millis(200));
-        tracker.spawn(registry.clone().run_coordination(every));
+        tracker.spawn(
+            registry
+                .clone()
+                .run_coordination(every)
+                .instrument(tracing::info_span!("coordination")),
+        );
     }
     let admin_token = resolve_admin_token(&config)?;
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
@@ -208,11 +219,14 @@ pub async fn run(
     ));
     tracing::info!(admin = %admin_addr, "admin API, metrics and dashboard on http://{admin_addr}/");
     let prune_stop = CancellationToken::new();
-    tracker.spawn(crate::session::run_ledger_pruning(
-        stores.ledger.clone(),
-        config.retention,
-        prune_stop.clone(),
-    ));
+    tracker.spawn(
+        crate::session::run_ledger_pruning(
+            stores.ledger.clone(),
+            config.retention,
+            prune_stop.clone(),
+        )
+        .instrument(tracing::info_span!("ledger_pruning")),
+    );
 
     let stop_accepting = CancellationToken::new();
     let drop_connections = CancellationToken::new();

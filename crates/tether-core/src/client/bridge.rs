@@ -213,6 +213,7 @@ impl Bridge {
                     first_contact: self.opts.first_contact,
                 }),
                 request_timeout: Some(self.opts.timeout),
+                label: "bridge".into(),
                 ..HttpOptions::default()
             },
             self.inbound_tx.clone(),

@@ -143,15 +143,19 @@ impl Session {
         // Ends at shutdown too: a call still pending then must not hold the process for
         // the rest of --upstream-timeout.
         let stopped = self.shared.stopped.clone();
-        let timer = self.shared.tracker.spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(timeout) => {}
-                _ = stopped.cancelled() => return,
+        // In the request's span: a timeout is logged as part of the request it ends.
+        let timer = self.shared.tracker.spawn(
+            async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(timeout) => {}
+                    _ = stopped.cancelled() => return,
+                }
+                if let Some(s) = weak.upgrade() {
+                    s.on_timeout(uid).await;
+                }
             }
-            if let Some(s) = weak.upgrade() {
-                s.on_timeout(uid).await;
-            }
-        });
+            .in_current_span(),
+        );
         let pending = Pending {
             kind: PendingKind::Client {
                 client_id,

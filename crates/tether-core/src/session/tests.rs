@@ -2,6 +2,7 @@
 //! in-memory store, with upstreams the test plays ([`FakeUpstream`]), under paused time.
 //! What the binary-level tests prove end to end (restarts, timeouts, routing) is proved
 //! here branch by branch, in milliseconds.
+//! Must not: sleep, spawn a process or open a socket.
 
 use super::*;
 use crate::auth::Principal;

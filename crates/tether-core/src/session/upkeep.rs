@@ -85,11 +85,15 @@ impl Registry {
                 let retention =
                     i64::try_from(sh.cfg.event_retention.as_millis()).unwrap_or(i64::MAX);
                 let store = sh.store.clone();
-                pruning.spawn(async move {
-                    if let Err(e) = store.prune_events(now_ms().saturating_sub(retention)).await {
-                        tracing::warn!(error = %e, "cannot prune stream logs");
+                pruning.spawn(
+                    async move {
+                        if let Err(e) = store.prune_events(now_ms().saturating_sub(retention)).await
+                        {
+                            tracing::warn!(error = %e, "cannot prune stream logs");
+                        }
                     }
-                });
+                    .instrument(tracing::info_span!("prune_events")),
+                );
             }
         }
     }

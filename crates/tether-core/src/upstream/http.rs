@@ -29,6 +29,7 @@ use serde_json::Value;
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::Inbound;
 use crate::policy::Backoff;
@@ -70,6 +71,9 @@ pub struct HttpOptions {
     /// Largest message (JSON body or one SSE event) read from the server; a larger answer
     /// is reported as [`Inbound::Oversized`] for its request and not read further.
     pub max_message: usize,
+    /// Names the link's tasks in logs and traces (`session` field of their `upstream`
+    /// span): the session's short id, or `bridge`.
+    pub label: String,
 }
 
 impl Default for HttpOptions {
@@ -79,6 +83,7 @@ impl Default for HttpOptions {
             reconnect: None,
             request_timeout: None,
             max_message: 16 << 20,
+            label: String::new(),
         }
     }
 }
@@ -163,6 +168,9 @@ struct Inner {
     closed: AtomicBool,
     /// Whether the server ever answered (any HTTP status).
     reached: AtomicBool,
+    /// The span of every task of this link: a root, like a stdio child's, since the link
+    /// outlives the request that started it.
+    span: tracing::Span,
 }
 
 #[derive(Default, Clone)]
@@ -279,6 +287,7 @@ impl HttpLink {
         inbound: mpsc::Sender<Inbound>,
         tracker: TaskTracker,
     ) -> HttpLink {
+        let opts_label = opts.label.clone();
         let inner = Arc::new(Inner {
             client,
             url: url.to_owned(),
@@ -292,22 +301,26 @@ impl HttpLink {
             next_internal: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             reached: AtomicBool::new(false),
+            span: tracing::info_span!(parent: None, "upstream", url = %url, session = %opts_label),
         });
         let (outgoing, mut rx) = mpsc::channel::<Value>(QUEUE);
         let dispatcher = inner.clone();
-        inner.tracker.spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    _ = dispatcher.stop.cancelled() => return,
-                    v = rx.recv() => v,
-                };
-                let Some(value) = next else { return };
-                tokio::select! {
-                    _ = dispatcher.stop.cancelled() => return,
-                    _ = dispatcher.dispatch(value) => {}
+        inner.tracker.spawn(
+            async move {
+                loop {
+                    let next = tokio::select! {
+                        _ = dispatcher.stop.cancelled() => return,
+                        v = rx.recv() => v,
+                    };
+                    let Some(value) = next else { return };
+                    tokio::select! {
+                        _ = dispatcher.stop.cancelled() => return,
+                        _ = dispatcher.dispatch(value) => {}
+                    }
                 }
             }
-        });
+            .instrument(inner.span.clone()),
+        );
         HttpLink { inner, outgoing }
     }
 
@@ -360,21 +373,24 @@ impl HttpLink {
         self.inner.stop.cancel();
         if end_session {
             let inner = self.inner.clone();
-            self.inner.tracker.spawn(async move {
-                let s = inner.session.lock().await.clone();
-                if let Some(id) = s.id {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        inner
-                            .client
-                            .delete(&inner.url)
-                            .headers(inner.opts.headers.clone())
-                            .header(SESSION_HEADER, id)
-                            .send(),
-                    )
-                    .await;
+            self.inner.tracker.spawn(
+                async move {
+                    let s = inner.session.lock().await.clone();
+                    if let Some(id) = s.id {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            inner
+                                .client
+                                .delete(&inner.url)
+                                .headers(inner.opts.headers.clone())
+                                .header(SESSION_HEADER, id)
+                                .send(),
+                        )
+                        .await;
+                    }
                 }
-            });
+                .instrument(self.inner.span.clone()),
+            );
         }
     }
 }
@@ -455,12 +471,16 @@ impl Inner {
                     } else {
                         // A long answer must not hold up the next message.
                         let me = self.clone();
-                        self.tracker.spawn(async move {
-                            tokio::select! {
-                                _ = me.stop.cancelled() => {}
-                                _ = me.read_response(resp, &value, false) => {}
+                        let span = self.span.clone();
+                        self.tracker.spawn(
+                            async move {
+                                tokio::select! {
+                                    _ = me.stop.cancelled() => {}
+                                    _ = me.read_response(resp, &value, false) => {}
+                                }
                             }
-                        });
+                            .instrument(span),
+                        );
                     }
                     return;
                 }
@@ -966,83 +986,86 @@ impl Inner {
         let base_headers = self.opts.headers.clone();
         let session = self.session.clone();
         let max_message = self.opts.max_message;
-        self.tracker.spawn(async move {
-            let mut last_id: Option<String> = None;
-            let mut retry = DEFAULT_RETRY;
-            let mut failures = 0u32;
-            let mut opened_for: Option<String> = None;
-            loop {
-                let s = session.lock().await.clone();
-                let Some(sid) = s.id.clone() else { return };
-                if opened_for.as_ref().is_some_and(|o| *o != sid) {
-                    // A re-initialization opened a stream of its own for the new session.
-                    return;
-                }
-                opened_for = Some(sid.clone());
-                let mut req = client
-                    .get(&url)
-                    .headers(base_headers.clone())
-                    .header(ACCEPT, "text/event-stream")
-                    .header(SESSION_HEADER, sid);
-                if let Some(v) = s.version.clone() {
-                    req = req.header(VERSION_HEADER, v);
-                }
-                if let Some(l) = last_id.clone() {
-                    req = req.header(LAST_EVENT_ID, l);
-                }
-                let resp = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = req.send() => r,
-                };
-                match resp {
-                    Ok(r)
-                        if r.status() == StatusCode::METHOD_NOT_ALLOWED
-                            || r.status() == StatusCode::NOT_FOUND =>
-                    {
+        self.tracker.spawn(
+            async move {
+                let mut last_id: Option<String> = None;
+                let mut retry = DEFAULT_RETRY;
+                let mut failures = 0u32;
+                let mut opened_for: Option<String> = None;
+                loop {
+                    let s = session.lock().await.clone();
+                    let Some(sid) = s.id.clone() else { return };
+                    if opened_for.as_ref().is_some_and(|o| *o != sid) {
+                        // A re-initialization opened a stream of its own for the new session.
                         return;
                     }
-                    Ok(r) if r.status().is_success() => {
-                        failures = 0;
-                        let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                        let mut events = bounded_sse(r, max_message, over).eventsource();
-                        loop {
-                            let ev = tokio::select! {
-                                _ = stop.cancelled() => return,
-                                ev = events.next() => ev,
-                            };
-                            let Some(Ok(ev)) = ev else { break };
-                            if !ev.id.is_empty() {
-                                last_id = Some(ev.id.clone());
-                            }
-                            if let Some(r) = ev.retry {
-                                retry = r;
-                            }
-                            if let Ok(value) = serde_json::from_str::<Value>(&ev.data) {
-                                if inbound
-                                    .send(Inbound::Message {
-                                        value,
-                                        origin: None,
-                                    })
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
+                    opened_for = Some(sid.clone());
+                    let mut req = client
+                        .get(&url)
+                        .headers(base_headers.clone())
+                        .header(ACCEPT, "text/event-stream")
+                        .header(SESSION_HEADER, sid);
+                    if let Some(v) = s.version.clone() {
+                        req = req.header(VERSION_HEADER, v);
+                    }
+                    if let Some(l) = last_id.clone() {
+                        req = req.header(LAST_EVENT_ID, l);
+                    }
+                    let resp = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = req.send() => r,
+                    };
+                    match resp {
+                        Ok(r)
+                            if r.status() == StatusCode::METHOD_NOT_ALLOWED
+                                || r.status() == StatusCode::NOT_FOUND =>
+                        {
+                            return;
+                        }
+                        Ok(r) if r.status().is_success() => {
+                            failures = 0;
+                            let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                            let mut events = bounded_sse(r, max_message, over).eventsource();
+                            loop {
+                                let ev = tokio::select! {
+                                    _ = stop.cancelled() => return,
+                                    ev = events.next() => ev,
+                                };
+                                let Some(Ok(ev)) = ev else { break };
+                                if !ev.id.is_empty() {
+                                    last_id = Some(ev.id.clone());
+                                }
+                                if let Some(r) = ev.retry {
+                                    retry = r;
+                                }
+                                if let Ok(value) = serde_json::from_str::<Value>(&ev.data) {
+                                    if inbound
+                                        .send(Inbound::Message {
+                                            value,
+                                            origin: None,
+                                        })
+                                        .await
+                                        .is_err()
+                                    {
+                                        return;
+                                    }
                                 }
                             }
                         }
+                        Ok(_) | Err(_) => failures += 1,
                     }
-                    Ok(_) | Err(_) => failures += 1,
-                }
-                let wait = retry
-                    .max(DEFAULT_RETRY)
-                    .saturating_mul(1 << failures.min(5))
-                    .min(Duration::from_secs(30));
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
+                    let wait = retry
+                        .max(DEFAULT_RETRY)
+                        .saturating_mul(1 << failures.min(5))
+                        .min(Duration::from_secs(30));
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                 }
             }
-        });
+            .instrument(self.span.clone()),
+        );
     }
 }
 

@@ -490,6 +490,7 @@ impl Connector {
                 init_params.clone(),
                 http::HttpOptions {
                     max_message: self.limits.max_message,
+                    label: session_id.chars().take(8).collect(),
                     ..http::HttpOptions::default()
                 },
                 tx,

@@ -143,6 +143,12 @@ impl SqliteStore {
         reader
             .execute_batch("PRAGMA busy_timeout=5000;")
             .map_err(backend)?;
+        // Not bounded by count, and this is a known gap: the writer empties it into one
+        // transaction per turn (up to 4,096 ops), so while the disk keeps up it holds one
+        // turn's worth; but a stalled disk (a full or hung volume) lets an upstream that
+        // floods notifications grow it, since the session's pump pushes events without
+        // waiting for their acks. Bounding it needs backpressure on that pump, which is
+        // the write-path redesign of the hot-path issue (15), not a channel swap here.
         let (writes, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("tether-store".into())
