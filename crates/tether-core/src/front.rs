@@ -30,8 +30,8 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Opening};
 use crate::protocol::{self, Envelope, Kind, code};
 use crate::session::{
-    Exchange, FailureKind, Origin, Registry, Reply, Retry, Session, SessionError, StreamHandle,
-    Transport, event_id,
+    Exchange, Failure, FailureKind, Origin, Registry, Reply, Retry, Session, SessionError,
+    StreamHandle, Transport, event_id,
 };
 use tracing::Instrument;
 
@@ -131,13 +131,13 @@ async fn route(
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(e) => {
-                return Err(FrontError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    code::UPSTREAM_LOST,
+                return Err(FrontError::refused(&Failure::new(
+                    FailureKind::Moved,
                     format!(
                         "the gateway instance serving this session ({instance}) failed: {e}; if a request was in flight its outcome is unknown"
                     ),
-                ));
+                    Retry::Unknown,
+                )));
             }
         }
     }
@@ -306,6 +306,9 @@ pub struct FrontError {
     www_authenticate: bool,
     /// `Retry-After`; 503s get 1 s when not set.
     retry_after: Option<Duration>,
+    /// Logged at WARN even with a `Retry-After`: not a limit doing its job but something
+    /// broken (the store).
+    alarm: bool,
 }
 
 impl FrontError {
@@ -318,6 +321,7 @@ impl FrontError {
             data: None,
             www_authenticate: false,
             retry_after: None,
+            alarm: false,
         }
     }
 
@@ -332,6 +336,24 @@ impl FrontError {
             code::SERVER_ERROR,
             "Bad Request: MCP-Session-Id header is required (send initialize first)",
         )
+    }
+
+    /// The one place a session-layer failure that refuses a request gets its HTTP status:
+    /// a rate is the client's to slow down (429), a client's mistake 400, anything else is
+    /// the gateway's, the store's or the upstream's state (503 with `Retry-After`).
+    fn refused(f: &Failure) -> FrontError {
+        let status = match (f.kind(), f.origin()) {
+            (FailureKind::Rate, _) => StatusCode::TOO_MANY_REQUESTS,
+            (_, Origin::Client) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let mut e = FrontError::new(status, f.code(), f.message());
+        e.data = Some(f.data());
+        if let Retry::Safe(after) = f.retry() {
+            e.retry_after = after;
+        }
+        e.alarm = f.origin() == Origin::Store;
+        e
     }
 
     fn not_found() -> FrontError {
@@ -357,26 +379,12 @@ impl From<SessionError> for FrontError {
                     "the session is served by instance {instance}, which this instance cannot reach; retry shortly"
                 ),
             ),
-            SessionError::Refused(f) => {
-                // The one place a refusal gets its HTTP status: a rate is the client's to
-                // slow down (429), anything else is the gateway's or upstream's state (503).
-                let status = match (f.kind(), f.origin()) {
-                    (FailureKind::Rate, _) => StatusCode::TOO_MANY_REQUESTS,
-                    (_, Origin::Client) => StatusCode::BAD_REQUEST,
-                    _ => StatusCode::SERVICE_UNAVAILABLE,
-                };
-                let mut e = FrontError::new(status, f.code(), f.message());
-                e.data = Some(f.data());
-                if let Retry::Safe(after) = f.retry() {
-                    e.retry_after = after;
-                }
-                e
-            }
-            SessionError::Store(e) => FrontError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                code::STORE_UNAVAILABLE,
+            SessionError::Refused(f) => FrontError::refused(&f),
+            SessionError::Store(e) => FrontError::refused(&Failure::new(
+                FailureKind::StoreUnavailable,
                 format!("the gateway cannot record this request right now: {e}"),
-            ),
+                Retry::Safe(Some(Duration::from_secs(1))),
+            )),
         }
     }
 }
@@ -393,7 +401,7 @@ impl IntoResponse for FrontError {
             let message = cut(&self.message, 300);
             // A limit doing its job (it sets Retry-After) is counted in metrics, not a
             // warning; a failure of the gateway is.
-            if self.status.is_server_error() && self.retry_after.is_none() {
+            if self.status.is_server_error() && (self.retry_after.is_none() || self.alarm) {
                 tracing::warn!(
                     status = self.status.as_u16(),
                     jsonrpc.code = self.code,

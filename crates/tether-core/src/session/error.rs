@@ -89,6 +89,8 @@ pub enum Kind {
     UpstreamTimeout,
     /// The upstream's answer was over `--max-upstream-message`.
     MessageTooLarge,
+    /// The live store cannot record what the request needs (disk, Redis outage).
+    StoreUnavailable,
 }
 
 impl Kind {
@@ -108,6 +110,7 @@ impl Kind {
             Kind::UpstreamUnavailable => "upstream_unavailable",
             Kind::UpstreamTimeout => "upstream_timeout",
             Kind::MessageTooLarge => "message_too_large",
+            Kind::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -125,6 +128,7 @@ impl Kind {
             }
             Kind::UpstreamTimeout => code::UPSTREAM_TIMEOUT,
             Kind::MessageTooLarge => code::UPSTREAM_MESSAGE_TOO_LARGE,
+            Kind::StoreUnavailable => code::STORE_UNAVAILABLE,
         }
     }
 
@@ -141,6 +145,7 @@ impl Kind {
             | Kind::UpstreamLost
             | Kind::UpstreamTimeout
             | Kind::MessageTooLarge => Origin::Upstream,
+            Kind::StoreUnavailable => Origin::Store,
         }
     }
 }
@@ -341,6 +346,7 @@ mod tests {
             (Kind::Rate, "refused"),
             (Kind::MessageTooLarge, "too_large"),
             (Kind::InvalidRequest, "error"),
+            (Kind::StoreUnavailable, "error"),
         ] {
             let r = Failure::new(kind, "x", Retry::Never).response(Value::Null);
             assert_eq!(protocol::call_outcome(&r).0, outcome, "{kind:?}");
