@@ -7,6 +7,7 @@
 mod bench;
 mod cli;
 mod demo;
+mod floor;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -102,6 +103,9 @@ enum Command {
     ///   tether bench URL --watch-pid $(pgrep -f 'tether serve') --json
     #[command(verbatim_doc_comment)]
     Bench(Box<bench::BenchArgs>),
+    /// The benchmarks' floor: a bare relay, Streamable HTTP in, a stdio child per session out.
+    #[command(name = "__floor", hide = true)]
+    Floor(floor::FloorArgs),
 }
 
 /// Options shared by the commands that talk to a remote MCP endpoint.
@@ -542,6 +546,7 @@ fn main() -> ExitCode {
         Command::Keys { cmd } => cli::keys(&cmd),
         Command::DemoServer(args) => demo::run(args),
         Command::Bench(args) => bench::run(&args),
+        Command::Floor(args) => floor::run(&args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "tether", &mut std::io::stdout());

@@ -362,6 +362,32 @@ async fn bench_loads_a_gateway_and_a_stdio_server() {
     );
     let stdio = run(common_args(&["--stdio", "--", common::BIN, "demo-server"]));
     assert!(stdio["ok"].as_f64().unwrap() > 0.0, "{stdio}");
+    // The benchmarks' floor relays real calls (ids matched back) with no errors.
+    let mut floor_cmd = std::process::Command::new(common::BIN);
+    floor_cmd.args([
+        "__floor",
+        "--listen",
+        "127.0.0.1:0",
+        "--",
+        common::BIN,
+        "demo-server",
+    ]);
+    let (mut floor, floor_url) =
+        common::spawn_announced(floor_cmd, "tether __floor: listening on ");
+    let relayed = run(common_args(&[&floor_url]));
+    // SIGTERM: the floor drops its sessions, and their children with them.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(floor.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(floor.wait().unwrap().success());
+    assert!(relayed["ok"].as_f64().unwrap() > 0.0, "{relayed}");
+    assert_eq!(
+        relayed["outcomes"].as_object().unwrap().len(),
+        1,
+        "only ok: {relayed}"
+    );
     // Errors are counted by kind, not hidden: an unknown tool is a JSON-RPC error.
     let bad = std::process::Command::new(common::BIN)
         .args([
