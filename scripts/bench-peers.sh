@@ -4,8 +4,10 @@
 # supergateway (npm, streamable HTTP, stateful), mcp-proxy (PyPI) and mcp-proxy (npm), at 1
 # and 16 sessions. Each cell is run REPS times and the median is reported: calls/s, p50 and
 # p99 latency, CPU microseconds per call of the gateway process tree (gateway plus the
-# echo servers it started) and its peak resident memory. A second baseline: the echo server
-# serving Streamable HTTP itself, the floor any HTTP gateway's latency starts from.
+# echo servers it started) and its peak resident memory. Two more baselines: the echo server
+# serving Streamable HTTP itself, and the floor (`tether __floor`: a bare relay, Streamable
+# HTTP in and the child's pipes out, on Tether's HTTP stack), what any HTTP gateway in front
+# of stdio costs on this machine.
 #
 #   scripts/bench-peers.sh                      # 10s per cell, 3 repetitions
 #   DURATION=5s REPS=3 scripts/bench-peers.sh   # quicker
@@ -91,6 +93,11 @@ for rep in $(seq 1 "$REPS"); do
   # (rmcp's server transport, stateful, SSE answers), no gateway and no durability.
   gateway_cell "echo server's own HTTP (no gateway)" /mcp \
     "$T" demo-server --http 127.0.0.1:PORT
+  # The floor of any HTTP gateway in front of stdio: a bare relay on Tether's own HTTP stack
+  # (Streamable HTTP in, a child per session, ids matched; no durability, ledger or metrics).
+  # Every gateway row is read against it.
+  gateway_cell "floor: bare relay (tether __floor)" /mcp \
+    "$T" __floor --listen 127.0.0.1:PORT -- "${ECHO[@]}"
   gateway_cell "tether (stdio upstream, SQLite)" /mcp \
     "$T" serve --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:0 --state-dir "$STATE/tether-PORT" --log warn -- "${ECHO[@]}"
   gateway_cell "supergateway $SUPERGATEWAY_VERSION (streamableHttp, stateful)" /mcp \
