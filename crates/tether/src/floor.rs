@@ -164,7 +164,13 @@ async fn post(State(floor): State<Arc<Floor>>, headers: HeaderMap, body: Bytes) 
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     if message.get("method").and_then(Value::as_str) == Some("initialize") {
-        if floor.sessions.lock().unwrap_or_else(|p| p.into_inner()).len() >= MAX_SESSIONS {
+        if floor
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            >= MAX_SESSIONS
+        {
             return status(StatusCode::SERVICE_UNAVAILABLE, "too many sessions");
         }
         let relay = match Relay::spawn(&floor.argv) {
@@ -239,12 +245,14 @@ pub fn run(args: &FloorArgs) -> ExitCode {
     let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         // Port 0 works: the address is announced (tests and scripts read it).
-        println!("tether __floor: listening on http://{}/mcp", listener.local_addr()?);
+        println!(
+            "tether __floor: listening on http://{}/mcp",
+            listener.local_addr()?
+        );
         let app = Router::new()
             .route("/mcp", axum::routing::post(post).delete(delete))
             .with_state(floor.clone());
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 tokio::select! {

@@ -87,7 +87,9 @@ CREATE TABLE IF NOT EXISTS streams (
     created_ms INTEGER NOT NULL,
     PRIMARY KEY (session_id, stream_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS streams_finished ON streams(done, created_ms);
+-- Partial: a new stream (done = 0) touches no index, finishing one adds one entry; the
+-- full (done, created_ms) index it replaces cost an insert, a delete and an insert per call.
+CREATE INDEX IF NOT EXISTS streams_done_by_age ON streams(created_ms) WHERE done = 1;
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     session_id TEXT NOT NULL,
@@ -215,6 +217,8 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has("upstream_fingerprint")? {
         conn.execute_batch("ALTER TABLE sessions ADD COLUMN upstream_fingerprint TEXT")?;
     }
+    // Replaced by the partial `streams_done_by_age` (issue 15).
+    conn.execute_batch("DROP INDEX IF EXISTS streams_finished")?;
     Ok(())
 }
 
