@@ -12,6 +12,7 @@
 #   scripts/bench-peers.sh                      # 10s per cell, 3 repetitions
 #   DURATION=5s REPS=3 scripts/bench-peers.sh   # quicker
 #   SESSIONS=16 IN_FLIGHT=4 scripts/bench-peers.sh   # several calls in flight per session
+#   ONLY='floor|tether' scripts/bench-peers.sh        # only some gateway rows
 #
 # Peers are installed, pinned, under target/bench-peers/ (npm and a Python venv). Results go
 # to target/bench-peers/results.md (a table for BENCHMARKS.md) and results.jsonl (raw).
@@ -62,6 +63,8 @@ record() { # name sessions json
 gateway_cell() { # name url-path start-command...
   local name=$1 path=$2
   shift 2
+  # ONLY=REGEX runs only the gateway rows whose name matches (the direct row always runs).
+  if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then return; fi
   for n in $SESSIONS; do
     local port
     port=$(free_port)
@@ -100,6 +103,11 @@ for rep in $(seq 1 "$REPS"); do
     "$T" __floor --listen 127.0.0.1:PORT -- "${ECHO[@]}"
   gateway_cell "tether (stdio upstream, SQLite)" /mcp \
     "$T" serve --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:0 --state-dir "$STATE/tether-PORT" --log warn -- "${ECHO[@]}"
+  # The same with the Redis live store (REDIS_URL, default the local server; each cell its
+  # own key prefix; the ledger stays SQLite).
+  gateway_cell "tether (stdio upstream, Redis live store)" /mcp \
+    "$T" serve --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:0 --state-dir "$STATE/tether-redis-PORT" --log warn \
+    --store "${REDIS_URL:-redis://127.0.0.1:6379}" --store-prefix "bench-peers-PORT-$$" -- "${ECHO[@]}"
   gateway_cell "supergateway $SUPERGATEWAY_VERSION (streamableHttp, stateful)" /mcp \
     "$OUT/npm/node_modules/.bin/supergateway" --stdio "${ECHO[*]}" --outputTransport streamableHttp --stateful \
     --port PORT --logLevel none
