@@ -442,3 +442,37 @@ pub(super) fn prune(conn: &Connection, cutoff: i64, limit: usize) -> rusqlite::R
     out.more = standalone == budget;
     Ok(out)
 }
+
+/// How often the checkpointer copies the WAL into the database; a checkpoint with
+/// nothing to copy costs a few system calls.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+/// WAL pages (4 KiB) past which a checkpoint holds writes up until it has reset the WAL:
+/// the bound on the file when passive checkpoints cannot catch up (16 MiB), as under an
+/// upstream flooding a stream.
+const WAL_LIMIT_PAGES: i64 = 4096;
+
+/// Checkpoints the WAL off the writer's thread until the store is dropped (`alive` is the
+/// store's reader connection). A `PASSIVE` checkpoint never waits for the writer or for
+/// readers, so no commit waits behind it; SQLite starts the WAL over at the first write
+/// after a checkpoint that copied all of it. Only when writes never pause long enough for
+/// that, and the WAL passes [`WAL_LIMIT_PAGES`], does a `RESTART` checkpoint make the
+/// writer wait, once, to bound the file.
+pub(super) fn checkpoint_loop(
+    conn: &Connection,
+    alive: &std::sync::Weak<std::sync::Mutex<Connection>>,
+) {
+    while alive.strong_count() > 0 {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        let passive = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+        match passive {
+            Ok(wal_pages) if wal_pages > WAL_LIMIT_PAGES => {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, wal_pages, "cannot reset the store's write-ahead log");
+                }
+            }
+            Ok(_) => {}
+            // A full disk or a deleted file shows in the writer's commits and in readiness.
+            Err(e) => tracing::debug!(error = %e, "store checkpoint failed"),
+        }
+    }
+}
