@@ -4,10 +4,12 @@
 //! whatever has queued while the previous commit ran and commits it as one transaction
 //! (group commit), then resolves each write's [`Ack`]. With `synchronous=NORMAL` in WAL mode
 //! a commit is durable against a crash of this process without an fsync per commit; fsyncs
-//! happen at checkpoints. Reads use a second connection on the blocking pool, so they never
+//! happen at checkpoints, which a third connection runs on its own thread so that no commit
+//! waits behind one. Reads use a second connection on the blocking pool, so they never
 //! wait behind a commit.
 //!
-//! Must not: write from more than its one writer thread, or run an unbounded statement on it.
+//! Must not: write rows from more than its one writer thread (the checkpointer only moves
+//! committed pages), or run an unbounded statement on it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
