@@ -563,16 +563,7 @@ async fn sigterm_finishes_within_the_grace_and_a_small_bound() {
     let mcp = gw.client();
     let sid = mcp.initialize("busy").await;
     // A standalone stream and a long call in flight: both outlast the grace.
-    let get = mcp
-        .http
-        .get(&mcp.url)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", &sid)
-        .header("mcp-protocol-version", "2025-11-25")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(get.status(), 200);
+    let _get = mcp.listen(&sid).await;
     let (_stream, _open) = mcp
         .start_call(&sid, 1, "slow_write", json!({"ms": 60_000}))
         .await;

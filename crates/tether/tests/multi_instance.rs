@@ -279,16 +279,7 @@ async fn server_to_client_messages_cross_instances_and_answers_find_the_asking_u
     // The standalone stream is held through B; A's upstream asks for sampling during a
     // call made on A; the request arrives on B's stream, the answer is posted to B and
     // reaches the upstream on A that asked.
-    let get = mb
-        .http
-        .get(&mb.url)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", &sid)
-        .header("mcp-protocol-version", "2025-11-25")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(get.status(), 200);
+    let get = mb.listen(&sid).await;
     let mut standalone = futures::StreamExt::boxed(eventsource_stream::Eventsource::eventsource(
         get.bytes_stream(),
     ));

@@ -183,15 +183,7 @@ async fn http_upstream_restart_keeps_the_clients_log_level_and_subscriptions() {
     // them on its standalone stream: listen there too, as clients do.
     let listen = {
         use futures::StreamExt;
-        let resp = reqwest::Client::new()
-            .get(&gw.url)
-            .header("accept", "text/event-stream")
-            .header("mcp-session-id", &sid)
-            .header("mcp-protocol-version", "2025-11-25")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
+        let resp = mcp.listen(&sid).await;
         let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
         tokio::spawn(async move {
             let mut seen = Vec::new();

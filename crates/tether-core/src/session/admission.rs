@@ -41,11 +41,8 @@ impl Default for AdmissionConfig {
     }
 }
 
-/// A session the gateway will not take now: a full count (`Kind::Limit`) or a creation
-/// rate (`Kind::Rate`), with when to try again.
-pub type Refusal = Failure;
-
-fn capacity(limit: &str, max: usize, what: &str) -> Refusal {
+/// A full count (`Kind::Limit`), with when to try again.
+fn capacity(limit: &str, max: usize, what: &str) -> Failure {
     Failure::new(
         Kind::Limit,
         format!("the gateway holds {max} {what}, the most allowed (--{limit}); try again later"),
@@ -55,7 +52,8 @@ fn capacity(limit: &str, max: usize, what: &str) -> Refusal {
     .with("max", max)
 }
 
-fn rate(limit: &str, per_sec: u32, wait: Duration) -> Refusal {
+/// A creation rate exceeded (`Kind::Rate`), with when to try again.
+fn rate(limit: &str, per_sec: u32, wait: Duration) -> Failure {
     let retry_after = wait.max(Duration::from_millis(1));
     Failure::new(
         Kind::Rate,
@@ -131,7 +129,7 @@ impl Admission {
 
     /// Counts a new session creation against the principal's and the address's rate. The
     /// anonymous principal (no API keys) is everyone, so only its address is limited.
-    pub fn check_rate(&self, principal: &str, addr: Option<IpAddr>) -> Result<(), Refusal> {
+    pub fn check_rate(&self, principal: &str, addr: Option<IpAddr>) -> Result<(), Failure> {
         let now = DefaultClock::default().now();
         if principal != crate::auth::Principal::anonymous().id {
             if self.by_principal.len() > RATE_KEYS {
@@ -157,7 +155,7 @@ impl Admission {
     }
 
     /// Takes a place for one more session of `principal`, or says which limit is full.
-    pub fn reserve(self: &Arc<Self>, principal: &str) -> Result<Slot, Refusal> {
+    pub fn reserve(self: &Arc<Self>, principal: &str) -> Result<Slot, Failure> {
         let permit = self
             .slots
             .clone()

@@ -20,16 +20,7 @@ impl Session {
             }
             st.closed = true;
             st.slot = None;
-            let link = match std::mem::replace(
-                &mut st.upstream,
-                UpstreamSlot::Down {
-                    cause: None,
-                    retry_at: None,
-                },
-            ) {
-                UpstreamSlot::Up { link, .. } => Some(link),
-                UpstreamSlot::Down { .. } => None,
-            };
+            let link = st.take_link();
             let (pending, streams) = st.calls.drain();
             (link, pending, streams)
         };

@@ -162,18 +162,6 @@ pub enum SessionError {
     },
 }
 
-impl SessionError {
-    /// Where the failure came from.
-    pub fn origin(&self) -> Origin {
-        match self {
-            SessionError::NotFound | SessionError::BadRequest(_) => Origin::Client,
-            SessionError::Store(_) => Origin::Store,
-            SessionError::Refused(f) => f.origin(),
-            SessionError::Elsewhere { .. } => Origin::Gateway,
-        }
-    }
-}
-
 /// What a client request produces.
 pub enum Reply {
     /// An SSE stream that ends with the response.
@@ -341,6 +329,20 @@ struct State {
     closed: bool,
     /// This session's place in the admission counts, released when it closes here.
     slot: Option<Slot>,
+}
+
+impl State {
+    /// Takes the running upstream out of the slot (closing or stopping), leaving it idle.
+    fn take_link(&mut self) -> Option<Arc<Link>> {
+        let idle = UpstreamSlot::Down {
+            cause: None,
+            retry_at: None,
+        };
+        match std::mem::replace(&mut self.upstream, idle) {
+            UpstreamSlot::Up { link, .. } => Some(link),
+            UpstreamSlot::Down { .. } => None,
+        }
+    }
 }
 
 /// An open HTTP exchange with a session's client ([`Session::exchange`]). Dropping it

@@ -326,19 +326,7 @@ impl Session {
 
     /// Stops the upstream without ending the session (gateway shutdown).
     pub(super) fn stop_upstream(&self) {
-        let link = {
-            let mut st = self.lock();
-            match std::mem::replace(
-                &mut st.upstream,
-                UpstreamSlot::Down {
-                    cause: None,
-                    retry_at: None,
-                },
-            ) {
-                UpstreamSlot::Up { link, .. } => Some(link),
-                UpstreamSlot::Down { .. } => None,
-            }
-        };
+        let link = self.lock().take_link();
         if let Some(link) = link {
             link.kill();
         }

@@ -377,6 +377,7 @@ impl Connector {
         limits: UpstreamLimits,
         tracker: TaskTracker,
     ) -> (Connector, mpsc::UnboundedReceiver<memory::FakeUpstream>) {
+        // Unbounded: one entry per upstream start, and the test takes each as it plays it.
         let (tx, rx) = mpsc::unbounded_channel();
         let mut c = Connector::new(
             UpstreamSpec::Http {

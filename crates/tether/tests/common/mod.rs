@@ -453,6 +453,21 @@ impl Mcp {
         (stream, OpenStream { events })
     }
 
+    /// Opens the session's standalone stream (GET); asserts it is accepted.
+    pub async fn listen(&self, session: &str) -> reqwest::Response {
+        let resp = self
+            .http
+            .get(&self.url)
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", session)
+            .header("mcp-protocol-version", "2025-11-25")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp
+    }
+
     /// GET with Last-Event-ID; returns the whole (finite) replayed stream.
     pub async fn resume(&self, session: &str, last_event_id: &str) -> Answer {
         let resp = self
