@@ -110,6 +110,7 @@ pub async fn run(
         SessionConfig {
             idle_timeout: config.idle_timeout,
             upstream_timeout: config.upstream_timeout,
+            answer_window: config.answer_window,
             upstream_name: config.upstream_name.clone(),
             upstream_fingerprint: config.upstream.fingerprint(),
             mirror_ledger: !stores.shared,

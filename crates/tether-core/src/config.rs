@@ -27,6 +27,8 @@ pub const DEFAULT_KEEPALIVE: &str = "15s";
 pub const DEFAULT_MAX_BODY: &str = "4MiB";
 /// Default time an upstream has to answer one request.
 pub const DEFAULT_UPSTREAM_TIMEOUT: &str = "5m";
+/// Default answer window (ms): a call answered within it needs no stream.
+pub const DEFAULT_ANSWER_WINDOW_MS: u64 = 10;
 /// Default time in-flight requests get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
 /// Default sliding TTL of session records in Redis.
@@ -90,6 +92,9 @@ pub struct Layer {
     pub max_body: Option<SizeValue>,
     /// Time an upstream has to answer one request.
     pub upstream_timeout: Option<String>,
+    /// A call answered within this time is answered as one JSON body, nothing of it
+    /// stored; a longer one gets a durable, resumable SSE stream (`0` for always).
+    pub answer_window: Option<String>,
     /// Time in-flight requests get to finish on SIGTERM/SIGINT.
     pub shutdown_grace: Option<String>,
     /// Origins allowed besides loopback ones (`*` allows any).
@@ -580,6 +585,8 @@ pub struct Config {
     pub max_body: usize,
     /// Per-request upstream timeout.
     pub upstream_timeout: Duration,
+    /// [`crate::session::SessionConfig::answer_window`].
+    pub answer_window: Duration,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
     /// Extra allowed origins.
@@ -657,6 +664,7 @@ impl Layer {
             keepalive: over.keepalive.or(self.keepalive),
             max_body: over.max_body.or(self.max_body),
             upstream_timeout: over.upstream_timeout.or(self.upstream_timeout),
+            answer_window: over.answer_window.or(self.answer_window),
             shutdown_grace: over.shutdown_grace.or(self.shutdown_grace),
             allowed_origins: over.allowed_origins.or(self.allowed_origins),
             allowed_hosts: over.allowed_hosts.or(self.allowed_hosts),
@@ -757,6 +765,20 @@ impl Config {
             layer.upstream_timeout.as_deref(),
             DEFAULT_UPSTREAM_TIMEOUT,
         );
+        let answer_window = match layer.answer_window.as_deref().map(str::trim) {
+            None => Duration::from_millis(DEFAULT_ANSWER_WINDOW_MS),
+            // Zero is meaningful here: every call gets a stream and a stored record.
+            Some("0") => Duration::ZERO,
+            Some(text) => {
+                let d = duration(&mut errors, "answer-window", Some(text), "");
+                if d > Duration::from_secs(60) {
+                    errors.push(format!(
+                        "answer-window: {text:?} is over 60s; a call's stream (and its resumability) would start that late"
+                    ));
+                }
+                d
+            }
+        };
         let shutdown_grace = duration(
             &mut errors,
             "shutdown-grace",
@@ -936,6 +958,7 @@ impl Config {
             keepalive,
             max_body,
             upstream_timeout,
+            answer_window,
             shutdown_grace,
             allowed_origins,
             allowed_hosts,

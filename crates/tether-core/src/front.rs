@@ -616,7 +616,11 @@ async fn mcp_post(
             let exchange = session.exchange();
             match env.kind {
                 Kind::Request => match session.request(env).await {
-                    Reply::Stream(handle) => {
+                    Reply::Stream(mut handle) => {
+                        if let Some(answer) = handle.quick_answer().await {
+                            crate::fault::point(crate::fault::points::QUICK_ANSWER);
+                            return Ok(json_body(&answer));
+                        }
                         Ok(sse_response(handle, st.cfg.keepalive, None, Some(exchange)))
                     }
                     Reply::Immediate(v) => Ok(axum::Json(v).into_response()),
@@ -698,6 +702,7 @@ async fn mcp_delete(
         Route::Remote(resp) => return Ok(resp),
     };
     st.registry.close(&session, "client_disconnect").await;
+    crate::fault::point(crate::fault::points::SESSION_CLOSED);
     Ok(StatusCode::OK.into_response())
 }
 
@@ -768,6 +773,15 @@ async fn messages_post(
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
+/// A whole JSON-RPC message as the response body (a call answered within the answer
+/// window: its text is already serialized).
+fn json_body(message: &str) -> Response {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(message.to_owned()))
+        .expect("static headers are valid")
+}
+
 /// Renders a stream as an SSE response. With `legacy_endpoint` (the 2024-11-05 transport)
 /// the first event is `endpoint` and messages are `message` events without ids.
 ///
@@ -778,14 +792,15 @@ async fn messages_post(
 /// event must carry an explicit empty `data:` line (spec §1.1.3 item 6), which axum omits.
 /// Every payload is a compact JSON text, so it never contains a line break.
 fn sse_response(
-    handle: StreamHandle,
+    mut handle: StreamHandle,
     keepalive: Duration,
     legacy_endpoint: Option<String>,
     exchange: Option<Exchange>,
 ) -> Response {
+    let opened = handle.open_record();
     let StreamHandle {
         stream_id,
-        opened,
+        deferred: _,
         priming,
         retry,
         replay,
@@ -807,8 +822,9 @@ fn sse_response(
             yield Ok::<Bytes, Infallible>(format!("event: endpoint\ndata: {endpoint}\n\n").into());
         }
         if let Some(opened) = opened {
-            if let Err(e) = opened.await {
-                tracing::error!(error = %e, "stream record not durable; continuing without resumability");
+            match opened.await {
+                Ok(()) => crate::fault::point(crate::fault::points::STREAM_RECORDED),
+                Err(e) => tracing::error!(error = %e, "stream record not durable; continuing without resumability"),
             }
         }
         if priming {

@@ -9,7 +9,7 @@
 //! - [`store`]: durable session records and stream event logs (SQLite by default).
 //! - [`client`]: the client side: `tether connect` ([`bridge`]) and `tether check` ([`check`]).
 //! - [`policy`], [`protocol`], [`config`]: pure decisions, JSON-RPC envelopes, settings.
-//! - [`ids`], [`telemetry`], [`log_limit`], [`metrics`], [`ledger`]: the ground floor.
+//! - [`ids`], [`telemetry`], [`log_limit`], [`metrics`], [`ledger`], [`fault`]: the ground floor.
 //!
 //! Must not: export anything a binary could use to bypass the session layer's rules.
 
@@ -18,6 +18,7 @@ pub mod app;
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod fault;
 pub mod front;
 pub mod fuzz;
 pub mod ids;

@@ -236,6 +236,10 @@ struct ServeArgs {
     /// Time the upstream has to answer one request [default: 5m].
     #[arg(long, env = "TETHER_UPSTREAM_TIMEOUT", value_name = "DURATION")]
     upstream_timeout: Option<String>,
+    /// A call answered within this time gets one JSON body and nothing of it is stored;
+    /// a longer one gets a durable, resumable SSE stream; 0 = always a stream [default: 10ms].
+    #[arg(long, env = "TETHER_ANSWER_WINDOW", value_name = "DURATION")]
+    answer_window: Option<String>,
     /// On SIGTERM/SIGINT, time in-flight requests get to finish [default: 10s].
     #[arg(long, env = "TETHER_SHUTDOWN_GRACE", value_name = "DURATION")]
     shutdown_grace: Option<String>,
@@ -500,6 +504,7 @@ impl ServeArgs {
             keepalive: self.keepalive.clone(),
             max_body: self.max_body.clone().map(SizeValue::Text),
             upstream_timeout: self.upstream_timeout.clone(),
+            answer_window: self.answer_window.clone(),
             shutdown_grace: self.shutdown_grace.clone(),
             allowed_origins: self.allowed_origins.clone(),
             allowed_hosts: self.allowed_hosts.clone(),
@@ -829,6 +834,7 @@ mod tests {
         assert_eq!(c.keepalive, d.keepalive);
         assert_eq!(c.max_body, d.max_body);
         assert_eq!(c.upstream_timeout, d.upstream_timeout);
+        assert_eq!(c.answer_window, d.answer_window);
         assert_eq!(c.shutdown_grace, d.shutdown_grace);
         assert_eq!(c.admin_listen, d.admin_listen);
         assert_eq!(c.retention, d.retention);

@@ -95,12 +95,10 @@ async fn completed_stream_replays_after_restart() {
     let mut gw = Gateway::start(dir.path(), &["--demo"]);
     let mcp = gw.client();
     let sid = mcp.initialize("replay").await;
-    let answer = mcp
-        .post(
-            Some(&sid),
-            &json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "kept"}}}),
-        )
-        .await;
+    // A call that outlives the answer window gets a stream, resumable after a crash (a
+    // quicker one is one JSON body, nothing stored: `durability.rs`).
+    let slow = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "slow", "arguments": {"ms": 100}}});
+    let answer = mcp.post(Some(&sid), &slow).await;
     let events = answer.events();
     let (priming_id, priming_data) = &events[0];
     assert!(priming_data.is_none(), "priming event has empty data");
@@ -110,15 +108,16 @@ async fn completed_stream_replays_after_restart() {
         answer.body
     );
     // A final answer is sent while its commit runs (invariant 3). The store applies writes
-    // in order and a later request's priming event waits for its own record, so once the
-    // next call's answer arrives, this one is durable.
+    // in order and a later stream's priming event waits for its own record, so once the
+    // next such call's answer arrives, this one is durable.
     let next = mcp
         .post(
             Some(&sid),
-            &json!({"jsonrpc": "2.0", "id": 8, "method": "tools/list"}),
+            &json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": {"name": "slow", "arguments": {"ms": 100}}}),
         )
         .await;
     assert_eq!(next.status, 200);
+    assert!(next.body.starts_with("retry: "), "{}", next.body);
     gw.kill9();
 
     let gw2 = gw.restart();
@@ -128,7 +127,7 @@ async fn completed_stream_replays_after_restart() {
     assert_eq!(response["id"], 7);
     assert_eq!(
         response.pointer("/result/content/0/text"),
-        Some(&json!("kept"))
+        Some(&json!("waited 100 ms"))
     );
 }
 

@@ -139,7 +139,14 @@ async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
     let dir = state_dir();
     let gw = Gateway::start_env(
         dir.path(),
-        &["--demo", "--otlp-endpoint", &endpoint],
+        // Every call gets a stored stream, so the call makes a store write to see.
+        &[
+            "--demo",
+            "--otlp-endpoint",
+            &endpoint,
+            "--answer-window",
+            "0",
+        ],
         &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
     );
     let mcp = gw.client();

@@ -169,7 +169,7 @@ impl Session {
         let (rx, _) = self.standalone.attach(self.shared.cfg.stream_buffer);
         StreamHandle {
             stream_id: self.standalone.id().clone(),
-            opened: None,
+            deferred: None,
             priming: policy::primes_streams(&self.record.protocol_version),
             retry: self.shared.cfg.sse_retry,
             replay: Vec::new(),
@@ -199,7 +199,7 @@ impl Session {
         let store = &self.shared.store;
         let handle = |replay, live, standalone: bool| StreamHandle {
             stream_id: stream_id.into(),
-            opened: None,
+            deferred: None,
             priming: false,
             retry: self.shared.cfg.sse_retry,
             replay,

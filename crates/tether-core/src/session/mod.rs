@@ -95,6 +95,10 @@ pub struct SessionConfig {
     pub mirror_ledger: bool,
     /// Unread bytes a client connection may hold per stream before it is detached.
     pub stream_buffer: usize,
+    /// A call answered within this time is answered as one JSON body and its stream's
+    /// record is never written; a longer one gets its record, then an SSE stream
+    /// (docs/design/durability.md row 2). Zero: every call gets a stream.
+    pub answer_window: Duration,
     /// Session limits and creation rates.
     pub admission: admission::AdmissionConfig,
 }
@@ -112,6 +116,7 @@ impl Default for SessionConfig {
             event_retention: Duration::from_secs(3600),
             mirror_ledger: false,
             stream_buffer: 4 << 20,
+            answer_window: Duration::from_millis(10),
             admission: admission::AdmissionConfig::default(),
         }
     }
@@ -176,8 +181,8 @@ pub enum Reply {
 pub struct StreamHandle {
     /// Stream id (the prefix of every event id).
     pub stream_id: Arc<str>,
-    /// Awaited before the first byte: the stream's record must be durable first.
-    pub opened: Option<Ack>,
+    /// A request stream whose record is still deferred ([`Stream::deferred`]).
+    pub deferred: Option<Deferred>,
     /// Send a priming event (event id + empty data + `retry`) first.
     pub priming: bool,
     /// `retry` for the priming event.
@@ -190,6 +195,42 @@ pub struct StreamHandle {
     pub ends_with_response: bool,
     /// Cancelled when this response must end (shutdown).
     pub stop: CancellationToken,
+}
+
+/// What a [`StreamHandle`] needs to answer a quick call without a stream.
+pub struct Deferred {
+    stream: Arc<Stream>,
+    store: Arc<dyn LiveStore>,
+    window: Duration,
+}
+
+impl StreamHandle {
+    /// Waits up to the answer window for the answer of a call whose stream record is
+    /// deferred, and returns it if nothing of the call was stored (it is then the whole
+    /// response). Otherwise returns `None` with the handle ready to render as SSE, any
+    /// frame it took held for the stream.
+    pub async fn quick_answer(&mut self) -> Option<Arc<str>> {
+        let deferred = self.deferred.as_ref().filter(|d| !d.window.is_zero())?;
+        let rx = self.live.as_mut()?;
+        let first = tokio::select! {
+            biased;
+            f = rx.recv() => f?,
+            () = tokio::time::sleep(deferred.window) => return None,
+            () = self.stop.cancelled() => return None,
+        };
+        if first.terminal && !first.stored {
+            return Some(first.data);
+        }
+        rx.hold(first);
+        None
+    }
+
+    /// Writes the stream's record if it is still deferred; the ack is awaited before the
+    /// first byte, since the priming event gives the client an id to resume by.
+    pub fn open_record(&mut self) -> Option<Ack> {
+        let d = self.deferred.take()?;
+        d.stream.open(d.store.as_ref())
+    }
 }
 
 /// Methods whose repetition is harmless, so an interrupted one may be re-issued.

@@ -63,12 +63,11 @@ impl Session {
                 && tool
                     .as_ref()
                     .is_some_and(|t| self.lock().safe_tools.contains(t)));
-        let (stream, opened, live) = match self.transport {
+        let (stream, deferred, live) = match self.transport {
             Transport::Streamable => {
-                let stream_id: Arc<str> = crate::ids::new_stream_id().into();
-                let opened = self.shared.store.open_stream(StreamRecord {
+                let stream = Arc::new(Stream::deferred(StreamRecord {
                     session_id: self.id.to_string(),
-                    stream_id: stream_id.to_string(),
+                    stream_id: crate::ids::new_stream_id(),
                     client_request_id: Some(client_id.clone()),
                     request: if retryable {
                         Some(env.value.clone())
@@ -82,13 +81,14 @@ impl Session {
                     done: false,
                     last_seq: 0,
                     created_ms: now_ms(),
-                });
-                let stream = Arc::new(Stream::new(self.id.clone(), stream_id, 1, true));
+                }));
                 let (rx, _) = stream.attach(self.shared.cfg.stream_buffer);
-                let opened: crate::store::Ack = Box::pin(
-                    opened.instrument(tracing::info_span!("store.write", store.op = "open_stream")),
-                );
-                (stream, Some(opened), Some(rx))
+                let deferred = Deferred {
+                    stream: stream.clone(),
+                    store: self.shared.store.clone(),
+                    window: self.shared.cfg.answer_window,
+                };
+                (stream, Some(deferred), Some(rx))
             }
             Transport::LegacySse => (self.standalone.clone(), None, None),
         };
@@ -104,7 +104,7 @@ impl Session {
         match live {
             Some(rx) => Reply::Stream(StreamHandle {
                 stream_id: stream.id().clone(),
-                opened,
+                deferred,
                 priming: policy::primes_streams(&self.record.protocol_version),
                 retry: self.shared.cfg.sse_retry,
                 replay: Vec::new(),

@@ -104,6 +104,7 @@ impl Registry {
                 tracing::error!(error = %e, "cannot record new session");
                 return Err(SessionError::Store(e));
             }
+            crate::fault::point(crate::fault::points::SESSION_RECORDED);
             if sh.cfg.mirror_ledger {
                 sh.ledger
                     .record(LedgerEvent::Opened(Box::new(record.clone())));
@@ -319,7 +320,7 @@ impl Registry {
             );
         let handle = StreamHandle {
             stream_id: stream.id().clone(),
-            opened: None,
+            deferred: None,
             priming: false,
             retry: self.shared.cfg.sse_retry,
             replay: Vec::new(),

@@ -8,7 +8,15 @@
 //! request's final answer, written while its commit runs (ARCHITECTURE.md invariant 3). Event ids are
 //! `<stream>.<seq>`: unique within the session and naming their stream (spec §1.1.6).
 //!
-//! Must not: send an event before it is durable (except a request's final answer, invariant 3), or hold a slow client's bytes without a bound.
+//! A request stream's own record (the request, for a re-issue after a crash) is *deferred*:
+//! it is written when the call outlives the answer window, or when its first event that is
+//! not the answer is pushed, whichever comes first. A call answered within the window is
+//! answered as one JSON body, and nothing of it reaches the event log (invariant 3,
+//! docs/design/durability.md row 2): the client never held an event id to resume it by.
+//!
+//! Must not: send an event before it is durable (except a request's final answer, or an
+//! answer that no stored record precedes, invariant 3), or hold a slow client's bytes
+//! without a bound.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +24,9 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::store::{Ack, EventRecord, LiveStore};
+use tracing::Instrument;
+
+use crate::store::{Ack, EventRecord, LiveStore, StreamRecord};
 
 /// One event on its way to a client connection.
 pub struct Frame {
@@ -28,6 +38,9 @@ pub struct Frame {
     pub ack: Ack,
     /// Whether this is the response that ends a request stream.
     pub terminal: bool,
+    /// Whether the event is in the stream's log (false on a stream that is not durable,
+    /// and for an answer that came before its stream's record was written).
+    pub stored: bool,
 }
 
 /// A logical response stream.
@@ -42,6 +55,21 @@ struct Inner {
     next_seq: u64,
     sink: Option<Sink>,
     done: bool,
+    record: Record,
+}
+
+/// Where a request stream's own record stands.
+enum Record {
+    /// No record to write: the standalone stream (its row is made by its first event) or a
+    /// stream that is not durable, or one restored from the store.
+    Implicit,
+    /// Not written yet; written by [`Stream::open`] or before the first event that needs it.
+    /// The span is the request's, so the write shows under it whoever makes it.
+    Deferred(Box<StreamRecord>, tracing::Span),
+    /// Submitted to the store; the ack is taken by the first [`Stream::open`] after it.
+    Submitted(Option<Ack>),
+    /// The call was answered before its record was written: nothing of it is stored.
+    Skipped,
 }
 
 /// The attached connection: frames go through an unbounded channel whose bytes are counted
@@ -58,15 +86,25 @@ struct Sink {
 pub struct FrameRx {
     rx: mpsc::UnboundedReceiver<Frame>,
     queued: Arc<AtomicUsize>,
+    held: Option<Frame>,
 }
 
 impl FrameRx {
     /// The next frame; `None` when the stream ended or was detached (the frames queued
     /// before that come first).
     pub async fn recv(&mut self) -> Option<Frame> {
+        if let Some(f) = self.held.take() {
+            return Some(f);
+        }
         let f = self.rx.recv().await?;
         self.queued.fetch_sub(f.data.len(), Ordering::Relaxed);
         Some(f)
+    }
+
+    /// Puts a frame taken by [`Self::recv`] back, to be returned first by the next one.
+    pub fn hold(&mut self, frame: Frame) {
+        debug_assert!(self.held.is_none());
+        self.held = Some(frame);
     }
 }
 
@@ -108,7 +146,46 @@ impl Stream {
                 next_seq,
                 sink: None,
                 done: false,
+                record: Record::Implicit,
             }),
+        }
+    }
+
+    /// A new request stream whose record is written only when needed (module doc).
+    pub fn deferred(record: StreamRecord) -> Stream {
+        let s = Stream::new(
+            record.session_id.as_str().into(),
+            record.stream_id.as_str().into(),
+            1,
+            true,
+        );
+        s.lock().record = Record::Deferred(Box::new(record), tracing::Span::current());
+        s
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the stream's record if it is still deferred, and returns the ack to await
+    /// before the client may be given an id on this stream (the priming event). `None`
+    /// when there is nothing to wait for (no record of its own, or another caller took
+    /// the ack).
+    pub fn open(&self, store: &dyn LiveStore) -> Option<Ack> {
+        let mut g = self.lock();
+        match std::mem::replace(&mut g.record, Record::Implicit) {
+            Record::Deferred(r, span) => {
+                g.record = Record::Submitted(None);
+                Some(submit(store, *r, &span))
+            }
+            Record::Submitted(ack) => {
+                g.record = Record::Submitted(None);
+                ack
+            }
+            other => {
+                g.record = other;
+                None
+            }
         }
     }
 
@@ -120,14 +197,28 @@ impl Stream {
     /// Records `value` and queues it for the attached connection, if any.
     pub fn push(&self, store: &dyn LiveStore, value: &Value, terminal: bool) -> Pushed {
         let data: Arc<str> = value.to_string().into();
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
         if g.done {
             return Pushed::Ended;
         }
         let seq = g.next_seq;
         g.next_seq += 1;
         g.done = terminal;
-        let ack: Ack = if self.durable {
+        let mut stored = self.durable;
+        if matches!(g.record, Record::Deferred(..)) {
+            if terminal {
+                // The answer comes first: no id on this stream was ever given out, so
+                // nothing needs to be stored for a resume.
+                g.record = Record::Skipped;
+                stored = false;
+            } else if let Record::Deferred(r, span) =
+                std::mem::replace(&mut g.record, Record::Implicit)
+            {
+                // Submitted before the event, so the store holds the record first.
+                g.record = Record::Submitted(Some(submit(store, *r, &span)));
+            }
+        }
+        let ack: Ack = if stored {
             store.append_event(EventRecord {
                 session_id: self.session_id.clone(),
                 stream_id: self.id.clone(),
@@ -156,6 +247,7 @@ impl Stream {
                 data,
                 ack,
                 terminal,
+                stored,
             })
             .is_err()
         {
@@ -170,30 +262,42 @@ impl Stream {
     pub fn attach(&self, limit: usize) -> (FrameRx, u64) {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
         g.sink = Some(Sink {
             tx,
             queued: queued.clone(),
             limit,
         });
-        (FrameRx { rx, queued }, g.next_seq)
+        (
+            FrameRx {
+                rx,
+                queued,
+                held: None,
+            },
+            g.next_seq,
+        )
     }
 
     /// Detaches the connection; its SSE response ends.
     pub fn detach(&self) {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).sink = None;
+        self.lock().sink = None;
     }
 
     /// Whether a client connection is currently attached and alive.
     pub fn attached(&self) -> bool {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.lock();
         g.sink.as_ref().is_some_and(|s| !s.tx.is_closed())
     }
 
     /// Whether the final response was pushed.
     pub fn done(&self) -> bool {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).done
+        self.lock().done
     }
+}
+
+fn submit(store: &dyn LiveStore, record: StreamRecord, request: &tracing::Span) -> Ack {
+    let span = tracing::info_span!(parent: request, "store.write", store.op = "open_stream");
+    Box::pin(store.open_stream(record).instrument(span))
 }
 
 #[cfg(test)]
@@ -223,6 +327,87 @@ mod tests {
             assert_eq!(s.push(&store, &msg, false), Pushed::Sent);
             rx.recv().await.unwrap();
         }
+    }
+
+    fn record(stream: &str) -> StreamRecord {
+        StreamRecord {
+            session_id: "s".into(),
+            stream_id: stream.into(),
+            client_request_id: Some(serde_json::json!(1)),
+            request: None,
+            retryable: false,
+            done: false,
+            last_seq: 0,
+            created_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_record_is_written_stores_nothing() {
+        let store = crate::store::memory::MemoryStore::default();
+        let s = Stream::deferred(record("a"));
+        let (mut rx, _) = s.attach(1 << 20);
+        assert_eq!(
+            s.push(&store, &serde_json::json!({"id": 1}), true),
+            Pushed::Sent
+        );
+        let f = rx.recv().await.unwrap();
+        assert!(f.terminal && !f.stored);
+        // Nothing to wait for and nothing written, even if asked later.
+        assert!(s.open(&store).is_none());
+        assert!(store.stream("s", "a").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_notification_first_writes_the_record_before_itself() {
+        let store = crate::store::memory::MemoryStore::default();
+        let s = Stream::deferred(record("b"));
+        let (mut rx, _) = s.attach(1 << 20);
+        s.push(
+            &store,
+            &serde_json::json!({"method": "notifications/progress"}),
+            false,
+        );
+        let stored = store
+            .stream("s", "b")
+            .await
+            .unwrap()
+            .expect("record written");
+        assert_eq!(stored.last_seq, 1);
+        // The ack of the record is still there for the response to await.
+        s.open(&store).expect("the record's ack").await.unwrap();
+        assert!(s.open(&store).is_none());
+        assert!(rx.recv().await.unwrap().stored);
+        s.push(&store, &serde_json::json!({"id": 1}), true);
+        let answer = rx.recv().await.unwrap();
+        assert!(answer.terminal && answer.stored);
+        assert!(store.stream("s", "b").await.unwrap().unwrap().done);
+    }
+
+    #[tokio::test]
+    async fn a_record_opened_before_the_answer_keeps_the_answer() {
+        let store = crate::store::memory::MemoryStore::default();
+        let s = Stream::deferred(record("c"));
+        let (mut rx, _) = s.attach(1 << 20);
+        s.open(&store).expect("written now").await.unwrap();
+        s.push(&store, &serde_json::json!({"id": 1}), true);
+        assert!(rx.recv().await.unwrap().stored);
+        let events = store.events_after("s", "c", 0).await.unwrap();
+        assert_eq!(events.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_held_frame_comes_back_first() {
+        let store = crate::store::memory::MemoryStore::default();
+        let s = Stream::new("s".into(), "d".into(), 1, false);
+        let (mut rx, _) = s.attach(1 << 20);
+        for i in 0..2 {
+            s.push(&store, &serde_json::json!({"n": i}), false);
+        }
+        let first = rx.recv().await.unwrap();
+        rx.hold(first);
+        assert_eq!(rx.recv().await.unwrap().seq, 1);
+        assert_eq!(rx.recv().await.unwrap().seq, 2);
     }
 
     #[test]

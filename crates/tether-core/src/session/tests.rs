@@ -12,6 +12,8 @@ use crate::upstream::memory::FakeUpstream;
 
 struct Harness {
     registry: Registry,
+    /// Shares its data with the registry's store.
+    store: MemoryStore,
     upstreams: mpsc::UnboundedReceiver<FakeUpstream>,
     ledger: mpsc::Receiver<LedgerEvent>,
 }
@@ -21,9 +23,10 @@ fn harness(cfg: SessionConfig) -> Harness {
     let (connector, upstreams) = Connector::in_memory(UpstreamLimits::default(), tracker.clone());
     let metrics = Arc::new(Metrics::default());
     let (ledger, ledger_rx) = Ledger::new(metrics.clone());
+    let store = MemoryStore::default();
     let registry = Registry::new(
         cfg,
-        Arc::new(MemoryStore::default()),
+        Arc::new(store.clone()),
         None,
         connector,
         tracker,
@@ -32,6 +35,7 @@ fn harness(cfg: SessionConfig) -> Harness {
     );
     Harness {
         registry,
+        store,
         upstreams,
         ledger: ledger_rx,
     }
@@ -161,6 +165,66 @@ async fn ids_are_rewritten_both_ways_and_never_reused_across_a_restart() {
     fresh.answer(&rc, json!({"content": []})).await;
     assert_eq!(answer(&mut c).await["id"], json!("x"));
     assert_eq!(h.recorded_outcomes(), ["ok", "ok", "ok"]);
+}
+
+fn handle(reply: Reply) -> StreamHandle {
+    match reply {
+        Reply::Stream(h) => h,
+        Reply::Immediate(v) => panic!("an immediate answer: {v}"),
+        Reply::Accepted => panic!("accepted without a stream"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quick_answer_is_the_whole_response_and_a_slow_call_is_recorded_at_the_window() {
+    let window = Duration::from_millis(10);
+    let mut h = harness(SessionConfig {
+        answer_window: window,
+        ..SessionConfig::default()
+    });
+    let (session, mut up) = h.session().await;
+
+    let mut quick = handle(session.request(call(json!(1), "echo")).await);
+    let sent = up.next_request().await;
+    up.answer(&sent, json!({"content": []})).await;
+    let body = quick
+        .quick_answer()
+        .await
+        .expect("answered within the window");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["id"], 1);
+    assert!(
+        quick.open_record().is_none(),
+        "nothing to write or wait for"
+    );
+    let stored = h
+        .store
+        .stream(session.id(), &quick.stream_id)
+        .await
+        .unwrap();
+    assert!(stored.is_none(), "nothing of a quick call is stored");
+
+    let mut slow = handle(session.request(call(json!(2), "slow")).await);
+    let sent = up.next_request().await;
+    let started = tokio::time::Instant::now();
+    assert!(slow.quick_answer().await.is_none());
+    assert_eq!(
+        started.elapsed(),
+        window,
+        "the stream starts at the window's end"
+    );
+    let id = slow.stream_id.clone();
+    assert!(h.store.stream(session.id(), &id).await.unwrap().is_none());
+    slow.open_record().expect("the record's ack").await.unwrap();
+    let record = h.store.stream(session.id(), &id).await.unwrap();
+    assert_eq!(record.expect("recorded").client_request_id, Some(json!(2)));
+    up.answer(&sent, json!({"content": []})).await;
+    let f = slow.live.as_mut().unwrap().recv().await.unwrap();
+    assert!(
+        f.terminal && f.stored,
+        "a streamed call's answer is in its log"
+    );
+    assert_eq!(h.recorded_outcomes(), ["ok", "ok"]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -136,13 +136,23 @@ impl Gateway {
         self.restart_with(&self.args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
+    /// Starts a new gateway on the same address, state dir and arguments, without the
+    /// extra environment (a fault injection) this one had.
+    pub fn restart_clean(&self) -> Gateway {
+        self.restart_env(self.args.clone(), Vec::new())
+    }
+
     /// Starts a new gateway on the same address and state dir with other arguments.
     pub fn restart_with(&self, args: &[&str]) -> Gateway {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        self.restart_env(args, self.env.clone())
+    }
+
+    fn restart_env(&self, args: Vec<String>, env: Vec<(String, String)>) -> Gateway {
         let mut last = None;
         for _ in 0..50 {
             match std::panic::catch_unwind(|| {
-                Gateway::start_at(&self.state_dir, &self.addr, args.clone(), self.env.clone())
+                Gateway::start_at(&self.state_dir, &self.addr, args.clone(), env.clone())
             }) {
                 Ok(g) => return g,
                 Err(e) => {
