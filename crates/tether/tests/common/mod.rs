@@ -139,20 +139,20 @@ impl Gateway {
     /// Starts a new gateway on the same address, state dir and arguments, without the
     /// extra environment (a fault injection) this one had.
     pub fn restart_clean(&self) -> Gateway {
-        self.restart_env(self.args.clone(), Vec::new())
+        self.restart_env(&self.args, &[])
     }
 
     /// Starts a new gateway on the same address and state dir with other arguments.
     pub fn restart_with(&self, args: &[&str]) -> Gateway {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        self.restart_env(args, self.env.clone())
+        self.restart_env(&args, &self.env)
     }
 
-    fn restart_env(&self, args: Vec<String>, env: Vec<(String, String)>) -> Gateway {
+    fn restart_env(&self, args: &[String], env: &[(String, String)]) -> Gateway {
         let mut last = None;
         for _ in 0..50 {
             match std::panic::catch_unwind(|| {
-                Gateway::start_at(&self.state_dir, &self.addr, args.clone(), env.clone())
+                Gateway::start_at(&self.state_dir, &self.addr, args.to_vec(), env.to_vec())
             }) {
                 Ok(g) => return g,
                 Err(e) => {
