@@ -61,7 +61,7 @@ async fn unfinished_streams(dir: &std::path::Path, session: &str) -> usize {
     store.unfinished_streams(session).await.unwrap().len()
 }
 
-fn call(id: i64, tool: &str, args: Value) -> Value {
+fn call(id: i64, tool: &str, args: &Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}})
 }
 
@@ -108,7 +108,7 @@ async fn quick_calls_are_one_json_body_and_others_get_a_stream() {
     let mcp = gw.client();
     let sid = mcp.initialize("row2").await;
     let quick = mcp
-        .post(Some(&sid), &call(1, "echo", json!({"text": "q"})))
+        .post(Some(&sid), &call(1, "echo", &json!({"text": "q"})))
         .await;
     assert_eq!(quick.status, 200);
     assert!(
@@ -121,7 +121,7 @@ async fn quick_calls_are_one_json_body_and_others_get_a_stream() {
     );
     assert_eq!(quick.json()["result"]["content"][0]["text"], "q");
 
-    let mut msg = call(2, "slow", json!({"ms": 50, "steps": 2}));
+    let mut msg = call(2, "slow", &json!({"ms": 50, "steps": 2}));
     msg["params"]["_meta"] = json!({"progressToken": "t"});
     let streamed = mcp.post(Some(&sid), &msg).await;
     let events = streamed.events();
@@ -150,7 +150,7 @@ async fn crash_before_a_quick_answer_leaves_a_failed_post_and_nothing_stored() {
         &WIDE_WINDOW,
     );
     let sid = gw.client().initialize("row2-quick").await;
-    let got = post_may_fail(&gw, Some(&sid), &call(5, "echo", json!({"text": "x"}))).await;
+    let got = post_may_fail(&gw, Some(&sid), &call(5, "echo", &json!({"text": "x"}))).await;
     assert!(got.is_err(), "no answer reaches the client: {got:?}");
     crashed(&mut gw, tether_core::fault::points::QUICK_ANSWER);
     assert_eq!(unfinished_streams(dir.path(), &sid).await, 0);
@@ -174,7 +174,7 @@ async fn crash_between_the_stream_record_and_the_priming_event() {
     let mut gw = faulty(dir.path(), tether_core::fault::points::STREAM_RECORDED, &[]);
     let mcp = gw.client();
     let sid = mcp.initialize("row2-slow").await;
-    let got = post_may_fail(&gw, Some(&sid), &call(7, "slow", json!({"ms": 2000}))).await;
+    let got = post_may_fail(&gw, Some(&sid), &call(7, "slow", &json!({"ms": 2000}))).await;
     match &got {
         Err(_) => {}
         Ok((_, body)) => assert!(!body.contains("id:"), "no event id was sent: {body}"),
@@ -213,7 +213,7 @@ async fn crash_after_the_close_record_leaves_the_session_closed() {
     let gw2 = gw.restart_clean();
     let a = gw2
         .client()
-        .post(Some(&sid), &call(9, "echo", json!({"text": "x"})))
+        .post(Some(&sid), &call(9, "echo", &json!({"text": "x"})))
         .await;
     assert_eq!(a.status, 404, "{}", a.body);
 }
