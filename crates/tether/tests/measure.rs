@@ -212,6 +212,11 @@ async fn startup_and_idle_session_memory() {
             "warn",
             "--idle-timeout",
             "2h",
+            // Past the default session cap (1,000), which this measurement is not about.
+            "--max-sessions",
+            "100000",
+            "--max-sessions-per-principal",
+            "100000",
         ],
     );
     let mcp = gw.client();
