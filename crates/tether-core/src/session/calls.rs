@@ -6,14 +6,16 @@
 //! (it lives inside the session's state mutex).
 
 use super::*;
+use std::collections::BTreeMap;
 
 /// What one session has in flight. Upstream ids are gateway-wide and never reused, so an
 /// answer can only ever match the call it was sent for; `generation` says which upstream
 /// a call was sent to, so an upstream's death fails exactly its calls.
 #[derive(Default)]
 pub(super) struct Calls {
-    /// Upstream id → the call waiting for its answer.
-    pending: HashMap<u64, Pending>,
+    /// Upstream id → the call waiting for its answer. Ordered: ids grow and every call
+    /// has the same timeout, so the first call with a deadline has the earliest.
+    pending: BTreeMap<u64, Pending>,
     /// `tether-N` id sent to the client → (upstream generation, the upstream's own id).
     server_requests: HashMap<String, (u64, Value)>,
     /// Request streams still waiting for their response (not the standalone stream).
@@ -68,7 +70,7 @@ impl Calls {
         self.progress.clear();
         self.server_requests.clear();
         (
-            self.pending.drain().map(|(_, p)| p).collect(),
+            std::mem::take(&mut self.pending).into_values().collect(),
             self.streams.drain().map(|(_, s)| s).collect(),
         )
     }
@@ -110,7 +112,7 @@ impl Calls {
     pub(super) fn upstream_id_of(&self, client_id: &Value) -> Option<u64> {
         self.pending
             .iter()
-            .find(|(_, p)| matches!(&p.kind, PendingKind::Client { client_id: c, .. } if c == client_id))
+            .find(|(_, p)| matches!(&p.kind, PendingKind::Client { client_id: c, .. } if *c == *client_id))
             .map(|(k, _)| *k)
     }
 
@@ -149,6 +151,24 @@ impl Calls {
         self.server_requests.remove(ours)
     }
 
+    /// The earliest deadline of a call in flight.
+    pub(super) fn earliest_deadline(&self) -> Option<Instant> {
+        self.pending.values().find_map(|p| p.deadline)
+    }
+
+    /// The calls whose deadline is `now` or earlier, taken out of the table.
+    pub(super) fn take_expired(&mut self, now: Instant) -> Vec<(u64, Pending)> {
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline.is_some_and(|d| d <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        ids.into_iter()
+            .filter_map(|k| self.pending.remove(&k).map(|p| (k, p)))
+            .collect()
+    }
+
     /// The id the client knows for upstream `generation`'s request `upstream_id`.
     pub(super) fn our_id_for(&self, generation: u64, upstream_id: &Value) -> Option<String> {
         self.server_requests
@@ -161,9 +181,6 @@ impl Calls {
 impl Session {
     /// Completes a pending client request with the message `make` builds from its id.
     pub(super) fn finish(&self, p: Pending, make: impl FnOnce(Value) -> Value) {
-        if let Some(t) = &p.timer {
-            t.abort();
-        }
         match p.kind {
             PendingKind::Internal(tx) => drop(tx),
             PendingKind::Client {
@@ -253,7 +270,7 @@ mod tests {
             tool: Some("echo".into()),
             generation,
             method: "tools/call".into(),
-            timer: None,
+            deadline: None,
             started: Instant::now(),
             spans: None,
         }

@@ -31,6 +31,7 @@ impl Session {
             s.detach();
         }
         self.standalone.detach();
+        self.deadlines.end();
         if let Some(link) = link {
             link.shutdown(true);
         }

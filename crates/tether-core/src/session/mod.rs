@@ -18,7 +18,8 @@
 //! - `registry.rs`: the map, single-flight `get`, `initialize`, eviction;
 //! - `rehydrate.rs`: a stored session back on first contact, interrupted calls;
 //! - `supervisor.rs`: upstream (re)start, backoff, the pump, upstream death;
-//! - `outbound.rs`: client → upstream (requests, notifications, answers, timeouts);
+//! - `outbound.rs`: client → upstream (requests, notifications, answers);
+//! - `deadlines.rs`: call timeouts, one task per session;
 //! - `inbound.rs`: upstream → client (routing, server requests, resumption);
 //! - `calls.rs`: the in-flight table, completing a call and recording it;
 //! - `error.rs`: [`Failure`], the one error (kind, origin, retry advice) and its JSON-RPC
@@ -31,6 +32,7 @@
 pub mod admission;
 mod calls;
 mod close;
+mod deadlines;
 mod error;
 mod inbound;
 mod outbound;
@@ -346,7 +348,9 @@ struct Pending {
     tool: Option<String>,
     generation: u64,
     method: String,
-    timer: Option<tokio::task::AbortHandle>,
+    /// When the gateway gives up on the upstream's answer (`--upstream-timeout`); `None`
+    /// for the gateway's own requests, which their callers bound.
+    deadline: Option<Instant>,
     started: Instant,
     /// The client request's span (its outcome is recorded on it at the end) and the child
     /// span timing the upstream's part; both end when the call is finished.
@@ -414,6 +418,14 @@ pub struct Session {
     /// Serializes upstream (re)starts: one restart at a time, others wait for its outcome.
     upstream_gate: tokio::sync::Mutex<()>,
     standalone: Arc<Stream>,
+    deadlines: Arc<deadlines::Watch>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // A session dropped without being torn down must not leave its deadline task.
+        self.deadlines.end();
+    }
 }
 
 pub use crate::ids::{new_instance_id, new_session_id};
@@ -513,7 +525,8 @@ impl Session {
     ) -> Arc<Session> {
         let now = Instant::now();
         let restore = Restore::from_json(&record.restore);
-        Arc::new(Session {
+        let deadlines = Arc::new(deadlines::Watch::new(&shared.stopped));
+        let session = Arc::new(Session {
             id: record.id.as_str().into(),
             record,
             transport,
@@ -536,7 +549,10 @@ impl Session {
             }),
             upstream_gate: tokio::sync::Mutex::new(()),
             standalone,
-        })
+            deadlines,
+        });
+        session.spawn_deadlines();
+        session
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

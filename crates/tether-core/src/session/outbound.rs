@@ -1,4 +1,4 @@
-//! Client → upstream: requests (ids rewritten, registered in flight, timed out),
+//! Client → upstream: requests (ids rewritten, registered in flight with a deadline),
 //! notifications (a cancelled request's id rewritten) and the client's answers to
 //! server-initiated requests.
 //! Must not: send a request into an upstream already declared dead.
@@ -138,24 +138,6 @@ impl Session {
         let token = message
             .pointer("/params/_meta/progressToken")
             .map(Value::to_string);
-        let weak = Arc::downgrade(self);
-        let timeout = self.shared.cfg.upstream_timeout;
-        // Ends at shutdown too: a call still pending then must not hold the process for
-        // the rest of --upstream-timeout.
-        let stopped = self.shared.stopped.clone();
-        // In the request's span: a timeout is logged as part of the request it ends.
-        let timer = self.shared.tracker.spawn(
-            async move {
-                tokio::select! {
-                    _ = tokio::time::sleep(timeout) => {}
-                    _ = stopped.cancelled() => return,
-                }
-                if let Some(s) = weak.upgrade() {
-                    s.on_timeout(uid).await;
-                }
-            }
-            .in_current_span(),
-        );
         let pending = Pending {
             kind: PendingKind::Client {
                 client_id,
@@ -169,7 +151,7 @@ impl Session {
                 .map(str::to_owned),
             generation,
             method,
-            timer: Some(timer.abort_handle()),
+            deadline: Some(Instant::now() + self.shared.cfg.upstream_timeout),
             started: Instant::now(),
             spans: Some((tracing::Span::current(), upstream_span)),
         };
@@ -191,22 +173,8 @@ impl Session {
             let own_stream = (!Arc::ptr_eq(&stream, &self.standalone)).then_some(stream);
             st.calls.insert(uid, pending, own_stream);
         }
+        self.deadlines.armed();
         link.send(message).await;
-    }
-
-    pub(super) async fn on_timeout(self: &Arc<Self>, uid: u64) {
-        let pending = self.lock().calls.take(uid);
-        let Some(p) = pending else { return };
-        tracing::warn!(mcp.method = %p.method, duration_ms = p.started.elapsed().as_millis() as u64, "upstream request timed out");
-        let timed_out = Failure::timeout(self.shared.cfg.upstream_timeout);
-        self.finish(p, |client_id| timed_out.response(client_id));
-        if let Some((link, _)) = self.current_link() {
-            link.send(protocol::notification(
-                "notifications/cancelled",
-                Some(json!({"requestId": uid, "reason": "timed out at the gateway"})),
-            ))
-            .await;
-        }
     }
 
     /// Handles a client notification: forwarded upstream, with a cancelled request's id

@@ -195,7 +195,7 @@ impl Session {
                 tool: None,
                 generation,
                 method: method.to_owned(),
-                timer: None,
+                deadline: None,
                 started: Instant::now(),
                 spans: None,
             },

@@ -258,6 +258,47 @@ async fn a_call_times_out_at_the_deadline_and_the_upstream_is_told_to_cancel() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn one_deadline_task_times_out_each_late_call_and_no_answered_one() {
+    let timeout = Duration::from_secs(30);
+    let mut h = harness(SessionConfig {
+        upstream_timeout: timeout,
+        ..SessionConfig::default()
+    });
+    let (session, mut up) = h.session().await;
+    // Answered calls, the first of which the task is asleep for when it is answered.
+    for i in 0..3 {
+        let mut rx = frames(session.request(call(json!(i), "quick")).await);
+        let sent = up.next_request().await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        up.answer(&sent, json!({"content": []})).await;
+        assert!(answer(&mut rx).await.get("result").is_some());
+    }
+    // Nothing in flight for a while: the task parks; a new call must wake it.
+    tokio::time::sleep(timeout * 3).await;
+    let started = tokio::time::Instant::now();
+    let mut late = frames(session.request(call(json!("late"), "slow")).await);
+    up.next_request().await;
+    // A second call started later times out at its own deadline, not the first one's.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut later = frames(session.request(call(json!("later"), "slow")).await);
+    up.next_request().await;
+    assert_eq!(
+        answer(&mut late).await["error"]["code"],
+        json!(code::UPSTREAM_TIMEOUT)
+    );
+    assert_eq!(started.elapsed(), timeout);
+    assert_eq!(
+        answer(&mut later).await["error"]["code"],
+        json!(code::UPSTREAM_TIMEOUT)
+    );
+    assert_eq!(started.elapsed(), timeout + Duration::from_secs(5));
+    assert_eq!(
+        h.recorded_outcomes(),
+        ["ok", "ok", "ok", "timeout", "timeout"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_upstream_death_fails_every_call_in_flight_with_its_cause() {
     let mut h = harness(SessionConfig::default());
     let (session, mut up) = h.session().await;
