@@ -23,6 +23,9 @@ pub(super) struct Watch {
     parked: std::sync::atomic::AtomicBool,
     /// Ends the task: the session closed or was dropped, or the gateway stops.
     ended: CancellationToken,
+    /// The task is started by the session's first call: a session that never calls
+    /// (most idle ones) holds no task.
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl Watch {
@@ -31,11 +34,12 @@ impl Watch {
             wake: tokio::sync::Notify::new(),
             parked: std::sync::atomic::AtomicBool::new(false),
             ended: stopped.child_token(),
+            started: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// A call with a deadline was registered.
-    pub(super) fn armed(&self) {
+    /// A call with a deadline was registered (the task exists: [`Session::armed`]).
+    fn wake(&self) {
         if self.parked.swap(false, Ordering::AcqRel) {
             // A stored permit if the task is between its check and its wait.
             self.wake.notify_one();
@@ -48,7 +52,16 @@ impl Watch {
 }
 
 impl Session {
-    pub(super) fn spawn_deadlines(self: &Arc<Self>) {
+    /// A call with a deadline was registered: starts the task, or wakes it if parked.
+    pub(super) fn armed(self: &Arc<Self>) {
+        if self.deadlines.started.swap(true, Ordering::AcqRel) {
+            self.deadlines.wake();
+        } else {
+            self.spawn_deadlines();
+        }
+    }
+
+    fn spawn_deadlines(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         let watch = self.deadlines.clone();
         self.shared.tracker.spawn(

@@ -526,7 +526,7 @@ impl Session {
         let now = Instant::now();
         let restore = Restore::from_json(&record.restore);
         let deadlines = Arc::new(deadlines::Watch::new(&shared.stopped));
-        let session = Arc::new(Session {
+        Arc::new(Session {
             id: record.id.as_str().into(),
             record,
             transport,
@@ -550,9 +550,7 @@ impl Session {
             upstream_gate: tokio::sync::Mutex::new(()),
             standalone,
             deadlines,
-        });
-        session.spawn_deadlines();
-        session
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

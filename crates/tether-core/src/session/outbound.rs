@@ -173,7 +173,7 @@ impl Session {
             let own_stream = (!Arc::ptr_eq(&stream, &self.standalone)).then_some(stream);
             st.calls.insert(uid, pending, own_stream);
         }
-        self.deadlines.armed();
+        self.armed();
         link.send(message).await;
     }
 
