@@ -119,12 +119,29 @@ fn with_status<'a>(r: &'a Results, status: &'a str) -> impl Iterator<Item = &'a 
         .map(|(k, _)| k)
 }
 
+/// Checks the suite itself reports as `INFO` when a server answers a POST with JSON (the
+/// transport allows either), which Tether does for a call answered within its answer window
+/// (docs/design/durability.md row 2): the fixture streams every answer, so it scores
+/// `SUCCESS` there, and `INFO` through Tether is the same conformance.
+const JSON_BY_DESIGN: &[(&str, &str)] = &[(
+    "server-sse-multiple-streams",
+    "server-sse-streams-functional",
+)];
+
+fn json_by_design(check: &(String, String), tether: &Results) -> bool {
+    JSON_BY_DESIGN.contains(&(check.0.as_str(), check.1.as_str()))
+        && tether
+            .get(check)
+            .is_some_and(|s| s.iter().all(|st| st == "INFO"))
+}
+
 /// Tether's run against the reference: nothing fails, everything that passed directly
 /// passes, nothing warns that did not warn directly.
 fn assert_matches_reference(label: &str, direct: &Results, tether: &Results, log: &str) {
     let failed: Vec<_> = with_status(tether, "FAILURE").collect();
     let lost: Vec<_> = with_status(direct, "SUCCESS")
         .filter(|k| !tether.get(*k).is_some_and(|s| s.contains("SUCCESS")))
+        .filter(|k| !json_by_design(k, tether))
         .collect();
     let new_warnings: Vec<_> = with_status(tether, "WARNING")
         .filter(|k| !direct.get(*k).is_some_and(|s| s.contains("WARNING")))
