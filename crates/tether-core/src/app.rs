@@ -19,7 +19,7 @@ use crate::admin::{self, AdminState};
 use crate::auth::Keys;
 use crate::config::Config;
 use crate::config::{LedgerSpec, StoreSpec};
-use crate::front::{self, FrontConfig};
+use crate::front::{self, FrontConfig, ModernConfig};
 use crate::ledger::{self, Ledger};
 use crate::listener::{self, ListenerLimits};
 use crate::metrics::Metrics;
@@ -143,6 +143,14 @@ pub async fn run(
             takeover_wait: match &config.store {
                 StoreSpec::Redis { instance_ttl, .. } => *instance_ttl + Duration::from_secs(2),
                 StoreSpec::Sqlite => Duration::ZERO,
+            },
+            modern: ModernConfig {
+                state_key: bridge_key(&config)?,
+                instance: stores
+                    .coordinator
+                    .as_ref()
+                    .map_or_else(crate::ids::new_instance_id, |c| c.me().id.clone()),
+                state_ttl: config.upstream_timeout,
             },
         },
     );
@@ -313,6 +321,8 @@ struct AdminToken {
 
 /// Name of the generated admin token file in the state dir (the CLI reads it there).
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The file in the state dir holding the key that seals MRTR `requestState`.
+pub const BRIDGE_KEY_FILE: &str = "bridge.key";
 
 /// The configured token, the first line of `--admin-token-file`, or the one generated
 /// into the state dir (kept across restarts, readable only by this user).
@@ -362,6 +372,48 @@ fn resolve_admin_token(config: &Config) -> anyhow::Result<AdminToken> {
     writeln!(file, "{secret}")?;
     tracing::info!(file = %path.display(), "generated an admin token (the CLI reads it there; `tether dashboard` prints a link with it)");
     Ok(AdminToken { secret, hint })
+}
+
+/// The key that seals MRTR `requestState` (`modern::StateKey`): 32 random bytes kept in
+/// the state dir (`bridge.key`, mode 0600), so a state stays verifiable across restarts.
+fn bridge_key(config: &Config) -> anyhow::Result<crate::modern::StateKey> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = config.state_dir.join(BRIDGE_KEY_FILE);
+    let parse = |text: &str| -> Option<[u8; 32]> {
+        let text = text.trim();
+        let mut out = [0u8; 32];
+        if text.len() != 64 {
+            return None;
+        }
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(out)
+    };
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the bridge key {}", path.display()))?;
+        let key = parse(&text).with_context(|| {
+            format!(
+                "{} is not 64 hex characters; delete it to have a new key made",
+                path.display()
+            )
+        })?;
+        return Ok(crate::modern::StateKey::new(key));
+    }
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create the state dir {}", config.state_dir.display()))?;
+    let key: [u8; 32] = rand::random();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write the bridge key to {}", path.display()))?;
+    writeln!(file, "{hex}")?;
+    Ok(crate::modern::StateKey::new(key))
 }
 
 /// Takes the state dir for this process: two gateways writing one SQLite store would serve

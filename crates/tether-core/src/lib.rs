@@ -8,7 +8,8 @@
 //! - [`upstream`]: stdio children and Streamable HTTP upstream connections.
 //! - [`store`]: durable session records and stream event logs (SQLite by default).
 //! - [`client`]: the client side: `tether connect` ([`bridge`]) and `tether check` ([`check`]).
-//! - [`policy`], [`protocol`], [`config`]: pure decisions, JSON-RPC envelopes, settings.
+//! - [`policy`], [`protocol`], [`modern`], [`config`]: pure decisions, JSON-RPC envelopes,
+//!   the 2026-07-28 era's rules and translations, settings.
 //! - [`ids`], [`telemetry`], [`log_limit`], [`metrics`], [`ledger`], [`fault`]: the ground floor.
 //!
 //! Must not: export anything a binary could use to bypass the session layer's rules.
@@ -26,6 +27,7 @@ pub mod ledger;
 pub mod listener;
 pub mod log_limit;
 pub mod metrics;
+pub mod modern;
 pub mod policy;
 pub mod protocol;
 pub mod session;

@@ -33,6 +33,35 @@ pub struct RequestLabel {
     pub status: u16,
 }
 
+/// Label: a JSON-RPC request by protocol era and method.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EraLabel {
+    /// `legacy` (sessions) or `modern` (2026-07-28, stateless).
+    pub era: String,
+    /// The MCP method if it is one of the spec's, else `other`.
+    pub method: String,
+}
+
+/// Methods counted under their own name; anything else a client sends is `other`, so a
+/// client cannot grow the label set.
+const COUNTED_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "server/discover",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/read",
+    "resources/templates/list",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "subscriptions/listen",
+];
+
 /// Label: which limit refused a request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabel {
@@ -84,6 +113,8 @@ pub struct Metrics {
     pub tool_call_seconds: Histogram,
     /// HTTP requests on the MCP listener.
     pub requests: Family<RequestLabel, Counter>,
+    /// JSON-RPC requests by era and method.
+    pub mcp_requests: Family<EraLabel, Counter>,
     /// Ledger records waiting to be written.
     pub ledger_queue_depth: Gauge,
     /// Time to write one ledger batch, in seconds.
@@ -135,6 +166,7 @@ impl Default for Metrics {
             tool_calls: Family::default(),
             tool_call_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             requests: Family::default(),
+            mcp_requests: Family::default(),
             ledger_queue_depth: Gauge::default(),
             ledger_batch_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             ledger_dropped: Counter::default(),
@@ -234,6 +266,11 @@ impl Default for Metrics {
             "sessions_held",
             "Sessions held in memory by this process (upstream state, open streams); the other live ones resume on contact",
             m.sessions_held.clone(),
+        );
+        registry.register(
+            "mcp_requests",
+            "JSON-RPC requests by protocol era (legacy: sessions; modern: 2026-07-28, stateless) and method",
+            m.mcp_requests.clone(),
         );
         registry.register(
             "sessions_created",
@@ -339,6 +376,21 @@ impl Metrics {
                 listener: listener.to_owned(),
             })
             .clone()
+    }
+
+    /// Counts a JSON-RPC request of `era` (`legacy` or `modern`).
+    pub fn mcp_request(&self, era: &str, method: &str) {
+        let method = if COUNTED_METHODS.contains(&method) {
+            method
+        } else {
+            "other"
+        };
+        self.mcp_requests
+            .get_or_create(&EraLabel {
+                era: era.to_owned(),
+                method: method.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts an HTTP request.

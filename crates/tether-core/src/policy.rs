@@ -15,9 +15,9 @@ pub enum Opening {
     LegacyInitialize,
     /// A message for an existing legacy session.
     LegacySession(String),
-    /// A modern-era (2026-07-28+) stateless request. Refused for now with the spec's
-    /// UnsupportedProtocolVersion error; a later issue serves it here.
-    Modern(String),
+    /// A modern-era (2026-07-28) stateless request: its own rules decide the rest
+    /// (`modern::check`), including an unsupported version.
+    Modern,
     /// A non-initialize legacy message without `MCP-Session-Id`.
     MissingSession,
 }
@@ -32,20 +32,22 @@ pub fn classify_post(
     session_header: Option<&str>,
     version_header: Option<&str>,
 ) -> Opening {
+    // A request carrying modern `_meta` is served statelessly, whatever else it carries
+    // (a modern server ignores `Mcp-Session-Id`, spec §1.2).
+    if env.meta_protocol_version().is_some() {
+        return Opening::Modern;
+    }
     if let Some(id) = session_header {
         return Opening::LegacySession(id.to_owned());
+    }
+    if version_header.is_some_and(protocol::is_modern) {
+        return Opening::Modern;
     }
     if env.kind == Kind::Request && env.method() == Some("initialize") {
         return Opening::LegacyInitialize;
     }
-    if let Some(v) = env.meta_protocol_version() {
-        return Opening::Modern(v.to_owned());
-    }
-    if let Some(v) = version_header.filter(|v| protocol::is_modern(v)) {
-        return Opening::Modern(v.to_owned());
-    }
     if env.method() == Some("server/discover") {
-        return Opening::Modern(protocol::MODERN_VERSION.to_owned());
+        return Opening::Modern;
     }
     Opening::MissingSession
 }
@@ -236,20 +238,25 @@ mod tests {
         assert_eq!(classify_post(&call, None, None), Opening::MissingSession);
         assert_eq!(
             classify_post(&call, None, Some("2026-07-28")),
-            Opening::Modern("2026-07-28".into())
+            Opening::Modern
         );
         let modern = env(
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#,
         );
+        assert_eq!(classify_post(&modern, None, None), Opening::Modern);
+        // Modern `_meta` wins over a session id (a modern server ignores it) ...
+        assert_eq!(classify_post(&modern, Some("abc"), None), Opening::Modern);
+        // ... and a modern `initialize` is a removed method, not a legacy opening.
+        let modern_init = env(
+            r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#,
+        );
+        assert_eq!(classify_post(&modern_init, None, None), Opening::Modern);
         assert_eq!(
-            classify_post(&modern, None, None),
-            Opening::Modern("2026-07-28".into())
+            classify_post(&init, None, Some("2026-07-28")),
+            Opening::Modern
         );
         let discover = env(r#"{"jsonrpc":"2.0","id":1,"method":"server/discover"}"#);
-        assert!(matches!(
-            classify_post(&discover, None, None),
-            Opening::Modern(_)
-        ));
+        assert_eq!(classify_post(&discover, None, None), Opening::Modern);
     }
 
     #[test]

@@ -14,10 +14,27 @@ use serde_json::{Map, Value, json};
 pub const LEGACY_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
 /// The version assumed when a request carries no `MCP-Protocol-Version` header.
 pub const DEFAULT_VERSION: &str = "2025-03-26";
-/// First version of the modern (stateless) era, served by a later issue.
+/// The modern (stateless) era's version the front door serves.
 pub const MODERN_VERSION: &str = "2026-07-28";
+/// Every version the gateway serves, newest first (`server/discover`'s `supportedVersions`
+/// and the list in a `-32022` error).
+pub const SUPPORTED_VERSIONS: &[&str] = &[
+    MODERN_VERSION,
+    "2025-11-25",
+    "2025-06-18",
+    "2025-03-26",
+    "2024-11-05",
+];
 /// `_meta` key that marks a modern-era request.
 pub const META_PROTOCOL_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+/// `_meta` key of a modern request's client info.
+pub const META_CLIENT_INFO: &str = "io.modelcontextprotocol/clientInfo";
+/// `_meta` key of a modern request's client capabilities.
+pub const META_CLIENT_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+/// `_meta` key of a modern request's log level (no key: no log notifications).
+pub const META_LOG_LEVEL: &str = "io.modelcontextprotocol/logLevel";
+/// `_meta` key a modern server identifies itself with.
+pub const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
 
 /// JSON-RPC and Tether error codes. Tether's own codes sit in the legacy server-error range
 /// (-32000..-32019) that the 2026-07-28 spec leaves to implementations.
@@ -54,6 +71,13 @@ pub mod code {
     /// The upstream's answer was larger than `--max-upstream-message`; the upstream keeps
     /// running.
     pub const UPSTREAM_MESSAGE_TOO_LARGE: i64 = -32017;
+    /// The client went away (closed its response stream) before the answer; recorded as
+    /// the call's outcome, never seen by the client.
+    pub const CANCELLED: i64 = -32018;
+    /// 2026-07-28: a request header does not match its body (HeaderMismatch).
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// 2026-07-28: the request needs a client capability the client did not declare.
+    pub const MISSING_CLIENT_CAPABILITY: i64 = -32021;
     /// 2026-07-28: unsupported protocol version.
     pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
 }
@@ -273,6 +297,7 @@ pub fn call_outcome(response: &Value) -> (&'static str, Option<i64>) {
             code::UPSTREAM_UNAVAILABLE => "upstream_unavailable",
             code::LIMIT_REACHED => "refused",
             code::UPSTREAM_MESSAGE_TOO_LARGE => "too_large",
+            code::CANCELLED => "cancelled",
             _ => "error",
         };
         return (kind, Some(c));

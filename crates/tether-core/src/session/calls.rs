@@ -83,6 +83,15 @@ impl Calls {
         self.streams.remove(stream.id());
     }
 
+    /// The client call answering on request stream `stream`, taken out of the table.
+    pub(super) fn take_by_stream(&mut self, stream: &str) -> Option<(u64, Pending)> {
+        let uid = self.pending.iter().find_map(|(uid, p)| match &p.kind {
+            PendingKind::Client { stream: s, .. } if &**s.id() == stream => Some(*uid),
+            _ => None,
+        })?;
+        self.pending.remove(&uid).map(|p| (uid, p))
+    }
+
     /// The stream of client call `uid` (not of the gateway's own requests).
     pub(super) fn stream_of(&self, uid: u64) -> Option<Arc<Stream>> {
         match &self.pending.get(&uid)?.kind {

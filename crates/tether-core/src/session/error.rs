@@ -91,6 +91,8 @@ pub enum Kind {
     MessageTooLarge,
     /// The live store cannot record what the request needs (disk, Redis outage).
     StoreUnavailable,
+    /// The client closed the request's response stream (2026-07-28: that is cancellation).
+    Cancelled,
 }
 
 impl Kind {
@@ -111,6 +113,7 @@ impl Kind {
             Kind::UpstreamTimeout => "upstream_timeout",
             Kind::MessageTooLarge => "message_too_large",
             Kind::StoreUnavailable => "store_unavailable",
+            Kind::Cancelled => "cancelled",
         }
     }
 
@@ -129,13 +132,14 @@ impl Kind {
             Kind::UpstreamTimeout => code::UPSTREAM_TIMEOUT,
             Kind::MessageTooLarge => code::UPSTREAM_MESSAGE_TOO_LARGE,
             Kind::StoreUnavailable => code::STORE_UNAVAILABLE,
+            Kind::Cancelled => code::CANCELLED,
         }
     }
 
     /// Where a failure of this kind comes from.
     pub fn origin(self) -> Origin {
         match self {
-            Kind::InvalidRequest | Kind::InvalidParams => Origin::Client,
+            Kind::InvalidRequest | Kind::InvalidParams | Kind::Cancelled => Origin::Client,
             Kind::Limit | Kind::Rate | Kind::SessionClosed | Kind::Interrupted | Kind::Moved => {
                 Origin::Gateway
             }

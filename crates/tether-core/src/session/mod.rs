@@ -19,6 +19,8 @@
 //! - `rehydrate.rs`: a stored session back on first contact, interrupted calls;
 //! - `supervisor.rs`: upstream (re)start, backoff, the pump, upstream death;
 //! - `outbound.rs`: client → upstream (requests, notifications, answers);
+//! - `pool.rs`: upstream sessions held for stateless (2026-07-28) clients, cancellation
+//!   by a closed stream;
 //! - `deadlines.rs`: call timeouts, one task per session;
 //! - `inbound.rs`: upstream → client (routing, server requests, resumption);
 //! - `calls.rs`: the in-flight table, completing a call and recording it;
@@ -36,6 +38,7 @@ mod deadlines;
 mod error;
 mod inbound;
 mod outbound;
+mod pool;
 mod registry;
 mod rehydrate;
 pub mod stream;
@@ -103,6 +106,9 @@ pub struct SessionConfig {
     pub answer_window: Duration,
     /// Session limits and creation rates.
     pub admission: admission::AdmissionConfig,
+    /// Upstream sessions the modern-era bridge may hold per principal and client
+    /// capabilities ([`Registry::pooled`]).
+    pub pool_size: usize,
 }
 
 impl Default for SessionConfig {
@@ -120,6 +126,7 @@ impl Default for SessionConfig {
             stream_buffer: 4 << 20,
             answer_window: Duration::from_millis(10),
             admission: admission::AdmissionConfig::default(),
+            pool_size: 4,
         }
     }
 }
@@ -131,6 +138,10 @@ pub enum Transport {
     Streamable,
     /// The 2024-11-05 HTTP+SSE transport: everything on one stream, not resumable.
     LegacySse,
+    /// An upstream session the gateway holds for stateless (2026-07-28) clients
+    /// (`pool.rs`): its id is never given to a client, and its streams are not stored
+    /// (a modern request whose stream breaks is lost by the spec's design).
+    Pooled,
 }
 
 impl Transport {
@@ -139,6 +150,7 @@ impl Transport {
         match self {
             Transport::Streamable => "streamable-http",
             Transport::LegacySse => "sse",
+            Transport::Pooled => "pooled",
         }
     }
 }
@@ -260,6 +272,10 @@ struct Shared {
     legacy_pending: Mutex<HashMap<String, LegacyPending>>,
     next_upstream_id: AtomicU64,
     next_server_request: AtomicU64,
+    /// The modern-era bridge's upstream sessions, by principal and client capabilities.
+    pool: Mutex<HashMap<pool::Key, Arc<pool::Entry>>>,
+    /// The last `InitializeResult` an upstream gave (`server/discover` is built from it).
+    upstream_init: Mutex<Option<Value>>,
     tracker: TaskTracker,
     /// Cancelled when the gateway stops accepting: standalone streams end.
     stopping: CancellationToken,
@@ -478,6 +494,8 @@ impl Registry {
                 legacy_pending: Mutex::new(HashMap::new()),
                 next_upstream_id: AtomicU64::new(1),
                 next_server_request: AtomicU64::new(1),
+                pool: Mutex::new(HashMap::new()),
+                upstream_init: Mutex::new(None),
                 tracker,
                 stopping: CancellationToken::new(),
                 stopped: CancellationToken::new(),

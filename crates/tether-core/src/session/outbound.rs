@@ -90,6 +90,16 @@ impl Session {
                 };
                 (stream, Some(deferred), Some(rx))
             }
+            Transport::Pooled => {
+                let stream = Arc::new(Stream::new(
+                    self.id.clone(),
+                    crate::ids::new_stream_id().into(),
+                    1,
+                    false,
+                ));
+                let (rx, _) = stream.attach(self.shared.cfg.stream_buffer);
+                (stream, None, Some(rx))
+            }
             Transport::LegacySse => (self.standalone.clone(), None, None),
         };
         self.forward(
@@ -105,7 +115,8 @@ impl Session {
             Some(rx) => Reply::Stream(StreamHandle {
                 stream_id: stream.id().clone(),
                 deferred,
-                priming: policy::primes_streams(&self.record.protocol_version),
+                priming: self.transport == Transport::Streamable
+                    && policy::primes_streams(&self.record.protocol_version),
                 retry: self.shared.cfg.sse_retry,
                 replay: Vec::new(),
                 live: Some(rx),

@@ -60,6 +60,7 @@ impl Registry {
                     return Ok((None, failure.response(client_id)));
                 }
             };
+            *sh.upstream_init.lock().unwrap_or_else(|p| p.into_inner()) = Some(result.clone());
             let now = now_ms();
             let info = params.get("clientInfo");
             let text = |k: &str| {
@@ -111,14 +112,14 @@ impl Registry {
             }
             let standalone = match transport {
                 Transport::LegacySse => self.take_legacy_stream(&id),
-                Transport::Streamable => None,
+                Transport::Streamable | Transport::Pooled => None,
             }
             .unwrap_or_else(|| {
                 Arc::new(Stream::new(
                     id.as_str().into(),
                     STANDALONE_STREAM.into(),
                     1,
-                    true,
+                    transport == Transport::Streamable,
                 ))
             });
             let session = Session::new(sh.clone(), record, transport, standalone, slot);
@@ -207,7 +208,11 @@ impl Registry {
         }
         let session = result?;
         self.count_held();
-        if session.is_closed() || session.record.principal != principal.id {
+        // A pooled session's id is never given to a client: it is unknown to all of them.
+        if session.is_closed()
+            || session.record.principal != principal.id
+            || session.transport == Transport::Pooled
+        {
             return Err(SessionError::NotFound);
         }
         Ok(session)

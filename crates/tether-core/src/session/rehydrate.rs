@@ -65,9 +65,12 @@ impl Registry {
             tracing::info!(reason = "timeout", "session closed");
             return Err(SessionError::NotFound);
         }
-        if record.transport == Transport::LegacySse.as_str() {
+        if record.transport == Transport::LegacySse.as_str()
+            || record.transport == Transport::Pooled.as_str()
+        {
             // The 2024-11-05 transport has no way to resume its one stream: its client
-            // reconnects to /sse and starts over.
+            // reconnects to /sse and starts over. A pooled upstream session of a process
+            // that died is re-created from the next modern request's own `_meta`.
             sh.close_stored(id, "server_shutdown").await?;
             tracing::info!(reason = "server_shutdown", "session closed");
             return Err(SessionError::NotFound);

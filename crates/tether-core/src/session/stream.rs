@@ -101,6 +101,16 @@ impl FrameRx {
         Some(f)
     }
 
+    /// The next frame if one is queued now.
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        if let Some(f) = self.held.take() {
+            return Some(f);
+        }
+        let f = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(f.data.len(), Ordering::Relaxed);
+        Some(f)
+    }
+
     /// Puts a frame taken by [`Self::recv`] back, to be returned first by the next one.
     pub fn hold(&mut self, frame: Frame) {
         debug_assert!(self.held.is_none());

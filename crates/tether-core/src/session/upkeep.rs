@@ -15,6 +15,7 @@ impl Registry {
                 self.close(&s, "timeout").await;
             }
         }
+        self.prune_pool();
         let idle_ms = i64::try_from(sh.cfg.idle_timeout.as_millis()).unwrap_or(i64::MAX);
         match sh
             .store

@@ -7,7 +7,13 @@
 //! [`FrontError`], mapped to its status and JSON-RPC error body and logged once, in
 //! [`FrontError::into_response`]. This module knows nothing about processes or databases.
 //!
+//! The 2026-07-28 era (stateless requests, the bridge to legacy upstreams) is in
+//! `modern.rs`.
+//!
 //! Must not: know about processes or databases.
+
+mod modern;
+pub use modern::{MAX_PARKED, ModernConfig};
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -62,6 +68,8 @@ pub struct FrontConfig {
     /// How long a request for a session whose owner instance does not answer waits for
     /// that instance's heartbeat to expire, so this instance can take the session over.
     pub takeover_wait: Duration,
+    /// The modern era's settings (MRTR state).
+    pub modern: ModernConfig,
 }
 
 #[derive(Clone)]
@@ -70,6 +78,8 @@ struct AppState {
     cfg: Arc<FrontConfig>,
     /// Client for forwarding requests to the instance that owns their session.
     forwarder: reqwest::Client,
+    /// Modern calls parked for their client's input.
+    bridge: Arc<modern::Bridge>,
 }
 
 /// Marks a request forwarded by another instance: it is never forwarded again.
@@ -202,6 +212,7 @@ pub fn router(registry: Registry, cfg: FrontConfig) -> Router {
         .expect("a client without TLS settings builds");
     let state = AppState {
         registry,
+        bridge: Arc::new(modern::Bridge::new(cfg.modern.clone())),
         cfg: Arc::new(cfg),
         forwarder,
     };
@@ -309,6 +320,8 @@ pub struct FrontError {
     /// Logged at WARN even with a `Retry-After`: not a limit doing its job but something
     /// broken (the store).
     alarm: bool,
+    /// A 405 says what is allowed (`Allow: POST`).
+    allow_post: bool,
 }
 
 impl FrontError {
@@ -322,6 +335,7 @@ impl FrontError {
             www_authenticate: false,
             retry_after: None,
             alarm: false,
+            allow_post: false,
         }
     }
 
@@ -417,6 +431,10 @@ impl IntoResponse for FrontError {
         }
         let body = protocol::error_response(self.id, self.code, self.message, self.data);
         let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.allow_post {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        }
         if self.www_authenticate {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -554,17 +572,6 @@ async fn read_message(
     Ok((env, bytes))
 }
 
-fn modern_refusal(version: &str, id: Option<&Value>) -> FrontError {
-    let mut e = FrontError::new(
-        StatusCode::BAD_REQUEST,
-        code::UNSUPPORTED_PROTOCOL_VERSION,
-        format!("Unsupported protocol version: {version}"),
-    )
-    .with_id(id);
-    e.data = Some(json!({ "supported": protocol::LEGACY_VERSIONS, "requested": version }));
-    e
-}
-
 async fn mcp_post(
     State(st): State<AppState>,
     Caller(principal): Caller,
@@ -587,6 +594,7 @@ async fn mcp_post(
     let version_header = header_str(&headers, VERSION_HEADER);
     match policy::classify_post(&env, session_header, version_header) {
         Opening::LegacyInitialize => {
+            st.registry.metrics().mcp_request("legacy", "initialize");
             let (session, response) = st
                 .registry
                 .initialize(&env, Transport::Streamable, None, &principal, client)
@@ -601,7 +609,7 @@ async fn mcp_post(
             }
             Ok(resp)
         }
-        Opening::Modern(version) => Err(modern_refusal(&version, env.id())),
+        Opening::Modern => modern::post(&st, &principal, client, &headers, env).await,
         Opening::MissingSession => Err(FrontError::session_missing().with_id(env.id())),
         Opening::LegacySession(id) => {
             policy::legacy_version(version_header).map_err(|m| {
@@ -614,6 +622,9 @@ async fn mcp_post(
                 Err(e) => return Err(e.with_id(env.id())),
             };
             let exchange = session.exchange();
+            if let (Kind::Request, Some(m)) = (env.kind, env.method()) {
+                st.registry.metrics().mcp_request("legacy", m);
+            }
             match env.kind {
                 Kind::Request => match session.request(env).await {
                     Reply::Stream(mut handle) => {
@@ -654,6 +665,7 @@ async fn mcp_get(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, FrontError> {
+    modern_has_no_get_or_delete(&headers)?;
     if !accepts(&headers, "text/event-stream") {
         return Err(FrontError::new(
             StatusCode::NOT_ACCEPTABLE,
@@ -689,6 +701,7 @@ async fn mcp_delete(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, FrontError> {
+    modern_has_no_get_or_delete(&headers)?;
     let id = header_str(&headers, SESSION_HEADER).ok_or_else(FrontError::session_missing)?;
     let session = match route(
         &st,
@@ -704,6 +717,24 @@ async fn mcp_delete(
     st.registry.close(&session, "client_disconnect").await;
     crate::fault::point(crate::fault::points::SESSION_CLOSED);
     Ok(StatusCode::OK.into_response())
+}
+
+/// A 2026-07-28 client has no GET stream and no session to delete: 405 (spec §1.2,
+/// backward compatibility), told apart from a legacy client by its version header and the
+/// absence of a session id.
+fn modern_has_no_get_or_delete(headers: &HeaderMap) -> Result<(), FrontError> {
+    let modern = header_str(headers, VERSION_HEADER).is_some_and(protocol::is_modern)
+        && !headers.contains_key(SESSION_HEADER);
+    if modern {
+        let mut e = FrontError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            code::SERVER_ERROR,
+            "Method Not Allowed: a 2026-07-28 client only POSTs (no GET stream, no session to delete)",
+        );
+        e.allow_post = true;
+        return Err(e);
+    }
+    Ok(())
 }
 
 async fn sse_get(

@@ -1,0 +1,552 @@
+//! The modern era (2026-07-28) on `/mcp`: stateless requests checked against every rule
+//! ([`crate::modern::check`]), `server/discover` answered by the gateway, and every other
+//! request bridged to a pooled legacy upstream session ([`Registry::pooled`]).
+//!
+//! A call's answer is one JSON body when nothing comes before it; a notification the
+//! client opted into (progress, log messages at its `logLevel`) or a long wait (the
+//! keepalive interval) turns the response into an SSE stream with keepalive comments.
+//! When the upstream asks the client something (sampling, elicitation, roots), the call is
+//! answered with an `InputRequiredResult` and parked here ([`Bridge`]) under a sealed
+//! `requestState`; the client's retry with `inputResponses` delivers the answers to the
+//! waiting upstream request and the same call continues. Closing a response stream
+//! cancels its call upstream ([`Call`]'s drop).
+//!
+//! Must not: hold a parked call past its state's expiry, or keep more than
+//! [`MAX_PARKED`] of them.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use super::*;
+use crate::modern::{self as rules, Meta, StateClaims, StateKey};
+use crate::session::FrameRx;
+use crate::store::now_ms;
+
+/// Parked calls (waiting for a client's input) this gateway holds at most.
+pub const MAX_PARKED: usize = 1024;
+
+/// What the modern front needs besides the legacy one.
+#[derive(Debug, Clone)]
+pub struct ModernConfig {
+    /// Seals `requestState`.
+    pub state_key: StateKey,
+    /// This gateway instance (a state names the instance that parked its call).
+    pub instance: String,
+    /// How long a `requestState` is valid (the upstream timeout: the call fails then
+    /// anyway).
+    pub state_ttl: Duration,
+}
+
+/// Calls parked until their client sends the input their upstream asked for.
+pub(super) struct Bridge {
+    cfg: ModernConfig,
+    parked: Mutex<HashMap<String, Parked>>,
+    last_sweep: AtomicI64,
+}
+
+struct Parked {
+    call: Call,
+    principal: String,
+    expires_ms: i64,
+}
+
+/// A bridged call in progress. Dropped before its answer was delivered (the client closed
+/// the stream, a parked call expired), it is cancelled upstream.
+struct Call {
+    session: Arc<Session>,
+    stream: Arc<str>,
+    rx: FrameRx,
+    /// The upstream's requests to the client still unanswered: `tether-N` id → request.
+    asked: Vec<(String, Value)>,
+    done: bool,
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.done {
+            let keys: Vec<String> = self.asked.iter().map(|(k, _)| k.clone()).collect();
+            self.session.abandon(&self.stream, &keys);
+        }
+    }
+}
+
+/// What one frame of a bridged call's stream is.
+enum Event {
+    /// The final answer.
+    Answer(Value),
+    /// A request of the upstream to the client.
+    Ask(Value),
+    /// A notification.
+    Note(Value),
+}
+
+fn event_of(data: &str) -> Option<Event> {
+    let v: Value = serde_json::from_str(data).ok()?;
+    let has_method = v.get("method").is_some();
+    let has_id = v.get("id").is_some_and(|i| !i.is_null());
+    Some(match (has_method, has_id) {
+        (true, true) => Event::Ask(v),
+        (true, false) => Event::Note(v),
+        _ => Event::Answer(v),
+    })
+}
+
+impl Bridge {
+    pub(super) fn new(cfg: ModernConfig) -> Bridge {
+        Bridge {
+            cfg,
+            parked: Mutex::new(HashMap::new()),
+            last_sweep: AtomicI64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Parked>> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops parked calls whose state expired (cancelling them upstream); at most once a
+    /// second, from the requests that arrive.
+    fn sweep(&self, now: i64) {
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        if now - last < 1000
+            || self
+                .last_sweep
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let expired: Vec<Parked> = {
+            let mut map = self.lock();
+            let keys: Vec<String> = map
+                .iter()
+                .filter(|(_, p)| p.expires_ms <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter().filter_map(|k| map.remove(&k)).collect()
+        };
+        drop(expired);
+    }
+
+    /// Parks `call` and returns the state its retry must carry; `None` when the table is
+    /// full (the call is then dropped: cancelled upstream).
+    fn park(
+        &self,
+        call: Call,
+        principal: &str,
+        method: &str,
+        name: Option<&str>,
+    ) -> Option<String> {
+        let now = now_ms();
+        self.sweep(now);
+        let expires_ms =
+            now + i64::try_from(self.cfg.state_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let key = crate::ids::new_session_id();
+        let state = self.cfg.state_key.seal(&StateClaims {
+            p: principal.to_owned(),
+            i: self.cfg.instance.clone(),
+            w: key.clone(),
+            m: method.to_owned(),
+            n: name.map(str::to_owned),
+            x: expires_ms,
+        });
+        let mut map = self.lock();
+        if map.len() >= MAX_PARKED {
+            return None;
+        }
+        map.insert(
+            key,
+            Parked {
+                call,
+                principal: principal.to_owned(),
+                expires_ms,
+            },
+        );
+        Some(state)
+    }
+
+    fn take(&self, claims: &StateClaims) -> Option<Call> {
+        let mut map = self.lock();
+        match map.get(&claims.w) {
+            Some(p) if p.principal == claims.p => map.remove(&claims.w).map(|p| p.call),
+            _ => None,
+        }
+    }
+}
+
+fn refusal(r: rules::Refusal, id: Option<&Value>) -> FrontError {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut e = FrontError::new(status, r.code, r.message).with_id(id);
+    e.data = r.data;
+    e
+}
+
+fn json_status(status: u16, body: &Value) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    (status, axum::Json(body)).into_response()
+}
+
+/// A modern POST (the era was decided by [`policy::classify_post`]).
+pub(super) async fn post(
+    st: &AppState,
+    principal: &Principal,
+    client: Option<std::net::IpAddr>,
+    headers: &HeaderMap,
+    env: Envelope,
+) -> Result<Response, FrontError> {
+    if env.kind == Kind::Notification {
+        // Nothing to forward: a stateless client cancels by closing the stream, and the
+        // lifecycle notifications are gone.
+        return Ok(StatusCode::ACCEPTED.into_response());
+    }
+    let h = rules::Headers {
+        version: header_str(headers, VERSION_HEADER),
+        method: header_str(headers, "mcp-method"),
+        name: header_str(headers, "mcp-name"),
+    };
+    let meta = rules::check(&env, h).map_err(|r| refusal(r, env.id()))?;
+    let id = env.id().cloned().unwrap_or(Value::Null);
+    let method = env.method().unwrap_or_default().to_owned();
+    let bridge = &st.bridge;
+    st.registry.metrics().mcp_request("modern", &method);
+    if method == "server/discover" {
+        let init = match st.registry.upstream_init() {
+            Some(i) => Some(i),
+            None => {
+                // No upstream started yet: start the member this client would use anyway.
+                st.registry
+                    .pooled(
+                        principal,
+                        meta.capabilities_key(),
+                        &meta.init_params(),
+                        client,
+                    )
+                    .await
+                    .map_err(|e| FrontError::from(e).with_id(Some(&id)))?;
+                st.registry.upstream_init()
+            }
+        };
+        let mut body = json!({"jsonrpc": "2.0", "result": rules::discover(init.as_ref(), 0)});
+        body["id"] = id;
+        return Ok(axum::Json(body).into_response());
+    }
+    let name = rules::request_name(&env).map(str::to_owned);
+    let mut value = env.value;
+    let retry = rules::to_legacy(&mut value).map_err(|r| refusal(r, Some(&id)))?;
+    let call = match retry.state {
+        Some(state) => {
+            let claims = bridge
+                .cfg
+                .state_key
+                .open(&state, &principal.id, &method, name.as_deref(), now_ms())
+                .map_err(|e| {
+                    FrontError::new(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, e.to_string())
+                        .with_id(Some(&id))
+                })?;
+            let Some(mut call) = (claims.i == bridge.cfg.instance)
+                .then(|| bridge.take(&claims))
+                .flatten()
+            else {
+                let f = Failure::interrupted(format!(
+                    "the call this requestState continues is no longer held (the gateway instance {} that held it restarted, or it was already continued or expired); send the request again without requestState",
+                    claims.i
+                ));
+                return Ok(axum::Json(f.response(id)).into_response());
+            };
+            let mut missing = Vec::new();
+            for (k, request) in std::mem::take(&mut call.asked) {
+                match retry.responses.get(&k) {
+                    Some(result) => {
+                        let answer = json!({"jsonrpc": "2.0", "id": k, "result": result});
+                        if let Ok(env) = Envelope::from_value(answer) {
+                            call.session.respond(env).await;
+                        }
+                    }
+                    None => missing.push((k, request)),
+                }
+            }
+            if !missing.is_empty() {
+                // The spec's advice: ask again for what is still missing.
+                call.asked = missing;
+                return Ok(park(st, call, principal, &method, name.as_deref(), id));
+            }
+            call
+        }
+        None => {
+            let session = st
+                .registry
+                .pooled(
+                    principal,
+                    meta.capabilities_key(),
+                    &meta.init_params(),
+                    client,
+                )
+                .await
+                .map_err(|e| FrontError::from(e).with_id(Some(&id)))?;
+            let env = Envelope::from_value(value).map_err(|e| {
+                FrontError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()).with_id(Some(&id))
+            })?;
+            match session.request(env).await {
+                Reply::Stream(handle) => {
+                    let Some(rx) = handle.live else {
+                        return Err(FrontError::new(
+                            StatusCode::BAD_GATEWAY,
+                            code::INTERNAL_ERROR,
+                            "the call ended without an answer",
+                        )
+                        .with_id(Some(&id)));
+                    };
+                    Call {
+                        session,
+                        stream: handle.stream_id,
+                        rx,
+                        asked: Vec::new(),
+                        done: false,
+                    }
+                }
+                Reply::Immediate(mut v) => {
+                    protocol::set_id(&mut v, id);
+                    rules::complete(&method, &mut v);
+                    return Ok(json_status(rules::status_of(&v), &v));
+                }
+                Reply::Accepted => return Ok(StatusCode::ACCEPTED.into_response()),
+            }
+        }
+    };
+    Ok(answer(st, call, principal.id.clone(), meta, method, name, id).await)
+}
+
+/// Parks a call that asked the client for input and answers with the `InputRequiredResult`.
+fn park(
+    st: &AppState,
+    call: Call,
+    principal: &Principal,
+    method: &str,
+    name: Option<&str>,
+    id: Value,
+) -> Response {
+    let asked = call.asked.clone();
+    match st.bridge.park(call, &principal.id, method, name) {
+        Some(state) => axum::Json(rules::input_required(id, &asked, &state)).into_response(),
+        None => {
+            let f = Failure::new(
+                FailureKind::Limit,
+                format!(
+                    "the gateway holds {MAX_PARKED} calls waiting for client input already; retry later"
+                ),
+                Retry::Safe(Some(Duration::from_secs(1))),
+            )
+            .with("limit", "parked_calls");
+            FrontError::refused(&f).with_id(Some(&id)).into_response()
+        }
+    }
+}
+
+/// What to do with one event of a bridged call, in either rendering.
+enum Step {
+    /// Not for this client (a log it did not opt into, a notification unrelated to it, a
+    /// request the gateway answered itself); read on.
+    Skip,
+    /// Send this notification and read on.
+    Send(Value),
+    /// Send this message and end: the answer, an `InputRequiredResult` (the call is
+    /// parked), or an error.
+    End(Value),
+}
+
+/// Decides what a frame means for the client. Asks are gathered with any others already
+/// queued (parallel input requests go out together), checked against the client's
+/// declared capabilities, and the call is parked.
+#[allow(clippy::too_many_arguments)]
+async fn step(
+    st: &AppState,
+    call: &mut Option<Call>,
+    event: Event,
+    meta: &Meta,
+    principal: &str,
+    method: &str,
+    name: Option<&str>,
+    id: &Value,
+) -> Step {
+    match event {
+        Event::Answer(mut v) => {
+            if let Some(c) = call.as_mut() {
+                c.done = true;
+            }
+            protocol::set_id(&mut v, id.clone());
+            rules::complete(method, &mut v);
+            Step::End(v)
+        }
+        Event::Note(v) => match v.get("method").and_then(Value::as_str) {
+            Some("notifications/progress") => Step::Send(v),
+            Some("notifications/message") if rules::admits_log(meta.log_level, &v) => Step::Send(v),
+            _ => Step::Skip,
+        },
+        Event::Ask(v) => {
+            let Some(c) = call.as_mut() else {
+                return Step::Skip;
+            };
+            let ask_id = v.get("id").cloned().unwrap_or(Value::Null);
+            let ask_method = v.get("method").and_then(Value::as_str).unwrap_or_default();
+            let reply = |result: Result<Value, Value>| {
+                let mut r = match result {
+                    Ok(res) => json!({"jsonrpc": "2.0", "result": res}),
+                    Err(err) => json!({"jsonrpc": "2.0", "error": err}),
+                };
+                r["id"] = ask_id.clone();
+                Envelope::from_value(r).ok()
+            };
+            match rules::required_capability(ask_method) {
+                _ if ask_method == "ping" => {
+                    if let Some(env) = reply(Ok(json!({}))) {
+                        c.session.respond(env).await;
+                    }
+                    Step::Skip
+                }
+                None => {
+                    let err = json!({"code": code::METHOD_NOT_FOUND, "message": format!("{ask_method} cannot reach a 2026-07-28 client")});
+                    if let Some(env) = reply(Err(err)) {
+                        c.session.respond(env).await;
+                    }
+                    Step::Skip
+                }
+                Some(cap) if !meta.declares(cap) => {
+                    let err = json!({"code": code::METHOD_NOT_FOUND, "message": format!("the client did not declare the {cap} capability")});
+                    if let Some(env) = reply(Err(err)) {
+                        c.session.respond(env).await;
+                    }
+                    // The call cannot go on without it: it is cancelled upstream (drop).
+                    *call = None;
+                    Step::End(rules::missing_capability(id.clone(), cap))
+                }
+                Some(_) => {
+                    let key = ask_id.as_str().unwrap_or_default().to_owned();
+                    c.asked.push((key, v));
+                    // Requests the upstream sent together go out together.
+                    while let Some(f) = c.rx.try_recv() {
+                        match event_of(&f.data) {
+                            Some(Event::Ask(more))
+                                if more
+                                    .get("method")
+                                    .and_then(Value::as_str)
+                                    .and_then(rules::required_capability)
+                                    .is_some_and(|cap| meta.declares(cap)) =>
+                            {
+                                let k = more
+                                    .get("id")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or_default()
+                                    .to_owned();
+                                c.asked.push((k, more));
+                            }
+                            _ => {
+                                c.rx.hold(f);
+                                break;
+                            }
+                        }
+                    }
+                    let Some(c) = call.take() else {
+                        return Step::Skip;
+                    };
+                    let asked = c.asked.clone();
+                    match st.bridge.park(c, principal, method, name) {
+                        Some(state) => Step::End(rules::input_required(id.clone(), &asked, &state)),
+                        None => {
+                            let f = Failure::new(
+                                FailureKind::Limit,
+                                format!("the gateway holds {MAX_PARKED} calls waiting for client input already; retry later"),
+                                Retry::Safe(Some(Duration::from_secs(1))),
+                            )
+                            .with("limit", "parked_calls");
+                            Step::End(f.response(id.clone()))
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Renders a bridged call: one JSON body if its answer (or an input request) comes before
+/// anything the client should see, else an SSE stream.
+async fn answer(
+    st: &AppState,
+    call: Call,
+    principal: String,
+    meta: Meta,
+    method: String,
+    name: Option<String>,
+    id: Value,
+) -> Response {
+    let keepalive = st.cfg.keepalive;
+    let mut call = Some(call);
+    // Wait for the first thing the client should see, up to one keepalive interval.
+    let deadline = tokio::time::Instant::now() + keepalive;
+    let first = loop {
+        let Some(c) = call.as_mut() else {
+            break None;
+        };
+        let frame = tokio::select! {
+            f = c.rx.recv() => f,
+            () = tokio::time::sleep_until(deadline) => break None,
+        };
+        let Some(frame) = frame else {
+            let lost = Failure::upstream_lost("the call ended without an answer", true);
+            return axum::Json(lost.response(id)).into_response();
+        };
+        let Some(event) = event_of(&frame.data) else {
+            continue;
+        };
+        match step(
+            st,
+            &mut call,
+            event,
+            &meta,
+            &principal,
+            &method,
+            name.as_deref(),
+            &id,
+        )
+        .await
+        {
+            Step::Skip => {}
+            Step::End(v) => return json_status(rules::status_of(&v), &v),
+            Step::Send(v) => break Some(v),
+        }
+    };
+    let st = st.clone();
+    let body = async_stream::stream! {
+        let mut call = call;
+        if let Some(v) = first {
+            yield Ok::<Bytes, Infallible>(Bytes::from(format!("data: {v}\n\n")));
+        }
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        while let Some(c) = call.as_mut() {
+            let frame = tokio::select! {
+                f = c.rx.recv() => f,
+                _ = ticker.tick() => {
+                    yield Ok(Bytes::from_static(b":\n\n"));
+                    continue;
+                }
+            };
+            let Some(frame) = frame else { break };
+            let Some(event) = event_of(&frame.data) else { continue };
+            match step(&st, &mut call, event, &meta, &principal, &method, name.as_deref(), &id).await {
+                Step::Skip => {}
+                Step::Send(v) => yield Ok(Bytes::from(format!("data: {v}\n\n"))),
+                Step::End(v) => {
+                    yield Ok(Bytes::from(format!("data: {v}\n\n")));
+                    break;
+                }
+            }
+            ticker.reset();
+        }
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(body))
+        .expect("static headers are valid")
+}

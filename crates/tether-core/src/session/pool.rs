@@ -1,0 +1,184 @@
+//! Upstream sessions held on behalf of stateless (2026-07-28) clients: the bridge.
+//!
+//! A modern client has no session, but a legacy upstream needs one (an `initialize`, and
+//! for stdio a process). The gateway keeps a small pool of ordinary sessions
+//! ([`Transport::Pooled`]) per principal and per client-capability set, each initialized
+//! from the `_meta` of the request that made it: calls are multiplexed on them with ids
+//! rewritten, supervised and timed out exactly like a client session's. Two principals
+//! never share an upstream (SEP-2567: server state must not cross them), nor do two
+//! capability sets (they change what the upstream may ask of the client).
+//!
+//! A call goes to a member with nothing in flight, the pool grows to
+//! [`SessionConfig::pool_size`] when all are busy, and past that the least-loaded member
+//! takes it. Members are sessions like any other: they count against the principal's
+//! session limit, expire when idle (the pool shrinks), and show in the admin API with
+//! transport `pooled`.
+//!
+//! Must not: hand a pooled session's id to a client, or let one principal's call reach
+//! another's member.
+
+use super::*;
+
+/// Principal id and capabilities key ([`crate::modern::Meta::capabilities_key`]).
+pub(super) type Key = (String, String);
+
+/// One principal's members for one capability set.
+pub(super) struct Entry {
+    members: Mutex<Vec<Arc<Session>>>,
+    /// One growth at a time per key: two calls finding every member busy start one new
+    /// member, not two.
+    grow: tokio::sync::Mutex<()>,
+}
+
+impl Entry {
+    /// A live member: with nothing in flight, or (`busy_ok`) the least loaded.
+    fn pick(&self, busy_ok: bool) -> Option<Arc<Session>> {
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.retain(|s| !s.is_closed());
+        let (load, s) = members
+            .iter()
+            .map(|s| (s.in_flight(), s))
+            .min_by_key(|(load, _)| *load)?;
+        (load == 0 || busy_ok).then(|| s.clone())
+    }
+
+    fn len(&self) -> usize {
+        self.members.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Registry {
+    /// The upstream session that serves a modern request of `principal` whose client
+    /// declared the capabilities `key` stands for; `init` is the `initialize` a new member
+    /// is started with (from the request's `_meta`).
+    pub async fn pooled(
+        &self,
+        principal: &Principal,
+        key: String,
+        init: &Value,
+        client: Option<IpAddr>,
+    ) -> Result<Arc<Session>, SessionError> {
+        let entry = {
+            let mut pool = self.shared.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.entry((principal.id.clone(), key))
+                .or_insert_with(|| {
+                    Arc::new(Entry {
+                        members: Mutex::new(Vec::new()),
+                        grow: tokio::sync::Mutex::new(()),
+                    })
+                })
+                .clone()
+        };
+        if let Some(s) = entry.pick(false) {
+            return Ok(s);
+        }
+        let _grow = entry.grow.lock().await;
+        if let Some(s) = entry.pick(false) {
+            return Ok(s);
+        }
+        if entry.len() >= self.shared.cfg.pool_size.max(1) {
+            if let Some(s) = entry.pick(true) {
+                return Ok(s);
+            }
+        }
+        let env = Envelope::from_value(protocol::request(
+            Value::from(0),
+            "initialize",
+            Some(init.clone()),
+        ))
+        .expect("an initialize request is a valid envelope");
+        let started = self
+            .initialize(&env, Transport::Pooled, None, principal, client)
+            .await;
+        match started {
+            Ok((Some(s), _)) => {
+                tracing::info!(session.id = %s.id, principal = %principal.id, "bridge: upstream session added to the pool");
+                entry
+                    .members
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(s.clone());
+                Ok(s)
+            }
+            // A member that could not start (a limit, a rate, an upstream failure) is no
+            // reason to refuse a call an existing member can take.
+            other => entry.pick(true).ok_or_else(|| match other {
+                Err(e) => e,
+                Ok((_, answer)) => {
+                    let message = answer
+                        .pointer("/error/message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("the upstream could not be started");
+                    SessionError::Refused(Failure::new(
+                        FailureKind::UpstreamUnavailable,
+                        message.to_owned(),
+                        Retry::Safe(Some(Duration::from_secs(1))),
+                    ))
+                }
+            }),
+        }
+    }
+
+    /// The `InitializeResult` the last upstream started gave (`None` before the first).
+    pub fn upstream_init(&self) -> Option<Value> {
+        self.shared
+            .upstream_init
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Forgets pool entries whose members all closed (the reaper calls it).
+    pub(super) fn prune_pool(&self) {
+        let mut pool = self.shared.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.retain(|_, e| {
+            let mut m = e.members.lock().unwrap_or_else(|p| p.into_inner());
+            m.retain(|s| !s.is_closed());
+            !m.is_empty() || Arc::strong_count(e) > 1
+        });
+    }
+}
+
+impl Session {
+    /// Calls in flight (the pool's load measure).
+    pub fn in_flight(&self) -> usize {
+        self.lock().calls.len()
+    }
+
+    /// The client went away from the call answering on stream `stream` (a modern client
+    /// closing its response stream cancels the request): the call is recorded as
+    /// cancelled, the upstream is told to stop (`notifications/cancelled`), and its
+    /// requests to the client that were never answered (`server_requests`, `tether-N`
+    /// ids) are forgotten.
+    pub fn abandon(self: &Arc<Self>, stream: &str, server_requests: &[String]) {
+        let found = {
+            let mut st = self.lock();
+            for k in server_requests {
+                st.calls.take_server_request(k);
+            }
+            st.calls.take_by_stream(stream)
+        };
+        let Some((uid, p)) = found else {
+            return;
+        };
+        let cancelled = Failure::new(
+            FailureKind::Cancelled,
+            "the client closed the response stream; the request was cancelled",
+            Retry::Never,
+        );
+        self.finish(p, |client_id| cancelled.response(client_id));
+        let Some((link, _)) = self.current_link() else {
+            return;
+        };
+        self.shared.tracker.spawn(
+            async move {
+                link.send(protocol::notification(
+                    "notifications/cancelled",
+                    Some(json!({"requestId": uid, "reason": "the client closed the response stream"})),
+                ))
+                .await;
+            }
+            .instrument(self.span()),
+        );
+    }
+}
