@@ -420,6 +420,9 @@ pub struct SessionSummary {
     pub rehydrations: i64,
     /// Upstream restarts.
     pub upstream_restarts: i64,
+    /// `streamable-http`, `sse` (2024-11-05), or `pooled`: an upstream session the
+    /// gateway holds for stateless (2026-07-28) clients.
+    pub transport: String,
 }
 
 /// Filters for listing sessions.

@@ -90,7 +90,7 @@ fn pool_err(e: &deadpool_postgres::PoolError) -> StoreError {
 const SUMMARY_COLUMNS: &str =
     "id, principal, principal_email, principal_name, client_name, client_version, client_type,
     protocol_version, upstream_name, state, close_reason, created_ms, last_active_ms, closed_ms,
-    tool_calls, errors, rehydrations, upstream_restarts";
+    tool_calls, errors, rehydrations, upstream_restarts, transport";
 
 fn row_to_summary(r: &tokio_postgres::Row) -> SessionSummary {
     let created_ms: i64 = r.get(11);
@@ -118,6 +118,7 @@ fn row_to_summary(r: &tokio_postgres::Row) -> SessionSummary {
         errors: r.get(15),
         rehydrations: r.get(16),
         upstream_restarts: r.get(17),
+        transport: r.get(18),
     }
 }
 

@@ -56,7 +56,7 @@ pub(super) fn row_to_stream(row: &rusqlite::Row<'_>) -> rusqlite::Result<StreamR
 pub(super) const SUMMARY_COLUMNS: &str =
     "id, principal, principal_email, principal_name, client_name, client_version, client_type,
     protocol_version, upstream_name, state, close_reason, created_ms, last_active_ms, closed_ms,
-    tool_calls, errors, rehydrations, upstream_restarts";
+    tool_calls, errors, rehydrations, upstream_restarts, transport";
 
 pub(super) fn row_to_summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionSummary> {
     let created_ms: i64 = row.get(11)?;
@@ -84,6 +84,7 @@ pub(super) fn row_to_summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<Sessio
         errors: row.get(15)?,
         rehydrations: row.get(16)?,
         upstream_restarts: row.get(17)?,
+        transport: row.get(18)?,
     })
 }
 

@@ -1,0 +1,431 @@
+//! The modern era (2026-07-28) through the gateway to a legacy stdio server (the demo):
+//! discover, calls, progress on the request's stream, MRTR round trips, cancellation by
+//! closing the stream, pools per principal, and what a parked call's client gets after the
+//! gateway was killed. Raw HTTP, so every header and field is the test's to choose; real
+//! SDK clients are in `e2e_modern.rs` and the official conformance suite in
+//! `conformance_suite.rs`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ACCEPT_BOTH, Answer, Gateway, state_dir};
+use serde_json::{Value, json};
+
+const V: &str = "2026-07-28";
+
+/// A stateless client: every request carries its `_meta` and the headers that mirror it.
+struct Modern {
+    http: reqwest::Client,
+    url: String,
+    capabilities: Value,
+    key: Option<String>,
+}
+
+impl Modern {
+    fn new(url: &str, capabilities: Value) -> Modern {
+        Modern {
+            http: reqwest::Client::new(),
+            url: url.to_owned(),
+            capabilities,
+            key: None,
+        }
+    }
+
+    fn with_key(mut self, key: &str) -> Modern {
+        self.key = Some(key.to_owned());
+        self
+    }
+
+    fn request(&self, id: i64, method: &str, mut params: Value) -> reqwest::RequestBuilder {
+        let meta = params
+            .as_object_mut()
+            .unwrap()
+            .entry("_meta")
+            .or_insert_with(|| json!({}));
+        meta["io.modelcontextprotocol/protocolVersion"] = json!(V);
+        meta["io.modelcontextprotocol/clientCapabilities"] = self.capabilities.clone();
+        meta["io.modelcontextprotocol/clientInfo"] = json!({"name": "modern-test", "version": "1"});
+        let name = params
+            .get("name")
+            .or_else(|| params.get("uri"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", ACCEPT_BOTH)
+            .header("mcp-protocol-version", V)
+            .header("mcp-method", method);
+        if let Some(n) = name.filter(|_| method == "tools/call") {
+            req = req.header("mcp-name", n);
+        }
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        req.body(
+            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string(),
+        )
+    }
+
+    async fn send(&self, id: i64, method: &str, params: Value) -> Answer {
+        Answer::read(self.request(id, method, params).send().await.unwrap()).await
+    }
+
+    async fn call(&self, id: i64, tool: &str, args: Value) -> Answer {
+        self.send(id, "tools/call", json!({"name": tool, "arguments": args}))
+            .await
+    }
+}
+
+fn text_of(answer: &Value) -> String {
+    answer
+        .pointer("/result/content/0/text")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no text in {answer}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_modern_client_reaches_a_legacy_server_beside_a_legacy_client() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let modern = Modern::new(&gw.url, json!({}));
+
+    let d = modern.send(1, "server/discover", json!({})).await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    let d = d.json();
+    assert_eq!(d["id"], 1);
+    let r = &d["result"];
+    assert_eq!(r["resultType"], "complete");
+    assert_eq!(r["supportedVersions"][0], V);
+    assert!(
+        r["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("2025-11-25"))
+    );
+    assert!(r["capabilities"]["tools"].is_object(), "{r}");
+    assert!(r["_meta"]["io.modelcontextprotocol/serverInfo"]["name"].is_string());
+    assert!(r["ttlMs"].is_u64() && r["cacheScope"].is_string());
+
+    let list = modern.send(2, "tools/list", json!({})).await.json();
+    assert_eq!(list["result"]["resultType"], "complete");
+    assert_eq!(list["result"]["ttlMs"], 0);
+    assert!(
+        list["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "echo")
+    );
+
+    let echo = modern.call(3, "echo", json!({"text": "modern"})).await;
+    assert_eq!(echo.status, 200);
+    let echo = echo.json();
+    assert_eq!(echo["id"], 3);
+    assert_eq!(echo["result"]["resultType"], "complete");
+    assert_eq!(text_of(&echo), "modern");
+
+    // The same id from many concurrent stateless calls is fine: each gets its own answer.
+    let calls = (0..8).map(|i| {
+        let m = &modern;
+        async move {
+            text_of(
+                &m.call(1, "echo", json!({"text": format!("c{i}")}))
+                    .await
+                    .json(),
+            )
+        }
+    });
+    let texts = futures::future::join_all(calls).await;
+    assert_eq!(texts, (0..8).map(|i| format!("c{i}")).collect::<Vec<_>>());
+
+    // Progress arrives on the request's own stream, then the answer.
+    let slow = modern
+        .send(
+            4,
+            "tools/call",
+            json!({"name": "slow", "arguments": {"ms": 300, "steps": 3}, "_meta": {"progressToken": "tok"}}),
+        )
+        .await;
+    assert_eq!(slow.headers["content-type"], "text/event-stream");
+    assert_eq!(slow.headers["x-accel-buffering"], "no");
+    let events: Vec<Value> = slow.events().into_iter().filter_map(|(_, d)| d).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["method"] == "notifications/progress"
+                && e["params"]["progressToken"] == "tok"),
+        "{events:?}"
+    );
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last["id"].clone(), text_of(last)),
+        (json!(4), "waited 300 ms".to_owned())
+    );
+    // No event ids: modern streams are not resumable.
+    assert!(slow.events().iter().all(|(id, _)| id.is_empty()));
+
+    // A legacy client on the same endpoint keeps everything it had.
+    let mcp = gw.client();
+    let sid = mcp.initialize("legacy-beside").await;
+    assert_eq!(
+        mcp.call_text(&sid, 1, "echo", json!({"text": "legacy"}))
+            .await,
+        "legacy"
+    );
+
+    // The pooled upstream session shows in the admin API, told apart from the client's.
+    let sessions = gw.admin_json("/api/sessions?state=live").await;
+    let transports: Vec<String> = sessions["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["transport"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(transports.contains(&"pooled".to_owned()), "{sessions}");
+    assert!(
+        transports.contains(&"streamable-http".to_owned()),
+        "{sessions}"
+    );
+    // Requests are counted by era.
+    assert!(
+        common::metric_sum(
+            &gw,
+            "tether_mcp_requests_total{era=\"modern\",method=\"tools/call\"}"
+        )
+        .await
+            >= 10.0
+    );
+    assert!(
+        common::metric_sum(
+            &gw,
+            "tether_mcp_requests_total{era=\"legacy\",method=\"tools/call\"}"
+        )
+        .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn sampling_through_mrtr_round_trips_and_a_tampered_state_is_refused() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let modern = Modern::new(&gw.url, json!({"sampling": {}}));
+    let first = modern
+        .call(10, "sample", json!({"prompt": "capital of France?"}))
+        .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let first = first.json();
+    let r = &first["result"];
+    assert_eq!(r["resultType"], "input_required", "{first}");
+    let inputs = r["inputRequests"].as_object().unwrap();
+    assert_eq!(inputs.len(), 1);
+    let (key, input) = inputs.iter().next().unwrap();
+    assert_eq!(input["method"], "sampling/createMessage");
+    assert_eq!(
+        input["params"]["messages"][0]["content"]["text"],
+        "capital of France?"
+    );
+    let state = r["requestState"].as_str().unwrap().to_owned();
+
+    // A tampered state is refused, and the parked call is still there for the real one.
+    let answer = json!({"role": "assistant", "content": {"type": "text", "text": "Paris"}, "model": "m", "stopReason": "endTurn"});
+    let tampered = modern
+        .send(
+            11,
+            "tools/call",
+            json!({"name": "sample", "arguments": {"prompt": "capital of France?"}, "requestState": format!("{state}x"), "inputResponses": {key.as_str(): answer.clone()}}),
+        )
+        .await;
+    assert_eq!(
+        (tampered.status, tampered.json()["error"]["code"].clone()),
+        (400, json!(-32602))
+    );
+    // Another principal cannot continue it either (here: another tool name).
+    let foreign = modern
+        .send(
+            12,
+            "tools/call",
+            json!({"name": "echo", "arguments": {"text": "x"}, "requestState": state.clone(), "inputResponses": {}}),
+        )
+        .await;
+    assert_eq!(foreign.status, 400, "{}", foreign.body);
+
+    let done = modern
+        .send(
+            13,
+            "tools/call",
+            json!({"name": "sample", "arguments": {"prompt": "capital of France?"}, "requestState": state.clone(), "inputResponses": {key.as_str(): answer}}),
+        )
+        .await
+        .json();
+    assert_eq!(done["id"], 13);
+    assert_eq!(done["result"]["resultType"], "complete");
+    assert_eq!(text_of(&done), "model said: Paris");
+
+    // The state was used: a replay gets a clear error, not a hang.
+    let replay = modern
+        .send(
+            14,
+            "tools/call",
+            json!({"name": "sample", "arguments": {"prompt": "capital of France?"}, "requestState": state, "inputResponses": {}}),
+        )
+        .await
+        .json();
+    assert_eq!(replay["error"]["code"], -32013, "{replay}");
+
+    // A retry that leaves the input out is asked again.
+    let again = modern
+        .call(15, "sample", json!({"prompt": "q"}))
+        .await
+        .json();
+    let state = again["result"]["requestState"].as_str().unwrap();
+    let asked_again = modern
+        .send(
+            16,
+            "tools/call",
+            json!({"name": "sample", "arguments": {"prompt": "q"}, "requestState": state, "inputResponses": {"wrong-key": {}}}),
+        )
+        .await
+        .json();
+    assert_eq!(
+        asked_again["result"]["resultType"], "input_required",
+        "{asked_again}"
+    );
+}
+
+#[tokio::test]
+async fn closing_the_stream_cancels_the_call_upstream() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let modern = Modern::new(&gw.url, json!({}));
+    // Progress makes it a stream at once; the client reads the first event and leaves.
+    let resp = modern
+        .request(
+            20,
+            "tools/call",
+            json!({"name": "slow", "arguments": {"ms": 30000, "steps": 30}, "_meta": {"progressToken": 1}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    use futures::StreamExt;
+    let first = body.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("notifications/progress"));
+    drop(body);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while common::metric_sum(&gw, "tether_tool_calls_total{outcome=\"cancelled\"}").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the call was not recorded as cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The upstream heard of it (the demo logs cancellations on stderr) and serves on.
+    assert_eq!(
+        text_of(
+            &modern
+                .call(21, "echo", json!({"text": "after"}))
+                .await
+                .json()
+        ),
+        "after"
+    );
+}
+
+#[tokio::test]
+async fn principals_get_their_own_upstreams() {
+    let dir = state_dir();
+    let mut keys = Vec::new();
+    for user in ["alice", "bob"] {
+        let out = std::process::Command::new(common::BIN)
+            .args(["keys", "add", "--user", user, "--config"])
+            .arg(dir.path().join("tether.toml"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        keys.push(
+            text.lines()
+                .map(str::trim)
+                .find(|l| l.starts_with("tk_"))
+                .unwrap_or_else(|| panic!("no key in {text}"))
+                .to_owned(),
+        );
+    }
+    let config = dir.path().join("tether.toml");
+    let gw = Gateway::start(
+        dir.path(),
+        &["--demo", "--config", config.to_str().unwrap()],
+    );
+    let alice = Modern::new(&gw.url, json!({})).with_key(&keys[0]);
+    let bob = Modern::new(&gw.url, json!({})).with_key(&keys[1]);
+    let pa = text_of(&alice.call(1, "pid", json!({})).await.json());
+    let pb = text_of(&bob.call(1, "pid", json!({})).await.json());
+    assert_ne!(
+        pa, pb,
+        "two principals must never share an upstream process"
+    );
+    // One principal's sequential calls stay on its one pooled upstream.
+    assert_eq!(text_of(&alice.call(2, "pid", json!({})).await.json()), pa);
+    // Without a key: 401, as for a legacy client.
+    let anon = Modern::new(&gw.url, json!({}));
+    assert_eq!(anon.call(3, "pid", json!({})).await.status, 401);
+}
+
+#[tokio::test]
+async fn a_parked_call_after_a_gateway_kill_gets_a_clear_error_and_the_bridge_comes_back() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let modern = Modern::new(&gw.url, json!({"sampling": {}}));
+    let first = modern
+        .call(30, "sample", json!({"prompt": "p"}))
+        .await
+        .json();
+    let state = first["result"]["requestState"].as_str().unwrap().to_owned();
+    let key = first["result"]["inputRequests"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    gw.kill9();
+    let gw = gw.restart();
+    let modern = Modern::new(&gw.url, json!({"sampling": {}}));
+    let retry = modern
+        .send(
+            31,
+            "tools/call",
+            json!({"name": "sample", "arguments": {"prompt": "p"}, "requestState": state, "inputResponses": {key: {"role": "assistant", "content": {"type": "text", "text": "x"}, "model": "m"}}}),
+        )
+        .await;
+    // The state still verifies (the key is in the state dir), but the call it continued
+    // died with the gateway: the client is told so and may start over.
+    assert_eq!(retry.status, 200, "{}", retry.body);
+    let retry = retry.json();
+    assert_eq!(retry["error"]["code"], -32013, "{retry}");
+    assert!(
+        retry["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no longer held")
+    );
+    assert_eq!(
+        text_of(
+            &modern
+                .call(32, "echo", json!({"text": "back"}))
+                .await
+                .json()
+        ),
+        "back"
+    );
+}
