@@ -25,6 +25,7 @@ import {
   ListPromptsRequestSchema,
   ListResourcesRequestSchema,
   ListResourceTemplatesRequestSchema,
+  ListRootsResultSchema,
   ListToolsRequestSchema,
   McpError,
   ErrorCode,
@@ -64,6 +65,21 @@ const TOOLS = [
   },
   { name: 'test_elicitation_sep1034_defaults', description: 'Elicitation with defaults (SEP-1034)', inputSchema: noArgs },
   { name: 'test_elicitation_sep1330_enums', description: 'Elicitation with enum variants (SEP-1330)', inputSchema: noArgs },
+  ...[
+    'test_missing_capability',
+    'test_streaming_elicitation',
+    'test_logging_tool',
+    'test_trigger_tool_change',
+    'test_trigger_prompt_change',
+    'test_input_required_result_elicitation',
+    'test_input_required_result_sampling',
+    'test_input_required_result_list_roots',
+    'test_input_required_result_request_state',
+    'test_input_required_result_tampered_state',
+    'test_input_required_result_multiple_inputs',
+    'test_input_required_result_multi_round',
+    'test_input_required_result_capabilities',
+  ].map((name) => ({ name, description: '2026-07-28 scenario tool (asks the client the legacy way)', inputSchema: noArgs })),
   {
     name: 'json_schema_2020_12_tool',
     description: 'Input schema using JSON Schema 2020-12 keywords (SEP-1613)',
@@ -71,9 +87,13 @@ const TOOLS = [
       $schema: 'https://json-schema.org/draft/2020-12/schema',
       type: 'object',
       $defs: {
-        address: { type: 'object', properties: { street: { type: 'string' }, city: { type: 'string' } } },
+        address: { $anchor: 'address', type: 'object', properties: { street: { type: 'string' }, city: { type: 'string' } } },
       },
       properties: { name: { type: 'string' }, address: { $ref: '#/$defs/address' } },
+      allOf: [{ anyOf: [{ required: ['name'] }, { required: ['address'] }] }],
+      if: { properties: { name: { const: 'x' } } },
+      then: { required: ['address'] },
+      else: {},
       additionalProperties: false,
     },
   },
@@ -101,7 +121,10 @@ const PROMPTS = [
     arguments: [{ name: 'resourceUri', description: 'URI to embed', required: true }],
   },
   { name: 'test_prompt_with_image', description: 'Includes an image' },
+  { name: 'test_input_required_result_prompt', description: 'Asks the client for context first (elicitation)' },
 ];
+
+const NAME_FORM = { type: 'object', properties: { name: { type: 'string' } }, required: ['name'] };
 
 const FORM_DEFAULTS = {
   type: 'object',
@@ -175,6 +198,12 @@ function createServer(closeStream = () => {}) {
     return `action=${r.action}, content=${JSON.stringify(r.content ?? {})}`;
   };
 
+  const sample = (extra, prompt) =>
+    extra.sendRequest(
+      { method: 'sampling/createMessage', params: { messages: [{ role: 'user', content: { type: 'text', text: prompt } }], maxTokens: 100 } },
+      CreateMessageResultSchema,
+    );
+
   const tools = {
     test_simple_text: async () => text('This is a simple text response for testing.'),
     test_image_content: async () => ({ content: [{ type: 'image', data: PNG, mimeType: 'image/png' }] }),
@@ -247,6 +276,60 @@ function createServer(closeStream = () => {}) {
     test_elicitation_sep1330_enums: async (_args, extra) =>
       text(`Elicitation completed: ${await elicit(extra, 'Please select options from the enum fields', FORM_ENUMS)}`),
     json_schema_2020_12_tool: async (args) => text(`JSON Schema 2020-12 tool called with: ${JSON.stringify(args)}`),
+
+    // The 2026-07-28 scenarios' tools, written as a legacy server writes them: they ask the
+    // client with server-initiated requests, which the gateway turns into MRTR input
+    // requests for a modern client (the bridge).
+    test_missing_capability: async (_args, extra) => text(`LLM said: ${(await sample(extra, 'needs sampling')).content?.text}`),
+    test_streaming_elicitation: async (_args, extra) => {
+      await log(extra, 'about to ask');
+      return text(`User response: ${await elicit(extra, 'Streaming elicitation', NAME_FORM)}`);
+    },
+    test_logging_tool: async (_args, extra) => {
+      for (const step of ['one', 'two', 'three']) await log(extra, step);
+      return text('logged three messages');
+    },
+    test_trigger_tool_change: async (_args, extra) => {
+      await extra.sendNotification({ method: 'notifications/tools/list_changed' });
+      return text('tools changed');
+    },
+    test_trigger_prompt_change: async (_args, extra) => {
+      await extra.sendNotification({ method: 'notifications/prompts/list_changed' });
+      return text('prompts changed');
+    },
+    test_input_required_result_elicitation: async (_args, extra) =>
+      text(`Hello, ${await elicit(extra, 'What is your name?', NAME_FORM)}`),
+    test_input_required_result_sampling: async (_args, extra) =>
+      text(`LLM said: ${(await sample(extra, 'What is the capital of France?')).content?.text}`),
+    test_input_required_result_list_roots: async (_args, extra) => {
+      const r = await extra.sendRequest({ method: 'roots/list', params: {} }, ListRootsResultSchema);
+      return text(`roots: ${r.roots.map((x) => x.uri).join(', ')}`);
+    },
+    test_input_required_result_request_state: async (_args, extra) =>
+      text(`confirmed: ${await elicit(extra, 'Confirm?', { type: 'object', properties: { ok: { type: 'boolean' } } })}`),
+    test_input_required_result_tampered_state: async (_args, extra) =>
+      text(`confirmed: ${await elicit(extra, 'Confirm?', { type: 'object', properties: { ok: { type: 'boolean' } } })}`),
+    test_input_required_result_multiple_inputs: async (_args, extra) => {
+      const [name, answer, roots] = await Promise.all([
+        elicit(extra, 'What is your name?', NAME_FORM),
+        sample(extra, 'Say hello'),
+        extra.sendRequest({ method: 'roots/list', params: {} }, ListRootsResultSchema),
+      ]);
+      return text(`name ${name}; model ${answer.content?.text}; ${roots.roots.length} roots`);
+    },
+    test_input_required_result_multi_round: async (_args, extra) => {
+      const name = await elicit(extra, 'What is your name?', NAME_FORM);
+      const color = await elicit(extra, 'Favourite color?', { type: 'object', properties: { color: { type: 'string' } } });
+      return text(`${name} likes ${color}`);
+    },
+    test_input_required_result_capabilities: async (_args, extra) => {
+      const caps = server.getClientCapabilities() ?? {};
+      const asks = [];
+      if (caps.sampling) asks.push(sample(extra, 'sampling only if declared'));
+      if (caps.elicitation) asks.push(elicit(extra, 'elicitation only if declared', NAME_FORM));
+      await Promise.all(asks);
+      return text(`asked ${asks.length}`);
+    },
   };
 
   server.setRequestHandler(ListToolsRequestSchema, async () => ({ tools: TOOLS }));
@@ -285,7 +368,7 @@ function createServer(closeStream = () => {}) {
   });
 
   server.setRequestHandler(ListPromptsRequestSchema, async () => ({ prompts: PROMPTS }));
-  server.setRequestHandler(GetPromptRequestSchema, async (req) => {
+  server.setRequestHandler(GetPromptRequestSchema, async (req, extra) => {
     const a = req.params.arguments ?? {};
     const user = (content) => ({ role: 'user', content });
     switch (req.params.name) {
@@ -304,6 +387,14 @@ function createServer(closeStream = () => {}) {
         return {
           messages: [user({ type: 'image', data: PNG, mimeType: 'image/png' }), user({ type: 'text', text: 'Please analyze the image above.' })],
         };
+      case 'test_input_required_result_prompt': {
+        const context = await elicit(extra, 'What context should the prompt use?', {
+          type: 'object',
+          properties: { context: { type: 'string' } },
+          required: ['context'],
+        });
+        return { messages: [user({ type: 'text', text: `Prompt with context: ${context}` })] };
+      }
       default:
         throw new McpError(ErrorCode.InvalidParams, `Unknown prompt: ${req.params.name}`);
     }

@@ -49,6 +49,8 @@ pub mod code {
     pub const INVALID_PARAMS: i64 = -32602;
     /// Internal error.
     pub const INTERNAL_ERROR: i64 = -32603;
+    /// Resource not found, before 2026-07-28 (SEP-2164 made it `INVALID_PARAMS`).
+    pub const LEGACY_RESOURCE_NOT_FOUND: i64 = -32002;
     /// Generic server error (bad header, forbidden origin, missing session).
     pub const SERVER_ERROR: i64 = -32000;
     /// Session not found (TypeScript SDK convention, kept for client compatibility).

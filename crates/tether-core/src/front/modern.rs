@@ -23,6 +23,10 @@ use crate::modern::{self as rules, Meta, StateClaims, StateKey};
 use crate::session::FrameRx;
 use crate::store::now_ms;
 
+/// How long input requests that follow a first one are gathered into the same
+/// `InputRequiredResult`.
+const GATHER: Duration = Duration::from_millis(20);
+
 /// Parked calls (waiting for a client's input) this gateway holds at most.
 pub const MAX_PARKED: usize = 1024;
 
@@ -423,8 +427,15 @@ async fn step(
                 Some(_) => {
                     let key = ask_id.as_str().unwrap_or_default().to_owned();
                     c.asked.push((key, v));
-                    // Requests the upstream sent together go out together.
-                    while let Some(f) = c.rx.try_recv() {
+                    // Requests the upstream sent together go out together: those that
+                    // follow within a moment (a server awaiting several at once sends them
+                    // back to back) join this one.
+                    loop {
+                        let next = tokio::select! {
+                            f = c.rx.recv() => f,
+                            () = tokio::time::sleep(GATHER) => None,
+                        };
+                        let Some(f) = next else { break };
                         match event_of(&f.data) {
                             Some(Event::Ask(more))
                                 if more
