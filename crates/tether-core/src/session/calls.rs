@@ -232,7 +232,10 @@ impl Session {
             })
             .inc();
         sh.metrics.tool_call_seconds.observe(elapsed.as_secs_f64());
-        if outcome != "ok" {
+        if outcome == "cancelled" {
+            // The client went away; nothing failed.
+            tracing::info!(session.id = %self.id, tool = %tool, duration_ms = elapsed.as_millis() as u64, "tool call cancelled by the client");
+        } else if outcome != "ok" {
             tracing::warn!(
                 session.id = %self.id,
                 principal = %self.record.principal,
