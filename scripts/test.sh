@@ -12,6 +12,11 @@ if [ ! -d e2e/ts/node_modules/@modelcontextprotocol/sdk ] \
   (cd e2e/ts && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+# The Python SDK 2.x client (tests/e2e_python.rs) in its own virtualenv, when missing.
+if [ ! -x e2e/py/.venv/bin/python ] && python3 -m venv e2e/py/.venv 2>/dev/null; then
+  e2e/py/.venv/bin/pip install -q --disable-pip-version-check -r e2e/py/requirements.txt
+fi
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

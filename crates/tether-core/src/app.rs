@@ -115,6 +115,7 @@ pub async fn run(
             upstream_fingerprint: config.upstream.fingerprint(),
             mirror_ledger: !stores.shared,
             stream_buffer: limits.stream_buffer,
+            pool_size: limits.bridge_pool_size,
             admission: AdmissionConfig {
                 max_sessions: limits.max_sessions,
                 max_per_principal: limits.max_sessions_per_principal,

@@ -171,6 +171,8 @@ pub struct LimitsLayer {
     pub circuit_failures: Option<u32>,
     /// How long an open circuit refuses new upstream starts before one is tried again.
     pub circuit_cooldown: Option<String>,
+    /// Upstream sessions the 2026-07-28 bridge holds per user and client-capability set.
+    pub bridge_pool_size: Option<usize>,
 }
 
 impl LimitsLayer {
@@ -195,7 +197,8 @@ impl LimitsLayer {
             max_stream_events,
             stderr_lines_per_sec,
             circuit_failures,
-            circuit_cooldown
+            circuit_cooldown,
+            bridge_pool_size
         )
     }
 }
@@ -233,6 +236,8 @@ pub struct Limits {
     pub max_stream_events: u64,
     /// See [`LimitsLayer::stderr_lines_per_sec`].
     pub stderr_lines_per_sec: u32,
+    /// See [`LimitsLayer::bridge_pool_size`].
+    pub bridge_pool_size: usize,
     /// See [`LimitsLayer::circuit_failures`].
     pub circuit_failures: u32,
     /// See [`LimitsLayer::circuit_cooldown`].
@@ -325,6 +330,7 @@ impl Limits {
             stream_buffer,
             max_stream_events: l.max_stream_events.unwrap_or(10_000).max(1),
             stderr_lines_per_sec: l.stderr_lines_per_sec.unwrap_or(50).max(1),
+            bridge_pool_size: positive(errors, "bridge-pool-size", l.bridge_pool_size, 4),
             circuit_failures: l.circuit_failures.unwrap_or(5).max(1),
             circuit_cooldown: duration(
                 errors,

@@ -458,6 +458,11 @@ struct LimitArgs {
     /// How long an open circuit refuses upstream starts before trying one [default: 10s].
     #[arg(long, env = "TETHER_CIRCUIT_COOLDOWN", value_name = "DURATION")]
     circuit_cooldown: Option<String>,
+    /// Upstream sessions the 2026-07-28 bridge holds for one user and one set of client
+    /// capabilities; calls go to an idle one, the pool grows to this when all are busy,
+    /// idle ones expire like sessions (--idle-timeout) [default: 4].
+    #[arg(long, env = "TETHER_BRIDGE_POOL_SIZE", value_name = "N")]
+    bridge_pool_size: Option<usize>,
 }
 
 impl LimitArgs {
@@ -478,6 +483,7 @@ impl LimitArgs {
             stream_buffer: self.stream_buffer.clone().map(SizeValue::Text),
             max_stream_events: self.max_stream_events,
             stderr_lines_per_sec: self.stderr_lines_per_sec,
+            bridge_pool_size: self.bridge_pool_size,
             circuit_failures: self.circuit_failures,
             circuit_cooldown: self.circuit_cooldown.clone(),
         };

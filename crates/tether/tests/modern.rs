@@ -429,3 +429,40 @@ async fn a_parked_call_after_a_gateway_kill_gets_a_clear_error_and_the_bridge_co
         "back"
     );
 }
+
+#[tokio::test]
+async fn clients_sharing_one_pooled_upstream_never_see_each_others_progress() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo", "--bridge-pool-size", "1"]);
+    let a = Modern::new(&gw.url, json!({}));
+    let b = Modern::new(&gw.url, json!({}));
+    // One upstream for both (the pool holds one member) ...
+    let pa = text_of(&a.call(1, "pid", json!({})).await.json());
+    assert_eq!(text_of(&b.call(1, "pid", json!({})).await.json()), pa);
+    // ... and both pick the same progress token for concurrent calls.
+    let slow = |m: &'static Modern, ms: u64| async move {
+        m.send(
+            7,
+            "tools/call",
+            json!({"name": "slow", "arguments": {"ms": ms, "steps": 3}, "_meta": {"progressToken": "same"}}),
+        )
+        .await
+    };
+    let (a, b): (&'static Modern, &'static Modern) =
+        (Box::leak(Box::new(a)), Box::leak(Box::new(b)));
+    let (ra, rb) = tokio::join!(slow(a, 400), slow(b, 600));
+    for (r, ms) in [(ra, 400), (rb, 600)] {
+        let events: Vec<Value> = r.events().into_iter().filter_map(|(_, d)| d).collect();
+        let progress: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["method"] == "notifications/progress")
+            .collect();
+        assert_eq!(progress.len(), 3, "{events:?}");
+        assert!(
+            progress
+                .iter()
+                .all(|p| p["params"]["progressToken"] == "same")
+        );
+        assert_eq!(text_of(events.last().unwrap()), format!("waited {ms} ms"));
+    }
+}

@@ -63,6 +63,9 @@ struct Call {
     rx: FrameRx,
     /// The upstream's requests to the client still unanswered: `tether-N` id → request.
     asked: Vec<(String, Value)>,
+    /// The progress token the client chose (upstream, the call carries one of the
+    /// gateway's: pooled sessions are shared).
+    progress_token: Option<Value>,
     done: bool,
 }
 
@@ -236,6 +239,7 @@ pub(super) async fn post(
         return Ok(axum::Json(body).into_response());
     }
     let name = rules::request_name(&env).map(str::to_owned);
+    let progress_token = env.progress_token().cloned();
     let mut value = env.value;
     let retry = rules::to_legacy(&mut value).map_err(|r| refusal(r, Some(&id)))?;
     let call = match retry.state {
@@ -306,6 +310,7 @@ pub(super) async fn post(
                         stream: handle.stream_id,
                         rx,
                         asked: Vec::new(),
+                        progress_token,
                         done: false,
                     }
                 }
@@ -382,8 +387,16 @@ async fn step(
             rules::complete(method, &mut v);
             Step::End(v)
         }
-        Event::Note(v) => match v.get("method").and_then(Value::as_str) {
-            Some("notifications/progress") => Step::Send(v),
+        Event::Note(mut v) => match v.get("method").and_then(Value::as_str) {
+            Some("notifications/progress") => {
+                match call.as_ref().and_then(|c| c.progress_token.clone()) {
+                    Some(token) => {
+                        v["params"]["progressToken"] = token;
+                        Step::Send(v)
+                    }
+                    None => Step::Skip,
+                }
+            }
             Some("notifications/message") if rules::admits_log(meta.log_level, &v) => Step::Send(v),
             _ => Step::Skip,
         },

@@ -146,6 +146,14 @@ impl Session {
             upstream.generation = generation,
         );
         crate::telemetry::inject_meta(&upstream_span, &mut message);
+        if self.transport == Transport::Pooled {
+            // Stateless clients share a pooled upstream: their progress tokens are theirs
+            // alone, so each call gets one the gateway chose (the front door puts the
+            // client's back on every notification).
+            if let Some(t) = message.pointer_mut("/params/_meta/progressToken") {
+                *t = Value::from(format!("tether-{uid}"));
+            }
+        }
         let token = message
             .pointer("/params/_meta/progressToken")
             .map(Value::to_string);
