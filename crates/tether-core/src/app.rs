@@ -146,7 +146,17 @@ pub async fn run(
                 StoreSpec::Sqlite => Duration::ZERO,
             },
             modern: ModernConfig {
-                state_key: bridge_key(&config)?,
+                state_key: match &stores.coordinator {
+                    // Any instance of the deployment verifies a state another one sealed.
+                    Some(c) => match c.shared_secret("bridge").await {
+                        Ok(Some(k)) => crate::modern::StateKey::new(k),
+                        Ok(None) => bridge_key(&config)?,
+                        Err(e) => {
+                            anyhow::bail!("cannot read the bridge key from the live store: {e}")
+                        }
+                    },
+                    None => bridge_key(&config)?,
+                },
                 instance: stores
                     .coordinator
                     .as_ref()

@@ -688,3 +688,97 @@ impl Drop for Guard {
         let _ = self.0.wait();
     }
 }
+
+/// A 2026-07-28 request to instance `url` (raw HTTP, the modern headers mirrored).
+async fn modern_call(url: &str, id: i64, tool: &str, extra: Value) -> Value {
+    let mut params = json!({"name": tool, "arguments": {"prompt": "p"}, "_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {"sampling": {}},
+    }});
+    for (k, v) in extra.as_object().unwrap() {
+        params[k] = v.clone();
+    }
+    let resp = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", common::ACCEPT_BOTH)
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", tool)
+        .body(
+            json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    common::Answer::read(resp).await.response()
+}
+
+#[tokio::test]
+async fn a_modern_retry_reaching_another_instance_continues_the_call_where_it_is_parked() {
+    let Some(url) = redis_url() else { return };
+    let shared = Shared::new(&url, "mrtr").await;
+    let (da, db) = (state_dir(), state_dir());
+    let mut a = Gateway::start(da.path(), &shared.args(&["--demo"]));
+    let b = Gateway::start(db.path(), &shared.args(&["--demo"]));
+    wait_instances(&b, 2).await;
+
+    // Parked on A; the retry goes to B (a load balancer without affinity), which sends it
+    // to A: the state verifies there (one key for the deployment) and the call completes.
+    let first = modern_call(&a.url, 1, "sample", json!({})).await;
+    let state = first["result"]["requestState"].as_str().unwrap().to_owned();
+    let key = first["result"]["inputRequests"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    let answer =
+        json!({"role": "assistant", "content": {"type": "text", "text": "Lyon"}, "model": "m"});
+    let done = modern_call(
+        &b.url,
+        2,
+        "sample",
+        json!({"requestState": state, "inputResponses": {key.as_str(): answer.clone()}}),
+    )
+    .await;
+    assert_eq!(done["id"], 2, "{done}");
+    assert_eq!(
+        done["result"]["content"][0]["text"], "model said: Lyon",
+        "{done}"
+    );
+
+    // Parked on A, and A is killed: B says the call was interrupted, at once.
+    let first = modern_call(&a.url, 3, "sample", json!({})).await;
+    let state = first["result"]["requestState"].as_str().unwrap().to_owned();
+    let key = first["result"]["inputRequests"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    a.kill9();
+    let started = Instant::now();
+    let lost = modern_call(
+        &b.url,
+        4,
+        "sample",
+        json!({"requestState": state, "inputResponses": {key.as_str(): answer}}),
+    )
+    .await;
+    assert_eq!(lost["error"]["code"], -32013, "{lost}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // And B serves modern calls on its own.
+    let echo = modern_call(
+        &b.url,
+        5,
+        "echo",
+        json!({"arguments": {"text": "still here"}}),
+    )
+    .await;
+    assert_eq!(echo["result"]["content"][0]["text"], "still here", "{echo}");
+    shared.cleanup().await;
+}

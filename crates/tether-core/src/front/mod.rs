@@ -609,7 +609,10 @@ async fn mcp_post(
             }
             Ok(resp)
         }
-        Opening::Modern => modern::post(&st, &principal, client, &headers, env).await,
+        Opening::Modern => {
+            let original = Original::new(Method::POST, &uri, &headers, bytes);
+            modern::post(&st, &principal, client, original, env).await
+        }
         Opening::MissingSession => Err(FrontError::session_missing().with_id(env.id())),
         Opening::LegacySession(id) => {
             policy::legacy_version(version_header).map_err(|m| {

@@ -199,9 +199,10 @@ pub(super) async fn post(
     st: &AppState,
     principal: &Principal,
     client: Option<std::net::IpAddr>,
-    headers: &HeaderMap,
+    original: Original<'_>,
     env: Envelope,
 ) -> Result<Response, FrontError> {
+    let headers = original.headers;
     if env.kind == Kind::Notification {
         // Nothing to forward: a stateless client cancels by closing the stream, and the
         // lifecycle notifications are gone.
@@ -252,12 +253,17 @@ pub(super) async fn post(
                     FrontError::new(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, e.to_string())
                         .with_id(Some(&id))
                 })?;
+            if claims.i != bridge.cfg.instance {
+                if let Some(resp) = to_holder(st, &claims.i, &original).await {
+                    return Ok(resp);
+                }
+            }
             let Some(mut call) = (claims.i == bridge.cfg.instance)
                 .then(|| bridge.take(&claims))
                 .flatten()
             else {
                 let f = Failure::interrupted(format!(
-                    "the call this requestState continues is no longer held (the gateway instance {} that held it restarted, or it was already continued or expired); send the request again without requestState",
+                    "the call this requestState continues is no longer held (the gateway instance {} that held it stopped or restarted, or the call was already continued or expired); send the request again without requestState",
                     claims.i
                 ));
                 return Ok(axum::Json(f.response(id)).into_response());
@@ -324,6 +330,28 @@ pub(super) async fn post(
         }
     };
     Ok(answer(st, call, principal.id.clone(), meta, method, name, id).await)
+}
+
+/// Sends a retry whose call another live instance of the deployment holds to that
+/// instance (once: a forwarded request is never forwarded again), and returns its answer;
+/// `None` when that instance is gone (its calls died with it).
+async fn to_holder(st: &AppState, instance: &str, original: &Original<'_>) -> Option<Response> {
+    if original.headers.contains_key(FORWARDED_HEADER) {
+        return None;
+    }
+    let coordinator = st.registry.coordinator()?;
+    let instances = coordinator.instances().await.ok()?;
+    let holder = instances.iter().find(|i| i.id == instance)?;
+    match forward(st, &holder.url, original).await {
+        Ok(resp) => {
+            st.registry.metrics().forwarded.inc();
+            Some(resp)
+        }
+        Err(e) => {
+            tracing::info!(owner = %instance, error = %e, "the instance holding a parked call does not answer");
+            None
+        }
+    }
 }
 
 /// Parks a call that asked the client for input and answers with the `InputRequiredResult`.

@@ -119,6 +119,11 @@ impl Registry {
         }
     }
 
+    /// The coordinator of a multi-instance deployment, if any.
+    pub fn coordinator(&self) -> Option<&Arc<dyn Coordinator>> {
+        self.shared.coordinator.as_ref()
+    }
+
     /// The `InitializeResult` the last upstream started gave (`None` before the first).
     pub fn upstream_init(&self) -> Option<Value> {
         self.shared

@@ -310,6 +310,11 @@ pub trait Coordinator: Send + Sync + 'static {
     async fn reconnected(&self) {
         std::future::pending::<()>().await;
     }
+    /// A 32-byte secret every instance of the deployment shares, made by the first one that
+    /// asks (`name` says what it is for); `None` when the store keeps none.
+    async fn shared_secret(&self, _name: &str) -> Result<Option<[u8; 32]>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// One finished tool call. Never its arguments or results.

@@ -18,6 +18,7 @@
 //! | `P:instances` | sorted set | instance ids by last heartbeat | stale members removed after an hour |
 //! | `P:inbox:{instance}` | list | session ids the instance must drop | one minute |
 //! | `P:epoch` | string | a random value set by the first instance to find it missing | none |
+//! | `P:secret:{name}` | string | a secret all instances share (`bridge`: the key sealing MRTR `requestState`), set by the first to ask | none |
 //!
 //! A Redis that restarts without persistence comes back empty: `P:epoch` is gone, and the
 //! first instance to look sets a new one. Every instance compares it with the one it last
