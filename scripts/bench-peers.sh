@@ -73,8 +73,9 @@ gateway_cell() { # name url-path start-command...
     local pid=$!
     wait_port "$port"
     local json
+    # shellcheck disable=SC2086 # BENCH_EXTRA is a list of words
     json=$("$T" bench "http://127.0.0.1:$port$path" --sessions "$n" --in-flight "$IN_FLIGHT" --duration "$DURATION" \
-      --warmup "$WARMUP" --watch-pid "$pid" --json) || { echo "$name failed; log:" >&2; cat "$STATE/$name.log" >&2; }
+      --warmup "$WARMUP" --watch-pid "$pid" --json ${BENCH_EXTRA:-}) || { echo "$name failed; log:" >&2; cat "$STATE/$name.log" >&2; }
     [ -n "${json:-}" ] && record "$name" "$n" "$json"
     kill -- -"$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
@@ -108,6 +109,14 @@ for rep in $(seq 1 "$REPS"); do
   gateway_cell "tether (stdio upstream, Redis live store)" /mcp \
     "$T" serve --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:0 --state-dir "$STATE/tether-redis-PORT" --log warn \
     --store "${REDIS_URL:-redis://127.0.0.1:6379}" --store-prefix "bench-peers-PORT-$$" -- "${ECHO[@]}"
+  # Stateless 2026-07-28 clients through the same gateway: each of N clients calls on its
+  # own; the bridge serves them from pooled upstream sessions (4 by default; 16 = one per
+  # client, like the legacy rows' one upstream per session).
+  BENCH_EXTRA="--protocol-version 2026-07-28" gateway_cell "tether, 2026-07-28 clients (bridge, pool 4)" /mcp \
+    "$T" serve --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:0 --state-dir "$STATE/tether-modern-PORT" --log warn -- "${ECHO[@]}"
+  BENCH_EXTRA="--protocol-version 2026-07-28" gateway_cell "tether, 2026-07-28 clients (bridge, pool 16)" /mcp \
+    "$T" serve --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:0 --state-dir "$STATE/tether-modern16-PORT" --log warn \
+    --bridge-pool-size 16 -- "${ECHO[@]}"
   gateway_cell "supergateway $SUPERGATEWAY_VERSION (streamableHttp, stateful)" /mcp \
     "$OUT/npm/node_modules/.bin/supergateway" --stdio "${ECHO[*]}" --outputTransport streamableHttp --stateful \
     --port PORT --logLevel none

@@ -46,7 +46,9 @@ pub struct BenchArgs {
     /// Tool arguments (JSON object).
     #[arg(long, default_value = r#"{"text":"hello"}"#)]
     args: String,
-    /// Protocol version to ask for.
+    /// Protocol version to ask for. `2026-07-28`: stateless modern-era clients (each
+    /// "session" is one client: `server/discover` once, then every call carries its `_meta`
+    /// and the `Mcp-Method`/`Mcp-Name` headers).
     #[arg(long, default_value = "2025-06-18")]
     protocol_version: String,
     /// Sample CPU time and peak memory of this process and its descendants.
@@ -260,6 +262,14 @@ impl HttpSession {
             session: None,
             version: version.to_owned(),
         };
+        if s.modern() {
+            let discover = json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {}});
+            let answer = read_answer(s.post(&discover).send().await?).await?;
+            if answer.get("result").is_none() {
+                anyhow::bail!("server/discover failed: {answer}");
+            }
+            return Ok(s);
+        }
         let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
             "protocolVersion": version, "capabilities": {},
             "clientInfo": {"name": "tether-bench", "version": env!("CARGO_PKG_VERSION")}}});
@@ -281,6 +291,10 @@ impl HttpSession {
         Ok(s)
     }
 
+    fn modern(&self) -> bool {
+        self.version.as_str() >= "2026-07-28"
+    }
+
     fn post(&self, body: &Value) -> reqwest::RequestBuilder {
         let mut req = self
             .http
@@ -290,6 +304,21 @@ impl HttpSession {
             .header("mcp-protocol-version", &self.version);
         if let Some(s) = &self.session {
             req = req.header("mcp-session-id", s);
+        }
+        if self.modern() {
+            // A stateless request carries who its client is every time.
+            let mut body = body.clone();
+            let method = body["method"].as_str().unwrap_or_default().to_owned();
+            req = req.header("mcp-method", &method);
+            if let Some(name) = body.pointer("/params/name").and_then(Value::as_str) {
+                req = req.header("mcp-name", name);
+            }
+            body["params"]["_meta"] = json!({
+                "io.modelcontextprotocol/protocolVersion": self.version,
+                "io.modelcontextprotocol/clientCapabilities": {},
+                "io.modelcontextprotocol/clientInfo": {"name": "tether-bench", "version": env!("CARGO_PKG_VERSION")},
+            });
+            return req.body(body.to_string());
         }
         req.body(body.to_string())
     }
