@@ -120,16 +120,16 @@ async fn check_host(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if st.loopback_listener {
-        if let Some(host) = headers.get(header::HOST) {
-            let host = host.to_str().unwrap_or("");
-            if !crate::policy::host_allowed(host, &st.allowed_hosts, true) {
-                return ApiError(
-                    StatusCode::FORBIDDEN,
-                    format!("Host {host:?} is not allowed (see --allowed-hosts)"),
-                )
-                .into_response();
-            }
+    if st.loopback_listener
+        && let Some(host) = headers.get(header::HOST)
+    {
+        let host = host.to_str().unwrap_or("");
+        if !crate::policy::host_allowed(host, &st.allowed_hosts, true) {
+            return ApiError(
+                StatusCode::FORBIDDEN,
+                format!("Host {host:?} is not allowed (see --allowed-hosts)"),
+            )
+            .into_response();
         }
     }
     next.run(req).await
@@ -234,14 +234,13 @@ fn redact(v: &mut Value) {
     match v {
         Value::Object(map) => {
             for (k, item) in map.iter_mut() {
-                if matches!(k.as_str(), "id" | "session_id") {
-                    if let Some(s) = item
+                if matches!(k.as_str(), "id" | "session_id")
+                    && let Some(s) = item
                         .as_str()
                         .filter(|s| s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-                    {
-                        *item = Value::String(format!("{}…", &s[..8]));
-                        continue;
-                    }
+                {
+                    *item = Value::String(format!("{}…", &s[..8]));
+                    continue;
                 }
                 redact(item);
             }

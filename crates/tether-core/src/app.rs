@@ -481,10 +481,10 @@ fn raise_fd_limit(connections: usize) {
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
     };
-    if soft < hard {
-        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            tracing::debug!(error = %e, "cannot raise the open-files limit");
-        }
+    if soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::debug!(error = %e, "cannot raise the open-files limit");
     }
     let now = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
     // Each session's stdio upstream costs about 6 descriptors (3 pipes, both ends briefly).

@@ -384,12 +384,11 @@ pub fn to_legacy(request: &mut Value) -> Result<Retry, Refusal> {
 /// caching hints on the results that take them, where the upstream gave none.
 pub fn complete(method: &str, answer: &mut Value) {
     // A legacy server's "resource not found" (-32002) is -32602 in 2026-07-28 (SEP-2164).
-    if method == "resources/read" {
-        if let Some(c) = answer.pointer_mut("/error/code") {
-            if c.as_i64() == Some(code::LEGACY_RESOURCE_NOT_FOUND) {
-                *c = Value::from(code::INVALID_PARAMS);
-            }
-        }
+    if method == "resources/read"
+        && let Some(c) = answer.pointer_mut("/error/code")
+        && c.as_i64() == Some(code::LEGACY_RESOURCE_NOT_FOUND)
+    {
+        *c = Value::from(code::INVALID_PARAMS);
     }
     let Some(result) = answer.get_mut("result").and_then(Value::as_object_mut) else {
         return;

@@ -154,12 +154,12 @@ impl Envelope {
             ));
         }
         let id = obj.get("id");
-        if let Some(id) = id {
-            if !valid_id(id) {
-                return Err(EnvelopeError::Invalid(
-                    "\"id\" must be a string or an integer and not null",
-                ));
-            }
+        if let Some(id) = id
+            && !valid_id(id)
+        {
+            return Err(EnvelopeError::Invalid(
+                "\"id\" must be a string or an integer and not null",
+            ));
         }
         let kind = match obj.get("method") {
             Some(Value::String(_)) => {

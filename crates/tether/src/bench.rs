@@ -263,7 +263,8 @@ impl HttpSession {
             version: version.to_owned(),
         };
         if s.modern() {
-            let discover = json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {}});
+            let discover =
+                json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {}});
             let answer = read_answer(s.post(&discover).send().await?).await?;
             if answer.get("result").is_none() {
                 anyhow::bail!("server/discover failed: {answer}");
@@ -408,10 +409,10 @@ impl StdioSession {
                 let Ok(v) = serde_json::from_str::<Value>(&line) else {
                     continue;
                 };
-                if let Some(id) = v.get("id").and_then(Value::as_u64) {
-                    if let Some(tx) = w.lock().await.remove(&id) {
-                        let _ = tx.send(v);
-                    }
+                if let Some(id) = v.get("id").and_then(Value::as_u64)
+                    && let Some(tx) = w.lock().await.remove(&id)
+                {
+                    let _ = tx.send(v);
                 }
             }
         });

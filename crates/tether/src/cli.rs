@@ -205,13 +205,13 @@ fn keys_revoke(config: &std::path::Path, user: Option<&str>, hash: Option<&str>)
             return ExitCode::from(2);
         }
     };
-    if let Some(h) = hash {
-        if h.len() < 8 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
-            eprintln!(
-                "tether: --hash needs at least 8 hex characters of the hash (`tether keys list` shows them)"
-            );
-            return ExitCode::from(2);
-        }
+    if let Some(h) = hash
+        && (h.len() < 8 || !h.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        eprintln!(
+            "tether: --hash needs at least 8 hex characters of the hash (`tether keys list` shows them)"
+        );
+        return ExitCode::from(2);
     }
     let matches = |t: &toml_edit::Table| match (user, hash) {
         (Some(u), _) => key_field(t, "user") == u,

@@ -181,3 +181,66 @@ async fn rmcp_client_through_gateway_to_http_server() {
     let _ = upstream.kill();
     let _ = upstream.wait();
 }
+
+/// rmcp 3.11 in `Auto` lifecycle mode probes `server/discover` and now picks the modern era
+/// through the gateway (before issue 16 Tether answered `-32022` listing only legacy
+/// versions, which rmcp treats as "no compatible version" and fails outright). The legacy
+/// stdio demo is behind the bridge; sampling is fulfilled by MRTR through the same
+/// `ClientHandler`, and progress reaches the handler.
+#[tokio::test]
+async fn rmcp_client_in_auto_mode_picks_the_modern_era_through_the_bridge() {
+    use rmcp::{ClientLifecycleMode, ClientServiceExt};
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let handler = TestClient::default();
+    let transport = StreamableHttpClientTransport::from_uri(gw.url.clone());
+    let client = handler
+        .clone()
+        .serve_with_lifecycle(
+            transport,
+            ClientLifecycleMode::Auto {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+                legacy_version: None,
+            },
+        )
+        .await
+        .expect("auto mode connects through the gateway");
+    let info = client
+        .peer_info()
+        .expect("server info from server/discover");
+    assert_eq!(
+        info.protocol_version,
+        ProtocolVersion::V_2026_07_28,
+        "auto mode must pick the modern era"
+    );
+    let tools = client.list_all_tools().await.unwrap();
+    assert!(tools.iter().any(|t| t.name == "echo"));
+    let r = client
+        .call_tool(CallToolRequestParams::new("add").with_arguments(args(json!({"a": 40, "b": 2}))))
+        .await
+        .unwrap();
+    assert_eq!(serde_json::to_value(&r.content).unwrap()[0]["text"], "42");
+    let r = client
+        .call_tool(
+            CallToolRequestParams::new("sample")
+                .with_arguments(args(json!({"prompt": "meaning?"}))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&r.content).unwrap()[0]["text"],
+        "model said: forty-two"
+    );
+    assert_eq!(handler.sampled.load(Ordering::SeqCst), 1);
+    // No session was created for the client: only the bridge's pooled upstream.
+    let sessions = gw.admin_json("/api/sessions?state=live").await;
+    assert!(
+        sessions["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["transport"] == "pooled"),
+        "{sessions}"
+    );
+    client.cancel().await.unwrap();
+}

@@ -71,17 +71,16 @@ impl Shared {
     }
 
     async fn cleanup(&self) {
-        if let Ok(client) = redis::Client::open(self.redis.as_str()) {
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{}:*", self.prefix))
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or_default();
-                for chunk in keys.chunks(500) {
-                    let _: Result<(), _> =
-                        redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
-                }
+        if let Ok(client) = redis::Client::open(self.redis.as_str())
+            && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+        {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}:*", self.prefix))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            for chunk in keys.chunks(500) {
+                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
             }
         }
         if let Some((_, client, schema)) = &self.ledger {

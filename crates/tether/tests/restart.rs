@@ -208,10 +208,10 @@ async fn graceful_shutdown_finishes_in_flight_calls_and_keeps_sessions() {
         let mut result = None;
         use futures::StreamExt;
         while let Some(Ok(ev)) = open.events.next().await {
-            if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
-                if v.get("id") == Some(&json!(2)) {
-                    result = Some(v);
-                }
+            if let Ok(v) = serde_json::from_str::<Value>(&ev.data)
+                && v.get("id") == Some(&json!(2))
+            {
+                result = Some(v);
             }
         }
         let result = result.expect("response delivered before shutdown");

@@ -282,13 +282,13 @@ impl Bridge {
         match msg {
             Inbound::Message { value, .. } => {
                 if is_own(&value) {
-                    if let Some(id) = value.get("id").and_then(Value::as_str) {
-                        if let Some(sent) = self.pings.remove(id) {
-                            tracing::debug!(
-                                rtt_ms = sent.elapsed().as_millis() as u64,
-                                "heartbeat answered"
-                            );
-                        }
+                    if let Some(id) = value.get("id").and_then(Value::as_str)
+                        && let Some(sent) = self.pings.remove(id)
+                    {
+                        tracing::debug!(
+                            rtt_ms = sent.elapsed().as_millis() as u64,
+                            "heartbeat answered"
+                        );
                     }
                     return vec![];
                 }
@@ -307,18 +307,16 @@ impl Bridge {
                         self.pending.clear();
                     }
                 }
-                if value.get("method").is_none() {
-                    if let Some(op) = value
+                if value.get("method").is_none()
+                    && let Some(op) = value
                         .get("id")
                         .and_then(|id| self.pending.remove(&id.to_string()))
                         .flatten()
-                    {
-                        if value.get("result").is_some() && self.restore.apply(&op) {
-                            if let Some(r) = &self.remote {
-                                r.set_restore(&self.restore);
-                            }
-                        }
-                    }
+                    && value.get("result").is_some()
+                    && self.restore.apply(&op)
+                    && let Some(r) = &self.remote
+                {
+                    r.set_restore(&self.restore);
                 }
                 vec![value]
             }

@@ -93,15 +93,15 @@ impl Probe {
                 .is_some_and(|c| c.starts_with("text/event-stream"));
             if resp.status().is_success() && sse {
                 let mut events = resp.bytes_stream().eventsource();
-                if let Ok(Some(Ok(ev))) = tokio::time::timeout(self.timeout, events.next()).await {
-                    if ev.event == "endpoint" {
-                        return Some(format!(
-                            "this is a 2024-11-05 HTTP+SSE endpoint (its stream posts to {}), not Streamable HTTP: \
+                if let Ok(Some(Ok(ev))) = tokio::time::timeout(self.timeout, events.next()).await
+                    && ev.event == "endpoint"
+                {
+                    return Some(format!(
+                        "this is a 2024-11-05 HTTP+SSE endpoint (its stream posts to {}), not Streamable HTTP: \
                              clients of the current spec need the server's Streamable HTTP endpoint (usually /mcp); \
                              `tether connect` speaks this transport too",
-                            ev.data.trim()
-                        ));
-                    }
+                        ev.data.trim()
+                    ));
                 }
             }
         }
@@ -181,11 +181,12 @@ impl Probe {
             let mut events = resp.bytes_stream().eventsource();
             let mut found = None;
             while let Ok(Some(Ok(ev))) = tokio::time::timeout(self.timeout, events.next()).await {
-                if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
-                    if v.get("method").is_none() && v.get("id") == want.as_ref() {
-                        found = Some(v);
-                        break;
-                    }
+                if let Ok(v) = serde_json::from_str::<Value>(&ev.data)
+                    && v.get("method").is_none()
+                    && v.get("id") == want.as_ref()
+                {
+                    found = Some(v);
+                    break;
                 }
             }
             (found, String::new())

@@ -888,11 +888,10 @@ fn sse_response(
                 // answer never resumes this stream; one that did not finds it unfinished
                 // after a crash and gets the re-issue or `-32013` path, as before. Every
                 // other event is durable before it is sent, so no event id can be reused.
-                if !ends {
-                    if let Err(e) = frame.ack.await {
+                if !ends
+                    && let Err(e) = frame.ack.await {
                         tracing::error!(error = %e, "event not durable; sending it anyway");
                     }
-                }
                 yield Ok(event(frame.seq, &frame.data));
                 ticker.reset();
                 if ends {

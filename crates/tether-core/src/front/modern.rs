@@ -253,10 +253,10 @@ pub(super) async fn post(
                     FrontError::new(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, e.to_string())
                         .with_id(Some(&id))
                 })?;
-            if claims.i != bridge.cfg.instance {
-                if let Some(resp) = to_holder(st, &claims.i, &original).await {
-                    return Ok(resp);
-                }
+            if claims.i != bridge.cfg.instance
+                && let Some(resp) = to_holder(st, &claims.i, &original).await
+            {
+                return Ok(resp);
             }
             let Some(mut call) = (claims.i == bridge.cfg.instance)
                 .then(|| bridge.take(&claims))

@@ -34,11 +34,11 @@ impl Session {
                     }
                     return;
                 }
-                if p.method == "tools/list" {
-                    if let Some(result) = value.get("result") {
-                        let safe: Vec<String> = protocol::safe_tools(result).collect();
-                        self.lock().safe_tools.extend(safe);
-                    }
+                if p.method == "tools/list"
+                    && let Some(result) = value.get("result")
+                {
+                    let safe: Vec<String> = protocol::safe_tools(result).collect();
+                    self.lock().safe_tools.extend(safe);
                 }
                 if let (Some(op), Some(_)) = (&p.restore, value.get("result")) {
                     self.remember(op);

@@ -76,10 +76,10 @@ impl Registry {
         if let Some(s) = entry.pick(false) {
             return Ok(s);
         }
-        if entry.len() >= self.shared.cfg.pool_size.max(1) {
-            if let Some(s) = entry.pick(true) {
-                return Ok(s);
-            }
+        if entry.len() >= self.shared.cfg.pool_size.max(1)
+            && let Some(s) = entry.pick(true)
+        {
+            return Ok(s);
         }
         let env = Envelope::from_value(protocol::request(
             Value::from(0),

@@ -287,10 +287,10 @@ impl Registry {
                     None => None,
                 };
                 self.shared.close_stored(id, "evicted").await?;
-                if let (Some(c), Some(owner)) = (&self.shared.coordinator, owner) {
-                    if owner != c.me().id {
-                        c.send_drop(&owner, id).await?;
-                    }
+                if let (Some(c), Some(owner)) = (&self.shared.coordinator, owner)
+                    && owner != c.me().id
+                {
+                    c.send_drop(&owner, id).await?;
                 }
                 self.shared.metrics.closed("evicted");
                 tracing::info!(session.id = %id, reason = "evicted", "session closed");

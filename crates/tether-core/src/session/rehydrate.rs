@@ -40,19 +40,20 @@ impl Registry {
             }
             return Err(SessionError::NotFound);
         }
-        if record.state == SessionState::Live && record.principal == principal.id {
-            if let Some(c) = &sh.coordinator {
-                // One instance serves a session's upstream; the others forward to it. A
-                // session whose owner stopped heartbeating is taken over here.
-                match c.claim(id).await? {
-                    Owner::Me => {}
-                    Owner::TookOver { from } => {
-                        sh.metrics.takeovers.inc();
-                        tracing::info!(from = %from, "session taken over from an instance that stopped");
-                    }
-                    Owner::Other { instance, url } => {
-                        return Err(SessionError::Elsewhere { instance, url });
-                    }
+        if record.state == SessionState::Live
+            && record.principal == principal.id
+            && let Some(c) = &sh.coordinator
+        {
+            // One instance serves a session's upstream; the others forward to it. A
+            // session whose owner stopped heartbeating is taken over here.
+            match c.claim(id).await? {
+                Owner::Me => {}
+                Owner::TookOver { from } => {
+                    sh.metrics.takeovers.inc();
+                    tracing::info!(from = %from, "session taken over from an instance that stopped");
+                }
+                Owner::Other { instance, url } => {
+                    return Err(SessionError::Elsewhere { instance, url });
                 }
             }
         }

@@ -909,10 +909,12 @@ impl Inner {
             let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let mut events = bounded_sse(resp, self.opts.max_message, over).eventsource();
             while let Some(Ok(ev)) = events.next().await {
-                if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
-                    if want.is_some() && v.get("method").is_none() && v.get("id") == want.as_ref() {
-                        return Ok(Some(v));
-                    }
+                if let Ok(v) = serde_json::from_str::<Value>(&ev.data)
+                    && want.is_some()
+                    && v.get("method").is_none()
+                    && v.get("id") == want.as_ref()
+                {
+                    return Ok(Some(v));
                 }
             }
             return Ok(None);
@@ -1038,17 +1040,16 @@ impl Inner {
                                 if let Some(r) = ev.retry {
                                     retry = r;
                                 }
-                                if let Ok(value) = serde_json::from_str::<Value>(&ev.data) {
-                                    if inbound
+                                if let Ok(value) = serde_json::from_str::<Value>(&ev.data)
+                                    && inbound
                                         .send(Inbound::Message {
                                             value,
                                             origin: None,
                                         })
                                         .await
                                         .is_err()
-                                    {
-                                        return;
-                                    }
+                                {
+                                    return;
                                 }
                             }
                         }

@@ -29,11 +29,10 @@ pub fn run(argv: &[String]) -> i32 {
     if let Some(parent) = std::env::var(PARENT_ENV)
         .ok()
         .and_then(|p| p.parse::<i32>().ok())
+        && getppid().as_raw() != parent
     {
-        if getppid().as_raw() != parent {
-            // The gateway died before the death signal was armed.
-            return 1;
-        }
+        // The gateway died before the death signal was armed.
+        return 1;
     }
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
