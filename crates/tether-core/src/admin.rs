@@ -91,6 +91,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/api/stats", get(stats))
         .route("/api/users", get(users))
+        .route("/api/stateless-clients", get(stateless_clients))
         .route("/api/users/{id}/stats", get(user_stats))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -777,6 +778,13 @@ async fn users(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiErr
     Ok(axum::Json(
         json!({ "users": rows.into_values().collect::<Vec<_>>() }),
     ))
+}
+
+/// Stateless (2026-07-28) clients this instance served: they have no session, so they are
+/// shown by user and client info, with their requests, and the bridge's pooled upstream
+/// sessions (`transport: pooled` in `/api/sessions`) that served them.
+async fn stateless_clients(State(st): State<AdminState>) -> axum::Json<Value> {
+    axum::Json(json!({ "clients": st.registry.stateless_clients() }))
 }
 
 async fn user_stats(

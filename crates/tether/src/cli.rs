@@ -779,6 +779,49 @@ pub fn users(a: &AdminArgs) -> ExitCode {
     })
 }
 
+/// Runs `tether clients`: the stateless clients a running gateway served.
+pub fn clients(a: &AdminArgs) -> ExitCode {
+    let admin = Admin::new(a);
+    let json = a.json;
+    run(async move {
+        let v = admin
+            .call(reqwest::Method::GET, "/api/stateless-clients")
+            .await?;
+        if json {
+            return Ok(pretty(&v));
+        }
+        let now = tether_core::store::now_ms();
+        let rows: Vec<Vec<String>> = v["clients"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                let ago = c["last_seen_ms"].as_i64().map(|t| now.saturating_sub(t));
+                vec![
+                    text(c, "user_id"),
+                    text(c, "client_name"),
+                    text(c, "client_version"),
+                    text(c, "requests"),
+                    text(c, "tool_calls"),
+                    dur(&ago.map_or(Value::Null, Value::from)),
+                ]
+            })
+            .collect();
+        Ok(table(
+            &[
+                "USER",
+                "CLIENT",
+                "VERSION",
+                "REQUESTS",
+                "CALLS",
+                "LAST SEEN",
+            ],
+            &rows,
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

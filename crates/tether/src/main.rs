@@ -65,6 +65,12 @@ enum Command {
         #[command(flatten)]
         admin: cli::AdminArgs,
     },
+    /// Stateless (2026-07-28) clients the gateway served: by user and client, with their
+    /// requests (they have no session; the bridge's pooled upstreams are in `sessions list`).
+    Clients {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+    },
     /// Ask a running gateway whether it is ready (GET /health/ready): exit 0 when ready,
     /// 1 naming the failing check. For container health checks and scripts.
     Health {
@@ -552,6 +558,7 @@ fn main() -> ExitCode {
         Command::Sessions { admin, cmd } => cli::sessions(&admin, &cmd),
         Command::Stats { admin, since } => cli::stats(&admin, since.as_deref()),
         Command::Users { admin } => cli::users(&admin),
+        Command::Clients { admin } => cli::clients(&admin),
         Command::Dashboard { admin } => cli::dashboard(&admin),
         Command::Health { admin } => cli::health(&admin),
         Command::Keys { cmd } => cli::keys(&cmd),

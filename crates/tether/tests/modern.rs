@@ -190,6 +190,28 @@ async fn a_modern_client_reaches_a_legacy_server_beside_a_legacy_client() {
         transports.contains(&"streamable-http".to_owned()),
         "{sessions}"
     );
+    // Stateless clients are shown by user and client, with their requests (admin API and
+    // CLI); they have no session of their own.
+    let clients = gw.admin_json("/api/stateless-clients").await;
+    let me = clients["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["client_name"] == "modern-test")
+        .unwrap_or_else(|| panic!("{clients}"));
+    assert_eq!(me["user_id"], "anonymous");
+    assert_eq!(me["tool_calls"], 10, "{me}");
+    assert_eq!(me["requests"], 12, "{me}");
+    let out = std::process::Command::new(common::BIN)
+        .args(["clients", "--admin", &gw.admin, "--state-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("modern-test"),
+        "{table}"
+    );
     // Requests are counted by era.
     assert!(
         common::metric_sum(

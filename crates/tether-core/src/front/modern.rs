@@ -218,6 +218,8 @@ pub(super) async fn post(
     let method = env.method().unwrap_or_default().to_owned();
     let bridge = &st.bridge;
     st.registry.metrics().mcp_request("modern", &method);
+    st.registry
+        .note_stateless(principal, meta.client_info.as_ref(), &method);
     if method == "server/discover" {
         let init = match st.registry.upstream_init() {
             Some(i) => Some(i),

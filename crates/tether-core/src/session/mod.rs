@@ -276,6 +276,8 @@ struct Shared {
     pool: Mutex<HashMap<pool::Key, Arc<pool::Entry>>>,
     /// The last `InitializeResult` an upstream gave (`server/discover` is built from it).
     upstream_init: Mutex<Option<Value>>,
+    /// Stateless clients seen, by principal and client info (bounded).
+    stateless: Mutex<HashMap<pool::ClientKey, pool::ClientSeen>>,
     tracker: TaskTracker,
     /// Cancelled when the gateway stops accepting: standalone streams end.
     stopping: CancellationToken,
@@ -496,6 +498,7 @@ impl Registry {
                 next_server_request: AtomicU64::new(1),
                 pool: Mutex::new(HashMap::new()),
                 upstream_init: Mutex::new(None),
+                stateless: Mutex::new(HashMap::new()),
                 tracker,
                 stopping: CancellationToken::new(),
                 stopped: CancellationToken::new(),

@@ -19,6 +19,33 @@
 
 use super::*;
 
+/// Stateless clients this process remembers (the least recently seen is forgotten first).
+pub const MAX_STATELESS_CLIENTS: usize = 1000;
+
+/// A stateless client: principal id, client name, client version.
+pub(super) type ClientKey = (String, String, String);
+
+/// What this process saw of one stateless client.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientSeen {
+    /// Principal (user) id.
+    pub user_id: String,
+    /// `clientInfo.name` (`unknown` when not sent).
+    pub client_name: String,
+    /// `clientInfo.version`.
+    pub client_version: String,
+    /// Detected client family.
+    pub client_type: String,
+    /// First request, ms since the Unix epoch.
+    pub first_seen_ms: i64,
+    /// Last request.
+    pub last_seen_ms: i64,
+    /// Requests (every method, MRTR retries included).
+    pub requests: u64,
+    /// `tools/call` requests.
+    pub tool_calls: u64,
+}
+
 /// Principal id and capabilities key ([`crate::modern::Meta::capabilities_key`]).
 pub(super) type Key = (String, String);
 
@@ -141,6 +168,65 @@ impl Registry {
             m.retain(|s| !s.is_closed());
             !m.is_empty() || Arc::strong_count(e) > 1
         });
+    }
+}
+
+impl Registry {
+    /// Notes a request of a stateless client (`client_info` from its `_meta`).
+    pub fn note_stateless(&self, principal: &Principal, client_info: Option<&Value>, method: &str) {
+        let text = |k: &str| {
+            client_info
+                .and_then(|i| i.get(k))
+                .and_then(Value::as_str)
+                .map(|s| crate::log_limit::cut(s, 100).into_owned())
+        };
+        let name = text("name").unwrap_or_else(|| "unknown".into());
+        let version = text("version").unwrap_or_default();
+        let now = now_ms();
+        let mut map = self
+            .shared
+            .stateless
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (principal.id.clone(), name.clone(), version.clone());
+        if !map.contains_key(&key)
+            && map.len() >= MAX_STATELESS_CLIENTS
+            && let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, c)| c.last_seen_ms)
+                .map(|(k, _)| k.clone())
+        {
+            map.remove(&oldest);
+        }
+        let seen = map.entry(key).or_insert_with(|| ClientSeen {
+            user_id: principal.id.clone(),
+            client_type: policy::client_type(Some(&name)).to_owned(),
+            client_name: name,
+            client_version: version,
+            first_seen_ms: now,
+            last_seen_ms: now,
+            requests: 0,
+            tool_calls: 0,
+        });
+        seen.last_seen_ms = now;
+        seen.requests += 1;
+        if method == "tools/call" {
+            seen.tool_calls += 1;
+        }
+    }
+
+    /// Stateless clients this process has served, most recently seen first.
+    pub fn stateless_clients(&self) -> Vec<ClientSeen> {
+        let mut v: Vec<ClientSeen> = self
+            .shared
+            .stateless
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|c| std::cmp::Reverse(c.last_seen_ms));
+        v
     }
 }
 
