@@ -18,7 +18,8 @@ use sha2::{Digest, Sha256};
 
 use crate::protocol::{
     self, Envelope, Kind, META_CLIENT_CAPABILITIES, META_CLIENT_INFO, META_LOG_LEVEL,
-    META_PROTOCOL_VERSION, META_SERVER_INFO, MODERN_VERSION, SUPPORTED_VERSIONS, code,
+    META_PROTOCOL_VERSION, META_SERVER_INFO, META_SUBSCRIPTION_ID, MODERN_VERSION,
+    SUPPORTED_VERSIONS, code,
 };
 
 /// Methods a modern client may call through the gateway. Anything else (including the
@@ -34,6 +35,7 @@ pub const METHODS: &[&str] = &[
     "prompts/list",
     "prompts/get",
     "completion/complete",
+    "subscriptions/listen",
 ];
 
 /// Results that carry caching hints (SEP-2549); the bridge cannot know how long an
@@ -415,26 +417,85 @@ pub fn status_of(answer: &Value) -> u16 {
     }
 }
 
-/// A legacy server's capabilities as a modern client reads them. List-changed and
-/// subscription flags are dropped: a stateless client only hears of changes through
-/// `subscriptions/listen`, which the bridge does not serve yet.
+/// A legacy server's capabilities as a modern client reads them. List-changed flags stay
+/// (they reach `subscriptions/listen` streams); `resources.subscribe` is dropped: the
+/// bridge does not subscribe a legacy upstream to a resource for a stateless client yet.
 pub fn capabilities(legacy: Option<&Value>) -> Value {
     let mut caps = legacy
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
-    for (name, flags) in [
-        ("tools", &["listChanged"][..]),
-        ("prompts", &["listChanged"]),
-        ("resources", &["listChanged", "subscribe"]),
-    ] {
-        if let Some(c) = caps.get_mut(name).and_then(Value::as_object_mut) {
-            for f in flags {
-                c.remove(*f);
-            }
-        }
+    if let Some(c) = caps.get_mut("resources").and_then(Value::as_object_mut) {
+        c.remove("subscribe");
     }
     Value::Object(caps)
+}
+
+/// The list-changed notifications a `subscriptions/listen` asked for (and the bridge
+/// honours: resource subscriptions are not carried yet).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// `toolsListChanged`.
+    pub tools: bool,
+    /// `promptsListChanged`.
+    pub prompts: bool,
+    /// `resourcesListChanged`.
+    pub resources: bool,
+}
+
+impl Filter {
+    /// The filter of a `subscriptions/listen` request's `params.notifications`.
+    pub fn of(env: &Envelope) -> Filter {
+        let n = env.params().and_then(|p| p.get("notifications"));
+        let on = |k: &str| n.and_then(|n| n.get(k)).and_then(Value::as_bool) == Some(true);
+        Filter {
+            tools: on("toolsListChanged"),
+            prompts: on("promptsListChanged"),
+            resources: on("resourcesListChanged"),
+        }
+    }
+
+    /// Whether a notification from an upstream passes the filter.
+    pub fn admits(self, notification: &Value) -> bool {
+        match notification.get("method").and_then(Value::as_str) {
+            Some("notifications/tools/list_changed") => self.tools,
+            Some("notifications/prompts/list_changed") => self.prompts,
+            Some("notifications/resources/list_changed") => self.resources,
+            _ => false,
+        }
+    }
+
+    /// The first message of the stream: what is honoured, tagged with the subscription.
+    pub fn acknowledged(self, subscription: &Value) -> Value {
+        let mut honoured = Map::new();
+        for (k, on) in [
+            ("toolsListChanged", self.tools),
+            ("promptsListChanged", self.prompts),
+            ("resourcesListChanged", self.resources),
+        ] {
+            if on {
+                honoured.insert(k.to_owned(), Value::Bool(true));
+            }
+        }
+        json!({
+            "jsonrpc": "2.0",
+            "method": "notifications/subscriptions/acknowledged",
+            "params": {"notifications": honoured, "_meta": {META_SUBSCRIPTION_ID: subscription}},
+        })
+    }
+}
+
+/// A notification for a listen stream, tagged with its subscription.
+pub fn tagged(notification: &Value, subscription: &Value) -> Value {
+    let mut v = notification.clone();
+    if !v.get("params").is_some_and(Value::is_object) {
+        v["params"] = json!({});
+    }
+    if !v["params"].get("_meta").is_some_and(Value::is_object) {
+        v["params"]["_meta"] = json!({});
+    }
+    v["params"]["_meta"][META_SUBSCRIPTION_ID] = subscription.clone();
+    v
 }
 
 /// The `server/discover` result for an upstream whose legacy `InitializeResult` is `init`
@@ -841,10 +902,35 @@ mod tests {
         let init = json!({"capabilities": {"tools": {"listChanged": true}, "resources": {"subscribe": true}},
             "serverInfo": {"name": "s", "version": "2"}, "instructions": "hi"});
         let d = discover(Some(&init), 0);
-        assert_eq!(d["capabilities"], json!({"tools": {}, "resources": {}}));
+        assert_eq!(
+            d["capabilities"],
+            json!({"tools": {"listChanged": true}, "resources": {}})
+        );
         assert_eq!(d["_meta"][META_SERVER_INFO]["name"], "s");
         assert_eq!(d["instructions"], "hi");
         assert_eq!(d["supportedVersions"][0], MODERN_VERSION);
+    }
+
+    #[test]
+    fn a_listen_filter_admits_what_it_names_and_tags_it() {
+        let env = req(
+            "subscriptions/listen",
+            json!({"notifications": {"promptsListChanged": true, "resourceSubscriptions": ["x"]}}),
+        );
+        let f = Filter::of(&env);
+        assert!(f.admits(&json!({"method": "notifications/prompts/list_changed"})));
+        assert!(!f.admits(&json!({"method": "notifications/tools/list_changed"})));
+        let ack = f.acknowledged(&json!("sub-1"));
+        assert_eq!(
+            ack["params"]["notifications"],
+            json!({"promptsListChanged": true})
+        );
+        assert_eq!(ack["params"]["_meta"][META_SUBSCRIPTION_ID], "sub-1");
+        let t = tagged(
+            &json!({"jsonrpc": "2.0", "method": "notifications/prompts/list_changed"}),
+            &json!("sub-1"),
+        );
+        assert_eq!(t["params"]["_meta"][META_SUBSCRIPTION_ID], "sub-1");
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub const META_CLIENT_INFO: &str = "io.modelcontextprotocol/clientInfo";
 pub const META_CLIENT_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
 /// `_meta` key of a modern request's log level (no key: no log notifications).
 pub const META_LOG_LEVEL: &str = "io.modelcontextprotocol/logLevel";
+/// `_meta` key tying a `subscriptions/listen` notification to its subscription.
+pub const META_SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
 /// `_meta` key a modern server identifies itself with.
 pub const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
 

@@ -241,6 +241,9 @@ pub(super) async fn post(
         body["id"] = id;
         return Ok(axum::Json(body).into_response());
     }
+    if method == "subscriptions/listen" {
+        return Ok(listen(st, principal, &env, id));
+    }
     let name = rules::request_name(&env).map(str::to_owned);
     let progress_token = env.progress_token().cloned();
     let mut value = env.value;
@@ -332,6 +335,47 @@ pub(super) async fn post(
         }
     };
     Ok(answer(st, call, principal.id.clone(), meta, method, name, id).await)
+}
+
+/// A `subscriptions/listen` stream: the acknowledgement first, then the list-changed
+/// notifications of this user's pooled upstreams that its filter asks for, each tagged with
+/// the subscription (the request's id), with keepalive comments, until the client closes it
+/// or the gateway stops. Nothing is stored: a client that reconnects listens again.
+fn listen(st: &AppState, principal: &Principal, env: &Envelope, id: Value) -> Response {
+    let filter = rules::Filter::of(env);
+    let mut rx = st.registry.listen(principal);
+    let stop = st.registry.stopping();
+    let keepalive = st.cfg.keepalive;
+    let body = async_stream::stream! {
+        let ack = filter.acknowledged(&id);
+        yield Ok::<Bytes, Infallible>(Bytes::from(format!("data: {ack}\n\n")));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        loop {
+            let next = tokio::select! {
+                n = rx.recv() => n,
+                _ = ticker.tick() => {
+                    yield Ok(Bytes::from_static(b":\n\n"));
+                    continue;
+                }
+                () = stop.cancelled() => break,
+            };
+            match next {
+                Ok(n) if filter.admits(&n) => {
+                    let v = rules::tagged(&n, &id);
+                    yield Ok(Bytes::from(format!("data: {v}\n\n")));
+                    ticker.reset();
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(body))
+        .expect("static headers are valid")
 }
 
 /// Sends a retry whose call another live instance of the deployment holds to that

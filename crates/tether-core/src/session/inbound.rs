@@ -50,6 +50,9 @@ impl Session {
             }
             (true, true) => self.route_server_request(generation, value, origin).await,
             (true, false) => {
+                if self.to_listeners(&value) {
+                    return;
+                }
                 let method = value
                     .get("method")
                     .and_then(Value::as_str)

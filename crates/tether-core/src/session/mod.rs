@@ -278,6 +278,9 @@ struct Shared {
     upstream_init: Mutex<Option<Value>>,
     /// Stateless clients seen, by principal and client info (bounded).
     stateless: Mutex<HashMap<pool::ClientKey, pool::ClientSeen>>,
+    /// List-changed notifications of a principal's pooled upstreams, for its
+    /// `subscriptions/listen` streams.
+    listeners: Mutex<HashMap<String, tokio::sync::broadcast::Sender<Arc<Value>>>>,
     tracker: TaskTracker,
     /// Cancelled when the gateway stops accepting: standalone streams end.
     stopping: CancellationToken,
@@ -499,6 +502,7 @@ impl Registry {
                 pool: Mutex::new(HashMap::new()),
                 upstream_init: Mutex::new(None),
                 stateless: Mutex::new(HashMap::new()),
+                listeners: Mutex::new(HashMap::new()),
                 tracker,
                 stopping: CancellationToken::new(),
                 stopped: CancellationToken::new(),

@@ -19,6 +19,9 @@
 
 use super::*;
 
+/// Notifications a `subscriptions/listen` stream may fall behind by.
+pub const LISTEN_BUFFER: usize = 64;
+
 /// Stateless clients this process remembers (the least recently seen is forgotten first).
 pub const MAX_STATELESS_CLIENTS: usize = 1000;
 
@@ -215,6 +218,26 @@ impl Registry {
         }
     }
 
+    /// A receiver of the list-changed notifications of `principal`'s pooled upstreams
+    /// (a `subscriptions/listen` stream). Bounded: a listener that falls behind by more
+    /// than [`LISTEN_BUFFER`] notifications misses the oldest (each only says "list again").
+    pub fn listen(&self, principal: &Principal) -> tokio::sync::broadcast::Receiver<Arc<Value>> {
+        let mut map = self
+            .shared
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, tx| tx.receiver_count() > 0);
+        map.entry(principal.id.clone())
+            .or_insert_with(|| tokio::sync::broadcast::channel(LISTEN_BUFFER).0)
+            .subscribe()
+    }
+
+    /// Cancelled when the gateway stops accepting (long-lived streams end).
+    pub fn stopping(&self) -> CancellationToken {
+        self.shared.stopping.clone()
+    }
+
     /// Stateless clients this process has served, most recently seen first.
     pub fn stateless_clients(&self) -> Vec<ClientSeen> {
         let mut v: Vec<ClientSeen> = self
@@ -231,6 +254,27 @@ impl Registry {
 }
 
 impl Session {
+    /// Hands a list-changed notification of a pooled upstream to its principal's listen
+    /// streams (it concerns no call of any one client). True when it was one.
+    pub(super) fn to_listeners(&self, value: &Value) -> bool {
+        let is_list_changed = value
+            .get("method")
+            .and_then(Value::as_str)
+            .is_some_and(|m| m.starts_with("notifications/") && m.ends_with("/list_changed"));
+        if self.transport != Transport::Pooled || !is_list_changed {
+            return false;
+        }
+        let map = self
+            .shared
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = map.get(&self.record.principal) {
+            let _ = tx.send(Arc::new(value.clone()));
+        }
+        true
+    }
+
     /// Calls in flight (the pool's load measure).
     pub fn in_flight(&self) -> usize {
         self.lock().calls.len()
