@@ -113,7 +113,9 @@ impl Bridge {
     }
 
     /// Drops parked calls whose state expired (cancelling them upstream); at most once a
-    /// second, from the requests that arrive.
+    /// second, from the parks and retries that arrive (a parked call holds no exchange, so
+    /// its pooled session still expires on its own; the table is bounded by
+    /// [`MAX_PARKED`] meanwhile).
     fn sweep(&self, now: i64) {
         let last = self.last_sweep.load(Ordering::Relaxed);
         if now - last < 1000
@@ -174,6 +176,7 @@ impl Bridge {
     }
 
     fn take(&self, claims: &StateClaims) -> Option<Call> {
+        self.sweep(now_ms());
         let mut map = self.lock();
         match map.get(&claims.w) {
             Some(p) if p.principal == claims.p => map.remove(&claims.w).map(|p| p.call),

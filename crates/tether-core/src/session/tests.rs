@@ -501,3 +501,89 @@ async fn closing_fails_calls_in_flight_and_stops_the_upstream() {
     }
     assert!(h.upstreams.try_recv().is_err());
 }
+
+/// A pooled member for `principal` with capabilities key `key`, started if needed; the
+/// fake upstream of a new member is returned with it.
+async fn pooled(
+    h: &mut Harness,
+    principal: &Principal,
+    key: &str,
+) -> (Arc<Session>, Option<FakeUpstream>) {
+    let init = json!({"protocolVersion": "2025-11-25", "capabilities": {},
+                      "clientInfo": {"name": "modern", "version": "1"}});
+    let registry = h.registry.clone();
+    let get = registry.pooled(principal, key.to_owned(), &init, None);
+    tokio::pin!(get);
+    tokio::select! {
+        biased;
+        s = &mut get => (s.expect("a member"), None),
+        up = h.upstreams.recv() => {
+            let mut up = up.expect("an upstream start");
+            let (s, _) = tokio::join!(&mut get, up.accept_initialize(json!({})));
+            (s.expect("a member"), Some(up))
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pool_prefers_an_idle_member_grows_when_all_are_busy_and_stops_at_its_size() {
+    let mut h = harness(SessionConfig {
+        pool_size: 2,
+        ..SessionConfig::default()
+    });
+    let alice = Principal::anonymous();
+    let (a, up_a) = pooled(&mut h, &alice, "caps").await;
+    let mut up_a = up_a.expect("the first call starts a member");
+    assert_eq!(a.transport(), Transport::Pooled);
+    // Idle: the same member again, nothing started.
+    let (again, none) = pooled(&mut h, &alice, "caps").await;
+    assert!(Arc::ptr_eq(&a, &again) && none.is_none());
+    // Busy: a second member.
+    let _busy = frames(a.request(call(json!(1), "slow")).await);
+    let _sent = up_a.next_request().await;
+    let (b, up_b) = pooled(&mut h, &alice, "caps").await;
+    assert!(!Arc::ptr_eq(&a, &b) && up_b.is_some());
+    // Both busy and the pool full: the least loaded, nothing started.
+    let mut up_b = up_b.unwrap();
+    let _busy_b = frames(b.request(call(json!(2), "slow")).await);
+    let _sent_b = up_b.next_request().await;
+    let _busier = frames(a.request(call(json!(3), "slow")).await);
+    let _ = up_a.next_request().await;
+    let (least, none) = pooled(&mut h, &alice, "caps").await;
+    assert!(Arc::ptr_eq(&least, &b) && none.is_none());
+    // Another capability set never shares a member.
+    let (other, up_other) = pooled(&mut h, &alice, "other-caps").await;
+    assert!(!Arc::ptr_eq(&other, &a) && !Arc::ptr_eq(&other, &b) && up_other.is_some());
+    // A pooled id is never a client's session.
+    assert!(matches!(
+        h.registry.get(a.id(), &alice).await,
+        Err(SessionError::NotFound)
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_call_is_recorded_cancelled_and_cancelled_upstream() {
+    let mut h = harness(SessionConfig::default());
+    let alice = Principal::anonymous();
+    let (member, up) = pooled(&mut h, &alice, "caps").await;
+    let mut up = up.unwrap();
+    let reply = member.request(call(json!(7), "slow")).await;
+    let Reply::Stream(handle) = reply else {
+        panic!("a stream")
+    };
+    let sent = up.next_request().await;
+    assert_ne!(
+        sent["id"],
+        json!(7),
+        "ids are rewritten on pooled sessions too"
+    );
+    member.abandon(&handle.stream_id, &[]);
+    let cancel = up.recv().await;
+    assert_eq!(cancel["method"], "notifications/cancelled");
+    assert_eq!(cancel["params"]["requestId"], sent["id"]);
+    assert_eq!(member.in_flight(), 0);
+    assert_eq!(h.recorded_outcomes(), ["cancelled"]);
+    // A late answer finds nothing.
+    up.answer(&sent, json!({"content": []})).await;
+    assert_eq!(h.recorded_outcomes(), Vec::<String>::new());
+}
