@@ -12,7 +12,7 @@
 //! cancels its call upstream ([`Call`]'s drop).
 //!
 //! Must not: hold a parked call past its state's expiry, or keep more than
-//! [`MAX_PARKED`] of them.
+//! [`MAX_PARKED`] of them ([`MAX_PARKED_PER_PRINCIPAL`] of one user).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -29,6 +29,8 @@ const GATHER: Duration = Duration::from_millis(20);
 
 /// Parked calls (waiting for a client's input) this gateway holds at most.
 pub const MAX_PARKED: usize = 1024;
+/// Parked calls of one principal: one user cannot fill the table for the others.
+pub const MAX_PARKED_PER_PRINCIPAL: usize = 128;
 
 /// What the modern front needs besides the legacy one.
 #[derive(Debug, Clone)]
@@ -161,7 +163,8 @@ impl Bridge {
             x: expires_ms,
         });
         let mut map = self.lock();
-        if map.len() >= MAX_PARKED {
+        let theirs = map.values().filter(|p| p.principal == principal).count();
+        if map.len() >= MAX_PARKED || theirs >= MAX_PARKED_PER_PRINCIPAL {
             return None;
         }
         map.insert(
@@ -419,7 +422,7 @@ fn park(
             let f = Failure::new(
                 FailureKind::Limit,
                 format!(
-                    "the gateway holds {MAX_PARKED} calls waiting for client input already; retry later"
+                    "the gateway holds as many calls waiting for client input as it may ({MAX_PARKED} in all, {MAX_PARKED_PER_PRINCIPAL} per user); retry later"
                 ),
                 Retry::Safe(Some(Duration::from_secs(1))),
             )
@@ -556,7 +559,7 @@ async fn step(
                         None => {
                             let f = Failure::new(
                                 FailureKind::Limit,
-                                format!("the gateway holds {MAX_PARKED} calls waiting for client input already; retry later"),
+                                format!("the gateway holds as many calls waiting for client input as it may ({MAX_PARKED} in all, {MAX_PARKED_PER_PRINCIPAL} per user); retry later"),
                                 Retry::Safe(Some(Duration::from_secs(1))),
                             )
                             .with("limit", "parked_calls");
