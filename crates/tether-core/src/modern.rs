@@ -123,12 +123,23 @@ impl Meta {
         self.capabilities.get(name).is_some_and(|c| !c.is_null())
     }
 
-    /// The key that decides which pooled upstream session may serve this client: its
-    /// capabilities change what the upstream may ask of it (sampling, elicitation, roots),
-    /// so clients with different ones never share an upstream.
+    /// The key that decides which pooled upstream session may serve this client (within
+    /// its principal): its capabilities change what the upstream may ask of it (sampling,
+    /// elicitation, roots), and its name (`clientInfo.name`) tells two applications of one
+    /// user apart, so neither shares an upstream (nor its in-memory state) with the other,
+    /// and the ledger's per-client figures (read from the pooled session's record) are
+    /// right for stateless clients too.
     pub fn capabilities_key(&self) -> String {
         let mut text = String::new();
         canonical(&self.capabilities, &mut text);
+        text.push('\n');
+        text.push_str(
+            self.client_info
+                .as_ref()
+                .and_then(|i| i.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+        );
         let digest = Sha256::digest(text.as_bytes());
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -861,7 +872,14 @@ mod tests {
             capabilities: c,
             log_level: None,
         };
-        assert_eq!(m(a).capabilities_key(), m(b).capabilities_key());
+        assert_eq!(m(a.clone()).capabilities_key(), m(b).capabilities_key());
+        let mut named = m(a.clone());
+        named.client_info = Some(json!({"name": "cursor", "version": "1"}));
+        assert_ne!(
+            named.capabilities_key(),
+            m(a).capabilities_key(),
+            "another application"
+        );
         assert_ne!(
             m(json!({})).capabilities_key(),
             m(json!({"sampling": {}})).capabilities_key()

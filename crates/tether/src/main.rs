@@ -464,8 +464,8 @@ struct LimitArgs {
     /// How long an open circuit refuses upstream starts before trying one [default: 10s].
     #[arg(long, env = "TETHER_CIRCUIT_COOLDOWN", value_name = "DURATION")]
     circuit_cooldown: Option<String>,
-    /// Upstream sessions the 2026-07-28 bridge holds for one user and one set of client
-    /// capabilities; calls go to an idle one, the pool grows to this when all are busy,
+    /// Upstream sessions the 2026-07-28 bridge holds for one user and one client (its name
+    /// and capabilities); calls go to an idle one, the pool grows to this when all are busy,
     /// idle ones expire like sessions (--idle-timeout) [default: 4].
     #[arg(long, env = "TETHER_BRIDGE_POOL_SIZE", value_name = "N")]
     bridge_pool_size: Option<usize>,

@@ -20,6 +20,7 @@ struct Modern {
     url: String,
     capabilities: Value,
     key: Option<String>,
+    name: &'static str,
 }
 
 impl Modern {
@@ -29,7 +30,13 @@ impl Modern {
             url: url.to_owned(),
             capabilities,
             key: None,
+            name: "modern-test",
         }
+    }
+
+    fn named(mut self, name: &'static str) -> Modern {
+        self.name = name;
+        self
     }
 
     fn with_key(mut self, key: &str) -> Modern {
@@ -45,7 +52,7 @@ impl Modern {
             .or_insert_with(|| json!({}));
         meta["io.modelcontextprotocol/protocolVersion"] = json!(V);
         meta["io.modelcontextprotocol/clientCapabilities"] = self.capabilities.clone();
-        meta["io.modelcontextprotocol/clientInfo"] = json!({"name": "modern-test", "version": "1"});
+        meta["io.modelcontextprotocol/clientInfo"] = json!({"name": self.name, "version": "1"});
         let name = params
             .get("name")
             .or_else(|| params.get("uri"))
@@ -487,4 +494,27 @@ async fn clients_sharing_one_pooled_upstream_never_see_each_others_progress() {
         );
         assert_eq!(text_of(events.last().unwrap()), format!("waited {ms} ms"));
     }
+}
+
+#[tokio::test]
+async fn two_applications_of_one_user_get_their_own_upstreams_and_ledger_rows() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let cursor = Modern::new(&gw.url, json!({})).named("Cursor");
+    let claude = Modern::new(&gw.url, json!({})).named("claude-code");
+    let pc = text_of(&cursor.call(1, "pid", json!({})).await.json());
+    let pk = text_of(&claude.call(1, "pid", json!({})).await.json());
+    assert_ne!(pc, pk, "two applications never share an upstream process");
+    // Each pooled upstream's record names its client, so the ledger's per-client figures
+    // hold for stateless clients too.
+    let sessions = gw.admin_json("/api/sessions?state=live").await;
+    let mut names: Vec<String> = sessions["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["transport"] == "pooled")
+        .map(|s| s["client_name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["Cursor", "claude-code"], "{sessions}");
 }

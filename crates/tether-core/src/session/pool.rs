@@ -2,11 +2,12 @@
 //!
 //! A modern client has no session, but a legacy upstream needs one (an `initialize`, and
 //! for stdio a process). The gateway keeps a small pool of ordinary sessions
-//! ([`Transport::Pooled`]) per principal and per client-capability set, each initialized
+//! ([`Transport::Pooled`]) per principal and per client (capabilities and name), each initialized
 //! from the `_meta` of the request that made it: calls are multiplexed on them with ids
 //! rewritten, supervised and timed out exactly like a client session's. Two principals
 //! never share an upstream (SEP-2567: server state must not cross them), nor do two
-//! capability sets (they change what the upstream may ask of the client).
+//! capability sets (they change what the upstream may ask of the client), nor two client
+//! applications of one user (their records then name the right client in the ledger).
 //!
 //! A call goes to a member with nothing in flight, the pool grows to
 //! [`SessionConfig::pool_size`] when all are busy, and past that the least-loaded member
