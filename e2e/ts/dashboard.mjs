@@ -66,6 +66,10 @@ try {
   const perUpstream = await page.locator("#per-upstream tbody tr").allInnerTexts();
   check(perTool.some((t) => t.includes("echo")) && perTool.some((t) => t.includes("add")), "per-tool: " + perTool);
   check(perUpstream.some((t) => t.includes("demo")), "per-upstream: " + perUpstream);
+  const stateless = await page.locator("#stateless tbody tr").allInnerTexts();
+  check(stateless.some((t) => t.includes("modern-dash")), "stateless clients: " + stateless);
+  const pooled = await page.locator("#sessions tbody tr[data-id]", { hasText: "pooled" }).count();
+  check(pooled === 1, "the bridge's pooled upstream is marked: " + pooled);
 
   // Filters: by client, by id prefix; then back to everything.
   await page.selectOption("#f-client", otherClient);
@@ -116,7 +120,7 @@ try {
   const favicon = await page.locator('link[rel="icon"]').getAttribute("href");
   check(favicon && favicon.startsWith("data:image/svg+xml"), "favicon");
 
-  console.log(JSON.stringify({ ok: true, rows, stable, axes, tooltip, perTool, perUpstream, byClient, byId: byId.length,
+  console.log(JSON.stringify({ ok: true, rows, stable, axes, tooltip, perTool, perUpstream, stateless, byClient, byId: byId.length,
     firstByCalls, calls, detailText, timeline, reasons, closedRows, narrow, light, dark, failed }));
 } finally {
   await browser.close();

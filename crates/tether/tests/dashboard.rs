@@ -50,6 +50,25 @@ async fn dashboard_shows_sessions_and_evicts_one() {
             }
         })
     };
+    // One stateless (2026-07-28) client: it has no session, the page lists it apart.
+    let modern = reqwest::Client::new()
+        .post(&gw.url)
+        .header("content-type", "application/json")
+        .header("accept", common::ACCEPT_BOTH)
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/list")
+        .body(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {},
+                "io.modelcontextprotocol/clientInfo": {"name": "modern-dash", "version": "2"},
+            }}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(modern.status(), 200);
     tokio::time::sleep(Duration::from_millis(300)).await; // let the ledger batch land
 
     // Kept as CI artifacts: target/artifacts/dashboard*.png.
