@@ -279,6 +279,10 @@ pub(super) async fn post(
                 ));
                 return Ok(axum::Json(f.response(id)).into_response());
             };
+            if progress_token.is_some() {
+                // The retry is a request of its own: its progress goes under its token.
+                call.progress_token = progress_token;
+            }
             let mut missing = Vec::new();
             for (k, request) in std::mem::take(&mut call.asked) {
                 match retry.responses.get(&k) {
