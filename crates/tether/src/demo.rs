@@ -161,6 +161,16 @@ impl Demo {
         format!("wrote after {ms} ms")
     }
 
+    #[tool(
+        description = "Send notifications/tools/list_changed (for tests of list-changed delivery)"
+    )]
+    async fn touch_tools(&self, client: Peer<RoleServer>) -> String {
+        match client.notify_tool_list_changed().await {
+            Ok(()) => "sent".into(),
+            Err(e) => format!("not sent: {e}"),
+        }
+    }
+
     #[tool(description = "Ask the user for their name (elicitation/create) and greet them")]
     async fn ask(&self, client: Peer<RoleServer>) -> Result<String, ErrorData> {
         match client.elicit::<AskAnswer>("What is your name?").await {

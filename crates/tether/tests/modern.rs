@@ -518,3 +518,75 @@ async fn two_applications_of_one_user_get_their_own_upstreams_and_ledger_rows() 
     names.sort();
     assert_eq!(names, ["Cursor", "claude-code"], "{sessions}");
 }
+
+#[tokio::test]
+async fn a_listen_stream_gets_the_list_changes_it_asked_for_tagged_with_its_subscription() {
+    use futures::StreamExt;
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let modern = Modern::new(&gw.url, json!({}));
+    // A subscription is named by its request's id (a string here, as SDK clients send).
+    let listen = |filter: Value, id: &'static str| {
+        reqwest::Client::new()
+            .post(&gw.url)
+            .header("content-type", "application/json")
+            .header("accept", ACCEPT_BOTH)
+            .header("mcp-protocol-version", V)
+            .header("mcp-method", "subscriptions/listen")
+            .body(
+                json!({"jsonrpc": "2.0", "id": id, "method": "subscriptions/listen", "params": {
+                    "notifications": filter, "_meta": {
+                    "io.modelcontextprotocol/protocolVersion": V,
+                    "io.modelcontextprotocol/clientCapabilities": {}}}})
+                .to_string(),
+            )
+            .send()
+    };
+    let tools = listen(json!({"toolsListChanged": true}), "sub-tools")
+        .await
+        .unwrap();
+    assert_eq!(tools.headers()["content-type"], "text/event-stream");
+    let prompts = listen(json!({"promptsListChanged": true}), "sub-prompts")
+        .await
+        .unwrap();
+    let mut tools = tools.bytes_stream();
+    let mut prompts = prompts.bytes_stream();
+    let event = |chunk: axum::body::Bytes| -> Value {
+        let text = String::from_utf8_lossy(&chunk).to_string();
+        let data = text
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .unwrap_or_else(|| panic!("no data in {text:?}"));
+        serde_json::from_str(data).unwrap()
+    };
+    let ack = event(tools.next().await.unwrap().unwrap());
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged");
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"toolsListChanged": true})
+    );
+    assert_eq!(
+        ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+        "sub-tools"
+    );
+    let _ = event(prompts.next().await.unwrap().unwrap());
+    // A call on the user's pooled upstream changes its tool list.
+    assert_eq!(
+        text_of(&modern.call(1, "touch_tools", json!({})).await.json()),
+        "sent"
+    );
+    let changed = tokio::time::timeout(Duration::from_secs(10), tools.next())
+        .await
+        .expect("the change reaches the listen stream")
+        .unwrap()
+        .unwrap();
+    let changed = event(changed);
+    assert_eq!(changed["method"], "notifications/tools/list_changed");
+    assert_eq!(
+        changed["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+        "sub-tools"
+    );
+    // The stream filtered to prompts hears nothing of it.
+    let quiet = tokio::time::timeout(Duration::from_millis(500), prompts.next()).await;
+    assert!(quiet.is_err(), "a prompts-only listener got {quiet:?}");
+}
