@@ -146,17 +146,7 @@ pub async fn run(
                 StoreSpec::Sqlite => Duration::ZERO,
             },
             modern: ModernConfig {
-                state_key: match &stores.coordinator {
-                    // Any instance of the deployment verifies a state another one sealed.
-                    Some(c) => match c.shared_secret("bridge").await {
-                        Ok(Some(k)) => crate::modern::StateKey::new(k),
-                        Ok(None) => bridge_key(&config)?,
-                        Err(e) => {
-                            anyhow::bail!("cannot read the bridge key from the live store: {e}")
-                        }
-                    },
-                    None => bridge_key(&config)?,
-                },
+                state_key: bridge_key(&config, stores.coordinator.as_deref()).await?,
                 instance: stores
                     .coordinator
                     .as_ref()
@@ -369,62 +359,66 @@ fn resolve_admin_token(config: &Config) -> anyhow::Result<AdminToken> {
             hint,
         });
     }
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("cannot create the state dir {}", config.state_dir.display()))?;
     let secret = format!("tadm_{}", crate::ids::new_session_id());
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot write the admin token to {}", path.display()))?;
-    writeln!(file, "{secret}")?;
+    write_secret(&config.state_dir, &path, &secret)?;
     tracing::info!(file = %path.display(), "generated an admin token (the CLI reads it there; `tether dashboard` prints a link with it)");
     Ok(AdminToken { secret, hint })
 }
 
-/// The key that seals MRTR `requestState` (`modern::StateKey`): 32 random bytes kept in
-/// the state dir (`bridge.key`, mode 0600), so a state stays verifiable across restarts.
-fn bridge_key(config: &Config) -> anyhow::Result<crate::modern::StateKey> {
+/// The key that seals MRTR `requestState` (`modern::StateKey`): with a shared store the
+/// deployment's one (`P:secret:bridge`, so any instance verifies a state another sealed),
+/// else 32 random bytes kept in the state dir (`bridge.key`, mode 0600), so a state stays
+/// verifiable across restarts.
+async fn bridge_key(
+    config: &Config,
+    coordinator: Option<&dyn crate::store::Coordinator>,
+) -> anyhow::Result<crate::modern::StateKey> {
+    let (text, whence) = match coordinator {
+        Some(c) => match c.shared_secret("bridge").await {
+            Ok(Some(text)) => (text, "the live store's bridge secret".to_owned()),
+            Ok(None) => bridge_key_file(config)?,
+            Err(e) => anyhow::bail!("cannot read the bridge key from the live store: {e}"),
+        },
+        None => bridge_key_file(config)?,
+    };
+    crate::modern::StateKey::from_hex(&text).with_context(|| {
+        format!("{whence} is not 64 hex characters; delete it to have a new key made")
+    })
+}
+
+/// The bridge key's text from the state dir, made there first if missing; and where it is.
+fn bridge_key_file(config: &Config) -> anyhow::Result<(String, String)> {
+    let path = config.state_dir.join(BRIDGE_KEY_FILE);
+    let text = if path.exists() {
+        std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the bridge key {}", path.display()))?
+    } else {
+        let hex = crate::ids::random_hex(32);
+        write_secret(&config.state_dir, &path, &hex)?;
+        hex
+    };
+    Ok((text, path.display().to_string()))
+}
+
+/// Writes a secret the gateway generated into a new file of the state dir, readable by its
+/// owner only (an existing file is never overwritten).
+fn write_secret(
+    state_dir: &std::path::Path,
+    path: &std::path::Path,
+    secret: &str,
+) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = config.state_dir.join(BRIDGE_KEY_FILE);
-    let parse = |text: &str| -> Option<[u8; 32]> {
-        let text = text.trim();
-        let mut out = [0u8; 32];
-        if text.len() != 64 {
-            return None;
-        }
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(out)
-    };
-    if path.exists() {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read the bridge key {}", path.display()))?;
-        let key = parse(&text).with_context(|| {
-            format!(
-                "{} is not 64 hex characters; delete it to have a new key made",
-                path.display()
-            )
-        })?;
-        return Ok(crate::modern::StateKey::new(key));
-    }
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("cannot create the state dir {}", config.state_dir.display()))?;
-    let key: [u8; 32] = rand::random();
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create the state dir {}", state_dir.display()))?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot write the bridge key to {}", path.display()))?;
-    writeln!(file, "{hex}")?;
-    Ok(crate::modern::StateKey::new(key))
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(file, "{secret}")?;
+    Ok(())
 }
 
 /// Takes the state dir for this process: two gateways writing one SQLite store would serve

@@ -643,6 +643,20 @@ impl StateKey {
         StateKey(bytes)
     }
 
+    /// A key from the 64 hex characters it is kept as (in the state dir or the shared
+    /// store); `None` for anything else.
+    pub fn from_hex(text: &str) -> Option<StateKey> {
+        let text = text.trim();
+        if text.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(StateKey(out))
+    }
+
     fn mac(&self, payload: &str) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
         mac.update(payload.as_bytes());
@@ -996,6 +1010,10 @@ mod tests {
         assert_eq!(
             key.open(&s, "alice", "tools/call", Some("sample"), 1_000),
             Err(StateError::Expired)
+        );
+        assert!(StateKey::from_hex(&"07".repeat(32)).is_some_and(|k| k.0 == [7; 32]));
+        assert!(
+            StateKey::from_hex("07").is_none() && StateKey::from_hex(&"zz".repeat(32)).is_none()
         );
         let other = StateKey::new([8; 32]);
         assert_eq!(

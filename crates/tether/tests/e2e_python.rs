@@ -27,25 +27,10 @@ async fn python_sdk_client_in_the_modern_era_through_the_bridge() {
     let dir = state_dir();
     let gw = Gateway::start(dir.path(), &["--demo"]);
     for mode in ["2026-07-28", "auto"] {
-        let (url, python) = (gw.url.clone(), python.clone());
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new(python)
-                .arg(dir_py.join("client_modern.py"))
-                .args([&url, mode])
-                .output()
-                .expect("python runs")
-        })
-        .await
-        .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "Python client ({mode}) failed:\n{stdout}\n{}\ngateway log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            gw.log_text()
-        );
-        let report: serde_json::Value =
-            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let mut cmd = Command::new(&python);
+        cmd.arg(dir_py.join("client_modern.py"))
+            .args([gw.url.as_str(), mode]);
+        let report = common::client_report(cmd, &format!("Python client ({mode})"), &gw).await;
         assert_eq!(report["version"], "2026-07-28", "{report}");
         assert_eq!(report["sampled"], 1);
         assert_eq!(report["elicited"], 1);

@@ -26,24 +26,9 @@ async fn typescript_sdk_client_through_gateway() {
     }
     let dir = state_dir();
     let gw = Gateway::start(dir.path(), &["--demo"]);
-    let url = gw.url.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(dir_ts.join("client.mjs"))
-            .arg(&url)
-            .output()
-            .expect("node runs")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "TypeScript client failed:\n{stdout}\n{}\ngateway log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.log_text()
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let mut cmd = Command::new("node");
+    cmd.arg(dir_ts.join("client.mjs")).arg(&gw.url);
+    let report = common::client_report(cmd, "TypeScript client", &gw).await;
     assert_eq!(report["ok"], true);
     assert_eq!(report["sampled"], 1);
     assert_eq!(report["progress"], 3);
@@ -85,25 +70,11 @@ async fn typescript_v2_client_in_the_modern_era_through_the_bridge() {
     let dir = state_dir();
     let gw = Gateway::start(dir.path(), &["--demo"]);
     for mode in ["pin", "auto"] {
-        let (url, node) = (gw.url.clone(), node.clone());
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new(node)
-                .arg(dir_ts.join("client-modern.mjs"))
-                .args([&url, mode])
-                .output()
-                .expect("node runs")
-        })
-        .await
-        .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "TypeScript v2 client ({mode}) failed:\n{stdout}\n{}\ngateway log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            gw.log_text()
-        );
-        let report: serde_json::Value =
-            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let mut cmd = Command::new(&node);
+        cmd.arg(dir_ts.join("client-modern.mjs"))
+            .args([gw.url.as_str(), mode]);
+        let report =
+            common::client_report(cmd, &format!("TypeScript v2 client ({mode})"), &gw).await;
         assert_eq!(report["era"], "modern", "{report}");
         assert_eq!(report["version"], "2026-07-28");
         assert_eq!(

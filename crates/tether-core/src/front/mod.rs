@@ -900,6 +900,14 @@ fn sse_response(
             }
         }
     };
+    event_stream(body)
+}
+
+/// An SSE response of `body`'s events (both eras; `X-Accel-Buffering: no` so a reverse
+/// proxy does not hold them back).
+fn event_stream(
+    body: impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+) -> Response {
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")

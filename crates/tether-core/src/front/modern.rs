@@ -298,7 +298,8 @@ pub(super) async fn post(
             if !missing.is_empty() {
                 // The spec's advice: ask again for what is still missing.
                 call.asked = missing;
-                return Ok(park(st, call, principal, &method, name.as_deref(), id));
+                let v = park(st, call, &principal.id, &method, name.as_deref(), id);
+                return Ok(json_status(rules::status_of(&v), &v));
             }
             call
         }
@@ -380,12 +381,7 @@ fn listen(st: &AppState, principal: &Principal, env: &Envelope, id: Value) -> Re
             }
         }
     };
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header("x-accel-buffering", "no")
-        .body(Body::from_stream(body))
-        .expect("static headers are valid")
+    event_stream(body)
 }
 
 /// Sends a retry whose call another live instance of the deployment holds to that
@@ -410,30 +406,52 @@ async fn to_holder(st: &AppState, instance: &str, original: &Original<'_>) -> Op
     }
 }
 
-/// Parks a call that asked the client for input and answers with the `InputRequiredResult`.
+/// Parks a call that asked the client for input: the `InputRequiredResult` to answer
+/// with, or the refusal when the table is full (the call is then dropped: cancelled
+/// upstream).
 fn park(
     st: &AppState,
     call: Call,
-    principal: &Principal,
+    principal: &str,
     method: &str,
     name: Option<&str>,
     id: Value,
-) -> Response {
+) -> Value {
     let asked = call.asked.clone();
-    match st.bridge.park(call, &principal.id, method, name) {
-        Some(state) => axum::Json(rules::input_required(id, &asked, &state)).into_response(),
-        None => {
-            let f = Failure::new(
-                FailureKind::Limit,
-                format!(
-                    "the gateway holds as many calls waiting for client input as it may ({MAX_PARKED} in all, {MAX_PARKED_PER_PRINCIPAL} per user); retry later"
-                ),
-                Retry::Safe(Some(Duration::from_secs(1))),
-            )
-            .with("limit", "parked_calls");
-            FrontError::refused(&f).with_id(Some(&id)).into_response()
-        }
+    match st.bridge.park(call, principal, method, name) {
+        Some(state) => rules::input_required(id, &asked, &state),
+        None => parked_full().response(id),
     }
+}
+
+/// Whether an upstream's request can go to this client as an input request (a kind MRTR
+/// carries, for a capability the client declared).
+fn askable(ask: &Value, meta: &Meta) -> bool {
+    ask.get("method")
+        .and_then(Value::as_str)
+        .and_then(rules::required_capability)
+        .is_some_and(|cap| meta.declares(cap))
+}
+
+/// The key an upstream's request to the client goes under: its `tether-N` id.
+fn ask_key(ask: &Value) -> String {
+    ask.get("id")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The refusal of a call that would park past [`MAX_PARKED`] or
+/// [`MAX_PARKED_PER_PRINCIPAL`].
+fn parked_full() -> Failure {
+    Failure::new(
+        FailureKind::Limit,
+        format!(
+            "the gateway holds as many calls waiting for client input as it may ({MAX_PARKED} in all, {MAX_PARKED_PER_PRINCIPAL} per user); retry later"
+        ),
+        Retry::Safe(Some(Duration::from_secs(1))),
+    )
+    .with("limit", "parked_calls")
 }
 
 /// What to do with one event of a bridged call, in either rendering.
@@ -522,8 +540,7 @@ async fn step(
                     Step::End(rules::missing_capability(id.clone(), cap))
                 }
                 Some(_) => {
-                    let key = ask_id.as_str().unwrap_or_default().to_owned();
-                    c.asked.push((key, v));
+                    c.asked.push((ask_key(&v), v));
                     // Requests the upstream sent together go out together: those that
                     // follow within a moment (a server awaiting several at once sends them
                     // back to back) join this one.
@@ -534,19 +551,8 @@ async fn step(
                         };
                         let Some(f) = next else { break };
                         match event_of(&f.data) {
-                            Some(Event::Ask(more))
-                                if more
-                                    .get("method")
-                                    .and_then(Value::as_str)
-                                    .and_then(rules::required_capability)
-                                    .is_some_and(|cap| meta.declares(cap)) =>
-                            {
-                                let k = more
-                                    .get("id")
-                                    .and_then(Value::as_str)
-                                    .unwrap_or_default()
-                                    .to_owned();
-                                c.asked.push((k, more));
+                            Some(Event::Ask(more)) if askable(&more, meta) => {
+                                c.asked.push((ask_key(&more), more));
                             }
                             _ => {
                                 c.rx.hold(f);
@@ -554,21 +560,9 @@ async fn step(
                             }
                         }
                     }
-                    let Some(c) = call.take() else {
-                        return Step::Skip;
-                    };
-                    let asked = c.asked.clone();
-                    match st.bridge.park(c, principal, method, name) {
-                        Some(state) => Step::End(rules::input_required(id.clone(), &asked, &state)),
-                        None => {
-                            let f = Failure::new(
-                                FailureKind::Limit,
-                                format!("the gateway holds as many calls waiting for client input as it may ({MAX_PARKED} in all, {MAX_PARKED_PER_PRINCIPAL} per user); retry later"),
-                                Retry::Safe(Some(Duration::from_secs(1))),
-                            )
-                            .with("limit", "parked_calls");
-                            Step::End(f.response(id.clone()))
-                        }
+                    match call.take() {
+                        Some(c) => Step::End(park(st, c, principal, method, name, id.clone())),
+                        None => Step::Skip,
                     }
                 }
             }
@@ -651,10 +645,5 @@ async fn answer(
             ticker.reset();
         }
     };
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header("x-accel-buffering", "no")
-        .body(Body::from_stream(body))
-        .expect("static headers are valid")
+    event_stream(body)
 }

@@ -310,9 +310,10 @@ pub trait Coordinator: Send + Sync + 'static {
     async fn reconnected(&self) {
         std::future::pending::<()>().await;
     }
-    /// A 32-byte secret every instance of the deployment shares, made by the first one that
-    /// asks (`name` says what it is for); `None` when the store keeps none.
-    async fn shared_secret(&self, _name: &str) -> Result<Option<[u8; 32]>, StoreError> {
+    /// A secret every instance of the deployment shares (32 random bytes as hex), made by
+    /// the first one that asks (`name` says what it is for); `None` when the store keeps
+    /// none.
+    async fn shared_secret(&self, _name: &str) -> Result<Option<String>, StoreError> {
         Ok(None)
     }
 }

@@ -782,3 +782,20 @@ impl TestApp {
             .expect("the gateway task did not panic")
     }
 }
+
+/// Runs an end-to-end client script (off the async runtime) and returns the JSON report it
+/// prints on its last line; a failing run panics with its output and the gateway's log.
+pub async fn client_report(mut cmd: Command, what: &str, gw: &Gateway) -> Value {
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("the client runs"))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{stdout}\n{}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log_text()
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{what}: no JSON report ({e}): {stdout}"))
+}

@@ -59,27 +59,20 @@ impl Coordinator for RedisStore {
         self.inner.reconnected.notified().await;
     }
 
-    async fn shared_secret(&self, name: &str) -> Result<Option<[u8; 32]>, StoreError> {
+    async fn shared_secret(&self, name: &str) -> Result<Option<String>, StoreError> {
         let key = self.key("secret", name);
-        let mine: [u8; 32] = rand::random();
-        let hex: String = mine.iter().map(|b| format!("{b:02x}")).collect();
         let mut pipe = Pipeline::new();
-        pipe.cmd("SET").arg(&key).arg(hex).arg("NX").ignore();
+        pipe.cmd("SET")
+            .arg(&key)
+            .arg(crate::ids::random_hex(32))
+            .arg("NX")
+            .ignore();
         pipe.cmd("GET").arg(&key);
         let (value,): (String,) = pipe
             .query_async(&mut self.conn())
             .await
             .map_err(|e| unavailable(&e))?;
-        let mut out = [0u8; 32];
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = value
-                .get(2 * i..2 * i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    StoreError::Corrupt(format!("{key} is not a 64-character hex secret"))
-                })?;
-        }
-        Ok(Some(out))
+        Ok(Some(value))
     }
 
     async fn leave(&self) {
