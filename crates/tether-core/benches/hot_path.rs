@@ -126,6 +126,7 @@ fn lookup(c: &mut Criterion) {
             tether_core::upstream::Connector::new(
                 UpstreamSpec::Http {
                     url: "http://127.0.0.1:1/mcp".into(),
+                    protocol: tether_core::config::UpstreamProtocol::Legacy,
                 },
                 "bench",
                 None,

@@ -364,6 +364,9 @@ pub struct UpstreamLayer {
     /// Refuse to start when the upstream cannot be started (program missing, URL not
     /// answering) instead of warning and serving errors to the first sessions.
     pub require: Option<bool>,
+    /// The protocol era spoken to an HTTP upstream: `auto` (default: ask it once with
+    /// `server/discover`), `legacy` (sessions) or `modern` (2026-07-28, stateless).
+    pub protocol: Option<String>,
 }
 
 /// Where the gateway's upstream MCP server is.
@@ -384,7 +387,34 @@ pub enum UpstreamSpec {
     Http {
         /// The endpoint URL.
         url: String,
+        /// Which era of the protocol to speak to it.
+        protocol: UpstreamProtocol,
     },
+}
+
+/// The protocol era the gateway speaks to an HTTP upstream (`--upstream-protocol`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// Ask the server once (`server/discover`): 2026-07-28 when it lists that version,
+    /// else the legacy protocol with sessions.
+    #[default]
+    Auto,
+    /// Sessions (`initialize`, `Mcp-Session-Id`), 2024-11-05 to 2025-11-25.
+    Legacy,
+    /// Stateless 2026-07-28: every request self-contained.
+    Modern,
+}
+
+impl UpstreamProtocol {
+    /// Parses the option's value.
+    pub fn parse(text: &str) -> Option<UpstreamProtocol> {
+        match text {
+            "auto" => Some(UpstreamProtocol::Auto),
+            "legacy" => Some(UpstreamProtocol::Legacy),
+            "modern" | "2026-07-28" => Some(UpstreamProtocol::Modern),
+            _ => None,
+        }
+    }
 }
 
 impl UpstreamSpec {
@@ -395,7 +425,7 @@ impl UpstreamSpec {
             UpstreamSpec::Stdio { argv, .. } => {
                 format!("stdio {} ({} args)", argv[0], argv.len() - 1)
             }
-            UpstreamSpec::Http { url } => match reqwest::Url::parse(url) {
+            UpstreamSpec::Http { url, .. } => match reqwest::Url::parse(url) {
                 Ok(mut u) => {
                     let _ = u.set_username("");
                     let _ = u.set_password(None);
@@ -449,7 +479,7 @@ impl UpstreamSpec {
                     None => program,
                 }
             }
-            UpstreamSpec::Http { url } => match reqwest::Url::parse(url) {
+            UpstreamSpec::Http { url, .. } => match reqwest::Url::parse(url) {
                 Ok(u) => {
                     let host = u.host_str().unwrap_or("http").to_owned();
                     let path = u.path().trim_matches('/').replace('/', "-");
@@ -496,7 +526,7 @@ impl UpstreamSpec {
                     h.update(dir.to_string_lossy().as_bytes());
                 }
             }
-            UpstreamSpec::Http { url } => {
+            UpstreamSpec::Http { url, .. } => {
                 h.update(b"http\0");
                 h.update(url.as_bytes());
             }
@@ -658,6 +688,7 @@ impl Layer {
             inherit_env: top_up.inherit_env.or(base_up.inherit_env),
             pass_env: top_up.pass_env.or(base_up.pass_env),
             require: top_up.require.or(base_up.require),
+            protocol: top_up.protocol.or(base_up.protocol),
         };
         let limits = match (self.limits, over.limits) {
             (Some(a), Some(b)) => Some(a.overlay(b)),
@@ -887,6 +918,27 @@ impl Config {
             }
             EnvPolicy::Allow(names)
         };
+        let protocol = match up
+            .protocol
+            .as_deref()
+            .map(|p| (p, UpstreamProtocol::parse(p)))
+        {
+            None => UpstreamProtocol::Auto,
+            Some((_, Some(p))) => {
+                if up.url.is_none() && p != UpstreamProtocol::Auto {
+                    errors.push(
+                        "upstream.protocol: applies only to an HTTP upstream (--upstream-url); a stdio server is spoken to in the legacy protocol".to_owned(),
+                    );
+                }
+                p
+            }
+            Some((text, None)) => {
+                errors.push(format!(
+                    "upstream.protocol: {text:?} is not one of auto, legacy, modern"
+                ));
+                UpstreamProtocol::Auto
+            }
+        };
         let sources =
             usize::from(up.command.is_some()) + usize::from(up.url.is_some()) + usize::from(demo);
         let upstream = match (up.command, up.url) {
@@ -931,7 +983,7 @@ impl Config {
                             .to_owned(),
                     );
                 }
-                Some(UpstreamSpec::Http { url })
+                Some(UpstreamSpec::Http { url, protocol })
             }
             _ => Some(UpstreamSpec::Stdio {
                 argv: demo_command,
@@ -1084,6 +1136,7 @@ mod tests {
         };
         let http = |url: &str| UpstreamSpec::Http {
             url: url.to_owned(),
+            protocol: UpstreamProtocol::Auto,
         };
         for (spec, want) in [
             (stdio(&["/usr/bin/mcp-server-time"]), "mcp-server-time"),
@@ -1149,7 +1202,8 @@ mod tests {
         assert_eq!(
             c.upstream,
             UpstreamSpec::Http {
-                url: "http://x/mcp".into()
+                url: "http://x/mcp".into(),
+                protocol: UpstreamProtocol::Auto,
             }
         );
     }

@@ -711,6 +711,256 @@ pub fn request_name(env: &Envelope) -> Option<&str> {
     env.params()?.get(field)?.as_str()
 }
 
+// The other direction: a legacy client session in front of a modern upstream
+// (`upstream::modern`). The gateway keeps the client's session; every request it sends
+// upstream is made self-contained here.
+
+/// What a legacy session tells a modern upstream on every request: the client as its
+/// `initialize` described it, and the log level it set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Upstream {
+    /// The client's `clientInfo` from its `initialize`.
+    pub client_info: Value,
+    /// The client's `capabilities` from its `initialize`.
+    pub capabilities: Value,
+    /// The level of the client's last `logging/setLevel`; `None`: no log messages.
+    pub log_level: Option<String>,
+}
+
+impl Upstream {
+    /// The client of a legacy `initialize`'s params.
+    pub fn of_initialize(params: &Value) -> Upstream {
+        Upstream {
+            client_info: params
+                .get("clientInfo")
+                .filter(|v| v.is_object())
+                .cloned()
+                .unwrap_or_else(|| json!({"name": "tether", "version": env!("CARGO_PKG_VERSION")})),
+            capabilities: params
+                .get("capabilities")
+                .filter(|v| v.is_object())
+                .cloned()
+                .unwrap_or_else(|| json!({})),
+            log_level: None,
+        }
+    }
+
+    /// The `_meta` keys every modern request carries, added to `request.params._meta`
+    /// (the client's own keys, such as its progress token and trace context, stay).
+    pub fn stamp(&self, request: &mut Value) {
+        if !request.get("params").is_some_and(Value::is_object) {
+            request["params"] = json!({});
+        }
+        let params = &mut request["params"];
+        if !params.get("_meta").is_some_and(Value::is_object) {
+            params["_meta"] = json!({});
+        }
+        let meta = &mut params["_meta"];
+        meta[META_PROTOCOL_VERSION] = Value::from(MODERN_VERSION);
+        meta[META_CLIENT_INFO] = self.client_info.clone();
+        meta[META_CLIENT_CAPABILITIES] = self.capabilities.clone();
+        if let Some(level) = &self.log_level {
+            meta[META_LOG_LEVEL] = Value::from(level.as_str());
+        }
+    }
+}
+
+/// The HTTP headers a modern request must carry (spec §1.2): `MCP-Protocol-Version`,
+/// `Mcp-Method`, and `Mcp-Name` for the methods that name something. A name that is not
+/// plain visible ASCII is sent in the `=?base64?…?=` form the spec gives for it.
+pub fn request_headers(request: &Value) -> Vec<(&'static str, String)> {
+    let mut h = vec![("mcp-protocol-version", MODERN_VERSION.to_owned())];
+    let Some(method) = request.get("method").and_then(Value::as_str) else {
+        return h;
+    };
+    h.push(("mcp-method", method.to_owned()));
+    let name = name_field(method)
+        .and_then(|f| request.get("params")?.get(f)?.as_str())
+        .map(header_encoded);
+    if let Some(name) = name {
+        h.push(("mcp-name", name));
+    }
+    h
+}
+
+/// A header value as sent: as is when it is visible ASCII without surrounding spaces,
+/// else base64 in the `=?base64?…?=` form.
+fn header_encoded(text: &str) -> String {
+    let plain = text.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && text.trim() == text
+        && !text.starts_with("=?");
+    if plain {
+        text.to_owned()
+    } else {
+        format!("=?base64?{}?=", STANDARD.encode(text))
+    }
+}
+
+/// The legacy `InitializeResult` a client is given for a modern upstream: the
+/// capabilities, server info and instructions of its `server/discover` result, at the
+/// version the client asked for when the gateway speaks it (else the newest legacy one).
+pub fn initialize_result(discover: &Value, requested: Option<&str>) -> Value {
+    let version = requested
+        .filter(|v| protocol::LEGACY_VERSIONS.contains(v))
+        .unwrap_or(BRIDGE_LEGACY_VERSION);
+    let mut result = json!({
+        "protocolVersion": version,
+        "capabilities": discover.get("capabilities").filter(|c| c.is_object()).cloned().unwrap_or_else(|| json!({})),
+        "serverInfo": discover
+            .pointer(&format!("/_meta/{}", META_SERVER_INFO.replace('/', "~1")))
+            .filter(|i| i.is_object())
+            .cloned()
+            .unwrap_or_else(|| json!({"name": "upstream", "version": "unknown"})),
+    });
+    if let Some(i) = discover.get("instructions").filter(|i| i.is_string()) {
+        result["instructions"] = i.clone();
+    }
+    result
+}
+
+/// Whether a `server/discover` result says the server speaks 2026-07-28.
+pub fn speaks_modern(discover: &Value) -> bool {
+    discover
+        .get("supportedVersions")
+        .and_then(Value::as_array)
+        .is_some_and(|v| v.iter().any(|v| v.as_str() == Some(MODERN_VERSION)))
+}
+
+/// What an `InputRequiredResult` asks of the client before its request can finish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputRound {
+    /// Key → the request message to send the client (without id).
+    pub requests: Vec<(String, Value)>,
+    /// The state the retry must echo, as the server sent it.
+    pub state: Option<Value>,
+}
+
+/// The input round a modern upstream's answer asks for; `None` for any other answer.
+pub fn input_requests(answer: &Value) -> Option<InputRound> {
+    let result = answer.get("result")?;
+    if result.get("resultType").and_then(Value::as_str) != Some("input_required") {
+        return None;
+    }
+    let requests = result
+        .get("inputRequests")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, r)| {
+                    let mut msg = json!({"jsonrpc": "2.0", "method": r.get("method").cloned().unwrap_or(Value::Null)});
+                    if let Some(p) = r.get("params") {
+                        msg["params"] = p.clone();
+                    }
+                    (k.clone(), msg)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(InputRound {
+        requests,
+        state: result.get("requestState").cloned(),
+    })
+}
+
+/// The retry of an MRTR request: the original with a new id (the spec requires one),
+/// the client's answers and the upstream's state.
+pub fn retry(
+    original: &Value,
+    id: Value,
+    responses: Map<String, Value>,
+    state: Option<Value>,
+) -> Value {
+    let mut r = original.clone();
+    r["id"] = id;
+    if !r.get("params").is_some_and(Value::is_object) {
+        r["params"] = json!({});
+    }
+    r["params"]["inputResponses"] = Value::Object(responses);
+    match state {
+        Some(s) => r["params"]["requestState"] = s,
+        None => {
+            if let Some(p) = r["params"].as_object_mut() {
+                p.remove("requestState");
+            }
+        }
+    }
+    r
+}
+
+/// Makes a modern upstream's final answer a legacy one: the result loses the fields a
+/// legacy client has no use for (`resultType`, the caching hints); the id is the one the
+/// session sent.
+pub fn to_legacy_answer(answer: &mut Value, id: Value) {
+    answer["id"] = id;
+    if let Some(r) = answer.get_mut("result").and_then(Value::as_object_mut) {
+        r.remove("resultType");
+        r.remove("ttlMs");
+        r.remove("cacheScope");
+    }
+}
+
+/// The `subscriptions/listen` request that carries a legacy session's change
+/// notifications: the list-changed kinds the server offers and the resources the client
+/// subscribed to. `None` when there is nothing to listen for.
+pub fn listen_request(
+    id: Value,
+    server_capabilities: &Value,
+    resources: &[String],
+) -> Option<Value> {
+    let offers = |kind: &str| {
+        server_capabilities
+            .get(kind)
+            .and_then(|c| c.get("listChanged"))
+            .and_then(Value::as_bool)
+            == Some(true)
+    };
+    let mut notifications = Map::new();
+    for (kind, key) in [
+        ("tools", "toolsListChanged"),
+        ("prompts", "promptsListChanged"),
+        ("resources", "resourcesListChanged"),
+    ] {
+        if offers(kind) {
+            notifications.insert(key.to_owned(), Value::Bool(true));
+        }
+    }
+    if !resources.is_empty() {
+        notifications.insert("resourceSubscriptions".to_owned(), json!(resources));
+    }
+    if notifications.is_empty() {
+        return None;
+    }
+    let mut v = json!({"jsonrpc": "2.0", "method": "subscriptions/listen", "params": {"notifications": notifications}});
+    v["id"] = id;
+    Some(v)
+}
+
+/// A listen stream's notification as a legacy session receives it: without the
+/// subscription tag. `None` for what only a listen stream's client needs (the
+/// acknowledgement).
+pub fn from_listen(mut notification: Value) -> Option<Value> {
+    if notification.get("method").and_then(Value::as_str)
+        == Some("notifications/subscriptions/acknowledged")
+    {
+        return None;
+    }
+    if let Some(meta) = notification
+        .get_mut("params")
+        .and_then(|p| p.get_mut("_meta"))
+        .and_then(Value::as_object_mut)
+    {
+        meta.remove(META_SUBSCRIPTION_ID);
+        if meta.is_empty()
+            && let Some(p) = notification
+                .get_mut("params")
+                .and_then(Value::as_object_mut)
+        {
+            p.remove("_meta");
+        }
+    }
+    Some(notification)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1044,5 +1294,123 @@ mod tests {
             json!({"method": "elicitation/create", "params": {"message": "?"}})
         );
         assert_eq!(r["result"]["requestState"], "st");
+    }
+
+    #[test]
+    fn a_legacy_session_request_is_made_self_contained_for_a_modern_upstream() {
+        let mut client = Upstream::of_initialize(&json!({
+            "protocolVersion": "2025-06-18",
+            "capabilities": {"elicitation": {}},
+            "clientInfo": {"name": "c", "version": "1"},
+        }));
+        client.log_level = Some("debug".into());
+        let mut r = json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "héllo", "_meta": {"progressToken": 9}}});
+        client.stamp(&mut r);
+        let meta = &r["params"]["_meta"];
+        assert_eq!(meta["progressToken"], 9, "the client's own keys stay");
+        assert_eq!(meta[META_PROTOCOL_VERSION], MODERN_VERSION);
+        assert_eq!(meta[META_CLIENT_CAPABILITIES], json!({"elicitation": {}}));
+        assert_eq!(meta[META_CLIENT_INFO]["name"], "c");
+        assert_eq!(meta[META_LOG_LEVEL], "debug");
+        // What the gateway stamps passes its own rules for a modern request.
+        let env = Envelope::from_value(r.clone()).unwrap();
+        let h = request_headers(&r);
+        let get = |n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        assert_eq!(
+            get("mcp-name"),
+            Some(format!("=?base64?{}?=", STANDARD.encode("héllo")).as_str())
+        );
+        check(
+            &env,
+            Headers {
+                version: get("mcp-protocol-version"),
+                method: get("mcp-method"),
+                name: get("mcp-name"),
+            },
+        )
+        .expect("a stamped request is a valid modern request");
+        let mut plain = json!({"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "demo://a"}});
+        client.stamp(&mut plain);
+        assert!(request_headers(&plain).contains(&("mcp-name", "demo://a".to_owned())));
+    }
+
+    #[test]
+    fn discover_becomes_an_initialize_result_at_the_clients_version() {
+        let d = json!({
+            "resultType": "complete",
+            "supportedVersions": ["2026-07-28"],
+            "capabilities": {"tools": {"listChanged": true}},
+            "instructions": "be kind",
+            "_meta": {META_SERVER_INFO: {"name": "up", "version": "2"}},
+        });
+        assert!(speaks_modern(&d));
+        assert!(!speaks_modern(
+            &json!({"supportedVersions": ["2025-11-25"]})
+        ));
+        let i = initialize_result(&d, Some("2025-06-18"));
+        assert_eq!(i["protocolVersion"], "2025-06-18");
+        assert_eq!(i["serverInfo"]["name"], "up");
+        assert_eq!(i["instructions"], "be kind");
+        assert_eq!(i["capabilities"]["tools"]["listChanged"], true);
+        let i = initialize_result(&d, Some("1999-01-01"));
+        assert_eq!(i["protocolVersion"], BRIDGE_LEGACY_VERSION);
+    }
+
+    #[test]
+    fn an_input_required_answer_gives_its_requests_and_the_retry_carries_the_answers() {
+        let a = json!({"jsonrpc": "2.0", "id": 4, "result": {
+            "resultType": "input_required",
+            "inputRequests": {"k": {"method": "elicitation/create", "params": {"message": "?"}}},
+            "requestState": "s1",
+        }});
+        let InputRound {
+            requests: reqs,
+            state,
+        } = input_requests(&a).unwrap();
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(reqs[0].0, "k");
+        assert_eq!(reqs[0].1["method"], "elicitation/create");
+        assert_eq!(reqs[0].1["params"]["message"], "?");
+        assert_eq!(state, Some(json!("s1")));
+        assert!(input_requests(&json!({"id": 4, "result": {"resultType": "complete"}})).is_none());
+        let original =
+            json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "ask"}});
+        let mut answers = Map::new();
+        answers.insert("k".into(), json!({"action": "accept"}));
+        let r = retry(&original, json!("4-retry-1"), answers, state);
+        assert_eq!(r["id"], "4-retry-1", "a retry has an id of its own");
+        assert_eq!(r["params"]["name"], "ask");
+        assert_eq!(r["params"]["inputResponses"]["k"]["action"], "accept");
+        assert_eq!(r["params"]["requestState"], "s1");
+        let mut done = json!({"jsonrpc": "2.0", "id": "4-retry-1", "result": {"resultType": "complete", "ttlMs": 0, "cacheScope": "private", "content": []}});
+        to_legacy_answer(&mut done, json!(4));
+        assert_eq!(
+            done,
+            json!({"jsonrpc": "2.0", "id": 4, "result": {"content": []}})
+        );
+    }
+
+    #[test]
+    fn the_listen_request_asks_for_what_the_server_offers_and_the_client_subscribed() {
+        let caps = json!({"tools": {"listChanged": true}, "prompts": {}, "resources": {"listChanged": false}});
+        assert!(
+            listen_request(json!("l"), &json!({}), &[]).is_none(),
+            "nothing to listen for"
+        );
+        let r = listen_request(json!("l"), &caps, &["demo://a".into()]).unwrap();
+        assert_eq!(
+            r["params"]["notifications"],
+            json!({"toolsListChanged": true, "resourceSubscriptions": ["demo://a"]})
+        );
+        let ack = json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged", "params": {}});
+        assert!(from_listen(ack).is_none());
+        let n = tagged(
+            &json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}),
+            &json!("l"),
+        );
+        assert_eq!(
+            from_listen(n).unwrap(),
+            json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed", "params": {}})
+        );
     }
 }

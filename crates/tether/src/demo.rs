@@ -17,13 +17,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::InputResponses;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CreateMessageRequestParams, ProgressNotificationParam, RequestMetaObject, SamplingMessage,
+    CallToolResponse, CallToolResult, ContentBlock, CreateMessageRequestParams,
+    InputRequiredResult, ProgressNotificationParam, RequestMetaObject, SamplingMessage,
     ServerCapabilities, ServerConfig, SetLevelRequestParams, SubscribeRequestParams,
-    UnsubscribeRequestParams,
+    SubscriptionFilter, UnsubscribeRequestParams,
 };
-use rmcp::service::RequestContext;
+use rmcp::service::{RequestContext, SubscriptionContext};
 use rmcp::{
     ErrorData, Peer, RoleServer, ServerHandler, ServiceExt, schemars, tool, tool_handler,
     tool_router,
@@ -76,6 +78,47 @@ pub struct SampleArgs {
 pub struct SizeArgs {
     /// How many bytes.
     pub bytes: usize,
+}
+
+/// What a `touch` tool did, for the listen streams to tell their clients.
+#[derive(Clone, Copy, Debug)]
+enum Touch {
+    /// `touch_tools`: the tool list changed.
+    Tools,
+    /// `touch`: every resource a stream subscribed to was updated.
+    Resources,
+}
+
+/// `touch_tools` and `touch` in the 2026-07-28 era: every open `subscriptions/listen`
+/// stream of this process hears them (a stateless server has no session to send it on). Bounded; a
+/// listener that falls behind misses old touches, which say the same thing.
+static TOUCHED: std::sync::LazyLock<tokio::sync::broadcast::Sender<Touch>> =
+    std::sync::LazyLock::new(|| tokio::sync::broadcast::channel(16).0);
+
+/// Whether a request came from a 2026-07-28 client: only those carry the version in
+/// `_meta`. Such a client cannot be sent requests; it is asked through an
+/// `InputRequiredResult` and retries with the answers.
+fn is_modern(meta: &RequestMetaObject) -> bool {
+    meta.protocol_version().is_some()
+}
+
+/// An `InputRequiredResult` asking for one input under `key`.
+fn ask_for(key: &str, method: &str, params: serde_json::Value) -> CallToolResponse {
+    let mut v = serde_json::json!({
+        "resultType": "input_required",
+        "inputRequests": {key: {"method": method}},
+    });
+    v["inputRequests"][key]["params"] = params;
+    match serde_json::from_value::<InputRequiredResult>(v) {
+        Ok(r) => CallToolResponse::InputRequired(r),
+        Err(e) => CallToolResponse::Complete(CallToolResult::error(vec![ContentBlock::text(
+            format!("cannot build the input request: {e}"),
+        )])),
+    }
+}
+
+fn text(t: String) -> CallToolResponse {
+    CallToolResponse::Complete(CallToolResult::success(vec![ContentBlock::text(t)]))
 }
 
 #[derive(Clone)]
@@ -164,7 +207,11 @@ impl Demo {
     #[tool(
         description = "Send notifications/tools/list_changed (for tests of list-changed delivery)"
     )]
-    async fn touch_tools(&self, client: Peer<RoleServer>) -> String {
+    async fn touch_tools(&self, client: Peer<RoleServer>, meta: RequestMetaObject) -> String {
+        if is_modern(&meta) {
+            let listeners = TOUCHED.send(Touch::Tools).unwrap_or(0);
+            return format!("sent to {listeners} listen streams");
+        }
         match client.notify_tool_list_changed().await {
             Ok(()) => "sent".into(),
             Err(e) => format!("not sent: {e}"),
@@ -172,10 +219,37 @@ impl Demo {
     }
 
     #[tool(description = "Ask the user for their name (elicitation/create) and greet them")]
-    async fn ask(&self, client: Peer<RoleServer>) -> Result<String, ErrorData> {
+    async fn ask(
+        &self,
+        client: Peer<RoleServer>,
+        meta: RequestMetaObject,
+        InputResponses(answers): InputResponses,
+    ) -> Result<CallToolResponse, ErrorData> {
+        if is_modern(&meta) {
+            let Some(answer) = answers.as_ref().and_then(|a| a.get("name")) else {
+                return Ok(ask_for(
+                    "name",
+                    "elicitation/create",
+                    serde_json::json!({
+                        "message": "What is your name?",
+                        "requestedSchema": {
+                            "type": "object",
+                            "properties": {"name": {"type": "string", "description": "The user's name."}},
+                            "required": ["name"],
+                        },
+                    }),
+                ));
+            };
+            return Ok(
+                match answer.pointer("/content/name").and_then(|n| n.as_str()) {
+                    Some(name) => text(format!("hello, {name}")),
+                    None => text("no answer".into()),
+                },
+            );
+        }
         match client.elicit::<AskAnswer>("What is your name?").await {
-            Ok(Some(a)) => Ok(format!("hello, {}", a.name)),
-            Ok(None) => Ok("no answer".into()),
+            Ok(Some(a)) => Ok(text(format!("hello, {}", a.name))),
+            Ok(None) => Ok(text("no answer".into())),
             Err(e) => Err(ErrorData::internal_error(
                 format!("elicitation failed: {e}"),
                 None,
@@ -188,7 +262,26 @@ impl Demo {
         &self,
         Parameters(SampleArgs { prompt }): Parameters<SampleArgs>,
         client: Peer<RoleServer>,
-    ) -> Result<String, ErrorData> {
+        meta: RequestMetaObject,
+        InputResponses(answers): InputResponses,
+    ) -> Result<CallToolResponse, ErrorData> {
+        if is_modern(&meta) {
+            let Some(answer) = answers.as_ref().and_then(|a| a.get("answer")) else {
+                return Ok(ask_for(
+                    "answer",
+                    "sampling/createMessage",
+                    serde_json::json!({
+                        "messages": [{"role": "user", "content": {"type": "text", "text": prompt}}],
+                        "maxTokens": 100,
+                    }),
+                ));
+            };
+            let said = answer
+                .pointer("/content/text")
+                .and_then(|t| t.as_str())
+                .unwrap_or_default();
+            return Ok(text(format!("model said: {said}")));
+        }
         let result = client
             .create_message(CreateMessageRequestParams::new(
                 vec![SamplingMessage::user_text(prompt)],
@@ -204,7 +297,7 @@ impl Demo {
                     .map(str::to_owned)
             })
             .unwrap_or_default();
-        Ok(format!("model said: {text}"))
+        Ok(self::text(format!("model said: {text}")))
     }
 
     #[tool(
@@ -256,7 +349,27 @@ impl Demo {
     #[tool(
         description = "Send notifications/resources/updated for every subscribed resource and one log message at the level the client set, then answer with how many were sent (for tests of restored session state)"
     )]
-    async fn touch(&self, client: Peer<RoleServer>) -> String {
+    async fn touch(&self, client: Peer<RoleServer>, meta: RequestMetaObject) -> String {
+        if is_modern(&meta) {
+            // A stateless server keeps no subscriptions or level: the listen streams know
+            // what they subscribed to, the request says its level.
+            let streams = TOUCHED.send(Touch::Resources).unwrap_or(0);
+            let level = meta.log_level();
+            if let Some(level) = level {
+                let note = rmcp::model::LoggingMessageNotificationParam::new(
+                    level,
+                    serde_json::Value::String("touched".into()),
+                );
+                let _ = client.notify_logging_message(note).await;
+            }
+            let level = level
+                .and_then(|l| serde_json::to_value(l).ok())
+                .and_then(|l| l.as_str().map(str::to_owned));
+            return format!(
+                "streams={streams} level={}",
+                level.unwrap_or_else(|| "none".into())
+            );
+        }
         let subs: Vec<String> = self.subscriptions.lock().unwrap().iter().cloned().collect();
         let level = self.log_level.lock().unwrap().clone();
         for uri in &subs {
@@ -358,11 +471,48 @@ impl ServerHandler for Demo {
         ServerConfig::new(
             ServerCapabilities::builder()
                 .enable_tools()
+                .enable_tool_list_changed()
                 .enable_logging()
                 .enable_resources()
                 .enable_resources_subscribe()
                 .build(),
         )
+    }
+
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        Some(requested.clone())
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
+        let mut touched = TOUCHED.subscribe();
+        loop {
+            let t = tokio::select! {
+                _ = context.cancelled() => return Ok(()),
+                t = touched.recv() => t,
+            };
+            match t {
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Ok(Touch::Tools) => {
+                    if context.accepted().tools_list_changed == Some(true) {
+                        let _ = context.sink().notify_tool_list_changed().await;
+                    }
+                }
+                Ok(Touch::Resources) => {
+                    let uris = context
+                        .accepted()
+                        .resource_subscriptions
+                        .clone()
+                        .unwrap_or_default();
+                    for uri in uris {
+                        let _ = context.sink().notify_resource_updated(uri).await;
+                    }
+                }
+            }
+        }
     }
 
     async fn set_level(

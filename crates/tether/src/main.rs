@@ -269,6 +269,10 @@ struct ServeArgs {
     /// URL of a Streamable HTTP MCP server to front.
     #[arg(long, env = "TETHER_UPSTREAM_URL", value_name = "URL")]
     upstream_url: Option<String>,
+    /// Protocol era spoken to an HTTP upstream: auto (ask it once with server/discover),
+    /// legacy (sessions) or modern (2026-07-28, stateless) [default: auto].
+    #[arg(long, env = "TETHER_UPSTREAM_PROTOCOL", value_name = "ERA", value_parser = ["auto", "legacy", "modern"])]
+    upstream_protocol: Option<String>,
     /// Name of the upstream in logs [default: derived from the command or URL].
     #[arg(long, env = "TETHER_UPSTREAM_NAME", value_name = "NAME")]
     upstream_name: Option<String>,
@@ -508,6 +512,7 @@ impl ServeArgs {
             inherit_env: self.upstream_inherit_env.then_some(true),
             pass_env: self.upstream_pass_env.clone(),
             require: self.require_upstream.then_some(true),
+            protocol: self.upstream_protocol.clone(),
         };
         Layer {
             listen: self.listen.clone(),

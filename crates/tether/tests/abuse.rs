@@ -632,16 +632,29 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
 
 #[tokio::test]
 async fn an_oversized_answer_from_an_http_upstream_fails_its_call_only() {
+    for era in ["legacy", "modern"] {
+        oversized_answer_from_an_http_upstream(era).await;
+    }
+}
+
+async fn oversized_answer_from_an_http_upstream(era: &str) {
     let dir = state_dir();
     let (mut upstream, url) = common::http_upstream("127.0.0.1:0");
     let gw = Gateway::start(
         dir.path(),
-        &["--upstream-url", &url, "--max-upstream-message", "1MiB"],
+        &[
+            "--upstream-url",
+            &url,
+            "--upstream-protocol",
+            era,
+            "--max-upstream-message",
+            "1MiB",
+        ],
     );
     let mcp = gw.client();
     let sid = mcp.initialize("big-http").await;
     let r = mcp.call(&sid, 1, "big", json!({"bytes": 2 << 20})).await;
-    assert_eq!(r["error"]["code"], -32017, "{r}");
+    assert_eq!(r["error"]["code"], -32017, "{era}: {r}");
     assert_eq!(r["id"], 1);
     let small = mcp.call_text(&sid, 2, "big", json!({"bytes": 1000})).await;
     assert_eq!(small.len(), 1000);

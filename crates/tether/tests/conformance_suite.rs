@@ -13,6 +13,10 @@
 //! [`CROSS_ERA`], each with the reason it cannot pass across eras; also with the gateway
 //! SIGKILLed and restarted between scenarios.
 //!
+//! And both suites through Tether in front of a 2026-07-28 upstream
+//! (`--upstream-protocol modern`, `upstream/modern.rs`), which is a second Tether bridging
+//! the fixture: each against its reference, with nothing lost.
+//!
 //! Needs `npm ci` in `e2e/ts`; without it the test prints one skip line, unless
 //! `TETHER_TEST_REQUIRE_NODE=1` (set by `.ci/run`) makes that a failure.
 
@@ -346,6 +350,89 @@ async fn official_conformance_suite_modern_through_the_bridge() {
             "conformance 2026-07-28: {} checks passed across {} SIGKILL restarts",
             with_status(&restarted, "SUCCESS").count(),
             scenarios.len()
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// Checks of `b` that lost ground against `a`: passed in `a` and not in `b`, or fail or warn
+/// in `b` and not in `a`. The tasks extension's scenarios are left out (not served).
+fn regressions(a: &Results, b: &Results) -> Vec<(String, String)> {
+    let bad = |r: &Results, k: &(String, String)| {
+        r.get(k)
+            .is_some_and(|s| s.contains("FAILURE") || s.contains("WARNING"))
+    };
+    let mut out: Vec<_> = with_status(a, "SUCCESS")
+        .filter(|k| !b.get(*k).is_some_and(|s| s.contains("SUCCESS")))
+        .filter(|k| !json_by_design(k, b))
+        .cloned()
+        .collect();
+    out.extend(b.keys().filter(|k| bad(b, k) && !bad(a, k)).cloned());
+    out.retain(|(s, _)| !s.starts_with("tasks-"));
+    out
+}
+
+/// Tether in front of a 2026-07-28 upstream (`--upstream-protocol modern`). The modern
+/// server is Tether itself bridging the legacy fixture (no SDK ships a 2026-07-28 server
+/// that implements the suite's fixtures), so the reference is that server's own run:
+///
+/// 1. `--requirements 2025-11-25` (legacy clients with sessions at the outer gateway,
+///    translated to stateless requests) against the fixture's direct run;
+/// 2. `--requirements 2026-07-28` (modern clients, translated twice) against the inner
+///    gateway's run.
+///
+/// Every check that passes in the reference passes here; none fails or warns that did not
+/// there (no exceptions were needed).
+#[tokio::test(flavor = "multi_thread")]
+async fn official_conformance_suites_through_a_modern_upstream() {
+    const MODERN: &str = "2026-07-28";
+    let Some((node, cli)) = suite() else { return };
+    tokio::task::spawn_blocking(move || {
+        let direct = {
+            let fixture = DirectFixture::start(&node);
+            run(&node, &cli, &fixture.1, None)
+        };
+        let fixture = e2e_dir().join("conformance-fixture.mjs");
+        let inner_dir = state_dir();
+        let inner = Gateway::start(
+            inner_dir.path(),
+            &[
+                "--",
+                node.to_str().unwrap(),
+                fixture.to_str().unwrap(),
+                "--stdio",
+            ],
+        );
+        let outer_dir = state_dir();
+        let outer = Gateway::start(
+            outer_dir.path(),
+            &["--upstream-url", &inner.url, "--upstream-protocol", "modern"],
+        );
+        let logs = || format!("outer:\n{}\ninner:\n{}", outer.log_text(), inner.log_text());
+
+        let legacy = run(&node, &cli, &outer.url, None);
+        let lost = regressions(&direct, &legacy);
+        assert!(
+            lost.is_empty(),
+            "2025-11-25 through a modern upstream: {lost:?}\n{}",
+            logs()
+        );
+
+        let reference = run_at(&node, &cli, &inner.url, None, MODERN);
+        let modern = run_at(&node, &cli, &outer.url, None, MODERN);
+        let lost = regressions(&reference, &modern);
+        assert!(
+            lost.is_empty(),
+            "2026-07-28 through a modern upstream: {lost:?}\n{}",
+            logs()
+        );
+        println!(
+            "conformance through a modern upstream: 2025-11-25 {} checks passed ({} directly), 2026-07-28 {} ({} at the upstream)",
+            with_status(&legacy, "SUCCESS").count(),
+            with_status(&direct, "SUCCESS").count(),
+            with_status(&modern, "SUCCESS").count(),
+            with_status(&reference, "SUCCESS").count(),
         );
     })
     .await

@@ -155,27 +155,78 @@ async fn rmcp_client_through_gateway_to_stdio_server() {
 
 #[tokio::test]
 async fn rmcp_client_through_gateway_to_http_server() {
-    use std::io::BufRead;
-    let mut upstream = std::process::Command::new(common::BIN)
-        .args(["demo-server", "--http", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(upstream.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("demo-server: listening on ")
-        .unwrap()
-        .to_owned();
+    // Both ways of speaking to an HTTP upstream: a legacy upstream session, and (what
+    // `auto` finds the demo to speak) stateless 2026-07-28, where the sampling request
+    // comes from the upstream's InputRequiredResult.
+    for era in ["legacy", "auto"] {
+        let (mut upstream, url) = common::http_upstream("127.0.0.1:0");
+        let dir = state_dir();
+        let gw = Gateway::start(
+            dir.path(),
+            &["--upstream-url", &url, "--upstream-protocol", era],
+        );
+        // Over HTTP the upstream sends sampling requests and progress on the stream of the
+        // call that caused them; the gateway keeps that association (SEP-2260).
+        let (client, handler) = exercise(&gw.url).await;
+        assert_eq!(handler.sampled.load(Ordering::SeqCst), 1);
+        client.cancel().await.unwrap();
+        assert_eq!(
+            gw.log_text().contains("upstream protocol detected"),
+            era == "auto",
+            "{}",
+            gw.log_text()
+        );
+        let _ = upstream.kill();
+        let _ = upstream.wait();
+    }
+}
+
+/// A modern client in front of a modern upstream: rmcp in `Auto` mode picks 2026-07-28 at
+/// the gateway, whose pooled upstream session speaks 2026-07-28 to the demo over HTTP. An
+/// MRTR round trip crosses both: the upstream's input request becomes the gateway's own
+/// `InputRequiredResult` (its `requestState`), and the client's answer goes back upstream
+/// with the upstream's state.
+#[tokio::test]
+async fn rmcp_modern_client_through_gateway_to_a_modern_upstream() {
+    use rmcp::{ClientLifecycleMode, ClientServiceExt};
+    let (mut upstream, url) = common::http_upstream("127.0.0.1:0");
     let dir = state_dir();
-    let gw = Gateway::start(dir.path(), &["--upstream-url", &url]);
-    // Over HTTP the upstream sends sampling requests and progress on the stream of the call
-    // that caused them; the gateway keeps that association (SEP-2260).
-    let (client, handler) = exercise(&gw.url).await;
+    let gw = Gateway::start(
+        dir.path(),
+        &["--upstream-url", &url, "--upstream-protocol", "modern"],
+    );
+    let handler = TestClient::default();
+    let client = handler
+        .clone()
+        .serve_with_lifecycle(
+            StreamableHttpClientTransport::from_uri(gw.url.clone()),
+            ClientLifecycleMode::Auto {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+                legacy_version: None,
+            },
+        )
+        .await
+        .expect("auto mode connects through the gateway");
+    assert_eq!(
+        client.peer_info().unwrap().protocol_version,
+        ProtocolVersion::V_2026_07_28
+    );
+    let r = client
+        .call_tool(CallToolRequestParams::new("add").with_arguments(args(json!({"a": 40, "b": 2}))))
+        .await
+        .unwrap();
+    assert_eq!(serde_json::to_value(&r.content).unwrap()[0]["text"], "42");
+    let r = client
+        .call_tool(
+            CallToolRequestParams::new("sample")
+                .with_arguments(args(json!({"prompt": "meaning?"}))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&r.content).unwrap()[0]["text"],
+        "model said: forty-two"
+    );
     assert_eq!(handler.sampled.load(Ordering::SeqCst), 1);
     client.cancel().await.unwrap();
     let _ = upstream.kill();

@@ -10,8 +10,8 @@ use std::process::Command;
 use common::{Gateway, state_dir};
 use tether_core::store::LiveStore;
 
-#[tokio::test]
-async fn typescript_sdk_client_through_gateway() {
+/// `e2e/ts`, or `None` (with the skip line) when its packages are not installed.
+fn ts_dir() -> Option<&'static Path> {
     let dir_ts = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../e2e/ts"));
     if !dir_ts
         .join("node_modules/@modelcontextprotocol/sdk")
@@ -22,18 +22,49 @@ async fn typescript_sdk_client_through_gateway() {
             "TETHER_TEST_REQUIRE_NODE is set but e2e/ts has no node_modules (run npm ci there)"
         );
         println!("skipped: e2e/ts/node_modules missing (run `npm ci` in e2e/ts)");
-        return;
+        return None;
     }
+    Some(dir_ts)
+}
+
+#[tokio::test]
+async fn typescript_sdk_client_through_gateway() {
+    let Some(dir_ts) = ts_dir() else { return };
     let dir = state_dir();
     let gw = Gateway::start(dir.path(), &["--demo"]);
+    legacy_client_session(dir_ts, dir.path(), &gw).await;
+}
+
+/// The legacy TypeScript SDK client (1.x: sessions, server-to-client requests) through the
+/// gateway to a 2026-07-28 HTTP upstream (the demo over HTTP, found modern by
+/// `--upstream-protocol auto`): its sampling request arrives as a server request on the
+/// call's stream, made from the upstream's `InputRequiredResult`.
+#[tokio::test]
+async fn typescript_legacy_client_through_gateway_to_a_modern_upstream() {
+    let Some(dir_ts) = ts_dir() else { return };
+    let (mut upstream, url) = common::http_upstream("127.0.0.1:0");
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--upstream-url", &url]);
+    legacy_client_session(dir_ts, dir.path(), &gw).await;
+    assert!(
+        gw.log_text().contains("upstream protocol detected")
+            && gw.log_text().contains("2026-07-28"),
+        "{}",
+        gw.log_text()
+    );
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+}
+
+async fn legacy_client_session(dir_ts: &Path, state: &Path, gw: &Gateway) {
     let mut cmd = Command::new("node");
     cmd.arg(dir_ts.join("client.mjs")).arg(&gw.url);
-    let report = common::client_report(cmd, "TypeScript client", &gw).await;
+    let report = common::client_report(cmd, "TypeScript client", gw).await;
     assert_eq!(report["ok"], true);
     assert_eq!(report["sampled"], 1);
     assert_eq!(report["progress"], 3);
     let sid = report["sessionId"].as_str().unwrap();
-    let store = tether_core::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+    let store = tether_core::store::sqlite::SqliteStore::open(state).unwrap();
     let rec = store
         .load_session(sid)
         .await

@@ -201,12 +201,26 @@ async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
 
 #[tokio::test]
 async fn an_http_upstream_gets_the_trace_context_in_its_headers() {
+    // Both links: a legacy upstream session, and the stateless 2026-07-28 one.
+    for era in ["legacy", "modern"] {
+        http_upstream_gets_the_trace_context(era).await;
+    }
+}
+
+async fn http_upstream_gets_the_trace_context(era: &str) {
     let (endpoint, spans) = collector().await;
     let (mut upstream, url) = http_upstream("127.0.0.1:0");
     let dir = state_dir();
     let gw = Gateway::start_env(
         dir.path(),
-        &["--upstream-url", &url, "--otlp-endpoint", &endpoint],
+        &[
+            "--upstream-url",
+            &url,
+            "--upstream-protocol",
+            era,
+            "--otlp-endpoint",
+            &endpoint,
+        ],
         &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
     );
     let sid = gw.client().initialize("traced-http").await;
@@ -217,8 +231,8 @@ async fn an_http_upstream_gets_the_trace_context_in_its_headers() {
     })
     .await;
     let want = format!("00-{TRACE_ID}-{}-01", up.span_id);
-    assert_eq!(seen["header"], want.as_str(), "{seen}");
-    assert_eq!(seen["meta"], want.as_str(), "{seen}");
+    assert_eq!(seen["header"], want.as_str(), "{era}: {seen}");
+    assert_eq!(seen["meta"], want.as_str(), "{era}: {seen}");
     upstream.kill().unwrap();
     let _ = upstream.wait();
 }

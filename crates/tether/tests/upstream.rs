@@ -128,7 +128,10 @@ async fn upstream_that_cannot_start_is_a_clear_error() {
 async fn http_upstream_restart_is_invisible_to_the_client() {
     let (upstream, url) = http_upstream("127.0.0.1:0");
     let dir = state_dir();
-    let gw = Gateway::start(dir.path(), &["--upstream-url", &url]);
+    let gw = Gateway::start(
+        dir.path(),
+        &["--upstream-url", &url, "--upstream-protocol", "legacy"],
+    );
     let mcp = gw.client();
     let sid = mcp.initialize("http-client").await;
     assert_eq!(mcp.call_text(&sid, 1, "counter", json!({})).await, "1");
@@ -160,7 +163,10 @@ async fn http_upstream_restart_is_invisible_to_the_client() {
 async fn http_upstream_restart_keeps_the_clients_log_level_and_subscriptions() {
     let (upstream, url) = http_upstream("127.0.0.1:0");
     let dir = state_dir();
-    let gw = Gateway::start(dir.path(), &["--upstream-url", &url]);
+    let gw = Gateway::start(
+        dir.path(),
+        &["--upstream-url", &url, "--upstream-protocol", "legacy"],
+    );
     let mcp = gw.client();
     let sid = mcp.initialize("http-restore").await;
     for (id, method, params) in [
@@ -233,7 +239,10 @@ async fn http_upstream_restart_keeps_the_clients_log_level_and_subscriptions() {
 async fn http_upstream_down_is_an_error_then_recovers() {
     let (mut upstream, url) = http_upstream("127.0.0.1:0");
     let dir = state_dir();
-    let gw = Gateway::start(dir.path(), &["--upstream-url", &url]);
+    let gw = Gateway::start(
+        dir.path(),
+        &["--upstream-url", &url, "--upstream-protocol", "legacy"],
+    );
     let mcp = gw.client();
     let sid = mcp.initialize("http-down").await;
     upstream.kill().unwrap();

@@ -197,7 +197,11 @@ impl Session {
     }
 
     /// Handles a client notification: forwarded upstream, with a cancelled request's id
-    /// rewritten to the upstream's id for it.
+    /// rewritten to the upstream's id for it. A cancelled call is finished here at once,
+    /// recorded `cancelled` (the upstream owes no answer to a cancelled request, and the
+    /// call must neither hold its stream until `--upstream-timeout` nor be counted as a
+    /// timeout then); its stream ends with the `-32018` error, which a client that
+    /// cancelled ignores.
     pub async fn notify(self: &Arc<Self>, env: Envelope) {
         self.touch();
         let mut value = env.value;
@@ -205,11 +209,19 @@ impl Session {
             && value.get("method").and_then(Value::as_str) == Some("notifications/cancelled")
         {
             let target = value.pointer("/params/requestId").cloned();
-            let uid = target.and_then(|t| self.lock().calls.upstream_id_of(&t));
-            match uid {
-                Some(uid) => value["params"]["requestId"] = Value::from(uid),
-                None => return,
-            }
+            let taken = target.and_then(|t| {
+                let mut st = self.lock();
+                let uid = st.calls.upstream_id_of(&t)?;
+                st.calls.take(uid).map(|p| (uid, p))
+            });
+            let Some((uid, pending)) = taken else { return };
+            value["params"]["requestId"] = Value::from(uid);
+            let cancelled = Failure::new(
+                FailureKind::Cancelled,
+                "the client cancelled the request",
+                Retry::Never,
+            );
+            self.finish(pending, |client_id| cancelled.response(client_id));
         }
         match self.ensure_upstream().await {
             Ok((link, _)) => link.send(value).await,

@@ -91,7 +91,7 @@ impl Default for HttpOptions {
 /// The body of an SSE answer, ended once one event grows past `max` bytes (its size is
 /// then in `over`): `eventsource-stream` buffers an event until its blank line, so a server
 /// that never sends one would grow that buffer without bound.
-fn bounded_sse(
+pub(super) fn bounded_sse(
     resp: reqwest::Response,
     max: usize,
     over: Arc<std::sync::atomic::AtomicUsize>,
@@ -130,7 +130,7 @@ fn bounded_sse(
 }
 
 /// A JSON body of at most `max` bytes; `Ok(Err(len))` when it is longer (not read further).
-async fn read_limited(
+pub(super) async fn read_limited(
     mut resp: reqwest::Response,
     max: usize,
 ) -> reqwest::Result<Result<bytes::Bytes, usize>> {
@@ -260,7 +260,7 @@ pub fn explain_status(status: StatusCode, www_authenticate: Option<&str>) -> Opt
 }
 
 /// The body of an error answer, as text, at most 64 KiB (it is only read for a message).
-async fn error_body(resp: reqwest::Response) -> String {
+pub(super) async fn error_body(resp: reqwest::Response) -> String {
     read_limited(resp, 64 << 10)
         .await
         .ok()
@@ -1071,14 +1071,14 @@ impl Inner {
 }
 
 /// Whether a response is an SSE stream (content types are case-insensitive).
-fn is_event_stream(headers: &HeaderMap) -> bool {
+pub(super) fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.to_ascii_lowercase().starts_with("text/event-stream"))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {

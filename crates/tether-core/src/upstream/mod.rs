@@ -12,11 +12,12 @@
 pub mod http;
 #[cfg(test)]
 pub(crate) mod memory;
+pub mod modern;
 pub mod shim;
 pub mod stdio;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::config::UpstreamSpec;
+use crate::config::{UpstreamProtocol, UpstreamSpec};
 use crate::protocol;
 
 /// Something the upstream sent, or the end of the link.
@@ -221,6 +222,8 @@ enum LinkKind {
     Stdio(stdio::StdioLink),
     /// A Streamable HTTP upstream session.
     Http(http::HttpLink),
+    /// A stateless 2026-07-28 HTTP upstream.
+    Modern(modern::ModernLink),
     /// A test's fake upstream.
     #[cfg(test)]
     Memory(memory::MemoryLink),
@@ -233,6 +236,7 @@ impl Link {
         match &self.kind {
             LinkKind::Stdio(l) => l.send(value).await,
             LinkKind::Http(l) => l.send(value),
+            LinkKind::Modern(l) => l.send(value),
             #[cfg(test)]
             LinkKind::Memory(l) => l.send(value).await,
         }
@@ -253,6 +257,7 @@ impl Link {
         match &self.kind {
             LinkKind::Stdio(l) => l.shutdown(),
             LinkKind::Http(l) => l.shutdown(end_session),
+            LinkKind::Modern(l) => l.shutdown(),
             #[cfg(test)]
             LinkKind::Memory(l) => l.shutdown(),
         }
@@ -264,6 +269,7 @@ impl Link {
         match &self.kind {
             LinkKind::Stdio(l) => l.kill(),
             LinkKind::Http(l) => l.shutdown(false),
+            LinkKind::Modern(l) => l.shutdown(),
             #[cfg(test)]
             LinkKind::Memory(l) => l.shutdown(),
         }
@@ -274,6 +280,7 @@ impl Link {
         match &self.kind {
             LinkKind::Stdio(l) => format!("pid {}", l.pid()),
             LinkKind::Http(l) => l.url().to_owned(),
+            LinkKind::Modern(l) => l.url().to_owned(),
             #[cfg(test)]
             LinkKind::Memory(_) => "memory".to_owned(),
         }
@@ -330,6 +337,9 @@ pub struct Connector {
     circuit: Arc<Circuit>,
     stderr: Arc<crate::log_limit::LogLimiter>,
     tracker: TaskTracker,
+    /// What `--upstream-protocol auto` found the HTTP upstream to speak: [`ERA_UNKNOWN`]
+    /// until a probe gave a clear answer.
+    era: Arc<AtomicU8>,
     /// Tests: links are [`memory::FakeUpstream`]s handed to the test through this channel.
     #[cfg(test)]
     memory: Option<mpsc::UnboundedSender<memory::FakeUpstream>>,
@@ -366,6 +376,7 @@ impl Connector {
             )),
             limits,
             tracker,
+            era: Arc::new(AtomicU8::new(ERA_UNKNOWN)),
             #[cfg(test)]
             memory: None,
         }
@@ -382,6 +393,7 @@ impl Connector {
         let mut c = Connector::new(
             UpstreamSpec::Http {
                 url: "http://memory.invalid/mcp".into(),
+                protocol: UpstreamProtocol::Legacy,
             },
             "fake",
             None,
@@ -485,20 +497,81 @@ impl Connector {
                 tx,
                 &self.tracker,
             )?),
-            UpstreamSpec::Http { url } => LinkKind::Http(http::HttpLink::new(
-                self.http.clone(),
-                url,
-                init_params.clone(),
-                http::HttpOptions {
+            UpstreamSpec::Http { url, protocol } => {
+                let opts = http::HttpOptions {
                     max_message: self.limits.max_message,
                     label: session_id.chars().take(8).collect(),
                     ..http::HttpOptions::default()
-                },
-                tx,
-                self.tracker.clone(),
-            )),
+                };
+                if self.speaks_modern(url, *protocol, init_params).await {
+                    LinkKind::Modern(modern::ModernLink::new(
+                        self.http.clone(),
+                        url,
+                        opts,
+                        tx,
+                        self.tracker.clone(),
+                    ))
+                } else {
+                    LinkKind::Http(http::HttpLink::new(
+                        self.http.clone(),
+                        url,
+                        init_params.clone(),
+                        opts,
+                        tx,
+                        self.tracker.clone(),
+                    ))
+                }
+            }
         };
         Ok((Link { kind, _slot: None }, rx))
+    }
+}
+
+const ERA_UNKNOWN: u8 = 0;
+const ERA_LEGACY: u8 = 1;
+const ERA_MODERN: u8 = 2;
+
+impl Connector {
+    /// Whether links to this HTTP upstream speak 2026-07-28. With `auto` the server is
+    /// asked once (`server/discover`, as the SDK clients probe) and its clear answer kept
+    /// for the life of the process; an unclear one (unreachable, a 5xx, an authentication
+    /// demand) means legacy for this start and another probe next time.
+    async fn speaks_modern(
+        &self,
+        url: &str,
+        protocol: UpstreamProtocol,
+        init_params: &Value,
+    ) -> bool {
+        match protocol {
+            UpstreamProtocol::Legacy => return false,
+            UpstreamProtocol::Modern => return true,
+            UpstreamProtocol::Auto => {}
+        }
+        match self.era.load(Ordering::Relaxed) {
+            ERA_LEGACY => return false,
+            ERA_MODERN => return true,
+            _ => {}
+        }
+        let found = modern::probe(
+            &self.http,
+            url,
+            &reqwest::header::HeaderMap::new(),
+            init_params,
+            Duration::from_secs(10),
+        )
+        .await;
+        if let Some(m) = found {
+            let era = if m { ERA_MODERN } else { ERA_LEGACY };
+            if self.era.swap(era, Ordering::Relaxed) != era {
+                tracing::info!(
+                    upstream.name = %self.circuit.name(),
+                    url = %url,
+                    protocol = if m { protocol::MODERN_VERSION } else { "legacy" },
+                    "upstream protocol detected (--upstream-protocol auto)"
+                );
+            }
+        }
+        found == Some(true)
     }
 }
 
@@ -582,7 +655,7 @@ pub async fn startable(spec: &UpstreamSpec) -> Result<(), String> {
                 ))
             }
         }
-        UpstreamSpec::Http { url } => {
+        UpstreamSpec::Http { url, .. } => {
             let u = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
             let host = u.host_str().unwrap_or("localhost").to_owned();
             let port = u.port_or_known_default().unwrap_or(80);

@@ -1,0 +1,697 @@
+//! A Streamable HTTP upstream that speaks 2026-07-28: the session layer sees an ordinary
+//! legacy link, and this link makes every request self-contained for a stateless server.
+//!
+//! `initialize` becomes `server/discover` (its result turned into an `InitializeResult`);
+//! every other request gets the client's `_meta` (from its stored `initialize`: client
+//! info and capabilities, plus the log level it set) and the modern headers, and is one
+//! POST of its own (no session, no order between requests). `logging/setLevel`,
+//! `resources/subscribe`/`unsubscribe` and `ping` are answered here: the level travels on
+//! each request, subscriptions on a `subscriptions/listen` stream the link keeps open
+//! (with the list-changed kinds the server offers), and its notifications come in like a
+//! legacy server's. An `InputRequiredResult` (MRTR) becomes the server requests it holds,
+//! sent to the client on the call's stream; their answers go back in a retry with a new id
+//! and the upstream's `requestState`, until the call completes. A `notifications/cancelled`
+//! closes the request's response stream, which cancels it upstream (spec §1.2).
+//!
+//! Like the legacy HTTP link of a gateway session, a transport failure ends the link
+//! ([`Inbound::Closed`]); the session's supervisor starts another, which is a new discover.
+//!
+//! Must not: keep a request without a bound (at most [`MAX_IN_FLIGHT`] POSTs at once,
+//! [`MAX_ROUNDS`] input rounds per call), or retry a request whose outcome is unknown.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use serde_json::{Map, Value, json};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::Inbound;
+use super::http::{
+    HttpOptions, bounded_sse, error_body, error_chain, explain_error, explain_status,
+    is_event_stream, read_limited,
+};
+use crate::modern;
+use crate::protocol::{self, code};
+
+/// POSTs in flight at once on one link; over it a request is answered `-32016` at once.
+pub const MAX_IN_FLIGHT: usize = 1024;
+/// Input rounds (`InputRequiredResult`s) one call may take before it is failed: a server
+/// that keeps asking must not hold the call, and the client, forever.
+pub const MAX_ROUNDS: u32 = 10;
+/// Longest wait between attempts to reopen a broken listen stream.
+const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// One legacy client session's view of a stateless 2026-07-28 server.
+pub struct ModernLink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: reqwest::Client,
+    url: String,
+    opts: HttpOptions,
+    inbound: mpsc::Sender<Inbound>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    span: tracing::Span,
+    closed: AtomicBool,
+    in_flight: Arc<Semaphore>,
+    next: AtomicU64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    client: modern::Upstream,
+    /// The capabilities of the server's discover result.
+    server_capabilities: Value,
+    /// Resources the client subscribed to.
+    subscriptions: BTreeSet<String>,
+    /// Calls in flight by the session's id: closing one's token closes its stream.
+    calls: HashMap<u64, CancellationToken>,
+    /// Input requests sent to the client (by the id they were sent with), waiting for
+    /// its answer.
+    asks: HashMap<String, oneshot::Sender<Value>>,
+    /// The running listen stream.
+    listen: Option<CancellationToken>,
+}
+
+/// What became of one POST.
+enum Answer {
+    /// The server's answer to it.
+    Final(Value),
+    /// It cannot be answered; the string says why (`-32011` to the client).
+    Lost(String),
+    /// The answer was over the size limit and has been reported as [`Inbound::Oversized`].
+    Reported,
+    /// The connection failed: the link ends.
+    Failed(String),
+}
+
+/// An error answer for request `id` built by the gateway.
+fn lost(id: Value, why: &str) -> Value {
+    protocol::error_response(id, code::UPSTREAM_LOST, why, None)
+}
+
+impl ModernLink {
+    /// Creates the link; nothing is sent until the first message (normally `initialize`).
+    pub fn new(
+        client: reqwest::Client,
+        url: &str,
+        opts: HttpOptions,
+        inbound: mpsc::Sender<Inbound>,
+        tracker: TaskTracker,
+    ) -> ModernLink {
+        let span = tracing::info_span!(parent: None, "upstream", url = %url, session = %opts.label, era = "2026-07-28");
+        ModernLink {
+            inner: Arc::new(Inner {
+                client,
+                url: url.to_owned(),
+                opts,
+                inbound,
+                stop: CancellationToken::new(),
+                tracker,
+                span,
+                closed: AtomicBool::new(false),
+                in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+                next: AtomicU64::new(1),
+                state: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The server URL.
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// Takes one message from the session. Never waits: requests run on tasks of their
+    /// own, answered on the inbound channel.
+    pub fn send(&self, value: Value) {
+        let inner = &self.inner;
+        if inner.stop.is_cancelled() {
+            return;
+        }
+        let method = value
+            .get("method")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let id = value.get("id").filter(|v| !v.is_null()).cloned();
+        match (method.as_deref(), id) {
+            (None, Some(id)) => {
+                // The client's answer to an input request.
+                let waiting = id.as_str().and_then(|k| inner.lock().asks.remove(k));
+                match waiting {
+                    Some(tx) => {
+                        let _ = tx.send(value);
+                    }
+                    None => tracing::debug!("answer to an input request nobody waits for; dropped"),
+                }
+            }
+            (Some("notifications/cancelled"), None) => {
+                let id = value.pointer("/params/requestId").and_then(Value::as_u64);
+                if let Some(token) = id.and_then(|i| inner.lock().calls.get(&i).cloned()) {
+                    token.cancel();
+                }
+            }
+            // `notifications/initialized`, `roots/list_changed`: a stateless server has no
+            // use for them (roots are asked for per request).
+            (Some(_), None) => {}
+            (Some("initialize"), Some(id)) => inner.spawn(inner.clone().initialize(value, id)),
+            (Some("ping"), Some(id)) => inner.answer(id, json!({})),
+            (Some("logging/setLevel"), Some(id)) => {
+                let level = value.pointer("/params/level").and_then(Value::as_str);
+                inner.lock().client.log_level = level.map(str::to_owned);
+                inner.answer(id, json!({}));
+            }
+            (Some(m @ ("resources/subscribe" | "resources/unsubscribe")), Some(id)) => {
+                let uri = value.pointer("/params/uri").and_then(Value::as_str);
+                if let Some(uri) = uri {
+                    let mut st = inner.lock();
+                    if m == "resources/subscribe" {
+                        st.subscriptions.insert(uri.to_owned());
+                    } else {
+                        st.subscriptions.remove(uri);
+                    }
+                }
+                inner.listen();
+                inner.answer(id, json!({}));
+            }
+            (Some(_), Some(id)) => match inner.in_flight.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let me = inner.clone();
+                    inner.spawn(async move {
+                        me.call(value, id).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    let err = protocol::error_response(
+                        id,
+                        code::LIMIT_REACHED,
+                        format!(
+                            "{MAX_IN_FLIGHT} requests are already in flight to the upstream; this one was refused, retry it later"
+                        ),
+                        Some(json!({"limit": "upstream-queue"})),
+                    );
+                    inner.emit_soon(err);
+                }
+            },
+            (None, None) => {}
+        }
+    }
+
+    /// Stops all traffic: every open request stream is closed (which cancels it upstream).
+    pub fn shutdown(&self) {
+        self.inner.stop.cancel();
+    }
+}
+
+/// Ends a call's entry in the cancel table however the call ends.
+struct CallEntry<'a> {
+    inner: &'a Inner,
+    id: Option<u64>,
+    asked: Vec<String>,
+}
+
+impl Drop for CallEntry<'_> {
+    fn drop(&mut self) {
+        let mut st = self.inner.lock();
+        if let Some(id) = self.id {
+            st.calls.remove(&id);
+        }
+        for k in &self.asked {
+            st.asks.remove(k);
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tracker.spawn(
+            async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = task => {}
+                }
+            }
+            .instrument(self.span.clone()),
+        );
+    }
+
+    fn answer(self: &Arc<Self>, id: Value, result: Value) {
+        let mut v = json!({"jsonrpc": "2.0"});
+        v["id"] = id;
+        v["result"] = result;
+        self.emit_soon(v);
+    }
+
+    /// Emits a message from a synchronous caller.
+    fn emit_soon(self: &Arc<Self>, value: Value) {
+        let me = self.clone();
+        self.spawn(async move { me.emit(value, None).await });
+    }
+
+    async fn emit(&self, value: Value, origin: Option<u64>) {
+        let _ = self.inbound.send(Inbound::Message { value, origin }).await;
+    }
+
+    async fn fail_link(&self, cause: String) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            // The session logs the loss with this cause, once. Report first, then stop (as the legacy link does): the report must not be
+            // raced by the cancellation.
+            let _ = self.inbound.send(Inbound::Closed(cause)).await;
+            self.stop.cancel();
+        }
+    }
+
+    fn headers(&self, body: &Value) -> HeaderMap {
+        let mut h = self.opts.headers.clone();
+        h.insert(
+            ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (name, v) in modern::request_headers(body) {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        }
+        for (name, v) in crate::telemetry::meta_headers(body) {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.insert(name, v);
+            }
+        }
+        h
+    }
+
+    /// Sends one request and reads its answer; notifications on its stream go to the
+    /// session with `origin` (the call's id) so they reach the call's stream.
+    async fn exchange(&self, body: &Value, origin: Option<u64>) -> Answer {
+        let send = self
+            .client
+            .post(&self.url)
+            .headers(self.headers(body))
+            .json(body)
+            .send();
+        let sent = match self.opts.request_timeout {
+            Some(t) => match tokio::time::timeout(t, send).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Answer::Failed(format!(
+                        "no response from {} within {}",
+                        self.url,
+                        humantime::format_duration(t)
+                    ));
+                }
+            },
+            None => send.await,
+        };
+        match sent {
+            Ok(resp) => {
+                let notes = origin.map(|o| (&self.inbound, o));
+                read_answer(resp, body, self.opts.max_message, notes).await
+            }
+            Err(e) => Answer::Failed(explain_error(&e, &self.url).0),
+        }
+    }
+
+    /// `initialize` → `server/discover`.
+    async fn initialize(self: Arc<Self>, request: Value, id: Value) {
+        let params = request.get("params").cloned().unwrap_or(Value::Null);
+        let client = modern::Upstream::of_initialize(&params);
+        let mut discover = protocol::request(id.clone(), "server/discover", Some(json!({})));
+        client.stamp(&mut discover);
+        self.lock().client = client;
+        let answer = match self.exchange(&discover, None).await {
+            Answer::Final(a) => a,
+            Answer::Lost(why) => lost(id.clone(), &why),
+            Answer::Reported => return,
+            Answer::Failed(cause) => return self.fail_link(cause).await,
+        };
+        let Some(result) = answer.get("result") else {
+            // The server's error: the handshake reports it as a rejection.
+            return self.emit(answer, None).await;
+        };
+        if !modern::speaks_modern(result) {
+            let why = format!(
+                "the upstream's server/discover lists no {} among its supportedVersions ({}); start the gateway with --upstream-protocol legacy",
+                protocol::MODERN_VERSION,
+                result.get("supportedVersions").unwrap_or(&Value::Null)
+            );
+            let err = protocol::error_response(id, code::INVALID_REQUEST, why, None);
+            return self.emit(err, None).await;
+        }
+        let requested = params.get("protocolVersion").and_then(Value::as_str);
+        let init = modern::initialize_result(result, requested);
+        self.lock().server_capabilities = init["capabilities"].clone();
+        let mut v = json!({"jsonrpc": "2.0", "result": init});
+        v["id"] = id;
+        self.emit(v, None).await;
+        self.listen();
+    }
+
+    /// One request of the client, through as many input rounds as the server asks for.
+    async fn call(self: Arc<Self>, request: Value, id: Value) {
+        let token = self.stop.child_token();
+        let gid = id.as_u64();
+        let mut entry = CallEntry {
+            inner: &self,
+            id: gid,
+            asked: Vec::new(),
+        };
+        if let Some(g) = gid {
+            self.lock().calls.insert(g, token.clone());
+        }
+        let mut body = request;
+        self.lock().client.stamp(&mut body);
+        let original = body.clone();
+        let mut round = 0;
+        loop {
+            let answer = tokio::select! {
+                _ = token.cancelled() => return,
+                a = self.exchange(&body, gid) => a,
+            };
+            let mut answer = match answer {
+                Answer::Final(a) => a,
+                Answer::Lost(why) => return self.emit(lost(id, &why), gid).await,
+                Answer::Reported => return,
+                Answer::Failed(cause) => return self.fail_link(cause).await,
+            };
+            let Some(modern::InputRound { requests, state }) = modern::input_requests(&answer)
+            else {
+                modern::to_legacy_answer(&mut answer, id);
+                return self.emit(answer, gid).await;
+            };
+            round += 1;
+            if round > MAX_ROUNDS || requests.is_empty() {
+                let why = if requests.is_empty() {
+                    "the upstream asked for input without saying what (an InputRequiredResult with no inputRequests)".to_owned()
+                } else {
+                    format!(
+                        "the upstream asked for input more than {MAX_ROUNDS} times for one request; it was stopped"
+                    )
+                };
+                let err = protocol::error_response(id, code::INTERNAL_ERROR, why, None);
+                return self.emit(err, gid).await;
+            }
+            let mut waiting = Vec::with_capacity(requests.len());
+            for (key, mut ask) in requests {
+                let ask_id = format!("mrtr-{}", self.next.fetch_add(1, Ordering::Relaxed));
+                let (tx, rx) = oneshot::channel();
+                self.lock().asks.insert(ask_id.clone(), tx);
+                entry.asked.push(ask_id.clone());
+                ask["id"] = Value::from(ask_id);
+                self.emit(ask, gid).await;
+                waiting.push((key, rx));
+            }
+            let mut responses = Map::new();
+            for (key, rx) in waiting {
+                let reply = tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = rx => r,
+                };
+                let Ok(reply) = reply else {
+                    return self
+                        .emit(
+                            lost(id, "the client's answer to an input request was lost"),
+                            gid,
+                        )
+                        .await;
+                };
+                match reply.get("result") {
+                    Some(r) => {
+                        responses.insert(key, r.clone());
+                    }
+                    None => {
+                        let e = reply.get("error").cloned().unwrap_or(Value::Null);
+                        let msg = format!(
+                            "the client refused the server's {key:?} input request: {}",
+                            e.get("message")
+                                .and_then(Value::as_str)
+                                .unwrap_or("no reason given")
+                        );
+                        let c = e
+                            .get("code")
+                            .and_then(Value::as_i64)
+                            .unwrap_or(code::INTERNAL_ERROR);
+                        return self
+                            .emit(protocol::error_response(id, c, msg, None), gid)
+                            .await;
+                    }
+                }
+            }
+            let retry_id = Value::from(format!("{}-retry-{round}", id_text(&id)));
+            body = modern::retry(&original, retry_id, responses, state);
+        }
+    }
+
+    /// (Re)opens the listen stream for what the session needs now: the server's
+    /// list-changed kinds and the client's resource subscriptions.
+    fn listen(self: &Arc<Self>) {
+        let (request, token) = {
+            let mut st = self.lock();
+            if let Some(old) = st.listen.take() {
+                old.cancel();
+            }
+            let resources: Vec<String> = st.subscriptions.iter().cloned().collect();
+            let id = Value::from(format!(
+                "listen-{}",
+                self.next.fetch_add(1, Ordering::Relaxed)
+            ));
+            let Some(mut request) = modern::listen_request(id, &st.server_capabilities, &resources)
+            else {
+                return;
+            };
+            st.client.stamp(&mut request);
+            let token = self.stop.child_token();
+            st.listen = Some(token.clone());
+            (request, token)
+        };
+        let me = self.clone();
+        self.spawn(async move {
+            tokio::select! {
+                _ = token.cancelled() => {}
+                _ = me.keep_listening(request) => {}
+            }
+        });
+    }
+
+    async fn keep_listening(&self, request: Value) {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            let resp = self
+                .client
+                .post(&self.url)
+                .headers(self.headers(&request))
+                .json(&request)
+                .send()
+                .await;
+            match resp {
+                Ok(r) if r.status().is_success() && is_event_stream(r.headers()) => {
+                    let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                    let mut events = bounded_sse(r, self.opts.max_message, over).eventsource();
+                    while let Some(Ok(ev)) = events.next().await {
+                        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+                            continue;
+                        };
+                        if v.get("method").is_none() {
+                            // The listen request's result: the server ended it gracefully.
+                            break;
+                        }
+                        wait = Duration::from_secs(1);
+                        if let Some(note) = modern::from_listen(v) {
+                            self.emit(note, None).await;
+                        }
+                    }
+                }
+                Ok(r) => {
+                    // Refused (an error answer, or JSON where a stream was due): the server
+                    // does not carry these notifications; asking again will not change that.
+                    let status = r.status();
+                    let body = error_body(r).await;
+                    tracing::info!(url = %self.url, status = status.as_u16(), body = %crate::log_limit::cut(&body, 200), "upstream refused subscriptions/listen; change notifications will not reach this session");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(url = %self.url, error = %error_chain(&e), "listen stream failed");
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(LISTEN_BACKOFF_MAX);
+        }
+    }
+}
+
+fn id_text(id: &Value) -> String {
+    match id {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Reads the answer to `body` from its response: one JSON body, or an SSE stream whose
+/// notifications are sent on as they come (with `notes`' origin) until the answer.
+async fn read_answer(
+    resp: reqwest::Response,
+    body: &Value,
+    max: usize,
+    notes: Option<(&mpsc::Sender<Inbound>, u64)>,
+) -> Answer {
+    let status = resp.status();
+    let id = body.get("id").cloned().unwrap_or(Value::Null);
+    if !status.is_success() {
+        let challenge = resp
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let text = error_body(resp).await;
+        if let Some(err) = serde_json::from_str::<Value>(&text)
+            .ok()
+            .filter(|v| v.get("error").is_some())
+        {
+            return Answer::Final(err);
+        }
+        let why = explain_status(status, challenge.as_deref())
+            .filter(|_| status.as_u16() == 401 || status.as_u16() == 403)
+            .unwrap_or_else(|| {
+                format!(
+                    "server answered HTTP {status}: {}",
+                    crate::log_limit::cut(&text, 200)
+                )
+            });
+        return Answer::Lost(why);
+    }
+    if !is_event_stream(resp.headers()) {
+        return match read_limited(resp, max).await {
+            Ok(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
+                Ok(v) => Answer::Final(v),
+                Err(e) => Answer::Lost(format!("server sent malformed JSON: {e}")),
+            },
+            Ok(Err(len)) => report_oversized(notes, &id, len, max).await,
+            Err(e) => Answer::Failed(format!("response failed: {}", error_chain(&e))),
+        };
+    }
+    let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut events = bounded_sse(resp, max, over.clone()).eventsource();
+    while let Some(ev) = events.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                return Answer::Lost(format!(
+                    "the server's response stream broke before the answer ({e}); modern streams cannot be resumed, so the outcome is unknown"
+                ));
+            }
+        };
+        if ev.data.trim().is_empty() {
+            continue;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+            tracing::warn!("server SSE event is not JSON; ignored");
+            continue;
+        };
+        if v.get("method").is_none() && v.get("id") == Some(&id) {
+            return Answer::Final(v);
+        }
+        if v.get("id").is_some() {
+            // A 2026-07-28 server has no requests of its own to send; a request here would
+            // wait for an answer that has no way back.
+            tracing::debug!("a request on a modern response stream; ignored");
+            continue;
+        }
+        if let Some((tx, origin)) = notes {
+            let _ = tx
+                .send(Inbound::Message {
+                    value: v,
+                    origin: Some(origin),
+                })
+                .await;
+        }
+    }
+    let len = over.load(Ordering::Relaxed);
+    if len > 0 {
+        return report_oversized(notes, &id, len, max).await;
+    }
+    Answer::Lost(
+        "the server closed the response stream before answering; the outcome is unknown".into(),
+    )
+}
+
+async fn report_oversized(
+    notes: Option<(&mpsc::Sender<Inbound>, u64)>,
+    id: &Value,
+    len: usize,
+    limit: usize,
+) -> Answer {
+    match notes {
+        Some((tx, _)) => {
+            let _ = tx
+                .send(Inbound::Oversized {
+                    id: Some(id.clone()),
+                    len,
+                    limit,
+                })
+                .await;
+            Answer::Reported
+        }
+        None => Answer::Lost(format!(
+            "the server's answer is {len} bytes, over the {limit} byte limit (--max-upstream-message)"
+        )),
+    }
+}
+
+/// Whether the server at `url` speaks 2026-07-28: `server/discover` with the client's
+/// `_meta` answered with a result that lists it. `None` when the answer says nothing
+/// either way (unreachable, an authentication demand, a server error): the caller asks
+/// again next time rather than remember a guess.
+pub async fn probe(
+    client: &reqwest::Client,
+    url: &str,
+    headers: &HeaderMap,
+    init_params: &Value,
+    timeout: Duration,
+) -> Option<bool> {
+    let mut body = protocol::request(
+        Value::from("tether-probe"),
+        "server/discover",
+        Some(json!({})),
+    );
+    modern::Upstream::of_initialize(init_params).stamp(&mut body);
+    let mut h = headers.clone();
+    h.insert(
+        ACCEPT,
+        HeaderValue::from_static("application/json, text/event-stream"),
+    );
+    for (name, v) in modern::request_headers(&body) {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    }
+    let exchange = async {
+        let resp = client.post(url).headers(h).json(&body).send().await.ok()?;
+        let status = resp.status().as_u16();
+        if status == 401 || status == 403 || status == 429 || status >= 500 {
+            return None;
+        }
+        match read_answer(resp, &body, 1 << 20, None).await {
+            Answer::Final(v) => Some(v.get("result").is_some_and(modern::speaks_modern)),
+            Answer::Lost(_) | Answer::Reported => Some(false),
+            Answer::Failed(_) => None,
+        }
+    };
+    tokio::time::timeout(timeout, exchange).await.ok().flatten()
+}
