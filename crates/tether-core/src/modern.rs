@@ -428,23 +428,26 @@ pub fn status_of(answer: &Value) -> u16 {
     }
 }
 
-/// A legacy server's capabilities as a modern client reads them. List-changed flags stay
-/// (they reach `subscriptions/listen` streams); `resources.subscribe` is dropped: the
-/// bridge does not subscribe a legacy upstream to a resource for a stateless client yet.
+/// A legacy server's capabilities as a modern client reads them: unchanged. List-changed
+/// flags reach `subscriptions/listen` streams, and `resources.subscribe` says a listen
+/// stream's `resourceSubscriptions` are carried (the gateway subscribes its pooled
+/// upstream session).
 pub fn capabilities(legacy: Option<&Value>) -> Value {
-    let mut caps = legacy
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    if let Some(c) = caps.get_mut("resources").and_then(Value::as_object_mut) {
-        c.remove("subscribe");
-    }
-    Value::Object(caps)
+    Value::Object(
+        legacy
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default(),
+    )
 }
 
-/// The list-changed notifications a `subscriptions/listen` asked for (and the bridge
-/// honours: resource subscriptions are not carried yet).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Resources one `subscriptions/listen` may subscribe to; the acknowledgement lists the
+/// ones honoured, so a client asking for more learns which were left out.
+pub const MAX_LISTEN_RESOURCES: usize = 64;
+
+/// What a `subscriptions/listen` asked for: list-changed kinds, and the resources whose
+/// updates it wants (`resourceSubscriptions`, at most [`MAX_LISTEN_RESOURCES`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
     /// `toolsListChanged`.
     pub tools: bool,
@@ -452,6 +455,8 @@ pub struct Filter {
     pub prompts: bool,
     /// `resourcesListChanged`.
     pub resources: bool,
+    /// `resourceSubscriptions`: the URIs whose `notifications/resources/updated` pass.
+    pub uris: Vec<String>,
 }
 
 impl Filter {
@@ -459,25 +464,45 @@ impl Filter {
     pub fn of(env: &Envelope) -> Filter {
         let n = env.params().and_then(|p| p.get("notifications"));
         let on = |k: &str| n.and_then(|n| n.get(k)).and_then(Value::as_bool) == Some(true);
+        let mut uris: Vec<String> = Vec::new();
+        for u in n
+            .and_then(|n| n.get("resourceSubscriptions"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            if uris.len() == MAX_LISTEN_RESOURCES {
+                break;
+            }
+            if !uris.iter().any(|x| x == u) {
+                uris.push(u.to_owned());
+            }
+        }
         Filter {
             tools: on("toolsListChanged"),
             prompts: on("promptsListChanged"),
             resources: on("resourcesListChanged"),
+            uris,
         }
     }
 
     /// Whether a notification from an upstream passes the filter.
-    pub fn admits(self, notification: &Value) -> bool {
+    pub fn admits(&self, notification: &Value) -> bool {
         match notification.get("method").and_then(Value::as_str) {
             Some("notifications/tools/list_changed") => self.tools,
             Some("notifications/prompts/list_changed") => self.prompts,
             Some("notifications/resources/list_changed") => self.resources,
+            Some("notifications/resources/updated") => notification
+                .pointer("/params/uri")
+                .and_then(Value::as_str)
+                .is_some_and(|u| self.uris.iter().any(|x| x == u)),
             _ => false,
         }
     }
 
     /// The first message of the stream: what is honoured, tagged with the subscription.
-    pub fn acknowledged(self, subscription: &Value) -> Value {
+    pub fn acknowledged(&self, subscription: &Value) -> Value {
         let mut honoured = Map::new();
         for (k, on) in [
             ("toolsListChanged", self.tools),
@@ -487,6 +512,9 @@ impl Filter {
             if on {
                 honoured.insert(k.to_owned(), Value::Bool(true));
             }
+        }
+        if !self.uris.is_empty() {
+            honoured.insert("resourceSubscriptions".to_owned(), json!(self.uris));
         }
         json!({
             "jsonrpc": "2.0",
@@ -1186,7 +1214,7 @@ mod tests {
         let d = discover(Some(&init), 0);
         assert_eq!(
             d["capabilities"],
-            json!({"tools": {"listChanged": true}, "resources": {}})
+            json!({"tools": {"listChanged": true}, "resources": {"subscribe": true}})
         );
         assert_eq!(d["_meta"][META_SERVER_INFO]["name"], "s");
         assert_eq!(d["instructions"], "hi");
@@ -1202,10 +1230,18 @@ mod tests {
         let f = Filter::of(&env);
         assert!(f.admits(&json!({"method": "notifications/prompts/list_changed"})));
         assert!(!f.admits(&json!({"method": "notifications/tools/list_changed"})));
+        assert!(
+            f.admits(&json!({"method": "notifications/resources/updated", "params": {"uri": "x"}}))
+        );
+        assert!(
+            !f.admits(
+                &json!({"method": "notifications/resources/updated", "params": {"uri": "y"}})
+            )
+        );
         let ack = f.acknowledged(&json!("sub-1"));
         assert_eq!(
             ack["params"]["notifications"],
-            json!({"promptsListChanged": true})
+            json!({"promptsListChanged": true, "resourceSubscriptions": ["x"]})
         );
         assert_eq!(ack["params"]["_meta"][META_SUBSCRIPTION_ID], "sub-1");
         let t = tagged(

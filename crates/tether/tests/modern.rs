@@ -590,3 +590,65 @@ async fn a_listen_stream_gets_the_list_changes_it_asked_for_tagged_with_its_subs
     let quiet = tokio::time::timeout(Duration::from_millis(500), prompts.next()).await;
     assert!(quiet.is_err(), "a prompts-only listener got {quiet:?}");
 }
+
+/// A listen stream's `resourceSubscriptions` reach the legacy upstream as
+/// `resources/subscribe` on the client's pooled session, and its
+/// `notifications/resources/updated` come back on the stream, tagged; a URI not asked for
+/// does not.
+#[tokio::test]
+async fn a_listen_stream_subscribes_the_resources_it_names() {
+    use futures::StreamExt;
+    let dir = state_dir();
+    // One pool member: the call that touches the resource runs on the subscribed upstream.
+    let gw = Gateway::start(dir.path(), &["--demo", "--bridge-pool-size", "1"]);
+    let modern = Modern::new(&gw.url, json!({}));
+    let resp = reqwest::Client::new()
+        .post(&gw.url)
+        .header("content-type", "application/json")
+        .header("accept", ACCEPT_BOTH)
+        .header("mcp-protocol-version", V)
+        .header("mcp-method", "subscriptions/listen")
+        .body(
+            json!({"jsonrpc": "2.0", "id": "sub-res", "method": "subscriptions/listen", "params": {
+                "notifications": {"resourceSubscriptions": ["demo://watched", "demo://watched"]},
+                "_meta": {
+                    "io.modelcontextprotocol/protocolVersion": V,
+                    "io.modelcontextprotocol/clientCapabilities": {},
+                    "io.modelcontextprotocol/clientInfo": {"name": "modern-test", "version": "1"}}}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
+    let mut next = async || loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an event on the listen stream")
+            .unwrap()
+            .unwrap();
+        if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
+            return v;
+        }
+    };
+    let ack = next().await;
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged");
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"resourceSubscriptions": ["demo://watched"]}),
+        "duplicates folded, the subscription honoured"
+    );
+    // The demo's touch sends an update for every resource its session subscribed to.
+    assert_eq!(
+        text_of(&modern.call(1, "touch", json!({})).await.json()),
+        "updated=1 level=none"
+    );
+    let updated = next().await;
+    assert_eq!(updated["method"], "notifications/resources/updated");
+    assert_eq!(updated["params"]["uri"], "demo://watched");
+    assert_eq!(
+        updated["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+        "sub-res"
+    );
+}

@@ -248,7 +248,27 @@ pub(super) async fn post(
         return Ok(axum::Json(body).into_response());
     }
     if method == "subscriptions/listen" {
-        return Ok(listen(st, principal, &env, id));
+        let mut filter = rules::Filter::of(&env);
+        if !filter.uris.is_empty() {
+            let session = st
+                .registry
+                .pooled(
+                    principal,
+                    meta.capabilities_key(),
+                    &meta.init_params(),
+                    client,
+                )
+                .await
+                .map_err(|e| FrontError::from(e).with_id(Some(&id)))?;
+            let mut honoured = Vec::with_capacity(filter.uris.len());
+            for uri in std::mem::take(&mut filter.uris) {
+                if subscribe(&session, &uri).await {
+                    honoured.push(uri);
+                }
+            }
+            filter.uris = honoured;
+        }
+        return Ok(listen(st, principal, filter, id));
     }
     let name = rules::request_name(&env).map(str::to_owned);
     let progress_token = env.progress_token().cloned();
@@ -352,8 +372,7 @@ pub(super) async fn post(
 /// notifications of this user's pooled upstreams that its filter asks for, each tagged with
 /// the subscription (the request's id), with keepalive comments, until the client closes it
 /// or the gateway stops. Nothing is stored: a client that reconnects listens again.
-fn listen(st: &AppState, principal: &Principal, env: &Envelope, id: Value) -> Response {
-    let filter = rules::Filter::of(env);
+fn listen(st: &AppState, principal: &Principal, filter: rules::Filter, id: Value) -> Response {
     let mut rx = st.registry.listen(principal);
     let stop = st.registry.stopping();
     let keepalive = st.cfg.keepalive;
@@ -382,6 +401,42 @@ fn listen(st: &AppState, principal: &Principal, env: &Envelope, id: Value) -> Re
         }
     };
     event_stream(body)
+}
+
+/// Subscribes the pooled upstream session to `uri` for a listen stream (a legacy server
+/// sends `notifications/resources/updated` only for what it was subscribed to); true when
+/// the upstream agreed. The subscription is part of the session's restore state, so an
+/// upstream restart keeps it; it ends with the pooled session (idle expiry), not with the
+/// stream: another client of the same pool may listen to the same resource, and an extra
+/// update is dropped by every filter that did not ask for it.
+async fn subscribe(session: &Arc<Session>, uri: &str) -> bool {
+    let id = Value::from(format!("tether-subscribe-{}", crate::ids::random_hex(8)));
+    let request = protocol::request(id, "resources/subscribe", Some(json!({ "uri": uri })));
+    let Ok(env) = Envelope::from_value(request) else {
+        return false;
+    };
+    let answer = match session.request(env).await {
+        Reply::Immediate(v) => Some(v),
+        Reply::Accepted => None,
+        Reply::Stream(handle) => match handle.live {
+            Some(mut rx) => {
+                let mut last = None;
+                while let Some(frame) = rx.recv().await {
+                    if frame.terminal {
+                        last = serde_json::from_str::<Value>(&frame.data).ok();
+                        break;
+                    }
+                }
+                last
+            }
+            None => None,
+        },
+    };
+    let ok = answer.as_ref().is_some_and(|a| a.get("result").is_some());
+    if !ok {
+        tracing::info!(uri = %crate::log_limit::cut(uri, 200), answer = ?answer, "the upstream did not subscribe to a resource a listen stream asked for; left out of the acknowledgement");
+    }
+    ok
 }
 
 /// Sends a retry whose call another live instance of the deployment holds to that

@@ -255,14 +255,18 @@ impl Registry {
 }
 
 impl Session {
-    /// Hands a list-changed notification of a pooled upstream to its principal's listen
-    /// streams (it concerns no call of any one client). True when it was one.
+    /// Hands a list-changed or resource-updated notification of a pooled upstream to its
+    /// principal's listen streams (it concerns no call of any one client; each stream's
+    /// filter keeps what it asked for). True when it was one.
     pub(super) fn to_listeners(&self, value: &Value) -> bool {
-        let is_list_changed = value
+        let for_listeners = value
             .get("method")
             .and_then(Value::as_str)
-            .is_some_and(|m| m.starts_with("notifications/") && m.ends_with("/list_changed"));
-        if self.transport != Transport::Pooled || !is_list_changed {
+            .is_some_and(|m| {
+                (m.starts_with("notifications/") && m.ends_with("/list_changed"))
+                    || m == "notifications/resources/updated"
+            });
+        if self.transport != Transport::Pooled || !for_listeners {
             return false;
         }
         let map = self
