@@ -17,7 +17,8 @@
 //! ([`Inbound::Closed`]); the session's supervisor starts another, which is a new discover.
 //!
 //! Must not: keep a request without a bound (at most [`MAX_IN_FLIGHT`] POSTs at once,
-//! [`MAX_ROUNDS`] input rounds per call), or retry a request whose outcome is unknown.
+//! [`MAX_ROUNDS`] input rounds per call of at most [`MAX_ASKS_PER_ROUND`] requests each),
+//! or retry a request whose outcome is unknown.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,6 +47,9 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 /// Input rounds (`InputRequiredResult`s) one call may take before it is failed: a server
 /// that keeps asking must not hold the call, and the client, forever.
 pub const MAX_ROUNDS: u32 = 10;
+/// Input requests one `InputRequiredResult` may hold: each waits for the client in a table
+/// of this link, so a server's one answer must not fill it.
+pub const MAX_ASKS_PER_ROUND: usize = 64;
 /// Longest wait between attempts to reopen a broken listen stream.
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -397,9 +401,14 @@ impl Inner {
                 return self.emit(answer, gid).await;
             };
             round += 1;
-            if round > MAX_ROUNDS || requests.is_empty() {
+            if round > MAX_ROUNDS || requests.is_empty() || requests.len() > MAX_ASKS_PER_ROUND {
                 let why = if requests.is_empty() {
                     "the upstream asked for input without saying what (an InputRequiredResult with no inputRequests)".to_owned()
+                } else if requests.len() > MAX_ASKS_PER_ROUND {
+                    format!(
+                        "the upstream asked for {} inputs at once, over the {MAX_ASKS_PER_ROUND} the gateway carries; the request was stopped",
+                        requests.len()
+                    )
                 } else {
                     format!(
                         "the upstream asked for input more than {MAX_ROUNDS} times for one request; it was stopped"
@@ -694,4 +703,158 @@ pub async fn probe(
         }
     };
     tokio::time::timeout(timeout, exchange).await.ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 2026-07-28 server whose every `tools/call` answer asks for `asks` inputs, and which
+    /// records the `_meta` and headers it was sent.
+    async fn asking_server(asks: usize) -> (String, Arc<Mutex<Vec<(HeaderMap, Value)>>>) {
+        let seen: Arc<Mutex<Vec<(HeaderMap, Value)>>> = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().route(
+            "/mcp",
+            axum::routing::post(move |headers: HeaderMap, body: axum::Json<Value>| {
+                let log = log.clone();
+                async move {
+                    log.lock().unwrap().push((headers, body.0.clone()));
+                    let requests: Map<String, Value> = (0..asks)
+                        .map(|i| {
+                            (
+                                format!("k{i}"),
+                                json!({"method": "elicitation/create", "params": {"message": "?"}}),
+                            )
+                        })
+                        .collect();
+                    axum::Json(json!({"jsonrpc": "2.0", "id": body.0["id"], "result": {
+                        "resultType": "input_required", "inputRequests": requests, "requestState": "s"}}))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, seen)
+    }
+
+    fn link(url: &str) -> (ModernLink, mpsc::Receiver<Inbound>, TaskTracker) {
+        let (tx, rx) = mpsc::channel(256);
+        let tracker = TaskTracker::new();
+        let l = ModernLink::new(
+            reqwest::Client::new(),
+            url,
+            HttpOptions::default(),
+            tx,
+            tracker.clone(),
+        );
+        (l, rx, tracker)
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Inbound>) -> Value {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(Inbound::Message { value, .. })) => value,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_keeps_asking_is_stopped_after_the_round_bound() {
+        let (url, seen) = asking_server(1).await;
+        let (link, mut rx, tracker) = link(&url);
+        link.send(protocol::request(
+            Value::from(7),
+            "tools/call",
+            Some(json!({"name": "ask"})),
+        ));
+        let mut asked = 0;
+        let failed = loop {
+            let v = next(&mut rx).await;
+            if v.get("method").is_some() {
+                // Each round's input request reaches the session as a server request on
+                // the call; the answer goes back to the link under the id it was sent with.
+                asked += 1;
+                assert_eq!(v["method"], "elicitation/create");
+                link.send(
+                    json!({"jsonrpc": "2.0", "id": v["id"], "result": {"action": "decline"}}),
+                );
+                continue;
+            }
+            break v;
+        };
+        assert_eq!(asked, MAX_ROUNDS);
+        assert_eq!(failed["id"], 7);
+        assert_eq!(failed["error"]["code"], code::INTERNAL_ERROR);
+        let sent = seen.lock().unwrap().clone();
+        assert_eq!(
+            sent.len(),
+            MAX_ROUNDS as usize + 1,
+            "the first POST and one retry per round"
+        );
+        let ids: BTreeSet<String> = sent.iter().map(|(_, b)| b["id"].to_string()).collect();
+        assert_eq!(ids.len(), sent.len(), "every retry has an id of its own");
+        let (h, last) = sent.last().unwrap();
+        assert_eq!(h["mcp-method"], "tools/call");
+        assert_eq!(h["mcp-name"], "ask");
+        assert_eq!(h["mcp-protocol-version"], protocol::MODERN_VERSION);
+        assert_eq!(last["params"]["requestState"], "s");
+        assert_eq!(last["params"]["inputResponses"]["k0"]["action"], "decline");
+        assert_eq!(
+            last["params"]["_meta"][protocol::META_PROTOCOL_VERSION],
+            protocol::MODERN_VERSION
+        );
+        assert!(link.inner.lock().asks.is_empty(), "nothing left waiting");
+        link.shutdown();
+        tracker.close();
+    }
+
+    #[tokio::test]
+    async fn an_answer_asking_for_too_many_inputs_fails_its_call_without_asking() {
+        let (url, _) = asking_server(MAX_ASKS_PER_ROUND + 1).await;
+        let (link, mut rx, tracker) = link(&url);
+        link.send(protocol::request(
+            Value::from(8),
+            "tools/call",
+            Some(json!({"name": "ask"})),
+        ));
+        let v = next(&mut rx).await;
+        assert_eq!(v["id"], 8, "the call fails; no input request was sent: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&MAX_ASKS_PER_ROUND.to_string())
+        );
+        assert!(link.inner.lock().asks.is_empty());
+        link.shutdown();
+        tracker.close();
+    }
+
+    #[tokio::test]
+    async fn the_link_answers_what_a_stateless_server_has_no_method_for() {
+        let (url, seen) = asking_server(1).await;
+        let (link, mut rx, tracker) = link(&url);
+        link.send(protocol::request(Value::from(1), "ping", None));
+        link.send(protocol::request(
+            Value::from(2),
+            "logging/setLevel",
+            Some(json!({"level": "error"})),
+        ));
+        for _ in 0..2 {
+            let v = next(&mut rx).await;
+            assert_eq!(v["result"], json!({}), "{v}");
+        }
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "nothing reached the server"
+        );
+        assert_eq!(
+            link.inner.lock().client.log_level.as_deref(),
+            Some("error"),
+            "the level travels on the next requests"
+        );
+        link.shutdown();
+        tracker.close();
+    }
 }
