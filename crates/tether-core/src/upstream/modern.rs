@@ -283,23 +283,7 @@ impl Inner {
     }
 
     fn headers(&self, body: &Value) -> HeaderMap {
-        let mut h = self.opts.headers.clone();
-        h.insert(
-            ACCEPT,
-            HeaderValue::from_static("application/json, text/event-stream"),
-        );
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        for (name, v) in modern::request_headers(body) {
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                h.insert(HeaderName::from_static(name), v);
-            }
-        }
-        for (name, v) in crate::telemetry::meta_headers(body) {
-            if let Ok(v) = HeaderValue::from_str(v) {
-                h.insert(name, v);
-            }
-        }
-        h
+        headers_for(&self.opts.headers, body)
     }
 
     /// Sends one request and reads its answer; notifications on its stream go to the
@@ -545,6 +529,28 @@ impl Inner {
     }
 }
 
+/// The headers of a POST carrying `body`: the configured ones, the content types, the
+/// modern request headers, and the trace context where HTTP tooling looks for it.
+fn headers_for(base: &HeaderMap, body: &Value) -> HeaderMap {
+    let mut h = base.clone();
+    h.insert(
+        ACCEPT,
+        HeaderValue::from_static("application/json, text/event-stream"),
+    );
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for (name, v) in modern::request_headers(body) {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    }
+    for (name, v) in crate::telemetry::meta_headers(body) {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(name, v);
+        }
+    }
+    h
+}
+
 fn id_text(id: &Value) -> String {
     match id {
         Value::String(s) => s.clone(),
@@ -680,16 +686,7 @@ pub async fn probe(
         Some(json!({})),
     );
     modern::Upstream::of_initialize(init_params).stamp(&mut body);
-    let mut h = headers.clone();
-    h.insert(
-        ACCEPT,
-        HeaderValue::from_static("application/json, text/event-stream"),
-    );
-    for (name, v) in modern::request_headers(&body) {
-        if let Ok(v) = HeaderValue::from_str(&v) {
-            h.insert(HeaderName::from_static(name), v);
-        }
-    }
+    let h = headers_for(headers, &body);
     let exchange = async {
         let resp = client.post(url).headers(h).json(&body).send().await.ok()?;
         let status = resp.status().as_u16();
