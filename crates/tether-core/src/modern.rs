@@ -811,6 +811,74 @@ pub fn request_headers(request: &Value) -> Vec<(&'static str, String)> {
     h
 }
 
+/// The `x-mcp-header` declarations of one tool: the path of each annotated argument (its
+/// property names from the schema root through `properties`) and the header name
+/// (`Mcp-Param-{name}`).
+pub type ParamHeaders = Vec<(Vec<String>, String)>;
+
+/// The `x-mcp-header` declarations of every tool in a `tools/list` result (SEP-2243): what
+/// a client must mirror into `Mcp-Param-*` headers when it calls the tool. Tools without
+/// any are left out; a declaration that is not a header token is ignored (the server
+/// cannot expect it).
+pub fn param_headers_of(tools_list: &Value) -> Vec<(String, ParamHeaders)> {
+    fn walk(props: Option<&Value>, path: &mut Vec<String>, out: &mut ParamHeaders) {
+        let Some(Value::Object(props)) = props else {
+            return;
+        };
+        for (name, schema) in props {
+            path.push(name.clone());
+            if let Some(h) = schema.get("x-mcp-header").and_then(Value::as_str)
+                && !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+            {
+                out.push((path.clone(), h.to_owned()));
+            }
+            walk(schema.get("properties"), path, out);
+            path.pop();
+        }
+    }
+    tools_list
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let name = t.get("name")?.as_str()?.to_owned();
+            let mut out = Vec::new();
+            walk(
+                t.pointer("/inputSchema/properties"),
+                &mut Vec::new(),
+                &mut out,
+            );
+            (!out.is_empty()).then_some((name, out))
+        })
+        .collect()
+}
+
+/// The `Mcp-Param-*` headers of a call with `arguments` to a tool declaring `decl`: one per
+/// declared argument present with a primitive value (absent or null: no header).
+pub fn param_headers(arguments: Option<&Value>, decl: &ParamHeaders) -> Vec<(String, String)> {
+    let Some(args) = arguments else {
+        return Vec::new();
+    };
+    decl.iter()
+        .filter_map(|(path, header)| {
+            let v = path.iter().try_fold(args, |v, k| v.get(k))?;
+            let text = match v {
+                Value::String(s) => s.clone(),
+                Value::Bool(b) => b.to_string(),
+                Value::Number(n) => n.to_string(),
+                _ => return None,
+            };
+            Some((
+                format!("mcp-param-{}", header.to_ascii_lowercase()),
+                header_encoded(&text),
+            ))
+        })
+        .collect()
+}
+
 /// A header value as sent: as is when it is visible ASCII without surrounding spaces,
 /// else base64 in the `=?base64?…?=` form.
 fn header_encoded(text: &str) -> String {

@@ -86,7 +86,15 @@ struct State {
     asks: HashMap<String, oneshot::Sender<Value>>,
     /// The running listen stream.
     listen: Option<CancellationToken>,
+    /// The `x-mcp-header` declarations of the server's tools (SEP-2243), by tool name,
+    /// learnt from the `tools/list` answers that pass and, before the first call, fetched.
+    tool_headers: HashMap<String, modern::ParamHeaders>,
+    /// Whether `tool_headers` has been filled from a whole `tools/list` yet.
+    tools_known: bool,
 }
+
+/// Pages of `tools/list` the link reads to learn the tools' header declarations.
+const MAX_TOOL_PAGES: usize = 20;
 
 /// What became of one POST.
 enum Answer {
@@ -286,13 +294,81 @@ impl Inner {
         headers_for(&self.opts.headers, body)
     }
 
+    /// The `Mcp-Param-*` headers a `tools/call` must carry for the tool's `x-mcp-header`
+    /// declarations (SEP-2243: a client mirrors the declared arguments; the server rejects
+    /// a call without them).
+    fn param_headers(&self, body: &Value) -> Vec<(String, String)> {
+        if body.get("method").and_then(Value::as_str) != Some("tools/call") {
+            return Vec::new();
+        }
+        let Some(tool) = body.pointer("/params/name").and_then(Value::as_str) else {
+            return Vec::new();
+        };
+        let st = self.lock();
+        match st.tool_headers.get(tool) {
+            Some(decl) => modern::param_headers(body.pointer("/params/arguments"), decl),
+            None => Vec::new(),
+        }
+    }
+
+    fn learn_tools(&self, list: &Value) {
+        let mut st = self.lock();
+        for (tool, decl) in modern::param_headers_of(list) {
+            st.tool_headers.insert(tool, decl);
+        }
+    }
+
+    /// Reads the server's whole tool list for its header declarations (before the first
+    /// call, and again when the server says a call's headers do not match).
+    async fn fetch_tools(&self) {
+        let mut cursor: Option<Value> = None;
+        for page in 0..MAX_TOOL_PAGES {
+            let params = match &cursor {
+                Some(c) => json!({ "cursor": c }),
+                None => json!({}),
+            };
+            let id = Value::from(format!(
+                "tether-tools-{}-{page}",
+                self.next.fetch_add(1, Ordering::Relaxed)
+            ));
+            let mut body = protocol::request(id, "tools/list", Some(params));
+            self.lock().client.stamp(&mut body);
+            let Answer::Final(answer) = self.exchange(&body, None, &[]).await else {
+                return;
+            };
+            let Some(result) = answer.get("result") else {
+                return;
+            };
+            self.learn_tools(result);
+            cursor = result.get("nextCursor").filter(|c| !c.is_null()).cloned();
+            if cursor.is_none() {
+                self.lock().tools_known = true;
+                return;
+            }
+        }
+    }
+
     /// Sends one request and reads its answer; notifications on its stream go to the
     /// session with `origin` (the call's id) so they reach the call's stream.
-    async fn exchange(&self, body: &Value, origin: Option<u64>) -> Answer {
+    async fn exchange(
+        &self,
+        body: &Value,
+        origin: Option<u64>,
+        extra: &[(String, String)],
+    ) -> Answer {
+        let mut headers = self.headers(body);
+        for (name, value) in extra {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                headers.insert(n, v);
+            }
+        }
         let send = self
             .client
             .post(&self.url)
-            .headers(self.headers(body))
+            .headers(headers)
             .json(body)
             .send();
         let sent = match self.opts.request_timeout {
@@ -324,7 +400,7 @@ impl Inner {
         let mut discover = protocol::request(id.clone(), "server/discover", Some(json!({})));
         client.stamp(&mut discover);
         self.lock().client = client;
-        let answer = match self.exchange(&discover, None).await {
+        let answer = match self.exchange(&discover, None, &[]).await {
             Answer::Final(a) => a,
             Answer::Lost(why) => lost(id.clone(), &why),
             Answer::Reported => return,
@@ -366,12 +442,25 @@ impl Inner {
         }
         let mut body = request;
         self.lock().client.stamp(&mut body);
-        let original = body.clone();
+        let method = body
+            .get("method")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        if method == "tools/call" && !self.lock().tools_known {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                () = self.fetch_tools() => {}
+            }
+        }
+        let mut original = body.clone();
         let mut round = 0;
+        let mut refetched = false;
         loop {
+            let extra = self.param_headers(&body);
             let answer = tokio::select! {
                 _ = token.cancelled() => return,
-                a = self.exchange(&body, gid) => a,
+                a = self.exchange(&body, gid, &extra) => a,
             };
             let mut answer = match answer {
                 Answer::Final(a) => a,
@@ -379,6 +468,26 @@ impl Inner {
                 Answer::Reported => return,
                 Answer::Failed(cause) => return self.fail_link(cause).await,
             };
+            let mismatch = answer.pointer("/error/code").and_then(Value::as_i64)
+                == Some(code::HEADER_MISMATCH);
+            if mismatch && method == "tools/call" && !refetched {
+                // The tool's header declarations may have changed since they were read: read
+                // them again and send the call once more (the server refused it before
+                // running it, so nothing is repeated).
+                refetched = true;
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    () = self.fetch_tools() => {}
+                }
+                original["id"] = Value::from(format!("{}-headers", id_text(&id)));
+                body = original.clone();
+                continue;
+            }
+            if method == "tools/list"
+                && let Some(result) = answer.get("result")
+            {
+                self.learn_tools(result);
+            }
             let Some(modern::InputRound { requests, state }) = modern::input_requests(&answer)
             else {
                 modern::to_legacy_answer(&mut answer, id);
@@ -783,7 +892,13 @@ mod tests {
         assert_eq!(asked, MAX_ROUNDS);
         assert_eq!(failed["id"], 7);
         assert_eq!(failed["error"]["code"], code::INTERNAL_ERROR);
-        let sent = seen.lock().unwrap().clone();
+        let sent: Vec<_> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, b)| b["method"] == "tools/call")
+            .cloned()
+            .collect();
         assert_eq!(
             sent.len(),
             MAX_ROUNDS as usize + 1,
@@ -850,6 +965,93 @@ mod tests {
             link.inner.lock().client.log_level.as_deref(),
             Some("error"),
             "the level travels on the next requests"
+        );
+        link.shutdown();
+        tracker.close();
+    }
+
+    /// A server with one tool whose `region` argument must be mirrored into
+    /// `Mcp-Param-Region`, validated as the spec asks (400 `-32020` when missing or
+    /// different).
+    async fn header_server() -> (String, Arc<Mutex<Vec<(HeaderMap, Value)>>>) {
+        let seen: Arc<Mutex<Vec<(HeaderMap, Value)>>> = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().route(
+            "/mcp",
+            axum::routing::post(move |headers: HeaderMap, body: axum::Json<Value>| {
+                let log = log.clone();
+                async move {
+                    let b = body.0;
+                    log.lock().unwrap().push((headers.clone(), b.clone()));
+                    let id = b["id"].clone();
+                    if b["method"] == "tools/list" {
+                        let tools = json!([{"name": "query", "inputSchema": {"type": "object", "properties": {
+                            "region": {"type": "string", "x-mcp-header": "Region"},
+                            "sql": {"type": "string"}}}}]);
+                        return (
+                            axum::http::StatusCode::OK,
+                            axum::Json(json!({"jsonrpc": "2.0", "id": id, "result": {"resultType": "complete", "tools": tools}})),
+                        );
+                    }
+                    let want = b.pointer("/params/arguments/region").and_then(Value::as_str);
+                    let got = headers.get("mcp-param-region").and_then(|v| v.to_str().ok());
+                    let got = got.map(|g| match g.strip_prefix("=?base64?").and_then(|r| r.strip_suffix("?=")) {
+                        Some(b64) => String::from_utf8(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap()).unwrap(),
+                        None => g.to_owned(),
+                    });
+                    if want.map(str::to_owned) != got {
+                        return (
+                            axum::http::StatusCode::BAD_REQUEST,
+                            axum::Json(json!({"jsonrpc": "2.0", "id": id, "error": {"code": code::HEADER_MISMATCH, "message": "Mcp-Param-Region does not match"}})),
+                        );
+                    }
+                    (
+                        axum::http::StatusCode::OK,
+                        axum::Json(json!({"jsonrpc": "2.0", "id": id, "result": {"resultType": "complete", "content": [{"type": "text", "text": want}]}})),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn declared_tool_arguments_are_mirrored_into_mcp_param_headers() {
+        let (url, seen) = header_server().await;
+        let (link, mut rx, tracker) = link(&url);
+        // No tools/list from the client: the link reads the declarations before the call.
+        for (id, region) in [(1, "eu-west"), (2, "zürich")] {
+            link.send(protocol::request(
+                Value::from(id),
+                "tools/call",
+                Some(json!({"name": "query", "arguments": {"region": region, "sql": "select 1"}})),
+            ));
+            let v = next(&mut rx).await;
+            assert_eq!(v["id"], id);
+            assert_eq!(
+                v.pointer("/result/content/0/text"),
+                Some(&json!(region)),
+                "{v}"
+            );
+        }
+        let sent = seen.lock().unwrap().clone();
+        let lists = sent
+            .iter()
+            .filter(|(_, b)| b["method"] == "tools/list")
+            .count();
+        assert_eq!(lists, 1, "the tool list is read once");
+        let (h, _) = &sent[1];
+        assert_eq!(h["mcp-param-region"], "eu-west");
+        let (h, _) = &sent[2];
+        assert!(
+            h["mcp-param-region"]
+                .to_str()
+                .unwrap()
+                .starts_with("=?base64?"),
+            "a non-ASCII value travels base64-encoded"
         );
         link.shutdown();
         tracker.close();
