@@ -127,6 +127,7 @@ fn lookup(c: &mut Criterion) {
                 UpstreamSpec::Http {
                     url: "http://127.0.0.1:1/mcp".into(),
                     protocol: tether_core::config::UpstreamProtocol::Legacy,
+                    headers: Vec::new(),
                 },
                 "bench",
                 None,

@@ -367,6 +367,8 @@ pub struct UpstreamLayer {
     /// The protocol era spoken to an HTTP upstream: `auto` (default: ask it once with
     /// `server/discover`), `legacy` (sessions) or `modern` (2026-07-28, stateless).
     pub protocol: Option<String>,
+    /// Headers sent with every request to an HTTP upstream (for example `Authorization`).
+    pub headers: Option<BTreeMap<String, String>>,
 }
 
 /// Where the gateway's upstream MCP server is.
@@ -389,6 +391,9 @@ pub enum UpstreamSpec {
         url: String,
         /// Which era of the protocol to speak to it.
         protocol: UpstreamProtocol,
+        /// Headers sent with every request to it (credentials, as `mcpServers` files
+        /// give them).
+        headers: Vec<(String, String)>,
     },
 }
 
@@ -689,6 +694,7 @@ impl Layer {
             pass_env: top_up.pass_env.or(base_up.pass_env),
             require: top_up.require.or(base_up.require),
             protocol: top_up.protocol.or(base_up.protocol),
+            headers: top_up.headers.or(base_up.headers),
         };
         let limits = match (self.limits, over.limits) {
             (Some(a), Some(b)) => Some(a.overlay(b)),
@@ -939,6 +945,22 @@ impl Config {
                 UpstreamProtocol::Auto
             }
         };
+        if let Some(h) = &up.headers {
+            if up.url.is_none() {
+                errors.push(
+                    "upstream.headers: apply only to an HTTP upstream (--upstream-url)".to_owned(),
+                );
+            }
+            for (k, v) in h {
+                if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
+                    || reqwest::header::HeaderValue::from_str(v).is_err()
+                {
+                    errors.push(format!(
+                        "upstream.headers: {k:?} is not a valid HTTP header (name, or a value with line breaks)"
+                    ));
+                }
+            }
+        }
         let sources =
             usize::from(up.command.is_some()) + usize::from(up.url.is_some()) + usize::from(demo);
         let upstream = match (up.command, up.url) {
@@ -983,7 +1005,11 @@ impl Config {
                             .to_owned(),
                     );
                 }
-                Some(UpstreamSpec::Http { url, protocol })
+                Some(UpstreamSpec::Http {
+                    url,
+                    protocol,
+                    headers: up.headers.clone().unwrap_or_default().into_iter().collect(),
+                })
             }
             _ => Some(UpstreamSpec::Stdio {
                 argv: demo_command,
@@ -1137,6 +1163,7 @@ mod tests {
         let http = |url: &str| UpstreamSpec::Http {
             url: url.to_owned(),
             protocol: UpstreamProtocol::Auto,
+            headers: Vec::new(),
         };
         for (spec, want) in [
             (stdio(&["/usr/bin/mcp-server-time"]), "mcp-server-time"),
@@ -1204,6 +1231,7 @@ mod tests {
             UpstreamSpec::Http {
                 url: "http://x/mcp".into(),
                 protocol: UpstreamProtocol::Auto,
+                headers: Vec::new(),
             }
         );
     }

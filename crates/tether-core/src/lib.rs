@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod modern;
 pub mod policy;
 pub mod protocol;
+pub mod servers;
 pub mod session;
 pub mod store;
 pub mod telemetry;

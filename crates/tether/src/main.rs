@@ -224,6 +224,15 @@ struct ServeArgs {
     /// TOML config file; flags and TETHER_* variables override it.
     #[arg(long, env = "TETHER_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// A client's `mcpServers` JSON (Claude Desktop, Claude Code, Cursor, VS Code...) to take
+    /// the upstream from: its `command`/`args`/`env`/`cwd` or `url`/`headers`, and Tether's
+    /// settings from the entry's `tether` table. It replaces the config file's upstream;
+    /// flags still override.
+    #[arg(long, env = "TETHER_SERVERS", value_name = "FILE")]
+    servers: Option<PathBuf>,
+    /// Which server of --servers to serve (needed when the file has several).
+    #[arg(long, env = "TETHER_SERVER", value_name = "NAME", requires = "servers")]
+    server: Option<String>,
     /// Address of the MCP listener [default: 127.0.0.1:7450].
     #[arg(long, env = "TETHER_LISTEN", value_name = "ADDR")]
     listen: Option<String>,
@@ -273,6 +282,17 @@ struct ServeArgs {
     /// legacy (sessions) or modern (2026-07-28, stateless) [default: auto].
     #[arg(long, env = "TETHER_UPSTREAM_PROTOCOL", value_name = "ERA", value_parser = ["auto", "legacy", "modern"])]
     upstream_protocol: Option<String>,
+    /// A header sent with every request to an HTTP upstream, as `Name: value` (repeat the
+    /// flag for more). Prefer the config file or TETHER_UPSTREAM_HEADERS for secrets: flags
+    /// show in process lists.
+    #[arg(
+        long = "upstream-header",
+        env = "TETHER_UPSTREAM_HEADERS",
+        value_name = "HEADER",
+        value_delimiter = '\n',
+        hide_env_values = true
+    )]
+    upstream_header: Vec<String>,
     /// Name of the upstream in logs [default: derived from the command or URL].
     #[arg(long, env = "TETHER_UPSTREAM_NAME", value_name = "NAME")]
     upstream_name: Option<String>,
@@ -513,6 +533,15 @@ impl ServeArgs {
             pass_env: self.upstream_pass_env.clone(),
             require: self.require_upstream.then_some(true),
             protocol: self.upstream_protocol.clone(),
+            headers: (!self.upstream_header.is_empty()).then(|| {
+                self.upstream_header
+                    .iter()
+                    .map(|h| match h.split_once(':') {
+                        Some((k, v)) => (k.trim().to_owned(), v.trim().to_owned()),
+                        None => (h.trim().to_owned(), String::new()),
+                    })
+                    .collect()
+            }),
         };
         Layer {
             listen: self.listen.clone(),
@@ -579,6 +608,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// The layer of the `--servers` file's chosen server, or every problem with the file.
+fn servers_layer(path: &std::path::Path, name: Option<&str>) -> Result<Layer, Vec<String>> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: {e}")])?;
+    let file =
+        tether_core::servers::parse(&text, &shown, &tether_core::config::EnvPolicy::Inherit)?;
+    for note in &file.notes {
+        eprintln!("tether: {note}");
+    }
+    file.pick(name, &shown)
+        .map(tether_core::servers::ServerEntry::layer)
+        .map_err(|e| vec![e])
+}
+
 fn serve(args: &ServeArgs) -> ExitCode {
     // A file that does not parse is one problem among the others: the flags are still
     // checked, so every problem is reported in one run.
@@ -596,11 +639,19 @@ fn serve(args: &ServeArgs) -> ExitCode {
             .unwrap_or_else(|| "tether".into()),
         "demo-server".into(),
     ];
-    let resolved = Config::resolve(file.overlay(args.layer()), demo_command);
-    let config = match (resolved, file_error) {
-        (Ok(c), None) => c,
-        (result, file_error) => {
-            let mut errors: Vec<String> = file_error.into_iter().collect();
+    let (servers, servers_error) = match &args.servers {
+        Some(path) => match servers_layer(path, args.server.as_deref()) {
+            Ok(l) => (l, Vec::new()),
+            Err(e) => (Layer::default(), e),
+        },
+        None => (Layer::default(), Vec::new()),
+    };
+    let resolved = Config::resolve(file.overlay(servers).overlay(args.layer()), demo_command);
+    let file_errors: Vec<String> = file_error.into_iter().chain(servers_error).collect();
+    let config = match (resolved, file_errors.is_empty()) {
+        (Ok(c), true) => c,
+        (result, _) => {
+            let mut errors = file_errors;
             // Without the file, "no upstream given" may only mean the file named it.
             let skip_upstream = !errors.is_empty();
             errors.extend(

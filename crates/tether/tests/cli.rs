@@ -45,6 +45,10 @@ const OPTIONS: &[&str] = &[
     "--admin-token-file",
     "--require-upstream",
     "--log-format",
+    "--upstream-protocol",
+    "--upstream-header",
+    "--servers",
+    "--server",
 ];
 
 #[test]

@@ -324,3 +324,82 @@ async fn stdio_upstream_gets_env_and_cwd_from_the_config_file() {
     );
     assert!(gw.log_text().contains("upstream.name=configured"));
 }
+
+/// `--servers` takes the upstream from a client's `mcpServers` file as the client wrote it:
+/// a stdio entry with its args, env and cwd, or a remote one with its headers and Tether
+/// settings; a file with several servers needs `--server NAME`, and says which it has.
+#[tokio::test]
+async fn a_clients_mcp_servers_file_gives_the_upstream() {
+    let (mut upstream, url) = http_upstream("127.0.0.1:0");
+    let dir = state_dir();
+    let work = state_dir();
+    let file = dir.path().join("claude_desktop_config.json");
+    std::fs::write(
+        &file,
+        json!({"mcpServers": {
+            "demo": {"command": BIN, "args": ["demo-server"], "env": {"DEMO_MARK": "m1"},
+                     "cwd": work.path(), "autoApprove": ["echo"]},
+            "remote": {"url": url, "headers": {"Authorization": "Bearer t"},
+                       "tether": {"protocol": "legacy", "idle-timeout": "5m"}},
+        }, "globalShortcut": "Ctrl+Space"})
+        .to_string(),
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+
+    let gw = Gateway::start(dir.path(), &["--servers", path, "--server", "demo"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("from-file").await;
+    assert_eq!(
+        mcp.call_text(&sid, 1, "getenv", json!({"name": "DEMO_MARK"}))
+            .await,
+        "m1"
+    );
+    let cwd = mcp.call_text(&sid, 2, "cwd", json!({})).await;
+    assert_eq!(
+        std::fs::canonicalize(cwd).unwrap(),
+        std::fs::canonicalize(work.path()).unwrap()
+    );
+    let log = gw.log_text();
+    assert!(log.contains("upstream.name=demo"), "{log}");
+    assert!(
+        log.contains("\"autoApprove\" is a client setting; ignored"),
+        "{log}"
+    );
+    drop(gw);
+
+    let other = state_dir();
+    let gw = Gateway::start(other.path(), &["--servers", path, "--server", "remote"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("from-file-remote").await;
+    assert_eq!(
+        mcp.call_text(&sid, 1, "echo", json!({"text": "via the file"}))
+            .await,
+        "via the file"
+    );
+    assert!(
+        !gw.log_text().contains("upstream protocol detected"),
+        "tether.protocol = legacy: no probe"
+    );
+    drop(gw);
+
+    let third = state_dir();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--state-dir",
+            third.path().to_str().unwrap(),
+            "--servers",
+            path,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("it has 2 servers (demo, remote)") && err.contains("--server NAME"),
+        "{err}"
+    );
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+}

@@ -394,6 +394,7 @@ impl Connector {
             UpstreamSpec::Http {
                 url: "http://memory.invalid/mcp".into(),
                 protocol: UpstreamProtocol::Legacy,
+                headers: Vec::new(),
             },
             "fake",
             None,
@@ -497,13 +498,21 @@ impl Connector {
                 tx,
                 &self.tracker,
             )?),
-            UpstreamSpec::Http { url, protocol } => {
+            UpstreamSpec::Http {
+                url,
+                protocol,
+                headers,
+            } => {
                 let opts = http::HttpOptions {
+                    headers: header_map(headers),
                     max_message: self.limits.max_message,
                     label: session_id.chars().take(8).collect(),
                     ..http::HttpOptions::default()
                 };
-                if self.speaks_modern(url, *protocol, init_params).await {
+                if self
+                    .speaks_modern(url, *protocol, &opts.headers, init_params)
+                    .await
+                {
                     LinkKind::Modern(modern::ModernLink::new(
                         self.http.clone(),
                         url,
@@ -527,6 +536,20 @@ impl Connector {
     }
 }
 
+/// The configured headers of an HTTP upstream (validated when the configuration was read).
+fn header_map(headers: &[(String, String)]) -> reqwest::header::HeaderMap {
+    let mut map = reqwest::header::HeaderMap::new();
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (
+            reqwest::header::HeaderName::from_bytes(k.as_bytes()),
+            reqwest::header::HeaderValue::from_str(v),
+        ) {
+            map.insert(k, v);
+        }
+    }
+    map
+}
+
 const ERA_UNKNOWN: u8 = 0;
 const ERA_LEGACY: u8 = 1;
 const ERA_MODERN: u8 = 2;
@@ -540,6 +563,7 @@ impl Connector {
         &self,
         url: &str,
         protocol: UpstreamProtocol,
+        headers: &reqwest::header::HeaderMap,
         init_params: &Value,
     ) -> bool {
         match protocol {
@@ -555,7 +579,7 @@ impl Connector {
         let found = modern::probe(
             &self.http,
             url,
-            &reqwest::header::HeaderMap::new(),
+            headers,
             init_params,
             Duration::from_secs(10),
         )
@@ -676,6 +700,54 @@ pub async fn startable(spec: &UpstreamSpec) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The configured headers of an HTTP upstream (an `mcpServers` entry's `headers`, or
+    /// `--upstream-header`) go with its requests, the probe of `auto` included.
+    #[tokio::test]
+    async fn an_http_upstreams_configured_headers_reach_it() {
+        let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().route(
+            "/mcp",
+            axum::routing::post(move |headers: reqwest::header::HeaderMap| {
+                let log = log.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    log.lock().unwrap().push(auth);
+                    axum::http::StatusCode::NOT_FOUND
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let tracker = TaskTracker::new();
+        let c = Connector::new(
+            UpstreamSpec::Http {
+                url,
+                protocol: UpstreamProtocol::Auto,
+                headers: vec![("Authorization".into(), "Bearer t".into())],
+            },
+            "h",
+            None,
+            UpstreamLimits::default(),
+            tracker.clone(),
+        );
+        let r = c
+            .start("s", &serde_json::json!({}), 1, Duration::from_secs(5))
+            .await;
+        assert!(r.is_err(), "the server answers 404 to everything");
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen.len() >= 2, "the probe and the initialize: {seen:?}");
+        assert!(
+            seen.iter().all(|a| a.as_deref() == Some("Bearer t")),
+            "{seen:?}"
+        );
+        tracker.close();
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_circuit_opens_after_consecutive_failures_and_probes_once_per_cooldown() {

@@ -1,0 +1,502 @@
+//! The `mcpServers` file clients already use (Claude Desktop, Claude Code's `.mcp.json`,
+//! Cursor, Windsurf, Cline; VS Code's `servers`), read as they write it: each entry is a
+//! stdio `command` with `args`, `env` and `cwd`, or a remote `url` with `headers`
+//! (Windsurf's `serverUrl` too), with `type` where given. Tether's own per-server settings
+//! go in an entry's `tether` table. Keys other clients use that mean nothing here are
+//! reported (file, server, key) and otherwise ignored; `disabled: true` leaves the server
+//! out, as the clients do.
+//!
+//! Must not: do I/O beyond what the caller hands in, or accept an entry it cannot serve
+//! (every problem is reported, all at once).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::config::{EnvPolicy, Layer, LimitsLayer, UpstreamLayer, UpstreamProtocol, UpstreamSpec};
+
+/// Keys client configs put on an entry that Tether has no use for: reported as ignored,
+/// never an error (the file stays the one the client reads).
+const CLIENT_KEYS: &[&str] = &[
+    "autoApprove",
+    "alwaysAllow",
+    "timeout",
+    "transportType",
+    "envFile",
+    "description",
+    "icon",
+    "gallery",
+    "version",
+    "dev",
+    "trust",
+    "includeTools",
+    "excludeTools",
+    "oauth",
+];
+
+/// Tether's settings for one server (the entry's `tether` table).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerSettings {
+    /// Idle time after which its sessions expire (humantime).
+    pub idle_timeout: Option<String>,
+    /// Time its upstream has to answer one request (humantime).
+    pub upstream_timeout: Option<String>,
+    /// The protocol era spoken to an HTTP server.
+    pub protocol: Option<UpstreamProtocol>,
+    /// Sessions it may hold at once.
+    pub max_sessions: Option<usize>,
+}
+
+/// One server of the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerEntry {
+    /// Its name: the key in `mcpServers`, and its endpoint `/servers/NAME/mcp`.
+    pub name: String,
+    /// What to run or reach.
+    pub upstream: UpstreamSpec,
+    /// Tether's settings for it.
+    pub settings: ServerSettings,
+}
+
+/// A read servers file: its servers in file order, and what was ignored in it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServersFile {
+    /// The servers (disabled ones left out).
+    pub servers: Vec<ServerEntry>,
+    /// What was ignored, one line each (file, server, key).
+    pub notes: Vec<String>,
+}
+
+/// Whether `name` can be a server name: it becomes a URL path segment and a metric label.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// Reads the servers file text `text` (named `file` in messages). Every problem at once.
+pub fn parse(text: &str, file: &str, env_policy: &EnvPolicy) -> Result<ServersFile, Vec<String>> {
+    let root: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return Err(vec![format!("{file}: not JSON: {e}")]),
+    };
+    let mut out = ServersFile::default();
+    let mut errors = Vec::new();
+    let Some(obj) = root.as_object() else {
+        return Err(vec![format!(
+            "{file}: must be a JSON object with \"mcpServers\""
+        )]);
+    };
+    // Claude Desktop, Cursor, Claude Code: mcpServers; VS Code: servers.
+    let (table_key, table) = match (obj.get("mcpServers"), obj.get("servers")) {
+        (Some(t), None) => ("mcpServers", t),
+        (None, Some(t)) => ("servers", t),
+        (Some(_), Some(_)) => {
+            return Err(vec![format!(
+                "{file}: has both \"mcpServers\" and \"servers\"; keep one"
+            )]);
+        }
+        (None, None) => {
+            return Err(vec![format!(
+                "{file}: no \"mcpServers\" (or VS Code's \"servers\") object"
+            )]);
+        }
+    };
+    for k in obj.keys().filter(|k| k.as_str() != table_key) {
+        out.notes
+            .push(format!("{file}: top-level key {k:?} ignored"));
+    }
+    let Some(table) = table.as_object() else {
+        return Err(vec![format!("{file}: \"{table_key}\" must be an object")]);
+    };
+    let mut lower_names: BTreeMap<String, String> = BTreeMap::new();
+    for (name, entry) in table {
+        let at = format!("{file}: {table_key}.{name}");
+        if !valid_name(name) {
+            errors.push(format!(
+                "{at}: the name may hold only letters, digits, - _ and . (at most 64): it is the endpoint /servers/NAME/mcp"
+            ));
+            continue;
+        }
+        if let Some(other) = lower_names.insert(name.to_ascii_lowercase(), name.clone()) {
+            errors.push(format!(
+                "{at}: same name as {other:?} but for case; endpoints would clash"
+            ));
+            continue;
+        }
+        match read_entry(name, entry, &at, env_policy, &mut out.notes) {
+            Ok(Some(e)) => out.servers.push(e),
+            Ok(None) => {}
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+impl ServerEntry {
+    /// The configuration layer that serves this server alone (`tether serve --servers FILE
+    /// --server NAME`): its upstream, name and settings, to be laid under the flags.
+    pub fn layer(&self) -> Layer {
+        let mut up = UpstreamLayer {
+            name: Some(self.name.clone()),
+            ..UpstreamLayer::default()
+        };
+        match &self.upstream {
+            UpstreamSpec::Stdio { argv, env, cwd, .. } => {
+                up.command = Some(argv.clone());
+                up.env = (!env.is_empty()).then(|| env.clone());
+                up.cwd = cwd.clone();
+            }
+            UpstreamSpec::Http {
+                url,
+                protocol,
+                headers,
+            } => {
+                up.url = Some(url.clone());
+                up.protocol = self.settings.protocol.map(|_| {
+                    match protocol {
+                        UpstreamProtocol::Auto => "auto",
+                        UpstreamProtocol::Legacy => "legacy",
+                        UpstreamProtocol::Modern => "modern",
+                    }
+                    .to_owned()
+                });
+                up.headers = (!headers.is_empty()).then(|| headers.iter().cloned().collect());
+            }
+        }
+        Layer {
+            upstream: Some(up),
+            idle_timeout: self.settings.idle_timeout.clone(),
+            upstream_timeout: self.settings.upstream_timeout.clone(),
+            limits: self.settings.max_sessions.map(|n| LimitsLayer {
+                max_sessions: Some(n),
+                ..LimitsLayer::default()
+            }),
+            ..Layer::default()
+        }
+    }
+}
+
+impl ServersFile {
+    /// The server `name`, or the only one when no name is given. Until one process serves
+    /// several (issue 17), a file with several servers needs the name.
+    pub fn pick(&self, name: Option<&str>, file: &str) -> Result<&ServerEntry, String> {
+        let names = || {
+            self.servers
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match name {
+            Some(n) => self
+                .servers
+                .iter()
+                .find(|s| s.name == n)
+                .ok_or_else(|| format!("{file}: no server named {n:?} (it has: {})", names())),
+            None => match self.servers.as_slice() {
+                [one] => Ok(one),
+                [] => Err(format!("{file}: no enabled server in it")),
+                _ => Err(format!(
+                    "{file}: it has {} servers ({}); one process serves one for now: pick it with --server NAME, and run one gateway per server",
+                    self.servers.len(),
+                    names()
+                )),
+            },
+        }
+    }
+}
+
+fn strings(v: &Value, at: &str, key: &str, errors: &mut Vec<String>) -> Vec<String> {
+    match v.as_array() {
+        Some(a) if a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => {
+            errors.push(format!("{at}: {key:?} must be a list of strings"));
+            Vec::new()
+        }
+    }
+}
+
+fn string_map(
+    v: &Value,
+    at: &str,
+    key: &str,
+    errors: &mut Vec<String>,
+) -> BTreeMap<String, String> {
+    match v.as_object() {
+        Some(m) if m.values().all(Value::is_string) => m
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+            .collect(),
+        _ => {
+            errors.push(format!("{at}: {key:?} must be an object of strings"));
+            BTreeMap::new()
+        }
+    }
+}
+
+fn read_entry(
+    name: &str,
+    entry: &Value,
+    at: &str,
+    env_policy: &EnvPolicy,
+    notes: &mut Vec<String>,
+) -> Result<Option<ServerEntry>, Vec<String>> {
+    let Some(e) = entry.as_object() else {
+        return Err(vec![format!("{at}: must be an object")]);
+    };
+    if e.get("disabled").and_then(Value::as_bool) == Some(true) {
+        notes.push(format!("{at}: disabled; left out"));
+        return Ok(None);
+    }
+    let mut errors = Vec::new();
+    let mut command = None;
+    let mut args = Vec::new();
+    let mut env = BTreeMap::new();
+    let mut cwd = None;
+    let mut url = None;
+    let mut headers = BTreeMap::new();
+    let mut kind = None;
+    let mut settings = ServerSettings::default();
+    for (k, v) in e {
+        match k.as_str() {
+            "command" => match v.as_str() {
+                Some(c) if !c.is_empty() => command = Some(c.to_owned()),
+                _ => errors.push(format!("{at}: \"command\" must be a program name or path")),
+            },
+            "args" => args = strings(v, at, k, &mut errors),
+            "env" => env = string_map(v, at, k, &mut errors),
+            "cwd" => match v.as_str() {
+                Some(c) => cwd = Some(PathBuf::from(c)),
+                None => errors.push(format!("{at}: \"cwd\" must be a path")),
+            },
+            "url" | "serverUrl" => match v.as_str() {
+                Some(u) => url = Some(u.to_owned()),
+                None => errors.push(format!("{at}: {k:?} must be a URL")),
+            },
+            "headers" => headers = string_map(v, at, k, &mut errors),
+            "type" => kind = v.as_str().map(str::to_owned),
+            "disabled" => {}
+            "tether" => settings = read_settings(v, at, &mut errors),
+            other if CLIENT_KEYS.contains(&other) => {
+                notes.push(format!("{at}: {other:?} is a client setting; ignored"));
+            }
+            other => notes.push(format!("{at}: unknown key {other:?} ignored")),
+        }
+    }
+    let upstream = match (command, url, kind.as_deref()) {
+        (Some(_), Some(_), _) => {
+            errors.push(format!("{at}: give \"command\" or \"url\", not both"));
+            None
+        }
+        (None, None, _) => {
+            errors.push(format!(
+                "{at}: neither \"command\" (stdio) nor \"url\" (HTTP)"
+            ));
+            None
+        }
+        (Some(_), None, Some(t)) if t != "stdio" => {
+            errors.push(format!(
+                "{at}: \"type\": {t:?} with a \"command\"; a command is stdio"
+            ));
+            None
+        }
+        (Some(c), None, _) => {
+            if !headers.is_empty() {
+                errors.push(format!("{at}: \"headers\" apply only to a \"url\""));
+            }
+            let mut argv = vec![c];
+            argv.extend(args);
+            Some(UpstreamSpec::Stdio {
+                argv,
+                env,
+                cwd,
+                env_policy: env_policy.clone(),
+            })
+        }
+        (None, Some(u), t) => {
+            if matches!(t, Some("sse")) {
+                errors.push(format!(
+                    "{at}: \"type\": \"sse\" is the 2024-11-05 HTTP+SSE transport, which Tether serves to clients but does not speak to upstreams; use the server's Streamable HTTP endpoint (usually /mcp)"
+                ));
+            } else if t.is_some_and(|t| !["http", "streamable-http", "streamableHttp"].contains(&t))
+            {
+                errors.push(format!(
+                    "{at}: \"type\": {:?} with a \"url\"; expected \"http\"",
+                    t.unwrap_or_default()
+                ));
+            }
+            if !(u.starts_with("http://") || u.starts_with("https://"))
+                || u.parse::<reqwest::Url>().is_err()
+            {
+                errors.push(format!("{at}: {u:?} is not an http:// or https:// URL"));
+            }
+            if !env.is_empty() || cwd.is_some() || !args.is_empty() {
+                errors.push(format!(
+                    "{at}: \"args\", \"env\" and \"cwd\" apply only to a \"command\""
+                ));
+            }
+            Some(UpstreamSpec::Http {
+                url: u,
+                protocol: settings.protocol.unwrap_or_default(),
+                headers: headers.into_iter().collect(),
+            })
+        }
+    };
+    if settings.protocol.is_some() && matches!(upstream, Some(UpstreamSpec::Stdio { .. })) {
+        errors.push(format!("{at}: tether.protocol applies only to a \"url\""));
+    }
+    match upstream {
+        Some(upstream) if errors.is_empty() => Ok(Some(ServerEntry {
+            name: name.to_owned(),
+            upstream,
+            settings,
+        })),
+        _ => Err(errors),
+    }
+}
+
+fn read_settings(v: &Value, at: &str, errors: &mut Vec<String>) -> ServerSettings {
+    let mut s = ServerSettings::default();
+    let Some(m) = v.as_object() else {
+        errors.push(format!("{at}: \"tether\" must be an object"));
+        return s;
+    };
+    let duration = |k: &str, v: &Value, errors: &mut Vec<String>| match v.as_str() {
+        Some(t) if humantime::parse_duration(t).is_ok() => Some(t.to_owned()),
+        _ => {
+            errors.push(format!(
+                "{at}: tether.{k} must be a duration such as \"30m\""
+            ));
+            None
+        }
+    };
+    for (k, v) in m {
+        match k.as_str() {
+            "idle-timeout" => s.idle_timeout = duration(k, v, errors),
+            "upstream-timeout" => s.upstream_timeout = duration(k, v, errors),
+            "protocol" => match v.as_str().and_then(UpstreamProtocol::parse) {
+                Some(p) => s.protocol = Some(p),
+                None => errors.push(format!("{at}: tether.protocol must be auto, legacy or modern")),
+            },
+            "max-sessions" => match v.as_u64() {
+                Some(n) if n > 0 => s.max_sessions = Some(n as usize),
+                _ => errors.push(format!("{at}: tether.max-sessions must be a positive number")),
+            },
+            other => errors.push(format!(
+                "{at}: tether.{other} is not a Tether server setting (idle-timeout, upstream-timeout, protocol, max-sessions)"
+            )),
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str) -> Result<ServersFile, Vec<String>> {
+        parse(text, "mcp.json", &EnvPolicy::Inherit)
+    }
+
+    #[test]
+    fn a_claude_desktop_file_reads_as_written() {
+        let f = read(
+            r#"{"mcpServers": {
+                "files": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-filesystem", "/tmp"], "env": {"A": "1"}},
+                "remote": {"url": "https://mcp.example.com/mcp", "headers": {"Authorization": "Bearer x"}, "tether": {"protocol": "legacy", "idle-timeout": "5m"}},
+                "off": {"command": "x", "disabled": true},
+                "cline": {"command": "uvx", "args": ["mcp-server-time"], "autoApprove": [], "weird": 1}
+            }, "globalShortcut": "x"}"#,
+        )
+        .unwrap();
+        let names: Vec<_> = f.servers.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["cline", "files", "remote"]);
+        match &f.servers[1].upstream {
+            UpstreamSpec::Stdio { argv, env, .. } => {
+                assert_eq!(argv[0], "npx");
+                assert_eq!(argv.len(), 4);
+                assert_eq!(env["A"], "1");
+            }
+            other @ UpstreamSpec::Http { .. } => panic!("{other:?}"),
+        }
+        match &f.servers[2].upstream {
+            UpstreamSpec::Http {
+                url,
+                protocol,
+                headers,
+            } => {
+                assert_eq!(url, "https://mcp.example.com/mcp");
+                assert_eq!(*protocol, UpstreamProtocol::Legacy);
+                assert_eq!(
+                    headers,
+                    &[("Authorization".to_owned(), "Bearer x".to_owned())]
+                );
+            }
+            other @ UpstreamSpec::Stdio { .. } => panic!("{other:?}"),
+        }
+        assert_eq!(f.servers[2].settings.idle_timeout.as_deref(), Some("5m"));
+        let notes = f.notes.join("\n");
+        for want in [
+            "\"globalShortcut\"",
+            "mcpServers.off: disabled",
+            "\"autoApprove\" is a client setting",
+            "mcpServers.cline: unknown key \"weird\"",
+        ] {
+            assert!(notes.contains(want), "{want} in {notes}");
+        }
+    }
+
+    #[test]
+    fn a_vs_code_file_reads_too() {
+        let f = read(r#"{"inputs": [], "servers": {"gh": {"type": "http", "url": "http://127.0.0.1:9/mcp"}, "t": {"type": "stdio", "command": "t"}}}"#).unwrap();
+        assert_eq!(f.servers.len(), 2);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_file_and_server() {
+        let errs = read(
+            r#"{"mcpServers": {
+                "both": {"command": "x", "url": "http://a/mcp"},
+                "none": {"args": []},
+                "bad url": {"url": "ftp://x"},
+                "sse": {"type": "sse", "url": "http://a/sse"},
+                "http-env": {"url": "http://a/mcp", "env": {"A": "1"}},
+                "settings": {"command": "x", "tether": {"idle-timeout": "soon", "colour": "red", "protocol": "modern"}}
+            }}"#,
+        )
+        .unwrap_err();
+        let all = errs.join("\n");
+        for want in [
+            "mcp.json: mcpServers.both: give \"command\" or \"url\", not both",
+            "mcpServers.none: neither",
+            "mcpServers.bad url: the name may hold only",
+            "mcpServers.sse: \"type\": \"sse\"",
+            "mcpServers.http-env: \"args\", \"env\" and \"cwd\" apply only",
+            "mcpServers.settings: tether.idle-timeout must be a duration",
+            "mcpServers.settings: tether.colour is not a Tether server setting",
+            "mcpServers.settings: tether.protocol applies only to a \"url\"",
+        ] {
+            assert!(all.contains(want), "{want:?} in\n{all}");
+        }
+        assert!(read("[]").is_err());
+        assert!(read("{").unwrap_err()[0].contains("not JSON"));
+        assert!(read(r#"{"other": {}}"#).unwrap_err()[0].contains("no \"mcpServers\""));
+        assert!(
+            read(r#"{"mcpServers": {"A": {"command": "x"}, "a": {"command": "y"}}}"#).unwrap_err()
+                [0]
+            .contains("but for case")
+        );
+    }
+}
