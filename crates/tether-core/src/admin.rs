@@ -92,6 +92,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/stats", get(stats))
         .route("/api/users", get(users))
         .route("/api/stateless-clients", get(stateless_clients))
+        .route("/api/quotas", get(quotas))
         .route("/api/users/{id}/stats", get(user_stats))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -783,6 +784,17 @@ async fn users(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiErr
 /// Stateless (2026-07-28) clients this instance served: they have no session, so they are
 /// shown by user and client info, with their requests, and the bridge's pooled upstream
 /// sessions (`transport: pooled` in `/api/sessions`) that served them.
+/// The tool-call quota and each user's use of its current window, as this instance last
+/// counted it (with Redis the count is the deployment's at that user's last call here).
+async fn quotas(State(st): State<AdminState>) -> axum::Json<Value> {
+    let q = st.registry.quotas();
+    let now = u64::try_from(crate::store::now_ms()).unwrap_or_default();
+    axum::Json(json!({
+        "quota": q.quota().map(|q| json!({"tool_calls": q.limit, "window_ms": q.window.as_millis() as u64})),
+        "users": q.uses(now),
+    }))
+}
+
 async fn stateless_clients(State(st): State<AdminState>) -> axum::Json<Value> {
     axum::Json(json!({ "clients": st.registry.stateless_clients() }))
 }

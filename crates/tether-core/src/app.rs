@@ -116,6 +116,7 @@ pub async fn run(
             mirror_ledger: !stores.shared,
             stream_buffer: limits.stream_buffer,
             pool_size: limits.bridge_pool_size,
+            quota: limits.quota_tool_calls,
             admission: AdmissionConfig {
                 max_sessions: limits.max_sessions,
                 max_per_principal: limits.max_sessions_per_principal,

@@ -173,6 +173,8 @@ pub struct LimitsLayer {
     pub circuit_cooldown: Option<String>,
     /// Upstream sessions the 2026-07-28 bridge holds per user and client-capability set.
     pub bridge_pool_size: Option<usize>,
+    /// Tool calls each user may make per window, as `N/WINDOW` (`1000/1d`).
+    pub quota_tool_calls: Option<String>,
 }
 
 impl LimitsLayer {
@@ -198,7 +200,8 @@ impl LimitsLayer {
             stderr_lines_per_sec,
             circuit_failures,
             circuit_cooldown,
-            bridge_pool_size
+            bridge_pool_size,
+            quota_tool_calls
         )
     }
 }
@@ -238,6 +241,8 @@ pub struct Limits {
     pub stderr_lines_per_sec: u32,
     /// See [`LimitsLayer::bridge_pool_size`].
     pub bridge_pool_size: usize,
+    /// See [`LimitsLayer::quota_tool_calls`]; `None`: no quota.
+    pub quota_tool_calls: Option<Quota>,
     /// See [`LimitsLayer::circuit_failures`].
     pub circuit_failures: u32,
     /// See [`LimitsLayer::circuit_cooldown`].
@@ -331,6 +336,11 @@ impl Limits {
             max_stream_events: l.max_stream_events.unwrap_or(10_000).max(1),
             stderr_lines_per_sec: l.stderr_lines_per_sec.unwrap_or(50).max(1),
             bridge_pool_size: positive(errors, "bridge-pool-size", l.bridge_pool_size, 4),
+            quota_tool_calls: l.quota_tool_calls.as_deref().and_then(|q| {
+                Quota::parse(q)
+                    .map_err(|e| errors.push(format!("quota-tool-calls: {e}")))
+                    .ok()
+            }),
             circuit_failures: l.circuit_failures.unwrap_or(5).max(1),
             circuit_cooldown: duration(
                 errors,
@@ -395,6 +405,34 @@ pub enum UpstreamSpec {
         /// give them).
         headers: Vec<(String, String)>,
     },
+}
+
+/// A quota: `limit` tool calls per `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Calls allowed in one window.
+    pub limit: u64,
+    /// The window's length.
+    pub window: Duration,
+}
+
+impl Quota {
+    /// Parses `N/WINDOW` (`1000/1d`, `60/1h`, `5/10s`).
+    pub fn parse(text: &str) -> Result<Quota, String> {
+        let (n, w) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not N/WINDOW, such as 1000/1d"))?;
+        let limit: u64 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?}: {n:?} is not a number of calls"))?;
+        let window = humantime::parse_duration(w.trim())
+            .map_err(|e| format!("{text:?}: {w:?} is not a duration ({e})"))?;
+        if window < Duration::from_secs(1) {
+            return Err(format!("{text:?}: the window must be at least 1s"));
+        }
+        Ok(Quota { limit, window })
+    }
 }
 
 /// The protocol era the gateway speaks to an HTTP upstream (`--upstream-protocol`).

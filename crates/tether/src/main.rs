@@ -493,6 +493,11 @@ struct LimitArgs {
     /// idle ones expire like sessions (--idle-timeout) [default: 4].
     #[arg(long, env = "TETHER_BRIDGE_POOL_SIZE", value_name = "N")]
     bridge_pool_size: Option<usize>,
+    /// Tool calls each user may make per window, as N/WINDOW (1000/1d, 60/1h); windows are
+    /// aligned to the epoch (a day resets at 00:00 UTC) and, with Redis, counted across the
+    /// deployment [default: none].
+    #[arg(long, env = "TETHER_QUOTA_TOOL_CALLS", value_name = "N/WINDOW")]
+    quota_tool_calls: Option<String>,
 }
 
 impl LimitArgs {
@@ -514,6 +519,7 @@ impl LimitArgs {
             max_stream_events: self.max_stream_events,
             stderr_lines_per_sec: self.stderr_lines_per_sec,
             bridge_pool_size: self.bridge_pool_size,
+            quota_tool_calls: self.quota_tool_calls.clone(),
             circuit_failures: self.circuit_failures,
             circuit_cooldown: self.circuit_cooldown.clone(),
         };

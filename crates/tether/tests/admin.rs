@@ -475,3 +475,86 @@ async fn loopback_admin_refuses_a_rebound_host() {
         assert_eq!(r.status(), 200, "{host}");
     }
 }
+
+/// `--quota-tool-calls N/WINDOW`: a user's calls past N in a window are refused with
+/// `-32016` naming the quota and its reset, recorded `refused`; other methods and other
+/// users are untouched; the next window serves again; `GET /api/quotas` shows the use.
+#[tokio::test]
+async fn a_users_tool_call_quota_is_refused_until_its_window_resets() {
+    let dir = state_dir();
+    let config = dir.path().join("tether.toml");
+    std::fs::write(&config, "demo = true\n").unwrap();
+    let alice_key = add_key(&config, "alice", "alice@example.com");
+    let bob_key = add_key(&config, "bob", "bob@example.com");
+    let gw = Gateway::start(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--quota-tool-calls",
+            "3/3s",
+        ],
+    );
+    let anon = gw.client();
+    let alice = with_key(&anon, &alice_key);
+    let bob = with_key(&anon, &bob_key);
+    let a = alice.initialize("quota-alice").await;
+    let b = bob.initialize("quota-bob").await;
+    // Start at the beginning of a window (they are aligned to the epoch), so the calls
+    // below share one.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    tokio::time::sleep(std::time::Duration::from_millis(3_000 - now % 3_000 + 50)).await;
+    for id in 1..=3 {
+        assert_eq!(
+            alice
+                .call_text(&a, id, "add", json!({"a": 1, "b": 1}))
+                .await,
+            "2"
+        );
+    }
+    let refused = alice.call(&a, 4, "add", json!({"a": 1, "b": 1})).await;
+    assert_eq!(refused["error"]["code"], -32016, "{refused}");
+    assert_eq!(refused["error"]["data"]["limit"], "quota-tool-calls");
+    assert_eq!(refused["error"]["data"]["quota"], 3);
+    assert!(refused["error"]["data"]["retry_in_ms"].as_u64().unwrap() <= 3_000);
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("alice") && message.contains("resets at"),
+        "{message}"
+    );
+    // Not a tool call: not counted, not refused. Another user: their own quota.
+    let list = alice
+        .post(
+            Some(&a),
+            &json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list"}),
+        )
+        .await;
+    assert!(list.response()["result"]["tools"].is_array());
+    assert_eq!(
+        bob.call_text(&b, 1, "add", json!({"a": 2, "b": 2})).await,
+        "4"
+    );
+    let (status, q) = get(&format!("{}/api/quotas", gw.admin)).await;
+    assert_eq!(status, 200);
+    assert_eq!(q["quota"]["tool_calls"], 3);
+    let users = q["users"].as_array().unwrap();
+    let alice_use = users.iter().find(|u| u["principal"] == "alice").unwrap();
+    assert_eq!(alice_use["used"], 4, "{q}");
+    assert_eq!(
+        users.iter().find(|u| u["principal"] == "bob").unwrap()["used"],
+        1
+    );
+    assert!(common::metric_sum(&gw, "tether_tool_calls_total{outcome=\"refused\"").await >= 1.0);
+    // The next window serves again.
+    tokio::time::sleep(std::time::Duration::from_millis(
+        refused["error"]["data"]["retry_in_ms"].as_u64().unwrap() + 50,
+    ))
+    .await;
+    assert_eq!(
+        alice.call_text(&a, 6, "add", json!({"a": 2, "b": 3})).await,
+        "5"
+    );
+}

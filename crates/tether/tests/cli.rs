@@ -49,6 +49,7 @@ const OPTIONS: &[&str] = &[
     "--upstream-header",
     "--servers",
     "--server",
+    "--quota-tool-calls",
 ];
 
 #[test]

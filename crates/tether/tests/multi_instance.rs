@@ -781,3 +781,42 @@ async fn a_modern_retry_reaching_another_instance_continues_the_call_where_it_is
     assert_eq!(echo["result"]["content"][0]["text"], "still here", "{echo}");
     shared.cleanup().await;
 }
+
+/// A tool-call quota is the deployment's, not each instance's: calls of one user on two
+/// instances add up in Redis, and the call past the quota is refused wherever it lands.
+#[tokio::test]
+async fn a_quota_counts_a_users_calls_across_instances() {
+    let Some(url) = redis_url() else { return };
+    let shared = Shared::new(&url, "quota").await;
+    let (da, db) = (state_dir(), state_dir());
+    let quota = ["--demo", "--quota-tool-calls", "4/1h"];
+    let a = Gateway::start(da.path(), &shared.args(&quota));
+    let b = Gateway::start(db.path(), &shared.args(&quota));
+    // Keep clear of the end of an hour window (they are aligned to the epoch).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let left = 3_600_000 - now % 3_600_000;
+    if left < 10_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(left + 100)).await;
+    }
+    let (ca, cb) = (a.client(), b.client());
+    let sa = ca.initialize("quota-a").await;
+    let sb = cb.initialize("quota-b").await;
+    for id in 1..=2 {
+        assert_eq!(
+            ca.call_text(&sa, id, "echo", json!({"text": "a"})).await,
+            "a"
+        );
+        assert_eq!(
+            cb.call_text(&sb, id, "echo", json!({"text": "b"})).await,
+            "b"
+        );
+    }
+    for (mcp, sid) in [(&ca, &sa), (&cb, &sb)] {
+        let r = mcp.call(sid, 9, "echo", json!({"text": "over"})).await;
+        assert_eq!(r["error"]["data"]["limit"], "quota-tool-calls", "{r}");
+    }
+    shared.cleanup().await;
+}

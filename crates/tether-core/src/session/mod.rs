@@ -39,6 +39,7 @@ mod error;
 mod inbound;
 mod outbound;
 mod pool;
+pub mod quota;
 mod registry;
 mod rehydrate;
 pub mod stream;
@@ -109,6 +110,8 @@ pub struct SessionConfig {
     /// Upstream sessions the modern-era bridge may hold per principal and client
     /// capabilities ([`Registry::pooled`]).
     pub pool_size: usize,
+    /// Tool calls allowed per user and window (`--quota-tool-calls`); `None`: no quota.
+    pub quota: Option<crate::config::Quota>,
 }
 
 impl Default for SessionConfig {
@@ -127,6 +130,7 @@ impl Default for SessionConfig {
             answer_window: Duration::from_millis(10),
             admission: admission::AdmissionConfig::default(),
             pool_size: 4,
+            quota: None,
         }
     }
 }
@@ -267,6 +271,7 @@ struct Shared {
     ledger: Ledger,
     connector: Connector,
     admission: Arc<Admission>,
+    quotas: quota::Quotas,
     sessions: Mutex<HashMap<String, Arc<OnceCell<Arc<Session>>>>>,
     /// `/sse` streams waiting for their `initialize`.
     legacy_pending: Mutex<HashMap<String, LegacyPending>>,
@@ -486,6 +491,7 @@ impl Registry {
         ledger: Ledger,
     ) -> Registry {
         let admission = Admission::new(cfg.admission.clone());
+        let quotas = quota::Quotas::new(cfg.quota, coordinator.clone());
         Registry {
             shared: Arc::new(Shared {
                 cfg,
@@ -495,6 +501,7 @@ impl Registry {
                 ledger,
                 connector,
                 admission,
+                quotas,
                 sessions: Mutex::new(HashMap::new()),
                 legacy_pending: Mutex::new(HashMap::new()),
                 next_upstream_id: AtomicU64::new(1),
@@ -523,6 +530,11 @@ impl Registry {
     /// Session counts and limits.
     pub fn admission(&self) -> &Arc<Admission> {
         &self.shared.admission
+    }
+
+    /// The tool-call quota and each user's use of it as this instance last counted.
+    pub fn quotas(&self) -> &quota::Quotas {
+        &self.shared.quotas
     }
 
     fn refused(&self, r: Failure) -> SessionError {

@@ -45,6 +45,15 @@ impl Session {
         }
         let started = Instant::now();
         let tool = env.tool_name().map(str::to_owned);
+        if method == "tools/call" {
+            let now = u64::try_from(crate::store::now_ms()).unwrap_or_default();
+            if let Err(over) = self.shared.quotas.charge(&self.record.principal, now).await {
+                let err = over.response(client_id);
+                self.record_call(tool.unwrap_or_default(), started.elapsed(), &err);
+                Session::record_outcome(&tracing::Span::current(), &err);
+                return Reply::Immediate(err);
+            }
+        }
         let (link, generation) = match self.ensure_upstream().await {
             Ok(x) => x,
             Err(failure) => {

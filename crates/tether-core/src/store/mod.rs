@@ -316,6 +316,16 @@ pub trait Coordinator: Send + Sync + 'static {
     async fn shared_secret(&self, _name: &str) -> Result<Option<String>, StoreError> {
         Ok(None)
     }
+    /// Adds one to the deployment-wide counter `name` and returns its new value; the counter
+    /// is forgotten `ttl` after it was first counted (a quota's window). `None` when the
+    /// store keeps no shared counters.
+    async fn count(
+        &self,
+        _name: &str,
+        _ttl: std::time::Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// One finished tool call. Never its arguments or results.

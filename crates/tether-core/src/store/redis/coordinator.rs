@@ -75,6 +75,22 @@ impl Coordinator for RedisStore {
         Ok(Some(value))
     }
 
+    async fn count(&self, name: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
+        let key = self.key("count", name);
+        let mut pipe = Pipeline::new();
+        pipe.cmd("INCR").arg(&key);
+        pipe.cmd("PEXPIRE")
+            .arg(&key)
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg("NX")
+            .ignore();
+        let (n,): (u64,) = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(Some(n))
+    }
+
     async fn leave(&self) {
         let me = &self.inner.me.id;
         let mut pipe = Pipeline::new();
