@@ -822,6 +822,45 @@ pub fn clients(a: &AdminArgs) -> ExitCode {
     })
 }
 
+/// Runs `tether quotas`: the quota and each user's use of its current window.
+pub fn quotas(a: &AdminArgs) -> ExitCode {
+    let admin = Admin::new(a);
+    let json = a.json;
+    run(async move {
+        let v = admin.call(reqwest::Method::GET, "/api/quotas").await?;
+        if json {
+            return Ok(pretty(&v));
+        }
+        let Some(q) = v.get("quota").filter(|q| !q.is_null()) else {
+            return Ok("no quota configured (--quota-tool-calls N/WINDOW)\n".to_owned());
+        };
+        let now = tether_core::store::now_ms();
+        let rows: Vec<Vec<String>> = v["users"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|u| {
+                let left = u["resets_at_ms"].as_i64().map(|t| t.saturating_sub(now));
+                vec![
+                    text(u, "principal"),
+                    text(u, "used"),
+                    text(u, "limit"),
+                    dur(&left.map_or(Value::Null, Value::from)),
+                ]
+            })
+            .collect();
+        Ok(format!(
+            "{} tool calls per user every {}\n{}",
+            q["tool_calls"],
+            humantime::format_duration(std::time::Duration::from_millis(
+                q["window_ms"].as_u64().unwrap_or_default()
+            )),
+            table(&["USER", "USED", "LIMIT", "RESETS IN"], &rows)
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,6 +71,11 @@ enum Command {
         #[command(flatten)]
         admin: cli::AdminArgs,
     },
+    /// The tool-call quota (--quota-tool-calls) and each user's use of its current window.
+    Quotas {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+    },
     /// Ask a running gateway whether it is ready (GET /health/ready): exit 0 when ready,
     /// 1 naming the failing check. For container health checks and scripts.
     Health {
@@ -599,6 +604,7 @@ fn main() -> ExitCode {
         Command::Stats { admin, since } => cli::stats(&admin, since.as_deref()),
         Command::Users { admin } => cli::users(&admin),
         Command::Clients { admin } => cli::clients(&admin),
+        Command::Quotas { admin } => cli::quotas(&admin),
         Command::Dashboard { admin } => cli::dashboard(&admin),
         Command::Health { admin } => cli::health(&admin),
         Command::Keys { cmd } => cli::keys(&cmd),

@@ -548,6 +548,20 @@ async fn a_users_tool_call_quota_is_refused_until_its_window_resets() {
         1
     );
     assert!(common::metric_sum(&gw, "tether_tool_calls_total{outcome=\"refused\"").await >= 1.0);
+    let out = Command::new(BIN)
+        .args(["quotas", "--admin", &gw.admin])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with("3 tool calls per user every 3s"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("alice") && l.contains(" 4 ")),
+        "{text}"
+    );
     // The next window serves again.
     tokio::time::sleep(std::time::Duration::from_millis(
         refused["error"]["data"]["retry_in_ms"].as_u64().unwrap() + 50,
