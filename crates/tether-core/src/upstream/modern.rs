@@ -50,6 +50,9 @@ pub const MAX_ROUNDS: u32 = 10;
 /// Input requests one `InputRequiredResult` may hold: each waits for the client in a table
 /// of this link, so a server's one answer must not fill it.
 pub const MAX_ASKS_PER_ROUND: usize = 64;
+/// Resources one session may subscribe to through the link (they all travel in the
+/// `subscriptions/listen` request).
+pub const MAX_SUBSCRIPTIONS: usize = 1000;
 /// Longest wait between attempts to reopen a broken listen stream.
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -186,13 +189,37 @@ impl ModernLink {
             }
             (Some(m @ ("resources/subscribe" | "resources/unsubscribe")), Some(id)) => {
                 let uri = value.pointer("/params/uri").and_then(Value::as_str);
-                if let Some(uri) = uri {
+                let full = {
                     let mut st = inner.lock();
-                    if m == "resources/subscribe" {
-                        st.subscriptions.insert(uri.to_owned());
-                    } else {
-                        st.subscriptions.remove(uri);
+                    match uri {
+                        Some(u) if m == "resources/subscribe" => {
+                            if st.subscriptions.len() >= MAX_SUBSCRIPTIONS
+                                && !st.subscriptions.contains(u)
+                            {
+                                true
+                            } else {
+                                st.subscriptions.insert(u.to_owned());
+                                false
+                            }
+                        }
+                        Some(u) => {
+                            st.subscriptions.remove(u);
+                            false
+                        }
+                        None => false,
                     }
+                };
+                if full {
+                    let err = protocol::error_response(
+                        id,
+                        code::LIMIT_REACHED,
+                        format!(
+                            "this session is subscribed to {MAX_SUBSCRIPTIONS} resources, the most a 2026-07-28 upstream's listen stream carries; unsubscribe from one first"
+                        ),
+                        Some(json!({"limit": "subscriptions"})),
+                    );
+                    inner.emit_soon(err);
+                    return;
                 }
                 inner.listen();
                 inner.answer(id, json!({}));
@@ -1053,6 +1080,36 @@ mod tests {
                 .starts_with("=?base64?"),
             "a non-ASCII value travels base64-encoded"
         );
+        link.shutdown();
+        tracker.close();
+    }
+
+    #[tokio::test]
+    async fn subscriptions_past_the_bound_are_refused_and_the_rest_kept() {
+        // Nothing listens there: the listen stream the link keeps trying to open never
+        // comes up, which is all this test needs.
+        let (link, mut rx, tracker) = link("http://127.0.0.1:1/mcp");
+        for i in 0..=MAX_SUBSCRIPTIONS {
+            link.send(protocol::request(
+                Value::from(i as u64),
+                "resources/subscribe",
+                Some(json!({"uri": format!("demo://{i}")})),
+            ));
+        }
+        let mut refused = Vec::new();
+        for _ in 0..=MAX_SUBSCRIPTIONS {
+            let v = next(&mut rx).await;
+            if v.get("error").is_some() {
+                assert_eq!(v["error"]["data"]["limit"], "subscriptions");
+                refused.push(v["id"].as_u64().unwrap());
+            }
+        }
+        assert_eq!(
+            refused,
+            [MAX_SUBSCRIPTIONS as u64],
+            "only the one over the bound"
+        );
+        assert_eq!(link.inner.lock().subscriptions.len(), MAX_SUBSCRIPTIONS);
         link.shutdown();
         tracker.close();
     }
