@@ -647,9 +647,12 @@ impl Inner {
                         }
                     }
                 }
+                Ok(r) if r.status().is_server_error() || r.status().as_u16() == 429 => {
+                    tracing::debug!(url = %self.url, status = r.status().as_u16(), "listen stream refused for now; trying again");
+                }
                 Ok(r) => {
-                    // Refused (an error answer, or JSON where a stream was due): the server
-                    // does not carry these notifications; asking again will not change that.
+                    // Refused (a 4xx, or JSON where a stream was due): the server does not
+                    // carry these notifications; asking again will not change that.
                     let status = r.status();
                     let body = error_body(r).await;
                     tracing::info!(url = %self.url, status = status.as_u16(), body = %crate::log_limit::cut(&body, 200), "upstream refused subscriptions/listen; change notifications will not reach this session");
