@@ -3,7 +3,8 @@
 # in one run: the upstream loaded directly (legacy sessions, and 2026-07-28 stateless
 # requests: the baselines), then through Tether speaking legacy to it
 # (--upstream-protocol legacy) and 2026-07-28 (--upstream-protocol modern), each loaded by
-# a legacy client (`tether bench`, sessions) at 1 and 16 sessions. Rounds interleave the
+# a legacy client (`tether bench`, sessions) and by a 2026-07-28 client (stateless
+# requests, through the bridge's pooled sessions) at 1 and 16 sessions. Rounds interleave the
 # rows so drift favours none. Prints a median table (calls/s, p50, p99, gateway tree CPU
 # per call; the direct rows watch the upstream instead).
 #
@@ -34,15 +35,16 @@ import json,sys; r=json.load(sys.stdin)
 print(json.dumps({'row':'$label','sessions':$n,**r}))" >>"$OUT/runs.jsonl"
 }
 
-through() { # label protocol sessions
-  local port state pid
+through() { # label protocol sessions [bench args...]
+  local label=$1 proto=$2 n=$3 port state pid
+  shift 3
   port=$(free_port)
   state=$(mktemp -d)
   "$BIN" serve --listen "127.0.0.1:$port" --admin-listen 127.0.0.1:0 --state-dir "$state" \
-    --log warn --upstream-url "$UP" --upstream-protocol "$2" >/dev/null 2>&1 &
+    --log warn --upstream-url "$UP" --upstream-protocol "$proto" >/dev/null 2>&1 &
   pid=$!
   wait_port "$port"
-  record "$1" "$3" "$pid" "http://127.0.0.1:$port/mcp"
+  record "$label" "$n" "$pid" "http://127.0.0.1:$port/mcp" "$@"
   kill -TERM -- -"$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   rm -rf "$state"
@@ -54,6 +56,8 @@ for round in $(seq 1 "$ROUNDS"); do
     record "direct, 2026-07-28 requests" "$n" "$up_pid" "$UP" --protocol-version 2026-07-28
     through "Tether, legacy to the upstream" legacy "$n"
     through "Tether, 2026-07-28 to the upstream" modern "$n"
+    through "2026-07-28 client, Tether, legacy to the upstream" legacy "$n" --protocol-version 2026-07-28
+    through "2026-07-28 client, Tether, 2026-07-28 to the upstream" modern "$n" --protocol-version 2026-07-28
   done
 done
 python3 - "$OUT/runs.jsonl" <<'PY'
