@@ -347,6 +347,7 @@ async fn deep(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiErro
         "store": { "latency_ms": store_latency_ms, "live": live_store },
         "upstream": {
             "name": st.upstream_name,
+            "protocol": st.registry.connector().protocol(),
             "sessions_by_state": states,
             "running": st.registry.connector().running(),
             "circuit": {

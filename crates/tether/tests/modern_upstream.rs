@@ -160,6 +160,8 @@ async fn a_legacy_client_is_served_by_a_modern_upstream_across_gateway_and_upstr
     assert_eq!(r["result"]["protocolVersion"], "2025-06-18", "{r}");
     assert_eq!(r["result"]["serverInfo"]["name"], "rmcp", "{r}");
     assert_eq!(r["result"]["capabilities"]["tools"]["listChanged"], true);
+    let deep = gw.admin_json("/health/deep").await;
+    assert_eq!(deep["upstream"]["protocol"], "2026-07-28", "{deep}");
     let sid = a.headers["mcp-session-id"].to_str().unwrap().to_owned();
     let n = mcp
         .post(
@@ -316,6 +318,10 @@ async fn legacy_pins_sessions_on_a_two_era_upstream_and_a_bad_value_is_refused()
     assert_eq!(mcp.call_text(&sid, 1, "counter", json!({})).await, "1");
     assert_eq!(mcp.call_text(&sid, 2, "counter", json!({})).await, "2");
     assert!(!gw.log_text().contains("upstream protocol detected"));
+    assert_eq!(
+        gw.admin_json("/health/deep").await["upstream"]["protocol"],
+        "legacy"
+    );
     drop(gw);
     let _ = upstream.kill();
     let _ = upstream.wait();

@@ -410,6 +410,31 @@ impl Connector {
         &self.circuit
     }
 
+    /// The protocol era spoken to this upstream: `legacy`, `2026-07-28`, or for
+    /// `--upstream-protocol auto` before the server has given a clear answer,
+    /// `auto (not asked yet)`.
+    pub fn protocol(&self) -> &'static str {
+        match &self.spec {
+            UpstreamSpec::Stdio { .. }
+            | UpstreamSpec::Http {
+                protocol: UpstreamProtocol::Legacy,
+                ..
+            } => "legacy",
+            UpstreamSpec::Http {
+                protocol: UpstreamProtocol::Modern,
+                ..
+            } => protocol::MODERN_VERSION,
+            UpstreamSpec::Http {
+                protocol: UpstreamProtocol::Auto,
+                ..
+            } => match self.era.load(Ordering::Relaxed) {
+                ERA_LEGACY => "legacy",
+                ERA_MODERN => protocol::MODERN_VERSION,
+                _ => "auto (not asked yet)",
+            },
+        }
+    }
+
     /// Links running now.
     pub fn running(&self) -> usize {
         self.limits.max_running - self.slots.available_permits()
