@@ -13,6 +13,9 @@
 use super::*;
 pub use crate::config::Quota;
 
+/// Longest wait for the shared counter: past it the call is counted on this instance.
+const COUNT_WAIT: Duration = Duration::from_millis(500);
+
 /// One user's use of the quota, as this instance last saw it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct QuotaUse {
@@ -75,10 +78,16 @@ impl Quotas {
                 // Kept a little past the window's end so a slow clock on one instance
                 // still finds the count.
                 let ttl = Duration::from_millis(resets_at_ms - now_ms) + Duration::from_secs(5);
-                match c
-                    .count(&format!("quota:tool-calls:{principal}:{index}"), ttl)
+                let key = format!("quota:tool-calls:{principal}:{index}");
+                let counted = tokio::time::timeout(COUNT_WAIT, c.count(&key, ttl))
                     .await
-                {
+                    .unwrap_or_else(|_| {
+                        Err(crate::store::StoreError::Unavailable(format!(
+                            "no answer within {} ms",
+                            COUNT_WAIT.as_millis()
+                        )))
+                    });
+                match counted {
                     Ok(n) => n,
                     Err(e) => {
                         if self.fallback_logged.admit() {
@@ -213,5 +222,80 @@ mod tests {
             none.charge("alice", t0).await.unwrap();
         }
         assert!(none.uses(t0).is_empty());
+    }
+
+    /// A shared store that never answers a count (Redis hung): the call is not held past
+    /// `COUNT_WAIT` and is counted on this instance.
+    struct Hung(crate::store::InstanceInfo);
+
+    #[async_trait::async_trait]
+    impl Coordinator for Hung {
+        fn me(&self) -> &crate::store::InstanceInfo {
+            &self.0
+        }
+        async fn heartbeat(&self) -> Result<bool, crate::store::StoreError> {
+            unreachable!()
+        }
+        async fn leave(&self) {}
+        async fn claim(&self, _: &str) -> Result<crate::store::Owner, crate::store::StoreError> {
+            unreachable!()
+        }
+        async fn owners(
+            &self,
+            _: &[String],
+        ) -> Result<Vec<Option<String>>, crate::store::StoreError> {
+            unreachable!()
+        }
+        async fn instances(
+            &self,
+        ) -> Result<Vec<crate::store::InstanceInfo>, crate::store::StoreError> {
+            unreachable!()
+        }
+        async fn send_drop(&self, _: &str, _: &str) -> Result<(), crate::store::StoreError> {
+            unreachable!()
+        }
+        async fn take_drops(&self) -> Result<Vec<String>, crate::store::StoreError> {
+            unreachable!()
+        }
+        async fn reassert(
+            &self,
+            _: &crate::store::SessionRecord,
+        ) -> Result<(), crate::store::StoreError> {
+            unreachable!()
+        }
+        fn is_up(&self) -> bool {
+            false
+        }
+        async fn count(
+            &self,
+            _: &str,
+            _: Duration,
+        ) -> Result<Option<u64>, crate::store::StoreError> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_shared_counter_costs_a_call_at_most_the_wait_and_counts_locally() {
+        let info = crate::store::InstanceInfo {
+            id: "i".into(),
+            url: "http://127.0.0.1:1".into(),
+            started_ms: 0,
+            version: String::new(),
+        };
+        let q = Quotas::new(
+            Some(Quota {
+                limit: 1,
+                window: Duration::from_secs(3600),
+            }),
+            Some(Arc::new(Hung(info))),
+        );
+        let started = tokio::time::Instant::now();
+        q.charge("alice", 0).await.expect("counted here: 1 of 1");
+        assert_eq!(started.elapsed(), COUNT_WAIT);
+        assert!(
+            q.charge("alice", 1).await.is_err(),
+            "the local count still refuses"
+        );
     }
 }
