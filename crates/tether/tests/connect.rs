@@ -237,6 +237,10 @@ async fn check_reports_a_working_endpoint_and_diagnoses_broken_ones() {
     assert_eq!(report["protocol_version"], "2025-11-25");
     assert_eq!(report["validates_origin"], true);
     assert_eq!(report["unknown_session_404"], true);
+    assert_eq!(
+        report["speaks_2026_07_28"], true,
+        "Tether serves the modern era too"
+    );
     assert!(report["capabilities"]["tools"].is_object());
 
     let (_reserved, free) = common::refused_addr();

@@ -46,6 +46,9 @@ pub struct Report {
     pub validates_origin: Option<bool>,
     /// Whether an unknown session id gets 404 (so compliant clients can recover).
     pub unknown_session_404: Option<bool>,
+    /// Whether the endpoint also speaks 2026-07-28 (`server/discover` lists it); `None`
+    /// when its answer said neither.
+    pub speaks_2026_07_28: Option<bool>,
     /// Every step, in order.
     pub steps: Vec<Step>,
     /// What is wrong and what to do, if anything is.
@@ -232,6 +235,7 @@ pub async fn run(
         capabilities: None,
         validates_origin: None,
         unknown_session_404: None,
+        speaks_2026_07_28: None,
         steps: Vec::new(),
         diagnosis: None,
         ok: false,
@@ -329,6 +333,33 @@ pub async fn run(
             }
         ),
     ));
+    // The 2026-07-28 era: what a modern client (or Tether's `--upstream-protocol auto`)
+    // would find here.
+    let t = Instant::now();
+    let init_params = init.get("params").cloned().unwrap_or(Value::Null);
+    report.speaks_2026_07_28 =
+        crate::upstream::modern::probe(&p.client, &p.url, &p.headers, &init_params, p.timeout)
+            .await;
+    report.steps.push(match report.speaks_2026_07_28 {
+        Some(true) => step(
+            "server/discover (2026-07-28)",
+            "ok",
+            t,
+            "speaks 2026-07-28 too: modern clients can use it statelessly",
+        ),
+        Some(false) => step(
+            "server/discover (2026-07-28)",
+            "ok",
+            t,
+            "legacy only (sessions): modern clients fall back to initialize",
+        ),
+        None => step(
+            "server/discover (2026-07-28)",
+            "skipped",
+            t,
+            "no clear answer (an error status or no answer in time)",
+        ),
+    });
     let sid = session.as_deref();
     let t = Instant::now();
     match p
