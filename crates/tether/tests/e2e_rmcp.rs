@@ -64,6 +64,32 @@ fn args(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
     }
 }
 
+/// A plain call, then one whose upstream asks this client to sample (a server-to-client
+/// request on the call's stream, or an input round of a 2026-07-28 exchange): its answer
+/// reaches the upstream that asked.
+async fn add_and_sample(
+    client: &rmcp::service::RunningService<RoleClient, TestClient>,
+    handler: &TestClient,
+) {
+    let r = client
+        .call_tool(CallToolRequestParams::new("add").with_arguments(args(json!({"a": 40, "b": 2}))))
+        .await
+        .unwrap();
+    assert_eq!(serde_json::to_value(&r.content).unwrap()[0]["text"], "42");
+    let r = client
+        .call_tool(
+            CallToolRequestParams::new("sample")
+                .with_arguments(args(json!({"prompt": "meaning?"}))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&r.content).unwrap()[0]["text"],
+        "model said: forty-two"
+    );
+    assert_eq!(handler.sampled.load(Ordering::SeqCst), 1);
+}
+
 /// Initialize, list, call, sampling and progress through the gateway at `url`.
 async fn exercise(
     url: &str,
@@ -91,26 +117,7 @@ async fn exercise(
         );
     }
 
-    let r = client
-        .call_tool(CallToolRequestParams::new("add").with_arguments(args(json!({"a": 40, "b": 2}))))
-        .await
-        .unwrap();
-    assert_eq!(serde_json::to_value(&r.content).unwrap()[0]["text"], "42");
-
-    // A server-to-client request reaches this client on the call's stream, and its answer
-    // reaches the upstream that asked.
-    let r = client
-        .call_tool(
-            CallToolRequestParams::new("sample")
-                .with_arguments(args(json!({"prompt": "meaning?"}))),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        serde_json::to_value(&r.content).unwrap()[0]["text"],
-        "model said: forty-two"
-    );
-    assert_eq!(handler.sampled.load(Ordering::SeqCst), 1);
+    add_and_sample(&client, &handler).await;
 
     // Progress notifications arrive for a call that asked for them.
     let handle = client
@@ -211,23 +218,7 @@ async fn rmcp_modern_client_through_gateway_to_a_modern_upstream() {
         client.peer_info().unwrap().protocol_version,
         ProtocolVersion::V_2026_07_28
     );
-    let r = client
-        .call_tool(CallToolRequestParams::new("add").with_arguments(args(json!({"a": 40, "b": 2}))))
-        .await
-        .unwrap();
-    assert_eq!(serde_json::to_value(&r.content).unwrap()[0]["text"], "42");
-    let r = client
-        .call_tool(
-            CallToolRequestParams::new("sample")
-                .with_arguments(args(json!({"prompt": "meaning?"}))),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        serde_json::to_value(&r.content).unwrap()[0]["text"],
-        "model said: forty-two"
-    );
-    assert_eq!(handler.sampled.load(Ordering::SeqCst), 1);
+    add_and_sample(&client, &handler).await;
     client.cancel().await.unwrap();
     let _ = upstream.kill();
     let _ = upstream.wait();
@@ -266,23 +257,7 @@ async fn rmcp_client_in_auto_mode_picks_the_modern_era_through_the_bridge() {
     );
     let tools = client.list_all_tools().await.unwrap();
     assert!(tools.iter().any(|t| t.name == "echo"));
-    let r = client
-        .call_tool(CallToolRequestParams::new("add").with_arguments(args(json!({"a": 40, "b": 2}))))
-        .await
-        .unwrap();
-    assert_eq!(serde_json::to_value(&r.content).unwrap()[0]["text"], "42");
-    let r = client
-        .call_tool(
-            CallToolRequestParams::new("sample")
-                .with_arguments(args(json!({"prompt": "meaning?"}))),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        serde_json::to_value(&r.content).unwrap()[0]["text"],
-        "model said: forty-two"
-    );
-    assert_eq!(handler.sampled.load(Ordering::SeqCst), 1);
+    add_and_sample(&client, &handler).await;
     // No session was created for the client: only the bridge's pooled upstream.
     let sessions = gw.admin_json("/api/sessions?state=live").await;
     assert!(

@@ -44,7 +44,13 @@ impl Modern {
         self
     }
 
-    fn request(&self, id: i64, method: &str, mut params: Value) -> reqwest::RequestBuilder {
+    fn request(
+        &self,
+        id: impl Into<Value>,
+        method: &str,
+        mut params: Value,
+    ) -> reqwest::RequestBuilder {
+        let id: Value = id.into();
         let meta = params
             .as_object_mut()
             .unwrap()
@@ -74,6 +80,18 @@ impl Modern {
         req.body(
             json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string(),
         )
+    }
+
+    /// Opens a `subscriptions/listen` stream named `id` asking for `notifications`.
+    async fn listen(&self, id: &str, notifications: Value) -> reqwest::Response {
+        self.request(
+            id,
+            "subscriptions/listen",
+            json!({ "notifications": notifications }),
+        )
+        .send()
+        .await
+        .unwrap()
     }
 
     async fn send(&self, id: i64, method: &str, params: Value) -> Answer {
@@ -526,29 +544,13 @@ async fn a_listen_stream_gets_the_list_changes_it_asked_for_tagged_with_its_subs
     let gw = Gateway::start(dir.path(), &["--demo"]);
     let modern = Modern::new(&gw.url, json!({}));
     // A subscription is named by its request's id (a string here, as SDK clients send).
-    let listen = |filter: Value, id: &'static str| {
-        reqwest::Client::new()
-            .post(&gw.url)
-            .header("content-type", "application/json")
-            .header("accept", ACCEPT_BOTH)
-            .header("mcp-protocol-version", V)
-            .header("mcp-method", "subscriptions/listen")
-            .body(
-                json!({"jsonrpc": "2.0", "id": id, "method": "subscriptions/listen", "params": {
-                    "notifications": filter, "_meta": {
-                    "io.modelcontextprotocol/protocolVersion": V,
-                    "io.modelcontextprotocol/clientCapabilities": {}}}})
-                .to_string(),
-            )
-            .send()
-    };
-    let tools = listen(json!({"toolsListChanged": true}), "sub-tools")
-        .await
-        .unwrap();
+    let tools = modern
+        .listen("sub-tools", json!({"toolsListChanged": true}))
+        .await;
     assert_eq!(tools.headers()["content-type"], "text/event-stream");
-    let prompts = listen(json!({"promptsListChanged": true}), "sub-prompts")
-        .await
-        .unwrap();
+    let prompts = modern
+        .listen("sub-prompts", json!({"promptsListChanged": true}))
+        .await;
     let mut tools = tools.bytes_stream();
     let mut prompts = prompts.bytes_stream();
     let event = |chunk: axum::body::Bytes| -> Value {
@@ -602,24 +604,14 @@ async fn a_listen_stream_subscribes_the_resources_it_names() {
     // One pool member: the call that touches the resource runs on the subscribed upstream.
     let gw = Gateway::start(dir.path(), &["--demo", "--bridge-pool-size", "1"]);
     let modern = Modern::new(&gw.url, json!({}));
-    let resp = reqwest::Client::new()
-        .post(&gw.url)
-        .header("content-type", "application/json")
-        .header("accept", ACCEPT_BOTH)
-        .header("mcp-protocol-version", V)
-        .header("mcp-method", "subscriptions/listen")
-        .body(
-            json!({"jsonrpc": "2.0", "id": "sub-res", "method": "subscriptions/listen", "params": {
-                "notifications": {"resourceSubscriptions": ["demo://watched", "demo://watched"]},
-                "_meta": {
-                    "io.modelcontextprotocol/protocolVersion": V,
-                    "io.modelcontextprotocol/clientCapabilities": {},
-                    "io.modelcontextprotocol/clientInfo": {"name": "modern-test", "version": "1"}}}})
-            .to_string(),
+    // The same client as the one that calls below: its pooled upstream is the one
+    // subscribed.
+    let resp = modern
+        .listen(
+            "sub-res",
+            json!({"resourceSubscriptions": ["demo://watched", "demo://watched"]}),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(resp.status(), 200);
     let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
     let mut next = async || loop {

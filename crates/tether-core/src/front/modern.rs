@@ -231,15 +231,7 @@ pub(super) async fn post(
             Some(i) => Some(i),
             None => {
                 // No upstream started yet: start the member this client would use anyway.
-                st.registry
-                    .pooled(
-                        principal,
-                        meta.capabilities_key(),
-                        &meta.init_params(),
-                        client,
-                    )
-                    .await
-                    .map_err(|e| FrontError::from(e).with_id(Some(&id)))?;
+                pooled(st, principal, &meta, client, &id).await?;
                 st.registry.upstream_init()
             }
         };
@@ -250,16 +242,7 @@ pub(super) async fn post(
     if method == "subscriptions/listen" {
         let mut filter = rules::Filter::of(&env);
         if !filter.uris.is_empty() {
-            let session = st
-                .registry
-                .pooled(
-                    principal,
-                    meta.capabilities_key(),
-                    &meta.init_params(),
-                    client,
-                )
-                .await
-                .map_err(|e| FrontError::from(e).with_id(Some(&id)))?;
+            let session = pooled(st, principal, &meta, client, &id).await?;
             let mut honoured = Vec::with_capacity(filter.uris.len());
             for uri in std::mem::take(&mut filter.uris) {
                 if subscribe(&session, &uri).await {
@@ -324,16 +307,7 @@ pub(super) async fn post(
             call
         }
         None => {
-            let session = st
-                .registry
-                .pooled(
-                    principal,
-                    meta.capabilities_key(),
-                    &meta.init_params(),
-                    client,
-                )
-                .await
-                .map_err(|e| FrontError::from(e).with_id(Some(&id)))?;
+            let session = pooled(st, principal, &meta, client, &id).await?;
             let env = Envelope::from_value(value).map_err(|e| {
                 FrontError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()).with_id(Some(&id))
             })?;
@@ -401,6 +375,26 @@ fn listen(st: &AppState, principal: &Principal, filter: rules::Filter, id: Value
         }
     };
     event_stream(body)
+}
+
+/// The pooled upstream session that serves this client (its principal, application and
+/// capabilities), started if none is; a refusal is the answer to request `id`.
+async fn pooled(
+    st: &AppState,
+    principal: &Principal,
+    meta: &Meta,
+    client: Option<std::net::IpAddr>,
+    id: &Value,
+) -> Result<Arc<Session>, FrontError> {
+    st.registry
+        .pooled(
+            principal,
+            meta.capabilities_key(),
+            &meta.init_params(),
+            client,
+        )
+        .await
+        .map_err(|e| FrontError::from(e).with_id(Some(id)))
 }
 
 /// Subscribes the pooled upstream session to `uri` for a listen stream (a legacy server

@@ -111,6 +111,16 @@ enum Answer {
     Failed(String),
 }
 
+/// A request refused at one of the link's bounds (`-32016`, `data.limit` names it).
+fn over_limit(id: Value, limit: &str, message: String) -> Value {
+    protocol::error_response(
+        id,
+        code::LIMIT_REACHED,
+        message,
+        Some(json!({ "limit": limit })),
+    )
+}
+
 /// An error answer for request `id` built by the gateway.
 fn lost(id: Value, why: &str) -> Value {
     protocol::error_response(id, code::UPSTREAM_LOST, why, None)
@@ -210,15 +220,11 @@ impl ModernLink {
                     }
                 };
                 if full {
-                    let err = protocol::error_response(
+                    inner.emit_soon(over_limit(
                         id,
-                        code::LIMIT_REACHED,
-                        format!(
-                            "this session is subscribed to {MAX_SUBSCRIPTIONS} resources, the most a 2026-07-28 upstream's listen stream carries; unsubscribe from one first"
-                        ),
-                        Some(json!({"limit": "subscriptions"})),
-                    );
-                    inner.emit_soon(err);
+                        "subscriptions",
+                        format!("this session is subscribed to {MAX_SUBSCRIPTIONS} resources, the most a 2026-07-28 upstream's listen stream carries; unsubscribe from one first"),
+                    ));
                     return;
                 }
                 inner.listen();
@@ -232,17 +238,11 @@ impl ModernLink {
                         drop(permit);
                     });
                 }
-                Err(_) => {
-                    let err = protocol::error_response(
-                        id,
-                        code::LIMIT_REACHED,
-                        format!(
-                            "{MAX_IN_FLIGHT} requests are already in flight to the upstream; this one was refused, retry it later"
-                        ),
-                        Some(json!({"limit": "upstream-queue"})),
-                    );
-                    inner.emit_soon(err);
-                }
+                Err(_) => inner.emit_soon(over_limit(
+                    id,
+                    "upstream-queue",
+                    format!("{MAX_IN_FLIGHT} requests are already in flight to the upstream; this one was refused, retry it later"),
+                )),
             },
             (None, None) => {}
         }
@@ -317,8 +317,19 @@ impl Inner {
         }
     }
 
+    /// The headers of a POST carrying `body`, with the `Mcp-Param-*` headers a
+    /// `tools/call` must carry.
     fn headers(&self, body: &Value) -> HeaderMap {
-        headers_for(&self.opts.headers, body)
+        let mut h = headers_for(&self.opts.headers, body);
+        for (name, value) in self.param_headers(body) {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                h.insert(n, v);
+            }
+        }
+        h
     }
 
     /// The `Mcp-Param-*` headers a `tools/call` must carry for the tool's `x-mcp-header`
@@ -360,7 +371,7 @@ impl Inner {
             ));
             let mut body = protocol::request(id, "tools/list", Some(params));
             self.lock().client.stamp(&mut body);
-            let Answer::Final(answer) = self.exchange(&body, None, &[]).await else {
+            let Answer::Final(answer) = self.exchange(&body, None).await else {
                 return;
             };
             let Some(result) = answer.get("result") else {
@@ -377,25 +388,11 @@ impl Inner {
 
     /// Sends one request and reads its answer; notifications on its stream go to the
     /// session with `origin` (the call's id) so they reach the call's stream.
-    async fn exchange(
-        &self,
-        body: &Value,
-        origin: Option<u64>,
-        extra: &[(String, String)],
-    ) -> Answer {
-        let mut headers = self.headers(body);
-        for (name, value) in extra {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) {
-                headers.insert(n, v);
-            }
-        }
+    async fn exchange(&self, body: &Value, origin: Option<u64>) -> Answer {
         let send = self
             .client
             .post(&self.url)
-            .headers(headers)
+            .headers(self.headers(body))
             .json(body)
             .send();
         let sent = match self.opts.request_timeout {
@@ -427,7 +424,7 @@ impl Inner {
         let mut discover = protocol::request(id.clone(), "server/discover", Some(json!({})));
         client.stamp(&mut discover);
         self.lock().client = client;
-        let answer = match self.exchange(&discover, None, &[]).await {
+        let answer = match self.exchange(&discover, None).await {
             Answer::Final(a) => a,
             Answer::Lost(why) => lost(id.clone(), &why),
             Answer::Reported => return,
@@ -484,10 +481,9 @@ impl Inner {
         let mut round = 0;
         let mut refetched = false;
         loop {
-            let extra = self.param_headers(&body);
             let answer = tokio::select! {
                 _ = token.cancelled() => return,
-                a = self.exchange(&body, gid, &extra) => a,
+                a = self.exchange(&body, gid) => a,
             };
             let mut answer = match answer {
                 Answer::Final(a) => a,
