@@ -36,7 +36,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::Keys;
-use crate::config::UpstreamSpec;
+use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session::Registry;
 use crate::store::{
@@ -47,8 +47,10 @@ use crate::store::{
 /// What the admin surface needs.
 #[derive(Clone)]
 pub struct AdminState {
-    /// Sessions of this process.
-    pub registry: Registry,
+    /// The servers of this process and their sessions.
+    pub hub: Hub,
+    /// Tool-call quotas per user (shared by every server).
+    pub quotas: Arc<crate::session::quota::Quotas>,
     /// Live session state.
     pub store: Arc<dyn LiveStore>,
     /// Session history and tool calls.
@@ -65,10 +67,6 @@ pub struct AdminState {
     pub token_hint: String,
     /// Process start.
     pub started: Instant,
-    /// The upstream, for readiness.
-    pub upstream: UpstreamSpec,
-    /// The upstream's name.
-    pub upstream_name: String,
     /// This instance's MCP address, for `/health/deep`.
     pub instance: String,
     /// `Host` names allowed besides loopback ones (`--allowed-hosts`).
@@ -93,6 +91,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/users", get(users))
         .route("/api/stateless-clients", get(stateless_clients))
         .route("/api/quotas", get(quotas))
+        .route("/api/servers", get(servers))
         .route("/api/users/{id}/stats", get(user_stats))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -255,7 +254,7 @@ fn redact(v: &mut Value) {
 async fn health(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiError> {
     let live = st.store.count_live().await?;
     st.metrics.sessions_live.set(live as i64);
-    let held = st.registry.held_count();
+    let held: usize = st.hub.registries().iter().map(Registry::held_count).sum();
     Ok(axum::Json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
@@ -277,20 +276,62 @@ fn circuit_check(registry: &Registry) -> Result<(), String> {
     Ok(())
 }
 
-async fn ready(State(st): State<AdminState>) -> Response {
+#[derive(Deserialize)]
+struct ReadyParams {
+    server: Option<String>,
+}
+
+/// Ready when the store takes a write and every server (or the one `?server=` names) can
+/// start its upstream with its circuit closed; each server's checks are listed.
+async fn ready(State(st): State<AdminState>, Query(p): Query<ReadyParams>) -> Response {
     let store = match tokio::time::timeout(Duration::from_secs(2), st.store.check_writable()).await
     {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("store write did not complete within 2s".into()),
     };
-    let upstream = crate::upstream::startable(&st.upstream).await;
-    let circuit = circuit_check(&st.registry);
-    let ok = store.is_ok() && upstream.is_ok() && circuit.is_ok();
+    let mut servers = st.hub.current();
+    if let Some(name) = &p.server {
+        servers.retain(|n, _| n == name);
+        if servers.is_empty() {
+            return ApiError(StatusCode::NOT_FOUND, format!("no server {name:?}")).into_response();
+        }
+    }
     let show = |r: &Result<(), String>| match r {
         Ok(()) => json!({"ok": true}),
         Err(e) => json!({"ok": false, "error": e}),
     };
+    let mut upstream = Ok(());
+    let mut circuit = Ok(());
+    let mut per_server = serde_json::Map::new();
+    for (name, g) in &servers {
+        let u = crate::upstream::startable(g.registry.connector().spec()).await;
+        let c = circuit_check(&g.registry);
+        let several = servers.len() > 1;
+        if upstream.is_ok()
+            && let Err(e) = &u
+        {
+            upstream = Err(if several {
+                format!("{name}: {e}")
+            } else {
+                e.clone()
+            });
+        }
+        if circuit.is_ok()
+            && let Err(e) = &c
+        {
+            circuit = Err(if several {
+                format!("{name}: {e}")
+            } else {
+                e.clone()
+            });
+        }
+        per_server.insert(
+            name.clone(),
+            json!({"ready": u.is_ok() && c.is_ok(), "upstream": show(&u), "circuit": show(&c)}),
+        );
+    }
+    let ok = store.is_ok() && upstream.is_ok() && circuit.is_ok();
     if !ok {
         tracing::debug!(?store, ?upstream, ?circuit, "not ready");
     }
@@ -298,7 +339,7 @@ async fn ready(State(st): State<AdminState>) -> Response {
         "store": show(&store),
         "upstream": show(&upstream),
         "circuit": show(&circuit),
-    } });
+    }, "servers": per_server });
     let status = if ok {
         StatusCode::OK
     } else {
@@ -307,14 +348,65 @@ async fn ready(State(st): State<AdminState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+/// One server's part of `/health/deep` and `/api/servers`.
+fn server_json(name: &str, g: &crate::hub::Generation, state: &str, endpoint: bool) -> Value {
+    let r = &g.registry;
+    let connector = r.connector();
+    let circuit = connector.circuit();
+    let (failures, last_failure) = circuit.failures();
+    let mut states: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in r.upstream_states().into_values() {
+        *states.entry(s).or_default() += 1;
+    }
+    let admission = r.admission();
+    let cfg = r.config();
+    json!({
+        "name": name,
+        "state": state,
+        "endpoint": endpoint.then(|| format!("/servers/{name}/mcp")),
+        "upstream": connector.spec().describe(),
+        "protocol": connector.protocol(),
+        "sessions_by_state": states,
+        "held_sessions": r.held_count(),
+        "running": connector.running(),
+        "circuit": {
+            "open": circuit.is_open(),
+            "consecutive_failures": failures,
+            "last_failure": (!last_failure.is_empty()).then_some(last_failure),
+            "refused": circuit.refused(),
+        },
+        "limits": {
+            "max_sessions": admission.config().max_sessions,
+            "max_upstreams": connector.max_running(),
+            "session_rate": (admission.config().rate > 0).then_some(admission.config().rate),
+            "idle_timeout_s": cfg.idle_timeout.as_secs(),
+            "upstream_timeout_s": cfg.upstream_timeout.as_secs(),
+        },
+    })
+}
+
+/// The servers this process serves, with their draining generations (`GET /api/servers`).
+async fn servers(State(st): State<AdminState>) -> axum::Json<Value> {
+    axum::Json(json!({ "servers": servers_json(&st.hub) }))
+}
+
+fn servers_json(hub: &Hub) -> Vec<Value> {
+    let mut out = Vec::new();
+    for v in hub.view() {
+        if let Some(g) = &v.current {
+            out.push(server_json(&v.name, g, "serving", true));
+        }
+        for g in &v.draining {
+            out.push(server_json(&v.name, g, "draining", false));
+        }
+    }
+    out
+}
+
 async fn deep(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiError> {
     let t = Instant::now();
     let totals = st.ledger.totals().await?;
     let store_latency_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let mut states: BTreeMap<&str, usize> = BTreeMap::new();
-    for s in st.registry.upstream_states().into_values() {
-        *states.entry(s).or_default() += 1;
-    }
     let me = json!({ "address": st.instance, "uptime_s": st.started.elapsed().as_secs() });
     let (instances, live_store) = match &st.coordinator {
         None => (vec![me], json!({ "kind": st.store.describe(), "up": true })),
@@ -339,29 +431,27 @@ async fn deep(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiErro
             (listed, json!({ "kind": st.store.describe(), "up": up }))
         }
     };
-    let circuit = st.registry.connector().circuit();
-    let (failures, last_failure) = circuit.failures();
-    let admission = st.registry.admission();
+    let servers = servers_json(&st.hub);
+    // One server: its block is `upstream`, as before servers came in several.
+    let upstream = match servers.as_slice() {
+        [one] => one.clone(),
+        _ => Value::Null,
+    };
+    let global = st.hub.registries();
+    let admission = global.first().map(|r| {
+        let a = r.admission();
+        a.parent().cloned().unwrap_or_else(|| a.clone())
+    });
     Ok(axum::Json(json!({
         "status": "ok",
         "store": { "latency_ms": store_latency_ms, "live": live_store },
-        "upstream": {
-            "name": st.upstream_name,
-            "protocol": st.registry.connector().protocol(),
-            "sessions_by_state": states,
-            "running": st.registry.connector().running(),
-            "circuit": {
-                "open": circuit.is_open(),
-                "consecutive_failures": failures,
-                "last_failure": (!last_failure.is_empty()).then_some(last_failure),
-                "refused": circuit.refused(),
-            },
-        },
-        "limits": {
-            "sessions_held": admission.held(),
-            "max_sessions": admission.config().max_sessions,
-            "max_sessions_per_principal": admission.config().max_per_principal,
-        },
+        "upstream": upstream,
+        "servers": servers,
+        "limits": admission.map(|a| json!({
+            "sessions_held": a.held(),
+            "max_sessions": a.config().max_sessions,
+            "max_sessions_per_principal": a.config().max_per_principal,
+        })),
         "instances": instances,
         "sessions": {
             "total": totals.sessions,
@@ -374,14 +464,38 @@ async fn deep(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiErro
 
 async fn metrics(State(st): State<AdminState>) -> Response {
     // Gauges of state owned elsewhere, read when scraped.
-    let connector = st.registry.connector();
-    st.metrics
-        .upstream_circuit_open
-        .set(i64::from(connector.circuit().is_open()));
-    st.metrics.upstreams_running.set(connector.running() as i64);
-    st.metrics
-        .sessions_held
-        .set(st.registry.held_count() as i64);
+    let mut running = 0;
+    let mut open = false;
+    let mut held = 0;
+    for (name, g) in st.hub.current() {
+        let connector = g.registry.connector();
+        let label = Metrics::server(&name);
+        st.metrics
+            .server_circuit_open
+            .get_or_create(&label)
+            .set(i64::from(connector.circuit().is_open()));
+        open |= connector.circuit().is_open();
+        let mut n = 0;
+        for v in st.hub.view().iter().filter(|v| v.name == name) {
+            n += v
+                .draining
+                .iter()
+                .map(|d| d.registry.connector().running())
+                .sum::<usize>();
+        }
+        n += connector.running();
+        st.metrics
+            .server_upstreams_running
+            .get_or_create(&label)
+            .set(n as i64);
+        running += n;
+    }
+    for r in st.hub.registries() {
+        held += r.held_count();
+    }
+    st.metrics.upstream_circuit_open.set(i64::from(open));
+    st.metrics.upstreams_running.set(running as i64);
+    st.metrics.sessions_held.set(held as i64);
     // The same figure /health reports. A store that does not answer leaves the last value:
     // the scrape still serves every other metric, and readiness reports the outage.
     // Bounded: a store that hangs (Redis unreachable) must not stall the scrape.
@@ -450,6 +564,7 @@ struct ListParams {
     status: Option<String>,
     user: Option<String>,
     client: Option<String>,
+    server: Option<String>,
     since: Option<String>,
     limit: Option<String>,
     offset: Option<String>,
@@ -458,7 +573,12 @@ struct ListParams {
 /// Adds each session's upstream state (held here) or, in a multi-instance deployment, the
 /// instance that serves it.
 async fn with_state(st: &AdminState, sessions: Vec<SessionSummary>) -> Vec<Value> {
-    let states = st.registry.upstream_states();
+    let states: HashMap<String, &'static str> = st
+        .hub
+        .registries()
+        .iter()
+        .flat_map(Registry::upstream_states)
+        .collect();
     let mut owners: HashMap<String, String> = HashMap::new();
     if let Some(c) = &st.coordinator {
         let elsewhere: Vec<String> = sessions
@@ -523,6 +643,7 @@ async fn list_sessions(
         state,
         user: p.user,
         client: p.client,
+        server: p.server,
         since_ms,
         limit: limit + 1,
         offset,
@@ -585,7 +706,18 @@ async fn evict_session(
     State(st): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    match st.registry.evict(&id).await {
+    // The server holding it, else any (a session only in the store is closed there).
+    let Some(registry) = st
+        .hub
+        .holder(&id)
+        .or_else(|| st.hub.registries().into_iter().next())
+    else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no live session {id}"),
+        ));
+    };
+    match registry.evict(&id).await {
         Ok(true) => Ok(axum::Json(json!({ "evicted": id }))),
         Ok(false) => Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -788,7 +920,7 @@ async fn users(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiErr
 /// The tool-call quota and each user's use of its current window, as this instance last
 /// counted it (with Redis the count is the deployment's at that user's last call here).
 async fn quotas(State(st): State<AdminState>) -> axum::Json<Value> {
-    let q = st.registry.quotas();
+    let q = &st.quotas;
     let now = u64::try_from(crate::store::now_ms()).unwrap_or_default();
     axum::Json(json!({
         "quota": q.quota().map(|q| json!({"tool_calls": q.limit, "window_ms": q.window.as_millis() as u64})),
@@ -797,7 +929,16 @@ async fn quotas(State(st): State<AdminState>) -> axum::Json<Value> {
 }
 
 async fn stateless_clients(State(st): State<AdminState>) -> axum::Json<Value> {
-    axum::Json(json!({ "clients": st.registry.stateless_clients() }))
+    let mut clients: Vec<Value> = Vec::new();
+    for r in st.hub.registries() {
+        for c in r.stateless_clients() {
+            let mut v = serde_json::to_value(&c).unwrap_or_default();
+            v["server"] = json!(r.server());
+            clients.push(v);
+        }
+    }
+    clients.sort_by_key(|c| std::cmp::Reverse(c["last_seen_ms"].as_i64().unwrap_or_default()));
+    axum::Json(json!({ "clients": clients }))
 }
 
 async fn user_stats(

@@ -20,11 +20,14 @@ use crate::auth::Keys;
 use crate::config::Config;
 use crate::config::{LedgerSpec, StoreSpec};
 use crate::front::{self, FrontConfig, ModernConfig};
+use crate::hub::{Generation, Hub};
 use crate::ledger::{self, Ledger};
 use crate::listener::{self, ListenerLimits};
 use crate::metrics::Metrics;
-use crate::session::admission::AdmissionConfig;
-use crate::session::{Registry, SessionConfig};
+use crate::servers::{ServerEntry, ServerSettings};
+use crate::session::admission::{Admission, AdmissionConfig};
+use crate::session::quota::Quotas;
+use crate::session::{Common, Registry, SessionConfig};
 use crate::store::postgres::PostgresLedger;
 use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::sqlite::SqliteStore;
@@ -43,18 +46,8 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     // Said once at start rather than discovered by the first client: readiness knows the
     // same thing, but nobody reads it before something is already broken.
-    if let Err(why) = crate::upstream::startable(&config.upstream).await {
-        if config.require_upstream {
-            anyhow::bail!(
-                "upstream {:?} cannot be started: {why} (--require-upstream)",
-                config.upstream_name
-            );
-        }
-        tracing::warn!(
-            upstream.name = %config.upstream_name,
-            error = %why,
-            "upstream cannot be started: new sessions will get -32010 and /health/ready reports it (--require-upstream makes this fatal)"
-        );
+    for (name, spec) in served(&config) {
+        check_startable(&name, &spec, config.require_upstream).await?;
     }
     let listen = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -92,70 +85,70 @@ pub async fn run(
     let keys = Arc::new(Keys::new(&config.keys).map_err(|e| anyhow::anyhow!(e.join("; ")))?);
     let limits = &config.limits;
     raise_fd_limit(limits.max_connections + limits.admin_max_connections);
-    let connector = Connector::new(
-        config.upstream.clone(),
-        &config.upstream_name,
-        shim,
-        UpstreamLimits {
-            max_message: limits.max_upstream_message,
-            max_running: limits.max_upstreams,
-            stderr_lines_per_sec: limits.stderr_lines_per_sec,
-            circuit_failures: limits.circuit_failures,
-            circuit_cooldown: limits.circuit_cooldown,
-        },
-        tracker.clone(),
-    );
-
-    let registry = Registry::new(
-        SessionConfig {
-            idle_timeout: config.idle_timeout,
-            upstream_timeout: config.upstream_timeout,
-            answer_window: config.answer_window,
-            upstream_name: config.upstream_name.clone(),
-            upstream_fingerprint: config.upstream.fingerprint(),
-            mirror_ledger: !stores.shared,
-            stream_buffer: limits.stream_buffer,
-            pool_size: limits.bridge_pool_size,
-            quota: limits.quota_tool_calls,
-            admission: AdmissionConfig {
-                max_sessions: limits.max_sessions,
-                max_per_principal: limits.max_sessions_per_principal,
-                rate: limits.session_rate,
-                burst: limits.session_burst,
-            },
-            ..SessionConfig::default()
-        },
-        store.clone(),
-        stores.coordinator.clone(),
-        connector,
-        tracker.clone(),
-        metrics.clone(),
+    let common = Common {
+        store: store.clone(),
+        coordinator: stores.coordinator.clone(),
+        tracker: tracker.clone(),
+        metrics: metrics.clone(),
         ledger,
-    );
-    let app = front::router(
-        registry.clone(),
-        FrontConfig {
-            keys: keys.clone(),
-            max_body: config.max_body,
-            body_timeout: limits.body_timeout,
-            allowed_origins: config.allowed_origins.clone(),
-            allowed_hosts: config.allowed_hosts.clone(),
-            loopback_listener: addr.ip().is_loopback(),
-            keepalive: config.keepalive,
-            takeover_wait: match &config.store {
-                StoreSpec::Redis { instance_ttl, .. } => *instance_ttl + Duration::from_secs(2),
-                StoreSpec::Sqlite => Duration::ZERO,
-            },
-            modern: ModernConfig {
-                state_key: bridge_key(&config, stores.coordinator.as_deref()).await?,
-                instance: stores
-                    .coordinator
-                    .as_ref()
-                    .map_or_else(crate::ids::new_instance_id, |c| c.me().id.clone()),
-                state_ttl: config.upstream_timeout,
-            },
+        quotas: Arc::new(Quotas::new(
+            limits.quota_tool_calls,
+            stores.coordinator.clone(),
+        )),
+        admission: Admission::new(AdmissionConfig {
+            max_sessions: limits.max_sessions,
+            max_per_principal: limits.max_sessions_per_principal,
+            rate: limits.session_rate,
+            burst: limits.session_burst,
+        }),
+    };
+    let front = FrontConfig {
+        keys: keys.clone(),
+        max_body: config.max_body,
+        body_timeout: limits.body_timeout,
+        allowed_origins: config.allowed_origins.clone(),
+        allowed_hosts: config.allowed_hosts.clone(),
+        loopback_listener: addr.ip().is_loopback(),
+        keepalive: config.keepalive,
+        takeover_wait: match &config.store {
+            StoreSpec::Redis { instance_ttl, .. } => *instance_ttl + Duration::from_secs(2),
+            StoreSpec::Sqlite => Duration::ZERO,
         },
-    );
+        modern: ModernConfig {
+            state_key: bridge_key(&config, stores.coordinator.as_deref()).await?,
+            instance: stores
+                .coordinator
+                .as_ref()
+                .map_or_else(crate::ids::new_instance_id, |c| c.me().id.clone()),
+            state_ttl: config.upstream_timeout,
+        },
+        server: None,
+        users: None,
+    };
+    let builder = Arc::new(Builder {
+        multi: config.servers_file.is_some() || config.servers.len() > 1,
+        gateway_upstreams: Arc::new(tokio::sync::Semaphore::new(limits.max_upstreams)),
+        mirror_ledger: !stores.shared,
+        config: config.clone(),
+        shim,
+        common,
+        front,
+    });
+    let hub = Hub::default();
+    if config.servers.is_empty() {
+        hub.install(&config.upstream_name, builder.build(None));
+    } else {
+        for e in &config.servers {
+            hub.install(&e.name, builder.build(Some(e)));
+        }
+    }
+    if !keys.enabled() {
+        for e in &config.servers {
+            if e.settings.users.is_some() {
+                tracing::warn!(server = %e.name, "tether.users is set but no API keys are configured: every client is the anonymous user, so only a list naming \"anonymous\" lets anyone in");
+            }
+        }
+    }
     let mcp_listener = listen;
     if !addr.ip().is_loopback() && !keys.enabled() {
         tracing::warn!(
@@ -163,12 +156,6 @@ pub async fn run(
             "listening beyond loopback without authentication: anyone who can reach this address can use the upstream"
         );
     }
-    tracker.spawn(
-        registry
-            .clone()
-            .run_reaper()
-            .instrument(tracing::info_span!("reaper")),
-    );
     if let Some(c) = &stores.coordinator {
         // Beat once before accepting: a session created here must never look orphaned
         // (owner without a heartbeat) to the other instances.
@@ -181,15 +168,36 @@ pub async fn run(
             }
         }
     }
-    if let StoreSpec::Redis { instance_ttl, .. } = &config.store {
+    let upkeep_stop = CancellationToken::new();
+    if let (StoreSpec::Redis { instance_ttl, .. }, Some(c)) = (&config.store, &stores.coordinator) {
         // Five beats per TTL: a few missed beats (a slow Redis, a busy machine) do not
         // make other instances take this one's sessions.
         let every = (*instance_ttl / 5).max(Duration::from_millis(200));
+        let hub = hub.clone();
         tracker.spawn(
-            registry
-                .clone()
-                .run_coordination(every)
-                .instrument(tracing::info_span!("coordination")),
+            crate::session::run_coordination(c.clone(), every, upkeep_stop.clone(), move || {
+                hub.registries()
+            })
+            .instrument(tracing::info_span!("coordination")),
+        );
+    }
+    tracker.spawn(
+        crate::session::run_log_pruning(
+            store.clone(),
+            SessionConfig::default().event_retention,
+            upkeep_stop.clone(),
+        )
+        .instrument(tracing::info_span!("prune_events")),
+    );
+    if let Some(path) = &config.servers_file {
+        tracker.spawn(
+            run_reloads(
+                hub.clone(),
+                builder.clone(),
+                path.clone(),
+                upkeep_stop.clone(),
+            )
+            .instrument(tracing::info_span!("servers_reload")),
         );
     }
     let admin_token = resolve_admin_token(&config)?;
@@ -198,7 +206,8 @@ pub async fn run(
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
     let admin_addr = admin_listener.local_addr()?;
     let admin_app = admin::router(AdminState {
-        registry: registry.clone(),
+        hub: hub.clone(),
+        quotas: builder.common.quotas.clone(),
         store: store.clone(),
         ledger: stores.ledger.clone(),
         coordinator: stores.coordinator.clone(),
@@ -207,8 +216,6 @@ pub async fn run(
         token: admin_token.secret.clone(),
         token_hint: admin_token.hint.clone(),
         started: std::time::Instant::now(),
-        upstream: config.upstream.clone(),
-        upstream_name: config.upstream_name.clone(),
         instance: addr.to_string(),
         allowed_hosts: config.allowed_hosts.clone(),
         loopback_listener: admin_addr.ip().is_loopback(),
@@ -243,7 +250,7 @@ pub async fn run(
     let drop_connections = CancellationToken::new();
     let server = tokio::spawn(listener::serve(
         mcp_listener,
-        app,
+        hub.router(),
         ListenerLimits {
             name: "mcp",
             max_connections: limits.max_connections,
@@ -262,15 +269,33 @@ pub async fn run(
             config.keys.iter().map(|k| k.user.as_str()).collect();
         format!("{} API keys of {} users", config.keys.len(), users.len())
     };
-    tracing::info!(
-        listen = %addr,
-        upstream.name = %config.upstream_name,
-        upstream = %config.upstream.describe(),
-        auth = %auth,
-        store = %store.describe(),
-        ledger = %stores.ledger_name,
-        "tether ready on http://{addr}/mcp"
-    );
+    if builder.multi {
+        for (name, g) in hub.current() {
+            tracing::info!(
+                server = %name,
+                upstream = %g.registry.connector().spec().describe(),
+                "serving {name} on http://{addr}/servers/{name}/mcp"
+            );
+        }
+        tracing::info!(
+            listen = %addr,
+            servers = hub.current().len(),
+            auth = %auth,
+            store = %store.describe(),
+            ledger = %stores.ledger_name,
+            "tether ready on http://{addr}/servers/NAME/mcp"
+        );
+    } else {
+        tracing::info!(
+            listen = %addr,
+            upstream.name = %config.upstream_name,
+            upstream = %config.upstream.describe(),
+            auth = %auth,
+            store = %store.describe(),
+            ledger = %stores.ledger_name,
+            "tether ready on http://{addr}/mcp"
+        );
+    }
     on_ready(addr, admin_addr);
 
     let mut server = server;
@@ -282,7 +307,10 @@ pub async fn run(
         }
     }
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: no new connections; in-flight requests may finish");
-    registry.begin_shutdown();
+    upkeep_stop.cancel();
+    for r in hub.registries() {
+        r.begin_shutdown();
+    }
     stop_accepting.cancel();
     if tokio::time::timeout(config.shutdown_grace, &mut server)
         .await
@@ -291,11 +319,15 @@ pub async fn run(
         tracing::warn!(
             "shutdown grace over; ending the remaining streams (clients can resume them after restart)"
         );
-        registry.finish_shutdown().await;
+        for r in hub.registries() {
+            r.finish_shutdown().await;
+        }
         drop_connections.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     }
-    registry.finish_shutdown().await;
+    for r in hub.registries() {
+        r.finish_shutdown().await;
+    }
     if let Some(c) = &stores.coordinator {
         c.leave().await;
     }
@@ -313,6 +345,230 @@ pub async fn run(
     }
     tracing::info!("stopped; sessions stay resumable");
     Ok(())
+}
+
+/// The servers a config names, with what each starts.
+fn served(config: &Config) -> Vec<(String, crate::config::UpstreamSpec)> {
+    if config.servers.is_empty() {
+        vec![(config.upstream_name.clone(), config.upstream.clone())]
+    } else {
+        config
+            .servers
+            .iter()
+            .map(|e| (e.name.clone(), e.upstream.clone()))
+            .collect()
+    }
+}
+
+/// Warns (or with `--require-upstream` fails) when a server's upstream cannot be started.
+async fn check_startable(
+    name: &str,
+    spec: &crate::config::UpstreamSpec,
+    required: bool,
+) -> anyhow::Result<()> {
+    if let Err(why) = crate::upstream::startable(spec).await {
+        if required {
+            anyhow::bail!("upstream {name:?} cannot be started: {why} (--require-upstream)");
+        }
+        tracing::warn!(
+            upstream.name = %name,
+            error = %why,
+            "upstream cannot be started: new sessions will get -32010 and /health/ready reports it (--require-upstream makes this fatal)"
+        );
+    }
+    Ok(())
+}
+
+/// Makes the registry and front door of one server (at start and on reload).
+struct Builder {
+    config: Config,
+    shim: Option<PathBuf>,
+    common: Common,
+    front: FrontConfig,
+    /// Several servers (or a servers file that may gain some): each has its own limits
+    /// inside the gateway's, and reaps only its own stored sessions.
+    multi: bool,
+    /// The gateway's `--max-upstreams`, shared by every server's connector.
+    gateway_upstreams: Arc<tokio::sync::Semaphore>,
+    mirror_ledger: bool,
+}
+
+impl Builder {
+    /// A generation serving `entry` (`None`: the config's one upstream).
+    fn build(&self, entry: Option<&ServerEntry>) -> Arc<Generation> {
+        let config = &self.config;
+        let limits = &config.limits;
+        let (name, spec, settings) = match entry {
+            Some(e) => (e.name.clone(), e.upstream.clone(), e.settings.clone()),
+            None => (
+                config.upstream_name.clone(),
+                config.upstream.clone(),
+                ServerSettings::default(),
+            ),
+        };
+        // Validated when the file was read.
+        let duration = |text: &Option<String>, default: Duration| {
+            text.as_deref()
+                .and_then(|t| humantime::parse_duration(t).ok())
+                .unwrap_or(default)
+        };
+        let connector = Connector::new(
+            spec.clone(),
+            &name,
+            self.shim.clone(),
+            UpstreamLimits {
+                max_message: limits.max_upstream_message,
+                max_running: settings.max_upstreams.unwrap_or(limits.max_upstreams),
+                stderr_lines_per_sec: limits.stderr_lines_per_sec,
+                circuit_failures: limits.circuit_failures,
+                circuit_cooldown: limits.circuit_cooldown,
+            },
+            self.common.tracker.clone(),
+        );
+        let cfg = SessionConfig {
+            idle_timeout: duration(&settings.idle_timeout, config.idle_timeout),
+            upstream_timeout: duration(&settings.upstream_timeout, config.upstream_timeout),
+            answer_window: config.answer_window,
+            upstream_name: name.clone(),
+            upstream_fingerprint: spec.fingerprint(),
+            mirror_ledger: self.mirror_ledger,
+            stream_buffer: limits.stream_buffer,
+            pool_size: limits.bridge_pool_size,
+            quota: limits.quota_tool_calls,
+            admission: AdmissionConfig {
+                max_sessions: settings.max_sessions.unwrap_or(limits.max_sessions),
+                // The gateway's count per user applies across servers.
+                max_per_principal: usize::MAX,
+                rate: settings.session_rate.unwrap_or(0),
+                burst: settings.session_rate.unwrap_or(1).saturating_mul(2),
+            },
+            one_of_several: self.multi,
+            ..SessionConfig::default()
+        };
+        let registry = if self.multi {
+            let connector = connector.sharing(self.gateway_upstreams.clone(), limits.max_upstreams);
+            Registry::of_server(cfg, &self.common, connector)
+        } else {
+            Registry::with_common(cfg, &self.common, connector)
+        };
+        self.common.tracker.spawn(
+            registry
+                .clone()
+                .run_reaper()
+                .instrument(tracing::info_span!("reaper", server = %name)),
+        );
+        let router = front::router(
+            registry.clone(),
+            FrontConfig {
+                server: Some(name),
+                users: settings
+                    .users
+                    .map(|u| Arc::new(u.into_iter().collect::<std::collections::BTreeSet<_>>())),
+                ..self.front.clone()
+            },
+        );
+        Generation::new(entry.cloned(), registry, router)
+    }
+}
+
+/// Re-reads the servers file on SIGHUP and when it changes (checked every 2 s), and stops
+/// the generations a reload left draining once they hold no session. Until `stop`.
+async fn run_reloads(hub: Hub, builder: Arc<Builder>, path: PathBuf, stop: CancellationToken) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; the servers file is still watched");
+            None
+        }
+    };
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let why = tokio::select! {
+            () = stop.cancelled() => return,
+            Some(()) = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => "SIGHUP",
+            _ = tick.tick() => {
+                for g in hub.take_drained() {
+                    tracing::info!(server = %g.registry.server(), "a removed or replaced server holds no session any more: stopped");
+                    g.registry.begin_shutdown();
+                    g.registry.finish_shutdown().await;
+                }
+                let now = modified(&path);
+                if now == seen {
+                    continue;
+                }
+                "the file changed"
+            }
+        };
+        seen = modified(&path);
+        reload(&hub, &builder, &path, why);
+    }
+}
+
+/// Applies the servers file at `path` to `hub`: added servers serve at once, removed ones
+/// drain, changed ones serve new sessions from a new generation while the old one keeps
+/// its sessions; an invalid file changes nothing and says why.
+fn reload(hub: &Hub, builder: &Builder, path: &std::path::Path, why: &str) {
+    let shown = path.display().to_string();
+    let file = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("{shown}: {e}")])
+        .and_then(|text| crate::servers::parse(&text, &shown, &builder.config.env_policy));
+    let file = match file {
+        Ok(f) if f.servers.is_empty() => Err(vec![format!(
+            "{shown}: no enabled server in it (a gateway with no server would refuse every client)"
+        )]),
+        other => other,
+    };
+    let file = match file {
+        Ok(f) => f,
+        Err(errors) => {
+            tracing::error!(
+                trigger = why,
+                errors = %errors.join("; "),
+                "servers file not reloaded: the running configuration stays"
+            );
+            return;
+        }
+    };
+    for note in &file.notes {
+        tracing::info!("{note}");
+    }
+    let current = hub.current();
+    let (mut added, mut changed, mut removed, mut kept) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for e in &file.servers {
+        match current.get(&e.name) {
+            Some(g) if g.entry.as_ref() == Some(e) => kept += 1,
+            Some(_) => {
+                hub.install(&e.name, builder.build(Some(e)));
+                changed.push(e.name.clone());
+            }
+            None => {
+                hub.install(&e.name, builder.build(Some(e)));
+                added.push(e.name.clone());
+            }
+        }
+    }
+    for name in current.keys() {
+        if !file.servers.iter().any(|e| &e.name == name) {
+            hub.remove(name);
+            removed.push(name.clone());
+        }
+    }
+    tracing::info!(
+        trigger = why,
+        added = %added.join(","),
+        changed = %changed.join(","),
+        removed = %removed.join(","),
+        unchanged = kept,
+        "servers reloaded"
+    );
 }
 
 /// The admin token and where an operator finds it.

@@ -694,6 +694,13 @@ pub struct Config {
     pub limits: Limits,
     /// Exit at start when the upstream cannot be started (`--require-upstream`).
     pub require_upstream: bool,
+    /// Which of the gateway's own variables stdio children see (`inherit-env`, `pass-env`).
+    pub env_policy: EnvPolicy,
+    /// The servers of a `--servers` file, each at `/servers/NAME/mcp` (set by the CLI);
+    /// empty: the one `upstream` (at `/mcp`, and `/servers/UPSTREAM_NAME/mcp`).
+    pub servers: Vec<crate::servers::ServerEntry>,
+    /// The `--servers` file, re-read on SIGHUP and when it changes (`None`: no reload).
+    pub servers_file: Option<PathBuf>,
 }
 
 impl Layer {
@@ -1095,6 +1102,9 @@ impl Config {
             admin_token_file,
             limits,
             require_upstream,
+            env_policy,
+            servers: Vec::new(),
+            servers_file: None,
         })
     }
 }

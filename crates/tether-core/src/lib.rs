@@ -22,6 +22,7 @@ pub mod config;
 pub mod fault;
 pub mod front;
 pub mod fuzz;
+pub mod hub;
 pub mod ids;
 pub mod ledger;
 pub mod listener;

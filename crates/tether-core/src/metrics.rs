@@ -24,6 +24,22 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// Label: one configured server (names come from the configuration, so they are bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabel {
+    /// The server's name (`/servers/NAME/mcp`).
+    pub server: String,
+}
+
+/// Label: tool calls of one server by outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerOutcomeLabel {
+    /// The server's name.
+    pub server: String,
+    /// As [`OutcomeLabel::outcome`].
+    pub outcome: String,
+}
+
 /// Label: HTTP requests by class and status.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabel {
@@ -149,6 +165,16 @@ pub struct Metrics {
     pub upstreams_running: Gauge,
     /// Response streams closed because their client did not read.
     pub stream_overflows: Counter,
+    /// Sessions held, by server (they sum to `sessions_held`).
+    pub server_sessions_held: Family<ServerLabel, Gauge>,
+    /// Sessions created, by server.
+    pub server_sessions_created: Family<ServerLabel, Counter>,
+    /// Tool calls by server and outcome (they sum to `tool_calls`).
+    pub server_tool_calls: Family<ServerOutcomeLabel, Counter>,
+    /// Upstreams running, by server.
+    pub server_upstreams_running: Family<ServerLabel, Gauge>,
+    /// 1 while a server's circuit refuses new starts, by server.
+    pub server_circuit_open: Family<ServerLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -184,6 +210,11 @@ impl Default for Metrics {
             upstream_circuit_open: Gauge::default(),
             upstreams_running: Gauge::default(),
             stream_overflows: Counter::default(),
+            server_sessions_held: Family::default(),
+            server_sessions_created: Family::default(),
+            server_tool_calls: Family::default(),
+            server_upstreams_running: Family::default(),
+            server_circuit_open: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -220,6 +251,31 @@ impl Default for Metrics {
             "stream_overflows",
             "Response streams closed because their client did not read (--stream-buffer)",
             m.stream_overflows.clone(),
+        );
+        registry.register(
+            "server_sessions_held",
+            "Sessions held in memory by this process, by server",
+            m.server_sessions_held.clone(),
+        );
+        registry.register(
+            "server_sessions_created",
+            "Sessions created, by server",
+            m.server_sessions_created.clone(),
+        );
+        registry.register(
+            "server_tool_calls",
+            "Tool calls by server and outcome",
+            m.server_tool_calls.clone(),
+        );
+        registry.register(
+            "server_upstreams_running",
+            "Upstreams running, by server",
+            m.server_upstreams_running.clone(),
+        );
+        registry.register(
+            "server_upstream_circuit_open",
+            "1 while a server's new upstream starts are refused after consecutive start failures",
+            m.server_circuit_open.clone(),
         );
         m.store_up.set(1);
         registry.register(
@@ -348,6 +404,13 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// The `server` label of `name`.
+    pub fn server(name: &str) -> ServerLabel {
+        ServerLabel {
+            server: name.to_owned(),
+        }
     }
 
     /// Counts a request refused by `limit`.

@@ -44,8 +44,16 @@ pub struct ServerSettings {
     pub upstream_timeout: Option<String>,
     /// The protocol era spoken to an HTTP server.
     pub protocol: Option<UpstreamProtocol>,
-    /// Sessions it may hold at once.
+    /// Sessions it may hold at once (also counted in the gateway's `--max-sessions`).
     pub max_sessions: Option<usize>,
+    /// Upstreams (processes, HTTP sessions) it may run at once (also counted in the
+    /// gateway's `--max-upstreams`).
+    pub max_upstreams: Option<usize>,
+    /// New sessions per second per user and per client address (the gateway's
+    /// `--session-rate` applies too).
+    pub session_rate: Option<u32>,
+    /// The users (API key users) allowed to use it; absent: every user.
+    pub users: Option<Vec<String>>,
 }
 
 /// One server of the file.
@@ -175,8 +183,13 @@ impl ServerEntry {
             upstream: Some(up),
             idle_timeout: self.settings.idle_timeout.clone(),
             upstream_timeout: self.settings.upstream_timeout.clone(),
-            limits: self.settings.max_sessions.map(|n| LimitsLayer {
-                max_sessions: Some(n),
+            limits: (self.settings.max_sessions.is_some()
+                || self.settings.max_upstreams.is_some()
+                || self.settings.session_rate.is_some())
+            .then(|| LimitsLayer {
+                max_sessions: self.settings.max_sessions,
+                max_upstreams: self.settings.max_upstreams,
+                session_rate: self.settings.session_rate,
                 ..LimitsLayer::default()
             }),
             ..Layer::default()
@@ -394,8 +407,27 @@ fn read_settings(v: &Value, at: &str, errors: &mut Vec<String>) -> ServerSetting
                 Some(n) if n > 0 => s.max_sessions = Some(n as usize),
                 _ => errors.push(format!("{at}: tether.max-sessions must be a positive number")),
             },
+            "max-upstreams" => match v.as_u64() {
+                Some(n) if n > 0 => s.max_upstreams = Some(n as usize),
+                _ => errors.push(format!("{at}: tether.max-upstreams must be a positive number")),
+            },
+            "session-rate" => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                Some(n) if n > 0 => s.session_rate = Some(n),
+                _ => errors.push(format!(
+                    "{at}: tether.session-rate must be a positive number (new sessions per second)"
+                )),
+            },
+            "users" => {
+                let users = strings(v, at, "tether.users", errors);
+                if users.is_empty() {
+                    errors.push(format!(
+                        "{at}: tether.users must name at least one user (leave it out to allow every user)"
+                    ));
+                }
+                s.users = Some(users);
+            }
             other => errors.push(format!(
-                "{at}: tether.{other} is not a Tether server setting (idle-timeout, upstream-timeout, protocol, max-sessions)"
+                "{at}: tether.{other} is not a Tether server setting (idle-timeout, upstream-timeout, protocol, max-sessions, max-upstreams, session-rate, users)"
             )),
         }
     }

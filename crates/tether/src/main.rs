@@ -620,18 +620,71 @@ fn main() -> ExitCode {
     }
 }
 
-/// The layer of the `--servers` file's chosen server, or every problem with the file.
-fn servers_layer(path: &std::path::Path, name: Option<&str>) -> Result<Layer, Vec<String>> {
+/// What `--servers FILE` gives: every server of the file (each at its own endpoint, the
+/// file reloaded on SIGHUP or change), or with `--server NAME` that one, served as the
+/// gateway's only upstream (flags override its settings, as for `-- CMD`).
+enum Servers {
+    All(Vec<tether_core::servers::ServerEntry>),
+    One(Box<tether_core::servers::ServerEntry>),
+}
+
+/// The `--servers` file read: the layer to resolve the gateway's config with, and the
+/// servers; or every problem with the file.
+fn servers_layer(
+    path: &std::path::Path,
+    name: Option<&str>,
+    flags: &Layer,
+) -> Result<(Layer, Servers), Vec<String>> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: {e}")])?;
+    // Stdio entries get the gateway's resolved environment policy after resolution.
     let file =
         tether_core::servers::parse(&text, &shown, &tether_core::config::EnvPolicy::Inherit)?;
     for note in &file.notes {
         eprintln!("tether: {note}");
     }
-    file.pick(name, &shown)
-        .map(tether_core::servers::ServerEntry::layer)
-        .map_err(|e| vec![e])
+    if let Some(name) = name {
+        let entry = file.pick(Some(name), &shown).map_err(|e| vec![e])?;
+        return Ok((entry.layer(), Servers::One(Box::new(entry.clone()))));
+    }
+    let Some(first) = file.servers.first() else {
+        return Err(vec![format!("{shown}: no enabled server in it")]);
+    };
+    // Settings that belong to one upstream cannot apply to every server of the file.
+    if let Some(up) = &flags.upstream {
+        let per_upstream = [
+            (
+                "an upstream (-- CMD or --upstream-url)",
+                up.command.is_some() || up.url.is_some(),
+            ),
+            ("--upstream-name", up.name.is_some()),
+            ("--upstream-header", up.headers.is_some()),
+            ("--upstream-protocol", up.protocol.is_some()),
+            ("--upstream-cwd", up.cwd.is_some()),
+        ];
+        let given: Vec<&str> = per_upstream
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(n, _)| *n)
+            .collect();
+        if !given.is_empty() {
+            return Err(vec![format!(
+                "{shown}: serves every server of the file, so {} cannot apply; set them in the entries (or pick one server with --server NAME)",
+                given.join(", ")
+            )]);
+        }
+    }
+    if flags.demo == Some(true) {
+        return Err(vec![format!(
+            "{shown}: --demo and --servers both name upstreams; give one"
+        )]);
+    }
+    // Resolution needs an upstream: the first server's; the gateway serves them all.
+    let layer = Layer {
+        upstream: first.layer().upstream,
+        ..Layer::default()
+    };
+    Ok((layer, Servers::All(file.servers)))
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
@@ -651,16 +704,17 @@ fn serve(args: &ServeArgs) -> ExitCode {
             .unwrap_or_else(|| "tether".into()),
         "demo-server".into(),
     ];
-    let (servers, servers_error) = match &args.servers {
-        Some(path) => match servers_layer(path, args.server.as_deref()) {
-            Ok(l) => (l, Vec::new()),
-            Err(e) => (Layer::default(), e),
+    let flags = args.layer();
+    let (servers, chosen, servers_error) = match &args.servers {
+        Some(path) => match servers_layer(path, args.server.as_deref(), &flags) {
+            Ok((l, chosen)) => (l, Some(chosen), Vec::new()),
+            Err(e) => (Layer::default(), None, e),
         },
-        None => (Layer::default(), Vec::new()),
+        None => (Layer::default(), None, Vec::new()),
     };
-    let resolved = Config::resolve(file.overlay(servers).overlay(args.layer()), demo_command);
+    let resolved = Config::resolve(file.overlay(servers).overlay(flags), demo_command);
     let file_errors: Vec<String> = file_error.into_iter().chain(servers_error).collect();
-    let config = match (resolved, file_errors.is_empty()) {
+    let mut config = match (resolved, file_errors.is_empty()) {
         (Ok(c), true) => c,
         (result, _) => {
             let mut errors = file_errors;
@@ -683,6 +737,36 @@ fn serve(args: &ServeArgs) -> ExitCode {
             }
             return ExitCode::from(2);
         }
+    };
+    match chosen {
+        Some(Servers::All(mut entries)) => {
+            for e in &mut entries {
+                if let tether_core::config::UpstreamSpec::Stdio { env_policy, .. } = &mut e.upstream
+                {
+                    *env_policy = config.env_policy.clone();
+                }
+            }
+            config.servers = entries;
+            config.servers_file = args.servers.clone();
+        }
+        Some(Servers::One(entry)) => {
+            // Served as the only upstream: the resolved one (flags applied), with the
+            // entry's users.
+            config.servers = vec![tether_core::servers::ServerEntry {
+                name: config.upstream_name.clone(),
+                upstream: config.upstream.clone(),
+                settings: tether_core::servers::ServerSettings {
+                    users: entry.settings.users,
+                    ..Default::default()
+                },
+            }];
+        }
+        None => {}
+    }
+    let server_names: Vec<String> = if config.servers_file.is_some() {
+        config.servers.iter().map(|e| e.name.clone()).collect()
+    } else {
+        Vec::new()
     };
     let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
         Ok(f) => f,
@@ -717,6 +801,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         shutdown_signal(),
         |addr, admin| {
             // Scripts and tests wait for these lines to learn the bound ports.
+            for name in &server_names {
+                println!("tether: server {name} on http://{addr}/servers/{name}/mcp");
+            }
             println!("tether: admin on http://{admin}/");
             println!("tether: listening on http://{addr}/mcp");
         },

@@ -6,27 +6,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{BIN, Gateway, Mcp, state_dir};
+use common::{BIN, Gateway, add_key, state_dir, with_key};
 use serde_json::{Value, json};
-
-/// `tether keys add --config FILE`, returning the printed key.
-fn add_key(config: &std::path::Path, user: &str, email: &str) -> String {
-    let out = Command::new(BIN)
-        .args([
-            "keys", "add", "--user", user, "--email", email, "--name", user, "--config",
-        ])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("tk_"))
-        .expect("key printed once")
-        .to_owned()
-}
 
 async fn get(url: &str) -> (u16, Value) {
     let r = reqwest::get(url).await.unwrap();
@@ -43,18 +24,6 @@ async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("never happened: {what}");
-}
-
-fn with_key(mcp: &Mcp, key: &str) -> Mcp {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
-    Mcp {
-        url: mcp.url.clone(),
-        http: reqwest::Client::builder()
-            .default_headers(headers)
-            .build()
-            .unwrap(),
-    }
 }
 
 #[tokio::test]

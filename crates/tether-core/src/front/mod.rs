@@ -23,6 +23,7 @@ use std::time::Duration;
 use axum::Extension;
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::OriginalUri;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -70,7 +71,16 @@ pub struct FrontConfig {
     pub takeover_wait: Duration,
     /// The modern era's settings (MRTR state).
     pub modern: ModernConfig,
+    /// The server this front door serves, when the gateway serves several (messages).
+    pub server: Option<String>,
+    /// The users allowed to use this server (`tether.users`); `None`: every user.
+    pub users: Option<Arc<std::collections::BTreeSet<String>>>,
 }
+
+/// The path prefix a request reached this server's front door under (`/servers/NAME`), set
+/// by the gateway's dispatcher ([`crate::hub`]); absent for `/mcp` at the root.
+#[derive(Debug, Clone, Default)]
+pub struct Prefix(pub Arc<str>);
 
 #[derive(Clone)]
 struct AppState {
@@ -284,7 +294,21 @@ impl axum::extract::FromRequestParts<AppState> for Caller {
         st: &AppState,
     ) -> Result<Self, FrontError> {
         check_origin(&parts.headers, &st.cfg)?;
-        Ok(Caller(authenticate(&parts.headers, &st.cfg)?))
+        let principal = authenticate(&parts.headers, &st.cfg)?;
+        if let Some(users) = &st.cfg.users
+            && !users.contains(&principal.id)
+        {
+            return Err(FrontError::new(
+                StatusCode::FORBIDDEN,
+                code::SERVER_ERROR,
+                format!(
+                    "Forbidden: user {:?} may not use server {:?} (its tether.users in the servers file)",
+                    principal.id,
+                    st.cfg.server.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(Caller(principal))
     }
 }
 
@@ -322,6 +346,15 @@ pub struct FrontError {
     alarm: bool,
     /// A 405 says what is allowed (`Allow: POST`).
     allow_post: bool,
+}
+
+/// A JSON-RPC error response from outside any server's front door (the gateway's
+/// dispatcher: an unknown server, `/mcp` when several are served): `status`, code
+/// `-32600`, `message`, and `data` when given.
+pub fn error_response(status: StatusCode, message: String, data: Option<Value>) -> Response {
+    let mut e = FrontError::new(status, code::INVALID_REQUEST, message);
+    e.data = data;
+    e.into_response()
 }
 
 impl FrontError {
@@ -576,7 +609,7 @@ async fn mcp_post(
     State(st): State<AppState>,
     Caller(principal): Caller,
     client: Option<Extension<ConnectInfo<SocketAddr>>>,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FrontError> {
@@ -665,7 +698,7 @@ fn note_message(env: &Envelope) {
 async fn mcp_get(
     State(st): State<AppState>,
     Caller(principal): Caller,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Result<Response, FrontError> {
     modern_has_no_get_or_delete(&headers)?;
@@ -701,7 +734,7 @@ async fn mcp_get(
 async fn mcp_delete(
     State(st): State<AppState>,
     Caller(principal): Caller,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Result<Response, FrontError> {
     modern_has_no_get_or_delete(&headers)?;
@@ -743,12 +776,16 @@ fn modern_has_no_get_or_delete(headers: &HeaderMap) -> Result<(), FrontError> {
 async fn sse_get(
     State(st): State<AppState>,
     Caller(principal): Caller,
+    prefix: Option<Extension<Prefix>>,
 ) -> Result<Response, FrontError> {
     let (id, handle) = st.registry.legacy_open(&principal);
+    // The endpoint is relative to where the client reached this server: a server of
+    // several answers under its `/servers/NAME` prefix.
+    let prefix = prefix.map(|p| p.0.0).unwrap_or_default();
     Ok(sse_response(
         handle,
         st.cfg.keepalive,
-        Some(format!("/messages?sessionId={id}")),
+        Some(format!("{prefix}/messages?sessionId={id}")),
         None,
     ))
 }
@@ -764,7 +801,7 @@ async fn messages_post(
     Caller(principal): Caller,
     client: Option<Extension<ConnectInfo<SocketAddr>>>,
     Query(q): Query<MessagesQuery>,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, FrontError> {

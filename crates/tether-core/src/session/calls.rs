@@ -231,6 +231,13 @@ impl Session {
                 outcome: outcome.to_owned(),
             })
             .inc();
+        sh.metrics
+            .server_tool_calls
+            .get_or_create(&crate::metrics::ServerOutcomeLabel {
+                server: sh.cfg.upstream_name.clone(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
         sh.metrics.tool_call_seconds.observe(elapsed.as_secs_f64());
         if outcome == "cancelled" {
             // The client went away; nothing failed.

@@ -248,7 +248,7 @@ impl Failure {
                 failures, retry_in, ..
             } => Failure::new(Kind::CircuitOpen, message, Retry::Safe(Some(*retry_in)))
                 .with("failures", *failures),
-            UpstreamError::Capacity(max) => Failure::new(
+            UpstreamError::Capacity { max, .. } => Failure::new(
                 Kind::Limit,
                 message,
                 Retry::Safe(Some(Duration::from_secs(5))),

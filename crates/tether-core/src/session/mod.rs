@@ -112,6 +112,11 @@ pub struct SessionConfig {
     pub pool_size: usize,
     /// Tool calls allowed per user and window (`--quota-tool-calls`); `None`: no quota.
     pub quota: Option<crate::config::Quota>,
+    /// This registry is one server among several sharing the store: its reaper expires
+    /// only stored sessions of its own name (each server has its idle timeout), and a
+    /// stored session resumes here only if it names this server (two servers of a file may
+    /// run the same command, so the fingerprint cannot tell them apart).
+    pub one_of_several: bool,
 }
 
 impl Default for SessionConfig {
@@ -131,6 +136,7 @@ impl Default for SessionConfig {
             admission: admission::AdmissionConfig::default(),
             pool_size: 4,
             quota: None,
+            one_of_several: false,
         }
     }
 }
@@ -271,7 +277,13 @@ struct Shared {
     ledger: Ledger,
     connector: Connector,
     admission: Arc<Admission>,
-    quotas: quota::Quotas,
+    quotas: Arc<quota::Quotas>,
+    /// The held count last added to the gateway-wide gauge (servers add their changes).
+    held_reported: std::sync::atomic::AtomicI64,
+    /// Removed or replaced by a reload: serves its held sessions until they end, takes no
+    /// new ones (the dispatcher sends it none) and leaves the store's sessions to the
+    /// server's new registry.
+    draining: std::sync::atomic::AtomicBool,
     sessions: Mutex<HashMap<String, Arc<OnceCell<Arc<Session>>>>>,
     /// `/sse` streams waiting for their `initialize`.
     legacy_pending: Mutex<HashMap<String, LegacyPending>>,
@@ -455,7 +467,7 @@ impl Drop for Session {
 }
 
 pub use crate::ids::{new_instance_id, new_session_id};
-pub use upkeep::run_ledger_pruning;
+pub use upkeep::{run_coordination, run_ledger_pruning, run_log_pruning};
 
 /// The tool of a `tools/call` whose stream a crash left unfinished, read from the request
 /// the stream kept (whole when retryable, else only its method and tool name).
@@ -475,8 +487,28 @@ fn interrupted_tool(rec: &StreamRecord) -> Option<String> {
 fn refuses_start(err: &UpstreamError) -> bool {
     matches!(
         err,
-        UpstreamError::CircuitOpen { .. } | UpstreamError::Capacity(_)
+        UpstreamError::CircuitOpen { .. } | UpstreamError::Capacity { .. }
     )
+}
+
+/// What the registries of every server of one process share: the stores, the metrics, the
+/// ledger, the task owner, the users' quotas and the gateway-wide session counts.
+#[derive(Clone)]
+pub struct Common {
+    /// The live store.
+    pub store: Arc<dyn LiveStore>,
+    /// Multi-instance coordination (Redis).
+    pub coordinator: Option<Arc<dyn Coordinator>>,
+    /// Owns every task a registry spawns.
+    pub tracker: TaskTracker,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// The ledger queue.
+    pub ledger: Ledger,
+    /// Tool-call quotas per user, across servers.
+    pub quotas: Arc<quota::Quotas>,
+    /// The gateway's session counts; each server's also count here.
+    pub admission: Arc<Admission>,
 }
 
 impl Registry {
@@ -491,17 +523,59 @@ impl Registry {
         ledger: Ledger,
     ) -> Registry {
         let admission = Admission::new(cfg.admission.clone());
-        let quotas = quota::Quotas::new(cfg.quota, coordinator.clone());
+        let quotas = Arc::new(quota::Quotas::new(cfg.quota, coordinator.clone()));
+        Registry::build(
+            cfg,
+            &Common {
+                store,
+                coordinator,
+                tracker,
+                metrics,
+                ledger,
+                quotas,
+                admission: admission.clone(),
+            },
+            connector,
+            admission,
+        )
+    }
+
+    /// The registry of the one server of this process: the gateway's counts are its own.
+    pub fn with_common(cfg: SessionConfig, common: &Common, connector: Connector) -> Registry {
+        Registry::build(cfg, common, connector, common.admission.clone())
+    }
+
+    /// The registry of one server among several of this process (`cfg.upstream_name`):
+    /// its own sessions, upstreams and limits (`cfg.admission`, counted in the gateway's
+    /// too), everything else shared.
+    pub fn of_server(cfg: SessionConfig, common: &Common, connector: Connector) -> Registry {
+        let admission = Admission::for_server(
+            cfg.admission.clone(),
+            &cfg.upstream_name,
+            common.admission.clone(),
+        );
+        Registry::build(cfg, common, connector, admission)
+    }
+
+    fn build(
+        cfg: SessionConfig,
+        common: &Common,
+        connector: Connector,
+        admission: Arc<Admission>,
+    ) -> Registry {
+        let c = common.clone();
         Registry {
             shared: Arc::new(Shared {
                 cfg,
-                store,
-                coordinator,
-                metrics,
-                ledger,
+                store: c.store,
+                coordinator: c.coordinator,
+                metrics: c.metrics,
+                ledger: c.ledger,
                 connector,
                 admission,
-                quotas,
+                quotas: c.quotas,
+                held_reported: std::sync::atomic::AtomicI64::new(0),
+                draining: std::sync::atomic::AtomicBool::new(false),
                 sessions: Mutex::new(HashMap::new()),
                 legacy_pending: Mutex::new(HashMap::new()),
                 next_upstream_id: AtomicU64::new(1),
@@ -510,7 +584,7 @@ impl Registry {
                 upstream_init: Mutex::new(None),
                 stateless: Mutex::new(HashMap::new()),
                 listeners: Mutex::new(HashMap::new()),
-                tracker,
+                tracker: c.tracker,
                 stopping: CancellationToken::new(),
                 stopped: CancellationToken::new(),
             }),
@@ -530,6 +604,42 @@ impl Registry {
     /// Session counts and limits.
     pub fn admission(&self) -> &Arc<Admission> {
         &self.shared.admission
+    }
+
+    /// The settings it was made with.
+    pub fn config(&self) -> &SessionConfig {
+        &self.shared.cfg
+    }
+
+    /// The server this registry serves (its upstream's configured name).
+    pub fn server(&self) -> &str {
+        &self.shared.cfg.upstream_name
+    }
+
+    /// Whether this process holds session `id` here.
+    pub fn holds(&self, id: &str) -> bool {
+        self.shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+            || self
+                .shared
+                .legacy_pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(id)
+    }
+
+    /// A reload removed or replaced this server: from now on its reaper expires only the
+    /// sessions it holds (the store's belong to the server's new registry, if any).
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Registry::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Relaxed)
     }
 
     /// The tool-call quota and each user's use of it as this instance last counted.

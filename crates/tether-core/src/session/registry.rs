@@ -130,6 +130,10 @@ impl Registry {
             session.spawn_pump(generation, rx, early);
             self.insert(&session);
             sh.metrics.sessions_created.inc();
+            sh.metrics
+                .server_sessions_created
+                .get_or_create(&Metrics::server(&sh.cfg.upstream_name))
+                .inc();
             tracing::info!(
                 principal = %session.record.principal,
                 client.name = session.record.client_name.as_deref().unwrap_or("unknown"),
@@ -158,10 +162,15 @@ impl Registry {
     }
 
     pub(super) fn count_held(&self) {
-        self.shared
-            .metrics
-            .sessions_held
-            .set(self.held_count() as i64);
+        let sh = &self.shared;
+        let now = self.held_count() as i64;
+        sh.metrics
+            .server_sessions_held
+            .get_or_create(&Metrics::server(&sh.cfg.upstream_name))
+            .set(now);
+        // The gateway-wide gauge is the sum over servers: each adds its change.
+        let before = sh.held_reported.swap(now, Ordering::Relaxed);
+        sh.metrics.sessions_held.inc_by(now - before);
     }
 
     /// Sessions this process holds in memory (being loaded included).

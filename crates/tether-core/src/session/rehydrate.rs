@@ -20,7 +20,10 @@ impl Registry {
         // The fingerprint says what runs; the name is a label (its default changed once),
         // so it decides only for records written before fingerprints existed.
         let other_upstream = match record.upstream_fingerprint.as_deref() {
-            Some(f) => f != sh.cfg.upstream_fingerprint,
+            Some(f) => {
+                f != sh.cfg.upstream_fingerprint
+                    || (sh.cfg.one_of_several && record.upstream_name != sh.cfg.upstream_name)
+            }
             None => record.upstream_name != sh.cfg.upstream_name,
         };
         if other_upstream {

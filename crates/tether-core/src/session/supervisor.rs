@@ -123,7 +123,7 @@ impl Session {
             early,
         } = match sh.start_upstream(&self.id, &self.record.init_params).await {
             Ok(x) => x,
-            Err(err @ (UpstreamError::CircuitOpen { .. } | UpstreamError::Capacity(_))) => {
+            Err(err @ (UpstreamError::CircuitOpen { .. } | UpstreamError::Capacity { .. })) => {
                 // Refused before anything ran: not this session's failure, so its own
                 // backoff does not grow; the connector counts and logs.
                 return Err(Failure::unavailable(name, &err));

@@ -16,10 +16,19 @@ impl Registry {
             }
         }
         self.prune_pool();
+        if self.is_draining() {
+            return;
+        }
         let idle_ms = i64::try_from(sh.cfg.idle_timeout.as_millis()).unwrap_or(i64::MAX);
         match sh
             .store
-            .idle_sessions(now_ms().saturating_sub(idle_ms), 256)
+            .idle_sessions(
+                now_ms().saturating_sub(idle_ms),
+                256,
+                sh.cfg
+                    .one_of_several
+                    .then_some(sh.cfg.upstream_name.as_str()),
+            )
             .await
         {
             Ok(ids) => {
@@ -62,88 +71,19 @@ impl Registry {
             .retain(|_, p| p.stream.attached() || p.opened.elapsed() < Duration::from_secs(10));
     }
 
-    /// Runs [`Registry::reap`] until shutdown, and prunes stream logs past retention.
+    /// Runs [`Registry::reap`] until shutdown.
     pub async fn run_reaper(self) {
         let sh = self.shared.clone();
         let tick =
             (sh.cfg.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_prune = Instant::now();
-        // Pruning runs beside reaping, not in its loop: a large prune takes many chunks and
-        // must not delay expiry. At most one at a time; dropping the set on return (shutdown)
-        // aborts it between chunks.
-        let mut pruning = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 _ = sh.stopping.cancelled() => return,
                 _ = interval.tick() => {}
             }
             self.reap().await;
-            while pruning.try_join_next().is_some() {}
-            if pruning.is_empty() && last_prune.elapsed() >= Duration::from_secs(60) {
-                last_prune = Instant::now();
-                let retention =
-                    i64::try_from(sh.cfg.event_retention.as_millis()).unwrap_or(i64::MAX);
-                let store = sh.store.clone();
-                pruning.spawn(
-                    async move {
-                        if let Err(e) = store.prune_events(now_ms().saturating_sub(retention)).await
-                        {
-                            tracing::warn!(error = %e, "cannot prune stream logs");
-                        }
-                    }
-                    .instrument(tracing::info_span!("prune_events")),
-                );
-            }
-        }
-    }
-
-    /// Keeps this instance's heartbeat alive and obeys the deployment: drops sessions that
-    /// were closed elsewhere or taken over after a lapse, and writes back records a store
-    /// lost. Runs until shutdown; only with a coordinator (Redis).
-    pub async fn run_coordination(self, every: Duration) {
-        let sh = self.shared.clone();
-        let Some(c) = sh.coordinator.clone() else {
-            return;
-        };
-        let mut interval = tokio::time::interval(every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut down = false;
-        loop {
-            tokio::select! {
-                _ = sh.stopping.cancelled() => return,
-                _ = interval.tick() => {}
-                // Back from an outage: re-check now, so records a restarted Redis lost are
-                // written back before the clients of other instances give up on them.
-                () = c.reconnected() => {}
-            }
-            match c.heartbeat().await {
-                Ok(lapsed) => {
-                    if down {
-                        tracing::info!("heartbeat restored");
-                        down = false;
-                    }
-                    if lapsed {
-                        self.resync(c.as_ref()).await;
-                    }
-                }
-                Err(e) => {
-                    if !down {
-                        tracing::warn!(error = %e, "cannot refresh this instance's heartbeat; held sessions keep working");
-                        down = true;
-                    }
-                    continue;
-                }
-            }
-            match c.take_drops().await {
-                Ok(ids) => {
-                    for id in ids {
-                        self.release(&id, "closed by another instance").await;
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "cannot read this instance's inbox"),
-            }
         }
     }
 
@@ -197,7 +137,10 @@ impl Registry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
-        if let Some(s) = cell.and_then(|c| c.get().cloned()) {
+        let Some(cell) = cell else {
+            return;
+        };
+        if let Some(s) = cell.get().cloned() {
             s.shutdown_local(why);
             tracing::info!(session.id = %id, why, "session released by this instance");
         }
@@ -224,6 +167,91 @@ impl Registry {
         }
         if let Err(e) = sh.store.flush().await {
             tracing::error!(error = %e, "store flush failed at shutdown");
+        }
+    }
+}
+
+/// Prunes stream logs past `retention` (and closed sessions' logs) every minute until
+/// `stop`: one loop per process, whatever its servers (they share the store). Beside the
+/// reapers, not in their loops: a large prune takes many chunks and must not delay expiry.
+pub async fn run_log_pruning(
+    store: Arc<dyn LiveStore>,
+    retention: Duration,
+    stop: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(Duration::from_secs(60));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        // Dropped between chunks when `stop` fires.
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = store.prune_events(now_ms().saturating_sub(retention)) => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "cannot prune stream logs");
+                }
+            }
+        }
+    }
+}
+
+/// Keeps this instance's heartbeat alive and obeys the deployment for every server's
+/// registry (`registries` gives the current set): drops sessions that were closed
+/// elsewhere or taken over after a lapse, and writes back records a store lost. One loop
+/// per process (the heartbeat and the inbox are the instance's); runs until `stop`.
+pub async fn run_coordination(
+    c: Arc<dyn Coordinator>,
+    every: Duration,
+    stop: CancellationToken,
+    registries: impl Fn() -> Vec<Registry> + Send,
+) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut down = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = interval.tick() => {}
+            // Back from an outage: re-check now, so records a restarted Redis lost are
+            // written back before the clients of other instances give up on them.
+            () = c.reconnected() => {}
+        }
+        match c.heartbeat().await {
+            Ok(lapsed) => {
+                if down {
+                    tracing::info!("heartbeat restored");
+                    down = false;
+                }
+                if lapsed {
+                    for r in registries() {
+                        r.resync(c.as_ref()).await;
+                    }
+                }
+            }
+            Err(e) => {
+                if !down {
+                    tracing::warn!(error = %e, "cannot refresh this instance's heartbeat; held sessions keep working");
+                    down = true;
+                }
+                continue;
+            }
+        }
+        match c.take_drops().await {
+            Ok(ids) => {
+                let all = registries();
+                for id in ids {
+                    // The inbox is the instance's: the server holding the session drops it.
+                    for r in &all {
+                        r.release(&id, "closed by another instance").await;
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read this instance's inbox"),
         }
     }
 }

@@ -94,8 +94,20 @@ pub async fn sessions_round_trip_and_close(store: &dyn LiveStore) {
         50
     );
     assert_eq!(
-        store.idle_sessions(30, 10).await.unwrap(),
+        store.idle_sessions(30, 10, None).await.unwrap(),
         vec!["b".to_owned()]
+    );
+    // Each server of a gateway reaps its own sessions.
+    assert_eq!(
+        store.idle_sessions(30, 10, Some("demo")).await.unwrap(),
+        vec!["b".to_owned()]
+    );
+    assert!(
+        store
+            .idle_sessions(30, 10, Some("another"))
+            .await
+            .unwrap()
+            .is_empty()
     );
     let restore = json!({"logLevel": "debug", "subscriptions": ["file:///a"]});
     store.set_restore("a", restore.clone()).await.unwrap();
@@ -110,7 +122,7 @@ pub async fn sessions_round_trip_and_close(store: &dyn LiveStore) {
         (SessionState::Closed, Some("timeout"), Some(99))
     );
     assert_eq!(store.count_live().await.unwrap(), 1);
-    assert!(store.idle_sessions(1_000, 10).await.unwrap() == vec!["a".to_owned()]);
+    assert!(store.idle_sessions(1_000, 10, None).await.unwrap() == vec!["a".to_owned()]);
     assert!(store.load_session("missing").await.unwrap().is_none());
 }
 
@@ -258,6 +270,7 @@ pub async fn ledger_queries(ledger: &dyn LedgerStore) {
     let mut bob = record("b1", 100);
     bob.principal = "bob".into();
     bob.client_name = Some("Claude Code".into());
+    bob.upstream_name = "files".into();
     ledger
         .record(vec![
             LedgerEvent::Opened(Box::new(alice)),
@@ -314,6 +327,11 @@ pub async fn ledger_queries(ledger: &dyn LedgerStore) {
         ..all.clone()
     };
     assert_eq!(ids(ledger.list_sessions(&by_name).await.unwrap()), ["b1"]);
+    let by_server = SessionQuery {
+        server: Some("files".into()),
+        ..all.clone()
+    };
+    assert_eq!(ids(ledger.list_sessions(&by_server).await.unwrap()), ["b1"]);
     let since = SessionQuery {
         since_ms: Some(250),
         ..all.clone()

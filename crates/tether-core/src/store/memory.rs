@@ -71,12 +71,18 @@ impl LiveStore for MemoryStore {
         Ok(())
     }
 
-    async fn idle_sessions(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+    async fn idle_sessions(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+        upstream: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
         let st = self.lock();
         let mut idle: Vec<&SessionRecord> = st
             .sessions
             .values()
             .filter(|s| s.state == SessionState::Live && s.last_active_ms < cutoff_ms)
+            .filter(|s| upstream.is_none_or(|u| s.upstream_name == u))
             .collect();
         idle.sort_by_key(|s| s.last_active_ms);
         Ok(idle.into_iter().take(limit).map(|s| s.id.clone()).collect())

@@ -173,8 +173,15 @@ pub trait LiveStore: Send + Sync + 'static {
     /// Marks a session closed. Its event log goes then or at the next [`Self::prune_events`]
     /// (a busy session's log is too large to delete in one step without stalling others).
     async fn close_session(&self, id: &str, reason: &str, at_ms: i64) -> Result<(), StoreError>;
-    /// Live sessions whose last activity is older than `cutoff_ms`, oldest first.
-    async fn idle_sessions(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// Live sessions whose last activity is older than `cutoff_ms`, oldest first; with
+    /// `upstream`, only the sessions of that server (each server of a gateway has its own
+    /// idle timeout).
+    async fn idle_sessions(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+        upstream: Option<&str>,
+    ) -> Result<Vec<String>, StoreError>;
     /// Number of live sessions.
     async fn count_live(&self) -> Result<u64, StoreError>;
     /// Records a new stream (and, for request streams, the request).
@@ -450,6 +457,8 @@ pub struct SessionQuery {
     pub user: Option<String>,
     /// Only this client type or client name.
     pub client: Option<String>,
+    /// Only sessions of this server (upstream name).
+    pub server: Option<String>,
     /// Only sessions active (or closed) since this time.
     pub since_ms: Option<i64>,
     /// Page size.

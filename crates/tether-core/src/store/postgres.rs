@@ -344,6 +344,9 @@ impl LedgerStore for PostgresLedger {
             arg(&mut sql, " AND (client_type = ? ", Box::new(client.clone()));
             arg(&mut sql, "OR client_name = ?)", Box::new(client.clone()));
         }
+        if let Some(server) = &q.server {
+            arg(&mut sql, " AND upstream_name = ?", Box::new(server.clone()));
+        }
         if let Some(since) = q.since_ms {
             arg(
                 &mut sql,

@@ -86,9 +86,15 @@ pub enum UpstreamError {
         /// The last failure.
         last: String,
     },
-    /// `--max-upstreams` upstreams are running.
-    #[error("{0} upstreams are running, the most allowed (--max-upstreams)")]
-    Capacity(usize),
+    /// `--max-upstreams` upstreams are running (in all, or of this server: `setting` says
+    /// which limit).
+    #[error("{max} upstreams are running, the most allowed ({setting})")]
+    Capacity {
+        /// The limit.
+        max: usize,
+        /// Where it is set.
+        setting: &'static str,
+    },
 }
 
 /// Refuses new upstream starts, across sessions, after consecutive start failures: a
@@ -214,7 +220,9 @@ impl Circuit {
 /// slots until it is dropped.
 pub struct Link {
     kind: LinkKind,
-    _slot: Option<OwnedSemaphorePermit>,
+    /// Its places in the running counts (the server's, and the gateway's when the server
+    /// is one of several).
+    _slot: Vec<OwnedSemaphorePermit>,
 }
 
 enum LinkKind {
@@ -334,6 +342,8 @@ pub struct Connector {
     http: reqwest::Client,
     limits: UpstreamLimits,
     slots: Arc<Semaphore>,
+    /// The gateway's running count and its limit, when this server is one of several.
+    gateway_slots: Option<(Arc<Semaphore>, usize)>,
     circuit: Arc<Circuit>,
     stderr: Arc<crate::log_limit::LogLimiter>,
     tracker: TaskTracker,
@@ -365,6 +375,7 @@ impl Connector {
             shim,
             http,
             slots: Arc::new(Semaphore::new(limits.max_running)),
+            gateway_slots: None,
             circuit: Arc::new(Circuit::new(
                 name,
                 limits.circuit_failures,
@@ -405,6 +416,14 @@ impl Connector {
         (c, rx)
     }
 
+    /// This server's upstreams also count against the gateway's `--max-upstreams`
+    /// (`slots`, of `max`), shared by every server of the process.
+    #[must_use]
+    pub fn sharing(mut self, slots: Arc<Semaphore>, max: usize) -> Connector {
+        self.gateway_slots = Some((slots, max));
+        self
+    }
+
     /// The circuit breaker of this upstream.
     pub fn circuit(&self) -> &Circuit {
         &self.circuit
@@ -435,6 +454,16 @@ impl Connector {
         }
     }
 
+    /// What it starts.
+    pub fn spec(&self) -> &UpstreamSpec {
+        &self.spec
+    }
+
+    /// Its own `max-upstreams`.
+    pub fn max_running(&self) -> usize {
+        self.limits.max_running
+    }
+
     /// Links running now.
     pub fn running(&self) -> usize {
         self.limits.max_running - self.slots.available_permits()
@@ -450,11 +479,30 @@ impl Connector {
         uid: u64,
         timeout: Duration,
     ) -> Result<Started, UpstreamError> {
-        let slot = self
-            .slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| UpstreamError::Capacity(self.limits.max_running))?;
+        let mut slot =
+            vec![
+                self.slots
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| UpstreamError::Capacity {
+                        max: self.limits.max_running,
+                        setting: if self.gateway_slots.is_some() {
+                            "tether.max-upstreams in the servers file"
+                        } else {
+                            "--max-upstreams"
+                        },
+                    })?,
+            ];
+        if let Some((all, max)) = &self.gateway_slots {
+            slot.push(
+                all.clone()
+                    .try_acquire_owned()
+                    .map_err(|_| UpstreamError::Capacity {
+                        max: *max,
+                        setting: "--max-upstreams",
+                    })?,
+            );
+        }
         self.circuit.admit()?;
         let (mut link, mut rx) = match self.connect(session_id, params).await {
             Ok(x) => x,
@@ -463,7 +511,7 @@ impl Connector {
                 return Err(e);
             }
         };
-        link._slot = Some(slot);
+        link._slot = slot;
         match handshake(&link, &mut rx, uid, params, timeout).await {
             Ok((result, early)) => {
                 self.circuit.success();
@@ -500,7 +548,13 @@ impl Connector {
             let (link, fake) = memory::pair(tx);
             let _ = m.send(fake);
             let kind = LinkKind::Memory(link);
-            return Ok((Link { kind, _slot: None }, rx));
+            return Ok((
+                Link {
+                    kind,
+                    _slot: Vec::new(),
+                },
+                rx,
+            ));
         }
         let kind = match &self.spec {
             UpstreamSpec::Stdio {
@@ -557,7 +611,13 @@ impl Connector {
                 }
             }
         };
-        Ok((Link { kind, _slot: None }, rx))
+        Ok((
+            Link {
+                kind,
+                _slot: Vec::new(),
+            },
+            rx,
+        ))
     }
 }
 

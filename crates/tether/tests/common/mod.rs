@@ -799,3 +799,35 @@ pub async fn client_report(mut cmd: Command, what: &str, gw: &Gateway) -> Value 
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).unwrap_or_else(|e| panic!("{what}: no JSON report ({e}): {stdout}"))
 }
+
+/// `tether keys add --config FILE`, returning the printed key.
+pub fn add_key(config: &std::path::Path, user: &str, email: &str) -> String {
+    let out = Command::new(BIN)
+        .args([
+            "keys", "add", "--user", user, "--email", email, "--name", user, "--config",
+        ])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("tk_"))
+        .expect("key printed once")
+        .to_owned()
+}
+
+/// `mcp` sending `Authorization: Bearer KEY` on every request.
+pub fn with_key(mcp: &Mcp, key: &str) -> Mcp {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
+    Mcp {
+        url: mcp.url.clone(),
+        http: reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap(),
+    }
+}

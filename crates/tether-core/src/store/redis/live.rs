@@ -53,18 +53,60 @@ impl LiveStore for RedisStore {
         self.submit(vec![c], false).await
     }
 
-    async fn idle_sessions(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
-        redis::cmd("ZRANGE")
-            .arg(format!("{}live", self.inner.p))
-            .arg("-inf")
-            .arg(format!("({cutoff_ms}"))
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| unavailable(&e))
+    async fn idle_sessions(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+        upstream: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        // One sorted set holds every server's sessions; a server's own are picked out of
+        // at most IDLE_PAGES pages by their records' upstream (the rest wait for the
+        // next reap, which sees them again as the older ones close).
+        const IDLE_PAGES: usize = 8;
+        let mut out = Vec::new();
+        for page in 0..IDLE_PAGES {
+            let ids: Vec<String> = redis::cmd("ZRANGE")
+                .arg(format!("{}live", self.inner.p))
+                .arg("-inf")
+                .arg(format!("({cutoff_ms}"))
+                .arg("BYSCORE")
+                .arg("LIMIT")
+                .arg(page * limit)
+                .arg(limit)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let Some(upstream) = upstream else {
+                return Ok(ids);
+            };
+            if ids.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HGET").arg(self.key("s", id)).arg("rec");
+            }
+            let recs: Vec<Option<String>> = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let last_page = ids.len() < limit;
+            for (id, rec) in ids.into_iter().zip(recs) {
+                let of = rec
+                    .and_then(|r| serde_json::from_str::<Value>(&r).ok())
+                    .and_then(|v| v.get("upstream_name")?.as_str().map(str::to_owned));
+                if of.as_deref() == Some(upstream) {
+                    out.push(id);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if last_page {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     async fn count_live(&self) -> Result<u64, StoreError> {

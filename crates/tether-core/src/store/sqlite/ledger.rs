@@ -24,6 +24,10 @@ impl LedgerStore for SqliteStore {
                 args.push(client.clone().into());
                 args.push(client.into());
             }
+            if let Some(server) = q.server {
+                sql.push_str(" AND upstream_name = ?");
+                args.push(server.into());
+            }
             if let Some(since) = q.since_ms {
                 sql.push_str(" AND max(last_active_ms, COALESCE(closed_ms, 0)) >= ?");
                 args.push(since.into());

@@ -290,12 +290,19 @@ impl LiveStore for SqliteStore {
         .await
     }
 
-    async fn idle_sessions(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+    async fn idle_sessions(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+        upstream: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let upstream = upstream.map(str::to_owned);
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id FROM sessions WHERE state = 'live' AND last_active_ms < ?1 ORDER BY last_active_ms LIMIT ?2",
+                "SELECT id FROM sessions WHERE state = 'live' AND last_active_ms < ?1 AND (?3 IS NULL OR upstream_name = ?3) ORDER BY last_active_ms LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![cutoff_ms, limit as i64], |r| r.get(0))?;
+            let rows =
+                stmt.query_map(params![cutoff_ms, limit as i64, upstream], |r| r.get(0))?;
             rows.collect()
         })
         .await

@@ -1,0 +1,395 @@
+//! One gateway for several servers (issue 17): a client's `mcpServers` file served at
+//! `/servers/NAME/mcp`, each server with its own sessions, limits and ledger rows; a
+//! SIGKILL of the gateway; reloads that add, change and remove servers while the sessions
+//! of the others go on; one busy server at its limit while another keeps serving.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{BIN, Gateway, Mcp, add_key, http_upstream, metric, state_dir, wait_for, with_key};
+use rmcp::ServiceExt;
+use rmcp::model::CallToolRequestParams;
+use rmcp::transport::StreamableHttpClientTransport;
+use serde_json::{Value, json};
+
+/// A stdio demo server whose `getenv WHO` says which server it is.
+fn stdio(who: &str) -> Value {
+    json!({"command": BIN, "args": ["demo-server"], "env": {"WHO": who}})
+}
+
+fn write(path: &Path, servers: &Value) {
+    std::fs::write(path, json!({ "mcpServers": servers }).to_string()).unwrap();
+}
+
+fn at(gw: &Gateway, server: &str) -> Mcp {
+    Mcp::new(&format!("http://{}/servers/{server}/mcp", gw.addr))
+}
+
+async fn who(mcp: &Mcp, session: &str) -> String {
+    mcp.call_text(session, 7, "getenv", json!({"name": "WHO"}))
+        .await
+}
+
+async fn servers(gw: &Gateway) -> Vec<(String, String)> {
+    gw.admin_json("/api/servers").await["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The official Rust SDK client at one server's URL: lists its tools and calls one.
+async fn rmcp_call(url: &str, tool: &str, arguments: Value) -> String {
+    let client =
+        ().serve(StreamableHttpClientTransport::from_uri(url.to_owned()))
+            .await
+            .unwrap_or_else(|e| panic!("initialize at {url}: {e}"));
+    let tools = client.list_all_tools().await.unwrap();
+    assert!(tools.iter().any(|t| t.name == tool), "{tool} at {url}");
+    let Value::Object(arguments) = arguments else {
+        panic!("arguments are an object")
+    };
+    let r = client
+        .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments))
+        .await
+        .unwrap();
+    client.cancel().await.unwrap();
+    r.content[0].as_text().unwrap().text.clone()
+}
+
+#[tokio::test]
+async fn three_servers_from_an_mcp_servers_file_behind_one_gateway() {
+    let dir = state_dir();
+    let (mut web_server, web_url) = http_upstream("127.0.0.1:0");
+    let file = dir.path().join("claude_desktop_config.json");
+    let mut beta = stdio("beta");
+    beta["autoApprove"] = json!(["echo"]);
+    write(
+        &file,
+        &json!({"alpha": stdio("alpha"), "beta": beta, "web": {"url": web_url}}),
+    );
+    let mut gw = Gateway::start(dir.path(), &["--servers", file.to_str().unwrap()]);
+
+    // A real client at each server's URL reaches that server.
+    for (server, expect) in [("alpha", "alpha"), ("beta", "beta")] {
+        let url = format!("http://{}/servers/{server}/mcp", gw.addr);
+        assert_eq!(
+            rmcp_call(&url, "getenv", json!({"name": "WHO"})).await,
+            expect
+        );
+    }
+    let url = format!("http://{}/servers/web/mcp", gw.addr);
+    assert_eq!(rmcp_call(&url, "echo", json!({"text": "hi"})).await, "hi");
+
+    // Sessions belong to their server.
+    let (a, b, w) = (at(&gw, "alpha"), at(&gw, "beta"), at(&gw, "web"));
+    let sa = a.initialize("raw-a").await;
+    let sb = b.initialize("raw-b").await;
+    let sw = w.initialize("raw-w").await;
+    assert_eq!(who(&a, &sa).await, "alpha");
+    assert_eq!(who(&b, &sb).await, "beta");
+    assert_eq!(w.call_text(&sw, 2, "echo", json!({"text": "w"})).await, "w");
+    let foreign = b
+        .post(
+            Some(&sa),
+            &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(
+        foreign.status, 404,
+        "another server's session: {}",
+        foreign.body
+    );
+
+    // /mcp with several servers lists them; an unknown server is a clear 404.
+    let root = gw
+        .client()
+        .post(
+            None,
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}),
+        )
+        .await;
+    assert_eq!(root.status, 404);
+    let body = root.json();
+    let listed: Vec<&str> = body["error"]["data"]["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["endpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            "/servers/alpha/mcp",
+            "/servers/beta/mcp",
+            "/servers/web/mcp"
+        ]
+    );
+    let nope = at(&gw, "nope")
+        .post(None, &json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .await;
+    assert_eq!(nope.status, 404);
+    let message = nope.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("no server named \"nope\""), "{message}");
+
+    // The 2024-11-05 pair lives under the same prefix.
+    let sse = reqwest::Client::new()
+        .get(format!("http://{}/servers/beta/sse", gw.addr))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let mut body = sse.bytes_stream();
+    let first = futures::StreamExt::next(&mut body).await.unwrap().unwrap();
+    let first = String::from_utf8_lossy(&first);
+    assert!(
+        first.contains("data: /servers/beta/messages?sessionId="),
+        "{first}"
+    );
+    drop(body);
+
+    // The admin API, the ledger and the metrics know each session's server.
+    assert_eq!(
+        servers(&gw).await,
+        [
+            ("alpha".to_owned(), "serving".to_owned()),
+            ("beta".to_owned(), "serving".to_owned()),
+            ("web".to_owned(), "serving".to_owned())
+        ]
+    );
+    let mut of_beta = Vec::new();
+    for _ in 0..100 {
+        of_beta = gw
+            .admin_json("/api/sessions?server=beta&status=active")
+            .await["sessions"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if of_beta
+            .iter()
+            .any(|s| s["id"].as_str().unwrap().starts_with(&sb[..8]))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!of_beta.is_empty());
+    assert!(
+        of_beta.iter().all(|s| s["upstream_name"] == "beta"),
+        "{of_beta:?}"
+    );
+    assert!(
+        metric(
+            &gw,
+            "tether_server_tool_calls_total{server=\"alpha\",outcome=\"ok\"}"
+        )
+        .await
+            >= 2.0
+    );
+    assert!(
+        gw.log_text()
+            .contains("mcpServers.beta: \"autoApprove\" is a client setting; ignored"),
+        "the client-only key is reported"
+    );
+
+    // SIGKILL: every session continues on its own server, under the same id.
+    gw.kill9();
+    let gw = gw.restart();
+    let (a, b, w) = (at(&gw, "alpha"), at(&gw, "beta"), at(&gw, "web"));
+    assert_eq!(who(&a, &sa).await, "alpha");
+    assert_eq!(who(&b, &sb).await, "beta");
+    assert_eq!(
+        w.call_text(&sw, 4, "echo", json!({"text": "back"})).await,
+        "back"
+    );
+    let foreign = w
+        .post(
+            Some(&sb),
+            &json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(foreign.status, 404);
+    drop(gw);
+    let _ = web_server.kill();
+    let _ = web_server.wait();
+}
+
+#[tokio::test]
+async fn a_reload_adds_changes_and_removes_servers_while_the_others_sessions_go_on() {
+    let dir = state_dir();
+    let file = dir.path().join("mcp.json");
+    write(
+        &file,
+        &json!({"alpha": stdio("alpha"), "beta": stdio("beta"), "delta": stdio("delta")}),
+    );
+    let gw = Gateway::start(dir.path(), &["--servers", file.to_str().unwrap()]);
+    let (a, b, d) = (at(&gw, "alpha"), at(&gw, "beta"), at(&gw, "delta"));
+    let sa = a.initialize("a").await;
+    let sb = b.initialize("b").await;
+    let sd = d.initialize("d").await;
+    let alpha_pid = a.call_text(&sa, 1, "pid", json!({})).await;
+    let beta_pid: i32 = b.call_text(&sb, 1, "pid", json!({})).await.parse().unwrap();
+
+    // An invalid file changes nothing and says exactly what is wrong.
+    std::fs::write(&file, r#"{"mcpServers": {"alpha": {"command": 5}}}"#).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || gw
+        .log_text()
+        .contains("servers file not reloaded")));
+    assert!(
+        gw.log_text()
+            .contains("mcpServers.alpha: \"command\" must be a program name or path"),
+        "{}",
+        gw.log_text()
+    );
+    assert_eq!(who(&b, &sb).await, "beta");
+
+    // beta removed, gamma added, delta changed, alpha untouched.
+    let mut delta = stdio("delta2");
+    delta["tether"] = json!({"idle-timeout": "10m"});
+    write(
+        &file,
+        &json!({"alpha": stdio("alpha"), "gamma": stdio("gamma"), "delta": delta}),
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || gw
+        .log_text()
+        .contains("servers reloaded")));
+    let listed = servers(&gw).await;
+    for (name, state) in [
+        ("alpha", "serving"),
+        ("beta", "draining"),
+        ("delta", "serving"),
+        ("delta", "draining"),
+        ("gamma", "serving"),
+    ] {
+        assert!(
+            listed.contains(&(name.to_owned(), state.to_owned())),
+            "{name} {state} in {listed:?}"
+        );
+    }
+    // The untouched server's session never noticed: same upstream process.
+    assert_eq!(a.call_text(&sa, 2, "pid", json!({})).await, alpha_pid);
+    // The removed server keeps its session, refuses new ones.
+    assert_eq!(who(&b, &sb).await, "beta");
+    let refused = b.post(None, &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "late", "version": "1"}}})).await;
+    assert_eq!(refused.status, 404);
+    assert!(refused.body.contains("removed"), "{}", refused.body);
+    // The changed server: its old session on the old upstream, new ones on the new.
+    assert_eq!(who(&d, &sd).await, "delta");
+    let sd2 = d.initialize("d2").await;
+    assert_eq!(who(&d, &sd2).await, "delta2");
+    // The added server serves.
+    let g = at(&gw, "gamma");
+    let sg = g.initialize("g").await;
+    assert_eq!(who(&g, &sg).await, "gamma");
+
+    // When the removed server's last session ends, it stops, and its process is gone.
+    assert_eq!(b.delete(&sb).await, 200);
+    let mut gone = false;
+    for _ in 0..100 {
+        if !servers(&gw).await.iter().any(|(n, _)| n == "beta") {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "beta leaves once drained: {:?}", servers(&gw).await);
+    assert!(common::wait_gone(beta_pid, Duration::from_secs(5)));
+}
+
+#[tokio::test]
+async fn a_busy_server_at_its_limit_while_another_keeps_serving() {
+    let dir = state_dir();
+    let file = dir.path().join("mcp.json");
+    let config = dir.path().join("tether.toml");
+    let alice = add_key(&config, "alice", "alice@example.com");
+    let bob = add_key(&config, "bob", "bob@example.com");
+    let mut busy = stdio("busy");
+    busy["tether"] = json!({"max-sessions": 2, "max-upstreams": 2});
+    let mut calm = stdio("calm");
+    calm["tether"] = json!({"users": ["alice"]});
+    write(&file, &json!({"busy": busy, "calm": calm}));
+    let gw = Gateway::start(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--servers",
+            file.to_str().unwrap(),
+            "--max-sessions",
+            "4",
+            "--max-sessions-per-principal",
+            "4",
+        ],
+    );
+    let busy = with_key(&at(&gw, "busy"), &bob);
+    let calm = with_key(&at(&gw, "calm"), &alice);
+    let s1 = busy.initialize("b1").await;
+    let _s2 = busy.initialize("b2").await;
+    let full = busy.post(None, &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "b3", "version": "1"}}})).await;
+    assert_eq!(full.status, 503, "{}", full.body);
+    let err = &full.json()["error"];
+    assert_eq!(err["data"]["limit"], "max-sessions");
+    assert_eq!(err["data"]["server"], "busy");
+    assert!(full.headers.contains_key("retry-after"));
+
+    // The other server is not starved, and the busy one's sessions are unharmed.
+    let c1 = calm.initialize("c1").await;
+    assert_eq!(who(&calm, &c1).await, "calm");
+    assert_eq!(who(&busy, &s1).await, "busy");
+    let c2 = calm.initialize("c2").await;
+    assert_eq!(who(&calm, &c2).await, "calm");
+    // Now the gateway's own limit (4) is reached: a refusal that names no server.
+    let gw_full = calm.post(None, &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "c3", "version": "1"}}})).await;
+    assert_eq!(gw_full.status, 503);
+    assert_eq!(gw_full.json()["error"]["data"]["limit"], "max-sessions");
+    assert!(gw_full.json()["error"]["data"].get("server").is_none());
+
+    // Only the users a server names may use it.
+    let denied = with_key(&at(&gw, "calm"), &bob)
+        .post(
+            None,
+            &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}),
+        )
+        .await;
+    assert_eq!(denied.status, 403);
+    let message = denied.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("user \"bob\" may not use server \"calm\""),
+        "{message}"
+    );
+
+    let limits = gw.admin_json("/api/servers").await;
+    let busy_view = limits["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "busy")
+        .unwrap()
+        .clone();
+    assert_eq!(busy_view["limits"]["max_sessions"], 2);
+    assert_eq!(busy_view["held_sessions"], 2);
+}
