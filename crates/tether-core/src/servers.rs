@@ -198,8 +198,8 @@ impl ServerEntry {
 }
 
 impl ServersFile {
-    /// The server `name`, or the only one when no name is given. Until one process serves
-    /// several (issue 17), a file with several servers needs the name.
+    /// The server `name` (`--server NAME`: that entry served alone), or the only one when
+    /// no name is given.
     pub fn pick(&self, name: Option<&str>, file: &str) -> Result<&ServerEntry, String> {
         let names = || {
             self.servers
@@ -218,13 +218,98 @@ impl ServersFile {
                 [one] => Ok(one),
                 [] => Err(format!("{file}: no enabled server in it")),
                 _ => Err(format!(
-                    "{file}: it has {} servers ({}); one process serves one for now: pick it with --server NAME, and run one gateway per server",
+                    "{file}: it has {} servers ({}); pick one with --server NAME, or leave --server out to serve them all",
                     self.servers.len(),
                     names()
                 )),
             },
         }
     }
+}
+
+/// How the client reaches the gateway after `tether import`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Direct Streamable HTTP (`url`; VS Code `type: http`; Windsurf `serverUrl`).
+    Url,
+    /// `tether connect URL`, a command every client can launch (Claude Desktop needs it).
+    Connect,
+}
+
+/// What `tether import` makes of a client's config: the servers file Tether serves (the
+/// client's enabled entries as written, minus the keys only clients use), and the client's
+/// config pointing each entry at the gateway's `/servers/NAME/mcp` instead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Imported {
+    /// The servers file for `tether serve --servers`.
+    pub tether: Value,
+    /// The client's file, its entries replaced by gateway entries (other keys kept).
+    pub client: Value,
+    /// The servers moved behind the gateway, in file order.
+    pub names: Vec<String>,
+    /// What was ignored or left out, one line each.
+    pub notes: Vec<String>,
+}
+
+/// Splits a client's config (`text`, named `file`) into what Tether serves and what the
+/// client keeps; `gateway` is the gateway's base URL (`http://127.0.0.1:7450`). Every entry
+/// must be one Tether can serve; errors are reported all at once, as [`parse`] does.
+pub fn import(text: &str, file: &str, gateway: &str, via: Via) -> Result<Imported, Vec<String>> {
+    let read = parse(text, file, &EnvPolicy::Inherit)?;
+    let mut root: Value = serde_json::from_str(text).map_err(|e| vec![format!("{file}: {e}")])?;
+    let key = if root.get("servers").is_some() {
+        "servers"
+    } else {
+        "mcpServers"
+    };
+    let vs_code = key == "servers";
+    let gateway = gateway
+        .trim_end_matches('/')
+        .trim_end_matches("/mcp")
+        .to_owned();
+    let table = root[key].as_object().cloned().unwrap_or_default();
+    let mut tether = serde_json::Map::new();
+    let mut client = serde_json::Map::new();
+    let mut names = Vec::new();
+    for (name, entry) in &table {
+        if !read.servers.iter().any(|s| &s.name == name) {
+            // Disabled: left in the client's file as it was.
+            client.insert(name.clone(), entry.clone());
+            continue;
+        }
+        let mut kept = entry.as_object().cloned().unwrap_or_default();
+        kept.retain(|k, _| !CLIENT_KEYS.contains(&k.as_str()));
+        tether.insert(name.clone(), Value::Object(kept));
+        let url = format!("{gateway}/servers/{name}/mcp");
+        let windsurf = entry.get("serverUrl").is_some();
+        let pointed = match via {
+            Via::Url if vs_code => serde_json::json!({"type": "http", "url": url}),
+            Via::Url if windsurf => serde_json::json!({"serverUrl": url}),
+            Via::Url => serde_json::json!({"type": "http", "url": url}),
+            Via::Connect if vs_code => {
+                serde_json::json!({"type": "stdio", "command": "tether", "args": ["connect", url]})
+            }
+            Via::Connect => serde_json::json!({"command": "tether", "args": ["connect", url]}),
+        };
+        // The client's own settings for the entry (auto-approval, timeouts) stay with it.
+        let mut pointed = pointed.as_object().cloned().unwrap_or_default();
+        if let Some(e) = entry.as_object() {
+            for (k, v) in e {
+                if CLIENT_KEYS.contains(&k.as_str()) {
+                    pointed.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        client.insert(name.clone(), Value::Object(pointed));
+        names.push(name.clone());
+    }
+    root[key] = Value::Object(client);
+    Ok(Imported {
+        tether: serde_json::json!({ "mcpServers": tether }),
+        client: root,
+        names,
+        notes: read.notes,
+    })
 }
 
 fn strings(v: &Value, at: &str, key: &str, errors: &mut Vec<String>) -> Vec<String> {
@@ -488,6 +573,65 @@ mod tests {
         ] {
             assert!(notes.contains(want), "{want} in {notes}");
         }
+    }
+
+    #[test]
+    fn import_splits_a_client_file_into_the_gateways_and_the_clients() {
+        let text = r#"{"mcpServers": {
+            "files": {"command": "npx", "args": ["fs"], "autoApprove": ["read"]},
+            "remote": {"serverUrl": "https://mcp.example.com/mcp", "headers": {"X": "1"}},
+            "off": {"command": "x", "disabled": true}
+        }, "globalShortcut": "Ctrl+Space"}"#;
+        let i = import(text, "c.json", "http://127.0.0.1:7450/mcp", Via::Connect).unwrap();
+        assert_eq!(i.names, ["files", "remote"]);
+        // Tether gets the entries as written, minus what only clients read.
+        assert_eq!(
+            i.tether["mcpServers"]["files"],
+            serde_json::json!({"command": "npx", "args": ["fs"]})
+        );
+        assert_eq!(
+            i.tether["mcpServers"]["remote"]["headers"],
+            serde_json::json!({"X": "1"})
+        );
+        assert!(i.tether["mcpServers"].get("off").is_none());
+        // The client keeps its other keys, its disabled entry, and its own settings.
+        assert_eq!(i.client["globalShortcut"], "Ctrl+Space");
+        assert_eq!(i.client["mcpServers"]["off"]["disabled"], true);
+        assert_eq!(
+            i.client["mcpServers"]["files"],
+            serde_json::json!({"command": "tether", "args": ["connect", "http://127.0.0.1:7450/servers/files/mcp"], "autoApprove": ["read"]})
+        );
+        // The Tether file is one Tether reads back.
+        let back = parse(&i.tether.to_string(), "t.json", &EnvPolicy::Inherit).unwrap();
+        assert_eq!(back.servers.len(), 2);
+        assert!(back.notes.is_empty(), "{:?}", back.notes);
+        // Direct HTTP, in the forms each client reads.
+        let u = import(text, "c.json", "http://gw:7450", Via::Url).unwrap();
+        assert_eq!(
+            u.client["mcpServers"]["remote"],
+            serde_json::json!({"serverUrl": "http://gw:7450/servers/remote/mcp"})
+        );
+        let vs = import(
+            r#"{"servers": {"gh": {"type": "stdio", "command": "gh-mcp"}}}"#,
+            "mcp.json",
+            "http://gw:7450",
+            Via::Url,
+        )
+        .unwrap();
+        assert_eq!(
+            vs.client["servers"]["gh"],
+            serde_json::json!({"type": "http", "url": "http://gw:7450/servers/gh/mcp"})
+        );
+        // A file Tether cannot serve is refused whole, with every reason.
+        assert!(
+            import(
+                r#"{"mcpServers": {"x": {}}}"#,
+                "c.json",
+                "http://gw",
+                Via::Url
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub enum SessionsCmd {
         /// Only this client type or client name.
         #[arg(long)]
         client: Option<String>,
+        /// Only sessions of this server (a name of the --servers file).
+        #[arg(long)]
+        server: Option<String>,
         /// Only sessions active since (RFC 3339, epoch ms, or a duration ago such as 1h).
         #[arg(long)]
         since: Option<String>,
@@ -541,6 +544,7 @@ fn session_rows(sessions: &[Value]) -> Vec<Vec<String>> {
                 text(s, "errors"),
                 text(s, "upstream_state"),
                 text(s, "close_reason"),
+                text(s, "upstream_name"),
             ]
         })
         .collect()
@@ -557,6 +561,7 @@ const SESSION_HEADERS: &[&str] = &[
     "ERRORS",
     "UPSTREAM",
     "CLOSED BECAUSE",
+    "SERVER",
 ];
 
 fn current_thread() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -603,11 +608,17 @@ pub fn sessions(a: &AdminArgs, cmd: &SessionsCmd) -> ExitCode {
                 status,
                 user,
                 client,
+                server,
                 since,
                 limit,
             } => {
                 let mut path = format!("/api/sessions?status={}&limit={limit}", encode(status));
-                for (k, v) in [("user", user), ("client", client), ("since", since)] {
+                for (k, v) in [
+                    ("user", user),
+                    ("client", client),
+                    ("server", server),
+                    ("since", since),
+                ] {
                     if let Some(v) = v {
                         path.push_str(&format!("&{k}={}", encode(v)));
                     }
@@ -816,6 +827,59 @@ pub fn clients(a: &AdminArgs) -> ExitCode {
                 "REQUESTS",
                 "CALLS",
                 "LAST SEEN",
+            ],
+            &rows,
+        ))
+    })
+}
+
+/// Runs `tether servers`: what the gateway serves, each server's endpoint, state,
+/// sessions, upstreams and limits (`GET /api/servers`).
+pub fn servers(a: &AdminArgs) -> ExitCode {
+    let admin = Admin::new(a);
+    let json = a.json;
+    run(async move {
+        let v = admin.call(reqwest::Method::GET, "/api/servers").await?;
+        if json {
+            return Ok(pretty(&v));
+        }
+        let rows: Vec<Vec<String>> = v["servers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|s| {
+                let circuit = if s["circuit"]["open"] == true {
+                    "open"
+                } else {
+                    "closed"
+                };
+                vec![
+                    text(s, "name"),
+                    text(s, "state"),
+                    text(s, "endpoint"),
+                    format!(
+                        "{}/{}",
+                        text(s, "held_sessions"),
+                        s["limits"]["max_sessions"]
+                    ),
+                    format!("{}/{}", text(s, "running"), s["limits"]["max_upstreams"]),
+                    circuit.to_owned(),
+                    text(s, "protocol"),
+                    text(s, "upstream"),
+                ]
+            })
+            .collect();
+        Ok(table(
+            &[
+                "SERVER",
+                "STATE",
+                "ENDPOINT",
+                "SESSIONS",
+                "UPSTREAMS",
+                "CIRCUIT",
+                "PROTOCOL",
+                "RUNS",
             ],
             &rows,
         ))

@@ -71,6 +71,20 @@ enum Command {
         #[command(flatten)]
         admin: cli::AdminArgs,
     },
+    /// The servers a gateway serves (one per entry of its --servers file): endpoint, state
+    /// (serving, or draining after a reload removed or changed it), sessions, upstreams.
+    Servers {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+    },
+    /// Turn a client's mcpServers file into the gateway's servers file, and print the
+    /// client's file pointing each server at the gateway instead (before/after).
+    ///
+    ///   tether import ~/Library/Application\ Support/Claude/claude_desktop_config.json \
+    ///       --out ~/.config/tether/servers.json > new_claude_desktop_config.json
+    ///   tether serve --servers ~/.config/tether/servers.json
+    #[command(verbatim_doc_comment)]
+    Import(ImportArgs),
     /// The tool-call quota (--quota-tool-calls) and each user's use of its current window.
     Quotas {
         #[command(flatten)]
@@ -174,8 +188,12 @@ impl RemoteArgs {
 
 #[derive(Args)]
 struct ConnectArgs {
-    /// The remote MCP endpoint, e.g. https://gw.example/mcp.
+    /// The remote MCP endpoint, e.g. https://gw.example/mcp (with --server, the gateway's
+    /// address: https://gw.example).
     url: String,
+    /// One server of a gateway that serves several: connects to URL/servers/NAME/mcp.
+    #[arg(long, value_name = "NAME")]
+    server: Option<String>,
     #[command(flatten)]
     remote: RemoteArgs,
     /// Time to wait for the server's response headers on each request.
@@ -222,6 +240,116 @@ struct CheckArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The client's config: Claude Desktop's claude_desktop_config.json, Claude Code's
+    /// .mcp.json, Cursor's mcp.json, VS Code's mcp.json (servers), Windsurf, Cline.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// Where to write the gateway's servers file (never overwritten without --force).
+    #[arg(long, value_name = "FILE", default_value = "tether-servers.json")]
+    out: PathBuf,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    force: bool,
+    /// The gateway's address as the client reaches it.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7450")]
+    gateway: String,
+    /// How the client reaches the gateway: `connect` (a `tether connect URL` command, which
+    /// every client can launch) or `url` (direct Streamable HTTP).
+    #[arg(long, value_name = "HOW", default_value = "connect", value_parser = ["connect", "url"])]
+    via: String,
+}
+
+/// The endpoint of server `name` of the gateway at `base` (its address, or any of its
+/// endpoints: `/mcp` and a `/servers/OTHER/mcp` are replaced).
+fn server_url(base: &str, name: &str) -> String {
+    let mut root = base.trim_end_matches('/');
+    root = root.strip_suffix("/mcp").unwrap_or(root);
+    if let Some(i) = root.find("/servers/") {
+        root = &root[..i];
+    }
+    format!("{root}/servers/{name}/mcp")
+}
+
+/// `tether import`: the gateway's servers file to --out, the client's new file to stdout,
+/// what changed to stderr.
+fn import(args: &ImportArgs) -> ExitCode {
+    use tether_core::servers::{Via, import};
+    let shown = args.file.display().to_string();
+    let text = match std::fs::read_to_string(&args.file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tether: {shown}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let via = if args.via == "url" {
+        Via::Url
+    } else {
+        Via::Connect
+    };
+    let imported = match import(&text, &shown, &args.gateway, via) {
+        Ok(i) => i,
+        Err(errors) => {
+            eprintln!("tether: cannot import {shown}:");
+            for e in errors {
+                eprintln!("  - {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    for note in &imported.notes {
+        eprintln!("tether: {note}");
+    }
+    if imported.names.is_empty() {
+        eprintln!("tether: {shown}: no enabled server to put behind the gateway");
+        return ExitCode::from(2);
+    }
+    let body = serde_json::to_string_pretty(&imported.tether).unwrap_or_default() + "\n";
+    let written = if args.force {
+        std::fs::write(&args.out, body)
+    } else {
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&args.out)
+            .and_then(|mut f| f.write_all(body.as_bytes()))
+    };
+    if let Err(e) = written {
+        eprintln!(
+            "tether: cannot write {}: {e}{}",
+            args.out.display(),
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                " (--force replaces it)"
+            } else {
+                ""
+            }
+        );
+        return ExitCode::from(2);
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&imported.client).unwrap_or_default()
+    );
+    let gateway = args.gateway.trim_end_matches('/').trim_end_matches("/mcp");
+    eprintln!(
+        "tether: wrote {} servers to {} ({}); run them with:\n    tether serve --servers {}",
+        imported.names.len(),
+        args.out.display(),
+        imported.names.join(", "),
+        args.out.display()
+    );
+    for name in &imported.names {
+        eprintln!("tether:   {name} -> {gateway}/servers/{name}/mcp");
+    }
+    eprintln!(
+        "tether: the client config above points each server at the gateway; save it over {shown} once the gateway runs"
+    );
+    ExitCode::SUCCESS
 }
 
 #[derive(Args)]
@@ -605,6 +733,8 @@ fn main() -> ExitCode {
         Command::Users { admin } => cli::users(&admin),
         Command::Clients { admin } => cli::clients(&admin),
         Command::Quotas { admin } => cli::quotas(&admin),
+        Command::Servers { admin } => cli::servers(&admin),
+        Command::Import(args) => import(&args),
         Command::Dashboard { admin } => cli::dashboard(&admin),
         Command::Health { admin } => cli::health(&admin),
         Command::Keys { cmd } => cli::keys(&cmd),
@@ -862,7 +992,15 @@ fn connect(args: &ConnectArgs) -> ExitCode {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let headers = match args.remote.prepare(&args.url) {
+    let url = match &args.server {
+        None => args.url.clone(),
+        Some(name) if tether_core::servers::valid_name(name) => server_url(&args.url, name),
+        Some(name) => {
+            eprintln!("tether: --server {name:?} is not a server name (letters, digits, - _ .)");
+            return ExitCode::from(2);
+        }
+    };
+    let headers = match args.remote.prepare(&url) {
         Ok(h) => h,
         Err(code) => return code,
     };
@@ -899,7 +1037,7 @@ fn connect(args: &ConnectArgs) -> ExitCode {
         }
     }
     let opts = tether_core::bridge::BridgeOptions {
-        url: args.url.clone(),
+        url,
         headers,
         timeout,
         max_outage,
@@ -978,6 +1116,21 @@ async fn shutdown_signal() {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn a_servers_url_is_built_from_any_gateway_address() {
+        for base in [
+            "http://gw:7450",
+            "http://gw:7450/",
+            "http://gw:7450/mcp",
+            "http://gw:7450/servers/other/mcp",
+        ] {
+            assert_eq!(
+                server_url(base, "files"),
+                "http://gw:7450/servers/files/mcp"
+            );
+        }
+    }
 
     #[test]
     fn cli_is_consistent() {

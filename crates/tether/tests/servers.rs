@@ -393,3 +393,137 @@ async fn a_busy_server_at_its_limit_while_another_keeps_serving() {
     assert_eq!(busy_view["limits"]["max_sessions"], 2);
     assert_eq!(busy_view["held_sessions"], 2);
 }
+
+#[tokio::test]
+async fn import_gives_the_gateway_its_servers_and_the_client_its_new_config() {
+    let dir = state_dir();
+    let client_file = dir.path().join("claude_desktop_config.json");
+    let mut files = stdio("files");
+    files["autoApprove"] = json!(["getenv"]);
+    std::fs::write(
+        &client_file,
+        json!({"mcpServers": {"files": files, "off": {"command": "x", "disabled": true}},
+               "globalShortcut": "Ctrl+Space"})
+        .to_string(),
+    )
+    .unwrap();
+    let out = dir.path().join("tether-servers.json");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(BIN)
+            .arg("import")
+            .arg(&client_file)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let first = run(&["--via", "url"]);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    assert!(stderr.contains("tether serve --servers"), "{stderr}");
+    assert!(
+        stderr.contains("\"autoApprove\" is a client setting"),
+        "{stderr}"
+    );
+    let after: Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(after["globalShortcut"], "Ctrl+Space");
+    assert_eq!(after["mcpServers"]["off"]["disabled"], true);
+    assert_eq!(
+        after["mcpServers"]["files"]["autoApprove"],
+        json!(["getenv"])
+    );
+    let url = after["mcpServers"]["files"]["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(url, "http://127.0.0.1:7450/servers/files/mcp");
+    // An existing servers file is never replaced by accident.
+    let again = run(&[]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    // The gateway serves what import wrote, at the URL the client's new config names.
+    let gw = Gateway::start(dir.path(), &["--servers", out.to_str().unwrap()]);
+    let url = url.replace("127.0.0.1:7450", &gw.addr);
+    assert_eq!(
+        rmcp_call(&url, "getenv", json!({"name": "WHO"})).await,
+        "files"
+    );
+
+    // `tether connect --server` reaches the same server from the gateway's address.
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args([
+        "connect",
+        &format!("http://{}", gw.addr),
+        "--server",
+        "files",
+    ])
+    .stderr(std::process::Stdio::null());
+    let bridge = common::stdio_client(cmd).await;
+    let r = bridge
+        .call_tool(
+            CallToolRequestParams::new("getenv")
+                .with_arguments(json!({"name": "WHO"}).as_object().unwrap().clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.content[0].as_text().unwrap().text, "files");
+    bridge.cancel().await.unwrap();
+
+    // The CLI shows the servers and filters sessions by server.
+    let admin = ["--admin", gw.admin.as_str()];
+    let out = std::process::Command::new(BIN)
+        .arg("servers")
+        .args(admin)
+        .env("TETHER_STATE_DIR", dir.path())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("files")
+            && table.contains("serving")
+            && table.contains("/servers/files/mcp"),
+        "{table}"
+    );
+    let mut listed = String::new();
+    for _ in 0..100 {
+        let out = std::process::Command::new(BIN)
+            .args([
+                "sessions", "list", "--status", "all", "--server", "files", "--json",
+            ])
+            .args(admin)
+            .env("TETHER_STATE_DIR", dir.path())
+            .output()
+            .unwrap();
+        listed = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: Value = serde_json::from_str(&listed).unwrap_or(Value::Null);
+        if v["sessions"].as_array().is_some_and(|s| s.len() >= 2) {
+            assert!(
+                v["sessions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|s| s["upstream_name"] == "files")
+            );
+            let none = std::process::Command::new(BIN)
+                .args([
+                    "sessions", "list", "--status", "all", "--server", "other", "--json",
+                ])
+                .args(admin)
+                .env("TETHER_STATE_DIR", dir.path())
+                .output()
+                .unwrap();
+            let v: Value = serde_json::from_slice(&none.stdout).unwrap();
+            assert!(v["sessions"].as_array().unwrap().is_empty());
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the ledger lists both sessions of files: {listed}");
+}

@@ -327,7 +327,7 @@ async fn stdio_upstream_gets_env_and_cwd_from_the_config_file() {
 
 /// `--servers` takes the upstream from a client's `mcpServers` file as the client wrote it:
 /// a stdio entry with its args, env and cwd, or a remote one with its headers and Tether
-/// settings; a file with several servers needs `--server NAME`, and says which it has.
+/// settings; serving all of them, a flag naming one upstream is refused, as is an unknown --server.
 #[tokio::test]
 async fn a_clients_mcp_servers_file_gives_the_upstream() {
     let (mut upstream, url) = http_upstream("127.0.0.1:0");
@@ -383,21 +383,34 @@ async fn a_clients_mcp_servers_file_gives_the_upstream() {
     );
     drop(gw);
 
+    // Serving every server of the file, a flag that names one upstream cannot apply; a
+    // name the file lacks is refused with the names it has.
     let third = state_dir();
-    let out = std::process::Command::new(BIN)
-        .args([
-            "serve",
-            "--state-dir",
-            third.path().to_str().unwrap(),
-            "--servers",
-            path,
-        ])
-        .output()
-        .unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(BIN)
+            .args([
+                "serve",
+                "--state-dir",
+                third.path().to_str().unwrap(),
+                "--servers",
+                path,
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--upstream-header", "X-A: 1"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("it has 2 servers (demo, remote)") && err.contains("--server NAME"),
+        err.contains("serves every server of the file, so --upstream-header cannot apply"),
+        "{err}"
+    );
+    let out = run(&["--server", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no server named \"nope\" (it has: demo, remote)"),
         "{err}"
     );
     let _ = upstream.kill();
