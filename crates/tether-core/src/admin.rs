@@ -467,31 +467,31 @@ async fn metrics(State(st): State<AdminState>) -> Response {
     let mut running = 0;
     let mut open = false;
     let mut held = 0;
-    for (name, g) in st.hub.current() {
-        let connector = g.registry.connector();
-        let label = Metrics::server(&name);
+    for v in st.hub.view() {
+        let label = Metrics::server(&v.name);
+        let generations: Vec<_> = v.current.iter().chain(&v.draining).collect();
+        let n: usize = generations
+            .iter()
+            .map(|g| g.registry.connector().running())
+            .sum();
+        held += generations
+            .iter()
+            .map(|g| g.registry.held_count())
+            .sum::<usize>();
+        let circuit = v
+            .current
+            .as_ref()
+            .is_some_and(|g| g.registry.connector().circuit().is_open());
+        open |= circuit;
         st.metrics
             .server_circuit_open
             .get_or_create(&label)
-            .set(i64::from(connector.circuit().is_open()));
-        open |= connector.circuit().is_open();
-        let mut n = 0;
-        for v in st.hub.view().iter().filter(|v| v.name == name) {
-            n += v
-                .draining
-                .iter()
-                .map(|d| d.registry.connector().running())
-                .sum::<usize>();
-        }
-        n += connector.running();
+            .set(i64::from(circuit));
         st.metrics
             .server_upstreams_running
             .get_or_create(&label)
             .set(n as i64);
         running += n;
-    }
-    for r in st.hub.registries() {
-        held += r.held_count();
     }
     st.metrics.upstream_circuit_open.set(i64::from(open));
     st.metrics.upstreams_running.set(running as i64);

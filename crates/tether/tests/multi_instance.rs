@@ -820,3 +820,55 @@ async fn a_quota_counts_a_users_calls_across_instances() {
     }
     shared.cleanup().await;
 }
+
+/// Two instances serving the same `mcpServers` file: a session of one server is forwarded
+/// to the instance that holds it under its own `/servers/NAME/mcp` path, and after that
+/// instance is SIGKILLed it is taken over on its own server, never on another.
+#[tokio::test]
+async fn servers_of_a_shared_mcp_servers_file_forward_and_take_over_on_their_own_server() {
+    let Some(url) = redis_url() else { return };
+    let shared = Shared::new(&url, "servers").await;
+    let (da, db) = (state_dir(), state_dir());
+    let file = da.path().join("mcp.json");
+    let entry =
+        |who: &str| json!({"command": common::BIN, "args": ["demo-server"], "env": {"WHO": who}});
+    std::fs::write(
+        &file,
+        json!({"mcpServers": {"alpha": entry("alpha"), "beta": entry("beta")}}).to_string(),
+    )
+    .unwrap();
+    let servers = ["--servers", file.to_str().unwrap()];
+    let mut a = Gateway::start(da.path(), &shared.args(&servers));
+    let b = Gateway::start(db.path(), &shared.args(&servers));
+    let on = |gw: &Gateway, server: &str| {
+        common::Mcp::new(&format!("http://{}/servers/{server}/mcp", gw.addr))
+    };
+    let alpha_a = on(&a, "alpha");
+    let sid = alpha_a.initialize("alpha-client").await;
+    assert_eq!(alpha_a.call_text(&sid, 1, "counter", json!({})).await, "1");
+    wait_instances(&b, 2).await;
+    // Through B, at alpha's path: forwarded to A's upstream (its count goes on).
+    let alpha_b = on(&b, "alpha");
+    assert_eq!(alpha_b.call_text(&sid, 2, "counter", json!({})).await, "2");
+    assert!(metric(&b, "tether_forwarded_requests_total").await >= 1.0);
+    // At beta's path on either instance: not this server's session.
+    let foreign = on(&b, "beta")
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(foreign.status, 404, "{}", foreign.body);
+
+    a.kill9();
+    // B takes it over on alpha (a fresh upstream of alpha's command and env).
+    assert_eq!(alpha_b.call_text(&sid, 4, "counter", json!({})).await, "1");
+    assert_eq!(
+        alpha_b
+            .call_text(&sid, 5, "getenv", json!({"name": "WHO"}))
+            .await,
+        "alpha"
+    );
+    assert_eq!(metric(&b, "tether_session_takeovers_total").await, 1.0);
+    shared.cleanup().await;
+}

@@ -527,3 +527,60 @@ async fn import_gives_the_gateway_its_servers_and_the_client_its_new_config() {
     }
     panic!("the ledger lists both sessions of files: {listed}");
 }
+
+/// Each server expires its own sessions on its own idle timeout: held ones, and after a
+/// SIGKILL the ones only the store knows (the reaper of one server never closes another's).
+#[tokio::test]
+async fn each_server_expires_idle_sessions_on_its_own_timeout() {
+    let dir = state_dir();
+    let file = dir.path().join("mcp.json");
+    let mut quick = stdio("quick");
+    quick["tether"] = json!({"idle-timeout": "1s"});
+    write(&file, &json!({"quick": quick, "slow": stdio("slow")}));
+    let args = ["--servers", file.to_str().unwrap(), "--idle-timeout", "1h"];
+    let mut gw = Gateway::start(dir.path(), &args);
+    let (q, s) = (at(&gw, "quick"), at(&gw, "slow"));
+    let held_q = q.initialize("q").await;
+    let held_s = s.initialize("s").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let gone = q
+        .post(
+            Some(&held_q),
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
+        )
+        .await;
+    assert_eq!(
+        gone.status, 404,
+        "quick's idle session expired: {}",
+        gone.body
+    );
+    assert_eq!(who(&s, &held_s).await, "slow");
+
+    // Only in the store: created, then the gateway killed before its reaper ran.
+    let stored_q = q.initialize("q2").await;
+    let stored_s = s.initialize("s2").await;
+    gw.kill9();
+    let gw = gw.restart();
+    let (q, s) = (at(&gw, "quick"), at(&gw, "slow"));
+    let closed = wait_for(Duration::from_secs(10), || {
+        gw.log_text().contains(&format!("session.id={stored_q}"))
+            && gw.log_text().contains("reason=\"timeout\"")
+    });
+    assert!(
+        closed,
+        "quick's stored session expired by its reaper: {}",
+        gw.log_text()
+    );
+    let gone = q
+        .post(
+            Some(&stored_q),
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
+        )
+        .await;
+    assert_eq!(gone.status, 404);
+    assert_eq!(
+        who(&s, &stored_s).await,
+        "slow",
+        "slow's survives quick's reaper"
+    );
+}
