@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::admin::{self, AdminState};
 use crate::auth::Keys;
 use crate::config::Config;
-use crate::config::{LedgerSpec, StoreSpec};
+use crate::config::{LedgerSpec, ServersSource, StoreSpec};
 use crate::front::{self, FrontConfig, ModernConfig};
 use crate::hub::{Generation, Hub};
 use crate::ledger::{self, Ledger};
@@ -126,7 +126,7 @@ pub async fn run(
         users: None,
     };
     let builder = Arc::new(Builder {
-        multi: config.servers_file.is_some() || config.servers.len() > 1,
+        multi: config.servers_source.is_some() || config.servers.len() > 1,
         gateway_upstreams: Arc::new(tokio::sync::Semaphore::new(limits.max_upstreams)),
         mirror_ledger: !stores.shared,
         config: config.clone(),
@@ -189,12 +189,12 @@ pub async fn run(
         )
         .instrument(tracing::info_span!("prune_events")),
     );
-    if let Some(path) = &config.servers_file {
+    if let Some(source) = &config.servers_source {
         tracker.spawn(
             run_reloads(
                 hub.clone(),
                 builder.clone(),
-                path.clone(),
+                source.clone(),
                 upkeep_stop.clone(),
             )
             .instrument(tracing::info_span!("servers_reload")),
@@ -473,7 +473,13 @@ impl Builder {
 
 /// Re-reads the servers file on SIGHUP and when it changes (checked every 2 s), and stops
 /// the generations a reload left draining once they hold no session. Until `stop`.
-async fn run_reloads(hub: Hub, builder: Arc<Builder>, path: PathBuf, stop: CancellationToken) {
+async fn run_reloads(
+    hub: Hub,
+    builder: Arc<Builder>,
+    source: ServersSource,
+    stop: CancellationToken,
+) {
+    let path = source.path().to_path_buf();
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -508,18 +514,22 @@ async fn run_reloads(hub: Hub, builder: Arc<Builder>, path: PathBuf, stop: Cance
             }
         };
         seen = modified(&path);
-        reload(&hub, &builder, &path, why);
+        reload(&hub, &builder, &source, why);
     }
 }
 
 /// Applies the servers file at `path` to `hub`: added servers serve at once, removed ones
 /// drain, changed ones serve new sessions from a new generation while the old one keeps
 /// its sessions; an invalid file changes nothing and says why.
-fn reload(hub: &Hub, builder: &Builder, path: &std::path::Path, why: &str) {
-    let shown = path.display().to_string();
-    let file = std::fs::read_to_string(path)
+fn reload(hub: &Hub, builder: &Builder, source: &ServersSource, why: &str) {
+    let mut shown = source.path().display().to_string();
+    let file = std::fs::read_to_string(source.path())
         .map_err(|e| vec![format!("{shown}: {e}")])
-        .and_then(|text| crate::servers::parse(&text, &shown, &builder.config.env_policy));
+        .and_then(|text| source.as_json(&text).map_err(|e| vec![e]))
+        .and_then(|(json, name)| {
+            shown = name;
+            crate::servers::parse(&json, &shown, &builder.config.env_policy)
+        });
     let file = match file {
         Ok(f) if f.servers.is_empty() => Err(vec![format!(
             "{shown}: no enabled server in it (a gateway with no server would refuse every client)"

@@ -129,6 +129,10 @@ pub struct Layer {
     pub instance_ttl: Option<String>,
     /// Resource limits (the `[limits]` table).
     pub limits: Option<LimitsLayer>,
+    /// Several servers, each at `/servers/NAME/mcp` (the `[servers.NAME]` tables): the keys
+    /// of an `mcpServers` entry (`command`, `args`, `env`, `cwd`, `url`, `headers`, `type`,
+    /// a `tether` table), read by [`crate::servers::parse`]. `--servers FILE` replaces them.
+    pub servers: Option<BTreeMap<String, serde_json::Value>>,
 }
 
 /// The `[limits]` table: every bound the gateway keeps on connections, sessions, upstreams
@@ -699,8 +703,48 @@ pub struct Config {
     /// The servers of a `--servers` file, each at `/servers/NAME/mcp` (set by the CLI);
     /// empty: the one `upstream` (at `/mcp`, and `/servers/UPSTREAM_NAME/mcp`).
     pub servers: Vec<crate::servers::ServerEntry>,
-    /// The `--servers` file, re-read on SIGHUP and when it changes (`None`: no reload).
-    pub servers_file: Option<PathBuf>,
+    /// Where `servers` came from, re-read on SIGHUP and when it changes (`None`: one
+    /// upstream, no reload).
+    pub servers_source: Option<ServersSource>,
+}
+
+/// Where a gateway's servers are written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServersSource {
+    /// A client's `mcpServers` JSON (`--servers FILE`).
+    Json(PathBuf),
+    /// The `[servers.NAME]` tables of the TOML config file (`--config FILE`).
+    Toml(PathBuf),
+}
+
+impl ServersSource {
+    /// The file to watch.
+    pub fn path(&self) -> &Path {
+        match self {
+            ServersSource::Json(p) | ServersSource::Toml(p) => p,
+        }
+    }
+
+    /// The servers as written now, as `mcpServers` JSON text, and the name to report
+    /// problems under; reading the file is the caller's I/O, handed in as `text`.
+    pub fn as_json(&self, text: &str) -> Result<(String, String), String> {
+        match self {
+            ServersSource::Json(p) => Ok((text.to_owned(), p.display().to_string())),
+            ServersSource::Toml(p) => {
+                let layer: Layer = toml::from_str(text)
+                    .map_err(|e| format!("config file {}: {e}", p.display()))?;
+                Ok((
+                    servers_json(&layer.servers.unwrap_or_default()),
+                    format!("{} [servers]", p.display()),
+                ))
+            }
+        }
+    }
+}
+
+/// `[servers.NAME]` tables as the `mcpServers` JSON [`crate::servers::parse`] reads.
+pub fn servers_json(tables: &BTreeMap<String, serde_json::Value>) -> String {
+    serde_json::json!({ "mcpServers": tables }).to_string()
 }
 
 impl Layer {
@@ -767,6 +811,7 @@ impl Layer {
             ledger: over.ledger.or(self.ledger),
             advertise_url: over.advertise_url.or(self.advertise_url),
             instance_ttl: over.instance_ttl.or(self.instance_ttl),
+            servers: over.servers.or(self.servers),
             demo,
             upstream: Some(upstream),
             limits,
@@ -1104,7 +1149,7 @@ impl Config {
             require_upstream,
             env_policy,
             servers: Vec::new(),
-            servers_file: None,
+            servers_source: None,
         })
     }
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tether_core::config::{Config, Layer, LimitsLayer, SizeValue, UpstreamLayer};
+use tether_core::config::{Config, Layer, LimitsLayer, ServersSource, SizeValue, UpstreamLayer};
 
 /// A gateway that makes MCP sessions durable: they survive gateway restarts (even
 /// kill -9), upstream crashes and upstream restarts, transparently.
@@ -364,7 +364,7 @@ struct ServeArgs {
     #[arg(long, env = "TETHER_SERVERS", value_name = "FILE")]
     servers: Option<PathBuf>,
     /// Which server of --servers to serve (needed when the file has several).
-    #[arg(long, env = "TETHER_SERVER", value_name = "NAME", requires = "servers")]
+    #[arg(long, env = "TETHER_SERVER", value_name = "NAME")]
     server: Option<String>,
     /// Address of the MCP listener [default: 127.0.0.1:7450].
     #[arg(long, env = "TETHER_LISTEN", value_name = "ADDR")]
@@ -683,6 +683,7 @@ impl ServeArgs {
             }),
         };
         Layer {
+            servers: None,
             listen: self.listen.clone(),
             state_dir: self.state_dir.clone(),
             idle_timeout: self.idle_timeout.clone(),
@@ -761,20 +762,18 @@ enum Servers {
 /// The `--servers` file read: the layer to resolve the gateway's config with, and the
 /// servers; or every problem with the file.
 fn servers_layer(
-    path: &std::path::Path,
+    text: &str,
+    shown: &str,
     name: Option<&str>,
     flags: &Layer,
 ) -> Result<(Layer, Servers), Vec<String>> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: {e}")])?;
     // Stdio entries get the gateway's resolved environment policy after resolution.
-    let file =
-        tether_core::servers::parse(&text, &shown, &tether_core::config::EnvPolicy::Inherit)?;
+    let file = tether_core::servers::parse(text, shown, &tether_core::config::EnvPolicy::Inherit)?;
     for note in &file.notes {
         eprintln!("tether: {note}");
     }
     if let Some(name) = name {
-        let entry = file.pick(Some(name), &shown).map_err(|e| vec![e])?;
+        let entry = file.pick(Some(name), shown).map_err(|e| vec![e])?;
         return Ok((entry.layer(), Servers::One(Box::new(entry.clone()))));
     }
     let Some(first) = file.servers.first() else {
@@ -835,11 +834,52 @@ fn serve(args: &ServeArgs) -> ExitCode {
         "demo-server".into(),
     ];
     let flags = args.layer();
-    let (servers, chosen, servers_error) = match &args.servers {
-        Some(path) => match servers_layer(path, args.server.as_deref(), &flags) {
+    // The servers: a --servers file, else the config file's [servers.NAME] tables.
+    let source = match (&args.servers, &file.servers, &args.config) {
+        (Some(path), ..) => Some(ServersSource::Json(path.clone())),
+        (None, Some(_), Some(config)) => Some(ServersSource::Toml(config.clone())),
+        _ => None,
+    };
+    let read = |source: &ServersSource| -> Result<(String, String), Vec<String>> {
+        match source {
+            ServersSource::Json(path) => {
+                let shown = path.display().to_string();
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: {e}")])?;
+                Ok((text, shown))
+            }
+            ServersSource::Toml(path) => {
+                let file_upstream = file
+                    .upstream
+                    .as_ref()
+                    .is_some_and(|u| u.command.is_some() || u.url.is_some());
+                if file_upstream || file.demo == Some(true) {
+                    return Err(vec![format!(
+                        "config file {}: give [upstream] (one server) or [servers.NAME] tables (several), not both",
+                        path.display()
+                    )]);
+                }
+                Ok((
+                    tether_core::config::servers_json(
+                        file.servers.as_ref().unwrap_or(&Default::default()),
+                    ),
+                    format!("{} [servers]", path.display()),
+                ))
+            }
+        }
+    };
+    let (servers, chosen, servers_error) = match &source {
+        Some(source) => match read(source)
+            .and_then(|(text, shown)| servers_layer(&text, &shown, args.server.as_deref(), &flags))
+        {
             Ok((l, chosen)) => (l, Some(chosen), Vec::new()),
             Err(e) => (Layer::default(), None, e),
         },
+        None if args.server.is_some() => (
+            Layer::default(),
+            None,
+            vec!["--server NAME picks a server of --servers FILE (or of the config's [servers] tables); neither is given".to_owned()],
+        ),
         None => (Layer::default(), None, Vec::new()),
     };
     let resolved = Config::resolve(file.overlay(servers).overlay(flags), demo_command);
@@ -877,7 +917,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
                 }
             }
             config.servers = entries;
-            config.servers_file = args.servers.clone();
+            config.servers_source = source;
         }
         Some(Servers::One(entry)) => {
             // Served as the only upstream: the resolved one (flags applied), with the
@@ -893,7 +933,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
         None => {}
     }
-    let server_names: Vec<String> = if config.servers_file.is_some() {
+    let server_names: Vec<String> = if config.servers_source.is_some() {
         config.servers.iter().map(|e| e.name.clone()).collect()
     } else {
         Vec::new()

@@ -584,3 +584,51 @@ async fn each_server_expires_idle_sessions_on_its_own_timeout() {
         "slow's survives quick's reaper"
     );
 }
+
+/// The same servers as `[servers.NAME]` tables of the TOML config file, reloaded when the
+/// file changes.
+#[tokio::test]
+async fn servers_from_the_toml_config_are_served_and_reloaded() {
+    let dir = state_dir();
+    let config = dir.path().join("tether.toml");
+    let table = |names: &[&str]| {
+        let mut out = String::new();
+        for n in names {
+            out.push_str(&format!(
+                "[servers.{n}]\ncommand = {BIN:?}\nargs = [\"demo-server\"]\nenv = {{ WHO = \"{n}\" }}\ntether = {{ max-sessions = 3 }}\n"
+            ));
+        }
+        out
+    };
+    std::fs::write(&config, table(&["red"])).unwrap();
+    let gw = Gateway::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    let red = at(&gw, "red");
+    let sr = red.initialize("r").await;
+    assert_eq!(who(&red, &sr).await, "red");
+    // One server: /mcp serves it too.
+    let root = gw.client();
+    let s0 = root.initialize("root").await;
+    assert_eq!(who(&root, &s0).await, "red");
+
+    // Editing the file is enough (no signal): blue comes.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(&config, table(&["red", "blue"])).unwrap();
+    let mut served = Vec::new();
+    for _ in 0..100 {
+        served = servers(&gw).await;
+        if served.iter().any(|(n, _)| n == "blue") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        served.contains(&("blue".to_owned(), "serving".to_owned())),
+        "{served:?}"
+    );
+    let blue = at(&gw, "blue");
+    let sb = blue.initialize("b").await;
+    assert_eq!(who(&blue, &sb).await, "blue");
+    // red never noticed, and the session begun at /mcp still reaches it there.
+    assert_eq!(who(&red, &sr).await, "red");
+    assert_eq!(who(&root, &s0).await, "red");
+}
