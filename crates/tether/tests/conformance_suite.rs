@@ -322,7 +322,23 @@ async fn official_conformance_suite_modern_through_the_bridge() {
         ];
         let dir = state_dir();
         let gw = Gateway::start(dir.path(), &upstream);
-        let through = run_at(&node, &cli, &gw.url, None, MODERN);
+        let mut through = run_at(&node, &cli, &gw.url, None, MODERN);
+        // The first request of each client (pool key) starts its upstream; a check that
+        // waits 600 ms for a stream's first frame (no-independent-requests-on-stream) can
+        // miss a node fixture starting on a loaded machine (seen once with the whole
+        // workspace's tests running beside it). A scenario with a failure is run once more
+        // on the same, now warm, gateway, as in the restart loop below; a real failure
+        // fails again.
+        let failing: BTreeSet<String> = through
+            .iter()
+            .filter(|(k, st)| st.contains("FAILURE") && !cross_era(k))
+            .map(|((s, _), _)| s.clone())
+            .collect();
+        for scenario in &failing {
+            through.retain(|(s, _), _| s != scenario);
+            through.extend(run_at(&node, &cli, &gw.url, Some(scenario), MODERN));
+        }
+        println!("scenarios run again on the warm gateway: {failing:?}");
         assert_bridged("2026-07-28 through the bridge", &through, &gw.log_text());
         let scenarios: BTreeSet<String> = through
             .keys()
