@@ -101,6 +101,7 @@ pub async fn run(
             rate: limits.session_rate,
             burst: limits.session_burst,
         }),
+        siblings: crate::session::Siblings::default(),
     };
     let front = FrontConfig {
         keys: keys.clone(),

@@ -46,6 +46,22 @@ async fn servers(gw: &Gateway) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A ping in `session` at `mcp`'s server: 200 where the session is served, 404 elsewhere.
+async fn ping(mcp: &Mcp, session: &str) -> common::Answer {
+    mcp.post(
+        Some(session),
+        &json!({"jsonrpc": "2.0", "id": 99, "method": "ping"}),
+    )
+    .await
+}
+
+/// An `initialize` whose answer the test inspects (a refusal, usually).
+async fn initialize_raw(mcp: &Mcp, client: &str) -> common::Answer {
+    mcp.post(None, &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": client, "version": "1"}}}))
+        .await
+}
+
 /// The official Rust SDK client at one server's URL: lists its tools and calls one.
 async fn rmcp_call(url: &str, tool: &str, arguments: Value) -> String {
     let client =
@@ -97,12 +113,7 @@ async fn three_servers_from_an_mcp_servers_file_behind_one_gateway() {
     assert_eq!(who(&a, &sa).await, "alpha");
     assert_eq!(who(&b, &sb).await, "beta");
     assert_eq!(w.call_text(&sw, 2, "echo", json!({"text": "w"})).await, "w");
-    let foreign = b
-        .post(
-            Some(&sa),
-            &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}),
-        )
-        .await;
+    let foreign = ping(&b, &sa).await;
     assert_eq!(
         foreign.status, 404,
         "another server's session: {}",
@@ -210,12 +221,7 @@ async fn three_servers_from_an_mcp_servers_file_behind_one_gateway() {
         w.call_text(&sw, 4, "echo", json!({"text": "back"})).await,
         "back"
     );
-    let foreign = w
-        .post(
-            Some(&sb),
-            &json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list"}),
-        )
-        .await;
+    let foreign = ping(&w, &sb).await;
     assert_eq!(foreign.status, 404);
     drop(gw);
     let _ = web_server.kill();
@@ -288,8 +294,7 @@ async fn a_reload_adds_changes_and_removes_servers_while_the_others_sessions_go_
     assert_eq!(a.call_text(&sa, 2, "pid", json!({})).await, alpha_pid);
     // The removed server keeps its session, refuses new ones.
     assert_eq!(who(&b, &sb).await, "beta");
-    let refused = b.post(None, &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "late", "version": "1"}}})).await;
+    let refused = initialize_raw(&b, "late").await;
     assert_eq!(refused.status, 404);
     assert!(refused.body.contains("removed"), "{}", refused.body);
     // The changed server: its old session on the old upstream, new ones on the new.
@@ -344,8 +349,7 @@ async fn a_busy_server_at_its_limit_while_another_keeps_serving() {
     let calm = with_key(&at(&gw, "calm"), &alice);
     let s1 = busy.initialize("b1").await;
     let _s2 = busy.initialize("b2").await;
-    let full = busy.post(None, &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "b3", "version": "1"}}})).await;
+    let full = initialize_raw(&busy, "b3").await;
     assert_eq!(full.status, 503, "{}", full.body);
     let err = &full.json()["error"];
     assert_eq!(err["data"]["limit"], "max-sessions");
@@ -359,8 +363,7 @@ async fn a_busy_server_at_its_limit_while_another_keeps_serving() {
     let c2 = calm.initialize("c2").await;
     assert_eq!(who(&calm, &c2).await, "calm");
     // Now the gateway's own limit (4) is reached: a refusal that names no server.
-    let gw_full = calm.post(None, &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "c3", "version": "1"}}})).await;
+    let gw_full = initialize_raw(&calm, "c3").await;
     assert_eq!(gw_full.status, 503);
     assert_eq!(gw_full.json()["error"]["data"]["limit"], "max-sessions");
     assert!(gw_full.json()["error"]["data"].get("server").is_none());
@@ -543,12 +546,7 @@ async fn each_server_expires_idle_sessions_on_its_own_timeout() {
     let held_q = q.initialize("q").await;
     let held_s = s.initialize("s").await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let gone = q
-        .post(
-            Some(&held_q),
-            &json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
-        )
-        .await;
+    let gone = ping(&q, &held_q).await;
     assert_eq!(
         gone.status, 404,
         "quick's idle session expired: {}",
@@ -571,12 +569,7 @@ async fn each_server_expires_idle_sessions_on_its_own_timeout() {
         "quick's stored session expired by its reaper: {}",
         gw.log_text()
     );
-    let gone = q
-        .post(
-            Some(&stored_q),
-            &json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
-        )
-        .await;
+    let gone = ping(&q, &stored_q).await;
     assert_eq!(gone.status, 404);
     assert_eq!(
         who(&s, &stored_s).await,

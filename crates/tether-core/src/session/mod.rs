@@ -280,6 +280,8 @@ struct Shared {
     quotas: Arc<quota::Quotas>,
     /// The held count last added to the gateway-wide gauge (servers add their changes).
     held_reported: std::sync::atomic::AtomicI64,
+    /// The process's registries (this one included).
+    siblings: Siblings,
     /// Removed or replaced by a reload: serves its held sessions until they end, takes no
     /// new ones (the dispatcher sends it none) and leaves the store's sessions to the
     /// server's new registry.
@@ -509,6 +511,40 @@ pub struct Common {
     pub quotas: Arc<quota::Quotas>,
     /// The gateway's session counts; each server's also count here.
     pub admission: Arc<Admission>,
+    /// Every registry made with this `Common`.
+    pub siblings: Siblings,
+}
+
+/// The registries of one process (weak: a drained generation is freed), so that a reaper
+/// never expires a stored session another registry of the process holds: a changed
+/// server's draining generation has the same name as its new one, and the store's
+/// `last_active` lags behind a session whose stream is open.
+#[derive(Clone, Default)]
+pub struct Siblings(Arc<Mutex<Vec<std::sync::Weak<Shared>>>>);
+
+impl Siblings {
+    fn add(&self, shared: &Arc<Shared>) {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.push(Arc::downgrade(shared));
+    }
+
+    /// Whether any registry of the process holds session `id`.
+    fn hold(&self, id: &str) -> bool {
+        let v: Vec<Arc<Shared>> = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        v.iter().any(|sh| {
+            sh.sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(id)
+        })
+    }
 }
 
 impl Registry {
@@ -534,6 +570,7 @@ impl Registry {
                 ledger,
                 quotas,
                 admission: admission.clone(),
+                siblings: Siblings::default(),
             },
             connector,
             admission,
@@ -564,7 +601,7 @@ impl Registry {
         admission: Arc<Admission>,
     ) -> Registry {
         let c = common.clone();
-        Registry {
+        let registry = Registry {
             shared: Arc::new(Shared {
                 cfg,
                 store: c.store,
@@ -576,6 +613,7 @@ impl Registry {
                 quotas: c.quotas,
                 held_reported: std::sync::atomic::AtomicI64::new(0),
                 draining: std::sync::atomic::AtomicBool::new(false),
+                siblings: c.siblings.clone(),
                 sessions: Mutex::new(HashMap::new()),
                 legacy_pending: Mutex::new(HashMap::new()),
                 next_upstream_id: AtomicU64::new(1),
@@ -588,6 +626,24 @@ impl Registry {
                 stopping: CancellationToken::new(),
                 stopped: CancellationToken::new(),
             }),
+        };
+        c.siblings.add(&registry.shared);
+        registry
+    }
+
+    /// What this registry shares with the others of the process.
+    #[cfg(test)]
+    fn common(&self) -> Common {
+        let sh = &self.shared;
+        Common {
+            store: sh.store.clone(),
+            coordinator: sh.coordinator.clone(),
+            tracker: sh.tracker.clone(),
+            metrics: sh.metrics.clone(),
+            ledger: sh.ledger.clone(),
+            quotas: sh.quotas.clone(),
+            admission: sh.admission.clone(),
+            siblings: sh.siblings.clone(),
         }
     }
 

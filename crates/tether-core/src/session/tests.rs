@@ -587,3 +587,36 @@ async fn an_abandoned_call_is_recorded_cancelled_and_cancelled_upstream() {
     up.answer(&sent, json!({"content": []})).await;
     assert_eq!(h.recorded_outcomes(), Vec::<String>::new());
 }
+
+/// A server replaced by a reload: its old generation still holds a session whose stream is
+/// open, while the store (whose activity lags) finds it idle. The new generation's reaper
+/// (same server name) must leave it to the generation that holds it; a registry of another
+/// process would expire it.
+#[tokio::test(start_paused = true)]
+async fn a_reaper_leaves_a_session_another_registry_of_the_process_holds() {
+    let cfg = SessionConfig {
+        one_of_several: true,
+        ..SessionConfig::default()
+    };
+    let mut h = harness(cfg.clone());
+    let (session, _up) = h.session().await;
+    let id = session.id().to_owned();
+    let _exchange = session.exchange();
+    let (connector, _ups) = Connector::in_memory(UpstreamLimits::default(), TaskTracker::new());
+    let next = Registry::of_server(cfg.clone(), &h.registry.common(), connector);
+    h.registry.drain();
+    h.store.age(&id, 0);
+    next.reap().await;
+    h.registry.reap().await;
+    assert!(!session.is_closed());
+    let live = h.store.load_session(&id).await.unwrap().unwrap();
+    assert_eq!(live.state, SessionState::Live, "left to its holder");
+
+    // Without the process's registries in common, the store's view wins.
+    let mut other = h.registry.common();
+    other.siblings = Siblings::default();
+    let (connector, _ups) = Connector::in_memory(UpstreamLimits::default(), TaskTracker::new());
+    Registry::of_server(cfg, &other, connector).reap().await;
+    let closed = h.store.load_session(&id).await.unwrap().unwrap();
+    assert_eq!(closed.state, SessionState::Closed);
+}

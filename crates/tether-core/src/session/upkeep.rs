@@ -33,12 +33,9 @@ impl Registry {
         {
             Ok(ids) => {
                 for id in ids {
-                    let held = sh
-                        .sessions
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains_key(&id);
-                    if held {
+                    // Held here or by another registry of the process (its reaper
+                    // decides, from what it knows of the session's open streams).
+                    if sh.siblings.hold(&id) {
                         continue;
                     }
                     if let Some(c) = &sh.coordinator {

@@ -36,6 +36,14 @@ impl MemoryStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Makes session `id` look idle since `at_ms` to the store (its record's activity is
+    /// wall-clock time, which paused tests cannot move).
+    pub fn age(&self, id: &str, at_ms: i64) {
+        if let Some(s) = self.lock().sessions.get_mut(id) {
+            s.last_active_ms = at_ms;
+        }
+    }
 }
 
 #[async_trait::async_trait]
