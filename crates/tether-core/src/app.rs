@@ -200,6 +200,10 @@ pub async fn run(
             )
             .instrument(tracing::info_span!("servers_reload")),
         );
+    } else {
+        // `systemctl reload` (or a stray hangup) must not kill a gateway that has nothing to
+        // reload: SIGHUP's default action is to exit.
+        tracker.spawn(ignore_hangups(upkeep_stop.clone()));
     }
     let admin_token = resolve_admin_token(&config)?;
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
@@ -519,7 +523,22 @@ async fn run_reloads(
     }
 }
 
-/// Applies the servers file at `path` to `hub`: added servers serve at once, removed ones
+/// Says that SIGHUP reloads nothing without `--servers` (or `[servers]`), until `stop`.
+async fn ignore_hangups(stop: CancellationToken) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            Some(()) = hup.recv() => tracing::info!(
+                "SIGHUP: nothing to reload (only the servers of --servers or [servers.NAME] tables are reloaded; other settings need a restart)"
+            ),
+        }
+    }
+}
+
+/// Applies the servers as `source` now holds them to `hub`: added servers serve at once, removed ones
 /// drain, changed ones serve new sessions from a new generation while the old one keeps
 /// its sessions; an invalid file changes nothing and says why.
 fn reload(hub: &Hub, builder: &Builder, source: &ServersSource, why: &str) {

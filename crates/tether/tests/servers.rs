@@ -625,3 +625,27 @@ async fn servers_from_the_toml_config_are_served_and_reloaded() {
     assert_eq!(who(&red, &sr).await, "red");
     assert_eq!(who(&root, &s0).await, "red");
 }
+
+/// A gateway with one upstream has nothing to reload: SIGHUP (`systemctl reload`) is
+/// logged, not fatal.
+#[tokio::test]
+async fn sighup_without_servers_is_not_fatal() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("hup").await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || gw
+        .log_text()
+        .contains("SIGHUP: nothing to reload")));
+    assert!(gw.alive());
+    assert_eq!(
+        mcp.call_text(&sid, 1, "echo", json!({"text": "still"}))
+            .await,
+        "still"
+    );
+}
