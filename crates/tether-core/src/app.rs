@@ -538,9 +538,9 @@ async fn ignore_hangups(stop: CancellationToken) {
     }
 }
 
-/// Applies the servers as `source` now holds them to `hub`: added servers serve at once, removed ones
-/// drain, changed ones serve new sessions from a new generation while the old one keeps
-/// its sessions; an invalid file changes nothing and says why.
+/// Applies the servers as `source` now holds them to `hub`: added servers serve at once,
+/// removed ones drain, changed ones serve new sessions from a new generation while the old
+/// one keeps its sessions; an invalid file changes nothing and says why.
 fn reload(hub: &Hub, builder: &Builder, source: &ServersSource, why: &str) {
     let mut shown = source.path().display().to_string();
     let file = std::fs::read_to_string(source.path())
