@@ -135,7 +135,7 @@ pub async fn run(
         common,
         front,
     });
-    let hub = Hub::default();
+    let hub = Hub::new(metrics.clone());
     if config.servers.is_empty() {
         hub.install(&config.upstream_name, builder.build(None));
     } else {

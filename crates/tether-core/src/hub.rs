@@ -64,12 +64,23 @@ pub struct ServerView {
 }
 
 /// The served servers, shared by the dispatcher, the admin API and the reload.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Hub {
     servers: Arc<RwLock<BTreeMap<String, Slot>>>,
+    /// Requests the dispatcher answers itself (no such server, `/mcp` with several) are
+    /// counted here as `class="dispatch"`; the rest by the server's front door.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Hub {
+    /// An empty hub counting into `metrics`.
+    pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Hub {
+        Hub {
+            servers: Arc::default(),
+            metrics,
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Slot>> {
         self.servers.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -230,25 +241,36 @@ impl Hub {
         })
     }
 
-    async fn dispatch(&self, mut req: Request) -> Response {
+    async fn dispatch(&self, req: Request) -> Response {
+        match self.route(req).await {
+            Ok(resp) => resp,
+            Err(resp) => {
+                self.metrics.request("dispatch", resp.status().as_u16());
+                resp
+            }
+        }
+    }
+
+    /// The server's answer (`Ok`), or the dispatcher's own (`Err`).
+    async fn route(&self, mut req: Request) -> Result<Response, Response> {
         let path = req.uri().path().to_owned();
         let session = session_of(&req);
         let (generation, prefix, rest) = if let Some(tail) = path.strip_prefix("/servers/") {
             let (name, rest) = tail.split_once('/').unwrap_or((tail, ""));
             if !matches!(rest, "mcp" | "sse" | "messages") {
-                return StatusCode::NOT_FOUND.into_response();
+                return Err(StatusCode::NOT_FOUND.into_response());
             }
             match self.pick(name, session.as_deref()) {
                 Ok(g) => (g, format!("/servers/{name}"), format!("/{rest}")),
-                Err(resp) => return *resp,
+                Err(resp) => return Err(*resp),
             }
         } else if matches!(path.as_str(), "/mcp" | "/sse" | "/messages") {
             match self.pick_root(session.as_deref()) {
                 Ok(g) => (g, String::new(), path.clone()),
-                Err(resp) => return *resp,
+                Err(resp) => return Err(*resp),
             }
         } else {
-            return StatusCode::NOT_FOUND.into_response();
+            return Err(StatusCode::NOT_FOUND.into_response());
         };
         // The server's front door sees its own paths; forwarding to another instance and
         // the `/sse` endpoint event use the original path and the prefix.
@@ -259,12 +281,12 @@ impl Hub {
         };
         match inner.parse() {
             Ok(uri) => *req.uri_mut() = uri,
-            Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+            Err(_) => return Err(StatusCode::BAD_REQUEST.into_response()),
         }
         req.extensions_mut().insert(OriginalUri(original));
         req.extensions_mut().insert(Prefix(prefix.into()));
         match generation.router.clone().oneshot(req.map(Body::new)).await {
-            Ok(resp) => resp,
+            Ok(resp) => Ok(resp),
             Err(never) => match never {},
         }
     }

@@ -150,6 +150,15 @@ async fn three_servers_from_an_mcp_servers_file_behind_one_gateway() {
     assert_eq!(nope.status, 404);
     let message = nope.json()["error"]["message"].as_str().unwrap().to_owned();
     assert!(message.contains("no server named \"nope\""), "{message}");
+    assert_eq!(
+        metric(
+            &gw,
+            "tether_http_requests_total{class=\"dispatch\",status=\"404\"}"
+        )
+        .await,
+        2.0,
+        "the dispatcher's own answers are counted"
+    );
 
     // The 2024-11-05 pair lives under the same prefix.
     let sse = reqwest::Client::new()
