@@ -66,6 +66,8 @@ try {
   const perUpstream = await page.locator("#per-upstream tbody tr").allInnerTexts();
   check(perTool.some((t) => t.includes("echo")) && perTool.some((t) => t.includes("add")), "per-tool: " + perTool);
   check(perUpstream.some((t) => t.includes("demo")), "per-upstream: " + perUpstream);
+  const servers = await page.locator("#servers tbody tr").allInnerTexts();
+  check(servers.length === 1 && servers[0].includes("demo") && servers[0].includes("serving"), "servers: " + servers);
   const stateless = await page.locator("#stateless tbody tr").allInnerTexts();
   check(stateless.some((t) => t.includes("modern-dash")), "stateless clients: " + stateless);
   const pooled = await page.locator("#sessions tbody tr[data-id]", { hasText: "pooled" }).count();
