@@ -2,7 +2,8 @@
 //! upstreams, limits, idle timeout) and its own front door, reached at
 //! `/servers/NAME/mcp` (and the 2024-11-05 pair `/servers/NAME/sse`, `.../messages`);
 //! `/mcp` at the root serves the only server when there is one, and otherwise answers 404
-//! listing the servers. The map can change while the gateway runs (a reload): a server
+//! listing the servers (a request naming a session of one of them, held or stored, still
+//! reaches it). The map can change while the gateway runs (a reload): a server
 //! added starts serving at once; one removed or changed keeps serving the sessions it holds
 //! (a *draining generation*: requests naming them still reach it) and takes no new ones;
 //! when it holds none it is stopped. Sessions of untouched servers never notice.
@@ -232,6 +233,16 @@ impl Hub {
         )))
     }
 
+    /// The server a stored session belongs to, for a request at `/mcp` with several servers
+    /// naming a session no generation holds: one begun at `/mcp` when there was one server,
+    /// before a reload (or a restart) brought more.
+    async fn owner_of(&self, session: Option<&str>) -> Option<Arc<Generation>> {
+        let id = session?;
+        let store = self.registries().first()?.store().clone();
+        let record = store.load_session(id).await.ok()??;
+        self.current().get(&record.upstream_name).cloned()
+    }
+
     /// The MCP listener's router: every request is dispatched to its server's front door.
     pub fn router(&self) -> Router {
         let hub = self.clone();
@@ -267,7 +278,10 @@ impl Hub {
         } else if matches!(path.as_str(), "/mcp" | "/sse" | "/messages") {
             match self.pick_root(session.as_deref()) {
                 Ok(g) => (g, String::new(), path.clone()),
-                Err(resp) => return Err(*resp),
+                Err(resp) => match self.owner_of(session.as_deref()).await {
+                    Some(g) => (g, String::new(), path.clone()),
+                    None => return Err(*resp),
+                },
             }
         } else {
             return Err(StatusCode::NOT_FOUND.into_response());

@@ -630,9 +630,18 @@ async fn servers_from_the_toml_config_are_served_and_reloaded() {
     let blue = at(&gw, "blue");
     let sb = blue.initialize("b").await;
     assert_eq!(who(&blue, &sb).await, "blue");
-    // red never noticed, and the session begun at /mcp still reaches it there.
+    // red never noticed, and the session begun at /mcp still reaches it there,
     assert_eq!(who(&red, &sr).await, "red");
     assert_eq!(who(&root, &s0).await, "red");
+    // also after a SIGKILL, when no server holds it (its record names its server).
+    let mut gw = gw;
+    gw.kill9();
+    let gw = gw.restart();
+    let root = gw.client();
+    assert_eq!(who(&root, &s0).await, "red");
+    assert_eq!(who(&at(&gw, "blue"), &sb).await, "blue");
+    let unknown = ping(&root, "0000000000000000000000000000000000000000").await;
+    assert_eq!(unknown.status, 404);
 }
 
 /// A gateway with one upstream has nothing to reload: SIGHUP (`systemctl reload`) is
