@@ -59,20 +59,25 @@ one_cell() { # label sessions url-path gateway-args...
   rm -rf "$state"
 }
 
-# Three benches at once; the row is their sum (calls/s) and their worst p50/p99.
-three_at_once() { # label sessions urls... (three) pids-to-watch
-  local label=$1 n=$2 u1=$3 u2=$4 u3=$5 watch=$6
+# Three benches at once; the row is their sum (calls/s) and their worst p50/p99. The first
+# bench watches `pid`: with `whole` = 1 that process serves all three benches, so its CPU
+# is divided by all their calls; else it serves the first bench's calls only.
+three_at_once() { # label sessions url1 url2 url3 pid whole
+  local label=$1 n=$2 u1=$3 u2=$4 u3=$5 watch=$6 whole=$7
   "$BIN" bench "$u1" -n "$n" --duration "$DURATION" --warmup 1s --watch-pid "$watch" --json >"$OUT/a.json" &
   local a=$!
   "$BIN" bench "$u2" -n "$n" --duration "$DURATION" --warmup 1s --json >"$OUT/b.json" &
   local b=$!
   "$BIN" bench "$u3" -n "$n" --duration "$DURATION" --warmup 1s --json >"$OUT/c.json" &
   wait "$a" "$b" $!
-  emit "$label" "$n" "$(python3 - "$OUT" <<'PY'
+  emit "$label" "$n" "$(python3 - "$OUT" "$whole" <<'PY'
 import json, sys
 rs = [json.load(open(f"{sys.argv[1]}/{x}.json")) for x in "abc"]
 out = dict(rs[0])
 out["calls_per_s"] = sum(r["calls_per_s"] for r in rs)
+if sys.argv[2] == "1" and out.get("watched"):
+    out["watched"] = dict(out["watched"])
+    out["watched"]["cpu_us_per_call"] *= rs[0]["calls_per_s"] / out["calls_per_s"]
 out["latency_us"] = {k: max(r["latency_us"][k] for r in rs) for k in ("p50", "p99")}
 print(json.dumps(out))
 PY
@@ -88,7 +93,7 @@ for round in $(seq 1 "$ROUNDS"); do
     port=$(free_port); state=$(mktemp -d)
     gateway "$port" "$state" --servers "$OUT/servers.json"; pid=$GW_PID; wait_port "$port"
     base="http://127.0.0.1:$port/servers"
-    three_at_once "3 servers loaded at once: one gateway (sum)" "$n" "$base/one/mcp" "$base/two/mcp" "$base/three/mcp" "$pid"
+    three_at_once "3 servers loaded at once: one gateway (sum)" "$n" "$base/one/mcp" "$base/two/mcp" "$base/three/mcp" "$pid" 1
     stop "$pid"; rm -rf "$state"
     # Three one-upstream gateways, loaded at once (CPU is the first one's only).
     ports=(); pids=(); states=()
@@ -99,7 +104,7 @@ for round in $(seq 1 "$ROUNDS"); do
     done
     for p in "${ports[@]}"; do wait_port "$p"; done
     three_at_once "3 servers loaded at once: three gateways (sum)" "$n" \
-      "http://127.0.0.1:${ports[0]}/mcp" "http://127.0.0.1:${ports[1]}/mcp" "http://127.0.0.1:${ports[2]}/mcp" "${pids[0]}"
+      "http://127.0.0.1:${ports[0]}/mcp" "http://127.0.0.1:${ports[1]}/mcp" "http://127.0.0.1:${ports[2]}/mcp" "${pids[0]}" 0
     for p in "${pids[@]}"; do stop "$p"; done
     rm -rf "${states[@]}"
   done
