@@ -76,6 +76,10 @@ pub struct ServersFile {
     pub notes: Vec<String>,
 }
 
+/// Servers one file may hold: each gets a registry, a reaper task and metric series (the
+/// `server` label is bounded by this), so a generated file cannot make thousands.
+pub const MAX_SERVERS: usize = 256;
+
 /// Whether `name` can be a server name: it becomes a URL path segment and a metric label.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -120,6 +124,12 @@ pub fn parse(text: &str, file: &str, env_policy: &EnvPolicy) -> Result<ServersFi
     let Some(table) = table.as_object() else {
         return Err(vec![format!("{file}: \"{table_key}\" must be an object")]);
     };
+    if table.len() > MAX_SERVERS {
+        return Err(vec![format!(
+            "{file}: \"{table_key}\" has {} servers; one gateway serves at most {MAX_SERVERS}",
+            table.len()
+        )]);
+    }
     let mut lower_names: BTreeMap<String, String> = BTreeMap::new();
     for (name, entry) in table {
         let at = format!("{file}: {table_key}.{name}");
@@ -632,6 +642,16 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_file_holds_a_bounded_number_of_servers() {
+        let many: serde_json::Map<String, Value> = (0..=MAX_SERVERS)
+            .map(|i| (format!("s{i}"), serde_json::json!({"command": "x"})))
+            .collect();
+        let text = serde_json::json!({ "mcpServers": many }).to_string();
+        let err = read(&text).unwrap_err().join("\n");
+        assert!(err.contains("at most 256"), "{err}");
     }
 
     #[test]
