@@ -789,7 +789,6 @@ fn servers_layer(
             ("--upstream-name", up.name.is_some()),
             ("--upstream-header", up.headers.is_some()),
             ("--upstream-protocol", up.protocol.is_some()),
-            ("--upstream-cwd", up.cwd.is_some()),
         ];
         let given: Vec<&str> = per_upstream
             .iter()
