@@ -14,6 +14,16 @@ use rmcp::model::CallToolRequestParams;
 use rmcp::transport::StreamableHttpClientTransport;
 use serde_json::{Value, json};
 
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A stdio demo server whose `getenv WHO` says which server it is.
 fn stdio(who: &str) -> Value {
     json!({"command": BIN, "args": ["demo-server"], "env": {"WHO": who}})
@@ -84,7 +94,9 @@ async fn rmcp_call(url: &str, tool: &str, arguments: Value) -> String {
 #[tokio::test]
 async fn three_servers_from_an_mcp_servers_file_behind_one_gateway() {
     let dir = state_dir();
-    let (mut web_server, web_url) = http_upstream("127.0.0.1:0");
+    let (web_server, web_url) = http_upstream("127.0.0.1:0");
+    // Killed however the test ends (a failed assertion must not leave it running).
+    let _web_server = KillOnDrop(web_server);
     let file = dir.path().join("claude_desktop_config.json");
     let mut beta = stdio("beta");
     beta["autoApprove"] = json!(["echo"]);
@@ -233,8 +245,6 @@ async fn three_servers_from_an_mcp_servers_file_behind_one_gateway() {
     let foreign = ping(&w, &sb).await;
     assert_eq!(foreign.status, 404);
     drop(gw);
-    let _ = web_server.kill();
-    let _ = web_server.wait();
 }
 
 #[tokio::test]
