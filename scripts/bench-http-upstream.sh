@@ -60,24 +60,4 @@ for round in $(seq 1 "$ROUNDS"); do
     through "2026-07-28 client, Tether, 2026-07-28 to the upstream" modern "$n" --protocol-version 2026-07-28
   done
 done
-python3 - "$OUT/runs.jsonl" <<'PY'
-import json, statistics, sys
-runs = [json.loads(l) for l in open(sys.argv[1])]
-def pick(r, k):
-    cur = r
-    for part in k.split('.'):
-        cur = cur.get(part) if isinstance(cur, dict) else None
-    return cur or 0
-rows = []
-for r in runs:
-    if r["row"] not in rows:
-        rows.append(r["row"])
-print("| path | sessions | calls/s (min–max) | p50 µs | p99 µs | watched CPU µs/call |")
-print("|---|---|---|---|---|---|")
-for n in sorted({r["sessions"] for r in runs}):
-    for row in rows:
-        rs = [r for r in runs if r["row"] == row and r["sessions"] == n]
-        med = lambda k: statistics.median([pick(r, k) for r in rs])
-        lo, hi = min(pick(r, "calls_per_s") for r in rs), max(pick(r, "calls_per_s") for r in rs)
-        print(f"| {row} | {n} | {med('calls_per_s'):,.0f} ({lo:,.0f}–{hi:,.0f}) | {med('latency_us.p50'):.0f} | {med('latency_us.p99'):.0f} | {med('watched.cpu_us_per_call'):.0f} |")
-PY
+median_table "$OUT/runs.jsonl" "watched CPU"

@@ -466,7 +466,6 @@ async fn metrics(State(st): State<AdminState>) -> Response {
     // Gauges of state owned elsewhere, read when scraped.
     let mut running = 0;
     let mut open = false;
-    let mut held = 0;
     for v in st.hub.view() {
         let label = Metrics::server(&v.name);
         let generations: Vec<_> = v.current.iter().chain(&v.draining).collect();
@@ -474,10 +473,6 @@ async fn metrics(State(st): State<AdminState>) -> Response {
             .iter()
             .map(|g| g.registry.connector().running())
             .sum();
-        held += generations
-            .iter()
-            .map(|g| g.registry.held_count())
-            .sum::<usize>();
         let circuit = v
             .current
             .as_ref()
@@ -495,7 +490,6 @@ async fn metrics(State(st): State<AdminState>) -> Response {
     }
     st.metrics.upstream_circuit_open.set(i64::from(open));
     st.metrics.upstreams_running.set(running as i64);
-    st.metrics.sessions_held.set(held as i64);
     // The same figure /health reports. A store that does not answer leaves the last value:
     // the scrape still serves every other metric, and readiness reports the outage.
     // Bounded: a store that hangs (Redis unreachable) must not stall the scrape.

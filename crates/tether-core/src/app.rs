@@ -439,7 +439,6 @@ impl Builder {
             mirror_ledger: self.mirror_ledger,
             stream_buffer: limits.stream_buffer,
             pool_size: limits.bridge_pool_size,
-            quota: limits.quota_tool_calls,
             admission: AdmissionConfig {
                 max_sessions: settings.max_sessions.unwrap_or(limits.max_sessions),
                 // The gateway's count per user applies across servers.
@@ -543,13 +542,10 @@ async fn ignore_hangups(stop: CancellationToken) {
 /// one keeps its sessions; an invalid file changes nothing and says why.
 fn reload(hub: &Hub, builder: &Builder, source: &ServersSource, why: &str) {
     let mut shown = source.path().display().to_string();
-    let file = std::fs::read_to_string(source.path())
-        .map_err(|e| vec![format!("{shown}: {e}")])
-        .and_then(|text| source.as_json(&text).map_err(|e| vec![e]))
-        .and_then(|(json, name)| {
-            shown = name;
-            crate::servers::parse(&json, &shown, &builder.config.env_policy)
-        });
+    let file = source.load().map_err(|e| vec![e]).and_then(|(json, name)| {
+        shown = name;
+        crate::servers::parse(&json, &shown, &builder.config.env_policy)
+    });
     let file = match file {
         Ok(f) if f.servers.is_empty() => Err(vec![format!(
             "{shown}: no enabled server in it (a gateway with no server would refuse every client)"

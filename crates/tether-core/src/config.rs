@@ -725,16 +725,23 @@ impl ServersSource {
         }
     }
 
-    /// The servers as written now, as `mcpServers` JSON text, and the name to report
-    /// problems under; reading the file is the caller's I/O, handed in as `text`.
-    pub fn as_json(&self, text: &str) -> Result<(String, String), String> {
+    /// The servers as the file holds them now, as `mcpServers` JSON text, and the name to
+    /// report problems under (the file, and for TOML its `[servers]` tables).
+    pub fn load(&self) -> Result<(String, String), String> {
+        let what = match self {
+            ServersSource::Json(_) => "servers file",
+            ServersSource::Toml(_) => "config file",
+        };
+        let text = read_bounded(self.path(), what)?;
         match self {
-            ServersSource::Json(p) => Ok((text.to_owned(), p.display().to_string())),
+            ServersSource::Json(p) => Ok((text, p.display().to_string())),
             ServersSource::Toml(p) => {
-                let layer: Layer = toml::from_str(text)
+                let layer: Layer = toml::from_str(&text)
                     .map_err(|e| format!("config file {}: {e}", p.display()))?;
+                // The `[servers.NAME]` tables as the `mcpServers` JSON the parser reads.
+                let tables = layer.servers.unwrap_or_default();
                 Ok((
-                    servers_json(&layer.servers.unwrap_or_default()),
+                    serde_json::json!({ "mcpServers": tables }).to_string(),
                     format!("{} [servers]", p.display()),
                 ))
             }
@@ -742,16 +749,32 @@ impl ServersSource {
     }
 }
 
-/// `[servers.NAME]` tables as the `mcpServers` JSON [`crate::servers::parse`] reads.
-pub fn servers_json(tables: &BTreeMap<String, serde_json::Value>) -> String {
-    serde_json::json!({ "mcpServers": tables }).to_string()
+/// Largest config or servers file read: the operator's file, but a path re-read on every
+/// change (reload) must not read whatever grows there into memory.
+pub const MAX_CONFIG_FILE: u64 = 4 << 20;
+
+/// A config or servers file's text (`what` it is, for messages), refused past
+/// [`MAX_CONFIG_FILE`].
+pub fn read_bounded(path: &Path, what: &str) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_FILE + 1).read_to_string(&mut text))
+        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_CONFIG_FILE {
+        return Err(format!(
+            "{what} {} is larger than {} MiB",
+            path.display(),
+            MAX_CONFIG_FILE >> 20
+        ));
+    }
+    Ok(text)
 }
 
 impl Layer {
     /// Reads a TOML config file.
     pub fn from_file(path: &Path) -> Result<Layer, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        let text = read_bounded(path, "config file")?;
         toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
     }
 
@@ -1228,6 +1251,17 @@ fn resolve_store(errors: &mut Vec<String>, layer: &Layer, listen: SocketAddr) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_file_past_the_bound_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.json");
+        std::fs::write(&path, vec![b' '; MAX_CONFIG_FILE as usize + 1]).unwrap();
+        let err = ServersSource::Json(path.clone()).load().unwrap_err();
+        assert!(err.contains("larger than 4 MiB"), "{err}");
+        std::fs::write(&path, r#"{"mcpServers": {}}"#).unwrap();
+        assert!(ServersSource::Json(path).load().is_ok());
+    }
 
     fn demo() -> Vec<String> {
         vec!["tether".into(), "demo-server".into()]

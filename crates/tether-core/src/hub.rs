@@ -166,7 +166,7 @@ impl Hub {
     fn pick(&self, name: &str, session: Option<&str>) -> Result<Arc<Generation>, Box<Response>> {
         let map = self.read();
         let Some(slot) = map.get(name) else {
-            return Err(Box::new(self.unknown(&map, name)));
+            return Err(Box::new(unknown(&map, name)));
         };
         if let Some(id) = session
             && let Some(g) = slot.draining.iter().find(|g| g.registry.holds(id))
@@ -185,43 +185,22 @@ impl Hub {
         })
     }
 
-    fn unknown(&self, map: &BTreeMap<String, Slot>, name: &str) -> Response {
-        front::error_response(
-            StatusCode::NOT_FOUND,
-            format!(
-                "this gateway has no server named {:?}; it serves {}",
-                crate::log_limit::cut(name, 64),
-                endpoints(map)
-            ),
-            Some(listing(map)),
-        )
-    }
-
-    /// The generation a request at the root (`/mcp`, `/sse`, `/messages`) goes to: the
-    /// only server; with several, the one holding the session it names (a client that
-    /// began before a reload added servers); else a 404 listing them.
+    /// The generation a request at the root (`/mcp`, `/sse`, `/messages`) goes to: the one
+    /// holding the session it names (with several servers, a client that began at `/mcp`
+    /// before a reload added servers), else the only server; else a 404 listing them.
     fn pick_root(&self, session: Option<&str>) -> Result<Arc<Generation>, Box<Response>> {
         let map = self.read();
-        let mut current = map.values().filter_map(|s| s.current.as_ref());
-        if let (Some(only), None) = (current.next(), current.next()) {
-            let only = only.clone();
-            if let Some(id) = session
-                && let Some(g) = map
-                    .values()
-                    .flat_map(|s| &s.draining)
-                    .find(|g| g.registry.holds(id))
-            {
-                return Ok(g.clone());
-            }
-            return Ok(only);
-        }
+        let mut all = map
+            .values()
+            .flat_map(|s| s.current.iter().chain(&s.draining));
         if let Some(id) = session
-            && let Some(g) = map
-                .values()
-                .flat_map(|s| s.current.iter().chain(&s.draining))
-                .find(|g| g.registry.holds(id))
+            && let Some(g) = all.find(|g| g.registry.holds(id))
         {
             return Ok(g.clone());
+        }
+        let mut current = map.values().filter_map(|s| s.current.as_ref());
+        if let (Some(only), None) = (current.next(), current.next()) {
+            return Ok(only.clone());
         }
         Err(Box::new(front::error_response(
             StatusCode::NOT_FOUND,
@@ -316,6 +295,19 @@ fn session_of(req: &Request) -> Option<String> {
         .split('&')
         .find_map(|kv| kv.strip_prefix("sessionId="))
         .map(str::to_owned)
+}
+
+/// A 404 for a server name the gateway does not have.
+fn unknown(map: &BTreeMap<String, Slot>, name: &str) -> Response {
+    front::error_response(
+        StatusCode::NOT_FOUND,
+        format!(
+            "this gateway has no server named {:?}; it serves {}",
+            crate::log_limit::cut(name, 64),
+            endpoints(map)
+        ),
+        Some(listing(map)),
+    )
 }
 
 fn endpoints(map: &BTreeMap<String, Slot>) -> String {

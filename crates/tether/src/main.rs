@@ -279,10 +279,10 @@ fn server_url(base: &str, name: &str) -> String {
 fn import(args: &ImportArgs) -> ExitCode {
     use tether_core::servers::{Via, import};
     let shown = args.file.display().to_string();
-    let text = match std::fs::read_to_string(&args.file) {
+    let text = match tether_core::config::read_bounded(&args.file, "client config") {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("tether: {shown}: {e}");
+            eprintln!("tether: {e}");
             return ExitCode::from(2);
         }
     };
@@ -840,32 +840,20 @@ fn serve(args: &ServeArgs) -> ExitCode {
         _ => None,
     };
     let read = |source: &ServersSource| -> Result<(String, String), Vec<String>> {
-        match source {
-            ServersSource::Json(path) => {
-                let shown = path.display().to_string();
-                let text =
-                    std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: {e}")])?;
-                Ok((text, shown))
-            }
-            ServersSource::Toml(path) => {
-                let file_upstream = file
-                    .upstream
-                    .as_ref()
-                    .is_some_and(|u| u.command.is_some() || u.url.is_some());
-                if file_upstream || file.demo == Some(true) {
-                    return Err(vec![format!(
-                        "config file {}: give [upstream] (one server) or [servers.NAME] tables (several), not both",
-                        path.display()
-                    )]);
-                }
-                Ok((
-                    tether_core::config::servers_json(
-                        file.servers.as_ref().unwrap_or(&Default::default()),
-                    ),
-                    format!("{} [servers]", path.display()),
-                ))
-            }
+        let file_upstream = file
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.command.is_some() || u.url.is_some())
+            || file.demo == Some(true);
+        if let ServersSource::Toml(path) = source
+            && file_upstream
+        {
+            return Err(vec![format!(
+                "config file {}: give [upstream] (one server) or [servers.NAME] tables (several), not both",
+                path.display()
+            )]);
         }
+        source.load().map_err(|e| vec![e])
     };
     let (servers, chosen, servers_error) = match &source {
         Some(source) => match read(source)

@@ -14,6 +14,15 @@ use rmcp::model::CallToolRequestParams;
 use rmcp::transport::StreamableHttpClientTransport;
 use serde_json::{Value, json};
 
+/// Sends the gateway SIGHUP (what `systemctl reload` does).
+fn hangup(gw: &Gateway) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+}
+
 /// A child process killed and reaped when dropped.
 struct KillOnDrop(std::process::Child);
 
@@ -265,11 +274,7 @@ async fn a_reload_adds_changes_and_removes_servers_while_the_others_sessions_go_
 
     // An invalid file changes nothing and says exactly what is wrong.
     std::fs::write(&file, r#"{"mcpServers": {"alpha": {"command": 5}}}"#).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(gw.pid()),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    hangup(&gw);
     assert!(wait_for(Duration::from_secs(10), || gw
         .log_text()
         .contains("servers file not reloaded")));
@@ -288,11 +293,7 @@ async fn a_reload_adds_changes_and_removes_servers_while_the_others_sessions_go_
         &file,
         &json!({"alpha": stdio("alpha"), "gamma": stdio("gamma"), "delta": delta}),
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(gw.pid()),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    hangup(&gw);
     assert!(wait_for(Duration::from_secs(10), || gw
         .log_text()
         .contains("servers reloaded")));
@@ -662,11 +663,7 @@ async fn sighup_without_servers_is_not_fatal() {
     let mut gw = Gateway::start(dir.path(), &["--demo"]);
     let mcp = gw.client();
     let sid = mcp.initialize("hup").await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(gw.pid()),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    hangup(&gw);
     assert!(wait_for(Duration::from_secs(10), || gw
         .log_text()
         .contains("SIGHUP: nothing to reload")));

@@ -111,6 +111,7 @@ pub struct SessionConfig {
     /// capabilities ([`Registry::pooled`]).
     pub pool_size: usize,
     /// Tool calls allowed per user and window (`--quota-tool-calls`); `None`: no quota.
+    /// Read by [`Registry::new`] only: registries made from a [`Common`] share its quotas.
     pub quota: Option<crate::config::Quota>,
     /// This registry is one server among several sharing the store: its reaper expires
     /// only stored sessions of its own name (each server has its idle timeout), and a
