@@ -84,7 +84,13 @@ pub async fn run(
     ));
     let keys = Arc::new(Keys::new(&config.keys).map_err(|e| anyhow::anyhow!(e.join("; ")))?);
     let limits = &config.limits;
-    raise_fd_limit(limits.max_connections + limits.admin_max_connections);
+    raise_fd_limit(
+        limits.max_connections + limits.admin_max_connections,
+        limits.max_upstreams,
+        served(&config)
+            .iter()
+            .any(|(_, spec)| matches!(spec, crate::config::UpstreamSpec::Stdio { .. })),
+    );
     let common = Common {
         store: store.clone(),
         coordinator: stores.coordinator.clone(),
@@ -750,10 +756,16 @@ fn lock_state_dir(
     }
 }
 
+/// Descriptors a running stdio upstream holds in the gateway: its three pipes and the
+/// child's pidfd.
+const FDS_PER_STDIO_UPSTREAM: u64 = 4;
+
 /// Raises the soft open-files limit to the hard limit (a gateway holds a descriptor per
 /// connection, upstream pipe and database file), and says so when even the hard limit
-/// leaves less room than the connection caps ask for.
-fn raise_fd_limit(connections: usize) {
+/// leaves less room than the connection caps and `--max-upstreams` running upstreams ask
+/// for: past it new sessions are refused (`gateway-resources`) rather than the upstream
+/// blamed, but an operator should hear of it before the first refusal.
+fn raise_fd_limit(connections: usize, upstreams: usize, stdio: bool) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
@@ -764,13 +776,18 @@ fn raise_fd_limit(connections: usize) {
         tracing::debug!(error = %e, "cannot raise the open-files limit");
     }
     let now = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
-    // Each session's stdio upstream costs about 6 descriptors (3 pipes, both ends briefly).
-    let wanted = connections as u64 + 256;
+    let per_upstream = if stdio { FDS_PER_STDIO_UPSTREAM } else { 1 };
+    // Stores, listeners, logs and the runtime's own.
+    const BASE: u64 = 64;
+    let wanted = connections as u64 + upstreams as u64 * per_upstream + BASE;
     if now < wanted {
+        let fit = now.saturating_sub(connections as u64 + BASE) / per_upstream;
         tracing::warn!(
             open_files = now,
             wanted,
-            "the open-files limit is low for the connection limits; lower --max-connections or raise `ulimit -n`"
+            max_upstreams = upstreams,
+            upstreams_that_fit = fit,
+            "the open-files limit cannot hold the connection limits and --max-sessions/--max-upstreams running upstreams ({per_upstream} descriptors each): past about {fit} upstreams new sessions are refused (limit gateway-resources); raise `ulimit -n` or lower the limits"
         );
     }
 }

@@ -255,6 +255,12 @@ impl Failure {
             )
             .with("limit", "max-upstreams")
             .with("max", *max),
+            UpstreamError::Resources(_) => Failure::new(
+                Kind::Limit,
+                message,
+                Retry::Safe(Some(Duration::from_secs(1))),
+            )
+            .with("limit", "gateway-resources"),
             _ => Failure::new(Kind::UpstreamUnavailable, message, Retry::Safe(None)),
         }
     }

@@ -402,6 +402,9 @@ struct State {
     upstream: UpstreamSlot,
     generation: u64,
     failures: u32,
+    /// When the last failure was a failed start (not a crash of a running upstream): its
+    /// backoff ends as soon as another start of this server succeeds.
+    start_failed_at: Option<Instant>,
     /// What is in flight: calls sent upstream, their streams, progress tokens, and the
     /// upstream's requests waiting for the client's answer.
     calls: calls::Calls,
@@ -490,7 +493,9 @@ fn interrupted_tool(rec: &StreamRecord) -> Option<String> {
 fn refuses_start(err: &UpstreamError) -> bool {
     matches!(
         err,
-        UpstreamError::CircuitOpen { .. } | UpstreamError::Capacity { .. }
+        UpstreamError::CircuitOpen { .. }
+            | UpstreamError::Capacity { .. }
+            | UpstreamError::Resources(_)
     )
 }
 
@@ -742,6 +747,7 @@ impl Session {
                 },
                 generation: 0,
                 failures: 0,
+                start_failed_at: None,
                 calls: calls::Calls::default(),
                 safe_tools: HashSet::new(),
                 restore,

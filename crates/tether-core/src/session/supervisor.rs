@@ -15,6 +15,7 @@ impl Session {
             return None;
         }
         st.generation += 1;
+        st.start_failed_at = None;
         link.set_restore(st.restore.requests());
         st.upstream = UpstreamSlot::Up {
             link,
@@ -100,7 +101,13 @@ impl Session {
             } = &st.upstream
             {
                 let now = Instant::now();
-                if now < *at {
+                // A failed start waits out its backoff unless the upstream has been
+                // reached since (another session started one): the wait guards against a
+                // broken upstream and must not outlast it (issue 26).
+                let reached = st
+                    .start_failed_at
+                    .is_some_and(|t| sh.connector.circuit().succeeded_since(t));
+                if now < *at && !reached {
                     let retry_in = *at - now;
                     return Err(Failure::new(
                         FailureKind::UpstreamBackoff,
@@ -123,7 +130,11 @@ impl Session {
             early,
         } = match sh.start_upstream(&self.id, &self.record.init_params).await {
             Ok(x) => x,
-            Err(err @ (UpstreamError::CircuitOpen { .. } | UpstreamError::Capacity { .. })) => {
+            Err(
+                err @ (UpstreamError::CircuitOpen { .. }
+                | UpstreamError::Capacity { .. }
+                | UpstreamError::Resources(_)),
+            ) => {
                 // Refused before anything ran: not this session's failure, so its own
                 // backoff does not grow; the connector counts and logs.
                 return Err(Failure::unavailable(name, &err));
@@ -132,6 +143,7 @@ impl Session {
                 sh.metrics.upstream_failures.inc();
                 let mut st = self.lock();
                 st.failures += 1;
+                st.start_failed_at = Some(Instant::now());
                 st.upstream = UpstreamSlot::failed(err.to_string(), st.failures, &sh.cfg.backoff);
                 tracing::warn!(error = %err, failures = st.failures, "upstream restart failed");
                 return Err(Failure::unavailable(name, &err));

@@ -481,6 +481,49 @@ async fn a_crash_loop_backs_off_and_a_healthy_run_resets_the_count() {
     );
 }
 
+/// Issue 26: a session whose restart failed (the upstream was away) waits out its backoff
+/// only while the upstream stays away: once another session's start succeeds, its next
+/// request starts at once instead of after its grown wait.
+#[tokio::test(start_paused = true)]
+async fn a_failed_starts_backoff_ends_when_another_start_succeeds() {
+    let cfg = SessionConfig {
+        backoff: Backoff {
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(30),
+        },
+        ..SessionConfig::default()
+    };
+    let mut h = harness(cfg);
+    let (a, up_a) = h.session().await;
+    let (b, up_b) = h.session().await;
+    up_a.die("connection refused").await;
+    up_b.die("connection refused").await;
+    until_down(&a).await;
+    until_down(&b).await;
+    // A's restart fails: the upstream is still away.
+    let restart = a.request(call(json!(1), "x"));
+    let (reply, failed) = tokio::join!(restart, async {
+        let up = h.upstreams.recv().await.expect("a start");
+        up.die("connection refused").await;
+    });
+    let Reply::Immediate(v) = reply else {
+        panic!("refused at once")
+    };
+    assert_eq!(v["error"]["code"], json!(code::UPSTREAM_UNAVAILABLE), "{v}");
+    let () = failed;
+    match a.request(call(json!(2), "x")).await {
+        Reply::Immediate(v) => assert_eq!(v["error"]["data"]["kind"], "upstream_backoff"),
+        _ => panic!("A backs off"),
+    }
+    // B's restart succeeds: the upstream is back.
+    tokio::time::advance(Duration::from_millis(100)).await;
+    let (reply, _up) = tokio::join!(b.request(call(json!(1), "x")), h.upstream());
+    assert!(matches!(reply, Reply::Stream(_)));
+    // A does not wait for its backoff (2.5 s at least) any more.
+    let (reply, _up) = tokio::join!(a.request(call(json!(3), "x")), h.upstream());
+    assert!(matches!(reply, Reply::Stream(_)), "A starts at once");
+}
+
 #[tokio::test(start_paused = true)]
 async fn closing_fails_calls_in_flight_and_stops_the_upstream() {
     let mut h = harness(SessionConfig::default());

@@ -64,6 +64,11 @@ pub enum UpstreamError {
     /// The process could not be started.
     #[error("cannot start upstream: {0}")]
     Spawn(String),
+    /// The gateway itself ran out of a resource (open files, memory, processes) while
+    /// starting the upstream: a capacity refusal of this one start, never the upstream's
+    /// failure.
+    #[error("the gateway is out of resources: {0}")]
+    Resources(String),
     /// The link closed (process exited, connection failed).
     #[error("{0}")]
     Closed(String),
@@ -99,8 +104,18 @@ pub enum UpstreamError {
 
 /// Refuses new upstream starts, across sessions, after consecutive start failures: a
 /// server that exits at once would otherwise be spawned on every request of every session.
-/// After `cooldown` one start is let through (half-open); its success closes the circuit,
-/// its failure opens it again. Logs the first failure and the opening, then only counts.
+///
+/// A guard must never make an outage longer than the fault it guards against (issue 26:
+/// eight sessions whose HTTP upstream restarted in a second failed together within 20 ms,
+/// opened the circuit for its whole 10 s cooldown, and turned a 1 s outage into 10 s), so:
+/// - failures of one moment count once: a start that began before the last counted
+///   failure was recorded failed for the same reason at the same time;
+/// - an open circuit lets one start through (half-open) after a short wait
+///   ([`FIRST_PROBE`]) that doubles with each failed probe up to `cooldown`, so an upstream
+///   that is back within a second is used within about a second;
+/// - its success closes the circuit, its failure opens it again.
+///
+/// Logs the first failure and the opening, then only counts.
 pub struct Circuit {
     name: String,
     threshold: u32,
@@ -109,12 +124,31 @@ pub struct Circuit {
     refused: AtomicU64,
 }
 
+/// The wait before the first start is tried through an open circuit; each failed probe
+/// doubles it, up to the cooldown.
+pub const FIRST_PROBE: Duration = Duration::from_millis(250);
+
 #[derive(Default)]
 struct CircuitState {
+    /// Failures counted since the last success (concurrent ones once).
     failures: u32,
+    /// When the last counted failure was recorded.
+    last_failure_at: Option<Instant>,
     open_until: Option<Instant>,
     probing: bool,
+    /// Probes that failed since the circuit opened.
+    failed_probes: u32,
     last: String,
+    /// When a start last succeeded.
+    last_success: Option<Instant>,
+}
+
+/// One start let through by [`Circuit::admit`]: when it began, and whether it is the
+/// half-open probe.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt {
+    began: Instant,
+    probe: bool,
 }
 
 impl Circuit {
@@ -138,16 +172,29 @@ impl Circuit {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// May a start be tried now?
-    pub fn admit(&self) -> Result<(), UpstreamError> {
+    /// The wait before the next probe after `failed_probes` failed ones.
+    fn probe_wait(&self, failed_probes: u32) -> Duration {
+        FIRST_PROBE
+            .saturating_mul(1u32 << failed_probes.min(20))
+            .min(self.cooldown)
+    }
+
+    /// May a start be tried now? The attempt is handed back with its outcome.
+    pub fn admit(&self) -> Result<Attempt, UpstreamError> {
         let now = Instant::now();
         let mut st = self.lock();
         let Some(until) = st.open_until else {
-            return Ok(());
+            return Ok(Attempt {
+                began: now,
+                probe: false,
+            });
         };
         if now >= until && !st.probing {
             st.probing = true;
-            return Ok(());
+            return Ok(Attempt {
+                began: now,
+                probe: true,
+            });
         }
         self.refused.fetch_add(1, Ordering::Relaxed);
         Err(UpstreamError::CircuitOpen {
@@ -160,7 +207,7 @@ impl Circuit {
     }
 
     /// A start succeeded.
-    pub fn success(&self) {
+    pub fn success(&self, _attempt: Attempt) {
         let mut st = self.lock();
         if st.open_until.is_some() {
             // Outside the macro: its fields are not evaluated when the level is off.
@@ -172,30 +219,58 @@ impl Circuit {
                 "upstream starts again; circuit closed"
             );
         }
-        *st = CircuitState::default();
+        *st = CircuitState {
+            last_success: Some(Instant::now()),
+            ..CircuitState::default()
+        };
+    }
+
+    /// Whether a start succeeded after `t`: the upstream was reachable again since then.
+    pub fn succeeded_since(&self, t: Instant) -> bool {
+        self.lock().last_success.is_some_and(|s| s > t)
     }
 
     /// A start failed.
-    pub fn failure(&self, cause: &UpstreamError) {
+    pub fn failure(&self, attempt: Attempt, cause: &UpstreamError) {
+        let now = Instant::now();
         let mut st = self.lock();
+        if attempt.probe {
+            st.probing = false;
+        }
+        // Begun before the last counted failure was known: the same moment's failure.
+        let same_moment = !attempt.probe && st.last_failure_at.is_some_and(|t| attempt.began < t);
+        if same_moment {
+            return;
+        }
         st.failures += 1;
+        st.last_failure_at = Some(now);
         st.last = cause.to_string();
-        st.probing = false;
         if st.failures == 1 {
             tracing::warn!(upstream.name = %self.name, error = %cause, "upstream failed to start");
         }
-        if st.failures >= self.threshold {
-            let reopening = st.open_until.is_some();
-            st.open_until = Some(Instant::now() + self.cooldown);
-            if !reopening {
-                tracing::warn!(
-                    upstream.name = %self.name,
-                    failures = st.failures,
-                    error = %cause,
-                    cooldown_ms = self.cooldown.as_millis() as u64,
-                    "upstream keeps failing to start; circuit open: new starts are refused, one is tried after each cooldown"
-                );
+        if st.open_until.is_some() {
+            if attempt.probe {
+                st.failed_probes += 1;
+                st.open_until = Some(now + self.probe_wait(st.failed_probes));
             }
+        } else if st.failures >= self.threshold {
+            st.open_until = Some(now + self.probe_wait(0));
+            tracing::warn!(
+                upstream.name = %self.name,
+                failures = st.failures,
+                error = %cause,
+                first_probe_ms = self.probe_wait(0).as_millis() as u64,
+                cooldown_ms = self.cooldown.as_millis() as u64,
+                "upstream keeps failing to start; circuit open: new starts are refused, one is tried after a wait that doubles up to the cooldown"
+            );
+        }
+    }
+
+    /// A start ended without saying anything of the upstream (the gateway itself was out
+    /// of descriptors or memory): nothing is counted, and a probe's turn is given back.
+    pub fn neutral(&self, attempt: Attempt) {
+        if attempt.probe {
+            self.lock().probing = false;
         }
     }
 
@@ -503,18 +578,18 @@ impl Connector {
                     })?,
             );
         }
-        self.circuit.admit()?;
+        let attempt = self.circuit.admit()?;
         let (mut link, mut rx) = match self.connect(session_id, params).await {
             Ok(x) => x,
             Err(e) => {
-                self.circuit.failure(&e);
+                self.report(attempt, &e);
                 return Err(e);
             }
         };
         link._slot = slot;
         match handshake(&link, &mut rx, uid, params, timeout).await {
             Ok((result, early)) => {
-                self.circuit.success();
+                self.circuit.success(attempt);
                 Ok(Started {
                     link,
                     rx,
@@ -524,13 +599,21 @@ impl Connector {
             }
             Err(e) => {
                 link.shutdown(true);
-                match &e {
-                    // It answered: the server runs, it refused these params.
-                    UpstreamError::Rejected(_) => self.circuit.success(),
-                    _ => self.circuit.failure(&e),
-                }
+                self.report(attempt, &e);
                 Err(e)
             }
+        }
+    }
+
+    /// Tells the circuit what a failed start says of the upstream.
+    fn report(&self, attempt: Attempt, err: &UpstreamError) {
+        match err {
+            // It answered: the server runs, it refused these params.
+            UpstreamError::Rejected(_) => self.circuit.success(attempt),
+            // The gateway's own shortage says nothing of the upstream (issue 26: a flood
+            // of sessions under `nofile=1024` opened the circuit for every client).
+            UpstreamError::Resources(_) => self.circuit.neutral(attempt),
+            _ => self.circuit.failure(attempt, err),
         }
     }
 
@@ -619,6 +702,17 @@ impl Connector {
             rx,
         ))
     }
+}
+
+/// Whether an I/O error is the gateway's own shortage (open files of the process or the
+/// system, memory, processes) rather than anything the upstream did.
+pub fn gateway_exhausted(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM, Errno::EAGAIN]
+            .iter()
+            .any(|x| *x as i32 == code)
+    })
 }
 
 /// The configured headers of an HTTP upstream (validated when the configuration was read).
@@ -786,6 +880,17 @@ pub async fn startable(spec: &UpstreamSpec) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// Whether an I/O error is the gateway's own shortage (open files of the process or the
+    /// system, memory, processes) rather than anything the upstream did.
+    pub fn gateway_exhausted(e: &std::io::Error) -> bool {
+        use nix::errno::Errno;
+        e.raw_os_error().is_some_and(|code| {
+            [Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM, Errno::EAGAIN]
+                .iter()
+                .any(|x| *x as i32 == code)
+        })
+    }
+
     /// The configured headers of an HTTP upstream (an `mcpServers` entry's `headers`, or
     /// `--upstream-header`) go with its requests, the probe of `auto` included.
     #[tokio::test]
@@ -835,35 +940,48 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_circuit_opens_after_consecutive_failures_and_probes_once_per_cooldown() {
+    async fn the_circuit_opens_after_consecutive_failures_and_probes_with_a_growing_wait() {
         let c = Circuit::new("t", 3, Duration::from_secs(10));
         let err = UpstreamError::Closed("exited at once".into());
         for _ in 0..2 {
-            c.admit().unwrap();
-            c.failure(&err);
+            let a = c.admit().unwrap();
+            tokio::time::advance(Duration::from_millis(1)).await;
+            c.failure(a, &err);
         }
         assert!(!c.is_open());
-        c.admit().unwrap();
-        c.failure(&err);
+        let a = c.admit().unwrap();
+        c.failure(a, &err);
         assert!(c.is_open());
         match c.admit() {
             Err(UpstreamError::CircuitOpen {
                 failures, retry_in, ..
             }) => {
                 assert_eq!(failures, 3);
-                assert_eq!(retry_in, Duration::from_secs(10));
+                assert_eq!(retry_in, FIRST_PROBE, "the first probe comes soon");
             }
             other => panic!("{other:?}"),
         }
+        // Each failed probe doubles the wait, up to the cooldown.
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let wait = match c.admit() {
+                Err(UpstreamError::CircuitOpen { retry_in, .. }) => retry_in,
+                other => panic!("{other:?}"),
+            };
+            waits.push(wait.as_millis());
+            tokio::time::advance(wait).await;
+            // Half-open: one start goes through, the others wait for its outcome.
+            let probe = c.admit().unwrap();
+            assert!(c.admit().is_err());
+            c.failure(probe, &err);
+        }
+        assert_eq!(
+            waits,
+            [250, 500, 1_000, 2_000, 4_000, 8_000, 10_000, 10_000]
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
-        // Half-open: one start goes through, the others wait for its outcome.
-        c.admit().unwrap();
-        assert!(c.admit().is_err());
-        c.failure(&err);
-        assert!(c.admit().is_err());
-        tokio::time::advance(Duration::from_secs(10)).await;
-        c.admit().unwrap();
-        c.success();
+        let probe = c.admit().unwrap();
+        c.success(probe);
         assert!(!c.is_open());
         assert_eq!(c.failures().0, 0);
         c.admit().unwrap();
@@ -872,5 +990,89 @@ mod tests {
             0,
             "the refusal count restarts when the circuit closes"
         );
+    }
+
+    /// Issue 26: eight sessions whose upstream went away all fail to restart at the same
+    /// moment. That is one failure, not eight: the circuit stays closed, and each later
+    /// failure (a start begun after the last one was known) counts.
+    #[tokio::test(start_paused = true)]
+    async fn failures_of_one_moment_count_once() {
+        let c = Circuit::new("t", 5, Duration::from_secs(10));
+        let err = UpstreamError::Closed("connection refused".into());
+        let together: Vec<Attempt> = (0..8).map(|_| c.admit().unwrap()).collect();
+        tokio::time::advance(Duration::from_millis(2)).await;
+        for a in together {
+            c.failure(a, &err);
+        }
+        assert_eq!(c.failures().0, 1);
+        assert!(!c.is_open());
+        for n in 2..=4 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            let a = c.admit().unwrap();
+            let b = c.admit().unwrap();
+            tokio::time::advance(Duration::from_millis(1)).await;
+            c.failure(a, &err);
+            c.failure(b, &err);
+            assert_eq!(c.failures().0, n);
+        }
+        assert!(!c.is_open());
+    }
+
+    /// An upstream back within a second of a crash loop opening the circuit is used within
+    /// about a second: the probe after the first wait succeeds and closes it.
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_back_soon_is_used_soon() {
+        let c = Circuit::new("t", 2, Duration::from_secs(30));
+        let err = UpstreamError::Closed("connection refused".into());
+        for _ in 0..2 {
+            let a = c.admit().unwrap();
+            tokio::time::advance(Duration::from_millis(1)).await;
+            c.failure(a, &err);
+        }
+        let opened = Instant::now();
+        // The upstream comes back 900 ms after the circuit opened.
+        let back = opened + Duration::from_millis(900);
+        loop {
+            match c.admit() {
+                Ok(probe) if Instant::now() >= back => {
+                    c.success(probe);
+                    break;
+                }
+                Ok(probe) => c.failure(probe, &err),
+                Err(UpstreamError::CircuitOpen { retry_in, .. }) => {
+                    tokio::time::advance(retry_in).await;
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        assert!(!c.is_open());
+        let used = Instant::now() - opened;
+        assert!(
+            used <= Duration::from_millis(1_750),
+            "used {used:?} after opening"
+        );
+    }
+
+    /// The gateway's own shortage (EMFILE) says nothing of the upstream: it is not counted,
+    /// and a probe that met it gives its turn back.
+    #[tokio::test(start_paused = true)]
+    async fn the_gateways_own_shortage_is_not_the_upstreams_failure() {
+        let c = Circuit::new("t", 1, Duration::from_secs(10));
+        let a = c.admit().unwrap();
+        c.neutral(a);
+        assert_eq!(c.failures().0, 0);
+        let a = c.admit().unwrap();
+        c.failure(a, &UpstreamError::Closed("refused".into()));
+        assert!(c.is_open());
+        tokio::time::advance(FIRST_PROBE).await;
+        let probe = c.admit().unwrap();
+        c.neutral(probe);
+        let probe = c.admit().expect("the probe's turn was given back");
+        c.success(probe);
+        assert!(!c.is_open());
+        let emfile = std::io::Error::from_raw_os_error(nix::errno::Errno::EMFILE as i32);
+        assert!(gateway_exhausted(&emfile));
+        let enoent = std::io::Error::from_raw_os_error(nix::errno::Errno::ENOENT as i32);
+        assert!(!gateway_exhausted(&enoent));
     }
 }

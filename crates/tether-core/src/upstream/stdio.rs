@@ -291,9 +291,14 @@ impl StdioLink {
         if let Some(cwd) = spec.cwd {
             cmd.current_dir(cwd);
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| UpstreamError::Spawn(format!("{:?}: {e}", spec.argv[0])))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            let what = format!("{:?}: {e}", spec.argv[0]);
+            if super::gateway_exhausted(&e) {
+                UpstreamError::Resources(what)
+            } else {
+                UpstreamError::Spawn(what)
+            }
+        })?;
         let pid = child
             .id()
             .ok_or_else(|| UpstreamError::Spawn("child exited at once".into()))?;

@@ -26,6 +26,7 @@ pub struct Gateway {
     pub log: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    wrapper: Vec<String>,
 }
 
 impl Gateway {
@@ -43,6 +44,19 @@ impl Gateway {
             env.iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            Vec::new(),
+        )
+    }
+
+    /// Like [`Gateway::start`], run under `wrapper` (a command that runs its arguments,
+    /// such as `prlimit --nofile=512:512`).
+    pub fn start_wrapped(state_dir: &Path, wrapper: &[&str], args: &[&str]) -> Gateway {
+        Gateway::start_at(
+            state_dir,
+            "127.0.0.1:0",
+            args.iter().map(|s| s.to_string()).collect(),
+            Vec::new(),
+            wrapper.iter().map(|s| s.to_string()).collect(),
         )
     }
 
@@ -51,6 +65,7 @@ impl Gateway {
         listen: &str,
         args: Vec<String>,
         env: Vec<(String, String)>,
+        wrapper: Vec<String>,
     ) -> Gateway {
         let log = state_dir.join(format!(
             "gateway-{}.log",
@@ -60,7 +75,14 @@ impl Gateway {
                 .as_nanos()
         ));
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg(listen)
@@ -122,6 +144,7 @@ impl Gateway {
                     log,
                     args,
                     env,
+                    wrapper,
                 };
             }
             assert!(
@@ -152,7 +175,13 @@ impl Gateway {
         let mut last = None;
         for _ in 0..50 {
             match std::panic::catch_unwind(|| {
-                Gateway::start_at(&self.state_dir, &self.addr, args.to_vec(), env.to_vec())
+                Gateway::start_at(
+                    &self.state_dir,
+                    &self.addr,
+                    args.to_vec(),
+                    env.to_vec(),
+                    self.wrapper.clone(),
+                )
             }) {
                 Ok(g) => return g,
                 Err(e) => {

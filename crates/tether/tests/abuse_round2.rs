@@ -1,0 +1,214 @@
+//! Bounded under abuse, second round (issue 26): what one client, one upstream or one file
+//! could still do to everyone after the first round. One test per row of the issue; each
+//! asserts the bound and that a bystander (on another loopback address where addresses
+//! matter) is unharmed. Tests run the gateway in process ([`common::TestApp`]) unless the
+//! process boundary is the point (its memory, descriptors, files, signals).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Mcp, TestApp, state_dir};
+use serde_json::{Value, json};
+use tether_core::config::{Layer, LimitsLayer, UpstreamLayer};
+
+/// The JSON-RPC answer to one `echo` call, whatever it is.
+async fn echo(mcp: &Mcp, sid: &str, id: i64) -> Value {
+    let msg = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "hi"}}});
+    let a = mcp.post(Some(sid), &msg).await;
+    if a.status != 200 {
+        return json!({"status": a.status, "body": a.body});
+    }
+    a.response()
+}
+
+/// Row 1: an HTTP upstream killed and back within a second. Eight sessions calling at
+/// once all fail to restart it at the same moment; that used to count as five failures,
+/// open the circuit for its whole cooldown and turn a 1 s outage into 10 s. Written to
+/// fail on the main of issue 26's filing: with a 30 s cooldown no session recovers within
+/// the test's 6 s.
+#[tokio::test]
+async fn an_upstream_back_within_a_second_is_used_within_about_a_second() {
+    let (upstream, url) = common::http_upstream("127.0.0.1:0");
+    let dir = state_dir();
+    let gw = TestApp::start(
+        dir.path(),
+        Layer {
+            demo: Some(false),
+            upstream: Some(UpstreamLayer {
+                url: Some(url.clone()),
+                protocol: Some("legacy".into()),
+                ..UpstreamLayer::default()
+            }),
+            limits: Some(LimitsLayer {
+                circuit_cooldown: Some("30s".into()),
+                ..LimitsLayer::default()
+            }),
+            ..Layer::default()
+        },
+    )
+    .await;
+    let mcp = gw.client();
+    let mut sids = Vec::new();
+    for i in 0..8 {
+        sids.push(mcp.initialize(&format!("caller-{i}")).await);
+    }
+    for (i, sid) in sids.iter().enumerate() {
+        assert!(echo(&mcp, sid, i as i64).await.get("result").is_some());
+    }
+
+    // Every session calls in a loop; each records when it was first served again after
+    // the upstream came back.
+    let back: std::sync::Arc<std::sync::Mutex<Option<Instant>>> = Default::default();
+    let mut callers = Vec::new();
+    for sid in sids.clone() {
+        let mcp = mcp.clone();
+        let back = back.clone();
+        callers.push(tokio::spawn(async move {
+            let mut id = 100;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                id += 1;
+                let r = echo(&mcp, &sid, id).await;
+                let since_back = back.lock().unwrap().map(|b| b.elapsed());
+                if let Some(since) = since_back
+                    && r.get("result").is_some()
+                {
+                    return Some(since);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut child = upstream;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let addr = url.trim_start_matches("http://").trim_end_matches("/mcp");
+    let (mut restarted, _) = common::http_upstream(addr);
+    *back.lock().unwrap() = Some(Instant::now());
+
+    let mut recovered = Vec::new();
+    for c in callers {
+        recovered.push(c.await.unwrap());
+    }
+    restarted.kill().unwrap();
+    let _ = restarted.wait();
+    let worst = recovered
+        .iter()
+        .map(|r| r.expect("every session is served again"))
+        .max()
+        .unwrap();
+    eprintln!("every session served again within {worst:?} of the upstream's return");
+    assert!(
+        worst < Duration::from_secs(6),
+        "every session is served again soon after the upstream is back (worst {worst:?}), not after the circuit's 30 s cooldown"
+    );
+    gw.stop().await.unwrap();
+}
+
+/// A client on another loopback address than the attacker's.
+fn bystander_at(url: &str, ip: &str) -> Mcp {
+    let http = reqwest::Client::builder()
+        .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    Mcp {
+        url: url.to_owned(),
+        http,
+    }
+}
+
+/// Row "nofile": a flood of sessions that runs the gateway out of descriptors is the
+/// gateway's shortage, not the upstream's failure. Each refused session gets a capacity
+/// error naming it (503, `-32016`, `data.limit: gateway-resources`), the circuit stays
+/// closed (it used to open for every client), and once sessions end new ones start at
+/// once. Also: the start-up warning when `--max-sessions` cannot fit the limit. The
+/// process boundary is the point (the descriptor limit is the process's).
+#[tokio::test]
+async fn running_out_of_descriptors_refuses_sessions_and_never_opens_the_circuit() {
+    let dir = state_dir();
+    let gw = common::Gateway::start_wrapped(
+        dir.path(),
+        &["prlimit", "--nofile=160:160"],
+        &[
+            "--demo",
+            "--max-connections",
+            "64",
+            "--circuit-failures",
+            "2",
+        ],
+    );
+    let log = gw.log_text();
+    assert!(
+        log.contains("the open-files limit cannot hold"),
+        "warned at start: {log}"
+    );
+    let other = bystander_at(&gw.url, "127.0.0.2");
+    let bystander = other.initialize("bystander").await;
+
+    let mcp = gw.client();
+    let mut sids = Vec::new();
+    let mut refused = None;
+    for i in 0..200 {
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": format!("flood-{i}"), "version": "1"}}});
+        let a = mcp.post(None, &init).await;
+        if a.status != 200 {
+            refused = Some(a);
+            break;
+        }
+        sids.push(a.headers["mcp-session-id"].to_str().unwrap().to_owned());
+    }
+    let refused = refused.expect("the descriptor limit refuses a session");
+    eprintln!("{} sessions held under nofile=160", sids.len());
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.headers.contains_key("retry-after"));
+    let err = refused.json();
+    assert_eq!(err["error"]["code"], json!(-32016), "{err}");
+    assert_eq!(err["error"]["data"]["limit"], "gateway-resources", "{err}");
+    assert!(
+        sids.len() >= 10,
+        "sessions held before the limit: {}",
+        sids.len()
+    );
+    // More attempts while short: each refused the same way, none counted against the
+    // upstream (two failures would open this circuit).
+    for _ in 0..3 {
+        let a = mcp
+            .post(
+                None,
+                &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": "2025-11-25", "capabilities": {},
+                "clientInfo": {"name": "again", "version": "1"}}}),
+            )
+            .await;
+        assert_eq!(a.status, 503, "{}", a.body);
+    }
+    assert_eq!(
+        common::metric(&gw, "tether_upstream_circuit_open").await,
+        0.0,
+        "the circuit stays closed"
+    );
+    // Sessions end; a new one starts at once, and the bystander was never harmed.
+    for sid in sids.drain(..8) {
+        assert_eq!(mcp.delete(&sid).await, 200);
+    }
+    let fresh = mcp.initialize("after").await;
+    assert_eq!(
+        mcp.call_text(&fresh, 1, "echo", json!({"text": "ok"}))
+            .await,
+        "ok"
+    );
+    assert_eq!(
+        other
+            .call_text(&bystander, 1, "echo", json!({"text": "still here"}))
+            .await,
+        "still here"
+    );
+}
