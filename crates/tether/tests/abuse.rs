@@ -377,16 +377,23 @@ async fn an_upstream_that_dies_at_start_opens_the_circuit_instead_of_spawning_pe
         "protocolVersion": "2025-11-25", "capabilities": {},
         "clientInfo": {"name": "c", "version": "1"}}});
     let mut statuses = Vec::new();
+    let began = std::time::Instant::now();
     for _ in 0..40 {
         statuses.push(mcp.post(None, &init).await);
     }
+    let elapsed_ms = began.elapsed().as_millis();
     let spawned = std::fs::read_to_string(&starts)
         .unwrap_or_default()
         .lines()
         .count();
-    assert_eq!(
-        spawned, 3,
-        "three starts failed, then the circuit refused the rest"
+    // Issue 26: an open circuit tries one start after 250 ms, then after waits doubling
+    // up to the cooldown (at 250, 750, 1750... ms); nothing else is spawned.
+    let probes = (0..20u32)
+        .filter(|k| 250 * ((1u128 << (k + 1)) - 1) <= elapsed_ms)
+        .count();
+    assert!(
+        (3..=3 + probes).contains(&spawned),
+        "three starts failed, then the circuit refused the rest but for its probes: {spawned} spawned in {elapsed_ms} ms"
     );
     for a in &statuses[..3] {
         let e = a.json();
@@ -396,13 +403,21 @@ async fn an_upstream_that_dies_at_start_opens_the_circuit_instead_of_spawning_pe
             "{e}"
         );
     }
+    let mut probed = 0;
     for a in &statuses[3..] {
+        let e = a.json();
+        assert_eq!(e["id"], 5);
+        if a.status == 200 {
+            // A probe: it ran and failed like the first three.
+            assert_eq!(e["error"]["code"], -32010, "{e}");
+            probed += 1;
+            continue;
+        }
         assert_eq!(a.status, 503, "{}", a.body);
         assert!(a.headers.contains_key("retry-after"));
-        let e = a.json();
         assert_eq!(e["error"]["data"]["kind"], "circuit_open", "{e}");
-        assert_eq!(e["id"], 5);
     }
+    assert_eq!(probed, spawned - 3, "every spawn beyond three was a probe");
     assert_eq!(metric(&gw, "tether_upstream_circuit_open").await, 1.0);
     let ready = reqwest::get(format!("{}/health/ready", gw.admin))
         .await
