@@ -139,56 +139,72 @@ impl Envelope {
 
     /// Validates an already parsed value.
     pub fn from_value(value: Value) -> Result<Envelope, EnvelopeError> {
-        let obj = match &value {
-            Value::Object(o) => o,
-            Value::Array(_) => {
-                return Err(EnvelopeError::Invalid("batch requests are not supported"));
-            }
-            _ => {
-                return Err(EnvelopeError::Invalid(
-                    "a JSON-RPC message must be an object",
-                ));
-            }
-        };
-        if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-            return Err(EnvelopeError::Invalid(
-                "missing or wrong \"jsonrpc\": \"2.0\"",
-            ));
-        }
-        let id = obj.get("id");
-        if let Some(id) = id
-            && !valid_id(id)
-        {
-            return Err(EnvelopeError::Invalid(
-                "\"id\" must be a string or an integer and not null",
-            ));
-        }
-        let kind = match obj.get("method") {
-            Some(Value::String(_)) => {
-                if id.is_some() {
-                    Kind::Request
-                } else {
-                    Kind::Notification
-                }
-            }
-            Some(_) => return Err(EnvelopeError::Invalid("\"method\" must be a string")),
-            None => {
-                if id.is_none() {
-                    return Err(EnvelopeError::Invalid(
-                        "message has neither \"method\" nor \"id\"",
-                    ));
-                }
-                if obj.contains_key("result") == obj.contains_key("error") {
-                    return Err(EnvelopeError::Invalid(
-                        "a response must carry exactly one of \"result\" and \"error\"",
-                    ));
-                }
-                Kind::Response
-            }
-        };
+        let kind = kind_of(&value)?;
         Ok(Envelope { kind, value })
     }
+}
 
+/// What kind of JSON-RPC 2.0 message `value` is, or why it is none.
+pub fn kind_of(value: &Value) -> Result<Kind, EnvelopeError> {
+    let obj = match value {
+        Value::Object(o) => o,
+        Value::Array(_) => {
+            return Err(EnvelopeError::Invalid("batch requests are not supported"));
+        }
+        _ => {
+            return Err(EnvelopeError::Invalid(
+                "a JSON-RPC message must be an object",
+            ));
+        }
+    };
+    if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err(EnvelopeError::Invalid(
+            "missing or wrong \"jsonrpc\": \"2.0\"",
+        ));
+    }
+    let id = obj.get("id");
+    if let Some(id) = id
+        && !valid_id(id)
+    {
+        return Err(EnvelopeError::Invalid(
+            "\"id\" must be a string or an integer and not null",
+        ));
+    }
+    let kind = match obj.get("method") {
+        Some(Value::String(_)) => {
+            if id.is_some() {
+                Kind::Request
+            } else {
+                Kind::Notification
+            }
+        }
+        Some(_) => return Err(EnvelopeError::Invalid("\"method\" must be a string")),
+        None => {
+            if id.is_none() {
+                return Err(EnvelopeError::Invalid(
+                    "message has neither \"method\" nor \"id\"",
+                ));
+            }
+            if obj.contains_key("result") == obj.contains_key("error") {
+                return Err(EnvelopeError::Invalid(
+                    "a response must carry exactly one of \"result\" and \"error\"",
+                ));
+            }
+            if let Some(error) = obj.get("error")
+                && !(error.get("code").is_some_and(|c| c.is_i64())
+                    && error.get("message").is_some_and(Value::is_string))
+            {
+                return Err(EnvelopeError::Invalid(
+                    "\"error\" must be an object with an integer \"code\" and a string \"message\"",
+                ));
+            }
+            Kind::Response
+        }
+    };
+    Ok(kind)
+}
+
+impl Envelope {
     /// The `method`, for requests and notifications.
     pub fn method(&self) -> Option<&str> {
         self.value.get("method").and_then(Value::as_str)
@@ -225,6 +241,20 @@ impl Envelope {
     pub fn progress_token(&self) -> Option<&Value> {
         self.params()?.get("_meta")?.get("progressToken")
     }
+}
+
+/// Whether a message needs an answer: every MCP notification's method is under
+/// `notifications/`, so any other method is a request, and a request without an `id`
+/// could never be answered (issue 26: such a `tools/call` reached the upstream uncounted
+/// by the quota and unrecorded).
+pub fn needs_answer(method: &str) -> bool {
+    !method.starts_with("notifications/")
+}
+
+/// Whether `v` is one well-formed JSON-RPC 2.0 message (what an upstream must send to be
+/// relayed as it is).
+pub fn is_message(v: &Value) -> bool {
+    kind_of(v).is_ok()
 }
 
 fn valid_id(id: &Value) -> bool {
@@ -459,11 +489,28 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"method":7}"#,
             r#"{"jsonrpc":"2.0","id":1}"#,
             r#"{"jsonrpc":"2.0","id":1,"result":{},"error":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"error":"bad"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"error":{"code":"x","message":"m"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"error":{"code":1}}"#,
+            r#"{"error":"bad","id":5}"#,
             r#""hello""#,
         ] {
             let err = Envelope::parse(bad.as_bytes()).unwrap_err();
             assert_eq!(err.code(), code::INVALID_REQUEST, "{bad}");
         }
+    }
+
+    #[test]
+    fn only_notifications_go_without_an_id() {
+        assert!(!needs_answer("notifications/initialized"));
+        assert!(!needs_answer("notifications/cancelled"));
+        for m in ["tools/call", "ping", "initialize", "x/notifications/y"] {
+            assert!(needs_answer(m), "{m}");
+        }
+        assert!(is_message(
+            &json!({"jsonrpc": "2.0", "id": 1, "error": {"code": -1, "message": "m"}})
+        ));
+        assert!(!is_message(&json!({"hello": "world"})));
     }
 
     #[test]

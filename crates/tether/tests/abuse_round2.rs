@@ -212,3 +212,204 @@ async fn running_out_of_descriptors_refuses_sessions_and_never_opens_the_circuit
         "still here"
     );
 }
+
+/// An HTTP MCP server that is not Tether and not well behaved: it answers `initialize`
+/// and notifications like any, and every other request with `status` and `body`, which
+/// need not be JSON-RPC. Returns its URL; it lives as long as the test's runtime.
+async fn imperfect_upstream(status: u16, body: &'static str) -> String {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let app = axum::Router::new().route(
+        "/mcp",
+        axum::routing::post(move |msg: axum::Json<Value>| async move {
+            match msg.get("method").and_then(Value::as_str) {
+                Some("initialize") => (
+                    [
+                        ("mcp-session-id", "imperfect-1"),
+                        ("content-type", "application/json"),
+                    ],
+                    json!({"jsonrpc": "2.0", "id": msg["id"], "result": {
+                        "protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+                        "serverInfo": {"name": "imperfect", "version": "1"}}})
+                    .to_string(),
+                )
+                    .into_response(),
+                _ if msg.get("id").is_none() => StatusCode::ACCEPTED.into_response(),
+                _ => (
+                    StatusCode::from_u16(status).unwrap(),
+                    [("content-type", "application/json")],
+                    body,
+                )
+                    .into_response(),
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// Asserts `v` is a well-formed JSON-RPC error answering `id` whose message names the
+/// upstream and `status`.
+fn assert_names_upstream_status(v: &Value, id: i64, status: u16) {
+    assert_eq!(v["jsonrpc"], "2.0", "{v}");
+    assert_eq!(v["id"], id, "{v}");
+    assert!(v["error"]["code"].is_i64(), "{v}");
+    let message = v["error"]["message"].as_str().expect("a string message");
+    assert!(
+        message.contains("upstream") && message.contains(&format!("HTTP {status}")),
+        "{v}"
+    );
+    assert!(v.get("result").is_none(), "{v}");
+}
+
+/// Row "an HTTP upstream answering `400 {"error":"bad"}`": its answer is not JSON-RPC, so
+/// the client gets a proper JSON-RPC error of the gateway's naming the upstream and the
+/// status (it used to be relayed as `{"error":"bad","id":5}`), through the gateway and
+/// through `tether connect`; a 200 whose body is JSON but not JSON-RPC likewise.
+#[tokio::test]
+async fn an_upstream_answer_that_is_not_jsonrpc_becomes_a_proper_error() {
+    for (status, body) in [(400, r#"{"error":"bad"}"#), (200, r#"{"hello":"world"}"#)] {
+        let url = imperfect_upstream(status, body).await;
+        let dir = state_dir();
+        let gw = TestApp::start(
+            dir.path(),
+            Layer {
+                demo: Some(false),
+                upstream: Some(UpstreamLayer {
+                    url: Some(url.clone()),
+                    protocol: Some("legacy".into()),
+                    ..UpstreamLayer::default()
+                }),
+                ..Layer::default()
+            },
+        )
+        .await;
+        let mcp = gw.client();
+        let sid = mcp.initialize("strict").await;
+        let a = mcp
+            .post(
+                Some(&sid),
+                &json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {}}}),
+            )
+            .await;
+        let v = a.response();
+        assert_names_upstream_status(&v, 5, status);
+        assert_eq!(v["error"]["data"]["http_status"], status, "{v}");
+
+        // The same through `tether connect`, whose client reads stdio.
+        let answer = bridge_exchange(
+            &url,
+            json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+                "params": {"name": "echo", "arguments": {}}}),
+        )
+        .await;
+        assert_names_upstream_status(&answer, 5, status);
+        gw.stop().await.unwrap();
+    }
+}
+
+/// Runs `tether connect URL` with a raw stdio client: `initialize`, then `message`;
+/// returns the answer to `message`.
+async fn bridge_exchange(url: &str, message: Value) -> Value {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let dir = state_dir();
+    let mut child = tokio::process::Command::new(common::BIN)
+        .args(["connect", url, "--first-contact", "2s", "--log-file"])
+        .arg(dir.path().join("connect.log"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut send = async |msg: Value| {
+        stdin
+            .write_all(format!("{msg}\n").as_bytes())
+            .await
+            .unwrap();
+        if msg.get("id").is_none() {
+            return Value::Null;
+        }
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the bridge answers")
+            .unwrap()
+            .expect("a line");
+        serde_json::from_str::<Value>(&line).unwrap()
+    };
+    let init = send(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}}),
+    )
+    .await;
+    assert!(init.get("result").is_some(), "{init}");
+    send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
+    let answer = send(message).await;
+    drop(stdin);
+    let _ = child.wait().await;
+    answer
+}
+
+/// Row "a legacy `tools/call` sent without an `id`": a method that needs an answer
+/// without an id is refused (400, `-32600`) and never reaches the upstream, so it can
+/// neither pass the quota uncounted nor go unrecorded (20 of 20 used to reach a logging
+/// upstream after the quota was used up).
+#[tokio::test]
+async fn a_request_without_an_id_is_refused_and_never_reaches_the_upstream() {
+    let dir = state_dir();
+    let seen = dir.path().join("upstream-stdin.log");
+    let gw = TestApp::start(
+        dir.path(),
+        Layer {
+            demo: Some(false),
+            upstream: Some(UpstreamLayer {
+                command: Some(vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!(
+                        "tee -a '{}' | exec '{}' demo-server",
+                        seen.display(),
+                        common::BIN
+                    ),
+                ]),
+                ..UpstreamLayer::default()
+            }),
+            limits: Some(LimitsLayer {
+                quota_tool_calls: Some("1/1h".into()),
+                ..LimitsLayer::default()
+            }),
+            ..Layer::default()
+        },
+    )
+    .await;
+    let mcp = gw.client();
+    let sid = mcp.initialize("no-ids").await;
+    for _ in 0..20 {
+        let a = mcp
+            .post(
+                Some(&sid),
+                &json!({"jsonrpc": "2.0", "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {"text": "sneaky"}}}),
+            )
+            .await;
+        assert_eq!(a.status, 400, "{}", a.body);
+        assert_eq!(a.json()["error"]["code"], -32600, "{}", a.body);
+    }
+    // The quota's one call is still there, and used by a proper call.
+    assert_eq!(
+        mcp.call_text(&sid, 1, "echo", json!({"text": "proper"}))
+            .await,
+        "proper"
+    );
+    let over = mcp.call(&sid, 2, "echo", json!({"text": "over"})).await;
+    assert_eq!(over["error"]["data"]["limit"], "quota-tool-calls", "{over}");
+    let upstream_saw = std::fs::read_to_string(&seen).unwrap();
+    assert!(upstream_saw.contains("proper"), "{upstream_saw}");
+    assert!(!upstream_saw.contains("sneaky"), "{upstream_saw}");
+    gw.stop().await.unwrap();
+}

@@ -602,6 +602,18 @@ async fn read_message(
     };
     let env = Envelope::parse(&bytes)
         .map_err(|e| FrontError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    if let (Kind::Notification, Some(method)) = (env.kind, env.method())
+        && protocol::needs_answer(method)
+    {
+        return Err(FrontError::new(
+            StatusCode::BAD_REQUEST,
+            code::INVALID_REQUEST,
+            format!(
+                "Invalid Request: {:?} is a request and needs an \"id\" (only notifications/* are sent without one)",
+                cut(method, 64)
+            ),
+        ));
+    }
     Ok((env, bytes))
 }
 

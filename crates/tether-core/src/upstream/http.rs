@@ -269,6 +269,80 @@ pub(super) async fn error_body(resp: reqwest::Response) -> String {
         .unwrap_or_default()
 }
 
+/// The answer to request `id` that an HTTP error `status` from the server at `url` stands
+/// for: the server's own JSON-RPC error when its `body` is one (with our id), else an error
+/// of ours naming the upstream and the status (`data.http_status`), never the body relayed
+/// as if it were JSON-RPC (issue 26: `400 {"error":"bad"}` reached clients as
+/// `{"error":"bad","id":5}`).
+pub(super) fn status_answer(
+    id: &Value,
+    url: &str,
+    status: StatusCode,
+    challenge: Option<&str>,
+    body: &str,
+) -> Value {
+    if let Ok(mut err) = serde_json::from_str::<Value>(body)
+        && err.get("error").is_some()
+        && protocol::is_message(&err)
+    {
+        protocol::set_id(&mut err, id.clone());
+        return err;
+    }
+    let why = explain_status(status, challenge)
+        .filter(|_| matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN))
+        .unwrap_or_else(|| {
+            format!(
+                "upstream {} answered HTTP {status}: {}",
+                describe_url(url),
+                crate::log_limit::cut(body, 200)
+            )
+        });
+    protocol::error_response(
+        id.clone(),
+        code::UPSTREAM_LOST,
+        why,
+        Some(serde_json::json!({
+            "kind": "upstream_http_error",
+            "origin": "upstream",
+            "http_status": status.as_u16(),
+            "upstream": describe_url(url),
+        })),
+    )
+}
+
+/// The answer to request `id` when the server at `url` sent a body (`status`) that is not
+/// a JSON-RPC message: an error of ours naming the upstream and the status.
+pub(super) fn not_jsonrpc_answer(id: &Value, url: &str, status: StatusCode, what: &str) -> Value {
+    protocol::error_response(
+        id.clone(),
+        code::UPSTREAM_LOST,
+        format!(
+            "upstream {} answered HTTP {status} with {what}, not a JSON-RPC message",
+            describe_url(url)
+        ),
+        Some(serde_json::json!({
+            "kind": "upstream_not_jsonrpc",
+            "origin": "upstream",
+            "http_status": status.as_u16(),
+            "upstream": describe_url(url),
+        })),
+    )
+}
+
+/// A server URL as it may be shown to a client: host, port and path, without credentials
+/// or query.
+pub(super) fn describe_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!(
+            "{}{}{}",
+            u.host_str().unwrap_or_default(),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default(),
+            u.path()
+        ),
+        Err(_) => "(unparsable URL)".to_owned(),
+    }
+}
+
 /// Whether a 400's body blames the session id, as servers do that answer 400 where the
 /// spec says 404 for a session they forgot (the official server-everything's
 /// "Bad Request: No valid session ID provided").
@@ -671,15 +745,22 @@ impl Inner {
             }
             Ok(Ok(bytes)) if bytes.is_empty() => {}
             Ok(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
-                Ok(v) => {
+                Ok(v) if protocol::is_message(&v) => {
                     if is_init {
                         self.note_initialized(&v).await;
                     }
                     self.emit(v, origin).await;
                 }
-                Err(e) => {
-                    self.answer_error(value, &format!("server sent malformed JSON: {e}"))
-                        .await
+                parsed => {
+                    let what = match parsed {
+                        Ok(_) => "JSON".to_owned(),
+                        Err(e) => format!("malformed JSON ({e})"),
+                    };
+                    if let Some(id) = req_id {
+                        let answer = not_jsonrpc_answer(&id, &self.url, status, &what);
+                        tracing::warn!(url = %self.url, "{}", answer["error"]["message"].as_str().unwrap_or_default());
+                        self.emit(answer, origin).await;
+                    }
                 }
             },
             Err(e) => {
@@ -702,28 +783,15 @@ impl Inner {
         challenge: Option<&str>,
         body: &str,
     ) {
-        let req_id = request_id(value).cloned();
-        if let (Some(id), Some(mut err)) = (
-            &req_id,
-            serde_json::from_str::<Value>(body)
-                .ok()
-                .filter(|v| v.get("error").is_some()),
-        ) {
-            protocol::set_id(&mut err, id.clone());
-            let origin = id.as_u64();
-            self.emit(err, origin).await;
+        let Some(id) = request_id(value).cloned() else {
+            tracing::warn!(url = %self.url, status = status.as_u16(), "server refused a message that needs no answer");
             return;
-        }
-        let why = match explain_status(status, challenge)
-            .filter(|_| matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN))
-        {
-            Some(why) => why,
-            None => {
-                let snippet: String = body.chars().take(200).collect();
-                format!("server answered HTTP {status}: {snippet}")
-            }
         };
-        self.answer_error(value, &why).await;
+        let answer = status_answer(&id, &self.url, status, challenge, body);
+        if answer.pointer("/error/data/http_status").is_some() {
+            tracing::warn!(url = %self.url, status = status.as_u16(), "{}", answer["error"]["message"].as_str().unwrap_or_default());
+        }
+        self.emit(answer, id.as_u64()).await;
     }
 
     /// Records the negotiated version and opens the standalone stream.
@@ -767,8 +835,11 @@ impl Inner {
                 if ev.data.trim().is_empty() {
                     continue;
                 }
-                let Ok(value) = serde_json::from_str::<Value>(&ev.data) else {
-                    tracing::warn!(url = %self.url, "server SSE event is not JSON; ignored");
+                let Some(value) = serde_json::from_str::<Value>(&ev.data)
+                    .ok()
+                    .filter(protocol::is_message)
+                else {
+                    tracing::warn!(url = %self.url, "server SSE event is not a JSON-RPC message; ignored");
                     continue;
                 };
                 let answers = value.get("method").is_none()

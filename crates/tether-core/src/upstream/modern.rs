@@ -36,8 +36,8 @@ use tracing::Instrument;
 
 use super::Inbound;
 use super::http::{
-    HttpOptions, bounded_sse, error_body, error_chain, explain_error, explain_status,
-    is_event_stream, read_limited,
+    HttpOptions, bounded_sse, error_body, error_chain, explain_error, is_event_stream,
+    not_jsonrpc_answer, read_limited, status_answer,
 };
 use crate::modern;
 use crate::protocol::{self, code};
@@ -411,7 +411,7 @@ impl Inner {
         match sent {
             Ok(resp) => {
                 let notes = origin.map(|o| (&self.inbound, o));
-                read_answer(resp, body, self.opts.max_message, notes).await
+                read_answer(resp, &self.url, body, self.opts.max_message, notes).await
             }
             Err(e) => Answer::Failed(explain_error(&e, &self.url).0),
         }
@@ -697,6 +697,7 @@ fn id_text(id: &Value) -> String {
 /// notifications are sent on as they come (with `notes`' origin) until the answer.
 async fn read_answer(
     resp: reqwest::Response,
+    url: &str,
     body: &Value,
     max: usize,
     notes: Option<(&mpsc::Sender<Inbound>, u64)>,
@@ -710,27 +711,19 @@ async fn read_answer(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let text = error_body(resp).await;
-        if let Some(err) = serde_json::from_str::<Value>(&text)
-            .ok()
-            .filter(|v| v.get("error").is_some())
-        {
-            return Answer::Final(err);
-        }
-        let why = explain_status(status, challenge.as_deref())
-            .filter(|_| status.as_u16() == 401 || status.as_u16() == 403)
-            .unwrap_or_else(|| {
-                format!(
-                    "server answered HTTP {status}: {}",
-                    crate::log_limit::cut(&text, 200)
-                )
-            });
-        return Answer::Lost(why);
+        return Answer::Final(status_answer(&id, url, status, challenge.as_deref(), &text));
     }
     if !is_event_stream(resp.headers()) {
         return match read_limited(resp, max).await {
             Ok(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
-                Ok(v) => Answer::Final(v),
-                Err(e) => Answer::Lost(format!("server sent malformed JSON: {e}")),
+                Ok(v) if protocol::is_message(&v) => Answer::Final(v),
+                Ok(_) => Answer::Final(not_jsonrpc_answer(&id, url, status, "JSON")),
+                Err(e) => Answer::Final(not_jsonrpc_answer(
+                    &id,
+                    url,
+                    status,
+                    &format!("malformed JSON ({e})"),
+                )),
             },
             Ok(Err(len)) => report_oversized(notes, &id, len, max).await,
             Err(e) => Answer::Failed(format!("response failed: {}", error_chain(&e))),
@@ -750,8 +743,11 @@ async fn read_answer(
         if ev.data.trim().is_empty() {
             continue;
         }
-        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
-            tracing::warn!("server SSE event is not JSON; ignored");
+        let Some(v) = serde_json::from_str::<Value>(&ev.data)
+            .ok()
+            .filter(protocol::is_message)
+        else {
+            tracing::warn!("server SSE event is not a JSON-RPC message; ignored");
             continue;
         };
         if v.get("method").is_none() && v.get("id") == Some(&id) {
@@ -828,7 +824,7 @@ pub async fn probe(
         if status == 401 || status == 403 || status == 429 || status >= 500 {
             return None;
         }
-        match read_answer(resp, &body, 1 << 20, None).await {
+        match read_answer(resp, url, &body, 1 << 20, None).await {
             Answer::Final(v) => Some(v.get("result").is_some_and(modern::speaks_modern)),
             Answer::Lost(_) | Answer::Reported => Some(false),
             Answer::Failed(_) => None,
