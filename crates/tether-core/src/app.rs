@@ -53,6 +53,14 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listen.local_addr()?;
+    let me = crate::servers::GatewayAddr::listening(addr);
+    for (name, spec) in served(&config) {
+        if let Some(what) = me.reached_by(&spec) {
+            anyhow::bail!(
+                "server {name:?} is this gateway itself ({what}, and the gateway listens on {addr}): every request would call the gateway again; point it at the real server"
+            );
+        }
+    }
     let uses_state_dir =
         matches!(config.store, StoreSpec::Sqlite) || matches!(config.ledger, LedgerSpec::Sqlite);
     // Held for the life of the process; the kernel drops it when the process dies.
@@ -133,6 +141,7 @@ pub async fn run(
         users: None,
     };
     let builder = Arc::new(Builder {
+        me,
         multi: config.servers_source.is_some() || config.servers.len() > 1,
         gateway_upstreams: Arc::new(tokio::sync::Semaphore::new(limits.max_upstreams)),
         mirror_ledger: !stores.shared,
@@ -393,6 +402,8 @@ async fn check_startable(
 /// Makes the registry and front door of one server (at start and on reload).
 struct Builder {
     config: Config,
+    /// Where this gateway listens: a server whose upstream is the gateway itself is refused.
+    me: crate::servers::GatewayAddr,
     shim: Option<PathBuf>,
     common: Common,
     front: FrontConfig,
@@ -556,7 +567,26 @@ fn reload(hub: &Hub, builder: &Builder, source: &ServersSource, why: &str) {
         Ok(f) if f.servers.is_empty() => Err(vec![format!(
             "{shown}: no enabled server in it (a gateway with no server would refuse every client)"
         )]),
-        other => other,
+        Ok(f) => {
+            let looping: Vec<String> = f
+                .servers
+                .iter()
+                .filter_map(|e| {
+                    builder.me.reached_by(&e.upstream).map(|what| {
+                        format!(
+                            "{shown}: server {:?} is this gateway itself ({what})",
+                            e.name
+                        )
+                    })
+                })
+                .collect();
+            if looping.is_empty() {
+                Ok(f)
+            } else {
+                Err(looping)
+            }
+        }
+        Err(e) => Err(e),
     };
     let file = match file {
         Ok(f) => f,

@@ -80,13 +80,105 @@ pub struct ServersFile {
 /// `server` label is bounded by this), so a generated file cannot make thousands.
 pub const MAX_SERVERS: usize = 256;
 
-/// Whether `name` can be a server name: it becomes a URL path segment and a metric label.
+/// Longest server name.
+pub const MAX_NAME: usize = 64;
+
+/// Whether `name` can be a server name: it becomes a URL path segment and a metric label,
+/// so letters, digits, `-`, `_` and `.` only, at most [`MAX_NAME`], and not dots alone
+/// (`.` and `..` are path steps: clients normalize `/servers/../mcp` to `/mcp`).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= MAX_NAME
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.chars().all(|c| c == '.')
+}
+
+/// A valid server name for a client's entry name that is not one (`tether import`): other
+/// characters become `-`, dots alone become `server`, cut to [`MAX_NAME`].
+pub fn safe_name(name: &str) -> String {
+    let mapped: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(MAX_NAME)
+        .collect();
+    if mapped.is_empty() || mapped.chars().all(|c| c == '.') {
+        "server".to_owned()
+    } else {
+        mapped
+    }
+}
+
+/// Where a gateway is reached: a host (name or address) and port. A server whose upstream
+/// is the gateway itself would have every request call the gateway again (issue 26:
+/// `tether import` run twice wrote entries pointing at the gateway, and serving them
+/// spawned 100 `tether connect` processes in 0.6 s).
+#[derive(Debug, Clone)]
+pub struct GatewayAddr {
+    host: String,
+    port: u16,
+}
+
+impl GatewayAddr {
+    /// The gateway at URL `url` (`tether import --gateway`).
+    pub fn from_url(url: &str) -> Option<GatewayAddr> {
+        let u = reqwest::Url::parse(url).ok()?;
+        Some(GatewayAddr {
+            host: u.host_str()?.trim_matches(['[', ']']).to_ascii_lowercase(),
+            port: u.port_or_known_default()?,
+        })
+    }
+
+    /// The gateway listening on `addr` (an unspecified address is reached on loopback).
+    pub fn listening(addr: std::net::SocketAddr) -> GatewayAddr {
+        GatewayAddr {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+
+    /// Whether `url` names this gateway.
+    pub fn is(&self, url: &str) -> bool {
+        let Ok(u) = reqwest::Url::parse(url) else {
+            return false;
+        };
+        let (Some(host), Some(port)) = (u.host_str(), u.port_or_known_default()) else {
+            return false;
+        };
+        let host = host.trim_matches(['[', ']']).to_ascii_lowercase();
+        let local = |h: &str| {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+        };
+        port == self.port && (host == self.host || (local(&host) && local(&self.host)))
+    }
+
+    /// What of `spec` reaches this gateway, if anything: its URL, or a `tether connect` to
+    /// it.
+    pub fn reached_by(&self, spec: &UpstreamSpec) -> Option<String> {
+        match spec {
+            UpstreamSpec::Http { url, .. } => self.is(url).then(|| url.clone()),
+            UpstreamSpec::Stdio { argv, .. } => {
+                let program = std::path::Path::new(&argv[0])
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let connect = program.starts_with("tether") && argv.iter().any(|a| a == "connect");
+                argv.iter()
+                    .skip(1)
+                    .find(|a| connect && self.is(a))
+                    .map(|a| format!("{} connect {a}", argv[0]))
+            }
+        }
+    }
 }
 
 /// Reads the servers file text `text` (named `file` in messages). Every problem at once.
@@ -135,7 +227,7 @@ pub fn parse(text: &str, file: &str, env_policy: &EnvPolicy) -> Result<ServersFi
         let at = format!("{file}: {table_key}.{name}");
         if !valid_name(name) {
             errors.push(format!(
-                "{at}: the name may hold only letters, digits, - _ and . (at most 64): it is the endpoint /servers/NAME/mcp"
+                "{at}: the name may hold only letters, digits, - _ and . (at most {MAX_NAME}, not dots alone): it is the endpoint /servers/NAME/mcp; `tether import` maps such names"
             ));
             continue;
         }
@@ -265,13 +357,74 @@ pub struct Imported {
 /// client keeps; `gateway` is the gateway's base URL (`http://127.0.0.1:7450`). Every entry
 /// must be one Tether can serve; errors are reported all at once, as [`parse`] does.
 pub fn import(text: &str, file: &str, gateway: &str, via: Via) -> Result<Imported, Vec<String>> {
-    let read = parse(text, file, &EnvPolicy::Inherit)?;
     let mut root: Value = serde_json::from_str(text).map_err(|e| vec![format!("{file}: {e}")])?;
     let key = if root.get("servers").is_some() {
         "servers"
     } else {
         "mcpServers"
     };
+    // Names a gateway cannot serve under are mapped (and said so); the client keeps its own.
+    let mut renamed: BTreeMap<String, String> = BTreeMap::new();
+    let mut notes = Vec::new();
+    let mut mapped_text = None;
+    if let Some(table) = root.get(key).and_then(Value::as_object) {
+        let mut taken: std::collections::BTreeSet<String> = table
+            .keys()
+            .filter(|k| valid_name(k))
+            .map(|k| k.to_ascii_lowercase())
+            .collect();
+        let mut mapped = serde_json::Map::new();
+        for (name, entry) in table {
+            let served = if valid_name(name) {
+                name.clone()
+            } else {
+                let base = safe_name(name);
+                let mut candidate = base.clone();
+                let mut n = 2;
+                while taken.contains(&candidate.to_ascii_lowercase()) {
+                    let suffix = format!("-{n}");
+                    let keep = MAX_NAME - suffix.len();
+                    candidate = format!("{}{suffix}", &base[..base.len().min(keep)]);
+                    n += 1;
+                }
+                taken.insert(candidate.to_ascii_lowercase());
+                notes.push(format!(
+                    "{file}: {key}.{name}: served as {candidate:?} (a server name holds only letters, digits, - _ and ., at most {MAX_NAME}, and not dots alone)"
+                ));
+                renamed.insert(name.clone(), candidate.clone());
+                candidate
+            };
+            mapped.insert(served, entry.clone());
+        }
+        if !renamed.is_empty() {
+            let mut copy = root.clone();
+            copy[key] = Value::Object(mapped);
+            mapped_text = Some(copy.to_string());
+        }
+    }
+    let mut read = parse(
+        mapped_text.as_deref().unwrap_or(text),
+        file,
+        &EnvPolicy::Inherit,
+    )?;
+    notes.append(&mut read.notes);
+    if let Some(gw) = GatewayAddr::from_url(gateway) {
+        let looping: Vec<String> = read
+            .servers
+            .iter()
+            .filter_map(|s| {
+                gw.reached_by(&s.upstream).map(|what| {
+                    format!(
+                        "{file}: {key}.{}: points at this gateway ({what}): it was imported already, and serving it would make the gateway call itself; remove it or import the client's original file",
+                        s.name
+                    )
+                })
+            })
+            .collect();
+        if !looping.is_empty() {
+            return Err(looping);
+        }
+    }
     let vs_code = key == "servers";
     let gateway = gateway
         .trim_end_matches('/')
@@ -282,15 +435,16 @@ pub fn import(text: &str, file: &str, gateway: &str, via: Via) -> Result<Importe
     let mut client = serde_json::Map::new();
     let mut names = Vec::new();
     for (name, entry) in &table {
-        if !read.servers.iter().any(|s| &s.name == name) {
+        let served = renamed.get(name).unwrap_or(name);
+        if !read.servers.iter().any(|s| &s.name == served) {
             // Disabled: left in the client's file as it was.
             client.insert(name.clone(), entry.clone());
             continue;
         }
         let mut kept = entry.as_object().cloned().unwrap_or_default();
         kept.retain(|k, _| !CLIENT_KEYS.contains(&k.as_str()));
-        tether.insert(name.clone(), Value::Object(kept));
-        let url = format!("{gateway}/servers/{name}/mcp");
+        tether.insert(served.clone(), Value::Object(kept));
+        let url = format!("{gateway}/servers/{served}/mcp");
         let windsurf = entry.get("serverUrl").is_some();
         let pointed = match via {
             Via::Url if vs_code => serde_json::json!({"type": "http", "url": url}),
@@ -311,14 +465,14 @@ pub fn import(text: &str, file: &str, gateway: &str, via: Via) -> Result<Importe
             }
         }
         client.insert(name.clone(), Value::Object(pointed));
-        names.push(name.clone());
+        names.push(served.clone());
     }
     root[key] = Value::Object(client);
     Ok(Imported {
         tether: serde_json::json!({ "mcpServers": tether }),
         client: root,
         names,
-        notes: read.notes,
+        notes,
     })
 }
 
@@ -694,5 +848,87 @@ mod tests {
                 [0]
             .contains("but for case")
         );
+    }
+
+    /// Issue 26: `.` and `..` are path steps (clients normalize `/servers/../mcp` to
+    /// `/mcp`), so they are no names; `tether import` maps what a gateway cannot serve
+    /// under and says so, and the client keeps its own entry name.
+    #[test]
+    fn names_are_safe_and_import_maps_the_others() {
+        for bad in [".", "..", "...", "", "a/b", "my server", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        for good in ["a", "a.b", ".hidden", "github-mcp_2", &"x".repeat(64)] {
+            assert!(valid_name(good), "{good:?}");
+        }
+        assert!(read(r#"{"mcpServers": {"..": {"command": "x"}}}"#).is_err());
+        let text = r#"{"mcpServers": {
+            "..": {"command": "a"},
+            "my server": {"command": "b"},
+            "my-server": {"command": "c"},
+            "gh/issues": {"url": "http://127.0.0.1:9/mcp"}
+        }}"#;
+        let i = import(text, "c.json", "http://127.0.0.1:7450", Via::Url).unwrap();
+        let mut names = i.names.clone();
+        names.sort();
+        assert_eq!(names, ["gh-issues", "my-server", "my-server-2", "server"]);
+        assert!(names.iter().all(|n| valid_name(n)));
+        assert_eq!(
+            i.client["mcpServers"]["my server"]["url"],
+            "http://127.0.0.1:7450/servers/my-server-2/mcp"
+        );
+        assert_eq!(
+            i.client["mcpServers"][".."]["url"],
+            "http://127.0.0.1:7450/servers/server/mcp"
+        );
+        assert!(
+            i.notes
+                .iter()
+                .any(|n| n.contains("mcpServers.gh/issues: served as \"gh-issues\"")),
+            "{:?}",
+            i.notes
+        );
+        let back = parse(&i.tether.to_string(), "t.json", &EnvPolicy::Inherit).unwrap();
+        assert_eq!(back.servers.len(), 4);
+    }
+
+    /// Issue 26: importing a file that already points at the gateway (its URL, or a
+    /// `tether connect` to it, under any loopback name) is refused: serving such an entry
+    /// would make the gateway call itself.
+    #[test]
+    fn import_refuses_entries_that_point_at_the_gateway() {
+        let first = import(
+            r#"{"mcpServers": {"files": {"command": "npx", "args": ["fs"]}}}"#,
+            "c.json",
+            "http://127.0.0.1:7450",
+            Via::Connect,
+        )
+        .unwrap();
+        for (again, gateway) in [
+            (first.client.to_string(), "http://127.0.0.1:7450"),
+            (first.client.to_string(), "http://localhost:7450/mcp"),
+            (
+                r#"{"mcpServers": {"x": {"url": "http://[::1]:7450/servers/x/mcp"}}}"#.to_owned(),
+                "http://127.0.0.1:7450",
+            ),
+        ] {
+            let err = import(&again, "c.json", gateway, Via::Connect)
+                .unwrap_err()
+                .join("\n");
+            assert!(err.contains("points at this gateway"), "{err}");
+        }
+        // Another port is another server.
+        assert!(
+            import(
+                r#"{"mcpServers": {"x": {"url": "http://127.0.0.1:9000/mcp"}}}"#,
+                "c.json",
+                "http://127.0.0.1:7450",
+                Via::Url
+            )
+            .is_ok()
+        );
+        let me = GatewayAddr::listening("0.0.0.0:7450".parse().unwrap());
+        assert!(me.is("http://localhost:7450/mcp"));
+        assert!(!me.is("http://localhost:7451/mcp"));
     }
 }

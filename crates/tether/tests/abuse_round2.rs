@@ -413,3 +413,80 @@ async fn a_request_without_an_id_is_refused_and_never_reaches_the_upstream() {
     assert!(!upstream_saw.contains("sneaky"), "{upstream_saw}");
     gw.stop().await.unwrap();
 }
+
+/// Rows "server names `.` and `..`" and "`tether import` run on a client file it already
+/// rewrote": `import` maps names a gateway cannot serve under (`..` became
+/// `/servers/../mcp`, which clients normalize to `/mcp`) and says so; run again on its own
+/// output it refuses the entries that point at the gateway, and `serve` refuses a server
+/// whose upstream is the gateway itself (it spawned 100 `tether connect` processes in
+/// 0.6 s). The CLI is the point: these run the binary.
+#[tokio::test]
+async fn import_maps_unsafe_names_and_nothing_serves_the_gateway_itself() {
+    use std::process::Command;
+    let dir = state_dir();
+    let client_file = dir.path().join("claude.json");
+    std::fs::write(
+        &client_file,
+        r#"{"mcpServers": {"..": {"command": "tether", "args": ["demo-server"]}, ".": {"command": "tether", "args": ["demo-server"]}}}"#,
+    )
+    .unwrap();
+    let out_file = dir.path().join("tether-servers.json");
+    let import = |client: &std::path::Path| {
+        Command::new(common::BIN)
+            .args(["import", "--gateway", "http://127.0.0.1:7450", "--out"])
+            .arg(&out_file)
+            .arg("--force")
+            .arg(client)
+            .output()
+            .unwrap()
+    };
+    let first = import(&client_file);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    assert!(stderr.contains("served as"), "{stderr}");
+    let rewritten = String::from_utf8_lossy(&first.stdout).into_owned();
+    assert!(!rewritten.contains("/servers/../"), "{rewritten}");
+    assert!(!rewritten.contains("/servers/./"), "{rewritten}");
+    let served: Value = serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    let names: Vec<&String> = served["mcpServers"].as_object().unwrap().keys().collect();
+    assert_eq!(names.len(), 2);
+    assert!(
+        names.iter().all(|n| !n.chars().all(|c| c == '.')),
+        "{names:?}"
+    );
+
+    // Imported again: refused, naming what points at the gateway.
+    let again_file = dir.path().join("claude-again.json");
+    std::fs::write(&again_file, &rewritten).unwrap();
+    let again = import(&again_file);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("points at this gateway"), "{stderr}");
+
+    // Served: a server that is the gateway itself is refused at start.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let loop_file = dir.path().join("loop.json");
+    std::fs::write(
+        &loop_file,
+        json!({"mcpServers": {
+            "real": {"command": common::BIN, "args": ["demo-server"]},
+            "me": {"command": "tether", "args": ["connect", format!("http://localhost:{port}/servers/real/mcp")]}
+        }})
+        .to_string(),
+    )
+    .unwrap();
+    let serve = Command::new(common::BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--servers")
+        .arg(&loop_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&serve.stderr);
+    assert!(!serve.status.success(), "{stderr}");
+    assert!(stderr.contains("is this gateway itself"), "{stderr}");
+}
