@@ -61,6 +61,9 @@ pub async fn run(
             );
         }
     }
+    // Made private before anything is written into it (session ids, secrets).
+    crate::state_dir::prepare(&config.state_dir)
+        .with_context(|| format!("cannot create the state dir {}", config.state_dir.display()))?;
     let uses_state_dir =
         matches!(config.store, StoreSpec::Sqlite) || matches!(config.ledger, LedgerSpec::Sqlite);
     // Held for the life of the process; the kernel drops it when the process dies.
@@ -748,6 +751,7 @@ fn lock_state_dir(
     addr: SocketAddr,
 ) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir).with_context(|| {
         format!(
             "cannot open the session store: cannot create the state dir {}",
@@ -760,6 +764,7 @@ fn lock_state_dir(
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(crate::state_dir::FILE_MODE)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {

@@ -33,6 +33,7 @@ pub mod policy;
 pub mod protocol;
 pub mod servers;
 pub mod session;
+pub mod state_dir;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;

@@ -490,3 +490,72 @@ async fn import_maps_unsafe_names_and_nothing_serves_the_gateway_itself() {
     assert!(!serve.status.success(), "{stderr}");
     assert!(stderr.contains("is this gateway itself"), "{stderr}");
 }
+
+/// File modes of the gateway's files in a state dir.
+fn modes(dir: &std::path::Path) -> Vec<(String, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = vec![(
+        ".".to_owned(),
+        std::fs::metadata(dir).unwrap().permissions().mode() & 0o777,
+    )];
+    for name in [
+        "tether.db",
+        "tether.db-wal",
+        "tether.db-shm",
+        "tether.lock",
+        "admin.token",
+        "bridge.key",
+    ] {
+        if let Ok(m) = std::fs::metadata(dir.join(name)) {
+            out.push((name.to_owned(), m.permissions().mode() & 0o777));
+        }
+    }
+    out
+}
+
+/// Row "the state dir": it holds full session ids and stored events, so it is 0700 and
+/// the gateway's files 0600, from creation (it was 0755 with `tether.db` and its WAL
+/// 0644), and a dir an older version left open is corrected at start with a WARN.
+#[tokio::test]
+async fn the_state_dir_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = state_dir();
+    let fresh = root.path();
+    let gw = common::Gateway::start(fresh, &["--demo"]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("private").await;
+    mcp.call_text(&sid, 1, "echo", json!({"text": "x"})).await;
+    let found = modes(fresh);
+    assert!(found.len() >= 6, "{found:?}");
+    for (name, mode) in &found {
+        let want = if name == "." { 0o700 } else { 0o600 };
+        assert_eq!(*mode, want, "{name}: {mode:o} in {found:?}");
+    }
+    drop(gw);
+
+    // An open dir, as an earlier version left it: corrected, and said so.
+    std::fs::set_permissions(fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for name in ["tether.db", "tether.db-wal", "admin.token"] {
+        let p = fresh.join(name);
+        if p.exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let gw = common::Gateway::start(fresh, &["--demo"]);
+    let log = gw.log_text();
+    assert!(
+        log.contains("WARN") && log.contains("made private"),
+        "{log}"
+    );
+    for (name, mode) in modes(fresh) {
+        let want = if name == "." { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{name}: {mode:o}");
+    }
+    assert_eq!(
+        gw.client()
+            .call_text(&sid, 2, "echo", json!({"text": "y"}))
+            .await,
+        "y",
+        "the session resumes from the corrected store"
+    );
+}

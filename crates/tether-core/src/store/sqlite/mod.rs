@@ -131,10 +131,13 @@ impl SqliteStore {
     /// stream's log grows past it, its oldest events are deleted as new ones are written
     /// (a standalone stream that never ends would otherwise grow the file without bound).
     pub fn open_with(dir: &Path, max_stream_events: u64) -> Result<SqliteStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| {
+        crate::state_dir::prepare(dir).map_err(|e| {
             StoreError::Backend(format!("cannot create state dir {}: {e}", dir.display()))
         })?;
         let path = dir.join("tether.db");
+        // Private from the start: SQLite gives its `-wal` and `-shm` files this file's mode.
+        crate::state_dir::create_private(&path)
+            .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", path.display())))?;
         let writer = Connection::open(&path).map_err(backend)?;
         // No automatic checkpoints on the writer: SQLite runs them inside a commit, on the
         // thread every write waits for (copying the WAL into the database and syncing it,
