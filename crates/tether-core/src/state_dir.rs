@@ -106,13 +106,13 @@ mod tests {
 
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(
-            &dir.join("tether.db"),
+            dir.join("tether.db"),
             std::fs::Permissions::from_mode(0o644),
         )
         .unwrap();
         std::fs::write(dir.join("notes.txt"), "mine").unwrap();
         std::fs::set_permissions(
-            &dir.join("notes.txt"),
+            dir.join("notes.txt"),
             std::fs::Permissions::from_mode(0o644),
         )
         .unwrap();
