@@ -511,8 +511,21 @@ async fn run_reloads(
             None
         }
     };
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen = modified(&path);
+    // Off the runtime, bounded in time: a hung file system must not hold a worker.
+    let modified = |p: &std::path::Path| {
+        let p = p.to_path_buf();
+        async move {
+            crate::config::off_runtime(
+                "servers file",
+                crate::config::FILE_READ_TIMEOUT,
+                move || std::fs::metadata(&p).and_then(|m| m.modified()).ok(),
+            )
+            .await
+            .ok()
+            .flatten()
+        }
+    };
+    let mut seen = modified(&path).await;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -530,15 +543,25 @@ async fn run_reloads(
                     g.registry.begin_shutdown();
                     g.registry.finish_shutdown().await;
                 }
-                let now = modified(&path);
+                let now = modified(&path).await;
                 if now == seen {
                     continue;
                 }
                 "the file changed"
             }
         };
-        seen = modified(&path);
-        reload(&hub, &builder, &source, why);
+        seen = modified(&path).await;
+        let loaded = {
+            let source = source.clone();
+            crate::config::off_runtime(
+                "servers file",
+                crate::config::FILE_READ_TIMEOUT,
+                move || source.load(),
+            )
+            .await
+            .and_then(|r| r)
+        };
+        reload(&hub, &builder, &source, loaded, why);
     }
 }
 
@@ -560,9 +583,15 @@ async fn ignore_hangups(stop: CancellationToken) {
 /// Applies the servers as `source` now holds them to `hub`: added servers serve at once,
 /// removed ones drain, changed ones serve new sessions from a new generation while the old
 /// one keeps its sessions; an invalid file changes nothing and says why.
-fn reload(hub: &Hub, builder: &Builder, source: &ServersSource, why: &str) {
+fn reload(
+    hub: &Hub,
+    builder: &Builder,
+    source: &ServersSource,
+    loaded: Result<(String, String), String>,
+    why: &str,
+) {
     let mut shown = source.path().display().to_string();
-    let file = source.load().map_err(|e| vec![e]).and_then(|(json, name)| {
+    let file = loaded.map_err(|e| vec![e]).and_then(|(json, name)| {
         shown = name;
         crate::servers::parse(&json, &shown, &builder.config.env_policy)
     });
@@ -657,8 +686,8 @@ fn resolve_admin_token(config: &Config) -> anyhow::Result<AdminToken> {
         });
     }
     let read = |path: &std::path::Path| -> anyhow::Result<String> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the admin token file {}", path.display()))?;
+        let text =
+            crate::config::read_bounded(path, "admin token file").map_err(anyhow::Error::msg)?;
         let token = text.lines().next().unwrap_or("").trim().to_owned();
         anyhow::ensure!(
             !token.is_empty(),
@@ -712,8 +741,7 @@ async fn bridge_key(
 fn bridge_key_file(config: &Config) -> anyhow::Result<(String, String)> {
     let path = config.state_dir.join(BRIDGE_KEY_FILE);
     let text = if path.exists() {
-        std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read the bridge key {}", path.display()))?
+        crate::config::read_bounded(&path, "bridge key").map_err(anyhow::Error::msg)?
     } else {
         let hex = crate::ids::random_hex(32);
         write_secret(&config.state_dir, &path, &hex)?;
@@ -778,9 +806,10 @@ fn lock_state_dir(
             )?;
             Ok(lock)
         }
-        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+        Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
             let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
+            // One line of ours; bounded all the same.
+            let _ = file.take(4096).read_to_string(&mut holder);
             anyhow::bail!(
                 "the state dir {} is in use by another tether ({}); give this one its own --state-dir, or share sessions between gateways with --store redis://...",
                 dir.display(),

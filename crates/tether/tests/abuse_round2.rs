@@ -559,3 +559,65 @@ async fn the_state_dir_and_its_files_are_private() {
         "the session resumes from the corrected store"
     );
 }
+
+/// Row "the servers file replaced by a FIFO, then SIGHUP": it was read on a runtime
+/// worker, so `/mcp` and `/health` hung about 60 s, idle sessions were reaped meanwhile,
+/// and a second block left SIGTERM unable to end the process. Now a file that is not a
+/// regular one is refused at once (the running servers stay, the reason is logged),
+/// everything answers throughout, and SIGTERM ends the process. Signals are the point.
+#[tokio::test]
+async fn a_servers_file_replaced_by_a_fifo_blocks_nothing() {
+    let dir = state_dir();
+    let file = dir.path().join("servers.json");
+    std::fs::write(
+        &file,
+        json!({"mcpServers": {"demo": {"command": common::BIN, "args": ["demo-server"]}}})
+            .to_string(),
+    )
+    .unwrap();
+    let mut gw = common::Gateway::start(
+        dir.path(),
+        &["--servers", file.to_str().unwrap(), "--idle-timeout", "3s"],
+    );
+    let mcp = gw
+        .client()
+        .with_url(&gw.url.replace("/mcp", "/servers/demo/mcp"));
+    let sid = mcp.initialize("held").await;
+    std::fs::remove_file(&file).unwrap();
+    nix::unistd::mkfifo(&file, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    for _ in 0..2 {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(gw.pid()),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let began = Instant::now();
+        let health = reqwest::Client::new()
+            .get(format!("{}/health", gw.admin))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status(), 200);
+        assert_eq!(
+            mcp.call_text(&sid, 1, "echo", json!({"text": "served"}))
+                .await,
+            "served"
+        );
+        assert!(
+            began.elapsed() < Duration::from_secs(3),
+            "answered while the file is a FIFO: {:?}",
+            began.elapsed()
+        );
+    }
+    assert!(
+        common::wait_for(Duration::from_secs(5), || gw
+            .log_text()
+            .contains("not a regular file")),
+        "{}",
+        gw.log_text()
+    );
+    let status = gw.sigterm();
+    assert!(status.success(), "{status:?}");
+}
