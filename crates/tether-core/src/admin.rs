@@ -214,8 +214,13 @@ async fn redact_session_ids(resp: Response) -> Response {
     let (parts, body) = resp.into_parts();
     // Admin answers are bounded pages; 16 MiB is far above any of them.
     let Ok(bytes) = axum::body::to_bytes(body, 16 << 20).await else {
-        return ApiError(StatusCode::INTERNAL_SERVER_ERROR, "answer too large".into())
-            .into_response();
+        // Pages are bounded far below this; an answer past it cannot be redacted, so it
+        // is not sent, and the reader is told to ask for less.
+        return ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "answer over 16 MiB; ask for a smaller page (limit)".into(),
+        )
+        .into_response();
     };
     let Ok(mut value) = serde_json::from_slice::<Value>(&bytes) else {
         return Response::from_parts(parts, axum::body::Body::from(bytes));
@@ -541,6 +546,27 @@ fn parse_since(text: &str) -> Result<i64, ApiError> {
     )))
 }
 
+/// Bytes of rows one page holds at most, whatever its row limit: rows are bounded (client
+/// strings are cut), but a page must stay small even of rows an older version wrote.
+const PAGE_BYTES: usize = 1 << 20;
+
+/// The first rows of `rows` that fit in [`PAGE_BYTES`] (at least one), and whether some
+/// were left for the next page.
+fn fit_page(rows: Vec<Value>) -> (Vec<Value>, bool) {
+    let mut used = 0;
+    let mut out = Vec::with_capacity(rows.len());
+    let total = rows.len();
+    for row in rows {
+        used += crate::protocol::encoded_len(&row);
+        if used > PAGE_BYTES && !out.is_empty() {
+            break;
+        }
+        out.push(row);
+    }
+    let cut = out.len() < total;
+    (out, cut)
+}
+
 fn parse_limit(limit: Option<&str>, default: usize, max: usize) -> Result<usize, ApiError> {
     match limit {
         None => Ok(default),
@@ -645,11 +671,13 @@ async fn list_sessions(
     let mut sessions = st.ledger.list_sessions(&query).await?;
     let more = sessions.len() > limit;
     sessions.truncate(limit);
+    let (page, cut) = fit_page(with_state(&st, sessions).await);
+    let next = (more || cut).then_some(offset + page.len());
     Ok(axum::Json(json!({
-        "sessions": with_state(&st, sessions).await,
+        "sessions": page,
         "limit": limit,
         "offset": offset,
-        "next_offset": more.then_some(offset + limit),
+        "next_offset": next,
     })))
 }
 
@@ -770,8 +798,9 @@ async fn disconnected(
         "truncated": window.len() == 10_000,
     });
     let page: Vec<SessionSummary> = window.into_iter().take(limit).collect();
+    let (page, _) = fit_page(with_state(&st, page).await);
     Ok(axum::Json(
-        json!({ "days": days, "sessions": with_state(&st, page).await, "stats": stats }),
+        json!({ "days": days, "sessions": page, "stats": stats }),
     ))
 }
 

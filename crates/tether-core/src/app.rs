@@ -62,8 +62,12 @@ pub async fn run(
         }
     }
     // Made private before anything is written into it (session ids, secrets).
-    crate::state_dir::prepare(&config.state_dir)
-        .with_context(|| format!("cannot create the state dir {}", config.state_dir.display()))?;
+    crate::state_dir::prepare(&config.state_dir).with_context(|| {
+        format!(
+            "cannot open the session store: cannot create the state dir {}",
+            config.state_dir.display()
+        )
+    })?;
     let uses_state_dir =
         matches!(config.store, StoreSpec::Sqlite) || matches!(config.ledger, LedgerSpec::Sqlite);
     // Held for the life of the process; the kernel drops it when the process dies.
@@ -458,6 +462,7 @@ impl Builder {
             upstream_fingerprint: spec.fingerprint(),
             mirror_ledger: self.mirror_ledger,
             stream_buffer: limits.stream_buffer,
+            max_initialize: limits.max_initialize,
             pool_size: limits.bridge_pool_size,
             admission: AdmissionConfig {
                 max_sessions: settings.max_sessions.unwrap_or(limits.max_sessions),

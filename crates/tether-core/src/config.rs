@@ -179,6 +179,8 @@ pub struct LimitsLayer {
     pub bridge_pool_size: Option<usize>,
     /// Tool calls each user may make per window, as `N/WINDOW` (`1000/1d`).
     pub quota_tool_calls: Option<String>,
+    /// Largest `initialize` params a session may store (replayed to every fresh upstream); larger ones are refused with `-32602`.
+    pub max_initialize: Option<SizeValue>,
 }
 
 impl LimitsLayer {
@@ -205,7 +207,8 @@ impl LimitsLayer {
             circuit_failures,
             circuit_cooldown,
             bridge_pool_size,
-            quota_tool_calls
+            quota_tool_calls,
+            max_initialize
         )
     }
 }
@@ -251,6 +254,8 @@ pub struct Limits {
     pub circuit_failures: u32,
     /// See [`LimitsLayer::circuit_cooldown`].
     pub circuit_cooldown: Duration,
+    /// See [`LimitsLayer::max_initialize`].
+    pub max_initialize: usize,
 }
 
 impl Default for Limits {
@@ -352,6 +357,7 @@ impl Limits {
                 l.circuit_cooldown.as_deref(),
                 DEFAULT_CIRCUIT_COOLDOWN,
             ),
+            max_initialize: size(errors, "max-initialize", l.max_initialize.as_ref(), "64KiB"),
         }
     }
 }

@@ -25,6 +25,20 @@ pub fn new_stream_id() -> String {
     random_hex(8)
 }
 
+/// Characters of a session id that logs show: enough to find the session (the dashboard
+/// and `tether sessions` search by prefix), too few to use it. A full id is a bearer
+/// credential for an anonymous session, and log files travel further than the state dir.
+pub const SHOWN: usize = 8;
+
+/// The part of a session id a log line may carry (issue 26: every session's full id was
+/// logged at INFO); also cuts what a client sent as an id before it reaches a log.
+pub fn shown(id: &str) -> &str {
+    match id.char_indices().nth(SHOWN) {
+        Some((i, _)) => &id[..i],
+        None => id,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,5 +57,9 @@ mod tests {
             );
         }
         assert_ne!(new_session_id(), new_session_id());
+        let id = new_session_id();
+        assert_eq!(shown(&id), &id[..8]);
+        assert_eq!(shown("ab"), "ab");
+        assert_eq!(shown("ééééééééé"), "éééééééé");
     }
 }

@@ -41,8 +41,12 @@ impl LogLimiter {
     }
 }
 
-/// `text` cut to at most `max` bytes (on a character boundary), with an ellipsis and the
-/// full length when cut.
+/// Longest client string the gateway keeps as it is in a record, a ledger row or a log
+/// field (a client name, a tool name): longer ones are cut with their length noted.
+pub const MAX_KEPT: usize = 256;
+
+/// `text` (a string a client sent) cut to at most `max` bytes (on a character boundary),
+/// with an ellipsis and the full length when cut.
 pub fn cut(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if text.len() <= max {
         return text.into();

@@ -265,6 +265,23 @@ fn valid_id(id: &Value) -> bool {
     }
 }
 
+/// The length of `v` written as compact JSON, without writing it anywhere.
+pub fn encoded_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
+
 /// Replaces the `id` of a message.
 pub fn set_id(value: &mut Value, id: Value) {
     if let Some(obj) = value.as_object_mut() {

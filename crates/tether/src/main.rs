@@ -631,6 +631,9 @@ struct LimitArgs {
     /// deployment [default: none].
     #[arg(long, env = "TETHER_QUOTA_TOOL_CALLS", value_name = "N/WINDOW")]
     quota_tool_calls: Option<String>,
+    /// Largest stored `initialize` (params) a client may send; larger ones are refused with -32602 [default: 64KiB].
+    #[arg(long, env = "TETHER_MAX_INITIALIZE", value_name = "SIZE")]
+    max_initialize: Option<String>,
 }
 
 impl LimitArgs {
@@ -653,6 +656,7 @@ impl LimitArgs {
             stderr_lines_per_sec: self.stderr_lines_per_sec,
             bridge_pool_size: self.bridge_pool_size,
             quota_tool_calls: self.quota_tool_calls.clone(),
+            max_initialize: self.max_initialize.clone().map(SizeValue::Text),
             circuit_failures: self.circuit_failures,
             circuit_cooldown: self.circuit_cooldown.clone(),
         };

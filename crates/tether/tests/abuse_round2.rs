@@ -621,3 +621,90 @@ async fn a_servers_file_replaced_by_a_fifo_blocks_nothing() {
     let status = gw.sigterm();
     assert!(status.success(), "{status:?}");
 }
+
+/// Rows "100 sessions whose `initialize` carries a 4 MB `clientInfo.name`" and "logs":
+/// the stored `initialize` is bounded (`--max-initialize`, 64 KiB by default: over it
+/// `-32602` naming the limit, nothing kept), what is under it is cut before a log line, a
+/// record or a page, the dashboard's `GET /api/sessions` answers 200 with a bounded page
+/// (it answered 500), and no log line carries a full session id (they are credentials).
+/// The process's memory and log file are the point: this runs the binary.
+#[tokio::test]
+async fn a_huge_initialize_is_refused_and_client_strings_are_cut_everywhere() {
+    let dir = state_dir();
+    let gw = common::Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let bystander = bystander_at(&gw.url, "127.0.0.2");
+    let other = bystander.initialize("bystander").await;
+    let rss_before = common::rss_kib(gw.pid());
+
+    let huge = "n".repeat(3 << 20);
+    for i in 0..20 {
+        let init = json!({"jsonrpc": "2.0", "id": i, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": huge, "version": "1"}}});
+        let a = mcp.post(None, &init).await;
+        assert_eq!(a.status, 400, "{}", &a.body[..a.body.len().min(300)]);
+        let e = a.json();
+        assert_eq!(e["error"]["code"], -32602, "{e}");
+        assert_eq!(e["error"]["data"]["limit"], "max-initialize", "{e}");
+        assert_eq!(e["id"], i, "{e}");
+    }
+    // Under the bound: accepted, and cut wherever it is kept or shown.
+    let big = "b".repeat(60 << 10);
+    let mut sids = Vec::new();
+    for i in 0..100 {
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": format!("{i}{big}"), "version": "1"}}});
+        let a = mcp.post(None, &init).await;
+        assert_eq!(a.status, 200, "{}", &a.body[..a.body.len().min(300)]);
+        sids.push(a.headers["mcp-session-id"].to_str().unwrap().to_owned());
+    }
+    let rss_after = common::rss_kib(gw.pid());
+    assert!(
+        rss_after < rss_before + 100 * 1024,
+        "RSS {rss_before} KiB → {rss_after} KiB"
+    );
+    // What the dashboard reads, without the token: a bounded page, never a 500.
+    let page = reqwest::get(format!("{}/api/sessions?limit=500", gw.admin))
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let text = page.text().await.unwrap();
+    assert!(text.len() < 1 << 20, "a page of {} bytes", text.len());
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let rows = v["sessions"].as_array().unwrap();
+    assert!(!rows.is_empty());
+    for row in rows {
+        let name = row["client_name"].as_str().unwrap_or_default();
+        assert!(name.len() <= 300, "client name of {} bytes", name.len());
+    }
+    assert_eq!(
+        bystander
+            .call_text(&other, 1, "echo", json!({"text": "fine"}))
+            .await,
+        "fine"
+    );
+    // The log: small, no client name whole, no full session id.
+    let log = gw.log_text();
+    assert!(log.len() < 2 << 20, "a log of {} bytes", log.len());
+    assert!(!log.contains(&big[..1024]), "a client name logged whole");
+    for sid in sids.iter().chain([&other]) {
+        assert!(
+            !log.contains(sid.as_str()),
+            "full session id {sid} in the log"
+        );
+        assert!(
+            log.contains(&sid[..8]),
+            "the prefix {} is logged",
+            &sid[..8]
+        );
+    }
+    let db = std::fs::metadata(dir.path().join("tether.db"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+        + std::fs::metadata(dir.path().join("tether.db-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+    assert!(db < 64 << 20, "database and WAL of {db} bytes");
+}

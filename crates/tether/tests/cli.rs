@@ -50,6 +50,7 @@ const OPTIONS: &[&str] = &[
     "--servers",
     "--server",
     "--quota-tool-calls",
+    "--max-initialize",
 ];
 
 #[test]
@@ -462,7 +463,8 @@ async fn json_logs_carry_span_fields_and_upstream_stderr_is_prefixed() {
         .expect("session created");
     let spans = created["spans"].as_array().unwrap();
     let session = spans.iter().find(|s| s["name"] == "session").unwrap();
-    assert_eq!(session["session.id"], sid, "{created}");
+    // Issue 26: a full session id is a credential; logs carry its prefix.
+    assert_eq!(session["session.id"], &sid[..8], "{created}");
     // The request that created it: the front door's span, outermost.
     assert_eq!(spans[0]["name"], "mcp.http", "{created}");
     assert_eq!(spans[0]["client.address"], "127.0.0.1", "{created}");
@@ -492,7 +494,7 @@ async fn json_logs_carry_span_fields_and_upstream_stderr_is_prefixed() {
     assert_eq!(front["http.method"], "POST", "{refused}");
     assert_eq!(front["http.route"], "post", "{refused}");
     assert_eq!(front["client.address"], "127.0.0.1", "{refused}");
-    assert_eq!(front["session.id"], bogus, "{refused}");
+    assert_eq!(front["session.id"], &bogus[..8], "{refused}");
     assert_eq!(front["mcp.method"], "tools/list", "{refused}");
     let stderr = lines
         .iter()

@@ -163,7 +163,8 @@ async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
         request.trace_id, TRACE_ID,
         "in the client's trace: {request:?}"
     );
-    assert_eq!(request.attrs["session.id"], sid);
+    // Issue 26: a span carries the id's prefix, never the credential itself.
+    assert_eq!(request.attrs["session.id"], &sid[..8]);
     assert_eq!(request.attrs["mcp.method"], "tools/call");
     assert_eq!(request.attrs["mcp.outcome"], "ok");
     let http = span_where(&spans, "mcp.http", |s| s.span_id == request.parent).await;

@@ -255,17 +255,18 @@ async fn front_door(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip().to_string());
-    // The id a client sent, cut: it is untrusted input on its way into a log line.
+    // The id a client sent, as its prefix: a full id is a credential, and it is untrusted
+    // input on its way into a log line.
     let session = req
         .headers()
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
-        .map(|v| cut(v, 64).into_owned())
+        .map(|v| crate::ids::shown(v).to_owned())
         .or_else(|| {
             (class == "messages")
                 .then(|| req.uri().query().unwrap_or_default())
                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("sessionId=")))
-                .map(|v| cut(v, 64).into_owned())
+                .map(|v| crate::ids::shown(v).to_owned())
         });
     let span = tracing::info_span!(
         "mcp.http",

@@ -241,10 +241,10 @@ impl Session {
         sh.metrics.tool_call_seconds.observe(elapsed.as_secs_f64());
         if outcome == "cancelled" {
             // The client went away; nothing failed.
-            tracing::info!(session.id = %self.id, tool = %tool, duration_ms = elapsed.as_millis() as u64, "tool call cancelled by the client");
+            tracing::info!(session.id = %crate::ids::shown(&self.id), tool = %tool, duration_ms = elapsed.as_millis() as u64, "tool call cancelled by the client");
         } else if outcome != "ok" {
             tracing::warn!(
-                session.id = %self.id,
+                session.id = %crate::ids::shown(&self.id),
                 principal = %self.record.principal,
                 tool = %tool,
                 outcome,

@@ -78,7 +78,7 @@ impl Session {
             // A root span: the first call starts this task from inside its request span,
             // and a child that lives as long as the session would keep that request's span
             // (and its export) open until then.
-            .instrument(tracing::info_span!(parent: None, "deadlines", session.id = %self.id)),
+            .instrument(tracing::info_span!(parent: None, "deadlines", session.id = %crate::ids::shown(&self.id))),
         );
     }
 

@@ -107,6 +107,8 @@ pub struct SessionConfig {
     pub answer_window: Duration,
     /// Session limits and creation rates.
     pub admission: admission::AdmissionConfig,
+    /// Largest `initialize` params a session stores (and replays to every fresh upstream).
+    pub max_initialize: usize,
     /// Upstream sessions the modern-era bridge may hold per principal and client
     /// capabilities ([`Registry::pooled`]).
     pub pool_size: usize,
@@ -135,6 +137,7 @@ impl Default for SessionConfig {
             stream_buffer: 4 << 20,
             answer_window: Duration::from_millis(10),
             admission: admission::AdmissionConfig::default(),
+            max_initialize: 64 << 10,
             pool_size: 4,
             quota: None,
             one_of_several: false,
@@ -801,7 +804,7 @@ impl Session {
     }
 
     fn span(&self) -> tracing::Span {
-        tracing::info_span!(parent: None, "session", session.id = %self.id, upstream.name = %self.shared.cfg.upstream_name)
+        tracing::info_span!(parent: None, "session", session.id = %crate::ids::shown(&self.id), upstream.name = %self.shared.cfg.upstream_name)
     }
 
     /// Notes client activity; the store hears of it at most once a second.

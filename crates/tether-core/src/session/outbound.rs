@@ -11,9 +11,9 @@ impl Session {
     pub async fn request(self: &Arc<Self>, env: Envelope) -> Reply {
         let span = tracing::info_span!(
             "request",
-            session.id = %self.id,
-            mcp.method = env.method().unwrap_or_default(),
-            mcp.tool = env.tool_name(),
+            session.id = %crate::ids::shown(&self.id),
+            mcp.method = %crate::log_limit::cut(env.method().unwrap_or_default(), 64),
+            mcp.tool = env.tool_name().map(|t| crate::log_limit::cut(t, 64)).as_deref(),
             mcp.outcome = tracing::field::Empty,
             jsonrpc.code = tracing::field::Empty,
         );
@@ -44,7 +44,10 @@ impl Session {
             ).response(client_id));
         }
         let started = Instant::now();
-        let tool = env.tool_name().map(str::to_owned);
+        // Kept in the ledger and logged: cut like every client string.
+        let tool = env
+            .tool_name()
+            .map(|t| crate::log_limit::cut(t, crate::log_limit::MAX_KEPT).into_owned());
         if method == "tools/call" {
             let now = u64::try_from(crate::store::now_ms()).unwrap_or_default();
             if let Err(over) = self.shared.quotas.charge(&self.record.principal, now).await {
@@ -176,7 +179,7 @@ impl Session {
             tool: message
                 .pointer("/params/name")
                 .and_then(Value::as_str)
-                .map(str::to_owned),
+                .map(|t| crate::log_limit::cut(t, crate::log_limit::MAX_KEPT).into_owned()),
             generation,
             method,
             deadline: Some(Instant::now() + self.shared.cfg.upstream_timeout),

@@ -123,7 +123,7 @@ impl Registry {
             .await;
         match started {
             Ok((Some(s), _)) => {
-                tracing::info!(session.id = %s.id, principal = %principal.id, "bridge: upstream session added to the pool");
+                tracing::info!(session.id = %crate::ids::shown(&s.id), principal = %principal.id, "bridge: upstream session added to the pool");
                 entry
                     .members
                     .lock()

@@ -33,9 +33,27 @@ impl Registry {
             );
             return Ok((None, f.response(client_id)));
         };
+        // Stored with the record and replayed to every fresh upstream: a client must not
+        // make the gateway keep (and log, and write) megabytes per session (issue 26: a
+        // 4 MB `clientInfo.name` cost 8 MB of memory and 9 MB of database per session).
+        let size = protocol::encoded_len(&params);
+        if size > sh.cfg.max_initialize {
+            return Err(self.refused(
+                Failure::new(
+                    FailureKind::InvalidParams,
+                    format!(
+                        "initialize params of {size} bytes are over the gateway's {} byte limit (--max-initialize)",
+                        sh.cfg.max_initialize
+                    ),
+                    Retry::Never,
+                )
+                .with("limit", "max-initialize")
+                .with("max", sh.cfg.max_initialize)
+                .with("bytes", size),
+            ));
+        }
         let id = legacy_id.unwrap_or_else(new_session_id);
-        let span =
-            tracing::info_span!("session", session.id = %id, upstream.name = %sh.cfg.upstream_name);
+        let span = tracing::info_span!("session", session.id = %crate::ids::shown(&id), upstream.name = %sh.cfg.upstream_name);
         async {
             let Started {
                 link,
@@ -63,10 +81,11 @@ impl Registry {
             *sh.upstream_init.lock().unwrap_or_else(|p| p.into_inner()) = Some(result.clone());
             let now = now_ms();
             let info = params.get("clientInfo");
+            // Kept in the ledger and shown: cut like every client string.
             let text = |k: &str| {
                 info.and_then(|i| i.get(k))
                     .and_then(Value::as_str)
-                    .map(str::to_owned)
+                    .map(|s| crate::log_limit::cut(s, crate::log_limit::MAX_KEPT).into_owned())
             };
             let record = SessionRecord {
                 id: id.clone(),
@@ -233,7 +252,7 @@ impl Registry {
         principal: &Principal,
     ) -> Result<Arc<Session>, SessionError> {
         let span = tracing::info_span!(
-            parent: None, "session", session.id = %id, upstream.name = %self.shared.cfg.upstream_name
+            parent: None, "session", session.id = %crate::ids::shown(id), upstream.name = %self.shared.cfg.upstream_name
         );
         self.load_inner(id, principal, span.clone())
             .instrument(span)
@@ -302,7 +321,7 @@ impl Registry {
                     c.send_drop(&owner, id).await?;
                 }
                 self.shared.metrics.closed("evicted");
-                tracing::info!(session.id = %id, reason = "evicted", "session closed");
+                tracing::info!(session.id = %crate::ids::shown(id), reason = "evicted", "session closed");
                 Ok(true)
             }
             _ => Ok(false),

@@ -52,10 +52,10 @@ impl Registry {
                     }
                     match sh.close_stored(&id, "timeout").await {
                         Ok(()) => {
-                            tracing::info!(session.id = %id, reason = "timeout", "session closed")
+                            tracing::info!(session.id = %crate::ids::shown(&id), reason = "timeout", "session closed")
                         }
                         Err(e) => {
-                            tracing::warn!(session.id = %id, error = %e, "cannot expire session")
+                            tracing::warn!(session.id = %crate::ids::shown(&id), error = %e, "cannot expire session")
                         }
                     }
                 }
@@ -111,7 +111,7 @@ impl Registry {
                     match c.reassert(&record).await {
                         Ok(()) => restored += 1,
                         Err(e) => {
-                            tracing::warn!(session.id = %s.id, error = %e, "cannot write back a session record");
+                            tracing::warn!(session.id = %crate::ids::shown(&s.id), error = %e, "cannot write back a session record");
                         }
                     }
                 }
@@ -139,7 +139,7 @@ impl Registry {
         };
         if let Some(s) = cell.get().cloned() {
             s.shutdown_local(why);
-            tracing::info!(session.id = %id, why, "session released by this instance");
+            tracing::info!(session.id = %crate::ids::shown(id), why, "session released by this instance");
         }
         self.count_held();
     }

@@ -88,7 +88,8 @@ fn pool_err(e: &deadpool_postgres::PoolError) -> StoreError {
 }
 
 const SUMMARY_COLUMNS: &str =
-    "id, principal, principal_email, principal_name, client_name, client_version, client_type,
+    "id, principal, principal_email, principal_name, substr(client_name, 1, 256),
+    substr(client_version, 1, 256), client_type,
     protocol_version, upstream_name, state, close_reason, created_ms, last_active_ms, closed_ms,
     tool_calls, errors, rehydrations, upstream_restarts, transport";
 
@@ -405,7 +406,7 @@ impl LedgerStore for PostgresLedger {
             .client()
             .await?
             .query(
-                "SELECT session_id, tool, started_ms, duration_ms, outcome, error_code FROM tool_calls
+                "SELECT session_id, substr(tool, 1, 256), started_ms, duration_ms, outcome, error_code FROM tool_calls
                  WHERE session_id = $1 ORDER BY started_ms DESC LIMIT $2",
                 &[&id, &i64::try_from(limit).unwrap_or(i64::MAX)],
             )
@@ -442,7 +443,7 @@ impl LedgerStore for PostgresLedger {
             .client()
             .await?
             .query(
-                "SELECT t.session_id, t.tool, t.started_ms, t.duration_ms, t.outcome, t.error_code,
+                "SELECT t.session_id, substr(t.tool, 1, 256), t.started_ms, t.duration_ms, t.outcome, t.error_code,
                         COALESCE(s.client_type, 'unknown'), COALESCE(s.upstream_name, ''), COALESCE(s.principal, 'anonymous')
                  FROM tool_calls t LEFT JOIN sessions s ON s.id = t.session_id
                  WHERE t.started_ms >= $1 ORDER BY t.started_ms DESC LIMIT $2",

@@ -67,7 +67,7 @@ impl LedgerStore for SqliteStore {
         let id = id.to_owned();
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT session_id, tool, started_ms, duration_ms, outcome, error_code FROM tool_calls
+                "SELECT session_id, substr(tool, 1, 256), started_ms, duration_ms, outcome, error_code FROM tool_calls
                  WHERE session_id = ?1 ORDER BY started_ms DESC LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![id, limit as i64], row_to_call)?;
@@ -100,7 +100,7 @@ impl LedgerStore for SqliteStore {
     async fn calls_since(&self, since_ms: i64, limit: usize) -> Result<Vec<CallRow>, StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT t.session_id, t.tool, t.started_ms, t.duration_ms, t.outcome, t.error_code,
+                "SELECT t.session_id, substr(t.tool, 1, 256), t.started_ms, t.duration_ms, t.outcome, t.error_code,
                         COALESCE(s.client_type, 'unknown'), COALESCE(s.upstream_name, ''), COALESCE(s.principal, 'anonymous')
                  FROM tool_calls t LEFT JOIN sessions s ON s.id = t.session_id
                  WHERE t.started_ms >= ?1 ORDER BY t.started_ms DESC LIMIT ?2",

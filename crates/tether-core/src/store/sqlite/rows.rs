@@ -53,8 +53,11 @@ pub(super) fn row_to_stream(row: &rusqlite::Row<'_>) -> rusqlite::Result<StreamR
     })
 }
 
+/// A summary's columns. Client strings are cut to 256 characters here, so a page of rows
+/// written before records were bounded (issue 26: a 4 MB `clientInfo.name`) stays small.
 pub(super) const SUMMARY_COLUMNS: &str =
-    "id, principal, principal_email, principal_name, client_name, client_version, client_type,
+    "id, principal, principal_email, principal_name, substr(client_name, 1, 256),
+    substr(client_version, 1, 256), client_type,
     protocol_version, upstream_name, state, close_reason, created_ms, last_active_ms, closed_ms,
     tool_calls, errors, rehydrations, upstream_restarts, transport";
 
