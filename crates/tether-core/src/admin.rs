@@ -121,17 +121,31 @@ async fn check_host(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if st.loopback_listener
-        && let Some(host) = headers.get(header::HOST)
+    let hosts: Vec<&str> = headers
+        .get_all(header::HOST)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+        .collect();
+    let host = match crate::policy::request_host(&hosts, req.uri().authority().map(|a| a.as_str()))
     {
-        let host = host.to_str().unwrap_or("");
-        if !crate::policy::host_allowed(host, &st.allowed_hosts, true) {
+        Ok(h) => h,
+        Err(why) => {
             return ApiError(
-                StatusCode::FORBIDDEN,
-                format!("Host {host:?} is not allowed (see --allowed-hosts)"),
+                StatusCode::BAD_REQUEST,
+                crate::log_limit::cut(&why, 200).into_owned(),
             )
             .into_response();
         }
+    };
+    if st.loopback_listener
+        && let Some(host) = host
+        && !crate::policy::host_allowed(&host, &st.allowed_hosts, true)
+    {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            format!("Host {host:?} is not allowed (see --allowed-hosts)"),
+        )
+        .into_response();
     }
     next.run(req).await
 }
@@ -527,24 +541,39 @@ async fn dashboard() -> Html<&'static str> {
     Html(include_str!("admin/dashboard.html"))
 }
 
-/// Parses `since`: RFC 3339, milliseconds since the epoch, or a duration ago (`1h`).
+/// Parses `since`: RFC 3339, milliseconds since the epoch, or a duration ago (`1h`); a time
+/// before the epoch or after now is out of range (400), not a negative or future window.
 fn parse_since(text: &str) -> Result<i64, ApiError> {
-    if let Ok(ms) = text.parse::<i64>() {
-        return Ok(ms);
+    let now = now_ms();
+    let out_of_range = || {
+        bad(format!(
+            "since: {:?} is out of range (from the Unix epoch to now)",
+            crate::log_limit::cut(text, 64)
+        ))
+    };
+    let at = if let Ok(ms) = text.parse::<i64>() {
+        ms
+    } else if let Ok(t) = humantime::parse_rfc3339_weak(text) {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| out_of_range())
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))?
+    } else if let Ok(d) = humantime::parse_duration(text) {
+        now.checked_sub(i64::try_from(d.as_millis()).map_err(|_| out_of_range())?)
+            .ok_or_else(out_of_range)?
+    } else {
+        return Err(bad(format!(
+            "since: {:?} is not a time (RFC 3339, epoch ms) or a duration ago like 1h",
+            crate::log_limit::cut(text, 64)
+        )));
+    };
+    if !(0..=now).contains(&at) {
+        return Err(out_of_range());
     }
-    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
-        return Ok(t
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0));
-    }
-    if let Ok(d) = humantime::parse_duration(text) {
-        return Ok(now_ms() - d.as_millis() as i64);
-    }
-    Err(bad(format!(
-        "since: {text:?} is not a time (RFC 3339, epoch ms) or a duration ago like 1h"
-    )))
+    Ok(at)
 }
+
+/// Largest `offset` a page may start at (far past any ledger; bounds the arithmetic).
+const MAX_OFFSET: usize = 1_000_000_000;
 
 /// Bytes of rows one page holds at most, whatever its row limit: rows are bounded (client
 /// strings are cut), but a page must stay small even of rows an older version wrote.
@@ -656,7 +685,14 @@ async fn list_sessions(
         None => 0,
         Some(t) => t
             .parse::<usize>()
-            .map_err(|_| bad(format!("offset: {t:?} must be a whole number")))?,
+            .ok()
+            .filter(|o| *o <= MAX_OFFSET)
+            .ok_or_else(|| {
+                bad(format!(
+                    "offset: {:?} must be a whole number from 0 to {MAX_OFFSET}",
+                    crate::log_limit::cut(t, 64)
+                ))
+            })?,
     };
     let since_ms = p.since.as_deref().map(parse_since).transpose()?;
     let query = SessionQuery {
@@ -1000,6 +1036,15 @@ mod tests {
         assert!(parse_since("2026-11-21T10:00:00Z").unwrap() > 1_700_000_000_000);
         assert!(parse_since("1h").unwrap() < now_ms());
         assert!(parse_since("yesterday-ish").is_err());
+        // Issue 26: out of range is a 400, not a negative window.
+        for bad in [
+            "1000000000000h",
+            "-5",
+            "1969-01-01T00:00:00Z",
+            "99999999999999999",
+        ] {
+            assert!(parse_since(bad).is_err(), "{bad}");
+        }
         assert_eq!(parse_limit(None, 50, 500).unwrap(), 50);
         assert_eq!(parse_limit(Some("10"), 50, 500).unwrap(), 10);
         assert!(parse_limit(Some("0"), 50, 500).is_err());

@@ -84,12 +84,68 @@ pub fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
     let Some((_, rest)) = origin.split_once("://") else {
         return false;
     };
-    let host = if let Some(v6) = rest.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
+    // An origin is scheme://host[:port], nothing else (`http://127.0.0.1:1@evil.com` is
+    // evil.com's, and used to pass as loopback).
+    plain_host(rest).is_some_and(|(name, _)| is_loopback_name(&name))
+}
+
+/// `text` as a plain `host[:port]` (RFC 9110 §7.2: a name of letters, digits, `-`, `.`
+/// and `_`, an IPv4 address, or an IPv6 address in brackets; an optional decimal port):
+/// the host lowercased, without brackets, and the port. `None` for anything else, such as
+/// userinfo (`127.0.0.1:1@evil.com`), a path, or an empty name.
+pub fn plain_host(text: &str) -> Option<(String, Option<u16>)> {
+    let (name, port) = if let Some(v6) = text.strip_prefix('[') {
+        let (addr, rest) = v6.split_once(']')?;
+        addr.parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match rest {
+            "" => None,
+            p => Some(p.strip_prefix(':')?),
+        };
+        (addr, port)
     } else {
-        rest.split(':').next().unwrap_or("")
+        match text.split_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (text, None),
+        }
     };
-    is_loopback_name(&host.to_ascii_lowercase())
+    let port = match port {
+        None => None,
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(p.parse::<u16>().ok()?)
+        }
+        Some(_) => return None,
+    };
+    let bracketed = text.starts_with('[');
+    let ok = !name.is_empty()
+        && (bracketed
+            || name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')));
+    ok.then(|| (name.to_ascii_lowercase(), port))
+}
+
+/// The host a request names (RFC 9112 §3.2: the authority of an absolute-form request
+/// line, else its one `Host` header), or why the request is malformed: two `Host`
+/// headers (proxies and servers disagree on which wins), a `Host` or authority that is not
+/// a plain `host[:port]`. `None`: no host named at all (HTTP/1.0).
+pub fn request_host(hosts: &[&str], authority: Option<&str>) -> Result<Option<String>, String> {
+    if hosts.len() > 1 {
+        return Err("more than one Host header".into());
+    }
+    for h in hosts {
+        if plain_host(h).is_none() {
+            return Err(format!("Host {h:?} is not a plain host[:port]"));
+        }
+    }
+    if let Some(a) = authority {
+        if plain_host(a).is_none() {
+            return Err(format!(
+                "the request target's authority {a:?} is not a plain host[:port]"
+            ));
+        }
+        return Ok(Some(a.to_owned()));
+    }
+    Ok(hosts.first().map(|h| (*h).to_owned()))
 }
 
 /// `localhost`, `*.localhost`, 127.0.0.0/8 or `::1` (lowercase, without port or brackets).
@@ -113,19 +169,16 @@ pub fn host_allowed(host: &str, allowed: &[String], loopback_listener: bool) -> 
     if allowed.is_empty() && !loopback_listener {
         return true;
     }
-    let host = host.to_ascii_lowercase();
-    let name = if let Some(v6) = host.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        host.rsplit_once(':').map_or(host.as_str(), |(n, _)| n)
+    let Some((name, _)) = plain_host(host) else {
+        return false;
     };
     if allowed
         .iter()
-        .any(|a| a == "*" || a.eq_ignore_ascii_case(&host) || a.eq_ignore_ascii_case(name))
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(host) || a.eq_ignore_ascii_case(&name))
     {
         return true;
     }
-    is_loopback_name(name)
+    is_loopback_name(&name)
 }
 
 /// Upstream restart backoff. The first crash restarts at once (a single crash is the common
@@ -308,6 +361,36 @@ mod tests {
             "loopback names always pass"
         );
         assert!(host_allowed("anything", &["*".to_owned()], true));
+        // Issue 26: only a plain host[:port] is a host.
+        for bad in [
+            "127.0.0.1:7450@evil.com",
+            "localhost:80/x",
+            "127.0.0.1:",
+            "127.0.0.1:99999",
+            "[::1",
+            "[evil]:80",
+            "",
+            "user@localhost",
+        ] {
+            assert!(plain_host(bad).is_none(), "{bad}");
+            assert!(!host_allowed(bad, &none, true), "{bad}");
+        }
+        assert_eq!(
+            plain_host("[::1]:3000"),
+            Some(("::1".to_owned(), Some(3000)))
+        );
+        assert_eq!(
+            request_host(&["127.0.0.1:1"], None),
+            Ok(Some("127.0.0.1:1".to_owned()))
+        );
+        assert!(request_host(&["127.0.0.1:1", "evil.com"], None).is_err());
+        assert!(request_host(&["127.0.0.1:1@evil.com"], None).is_err());
+        assert_eq!(
+            request_host(&["127.0.0.1:1"], Some("evil.com")),
+            Ok(Some("evil.com".to_owned())),
+            "an absolute-form target names the host (RFC 9112 §3.2.2)"
+        );
+        assert_eq!(request_host(&[], None), Ok(None));
     }
 
     #[test]
@@ -326,6 +409,8 @@ mod tests {
             "null",
             "http://localhost.evil.com",
             "http://128.0.0.1",
+            "http://127.0.0.1:1@evil.com",
+            "http://localhost/x",
         ] {
             assert!(!origin_allowed(bad, &none), "{bad}");
         }

@@ -708,3 +708,81 @@ async fn a_huge_initialize_is_refused_and_client_strings_are_cut_everywhere() {
             .unwrap_or(0);
     assert!(db < 64 << 20, "database and WAL of {db} bytes");
 }
+
+/// Sends one raw HTTP/1.1 request and returns the status code of the answer.
+async fn raw_status(addr: &str, request: String) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"))
+}
+
+/// Row "Host and URI": `Host: 127.0.0.1:P@evil.com` passed as loopback, of two `Host`
+/// headers the first won, an absolute-form `http://evil.com/mcp` request line was served,
+/// and `/api/stats?since=1000000000000h` answered 200 with a negative window. Now: 400 for a
+/// `Host` that is not a plain host[:port] and for two of them, the absolute-form
+/// authority is what the `Host` check judges (403 for evil.com, served for our own), and
+/// out-of-range admin values are 400.
+#[tokio::test]
+async fn hosts_must_be_plain_single_and_ours_and_admin_values_in_range() {
+    let dir = state_dir();
+    let gw = TestApp::start(dir.path(), Layer::default()).await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}})
+    .to_string();
+    let post = |target: &str, hosts: &[&str]| {
+        let mut r = format!("POST {target} HTTP/1.1\r\n");
+        for h in hosts {
+            r.push_str(&format!("Host: {h}\r\n"));
+        }
+        r.push_str(&format!(
+            "Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{init}",
+            init.len()
+        ));
+        r
+    };
+    let me = gw.addr.clone();
+    let userinfo = format!("{me}@evil.com");
+    for (target, hosts, want) in [
+        ("/mcp", vec![userinfo.as_str()], 400),
+        ("/mcp", vec![me.as_str(), "evil.com"], 400),
+        ("/mcp", vec!["evil.com", me.as_str()], 400),
+        ("http://evil.com/mcp", vec![me.as_str()], 403),
+        ("http://evil.com/servers/demo/mcp", vec![me.as_str()], 403),
+        (&format!("http://{me}/mcp"), vec![me.as_str()], 200),
+        ("/mcp", vec![me.as_str()], 200),
+    ] {
+        let status = raw_status(&gw.addr, post(target, &hosts)).await;
+        assert_eq!(status, want, "{target} with Host {hosts:?}");
+    }
+    let admin = gw.admin.trim_start_matches("http://").to_owned();
+    let get = |target: &str, host: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+    };
+    for (target, host, want) in [
+        ("/api/stats?since=1000000000000h", admin.as_str(), 400),
+        ("/api/stats?since=-5", admin.as_str(), 400),
+        (
+            "/api/sessions?offset=99999999999999999999",
+            admin.as_str(),
+            400,
+        ),
+        ("/api/stats?since=1h", admin.as_str(), 200),
+        ("/health", &format!("{admin}@evil.com"), 400),
+        ("/health", admin.as_str(), 200),
+    ] {
+        let status = raw_status(&admin, get(target, host)).await;
+        assert_eq!(status, want, "{target} with Host {host}");
+    }
+    gw.stop().await.unwrap();
+}

@@ -294,7 +294,15 @@ impl axum::extract::FromRequestParts<AppState> for Caller {
         parts: &mut axum::http::request::Parts,
         st: &AppState,
     ) -> Result<Self, FrontError> {
-        check_origin(&parts.headers, &st.cfg)?;
+        // The dispatcher rewrote the path; the original target keeps an absolute-form
+        // request's authority.
+        let authority = parts
+            .extensions
+            .get::<OriginalUri>()
+            .map_or(&parts.uri, |o| &o.0)
+            .authority()
+            .map(|a| a.as_str().to_owned());
+        check_origin(&parts.headers, authority.as_deref(), &st.cfg)?;
         let principal = authenticate(&parts.headers, &st.cfg)?;
         if let Some(users) = &st.cfg.users
             && !users.contains(&principal.id)
@@ -494,19 +502,34 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// DNS-rebinding protection: the `Host` a request names and the `Origin` it comes from
 /// (when present) must be allowed; 403 otherwise.
-fn check_origin(headers: &HeaderMap, cfg: &FrontConfig) -> Result<(), FrontError> {
-    if let Some(host) = headers.get(header::HOST) {
-        let host = host.to_str().unwrap_or("");
-        if !policy::host_allowed(host, &cfg.allowed_hosts, cfg.loopback_listener) {
-            return Err(FrontError::new(
-                StatusCode::FORBIDDEN,
-                code::SERVER_ERROR,
-                format!(
-                    "Forbidden: Host {:?} is not allowed (see --allowed-hosts)",
-                    cut(host, 100)
-                ),
-            ));
-        }
+fn check_origin(
+    headers: &HeaderMap,
+    authority: Option<&str>,
+    cfg: &FrontConfig,
+) -> Result<(), FrontError> {
+    let hosts: Vec<&str> = headers
+        .get_all(header::HOST)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+        .collect();
+    let host = policy::request_host(&hosts, authority).map_err(|why| {
+        FrontError::new(
+            StatusCode::BAD_REQUEST,
+            code::SERVER_ERROR,
+            format!("Bad Request: {}", cut(&why, 200)),
+        )
+    })?;
+    if let Some(host) = host
+        && !policy::host_allowed(&host, &cfg.allowed_hosts, cfg.loopback_listener)
+    {
+        return Err(FrontError::new(
+            StatusCode::FORBIDDEN,
+            code::SERVER_ERROR,
+            format!(
+                "Forbidden: Host {:?} is not allowed (see --allowed-hosts)",
+                cut(&host, 100)
+            ),
+        ));
     }
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
