@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::servers::{ServerEntry, ServerSettings};
 use crate::session::admission::{Admission, AdmissionConfig};
 use crate::session::quota::Quotas;
+use crate::session::subscriptions::{SubscriptionBudget, SubscriptionLimits};
 use crate::session::{Common, Registry, SessionConfig};
 use crate::store::postgres::PostgresLedger;
 use crate::store::redis::{RedisOptions, RedisStore};
@@ -116,6 +117,10 @@ pub async fn run(
             limits.quota_tool_calls,
             stores.coordinator.clone(),
         )),
+        subscriptions: Arc::new(SubscriptionBudget::new(SubscriptionLimits {
+            per_session: limits.max_subscriptions,
+            per_principal: limits.max_subscriptions_per_principal,
+        })),
         admission: Admission::new(AdmissionConfig {
             max_sessions: limits.max_sessions,
             max_per_principal: limits.max_sessions_per_principal,

@@ -181,6 +181,10 @@ pub struct LimitsLayer {
     pub quota_tool_calls: Option<String>,
     /// Largest `initialize` params a session may store (replayed to every fresh upstream); larger ones are refused with `-32602`.
     pub max_initialize: Option<SizeValue>,
+    /// Resource subscriptions one session may hold (and 256 bytes of URIs each on average).
+    pub max_subscriptions: Option<usize>,
+    /// Resource subscriptions all sessions of one user may hold together.
+    pub max_subscriptions_per_principal: Option<usize>,
 }
 
 impl LimitsLayer {
@@ -208,7 +212,9 @@ impl LimitsLayer {
             circuit_cooldown,
             bridge_pool_size,
             quota_tool_calls,
-            max_initialize
+            max_initialize,
+            max_subscriptions,
+            max_subscriptions_per_principal
         )
     }
 }
@@ -256,6 +262,10 @@ pub struct Limits {
     pub circuit_cooldown: Duration,
     /// See [`LimitsLayer::max_initialize`].
     pub max_initialize: usize,
+    /// See [`LimitsLayer::max_subscriptions`].
+    pub max_subscriptions: usize,
+    /// See [`LimitsLayer::max_subscriptions_per_principal`].
+    pub max_subscriptions_per_principal: usize,
 }
 
 impl Default for Limits {
@@ -275,6 +285,7 @@ impl Limits {
         };
         let max_sessions = positive(errors, "max-sessions", l.max_sessions, 1000);
         let max_connections = positive(errors, "max-connections", l.max_connections, 1024);
+        let max_subscriptions = positive(errors, "max-subscriptions", l.max_subscriptions, 1000);
         let stream_buffer = size(
             errors,
             "stream-buffer",
@@ -358,6 +369,13 @@ impl Limits {
                 DEFAULT_CIRCUIT_COOLDOWN,
             ),
             max_initialize: size(errors, "max-initialize", l.max_initialize.as_ref(), "64KiB"),
+            max_subscriptions,
+            max_subscriptions_per_principal: positive(
+                errors,
+                "max-subscriptions-per-principal",
+                l.max_subscriptions_per_principal,
+                max_subscriptions.saturating_mul(10),
+            ),
         }
     }
 }

@@ -634,6 +634,12 @@ struct LimitArgs {
     /// Largest stored `initialize` (params) a client may send; larger ones are refused with -32602 [default: 64KiB].
     #[arg(long, env = "TETHER_MAX_INITIALIZE", value_name = "SIZE")]
     max_initialize: Option<String>,
+    /// Resource subscriptions one session may hold (legacy resources/subscribe, and those a 2026-07-28 listen stream makes on its pooled session), and 256 bytes of URIs each on average; a URI is at most 4 KiB [default: 1000].
+    #[arg(long, env = "TETHER_MAX_SUBSCRIPTIONS", value_name = "N")]
+    max_subscriptions: Option<usize>,
+    /// Resource subscriptions all sessions of one user may hold together [default: 10 times --max-subscriptions].
+    #[arg(long, env = "TETHER_MAX_SUBSCRIPTIONS_PER_PRINCIPAL", value_name = "N")]
+    max_subscriptions_per_principal: Option<usize>,
 }
 
 impl LimitArgs {
@@ -659,6 +665,8 @@ impl LimitArgs {
             max_initialize: self.max_initialize.clone().map(SizeValue::Text),
             circuit_failures: self.circuit_failures,
             circuit_cooldown: self.circuit_cooldown.clone(),
+            max_subscriptions: self.max_subscriptions,
+            max_subscriptions_per_principal: self.max_subscriptions_per_principal,
         };
         (l != LimitsLayer::default()).then_some(l)
     }

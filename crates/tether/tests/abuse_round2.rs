@@ -786,3 +786,122 @@ async fn hosts_must_be_plain_single_and_ours_and_admin_values_in_range() {
     }
     gw.stop().await.unwrap();
 }
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15; here counted from the state (field 3).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Row "one stateless 2026-07-28 client sends `subscriptions/listen` again and again, each
+/// with 64 fresh 1 KB `resourceSubscriptions`" and legacy `resources/subscribe` likewise:
+/// every URI was kept with no cap (2 GB by the 49th listen; 4,000 legacy URIs 1.4 GB and
+/// 28 s of CPU). Now each session and each user is bounded by count and bytes: past it the
+/// client gets `-32016` naming the limit, memory and CPU stay small, and a bystander on
+/// another address is served throughout. The process's memory is the point: the binary.
+#[tokio::test]
+async fn resource_subscriptions_are_bounded_in_both_eras() {
+    let dir = state_dir();
+    let gw = common::Gateway::start(dir.path(), &["--demo"]);
+    let bystander = bystander_at(&gw.url, "127.0.0.2");
+    let other = bystander.initialize("bystander").await;
+    let rss_before = common::rss_kib(gw.pid());
+    let cpu_before = cpu_seconds(gw.pid());
+
+    // Legacy: fresh 1 KB URIs until refused.
+    let mcp = gw.client();
+    let sid = mcp.initialize("subscriber").await;
+    let mut accepted = 0;
+    let mut refused = None;
+    for i in 0..4000 {
+        let uri = format!("file:///{i:06}/{}", "u".repeat(1000));
+        let a = mcp
+            .post(
+                Some(&sid),
+                &json!({"jsonrpc": "2.0", "id": i, "method": "resources/subscribe", "params": {"uri": uri}}),
+            )
+            .await;
+        let v = a.response();
+        if v.get("result").is_some() {
+            accepted += 1;
+        } else {
+            refused = Some(v);
+            break;
+        }
+    }
+    let refused = refused.expect("a bound refuses the flood");
+    assert_eq!(refused["error"]["code"], -32016, "{refused}");
+    assert_eq!(
+        refused["error"]["data"]["limit"], "max-subscriptions",
+        "{refused}"
+    );
+    assert!(accepted >= 200, "{accepted} accepted first");
+
+    // Modern: listen again and again with 64 fresh URIs each.
+    let listen = |n: usize| {
+        let uris: Vec<String> = (0..64)
+            .map(|k| format!("file:///listen-{n}-{k}/{}", "l".repeat(1000)))
+            .collect();
+        let body = json!({"jsonrpc": "2.0", "id": format!("sub-{n}"), "method": "subscriptions/listen",
+            "params": {"notifications": {"resourceSubscriptions": uris}, "_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {},
+                "io.modelcontextprotocol/clientInfo": {"name": "listener", "version": "1"}}}});
+        mcp.http
+            .post(&gw.url)
+            .header("content-type", "application/json")
+            .header("accept", common::ACCEPT_BOTH)
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "subscriptions/listen")
+            .body(body.to_string())
+            .send()
+    };
+    let mut limited = None;
+    for n in 0..60 {
+        let resp = listen(n).await.unwrap();
+        let is_sse = resp
+            .headers()
+            .get("content-type")
+            .is_some_and(|c| c.to_str().unwrap_or("").starts_with("text/event-stream"));
+        if !is_sse {
+            limited = Some(resp.json::<Value>().await.unwrap());
+            break;
+        }
+        // The acknowledgement came; the client goes away and comes back with more.
+        drop(resp);
+    }
+    let limited = limited.expect("the pooled session's subscriptions are bounded");
+    assert_eq!(limited["error"]["code"], -32016, "{limited}");
+    assert_eq!(
+        limited["error"]["data"]["limit"], "max-subscriptions",
+        "{limited}"
+    );
+
+    let rss_after = common::rss_kib(gw.pid());
+    let cpu = cpu_seconds(gw.pid()) - cpu_before;
+    eprintln!("RSS {rss_before} → {rss_after} KiB, {cpu:.2} s of CPU");
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS {rss_before} → {rss_after} KiB"
+    );
+    assert!(cpu < 20.0, "{cpu} s of CPU");
+    assert_eq!(
+        bystander
+            .call_text(&other, 1, "echo", json!({"text": "fine"}))
+            .await,
+        "fine"
+    );
+}

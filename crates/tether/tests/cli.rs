@@ -51,6 +51,8 @@ const OPTIONS: &[&str] = &[
     "--server",
     "--quota-tool-calls",
     "--max-initialize",
+    "--max-subscriptions",
+    "--max-subscriptions-per-principal",
 ];
 
 #[test]

@@ -241,17 +241,27 @@ pub(super) async fn post(
     }
     if method == "subscriptions/listen" {
         let mut filter = rules::Filter::of(&env);
+        let rx = st
+            .registry
+            .listen(principal)
+            .map_err(|e| FrontError::from(e).with_id(Some(&id)))?;
         if !filter.uris.is_empty() {
             let session = pooled(st, principal, &meta, client, &id).await?;
             let mut honoured = Vec::with_capacity(filter.uris.len());
             for uri in std::mem::take(&mut filter.uris) {
-                if subscribe(&session, &uri).await {
-                    honoured.push(uri);
+                match subscribe(&session, &uri).await {
+                    Subscribed::Yes => honoured.push(uri),
+                    Subscribed::No => {}
+                    // Over a bound the client is told, not quietly given less.
+                    Subscribed::Refused(mut v) => {
+                        protocol::set_id(&mut v, id);
+                        return Ok(json_status(rules::status_of(&v), &v));
+                    }
                 }
             }
             filter.uris = honoured;
         }
-        return Ok(listen(st, principal, filter, id));
+        return Ok(listen(st, rx, filter, id));
     }
     let name = rules::request_name(&env).map(str::to_owned);
     let progress_token = env.progress_token().cloned();
@@ -346,8 +356,12 @@ pub(super) async fn post(
 /// notifications of this user's pooled upstreams that its filter asks for, each tagged with
 /// the subscription (the request's id), with keepalive comments, until the client closes it
 /// or the gateway stops. Nothing is stored: a client that reconnects listens again.
-fn listen(st: &AppState, principal: &Principal, filter: rules::Filter, id: Value) -> Response {
-    let mut rx = st.registry.listen(principal);
+fn listen(
+    st: &AppState,
+    mut rx: tokio::sync::broadcast::Receiver<Arc<Value>>,
+    filter: rules::Filter,
+    id: Value,
+) -> Response {
     let stop = st.registry.stopping();
     let keepalive = st.cfg.keepalive;
     let body = async_stream::stream! {
@@ -403,13 +417,16 @@ async fn pooled(
 /// upstream restart keeps it; it ends with the pooled session (idle expiry), not with the
 /// stream: another client of the same pool may listen to the same resource, and an extra
 /// update is dropped by every filter that did not ask for it.
-async fn subscribe(session: &Arc<Session>, uri: &str) -> bool {
+async fn subscribe(session: &Arc<Session>, uri: &str) -> Subscribed {
     let id = Value::from(format!("tether-subscribe-{}", crate::ids::random_hex(8)));
     let request = protocol::request(id, "resources/subscribe", Some(json!({ "uri": uri })));
     let Ok(env) = Envelope::from_value(request) else {
-        return false;
+        return Subscribed::No;
     };
     let answer = match session.request(env).await {
+        Reply::Immediate(v) if v.pointer("/error/code") == Some(&json!(code::LIMIT_REACHED)) => {
+            return Subscribed::Refused(v);
+        }
         Reply::Immediate(v) => Some(v),
         Reply::Accepted => None,
         Reply::Stream(handle) => match handle.live {
@@ -428,9 +445,19 @@ async fn subscribe(session: &Arc<Session>, uri: &str) -> bool {
     };
     let ok = answer.as_ref().is_some_and(|a| a.get("result").is_some());
     if !ok {
-        tracing::info!(uri = %crate::log_limit::cut(uri, 200), answer = ?answer, "the upstream did not subscribe to a resource a listen stream asked for; left out of the acknowledgement");
+        tracing::info!(uri = %crate::log_limit::cut(uri, 200), "the upstream did not subscribe to a resource a listen stream asked for; left out of the acknowledgement");
     }
-    ok
+    if ok { Subscribed::Yes } else { Subscribed::No }
+}
+
+/// What became of a resource a listen stream asked for.
+enum Subscribed {
+    /// The upstream holds it.
+    Yes,
+    /// The upstream did not agree (left out of the acknowledgement).
+    No,
+    /// A bound of the gateway refused it: the listen request gets this error.
+    Refused(Value),
 }
 
 /// Sends a retry whose call another live instance of the deployment holds to that

@@ -190,6 +190,10 @@ impl Calls {
 impl Session {
     /// Completes a pending client request with the message `make` builds from its id.
     pub(super) fn finish(&self, p: Pending, make: impl FnOnce(Value) -> Value) {
+        if let Some(RestoreOp::Subscribe(uri)) = &p.restore {
+            // Accepted ones were applied to the restore state before; the rest go back.
+            self.subscription_settled(uri);
+        }
         match p.kind {
             PendingKind::Internal(tx) => drop(tx),
             PendingKind::Client {

@@ -27,6 +27,7 @@ impl Session {
         for p in pending {
             self.finish(p, &make);
         }
+        self.release_subscriptions();
         for s in streams {
             s.detach();
         }

@@ -43,6 +43,7 @@ pub mod quota;
 mod registry;
 mod rehydrate;
 pub mod stream;
+pub mod subscriptions;
 mod supervisor;
 mod upkeep;
 
@@ -282,6 +283,8 @@ struct Shared {
     connector: Connector,
     admission: Arc<Admission>,
     quotas: Arc<quota::Quotas>,
+    /// Resource subscriptions per principal, across servers.
+    subscriptions: Arc<subscriptions::SubscriptionBudget>,
     /// The held count last added to the gateway-wide gauge (servers add their changes).
     held_reported: std::sync::atomic::AtomicI64,
     /// The process's registries (this one included).
@@ -413,6 +416,12 @@ struct State {
     calls: calls::Calls,
     safe_tools: HashSet<String>,
     restore: Restore,
+    /// What of the subscriptions is pending and charged (`subscriptions.rs`).
+    subs: subscriptions::Held,
+    /// The restore state changed since it was last written to the record.
+    restore_dirty: bool,
+    /// A task is writing it (`Session::write_restore`).
+    restore_writing: bool,
     last_active: Instant,
     last_touch_sent: Instant,
     /// HTTP exchanges with the client still open ([`Exchange`]): a request whose answer
@@ -470,8 +479,10 @@ pub struct Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // A session dropped without being torn down must not leave its deadline task.
+        // A session dropped without being torn down must not leave its deadline task, nor
+        // its subscriptions charged to its principal.
         self.deadlines.end();
+        self.release_subscriptions();
     }
 }
 
@@ -518,6 +529,8 @@ pub struct Common {
     pub ledger: Ledger,
     /// Tool-call quotas per user, across servers.
     pub quotas: Arc<quota::Quotas>,
+    /// Resource subscriptions per user, across servers.
+    pub subscriptions: Arc<subscriptions::SubscriptionBudget>,
     /// The gateway's session counts; each server's also count here.
     pub admission: Arc<Admission>,
     /// Every registry made with this `Common`.
@@ -578,6 +591,9 @@ impl Registry {
                 metrics,
                 ledger,
                 quotas,
+                subscriptions: Arc::new(subscriptions::SubscriptionBudget::new(
+                    subscriptions::SubscriptionLimits::default(),
+                )),
                 admission: admission.clone(),
                 siblings: Siblings::default(),
             },
@@ -620,6 +636,7 @@ impl Registry {
                 connector,
                 admission,
                 quotas: c.quotas,
+                subscriptions: c.subscriptions,
                 held_reported: std::sync::atomic::AtomicI64::new(0),
                 draining: std::sync::atomic::AtomicBool::new(false),
                 siblings: c.siblings.clone(),
@@ -651,6 +668,7 @@ impl Registry {
             metrics: sh.metrics.clone(),
             ledger: sh.ledger.clone(),
             quotas: sh.quotas.clone(),
+            subscriptions: sh.subscriptions.clone(),
             admission: sh.admission.clone(),
             siblings: sh.siblings.clone(),
         }
@@ -737,8 +755,14 @@ impl Session {
     ) -> Arc<Session> {
         let now = Instant::now();
         let restore = Restore::from_json(&record.restore);
+        // A resumed session brings the subscriptions it held back into its principal's
+        // count (never refused: they were admitted before).
+        let subs = subscriptions::Held {
+            bytes: restore.subscriptions.iter().map(String::len).sum(),
+            ..subscriptions::Held::default()
+        };
         let deadlines = Arc::new(deadlines::Watch::new(&shared.stopped));
-        Arc::new(Session {
+        let session = Arc::new(Session {
             id: record.id.as_str().into(),
             record,
             transport,
@@ -754,6 +778,9 @@ impl Session {
                 calls: calls::Calls::default(),
                 safe_tools: HashSet::new(),
                 restore,
+                subs,
+                restore_dirty: false,
+                restore_writing: false,
                 exchanges: 0,
                 last_active: now,
                 last_touch_sent: now,
@@ -763,7 +790,9 @@ impl Session {
             upstream_gate: tokio::sync::Mutex::new(()),
             standalone,
             deadlines,
-        })
+        });
+        session.recharge(&mut session.lock());
+        session
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -70,6 +70,23 @@ impl Session {
                 return Reply::Immediate(err);
             }
         };
+        // Charged as it is sent (before `forward` registers the call whose end settles it).
+        if method == "resources/subscribe"
+            && let Some(uri) = env
+                .params()
+                .and_then(|p| p.get("uri"))
+                .and_then(Value::as_str)
+            && let Err(over) = self.reserve_subscription(uri)
+        {
+            self.shared.metrics.refused(
+                over.field("limit")
+                    .and_then(Value::as_str)
+                    .unwrap_or("max-subscriptions"),
+            );
+            let err = over.response(client_id);
+            Session::record_outcome(&tracing::Span::current(), &err);
+            return Reply::Immediate(err);
+        }
         let retryable = SAFE_METHODS.contains(&method.as_str())
             || (method == "tools/call"
                 && tool

@@ -26,6 +26,14 @@ pub const LISTEN_BUFFER: usize = 64;
 /// Stateless clients this process remembers (the least recently seen is forgotten first).
 pub const MAX_STATELESS_CLIENTS: usize = 1000;
 
+/// `subscriptions/listen` streams one principal may hold open at once (each is a
+/// connection and a receiver of its upstreams' notifications).
+pub const MAX_LISTENS_PER_PRINCIPAL: usize = 32;
+
+/// Client applications (name and capability sets) one principal's stateless requests may
+/// keep pools for at once: each is a pool of up to `--bridge-pool-size` upstreams.
+pub const MAX_POOLS_PER_PRINCIPAL: usize = 64;
+
 /// A stateless client: principal id, client name, client version.
 pub(super) type ClientKey = (String, String, String);
 
@@ -91,7 +99,27 @@ impl Registry {
     ) -> Result<Arc<Session>, SessionError> {
         let entry = {
             let mut pool = self.shared.pool.lock().unwrap_or_else(|p| p.into_inner());
-            pool.entry((principal.id.clone(), key))
+            let key = (principal.id.clone(), key);
+            if !pool.contains_key(&key) {
+                // A client that varies its name or capabilities on every request would
+                // otherwise make a pool (and upstreams) per request.
+                pool.retain(|_, e| e.len() > 0 || Arc::strong_count(e) > 1);
+                let theirs = pool.keys().filter(|(p, _)| *p == principal.id).count();
+                if theirs >= MAX_POOLS_PER_PRINCIPAL {
+                    return Err(self.refused(
+                        Failure::new(
+                            FailureKind::Limit,
+                            format!(
+                                "this user's stateless requests hold upstream pools for {theirs} client applications (names and capability sets), the most allowed ({MAX_POOLS_PER_PRINCIPAL}); retry once some expire"
+                            ),
+                            Retry::Safe(Some(Duration::from_secs(5))),
+                        )
+                        .with("limit", "bridge-pools-per-user")
+                        .with("max", MAX_POOLS_PER_PRINCIPAL),
+                    ));
+                }
+            }
+            pool.entry(key)
                 .or_insert_with(|| {
                     Arc::new(Entry {
                         members: Mutex::new(Vec::new()),
@@ -222,16 +250,35 @@ impl Registry {
     /// A receiver of the list-changed notifications of `principal`'s pooled upstreams
     /// (a `subscriptions/listen` stream). Bounded: a listener that falls behind by more
     /// than [`LISTEN_BUFFER`] notifications misses the oldest (each only says "list again").
-    pub fn listen(&self, principal: &Principal) -> tokio::sync::broadcast::Receiver<Arc<Value>> {
+    /// At most [`MAX_LISTENS_PER_PRINCIPAL`] at once: over it, the refusal.
+    pub fn listen(
+        &self,
+        principal: &Principal,
+    ) -> Result<tokio::sync::broadcast::Receiver<Arc<Value>>, SessionError> {
         let mut map = self
             .shared
             .listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         map.retain(|_, tx| tx.receiver_count() > 0);
-        map.entry(principal.id.clone())
-            .or_insert_with(|| tokio::sync::broadcast::channel(LISTEN_BUFFER).0)
-            .subscribe()
+        let tx = map
+            .entry(principal.id.clone())
+            .or_insert_with(|| tokio::sync::broadcast::channel(LISTEN_BUFFER).0);
+        let open = tx.receiver_count();
+        if open >= MAX_LISTENS_PER_PRINCIPAL {
+            return Err(self.refused(
+                Failure::new(
+                    FailureKind::Limit,
+                    format!(
+                        "this user holds {open} subscriptions/listen streams open, the most allowed ({MAX_LISTENS_PER_PRINCIPAL}); close one first"
+                    ),
+                    Retry::Safe(Some(Duration::from_secs(1))),
+                )
+                .with("limit", "listen-streams-per-user")
+                .with("max", MAX_LISTENS_PER_PRINCIPAL),
+            ));
+        }
+        Ok(tx.subscribe())
     }
 
     /// Cancelled when the gateway stops accepting (long-lived streams end).

@@ -16,7 +16,7 @@ impl Session {
         }
         st.generation += 1;
         st.start_failed_at = None;
-        link.set_restore(st.restore.requests());
+        link.set_restore(|| st.restore.requests());
         st.upstream = UpstreamSlot::Up {
             link,
             started: Instant::now(),
@@ -254,22 +254,69 @@ impl Session {
     }
 
     /// Records a setting the upstream accepted, so the next upstream gets it too.
-    pub(super) fn remember(&self, op: &RestoreOp) {
-        let snapshot = {
+    pub(super) fn remember(self: &Arc<Self>, op: &RestoreOp) {
+        let write = {
             let mut st = self.lock();
             let changed = st.restore.apply(op);
             if changed {
+                match op {
+                    RestoreOp::Subscribe(uri) => st.subs.bytes += uri.len(),
+                    RestoreOp::Unsubscribe(uri) => st.subs.bytes -= uri.len(),
+                    RestoreOp::SetLevel(_) => {}
+                }
+                self.recharge(&mut st);
                 // An HTTP link re-initializes a forgetful upstream by itself: it must
                 // replay this too, not only a restart this session runs.
                 if let UpstreamSlot::Up { link, .. } = &st.upstream {
-                    link.set_restore(st.restore.requests());
+                    link.set_restore(|| st.restore.requests());
                 }
             }
-            changed.then(|| st.restore.to_json())
+            st.restore_dirty |= changed;
+            let start = changed && !st.restore_writing;
+            st.restore_writing |= start;
+            start
         };
-        if let Some(v) = snapshot {
-            // Not awaited: a lost update costs one setting after a crash, never a request.
-            drop(self.shared.store.set_restore(&self.id, v));
+        if write {
+            let me = self.clone();
+            self.shared
+                .tracker
+                .spawn(async move { me.write_restore().await }.instrument(self.span()));
+        }
+    }
+
+    /// Queues a write of the restore state if a change is still unwritten (shutdown: the
+    /// store's flush that follows makes it durable).
+    pub(super) fn flush_restore(&self) {
+        let v = {
+            let mut st = self.lock();
+            if !std::mem::take(&mut st.restore_dirty) {
+                return;
+            }
+            st.restore.to_json()
+        };
+        drop(self.shared.store.set_restore(&self.id, v));
+    }
+
+    /// Writes the restore state to the record until it stops changing: one write in flight
+    /// per session, and the changes made meanwhile go in one write after it, so a client
+    /// changing it as fast as it can costs one write of the whole state per store round
+    /// trip, not one queued write per change (each is as large as the subscriptions: a
+    /// flood queued writes whose total grew with their square; issue 26). Not awaited by
+    /// any request: a crash loses at most the changes of the write in flight.
+    async fn write_restore(self: Arc<Self>) {
+        loop {
+            let v = {
+                let mut st = self.lock();
+                if !st.restore_dirty || st.closed {
+                    st.restore_writing = false;
+                    return;
+                }
+                st.restore_dirty = false;
+                st.restore.to_json()
+            };
+            if let Err(e) = self.shared.store.set_restore(&self.id, v).await {
+                tracing::warn!(error = %e, "cannot record the session's restore state");
+            }
         }
     }
 

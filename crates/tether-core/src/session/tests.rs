@@ -524,6 +524,128 @@ async fn a_failed_starts_backoff_ends_when_another_start_succeeds() {
     assert!(matches!(reply, Reply::Stream(_)), "A starts at once");
 }
 
+/// A `resources/subscribe` of `uri`, answered by `up` when it reaches it; the answer.
+async fn subscribe(session: &Arc<Session>, up: &mut FakeUpstream, id: i64, uri: &str) -> Value {
+    let env = envelope(
+        json!({"jsonrpc": "2.0", "id": id, "method": "resources/subscribe",
+                              "params": {"uri": uri}}),
+    );
+    match session.request(env).await {
+        Reply::Immediate(v) => v,
+        reply => {
+            let mut rx = frames(reply);
+            let r = up.next_request().await;
+            assert_eq!(r["params"]["uri"], uri);
+            up.answer(&r, json!({})).await;
+            answer(&mut rx).await
+        }
+    }
+}
+
+/// Issue 26: resource subscriptions are bounded per session and per principal, by count
+/// (and bytes, and URI length); a subscription over a bound is `-32016` naming it and never
+/// reaches the upstream; an unsubscribe or the session's end gives its place back.
+#[tokio::test(start_paused = true)]
+async fn subscriptions_are_bounded_per_session_and_per_principal() {
+    let mut h = harness(SessionConfig::default());
+    let budget = Arc::new(subscriptions::SubscriptionBudget::new(
+        subscriptions::SubscriptionLimits {
+            per_session: 3,
+            per_principal: 4,
+        },
+    ));
+    let common = Common {
+        subscriptions: budget.clone(),
+        ..h.registry.common()
+    };
+    let (connector, upstreams) =
+        Connector::in_memory(UpstreamLimits::default(), common.tracker.clone());
+    h.registry = Registry::with_common(SessionConfig::default(), &common, connector);
+    h.upstreams = upstreams;
+    let (a, mut up_a) = h.session().await;
+    for (i, uri) in ["file:///a1", "file:///a2", "file:///a3"]
+        .iter()
+        .enumerate()
+    {
+        let v = subscribe(&a, &mut up_a, i as i64, uri).await;
+        assert!(v.get("result").is_some(), "{v}");
+    }
+    let again = subscribe(&a, &mut up_a, 9, "file:///a1").await;
+    assert!(
+        again.get("result").is_some(),
+        "one it holds costs nothing: {again}"
+    );
+    let over = subscribe(&a, &mut up_a, 10, "file:///a4").await;
+    assert_eq!(over["error"]["code"], json!(code::LIMIT_REACHED), "{over}");
+    assert_eq!(over["error"]["data"]["limit"], "max-subscriptions");
+    let (b, mut up_b) = h.session().await;
+    assert!(
+        subscribe(&b, &mut up_b, 1, "file:///b1")
+            .await
+            .get("result")
+            .is_some()
+    );
+    let over = subscribe(&b, &mut up_b, 2, "file:///b2").await;
+    assert_eq!(
+        over["error"]["data"]["limit"], "max-subscriptions-per-principal",
+        "{over}"
+    );
+    let long = subscribe(&b, &mut up_b, 3, &"x".repeat(subscriptions::MAX_URI + 1)).await;
+    assert_eq!(
+        long["error"]["data"]["limit"], "max-subscription-uri",
+        "{long}"
+    );
+    assert_eq!(budget.used("anonymous").0, 4);
+    // An unsubscribe gives a place back.
+    let env = envelope(
+        json!({"jsonrpc": "2.0", "id": 20, "method": "resources/unsubscribe",
+                              "params": {"uri": "file:///a1"}}),
+    );
+    let mut rx = frames(a.request(env).await);
+    let r = up_a.next_request().await;
+    up_a.answer(&r, json!({})).await;
+    assert!(answer(&mut rx).await.get("result").is_some());
+    assert!(
+        subscribe(&b, &mut up_b, 4, "file:///b2")
+            .await
+            .get("result")
+            .is_some()
+    );
+    // A refused subscribe (the upstream's error) is given back too.
+    let env = envelope(
+        json!({"jsonrpc": "2.0", "id": 5, "method": "resources/subscribe",
+                              "params": {"uri": "file:///b3"}}),
+    );
+    let over = match b.request(env).await {
+        Reply::Immediate(v) => v,
+        _ => panic!("over the principal's bound"),
+    };
+    assert_eq!(
+        over["error"]["data"]["limit"],
+        "max-subscriptions-per-principal"
+    );
+    // The session's end gives back all it held.
+    h.registry.close(&a, "client_disconnect").await;
+    assert_eq!(budget.used("anonymous"), (2, "file:///b1".len() * 2));
+    let env = envelope(
+        json!({"jsonrpc": "2.0", "id": 6, "method": "resources/subscribe",
+                              "params": {"uri": "file:///b3"}}),
+    );
+    let mut rx = frames(b.request(env).await);
+    let r = up_b.next_request().await;
+    up_b.say(
+        json!({"jsonrpc": "2.0", "id": r["id"], "error": {"code": -32602, "message": "no such resource"}}),
+        None,
+    )
+    .await;
+    assert!(answer(&mut rx).await.get("error").is_some());
+    assert_eq!(
+        budget.used("anonymous").0,
+        2,
+        "the upstream's refusal holds no place"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn closing_fails_calls_in_flight_and_stops_the_upstream() {
     let mut h = harness(SessionConfig::default());
@@ -602,6 +724,49 @@ async fn the_pool_prefers_an_idle_member_grows_when_all_are_busy_and_stops_at_it
         h.registry.get(a.id(), &alice).await,
         Err(SessionError::NotFound)
     ));
+}
+
+/// Issue 26: one user's stateless requests keep pools for at most
+/// `MAX_POOLS_PER_PRINCIPAL` client applications (a client varying its name on every
+/// request would make a pool per request), and hold at most `MAX_LISTENS_PER_PRINCIPAL`
+/// listen streams; another user is untouched.
+#[tokio::test(start_paused = true)]
+async fn a_users_pools_and_listen_streams_are_bounded() {
+    let mut h = harness(SessionConfig::default());
+    let alice = Principal::anonymous();
+    let mut held = Vec::new();
+    for i in 0..pool::MAX_POOLS_PER_PRINCIPAL {
+        held.push(pooled(&mut h, &alice, &format!("app-{i}")).await);
+    }
+    let init = json!({"protocolVersion": "2025-11-25", "capabilities": {},
+                      "clientInfo": {"name": "one-more", "version": "1"}});
+    let over = match h.registry.pooled(&alice, "app-x".into(), &init, None).await {
+        Err(SessionError::Refused(f)) => f,
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a pool past the bound"),
+    };
+    assert_eq!(over.field("limit"), Some(&json!("bridge-pools-per-user")));
+    let again = pooled(&mut h, &alice, "app-3").await;
+    assert!(again.1.is_none(), "an existing pool still serves");
+
+    let listens: Vec<_> = (0..pool::MAX_LISTENS_PER_PRINCIPAL)
+        .map(|_| h.registry.listen(&alice).expect("a listen stream"))
+        .collect();
+    match h.registry.listen(&alice) {
+        Err(SessionError::Refused(f)) => {
+            assert_eq!(f.field("limit"), Some(&json!("listen-streams-per-user")));
+        }
+        _ => panic!("a listen stream past the bound"),
+    }
+    let bob = Principal {
+        id: "bob".into(),
+        ..Principal::anonymous()
+    };
+    h.registry.listen(&bob).expect("another user is untouched");
+    drop(listens);
+    h.registry
+        .listen(&alice)
+        .expect("closed streams give their places back");
 }
 
 #[tokio::test(start_paused = true)]

@@ -161,6 +161,7 @@ impl Registry {
         };
         for s in &sessions {
             s.stop_upstream();
+            s.flush_restore();
         }
         if let Err(e) = sh.store.flush().await {
             tracing::error!(error = %e, "store flush failed at shutdown");

@@ -328,9 +328,11 @@ impl Link {
     /// Sets the requests that restore the client's session state (log level, resource
     /// subscriptions) after an HTTP upstream forgot the session and the link re-initialized
     /// it by itself. A stdio upstream is restarted by the session, which replays them.
-    pub fn set_restore(&self, requests: Vec<(&'static str, Value)>) {
+    /// `requests` is only called for a link that keeps them (HTTP): building them costs
+    /// what the subscriptions number, on every change.
+    pub fn set_restore(&self, requests: impl FnOnce() -> Vec<(&'static str, Value)>) {
         if let LinkKind::Http(l) = &self.kind {
-            l.set_restore(requests);
+            l.set_restore(requests());
         }
     }
 
