@@ -122,21 +122,25 @@ pub fn upstream_stream(data: &[u8]) {
     }
     let _ = codec.decode_eof(&mut buf);
 
-    use eventsource_stream::Eventsource;
     use futures::StreamExt;
     let split = data.first().map_or(7, |b| usize::from(*b % 31) + 1);
     let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = data
         .chunks(split)
         .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
         .collect();
-    let events = futures::executor::block_on(
-        futures::stream::iter(chunks)
-            .eventsource()
-            .collect::<Vec<_>>(),
+    // A small bound, so the fuzzer reaches the oversized paths too.
+    let items = futures::executor::block_on(
+        crate::upstream::sse::decode(futures::stream::iter(chunks), 256).collect::<Vec<_>>(),
     );
-    for e in events.into_iter().flatten() {
-        let _ = serde_json::from_str::<serde_json::Value>(&e.data);
-        let _ = session::parse_event_id(&e.id);
+    for item in items.into_iter().flatten() {
+        if let crate::upstream::sse::SseItem::Event(e) = item {
+            assert!(
+                e.data.len() <= 256,
+                "an event past the bound was dispatched"
+            );
+            let _ = serde_json::from_str::<serde_json::Value>(&e.data);
+            let _ = session::parse_event_id(&e.id);
+        }
     }
 }
 

@@ -905,3 +905,234 @@ async fn resource_subscriptions_are_bounded_in_both_eras() {
         "fine"
     );
 }
+
+/// An HTTP MCP server (not Tether) that answers one JSON body per request when its work is
+/// done, as JSON-response servers do: `hang` never finishes, `flood` answers with one SSE
+/// event of `flood_bytes` that never ends its line, `echo` at once. The methods it was sent
+/// are kept in order. Lives as long as the test's runtime.
+async fn json_response_upstream(
+    flood_bytes: usize,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::response::IntoResponse;
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let log = seen.clone();
+    let app = axum::Router::new().route(
+        "/mcp",
+        axum::routing::post(move |msg: axum::Json<Value>| {
+            let log = log.clone();
+            async move {
+                let method = msg["method"].as_str().unwrap_or("").to_owned();
+                log.lock().unwrap().push(method.clone());
+                let json_headers = [("mcp-session-id", "json-1"), ("content-type", "application/json")];
+                let tool = msg.pointer("/params/name").and_then(Value::as_str).unwrap_or("");
+                match (method.as_str(), tool) {
+                    ("initialize", _) => (
+                        json_headers,
+                        json!({"jsonrpc": "2.0", "id": msg["id"], "result": {
+                            "protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+                            "serverInfo": {"name": "json-response", "version": "1"}}})
+                        .to_string(),
+                    )
+                        .into_response(),
+                    (m, _) if m.starts_with("notifications/") => {
+                        axum::http::StatusCode::ACCEPTED.into_response()
+                    }
+                    ("tools/call", "hang") => {
+                        std::future::pending::<()>().await;
+                        unreachable!()
+                    }
+                    ("tools/call", "flood") => {
+                        let chunk = axum::body::Bytes::from(vec![b'x'; 64 << 10]);
+                        let first = axum::body::Bytes::from_static(b"data: ");
+                        let body = futures::stream::iter(
+                            std::iter::once(first)
+                                .chain(std::iter::repeat_n(chunk, flood_bytes / (64 << 10)))
+                                .map(Ok::<_, std::io::Error>),
+                        );
+                        (
+                            [("content-type", "text/event-stream")],
+                            axum::body::Body::from_stream(body),
+                        )
+                            .into_response()
+                    }
+                    _ => (
+                        json_headers,
+                        json!({"jsonrpc": "2.0", "id": msg["id"], "result": {
+                            "content": [{"type": "text", "text": msg.pointer("/params/arguments/text").cloned().unwrap_or(json!("pong"))}]}})
+                        .to_string(),
+                    )
+                        .into_response(),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+/// Row "a `tools/call` that an HTTP upstream never answers, where the upstream sends one
+/// JSON body when the work is done": the link sent POSTs one at a time, so every later
+/// request of the session (ping, tools/list, the cancel itself) waited for
+/// `--upstream-timeout` and failed. Now a hung call holds up nothing: other calls of the
+/// same session are answered while it hangs, and its cancel reaches the upstream at once;
+/// through `tether connect` likewise.
+#[tokio::test]
+async fn a_hung_call_holds_up_nothing_else_of_its_session() {
+    let (url, seen) = json_response_upstream(0).await;
+    let dir = state_dir();
+    let gw = TestApp::start(
+        dir.path(),
+        Layer {
+            demo: Some(false),
+            upstream: Some(UpstreamLayer {
+                url: Some(url.clone()),
+                protocol: Some("legacy".into()),
+                ..UpstreamLayer::default()
+            }),
+            upstream_timeout: Some("60s".into()),
+            ..Layer::default()
+        },
+    )
+    .await;
+    let mcp = gw.client();
+    let sid = mcp.initialize("patient").await;
+    let (_stream, _open) = mcp.start_call(&sid, 1, "hang", json!({})).await;
+    for i in 0..5 {
+        let text = tokio::time::timeout(
+            Duration::from_secs(10),
+            mcp.call_text(&sid, 10 + i, "echo", json!({"text": "meanwhile"})),
+        )
+        .await
+        .expect("answered while the other call hangs");
+        assert_eq!(text, "meanwhile");
+    }
+    let cancel = mcp
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}}),
+        )
+        .await;
+    assert_eq!(cancel.status, 202);
+    assert!(
+        common::wait_for(Duration::from_secs(5), || seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m == "notifications/cancelled")),
+        "the cancel reached the upstream: {:?}",
+        seen.lock().unwrap()
+    );
+    gw.stop().await.unwrap();
+
+    // The same through `tether connect`: a hung call, then an echo answered meanwhile.
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut child = tokio::process::Command::new(common::BIN)
+        .args(["connect", &url, "--log-file"])
+        .arg(dir.path().join("connect.log"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for msg in [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1"}}}),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "hang", "arguments": {}}}),
+        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "through"}}}),
+    ] {
+        stdin
+            .write_all(format!("{msg}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("the bridge answers the echo while the other call hangs")
+            .unwrap()
+            .expect("a line");
+        got.push(serde_json::from_str::<Value>(&line).unwrap());
+    }
+    assert_eq!(got[1]["id"], 3, "{got:?}");
+    assert_eq!(got[1]["result"]["content"][0]["text"], "through", "{got:?}");
+    drop(stdin);
+    let _ = child.kill().await;
+}
+
+/// Row "an HTTP upstream that sends one 100 MB SSE event": no `-32017`, a full core burned
+/// until the upstream timeout (5 min), and `tether connect` spent 24.5 s of CPU in 25 s
+/// without answering. Now the event is refused the moment it crosses
+/// `--max-upstream-message` (`-32017`), the rest unread, and the same session's next call
+/// is served. The processes' CPU is the point: the gateway and the bridge run as binaries.
+#[tokio::test]
+async fn one_huge_sse_event_is_refused_at_once_without_burning_a_core() {
+    let (url, _) = json_response_upstream(100 << 20).await;
+    let dir = state_dir();
+    let gw = common::Gateway::start(
+        dir.path(),
+        &["--upstream-url", &url, "--upstream-protocol", "legacy"],
+    );
+    let mcp = gw.client();
+    let sid = mcp.initialize("flooded").await;
+    let cpu_before = cpu_seconds(gw.pid());
+    let v = tokio::time::timeout(
+        Duration::from_secs(20),
+        mcp.call(&sid, 1, "flood", json!({})),
+    )
+    .await
+    .expect("answered, not left to the upstream timeout");
+    assert_eq!(v["error"]["code"], -32017, "{v}");
+    let cpu = cpu_seconds(gw.pid()) - cpu_before;
+    assert!(cpu < 5.0, "the gateway spent {cpu} s of CPU on one event");
+    assert_eq!(
+        mcp.call_text(&sid, 2, "echo", json!({"text": "after"}))
+            .await,
+        "after"
+    );
+
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut child = tokio::process::Command::new(common::BIN)
+        .args(["connect", &url, "--log-file"])
+        .arg(dir.path().join("connect.log"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap() as i32;
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for msg in [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1"}}}),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "flood", "arguments": {}}}),
+    ] {
+        stdin
+            .write_all(format!("{msg}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    let mut answer = Value::Null;
+    while answer["id"] != 2 {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the bridge answers the flood")
+            .unwrap()
+            .expect("a line");
+        answer = serde_json::from_str(&line).unwrap();
+    }
+    assert_eq!(answer["error"]["code"], -32017, "{answer}");
+    let cpu = cpu_seconds(pid);
+    assert!(cpu < 5.0, "the bridge spent {cpu} s of CPU");
+    drop(stdin);
+    let _ = child.kill().await;
+}

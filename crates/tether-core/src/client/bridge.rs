@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::upstream::sse::{self, SseItem};
 use anyhow::Context;
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 pub use reqwest::header::HeaderMap;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
@@ -60,6 +60,9 @@ pub struct BridgeOptions {
 
 /// Prefix of ids the bridge uses for its own requests; their answers never reach stdout.
 const OWN_ID_PREFIX: &str = "tether-";
+
+/// Largest event read from a 2024-11-05 server's SSE stream.
+const LEGACY_MAX_EVENT: usize = 16 << 20;
 
 fn is_own(value: &Value) -> bool {
     value.get("method").is_none()
@@ -320,8 +323,20 @@ impl Bridge {
                 }
                 vec![value]
             }
-            // Only stdio links skip oversized messages; the bridge reads HTTP.
-            Inbound::Oversized { .. } => vec![],
+            // An answer over the bound (one huge JSON body or SSE event): its request gets
+            // the error the gateway gives, and nothing of it is read further.
+            Inbound::Oversized { id, len, limit } => {
+                let Some(id) = id else { return vec![] };
+                self.pending.remove(&id.to_string());
+                vec![protocol::error_response(
+                    id,
+                    code::UPSTREAM_MESSAGE_TOO_LARGE,
+                    format!(
+                        "the server's answer was {len} bytes or more, over the bridge's {limit} byte limit"
+                    ),
+                    Some(json!({"limit": limit, "bytes": len})),
+                )]
+            }
             Inbound::NotStreamable(status) => {
                 tracing::info!(status, url = %self.opts.url, "server is not Streamable HTTP; falling back to the 2024-11-05 HTTP+SSE transport");
                 let Some(init) = self.initialize.clone() else {
@@ -463,10 +478,10 @@ impl LegacySse {
                     }
                 }
             };
-            let mut events = resp.bytes_stream().eventsource();
+            let mut events = sse::events(resp, LEGACY_MAX_EVENT);
             let endpoint = loop {
                 match events.next().await {
-                    Some(Ok(ev)) if ev.event == "endpoint" => match reqwest::Url::parse(&url).and_then(|u| u.join(ev.data.trim())) {
+                    Some(Ok(SseItem::Event(ev))) if ev.event == "endpoint" => match reqwest::Url::parse(&url).and_then(|u| u.join(ev.data.trim())) {
                         Ok(e) => break e,
                         Err(e) => {
                             let _ = inbound.send(Inbound::Closed(format!("bad endpoint event: {e}"))).await;
@@ -521,12 +536,15 @@ impl LegacySse {
                     ev = events.next() => ev,
                 };
                 match ev {
-                    Some(Ok(ev)) if ev.event == "message" || ev.event.is_empty() => {
+                    Some(Ok(SseItem::Event(ev))) if ev.event == "message" || ev.event.is_empty() => {
                         if let Ok(value) = serde_json::from_str::<Value>(&ev.data) {
                             let _ = inbound.send(Inbound::Message { value, origin: None }).await;
                         }
                     }
-                    Some(Ok(_)) => {}
+                    Some(Ok(SseItem::TooLarge { len })) => {
+                        tracing::warn!(bytes = len, limit = LEGACY_MAX_EVENT, "server event over the size limit skipped");
+                    }
+                    Some(Ok(SseItem::Event(_))) => {}
                     _ => {
                         poster.abort();
                         let _ = inbound.send(Inbound::Closed("the SSE stream ended".into())).await;

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use eventsource_stream::Eventsource;
+use crate::upstream::sse::{self, SseItem};
 use futures::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
@@ -17,6 +17,9 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::protocol;
+
+/// Largest answer (JSON body or SSE event) read from the endpoint under check.
+const MAX_ANSWER: usize = 16 << 20;
 
 /// One step of the check.
 #[derive(Debug, Serialize)]
@@ -95,8 +98,9 @@ impl Probe {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|c| c.starts_with("text/event-stream"));
             if resp.status().is_success() && sse {
-                let mut events = resp.bytes_stream().eventsource();
-                if let Ok(Some(Ok(ev))) = tokio::time::timeout(self.timeout, events.next()).await
+                let mut events = sse::events(resp, MAX_ANSWER);
+                if let Ok(Some(Ok(SseItem::Event(ev)))) =
+                    tokio::time::timeout(self.timeout, events.next()).await
                     && ev.event == "endpoint"
                 {
                     return Some(format!(
@@ -181,9 +185,11 @@ impl Probe {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|c| c.starts_with("text/event-stream"));
         let (message, raw) = if sse {
-            let mut events = resp.bytes_stream().eventsource();
+            let mut events = sse::events(resp, MAX_ANSWER);
             let mut found = None;
-            while let Ok(Some(Ok(ev))) = tokio::time::timeout(self.timeout, events.next()).await {
+            while let Ok(Some(Ok(SseItem::Event(ev)))) =
+                tokio::time::timeout(self.timeout, events.next()).await
+            {
                 if let Ok(v) = serde_json::from_str::<Value>(&ev.data)
                     && v.get("method").is_none()
                     && v.get("id") == want.as_ref()
@@ -194,7 +200,12 @@ impl Probe {
             }
             (found, String::new())
         } else {
-            let raw = resp.text().await.unwrap_or_default();
+            let raw = crate::upstream::http::read_limited(resp, MAX_ANSWER)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
             (serde_json::from_str::<Value>(&raw).ok(), raw)
         };
         Ok(Answer {

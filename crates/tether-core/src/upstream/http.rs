@@ -1,14 +1,17 @@
 //! A Streamable HTTP upstream: an MCP client session with one Streamable HTTP server.
 //!
 //! Used by the gateway (one upstream session per client session) and by the stdio bridge
-//! (`tether connect`). One dispatcher task sends messages in order: each POST's response
-//! headers arrive before the next POST starts, so `notifications/initialized` can never
-//! overtake the request after it, while long answers (SSE bodies) are read by tasks of their
-//! own. Answers come back as JSON or SSE; a broken SSE answer is resumed with GET +
-//! `Last-Event-ID` after the server's `retry`. A 404 for our session means the server
+//! (`tether connect`). One dispatcher task takes messages in order: `initialize` and
+//! `notifications/initialized` are sent and answered before anything after them (the
+//! spec's only ordering), and every other message goes at once on a task of its own (at
+//! most [`MAX_IN_FLIGHT`]), so a call the server takes its time over holds up no other
+//! request of the session, nor that call's cancel (issue 26: a JSON-response server's hung
+//! call held the whole session until the upstream timeout). Answers come back as JSON or
+//! SSE (read by [`super::sse`], each event bounded); a broken SSE answer is resumed with
+//! GET + `Last-Event-ID` after the server's `retry`. A 404 for our session means the server
 //! forgot it (it restarted): the link replays `initialize` with the client's params, then
 //! the state the client had set up (log level, subscriptions), and retries once (spec
-//! §1.1.7 item 4).
+//! §1.1.7 item 4); requests that meet the 404 together share one re-initialization.
 //!
 //! Connection failures either end the link (the gateway: its supervisor restarts it) or,
 //! with [`Reconnect`], are retried with backoff for a bounded outage (the bridge); a request
@@ -21,7 +24,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
@@ -32,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::Inbound;
+use super::sse::{self, SseItem};
 use crate::policy::Backoff;
 use crate::protocol::{self, code};
 
@@ -41,9 +44,13 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// How often one broken response stream is resumed before the request is failed.
 const MAX_RESUMES: u32 = 20;
 const DEFAULT_RETRY: Duration = Duration::from_secs(1);
-/// Messages waiting for the dispatcher (it sends one POST at a time, in order) before new
-/// ones are refused: a client that floods a slow upstream must not grow the gateway.
+/// Messages waiting for the dispatcher (only while the handshake is under way, or a burst
+/// is being handed to tasks) before new ones are refused: a client that floods a slow
+/// upstream must not grow the gateway.
 const QUEUE: usize = 1024;
+/// Requests in flight on one link at once (each its own POST and task); over it a
+/// request is answered `-32016` at once.
+pub const MAX_IN_FLIGHT: usize = 1024;
 
 /// Retrying connection failures instead of ending the link.
 #[derive(Debug, Clone, Copy)]
@@ -88,49 +95,8 @@ impl Default for HttpOptions {
     }
 }
 
-/// The body of an SSE answer, ended once one event grows past `max` bytes (its size is
-/// then in `over`): `eventsource-stream` buffers an event until its blank line, so a server
-/// that never sends one would grow that buffer without bound.
-pub(super) fn bounded_sse(
-    resp: reqwest::Response,
-    max: usize,
-    over: Arc<std::sync::atomic::AtomicUsize>,
-) -> futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>> {
-    async_stream::stream! {
-        let mut body = std::pin::pin!(resp.bytes_stream());
-        let (mut since, mut prev_nl) = (0usize, false);
-        while let Some(chunk) = body.next().await {
-            match chunk {
-                Ok(bytes) => {
-                    for &b in bytes.iter() {
-                        if b == b'\r' {
-                            continue;
-                        }
-                        if b == b'\n' && prev_nl {
-                            since = 0;
-                        } else {
-                            since += 1;
-                        }
-                        prev_nl = b == b'\n';
-                    }
-                    if since > max {
-                        over.store(since, Ordering::Relaxed);
-                        break;
-                    }
-                    yield Ok(bytes);
-                }
-                Err(e) => {
-                    yield Err(e);
-                    break;
-                }
-            }
-        }
-    }
-    .boxed()
-}
-
 /// A JSON body of at most `max` bytes; `Ok(Err(len))` when it is longer (not read further).
-pub(super) async fn read_limited(
+pub async fn read_limited(
     mut resp: reqwest::Response,
     max: usize,
 ) -> reqwest::Result<Result<bytes::Bytes, usize>> {
@@ -165,6 +131,8 @@ struct Inner {
     stop: CancellationToken,
     tracker: TaskTracker,
     next_internal: AtomicU64,
+    /// Held while the link re-initializes a forgotten session (one at a time).
+    reinit: Mutex<()>,
     closed: AtomicBool,
     /// Whether the server ever answered (any HTTP status).
     reached: AtomicBool,
@@ -373,12 +341,14 @@ impl HttpLink {
             stop: CancellationToken::new(),
             tracker,
             next_internal: AtomicU64::new(1),
+            reinit: Mutex::new(()),
             closed: AtomicBool::new(false),
             reached: AtomicBool::new(false),
             span: tracing::info_span!(parent: None, "upstream", url = %url, session = %opts_label),
         });
         let (outgoing, mut rx) = mpsc::channel::<Value>(QUEUE);
         let dispatcher = inner.clone();
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         inner.tracker.spawn(
             async move {
                 loop {
@@ -387,10 +357,40 @@ impl HttpLink {
                         v = rx.recv() => v,
                     };
                     let Some(value) = next else { return };
-                    tokio::select! {
-                        _ = dispatcher.stop.cancelled() => return,
-                        _ = dispatcher.dispatch(value) => {}
+                    // Only the handshake is ordered before what follows (spec: the client
+                    // sends nothing but pings before `initialize` is answered, and
+                    // `notifications/initialized` comes first); everything else goes at
+                    // once on its own task, so a call the server takes its time over (or
+                    // never answers) holds up no other message of the session, its own
+                    // `notifications/cancelled` included (issue 26).
+                    if ordered(&value) {
+                        tokio::select! {
+                            _ = dispatcher.stop.cancelled() => return,
+                            _ = dispatcher.dispatch(value) => {}
+                        }
+                        continue;
                     }
+                    let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                        dispatcher.refuse(
+                            &value,
+                            "in-flight",
+                            format!(
+                                "{MAX_IN_FLIGHT} requests to the upstream are already in flight on this session; this one was refused, retry it later"
+                            ),
+                        );
+                        continue;
+                    };
+                    let me = dispatcher.clone();
+                    dispatcher.tracker.spawn(
+                        async move {
+                            let _permit = permit;
+                            tokio::select! {
+                                _ = me.stop.cancelled() => {}
+                                _ = me.dispatch(value) => {}
+                            }
+                        }
+                        .instrument(dispatcher.span.clone()),
+                    );
                 }
             }
             .instrument(inner.span.clone()),
@@ -411,27 +411,13 @@ impl HttpLink {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
             Err(mpsc::error::TrySendError::Full(v)) => v,
         };
-        static LOGGED: std::sync::LazyLock<crate::log_limit::LogLimiter> =
-            std::sync::LazyLock::new(|| {
-                crate::log_limit::LogLimiter::new(5, "messages refused by a full upstream queue")
-            });
-        if LOGGED.admit() {
-            tracing::warn!(url = %self.inner.url, queued = QUEUE, method = method_of(&value).unwrap_or("(response)"), "upstream queue full: message refused");
-        }
-        if let Some(id) = request_id(&value) {
-            let err = protocol::error_response(
-                id.clone(),
-                code::LIMIT_REACHED,
-                format!(
-                    "{QUEUE} messages are already waiting to be sent to the upstream; this request was refused, retry it later"
-                ),
-                Some(serde_json::json!({"limit": "upstream-queue"})),
-            );
-            let _ = self.inner.inbound.try_send(Inbound::Message {
-                value: err,
-                origin: None,
-            });
-        }
+        self.inner.refuse(
+            &value,
+            "upstream-queue",
+            format!(
+                "{QUEUE} messages are already waiting to be sent to the upstream; this request was refused, retry it later"
+            ),
+        );
     }
 
     /// Sets the requests replayed after a re-initialization (log level, subscriptions).
@@ -478,14 +464,47 @@ fn request_id(value: &Value) -> Option<&Value> {
     value.get("method").and(value.get("id"))
 }
 
+/// Whether a message goes out before anything queued after it: the handshake.
+fn ordered(value: &Value) -> bool {
+    matches!(
+        method_of(value),
+        Some("initialize" | "notifications/initialized")
+    )
+}
+
 impl Inner {
+    /// A message that cannot be taken now (`limit`): a request is answered `-32016` at
+    /// once, anything else dropped; logged a few times a second at most.
+    fn refuse(&self, value: &Value, limit: &str, why: String) {
+        static LOGGED: std::sync::LazyLock<crate::log_limit::LogLimiter> =
+            std::sync::LazyLock::new(|| {
+                crate::log_limit::LogLimiter::new(5, "messages refused by a full upstream link")
+            });
+        if LOGGED.admit() {
+            tracing::warn!(url = %self.url, limit, method = method_of(value).unwrap_or("(response)"), "upstream link full: message refused");
+        }
+        if let Some(id) = request_id(value) {
+            let err = protocol::error_response(
+                id.clone(),
+                code::LIMIT_REACHED,
+                why,
+                Some(serde_json::json!({"limit": limit})),
+            );
+            let _ = self.inbound.try_send(Inbound::Message {
+                value: err,
+                origin: None,
+            });
+        }
+    }
+
     async fn dispatch(self: &Arc<Self>, value: Value) {
         let is_init = method_of(&value) == Some("initialize");
         let started = Instant::now();
         let mut attempt = 0u32;
         let mut reinitialized = false;
         loop {
-            let had_session = self.session.lock().await.id.is_some();
+            let used = self.session.lock().await.id.clone();
+            let had_session = used.is_some();
             let first_contact = is_init && !self.reached.load(Ordering::Relaxed);
             let sent = self.open(&value).await;
             if sent.is_ok() {
@@ -522,6 +541,13 @@ impl Inner {
                         .await;
                         return;
                     }
+                    // Requests in flight together meet the forgotten session together:
+                    // one re-initializes, the others retry on the session it made.
+                    let _one = self.reinit.lock().await;
+                    if self.session.lock().await.id != used {
+                        reinitialized = true;
+                        continue;
+                    }
                     tracing::info!(url = %self.url, status = status.as_u16(), "server forgot our session; re-initializing");
                     match self.reinitialize().await {
                         Ok(()) => reinitialized = true,
@@ -540,22 +566,7 @@ impl Inner {
             };
             match sent {
                 Ok(resp) => {
-                    if is_init {
-                        self.read_response(resp, &value, true).await;
-                    } else {
-                        // A long answer must not hold up the next message.
-                        let me = self.clone();
-                        let span = self.span.clone();
-                        self.tracker.spawn(
-                            async move {
-                                tokio::select! {
-                                    _ = me.stop.cancelled() => {}
-                                    _ = me.read_response(resp, &value, false) => {}
-                                }
-                            }
-                            .instrument(span),
-                        );
-                    }
+                    self.read_response(resp, &value, is_init).await;
                     return;
                 }
                 Err(SendError::Connect(cause, curable)) => match self.opts.reconnect {
@@ -822,10 +833,17 @@ impl Inner {
         let mut retry = DEFAULT_RETRY;
         let mut resp = resp;
         let mut resumes = 0;
-        let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         loop {
-            let mut events = bounded_sse(resp, self.opts.max_message, over.clone()).eventsource();
-            while let Some(Ok(ev)) = events.next().await {
+            let mut events = sse::events(resp, self.opts.max_message);
+            let mut too_large = None;
+            while let Some(Ok(item)) = events.next().await {
+                let ev = match item {
+                    SseItem::Event(ev) => ev,
+                    SseItem::TooLarge { len } => {
+                        too_large = Some(len);
+                        break;
+                    }
+                };
                 if !ev.id.is_empty() {
                     last_id = Some(ev.id.clone());
                 }
@@ -853,9 +871,9 @@ impl Inner {
                 }
             }
             let Some(id) = req_id else { return };
-            let len = over.load(Ordering::Relaxed);
-            if len > 0 {
-                // Resuming would only fetch the same event again.
+            if let Some(len) = too_large {
+                // At once, the rest unread (the connection is dropped with the stream):
+                // resuming would only fetch the same event again.
                 let _ = self
                     .inbound
                     .send(Inbound::Oversized {
@@ -977,9 +995,8 @@ impl Inner {
         let want = request_id(value).cloned();
         let is_sse = is_event_stream(resp.headers());
         if is_sse {
-            let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            let mut events = bounded_sse(resp, self.opts.max_message, over).eventsource();
-            while let Some(Ok(ev)) = events.next().await {
+            let mut events = sse::events(resp, self.opts.max_message);
+            while let Some(Ok(SseItem::Event(ev))) = events.next().await {
                 if let Ok(v) = serde_json::from_str::<Value>(&ev.data)
                     && want.is_some()
                     && v.get("method").is_none()
@@ -1097,14 +1114,20 @@ impl Inner {
                         }
                         Ok(r) if r.status().is_success() => {
                             failures = 0;
-                            let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                            let mut events = bounded_sse(r, max_message, over).eventsource();
+                            let mut events = sse::events(r, max_message);
                             loop {
                                 let ev = tokio::select! {
                                     _ = stop.cancelled() => return,
                                     ev = events.next() => ev,
                                 };
-                                let Some(Ok(ev)) = ev else { break };
+                                let ev = match ev {
+                                    Some(Ok(SseItem::Event(ev))) => ev,
+                                    Some(Ok(SseItem::TooLarge { len })) => {
+                                        tracing::warn!(bytes = len, limit = max_message, "upstream stream event over the size limit (--max-upstream-message) skipped");
+                                        continue;
+                                    }
+                                    _ => break,
+                                };
                                 if !ev.id.is_empty() {
                                     last_id = Some(ev.id.clone());
                                 }
@@ -1165,13 +1188,20 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    /// A server that accepts and never answers holds the dispatcher on its first POST; what
-    /// is queued behind it is bounded, and a request over the bound is answered at once.
+    /// Messages a link has not sent yet, and requests it has in flight, are bounded: over
+    /// either bound a request is answered `-32016` at once naming it.
     #[tokio::test]
-    async fn a_full_queue_refuses_requests_with_an_error_instead_of_growing() {
+    async fn the_queue_and_the_requests_in_flight_are_bounded() {
+        // A server that takes connections and never answers.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/mcp", listener.local_addr().unwrap());
-        let (tx, mut rx) = mpsc::channel(QUEUE * 2);
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = listener.accept().await {
+                conns.push(c);
+            }
+        });
+        let (tx, mut rx) = mpsc::channel(QUEUE * 4);
         let tracker = TaskTracker::new();
         let link = HttpLink::new(
             reqwest::Client::new(),
@@ -1181,32 +1211,149 @@ mod tests {
             tx,
             tracker.clone(),
         );
-        link.send(protocol::request(Value::from(0), "tools/list", None));
-        // The dispatcher took the first message and waits on the server for good.
-        let (_held, _) = listener.accept().await.unwrap();
-        for id in 1..=QUEUE as u64 + 3 {
+        let refused = |rx: &mut mpsc::Receiver<Inbound>, limit: &str| {
+            let mut ids = Vec::new();
+            while let Ok(Inbound::Message { value, .. }) = rx.try_recv() {
+                assert_eq!(
+                    value.pointer("/error/code"),
+                    Some(&json!(code::LIMIT_REACHED))
+                );
+                assert_eq!(value.pointer("/error/data/limit"), Some(&json!(limit)));
+                ids.push(value["id"].as_u64().unwrap());
+            }
+            ids
+        };
+        // Sent faster than the dispatcher runs (it has not run yet): the queue's bound.
+        for id in 0..QUEUE as u64 + 3 {
             link.send(protocol::request(Value::from(id), "tools/list", None));
         }
         link.send(protocol::notification("notifications/progress", None));
-        let mut refused = Vec::new();
-        while let Ok(Inbound::Message { value, .. }) = rx.try_recv() {
-            assert_eq!(
-                value.pointer("/error/code"),
-                Some(&json!(code::LIMIT_REACHED))
-            );
-            assert_eq!(
-                value.pointer("/error/data/limit"),
-                Some(&json!("upstream-queue"))
-            );
-            refused.push(value["id"].as_u64().unwrap());
-        }
-        let over = QUEUE as u64 + 1;
+        let over = QUEUE as u64;
         assert_eq!(
-            refused,
-            [over, over + 1, over + 2],
+            refused(&mut rx, "upstream-queue"),
+            [over, over + 1, over + 2]
+        );
+        // The dispatcher hands them all to requests in flight, none answered.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for id in 0..3u64 {
+            link.send(protocol::request(
+                Value::from(10_000 + id),
+                "tools/list",
+                None,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            refused(&mut rx, "in-flight"),
+            [10_000, 10_001, 10_002],
             "exactly the ones over the bound"
         );
         link.shutdown(false);
         tracker.close();
+        held.abort();
+    }
+
+    /// Issue 26: a server that answers one JSON body per request once the work is done held
+    /// every later request of the session behind a slow call (the link waited for each
+    /// POST's answer before sending the next): a ping, a list, the call's own cancel. Now
+    /// only the handshake is ordered; the rest go at once.
+    #[tokio::test]
+    async fn a_slow_call_holds_up_no_other_message() {
+        let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().route(
+            "/mcp",
+            axum::routing::post(move |body: axum::Json<Value>| {
+                let log = log.clone();
+                async move {
+                    let method = body["method"].as_str().unwrap_or("").to_owned();
+                    log.lock().unwrap().push(method.clone());
+                    let headers = [("mcp-session-id", "s1"), ("content-type", "application/json")];
+                    match method.as_str() {
+                        "tools/call" => {
+                            // The work that never ends.
+                            std::future::pending::<()>().await;
+                            unreachable!()
+                        }
+                        m if m.starts_with("notifications/") => {
+                            axum::http::StatusCode::ACCEPTED.into_response()
+                        }
+                        _ => (
+                            headers,
+                            json!({"jsonrpc": "2.0", "id": body["id"], "result": {"protocolVersion": "2025-11-25"}})
+                                .to_string(),
+                        )
+                            .into_response(),
+                    }
+                }
+            }),
+        );
+        use axum::response::IntoResponse;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let (tx, mut rx) = mpsc::channel(64);
+        let tracker = TaskTracker::new();
+        let link = HttpLink::new(
+            reqwest::Client::new(),
+            &url,
+            json!({}),
+            HttpOptions::default(),
+            tx,
+            tracker.clone(),
+        );
+        link.send(protocol::request(
+            Value::from(1),
+            "initialize",
+            Some(json!({})),
+        ));
+        link.send(protocol::notification("notifications/initialized", None));
+        link.send(protocol::request(
+            Value::from(2),
+            "tools/call",
+            Some(json!({"name": "slow"})),
+        ));
+        link.send(protocol::request(Value::from(3), "ping", None));
+        link.send(protocol::notification(
+            "notifications/cancelled",
+            Some(json!({"requestId": 2})),
+        ));
+        link.send(protocol::request(Value::from(4), "tools/list", None));
+        let mut answered = Vec::new();
+        while answered.len() < 3 {
+            let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("answers come while the call hangs")
+                .expect("the link lives");
+            if let Inbound::Message { value, .. } = m
+                && let Some(id) = value["id"].as_u64()
+            {
+                answered.push(id);
+            }
+        }
+        answered.sort_unstable();
+        assert_eq!(answered, [1, 3, 4]);
+        let cancelled = || {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .any(|m| m == "notifications/cancelled")
+        };
+        for _ in 0..100 {
+            if cancelled() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            cancelled(),
+            "the cancel reached the server: {:?}",
+            seen.lock().unwrap()
+        );
+        let order = seen.lock().unwrap().clone();
+        assert_eq!(order[..2], ["initialize", "notifications/initialized"]);
+        link.shutdown(false);
+        tracker.close();
+        server.abort();
     }
 }

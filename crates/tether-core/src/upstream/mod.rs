@@ -14,6 +14,7 @@ pub mod http;
 pub(crate) mod memory;
 pub mod modern;
 pub mod shim;
+pub mod sse;
 pub mod stdio;
 
 use std::path::PathBuf;

@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
@@ -36,9 +35,10 @@ use tracing::Instrument;
 
 use super::Inbound;
 use super::http::{
-    HttpOptions, bounded_sse, error_body, error_chain, explain_error, is_event_stream,
-    not_jsonrpc_answer, read_limited, status_answer,
+    HttpOptions, error_body, error_chain, explain_error, is_event_stream, not_jsonrpc_answer,
+    read_limited, status_answer,
 };
+use super::sse::{self, SseItem};
 use crate::modern;
 use crate::protocol::{self, code};
 
@@ -627,9 +627,12 @@ impl Inner {
                 .await;
             match resp {
                 Ok(r) if r.status().is_success() && is_event_stream(r.headers()) => {
-                    let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                    let mut events = bounded_sse(r, self.opts.max_message, over).eventsource();
-                    while let Some(Ok(ev)) = events.next().await {
+                    let mut events = sse::events(r, self.opts.max_message);
+                    while let Some(Ok(item)) = events.next().await {
+                        let SseItem::Event(ev) = item else {
+                            tracing::warn!(url = %self.url, limit = self.opts.max_message, "listen stream event over the size limit (--max-upstream-message) skipped");
+                            continue;
+                        };
                         let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
                             continue;
                         };
@@ -729,11 +732,12 @@ async fn read_answer(
             Err(e) => Answer::Failed(format!("response failed: {}", error_chain(&e))),
         };
     }
-    let over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut events = bounded_sse(resp, max, over.clone()).eventsource();
+    let mut events = sse::events(resp, max);
     while let Some(ev) = events.next().await {
         let ev = match ev {
-            Ok(ev) => ev,
+            Ok(SseItem::Event(ev)) => ev,
+            // At once, the rest unread: no core spent on what cannot be delivered.
+            Ok(SseItem::TooLarge { len }) => return report_oversized(notes, &id, len, max).await,
             Err(e) => {
                 return Answer::Lost(format!(
                     "the server's response stream broke before the answer ({e}); modern streams cannot be resumed, so the outcome is unknown"
@@ -767,10 +771,6 @@ async fn read_answer(
                 })
                 .await;
         }
-    }
-    let len = over.load(Ordering::Relaxed);
-    if len > 0 {
-        return report_oversized(notes, &id, len, max).await;
     }
     Answer::Lost(
         "the server closed the response stream before answering; the outcome is unknown".into(),
