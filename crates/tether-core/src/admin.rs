@@ -35,7 +35,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::auth::Keys;
+use crate::auth::KeyRing;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session::Registry;
@@ -60,7 +60,7 @@ pub struct AdminState {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Configured users.
-    pub keys: Arc<Keys>,
+    pub keys: Arc<KeyRing>,
     /// The admin token (see the module doc for where it is required).
     pub token: String,
     /// Where the token can be found, for the 401 message.
@@ -951,7 +951,7 @@ async fn stats(
 
 async fn users(State(st): State<AdminState>) -> Result<axum::Json<Value>, ApiError> {
     let mut rows: BTreeMap<String, Value> = BTreeMap::new();
-    for u in st.keys.users() {
+    for u in st.keys.get().users() {
         rows.insert(
             u.id.clone(),
             json!({"id": u.id, "email": u.email, "name": u.name, "sessions": 0, "active": 0, "tool_calls": 0, "errors": 0, "last_active_ms": null}),
@@ -1007,7 +1007,7 @@ async fn user_stats(
 ) -> Result<axum::Json<Value>, ApiError> {
     let since = p.since_ms()?;
     let Some(user) = st.ledger.users().await?.into_iter().find(|u| u.id == id) else {
-        if st.keys.users().iter().any(|u| u.id == id) {
+        if st.keys.get().users().iter().any(|u| u.id == id) {
             return Ok(axum::Json(
                 json!({"user": {"id": id}, "window": summarize(&[]), "per_tool": {}}),
             ));

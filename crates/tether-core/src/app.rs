@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::admin::{self, AdminState};
-use crate::auth::Keys;
+use crate::auth::{KeyRing, Keys};
 use crate::config::Config;
 use crate::config::{LedgerSpec, ServersSource, StoreSpec};
 use crate::front::{self, FrontConfig, ModernConfig};
@@ -98,7 +98,9 @@ pub async fn run(
         metrics.clone(),
         ledger_stop.clone(),
     ));
-    let keys = Arc::new(Keys::new(&config.keys).map_err(|e| anyhow::anyhow!(e.join("; ")))?);
+    let keys = Arc::new(KeyRing::new(
+        Keys::new(&config.keys).map_err(|e| anyhow::anyhow!(e.join("; ")))?,
+    ));
     let limits = &config.limits;
     raise_fd_limit(
         limits.max_connections + limits.admin_max_connections,
@@ -150,7 +152,7 @@ pub async fn run(
             state_ttl: config.upstream_timeout,
         },
         server: None,
-        users: None,
+        users: Arc::default(),
     };
     let builder = Arc::new(Builder {
         me,
@@ -170,7 +172,7 @@ pub async fn run(
             hub.install(&e.name, builder.build(Some(e)));
         }
     }
-    if !keys.enabled() {
+    if !keys.get().enabled() {
         for e in &config.servers {
             if e.settings.users.is_some() {
                 tracing::warn!(server = %e.name, "tether.users is set but no API keys are configured: every client is the anonymous user, so only a list naming \"anonymous\" lets anyone in");
@@ -178,7 +180,7 @@ pub async fn run(
         }
     }
     let mcp_listener = listen;
-    if !addr.ip().is_loopback() && !keys.enabled() {
+    if !addr.ip().is_loopback() && !keys.get().enabled() {
         tracing::warn!(
             listen = %addr,
             "listening beyond loopback without authentication: anyone who can reach this address can use the upstream"
@@ -217,15 +219,18 @@ pub async fn run(
         )
         .instrument(tracing::info_span!("prune_events")),
     );
-    if let Some(source) = &config.servers_source {
+    if config.servers_source.is_some() || config.keys_file.is_some() {
         tracker.spawn(
             run_reloads(
                 hub.clone(),
                 builder.clone(),
-                source.clone(),
+                ReloadSources {
+                    servers: config.servers_source.clone(),
+                    keys: config.keys_file.clone(),
+                },
                 upkeep_stop.clone(),
             )
-            .instrument(tracing::info_span!("servers_reload")),
+            .instrument(tracing::info_span!("reload")),
         );
     } else {
         // `systemctl reload` (or a stray hangup) must not kill a gateway that has nothing to
@@ -491,51 +496,77 @@ impl Builder {
                 .run_reaper()
                 .instrument(tracing::info_span!("reaper", server = %name)),
         );
+        let access = Arc::new(front::Access::new(settings.users));
         let router = front::router(
             registry.clone(),
             FrontConfig {
                 server: Some(name),
-                users: settings
-                    .users
-                    .map(|u| Arc::new(u.into_iter().collect::<std::collections::BTreeSet<_>>())),
+                users: access.clone(),
                 ..self.front.clone()
             },
         );
-        Generation::new(entry.cloned(), registry, router)
+        Generation::new(entry.cloned(), registry, router, access)
     }
 }
 
-/// Re-reads the servers file on SIGHUP and when it changes (checked every 2 s), and stops
-/// the generations a reload left draining once they hold no session. Until `stop`.
+/// What a reload re-reads: the servers (a `--servers` file or the config's `[servers]`)
+/// and the config file's keys.
+#[derive(Clone)]
+struct ReloadSources {
+    servers: Option<ServersSource>,
+    keys: Option<PathBuf>,
+}
+
+impl ReloadSources {
+    /// The files whose change triggers a reload.
+    fn paths(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self
+            .servers
+            .iter()
+            .map(|s| s.path().to_path_buf())
+            .chain(self.keys.clone())
+            .collect();
+        v.dedup();
+        v
+    }
+}
+
+/// Re-reads the servers and the keys on SIGHUP and when their files change (checked every
+/// 2 s), and stops the generations a reload left draining once they hold no session.
+/// Until `stop`.
 async fn run_reloads(
     hub: Hub,
     builder: Arc<Builder>,
-    source: ServersSource,
+    sources: ReloadSources,
     stop: CancellationToken,
 ) {
-    let path = source.path().to_path_buf();
+    let paths = sources.paths();
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; the servers file is still watched");
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; the files are still watched");
             None
         }
     };
     // Off the runtime, bounded in time: a hung file system must not hold a worker.
-    let modified = |p: &std::path::Path| {
-        let p = p.to_path_buf();
+    let modified = |paths: &[PathBuf]| {
+        let paths = paths.to_vec();
         async move {
             crate::config::off_runtime(
-                "servers file",
+                "reloaded files",
                 crate::config::FILE_READ_TIMEOUT,
-                move || std::fs::metadata(&p).and_then(|m| m.modified()).ok(),
+                move || {
+                    paths
+                        .iter()
+                        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+                        .collect::<Vec<_>>()
+                },
             )
             .await
             .ok()
-            .flatten()
         }
     };
-    let mut seen = modified(&path).await;
+    let mut seen = modified(&paths).await;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -553,26 +584,61 @@ async fn run_reloads(
                     g.registry.begin_shutdown();
                     g.registry.finish_shutdown().await;
                 }
-                let now = modified(&path).await;
+                let now = modified(&paths).await;
                 if now == seen {
                     continue;
                 }
                 "the file changed"
             }
         };
-        seen = modified(&path).await;
-        let loaded = {
-            let source = source.clone();
-            crate::config::off_runtime(
-                "servers file",
-                crate::config::FILE_READ_TIMEOUT,
-                move || source.load(),
-            )
-            .await
-            .and_then(|r| r)
-        };
-        reload(&hub, &builder, &source, loaded, why);
+        seen = modified(&paths).await;
+        if let Some(source) = &sources.servers {
+            let loaded = {
+                let source = source.clone();
+                crate::config::off_runtime(
+                    "servers file",
+                    crate::config::FILE_READ_TIMEOUT,
+                    move || source.load(),
+                )
+                .await
+                .and_then(|r| r)
+            };
+            reload(&hub, &builder, source, loaded, why).await;
+        }
+        if let Some(path) = &sources.keys {
+            reload_keys(&hub, &builder, path, why).await;
+        }
     }
+}
+
+/// Puts the config file's keys in force; the sessions of users who lost every key are
+/// closed (`revoked`). A file that cannot be read or holds invalid keys changes nothing.
+async fn reload_keys(hub: &Hub, builder: &Builder, path: &std::path::Path, why: &str) {
+    let read = {
+        let path = path.to_path_buf();
+        crate::config::off_runtime("config file", crate::config::FILE_READ_TIMEOUT, move || {
+            crate::config::Layer::from_file(&path)
+        })
+        .await
+        .and_then(|r| r)
+        .and_then(|layer| Keys::new(&layer.keys.unwrap_or_default()).map_err(|e| e.join("; ")))
+    };
+    let keys = match read {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(trigger = why, error = %e, "keys not reloaded: the keys in force stay");
+            return;
+        }
+    };
+    let gone = builder.front.keys.replace(keys);
+    if gone.is_empty() {
+        return;
+    }
+    let mut closed = 0;
+    for r in hub.registries() {
+        closed += r.revoke(|p| gone.iter().any(|g| g == p)).await;
+    }
+    tracing::info!(trigger = why, users = %gone.join(","), sessions_closed = closed, "keys reloaded: users without a key any more are refused and their sessions closed (revoked)");
 }
 
 /// Says that SIGHUP reloads nothing without `--servers` (or `[servers]`), until `stop`.
@@ -584,7 +650,7 @@ async fn ignore_hangups(stop: CancellationToken) {
         tokio::select! {
             () = stop.cancelled() => return,
             Some(()) = hup.recv() => tracing::info!(
-                "SIGHUP: nothing to reload (only the servers of --servers or [servers.NAME] tables are reloaded; other settings need a restart)"
+                "SIGHUP: nothing to reload (the servers of --servers or [servers.NAME] tables and the keys of --config are reloaded; other settings need a restart)"
             ),
         }
     }
@@ -593,7 +659,7 @@ async fn ignore_hangups(stop: CancellationToken) {
 /// Applies the servers as `source` now holds them to `hub`: added servers serve at once,
 /// removed ones drain, changed ones serve new sessions from a new generation while the old
 /// one keeps its sessions; an invalid file changes nothing and says why.
-fn reload(
+async fn reload(
     hub: &Hub,
     builder: &Builder,
     source: &ServersSource,
@@ -646,12 +712,24 @@ fn reload(
     }
     let current = hub.current();
     let (mut added, mut changed, mut removed, mut kept) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    let mut revoked = 0;
     for e in &file.servers {
         match current.get(&e.name) {
             Some(g) if g.entry.as_ref() == Some(e) => kept += 1,
             Some(_) => {
                 hub.install(&e.name, builder.build(Some(e)));
                 changed.push(e.name.clone());
+                // The draining generations keep their sessions, not their users: a user
+                // taken off the list is refused there on its next request, and what it
+                // holds there is closed.
+                let users = e.settings.users.clone();
+                for g in hub.generations_of(&e.name) {
+                    g.access.set(users.clone());
+                    revoked += g
+                        .registry
+                        .revoke(|p| users.as_ref().is_some_and(|u| !u.iter().any(|x| x == p)))
+                        .await;
+                }
             }
             None => {
                 hub.install(&e.name, builder.build(Some(e)));
@@ -671,6 +749,7 @@ fn reload(
         changed = %changed.join(","),
         removed = %removed.join(","),
         unchanged = kept,
+        sessions_revoked = revoked,
         "servers reloaded"
     );
 }

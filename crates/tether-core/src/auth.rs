@@ -135,6 +135,41 @@ impl Keys {
     }
 }
 
+/// The keys in force, replaced whole when the config file is reloaded (`tether keys
+/// revoke`, then SIGHUP or the file's change): requests read the current table, and a
+/// replacement says which users lost every key, so their sessions can be closed.
+#[derive(Debug, Default)]
+pub struct KeyRing(std::sync::RwLock<std::sync::Arc<Keys>>);
+
+impl KeyRing {
+    /// A ring holding `keys`.
+    pub fn new(keys: Keys) -> KeyRing {
+        KeyRing(std::sync::RwLock::new(std::sync::Arc::new(keys)))
+    }
+
+    /// The keys in force.
+    pub fn get(&self) -> std::sync::Arc<Keys> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `keys` in force; returns the users who had a key and have none now.
+    pub fn replace(&self, keys: Keys) -> Vec<String> {
+        let mut cur = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let now: std::collections::HashSet<String> =
+            keys.by_hash.values().map(|p| p.id.clone()).collect();
+        let mut gone: Vec<String> = cur
+            .by_hash
+            .values()
+            .map(|p| p.id.clone())
+            .filter(|u| !now.contains(u))
+            .collect();
+        gone.sort();
+        gone.dedup();
+        *cur = std::sync::Arc::new(keys);
+        gone
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +203,45 @@ mod tests {
                 name: None
             }])
             .is_err()
+        );
+        // Replaced: a user whose every key went is named, one who kept one is not.
+        let (k2, k3) = (generate_key(), generate_key());
+        let ring = KeyRing::new(
+            Keys::new(&[
+                KeyEntry {
+                    hash: hash_key(&key),
+                    user: "alice".into(),
+                    email: None,
+                    name: None,
+                },
+                KeyEntry {
+                    hash: hash_key(&k2),
+                    user: "bob".into(),
+                    email: None,
+                    name: None,
+                },
+            ])
+            .unwrap(),
+        );
+        let gone = ring.replace(
+            Keys::new(&[KeyEntry {
+                hash: hash_key(&k3),
+                user: "bob".into(),
+                email: None,
+                name: None,
+            }])
+            .unwrap(),
+        );
+        assert_eq!(gone, ["alice"]);
+        assert!(
+            ring.get()
+                .authenticate(Some(&format!("Bearer {key}")))
+                .is_none()
+        );
+        assert!(
+            ring.get()
+                .authenticate(Some(&format!("Bearer {k3}")))
+                .is_some()
         );
     }
 }

@@ -730,6 +730,9 @@ pub struct Config {
     /// Where `servers` came from, re-read on SIGHUP and when it changes (`None`: one
     /// upstream, no reload).
     pub servers_source: Option<ServersSource>,
+    /// The config file the keys were read from (set by the CLI), re-read on SIGHUP and when
+    /// it changes: a key revoked there ends its user's sessions (`None`: no reload).
+    pub keys_file: Option<PathBuf>,
 }
 
 /// Where a gateway's servers are written.
@@ -1262,6 +1265,7 @@ impl Config {
             env_policy,
             servers: Vec::new(),
             servers_source: None,
+            keys_file: None,
         })
     }
 }

@@ -33,15 +33,23 @@ pub struct Generation {
     /// Its sessions.
     pub registry: Registry,
     router: Router,
+    /// Who may use it (its front door reads it on every request; a reload sets it).
+    pub access: Arc<crate::front::Access>,
 }
 
 impl Generation {
-    /// A generation serving `registry` through `router`.
-    pub fn new(entry: Option<ServerEntry>, registry: Registry, router: Router) -> Arc<Generation> {
+    /// A generation serving `registry` through `router`, to the users `access` allows.
+    pub fn new(
+        entry: Option<ServerEntry>,
+        registry: Registry,
+        router: Router,
+        access: Arc<crate::front::Access>,
+    ) -> Arc<Generation> {
         Arc::new(Generation {
             entry,
             registry,
             router,
+            access,
         })
     }
 }
@@ -91,13 +99,21 @@ impl Hub {
     }
 
     /// Serves `generation` as server `name` from now on; a generation it replaces drains.
-    pub fn install(&self, name: &str, generation: Arc<Generation>) {
+    pub fn install(&self, name: &str, generation: Arc<Generation>) -> Option<Arc<Generation>> {
         let mut map = self.write();
         let slot = map.entry(name.to_owned()).or_default();
-        if let Some(old) = slot.current.replace(generation) {
-            old.registry.drain();
-            slot.draining.push(old);
-        }
+        let old = slot.current.replace(generation)?;
+        old.registry.drain();
+        slot.draining.push(old.clone());
+        Some(old)
+    }
+
+    /// Every generation of `name`: the current one and those draining.
+    pub fn generations_of(&self, name: &str) -> Vec<Arc<Generation>> {
+        self.read()
+            .get(name)
+            .map(|s| s.current.iter().chain(&s.draining).cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Stops taking new sessions for `name`; the sessions it holds go on until they end.

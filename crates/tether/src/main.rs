@@ -932,6 +932,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
         None => {}
     }
+    // Keys live only in the config file: it is re-read for them on SIGHUP and when it
+    // changes (`tether keys revoke` takes effect without a restart).
+    config.keys_file = args.config.clone();
     let server_names: Vec<String> = if config.servers_source.is_some() {
         config.servers.iter().map(|e| e.name.clone()).collect()
     } else {

@@ -31,7 +31,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::auth::{Keys, Principal};
+use crate::auth::{KeyRing, Principal};
 use crate::log_limit::{LogLimiter, cut};
 use crate::metrics::Metrics;
 use crate::policy::{self, Opening};
@@ -51,8 +51,9 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// Front-door settings.
 #[derive(Debug, Clone)]
 pub struct FrontConfig {
-    /// API keys; when any is configured every request must carry one.
-    pub keys: Arc<Keys>,
+    /// API keys; when any is configured every request must carry one. Replaced in place
+    /// by a reload of the config file.
+    pub keys: Arc<KeyRing>,
     /// Request body limit in bytes.
     pub max_body: usize,
     /// Time a client has to send its request body.
@@ -73,8 +74,38 @@ pub struct FrontConfig {
     pub modern: ModernConfig,
     /// The server this front door serves, when the gateway serves several (messages).
     pub server: Option<String>,
-    /// The users allowed to use this server (`tether.users`); `None`: every user.
-    pub users: Option<Arc<std::collections::BTreeSet<String>>>,
+    /// The users allowed to use this server (`tether.users`), as the last reload says.
+    pub users: Arc<Access>,
+}
+
+/// Who may use a server (`tether.users`; `None`: every user). Read on every request and
+/// set by a reload, also on a generation that is draining: a user taken off the list is
+/// refused on its next request there too, not served for as long as its session stays busy.
+#[derive(Debug, Default)]
+pub struct Access(std::sync::RwLock<Option<Arc<std::collections::BTreeSet<String>>>>);
+
+impl Access {
+    /// Access for `users` (`None`: every user).
+    pub fn new(users: Option<Vec<String>>) -> Access {
+        Access(std::sync::RwLock::new(
+            users.map(|u| Arc::new(u.into_iter().collect())),
+        ))
+    }
+
+    /// Whether `user` may use the server.
+    pub fn allows(&self, user: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|u| u.contains(user))
+    }
+
+    /// Puts `users` in force.
+    pub fn set(&self, users: Option<Vec<String>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) =
+            users.map(|u| Arc::new(u.into_iter().collect()));
+    }
 }
 
 /// The path prefix a request reached this server's front door under (`/servers/NAME`), set
@@ -304,9 +335,7 @@ impl axum::extract::FromRequestParts<AppState> for Caller {
             .map(|a| a.as_str().to_owned());
         check_origin(&parts.headers, authority.as_deref(), &st.cfg)?;
         let principal = authenticate(&parts.headers, &st.cfg)?;
-        if let Some(users) = &st.cfg.users
-            && !users.contains(&principal.id)
-        {
+        if !st.cfg.users.allows(&principal.id) {
             return Err(FrontError::new(
                 StatusCode::FORBIDDEN,
                 code::SERVER_ERROR,
@@ -323,11 +352,11 @@ impl axum::extract::FromRequestParts<AppState> for Caller {
 
 /// The principal of a request: anonymous without keys, else the key's user or 401.
 fn authenticate(headers: &HeaderMap, cfg: &FrontConfig) -> Result<Principal, FrontError> {
-    if !cfg.keys.enabled() {
+    let keys = cfg.keys.get();
+    if !keys.enabled() {
         return Ok(Principal::anonymous());
     }
-    cfg.keys
-        .authenticate(header_str(headers, header::AUTHORIZATION.as_str()))
+    keys.authenticate(header_str(headers, header::AUTHORIZATION.as_str()))
         .ok_or_else(|| {
             let mut e = FrontError::new(
                 StatusCode::UNAUTHORIZED,

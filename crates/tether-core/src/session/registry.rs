@@ -290,6 +290,22 @@ impl Registry {
             .collect()
     }
 
+    /// Closes every session held here whose principal `revoked` names (reason `revoked`):
+    /// a reload took the user off this server's `users`, or took away its every key. Its
+    /// next request is refused at the front door (403 or 401); this ends what it holds, and
+    /// its calls in flight get the session-closed error. Returns how many were closed.
+    pub async fn revoke(&self, revoked: impl Fn(&str) -> bool) -> usize {
+        let theirs: Vec<Arc<Session>> = self
+            .held()
+            .into_iter()
+            .filter(|s| revoked(&s.record.principal))
+            .collect();
+        for s in &theirs {
+            self.close(s, "revoked").await;
+        }
+        theirs.len()
+    }
+
     /// Ends a session on an operator's request (reason `evicted`), whether this process
     /// holds it or it is only in the store. Returns whether a live session was found.
     pub async fn evict(&self, id: &str) -> Result<bool, SessionError> {
