@@ -821,6 +821,50 @@ async fn a_quota_counts_a_users_calls_across_instances() {
     shared.cleanup().await;
 }
 
+/// Issue 26: a Redis restarted empty reset every quota (its counters were gone). Each
+/// instance gives its part of a user's window back with its next count, so calls made
+/// before the restart still count after it.
+#[tokio::test]
+async fn a_quota_survives_a_redis_restarted_empty() {
+    if redis_url().is_none() {
+        return;
+    }
+    let mut redis = PrivateRedis::start(false);
+    let shared = Shared::new(&redis.url(), "quota_restart").await;
+    let (da, db) = (state_dir(), state_dir());
+    let quota = ["--demo", "--quota-tool-calls", "4/1h"];
+    let a = Gateway::start(da.path(), &shared.args(&quota));
+    let b = Gateway::start(db.path(), &shared.args(&quota));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let left = 3_600_000 - now % 3_600_000;
+    if left < 20_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(left + 100)).await;
+    }
+    let (ca, cb) = (a.client(), b.client());
+    let sa = ca.initialize("quota-a").await;
+    let sb = cb.initialize("quota-b").await;
+    for (mcp, sid, id) in [(&ca, &sa, 1), (&ca, &sa, 2), (&cb, &sb, 1)] {
+        assert_eq!(
+            mcp.call_text(sid, id, "echo", json!({"text": "x"})).await,
+            "x"
+        );
+    }
+    // Three of four used; Redis loses them all.
+    redis.restart();
+    wait_instances(&a, 2).await;
+    // A's part comes back with its third call (3 of 4, served); B's with its second: 5.
+    let third = ca.call(&sa, 3, "echo", json!({"text": "x"})).await;
+    assert!(third.get("result").is_some(), "{third}");
+    let over = cb.call(&sb, 2, "echo", json!({"text": "x"})).await;
+    assert_eq!(over["error"]["data"]["limit"], "quota-tool-calls", "{over}");
+    let over = ca.call(&sa, 4, "echo", json!({"text": "x"})).await;
+    assert_eq!(over["error"]["data"]["limit"], "quota-tool-calls", "{over}");
+    shared.cleanup().await;
+}
+
 /// Two instances serving the same `mcpServers` file: a session of one server is forwarded
 /// to the instance that holds it under its own `/servers/NAME/mcp` path, and after that
 /// instance is SIGKILLed it is taken over on its own server, never on another.

@@ -29,12 +29,25 @@ pub struct QuotaUse {
     pub resets_at_ms: u64,
 }
 
+/// One user's window as this instance knows it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Use {
+    /// The window's index (time since the epoch / window).
+    index: u64,
+    /// Calls this instance counted in it: its part of the shared counter, given back to a
+    /// store that lost it (a Redis restarted empty).
+    own: u64,
+    /// The deployment's count as last read, plus this instance's calls since (what is
+    /// judged while the shared store is away).
+    total: u64,
+}
+
 /// The quota table of one gateway process.
 pub struct Quotas {
     quota: Option<Quota>,
     coordinator: Option<Arc<dyn Coordinator>>,
-    /// principal → (window index, calls counted in it).
-    seen: Mutex<HashMap<String, (u64, u64)>>,
+    /// principal → its use of the current window.
+    seen: Mutex<HashMap<String, Use>>,
     fallback_logged: crate::log_limit::LogLimiter,
 }
 
@@ -64,14 +77,18 @@ impl Quotas {
         let window_ms = q.window.as_millis().max(1) as u64;
         let index = now_ms / window_ms;
         let resets_at_ms = (index + 1) * window_ms;
-        let local = {
+        let (own, local) = {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            let e = seen.entry(principal.to_owned()).or_insert((index, 0));
-            if e.0 != index {
-                *e = (index, 0);
+            let e = seen.entry(principal.to_owned()).or_default();
+            if e.index != index {
+                *e = Use {
+                    index,
+                    ..Use::default()
+                };
             }
-            e.1 += 1;
-            e.1
+            e.own += 1;
+            e.total += 1;
+            (e.own, e.total)
         };
         let shared = match &self.coordinator {
             Some(c) => {
@@ -79,7 +96,7 @@ impl Quotas {
                 // still finds the count.
                 let ttl = Duration::from_millis(resets_at_ms - now_ms) + Duration::from_secs(5);
                 let key = format!("quota:tool-calls:{principal}:{index}");
-                let counted = tokio::time::timeout(COUNT_WAIT, c.count(&key, ttl))
+                let counted = tokio::time::timeout(COUNT_WAIT, c.count(&key, own, ttl))
                     .await
                     .unwrap_or_else(|_| {
                         Err(crate::store::StoreError::Unavailable(format!(
@@ -102,8 +119,8 @@ impl Quotas {
         let used = shared.unwrap_or(local);
         if shared.is_some() {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(e) = seen.get_mut(principal).filter(|e| e.0 == index) {
-                e.1 = used;
+            if let Some(e) = seen.get_mut(principal).filter(|e| e.index == index) {
+                e.total = used;
             }
         }
         if used <= q.limit {
@@ -139,9 +156,9 @@ impl Quotas {
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<QuotaUse> = seen
             .iter()
-            .map(|(p, (i, n))| QuotaUse {
+            .map(|(p, u)| QuotaUse {
                 principal: p.clone(),
-                used: if *i == index { *n } else { 0 },
+                used: if u.index == index { u.total } else { 0 },
                 limit: q.limit,
                 resets_at_ms: (index + 1) * window_ms,
             })
@@ -269,6 +286,7 @@ mod tests {
         async fn count(
             &self,
             _: &str,
+            _: u64,
             _: Duration,
         ) -> Result<Option<u64>, crate::store::StoreError> {
             std::future::pending().await

@@ -323,12 +323,16 @@ pub trait Coordinator: Send + Sync + 'static {
     async fn shared_secret(&self, _name: &str) -> Result<Option<String>, StoreError> {
         Ok(None)
     }
-    /// Adds one to the deployment-wide counter `name` and returns its new value; the counter
-    /// is forgotten `ttl` after it was first counted (a quota's window). `None` when the
-    /// store keeps no shared counters.
+    /// Adds one to this instance's part of the deployment-wide counter `name` and returns
+    /// the counter's new total; `mine` is what this instance has counted of it itself, this
+    /// one included, so a store that lost the counter (a Redis restarted empty) gets this
+    /// instance's part back at its next count instead of starting again from zero. The
+    /// counter is forgotten `ttl` after it was first counted (a quota's window). `None` when
+    /// the store keeps no shared counters.
     async fn count(
         &self,
         _name: &str,
+        _mine: u64,
         _ttl: std::time::Duration,
     ) -> Result<Option<u64>, StoreError> {
         Ok(None)

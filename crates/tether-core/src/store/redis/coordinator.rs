@@ -75,17 +75,15 @@ impl Coordinator for RedisStore {
         Ok(Some(value))
     }
 
-    async fn count(&self, name: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
-        let key = self.key("count", name);
-        let mut pipe = Pipeline::new();
-        pipe.cmd("INCR").arg(&key);
-        pipe.cmd("PEXPIRE")
-            .arg(&key)
+    async fn count(&self, name: &str, mine: u64, ttl: Duration) -> Result<Option<u64>, StoreError> {
+        // A hash of each instance's part (`tally`, not the `count` string of older
+        // versions: a rolling upgrade must not meet a key of the other type).
+        let n: u64 = Script::new(TALLY)
+            .key(self.key("tally", name))
+            .arg(&self.inner.me.id)
+            .arg(mine)
             .arg(ttl.as_millis().max(1) as u64)
-            .arg("NX")
-            .ignore();
-        let (n,): (u64,) = pipe
-            .query_async(&mut self.conn())
+            .invoke_async(&mut self.conn())
             .await
             .map_err(|e| unavailable(&e))?;
         Ok(Some(n))

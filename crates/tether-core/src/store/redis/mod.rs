@@ -18,6 +18,7 @@
 //! | `P:instances` | sorted set | instance ids by last heartbeat | stale members removed after an hour |
 //! | `P:inbox:{instance}` | list | session ids the instance must drop | one minute |
 //! | `P:epoch` | string | a random value set by the first instance to find it missing | none |
+//! | `P:tally:{name}` | hash | each instance's part of a deployment-wide counter (`quota:tool-calls:USER:WINDOW`), summed when counted | the window and 5 s |
 //! | `P:secret:{name}` | string | a secret all instances share (`bridge`: the key sealing MRTR `requestState`), set by the first to ask | none |
 //!
 //! A Redis that restarts without persistence comes back empty: `P:epoch` is gone, and the
@@ -130,6 +131,23 @@ fn unavailable(e: &redis::RedisError) -> StoreError {
 fn transient(e: &redis::RedisError) -> bool {
     matches!(unavailable(e), StoreError::Unavailable(_))
 }
+
+/// One count of a deployment-wide counter: this instance's part (a hash field per
+/// instance) goes to the larger of its stored value plus one and what the instance counted
+/// itself (`ARGV[2]`: after Redis came back empty, the part comes back whole), the key
+/// expires after the window (`ARGV[3]` ms, set once), and the total of every part is
+/// returned. A hash holds one field per instance, so the sum is a handful of values.
+const TALLY: &str = r"
+local have = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local mine = tonumber(ARGV[2])
+local part = have + 1
+if mine > part then part = mine end
+redis.call('HSET', KEYS[1], ARGV[1], part)
+redis.call('PEXPIRE', KEYS[1], ARGV[3], 'NX')
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
+return total
+";
 
 /// Claims a session unless another instance with a live heartbeat owns it.
 const CLAIM: &str = r"
@@ -345,6 +363,30 @@ mod tests {
 
     fn open(opts: &RedisOptions) -> RedisStore {
         RedisStore::open(opts, Arc::new(Metrics::default())).unwrap()
+    }
+
+    /// Issue 26: a Redis restarted empty reset every quota. Each instance's part of a
+    /// counter comes back with its next count (what it counted itself), and the parts of
+    /// several instances add up.
+    #[tokio::test]
+    async fn a_counter_that_redis_lost_comes_back_with_each_instances_part() {
+        let Some(opts) = suite::redis_options("tally") else {
+            return;
+        };
+        let a = open(&opts);
+        let b = open(&RedisOptions {
+            advertise_url: "http://127.0.0.1:2".into(),
+            ..opts.clone()
+        });
+        let ttl = Duration::from_secs(60);
+        assert_eq!(a.count("q", 1, ttl).await.unwrap(), Some(1));
+        assert_eq!(a.count("q", 2, ttl).await.unwrap(), Some(2));
+        assert_eq!(b.count("q", 1, ttl).await.unwrap(), Some(3));
+        a.wipe().await;
+        // A counts its third call: its part comes back whole; B's with its next call.
+        assert_eq!(a.count("q", 3, ttl).await.unwrap(), Some(3));
+        assert_eq!(b.count("q", 2, ttl).await.unwrap(), Some(5));
+        a.wipe().await;
     }
 
     #[tokio::test]
