@@ -1262,3 +1262,44 @@ async fn a_reload_takes_effect_on_live_sessions() {
         "bob's session closed as revoked"
     );
 }
+
+/// Row "the database file deleted while serving": readiness turned 503, yet a new session
+/// was still acknowledged, and was 404 after a restart. A session is never acknowledged
+/// when its record cannot be made durable: once the file at the store's path is not the
+/// one it writes (deleted or replaced), `initialize` is refused (503, `-32014`); sessions
+/// held go on serving, and a session created before stays served meanwhile.
+#[tokio::test]
+async fn no_session_is_acknowledged_into_a_deleted_database() {
+    let dir = state_dir();
+    let gw = TestApp::start(dir.path(), Layer::default()).await;
+    let mcp = gw.client();
+    let held = mcp.initialize("before").await;
+    for f in ["tether.db", "tether.db-wal", "tether.db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(f));
+    }
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "after", "version": "1"}}});
+    let refused = mcp.post(None, &init).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(!refused.headers.contains_key("mcp-session-id"));
+    let e = refused.json();
+    assert_eq!(e["error"]["code"], -32014, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("removed"),
+        "{e}"
+    );
+    let ready = reqwest::get(format!("{}/health/ready", gw.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(
+        mcp.call_text(&held, 1, "echo", json!({"text": "held"}))
+            .await,
+        "held"
+    );
+    // A file put back at the path is another file: still refused, never acknowledged.
+    std::fs::write(dir.path().join("tether.db"), b"").unwrap();
+    assert_eq!(mcp.post(None, &init).await.status, 503);
+    gw.stop().await.unwrap();
+}

@@ -38,8 +38,18 @@ pub const DEFAULT_MAX_STREAM_EVENTS: u64 = 10_000;
 /// SQLite-backed [`LiveStore`] and [`LedgerStore`].
 pub struct SqliteStore {
     path: PathBuf,
+    /// The database file's (device, inode) when it was opened: a file deleted or replaced
+    /// under the gateway is a different one (or none), and writes to the one still open
+    /// "succeed" and are lost at the next start.
+    file_id: (u64, u64),
     writes: mpsc::Sender<Op>,
     reader: Arc<Mutex<Connection>>,
+}
+
+/// (device, inode) of a file.
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| (m.dev(), m.ino()))
 }
 
 const SCHEMA: &str = "
@@ -175,8 +185,11 @@ impl SqliteStore {
             .name("tether-checkpoint".into())
             .spawn(move || checkpoint_loop(&checkpoints, &alive))
             .map_err(|e| StoreError::Backend(format!("cannot start store checkpointer: {e}")))?;
+        let file_id = file_id(&path)
+            .map_err(|e| StoreError::Backend(format!("cannot stat {}: {e}", path.display())))?;
         Ok(SqliteStore {
             path,
+            file_id,
             writes,
             reader,
         })
@@ -185,6 +198,23 @@ impl SqliteStore {
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the file at the path is still the one this store writes: deleting (or
+    /// replacing) it leaves the open connections writing to an unlinked inode, so every
+    /// write "succeeds" and is lost at the next start.
+    fn same_file(&self) -> Result<(), StoreError> {
+        match file_id(&self.path) {
+            Ok(id) if id == self.file_id => Ok(()),
+            Ok(_) => Err(StoreError::Unavailable(format!(
+                "the database file {} was replaced under the gateway; what is written now would be lost, so new sessions are refused until it restarts",
+                self.path.display()
+            ))),
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "the database file {} was removed ({e}); what is written now would be lost, so new sessions are refused until the gateway restarts",
+                self.path.display()
+            ))),
+        }
     }
 
     fn submit(&self, make: impl FnOnce(Done) -> Op) -> Ack {
@@ -255,7 +285,11 @@ impl LiveStore for SqliteStore {
 
     async fn create_session(&self, record: SessionRecord) -> Result<(), StoreError> {
         self.submit(|d| Op::CreateSession(Box::new(record), d))
-            .await
+            .await?;
+        // Committed, but to the file this store opened: if that is no longer the file at
+        // its path, the record is lost at the next start, and the session must not be
+        // acknowledged (issue 26: one was, and was 404 after a restart).
+        self.same_file()
     }
 
     async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -336,14 +370,7 @@ impl LiveStore for SqliteStore {
     }
 
     async fn check_writable(&self) -> Result<(), StoreError> {
-        // Deleting the file leaves the open connections writing to an unlinked inode:
-        // every write "succeeds" and is lost at the next start.
-        if !self.path.exists() {
-            return Err(StoreError::Backend(format!(
-                "the database file {} was removed",
-                self.path.display()
-            )));
-        }
+        self.same_file()?;
         self.submit(Op::Probe).await
     }
 
