@@ -211,6 +211,29 @@ pub async fn run(
             .instrument(tracing::info_span!("coordination")),
         );
     }
+    // Pooled members of an earlier process: no client can name them (issue 26: they
+    // stayed live after every restart).
+    if let Some(r) = hub.registries().first() {
+        let closed = r.close_stale_pooled().await;
+        if closed > 0 {
+            tracing::info!(
+                sessions = closed,
+                "closed the 2026-07-28 bridge's pooled sessions of the earlier process"
+            );
+        }
+    }
+    if builder.multi {
+        // Each server reaps its own; this reaps the servers none serves any more.
+        let hub = hub.clone();
+        tracker.spawn(
+            crate::session::run_orphan_reaping(
+                move || hub.registries(),
+                config.idle_timeout,
+                upkeep_stop.clone(),
+            )
+            .instrument(tracing::info_span!("reap_orphans")),
+        );
+    }
     tracker.spawn(
         crate::session::run_log_pruning(
             store.clone(),

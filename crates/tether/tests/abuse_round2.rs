@@ -1303,3 +1303,77 @@ async fn no_session_is_acknowledged_into_a_deleted_database() {
     assert_eq!(mcp.post(None, &init).await.status, 503);
     gw.stop().await.unwrap();
 }
+
+/// Row "sessions nobody serves any more": with SQLite, the quick start's sessions were
+/// still live 33 minutes later under `--servers` (no server's reaper looks at a name no
+/// server has), and the bridge's pooled sessions stayed live after every restart (the
+/// dashboard said 45 live with one upstream running). Now the first are expired at the
+/// idle timeout and the second closed at start, and `/health` and the metrics say the same.
+/// A restart with other arguments is the point: the binary.
+#[tokio::test]
+async fn sessions_no_server_serves_expire_and_the_figures_agree() {
+    let dir = state_dir();
+    let mut gw = common::Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let quick = mcp.initialize("quick-start").await;
+    // A 2026-07-28 call: the bridge starts a pooled session for it.
+    let modern = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "echo", "arguments": {"text": "m"}, "_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "modern", "version": "1"}}}});
+    let a = mcp
+        .post_raw(
+            &[
+                ("content-type", "application/json"),
+                ("accept", common::ACCEPT_BOTH),
+                ("mcp-protocol-version", "2026-07-28"),
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "echo"),
+            ],
+            modern.to_string(),
+        )
+        .await;
+    assert!(a.response().get("result").is_some(), "{}", a.body);
+    let sessions = gw.admin_json("/api/sessions?status=live").await;
+    let pooled: Vec<String> = sessions["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["transport"] == "pooled")
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(pooled.len(), 1, "{sessions}");
+    assert_eq!(gw.sigterm().code(), Some(0));
+
+    let file = dir.path().join("servers.json");
+    std::fs::write(
+        &file,
+        json!({"mcpServers": {"other": {"command": common::BIN, "args": ["demo-server"]}}})
+            .to_string(),
+    )
+    .unwrap();
+    let gw = gw.restart_with(&["--servers", file.to_str().unwrap(), "--idle-timeout", "1s"]);
+    let reason = until_closed(&gw, &pooled[0]).await;
+    assert_eq!(reason.as_deref(), Some("gateway_restart"));
+    let mut quick_reason = None;
+    for _ in 0..10 {
+        quick_reason = until_closed(&gw, &quick).await;
+        if quick_reason.is_some() {
+            break;
+        }
+    }
+    assert_eq!(
+        quick_reason.as_deref(),
+        Some("timeout"),
+        "no server serves demo any more"
+    );
+    let health: Value = reqwest::get(format!("{}/health", gw.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["live_sessions"], 0, "{health}");
+    assert_eq!(common::metric(&gw, "tether_sessions_live").await, 0.0);
+}

@@ -68,7 +68,7 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Backoff};
 use crate::protocol::{self, Envelope, Kind, Restore, RestoreOp, code};
 use crate::store::{
-    Ack, Coordinator, LedgerEvent, LiveStore, Owner, STANDALONE_STREAM, SessionRecord,
+    Ack, Coordinator, LedgerEvent, LiveStore, Owner, STANDALONE_STREAM, Servers, SessionRecord,
     SessionState, StoreError, StreamRecord, ToolCallRecord, now_ms,
 };
 use crate::upstream::{Connector, Inbound, Link, Started, UpstreamError};
@@ -487,7 +487,7 @@ impl Drop for Session {
 }
 
 pub use crate::ids::{new_instance_id, new_session_id};
-pub use upkeep::{run_coordination, run_ledger_pruning, run_log_pruning};
+pub use upkeep::{run_coordination, run_ledger_pruning, run_log_pruning, run_orphan_reaping};
 
 /// The tool of a `tools/call` whose stream a crash left unfinished, read from the request
 /// the stream kept (whole when retryable, else only its method and tool name).

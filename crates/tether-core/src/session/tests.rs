@@ -828,3 +828,63 @@ async fn a_reaper_leaves_a_session_another_registry_of_the_process_holds() {
     let closed = h.store.load_session(&id).await.unwrap().unwrap();
     assert_eq!(closed.state, SessionState::Closed);
 }
+
+/// Issue 26: the stored sessions of a server no registry of the process serves (removed
+/// from the configuration, or a quick start's `--demo` before a servers file) were reaped
+/// by no one and stayed live for good; and the bridge's pooled sessions of an earlier
+/// process, which no client can name, stayed live after every restart. The orphans are
+/// expired at the gateway's idle timeout, the pooled ones closed at start; a held session
+/// and a served server's stored session are left to their own reaper.
+#[tokio::test(start_paused = true)]
+async fn sessions_no_server_serves_expire_and_stale_pooled_ones_close() {
+    let cfg = SessionConfig {
+        one_of_several: true,
+        upstream_name: "mine".into(),
+        ..SessionConfig::default()
+    };
+    let mut h = harness(cfg);
+    let (held, _up) = h.session().await;
+    let mut gone = crate::store::conformance::record("orphan", 0);
+    gone.upstream_name = "removed".into();
+    h.store.create_session(gone).await.unwrap();
+    let mut stored = crate::store::conformance::record("stored-mine", 0);
+    stored.upstream_name = "mine".into();
+    h.store.create_session(stored).await.unwrap();
+    let mut pooled = crate::store::conformance::record("pooled-old", now_ms());
+    pooled.upstream_name = "mine".into();
+    pooled.transport = "pooled".into();
+    h.store.create_session(pooled).await.unwrap();
+    h.store.age(held.id(), 0);
+
+    h.registry
+        .reap_orphans(&["mine".to_owned()], Duration::from_secs(60))
+        .await;
+    let state = |id: &str| {
+        let store = h.store.clone();
+        let id = id.to_owned();
+        async move { store.load_session(&id).await.unwrap().unwrap() }
+    };
+    let orphan = state("orphan").await;
+    assert_eq!(
+        (orphan.state, orphan.close_reason.as_deref()),
+        (SessionState::Closed, Some("timeout"))
+    );
+    assert_eq!(
+        state("stored-mine").await.state,
+        SessionState::Live,
+        "its server's reaper decides"
+    );
+    assert_eq!(
+        state(held.id()).await.state,
+        SessionState::Live,
+        "held here"
+    );
+
+    assert_eq!(h.registry.close_stale_pooled().await, 1);
+    let p = state("pooled-old").await;
+    assert_eq!(
+        (p.state, p.close_reason.as_deref()),
+        (SessionState::Closed, Some("gateway_restart"))
+    );
+    assert_eq!(h.store.count_live().await.unwrap(), 2);
+}

@@ -19,53 +19,99 @@ impl Registry {
         if self.is_draining() {
             return;
         }
-        let idle_ms = i64::try_from(sh.cfg.idle_timeout.as_millis()).unwrap_or(i64::MAX);
-        match sh
-            .store
-            .idle_sessions(
-                now_ms().saturating_sub(idle_ms),
-                256,
-                sh.cfg
-                    .one_of_several
-                    .then_some(sh.cfg.upstream_name.as_str()),
-            )
-            .await
-        {
-            Ok(ids) => {
-                for id in ids {
-                    // Held here or by another registry of the process (its reaper
-                    // decides, from what it knows of the session's open streams).
-                    if sh.siblings.hold(&id) {
-                        continue;
-                    }
-                    if let Some(c) = &sh.coordinator {
-                        // Another live instance may hold it with an open stream; its own
-                        // reaper decides. An orphan (owner gone) is claimed, then expired.
-                        match c.claim(&id).await {
-                            Ok(Owner::Me | Owner::TookOver { .. }) => {}
-                            Ok(Owner::Other { .. }) => continue,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot check a session's owner");
-                                continue;
-                            }
-                        }
-                    }
-                    match sh.close_stored(&id, "timeout").await {
-                        Ok(()) => {
-                            tracing::info!(session.id = %crate::ids::shown(&id), reason = "timeout", "session closed")
-                        }
-                        Err(e) => {
-                            tracing::warn!(session.id = %crate::ids::shown(&id), error = %e, "cannot expire session")
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot look up idle sessions"),
-        }
+        let of = if sh.cfg.one_of_several {
+            Servers::Only(&sh.cfg.upstream_name)
+        } else {
+            Servers::All
+        };
+        self.expire_idle(sh.cfg.idle_timeout, of).await;
         sh.legacy_pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, p| p.stream.attached() || p.opened.elapsed() < Duration::from_secs(10));
+    }
+
+    /// Expires the stored sessions of the servers `of` names idle past `idle`, unless a
+    /// registry of the process holds them (its reaper decides) or, in a deployment, another
+    /// live instance does.
+    async fn expire_idle(&self, idle: Duration, of: Servers<'_>) {
+        let sh = &self.shared;
+        let idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
+        let ids = match sh
+            .store
+            .idle_sessions(now_ms().saturating_sub(idle_ms), 256, of)
+            .await
+        {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look up idle sessions");
+                return;
+            }
+        };
+        for id in ids {
+            // Held here or by another registry of the process (its reaper decides, from
+            // what it knows of the session's open streams).
+            if sh.siblings.hold(&id) {
+                continue;
+            }
+            if let Some(c) = &sh.coordinator {
+                // Another live instance may hold it with an open stream; its own reaper
+                // decides. An orphan (owner gone) is claimed, then expired.
+                match c.claim(&id).await {
+                    Ok(Owner::Me | Owner::TookOver { .. }) => {}
+                    Ok(Owner::Other { .. }) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot check a session's owner");
+                        continue;
+                    }
+                }
+            }
+            self.expire_stored(&id, "timeout").await;
+        }
+    }
+
+    /// Closes a stored session no registry holds, with `reason`.
+    async fn expire_stored(&self, id: &str, reason: &str) {
+        let sh = &self.shared;
+        match sh.close_stored(id, reason).await {
+            Ok(()) => {
+                sh.metrics.closed(reason);
+                tracing::info!(session.id = %crate::ids::shown(id), reason, "session closed");
+            }
+            Err(e) => {
+                tracing::warn!(session.id = %crate::ids::shown(id), error = %e, "cannot expire session")
+            }
+        }
+    }
+
+    /// Expires, at `idle`, the stored sessions of servers no registry of the process
+    /// serves (removed from the configuration, or served before under another name, such
+    /// as a quick start's `--demo`): no server's reaper looks at them (issue 26: they stayed
+    /// live for good, and counted as live everywhere). With several instances another one
+    /// may still serve such a server, so only the idle timeout ends them, never more.
+    pub async fn reap_orphans(&self, served: &[String], idle: Duration) {
+        self.expire_idle(idle, Servers::NoneOf(served)).await;
+    }
+
+    /// Closes the bridge's pooled sessions an earlier process left in a store only this
+    /// process uses (`LiveStore::stale_pooled`): no client can name them, so nothing would
+    /// resume them, and they would count as live until they idled out. Returns how many.
+    pub async fn close_stale_pooled(&self) -> usize {
+        let ids = match self.shared.store.stale_pooled().await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look up pooled sessions of an earlier process");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for id in ids {
+            if !self.shared.siblings.hold(&id) {
+                self.expire_stored(&id, "gateway_restart").await;
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Runs [`Registry::reap`] until shutdown.
@@ -165,6 +211,32 @@ impl Registry {
         }
         if let Err(e) = sh.store.flush().await {
             tracing::error!(error = %e, "store flush failed at shutdown");
+        }
+    }
+}
+
+/// Runs [`Registry::reap_orphans`] on one of `registries()` (with the names every registry
+/// of the process serves) every `idle / 4` (1 s to 30 s), until `stop`: one loop per
+/// process, for the gateway's idle timeout.
+pub async fn run_orphan_reaping(
+    registries: impl Fn() -> Vec<Registry> + Send,
+    idle: Duration,
+    stop: CancellationToken,
+) {
+    let mut interval =
+        tokio::time::interval((idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(30)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let all = registries();
+        let mut served: Vec<String> = all.iter().map(|r| r.server().to_owned()).collect();
+        served.sort();
+        served.dedup();
+        if let Some(r) = all.first() {
+            r.reap_orphans(&served, idle).await;
         }
     }
 }

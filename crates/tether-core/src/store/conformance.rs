@@ -8,8 +8,8 @@
 use serde_json::json;
 
 use super::{
-    EventRecord, LedgerEvent, LedgerStore, LiveStore, SessionQuery, SessionRecord, SessionState,
-    StreamRecord, ToolCallRecord, now_ms,
+    EventRecord, LedgerEvent, LedgerStore, LiveStore, Servers, SessionQuery, SessionRecord,
+    SessionState, StreamRecord, ToolCallRecord, now_ms,
 };
 
 /// A live session record.
@@ -94,17 +94,39 @@ pub async fn sessions_round_trip_and_close(store: &dyn LiveStore) {
         50
     );
     assert_eq!(
-        store.idle_sessions(30, 10, None).await.unwrap(),
+        store.idle_sessions(30, 10, Servers::All).await.unwrap(),
         vec!["b".to_owned()]
     );
     // Each server of a gateway reaps its own sessions.
     assert_eq!(
-        store.idle_sessions(30, 10, Some("demo")).await.unwrap(),
+        store
+            .idle_sessions(30, 10, Servers::Only("demo"))
+            .await
+            .unwrap(),
         vec!["b".to_owned()]
     );
     assert!(
         store
-            .idle_sessions(30, 10, Some("another"))
+            .idle_sessions(30, 10, Servers::Only("another"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Servers no registry serves any more are reaped by elimination.
+    assert_eq!(
+        store
+            .idle_sessions(30, 10, Servers::NoneOf(&["another".to_owned()]))
+            .await
+            .unwrap(),
+        vec!["b".to_owned()]
+    );
+    assert!(
+        store
+            .idle_sessions(
+                30,
+                10,
+                Servers::NoneOf(&["demo".to_owned(), "x".to_owned()])
+            )
             .await
             .unwrap()
             .is_empty()
@@ -122,7 +144,7 @@ pub async fn sessions_round_trip_and_close(store: &dyn LiveStore) {
         (SessionState::Closed, Some("timeout"), Some(99))
     );
     assert_eq!(store.count_live().await.unwrap(), 1);
-    assert!(store.idle_sessions(1_000, 10, None).await.unwrap() == vec!["a".to_owned()]);
+    assert!(store.idle_sessions(1_000, 10, Servers::All).await.unwrap() == vec!["a".to_owned()]);
     assert!(store.load_session("missing").await.unwrap().is_none());
 }
 

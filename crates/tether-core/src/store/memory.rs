@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 use super::{
-    Ack, EventRecord, LiveStore, STANDALONE_STREAM, SessionRecord, SessionState, StoreError,
-    StreamRecord,
+    Ack, EventRecord, LiveStore, STANDALONE_STREAM, Servers, SessionRecord, SessionState,
+    StoreError, StreamRecord,
 };
 
 /// Sessions, streams and events in maps behind one lock.
@@ -83,17 +83,27 @@ impl LiveStore for MemoryStore {
         &self,
         cutoff_ms: i64,
         limit: usize,
-        upstream: Option<&str>,
+        of: Servers<'_>,
     ) -> Result<Vec<String>, StoreError> {
         let st = self.lock();
         let mut idle: Vec<&SessionRecord> = st
             .sessions
             .values()
             .filter(|s| s.state == SessionState::Live && s.last_active_ms < cutoff_ms)
-            .filter(|s| upstream.is_none_or(|u| s.upstream_name == u))
+            .filter(|s| of.admits(&s.upstream_name))
             .collect();
         idle.sort_by_key(|s| s.last_active_ms);
         Ok(idle.into_iter().take(limit).map(|s| s.id.clone()).collect())
+    }
+
+    async fn stale_pooled(&self) -> Result<Vec<String>, StoreError> {
+        let st = self.lock();
+        Ok(st
+            .sessions
+            .values()
+            .filter(|s| s.state == SessionState::Live && s.transport == "pooled")
+            .map(|s| s.id.clone())
+            .collect())
     }
 
     async fn count_live(&self) -> Result<u64, StoreError> {

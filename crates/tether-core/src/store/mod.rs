@@ -173,15 +173,23 @@ pub trait LiveStore: Send + Sync + 'static {
     /// Marks a session closed. Its event log goes then or at the next [`Self::prune_events`]
     /// (a busy session's log is too large to delete in one step without stalling others).
     async fn close_session(&self, id: &str, reason: &str, at_ms: i64) -> Result<(), StoreError>;
-    /// Live sessions whose last activity is older than `cutoff_ms`, oldest first; with
-    /// `upstream`, only the sessions of that server (each server of a gateway has its own
-    /// idle timeout).
+    /// Live sessions whose last activity is older than `cutoff_ms`, oldest first, of the
+    /// servers `of` names (each server of a gateway has its own idle timeout; the servers
+    /// no registry serves any more are reaped at the gateway's).
     async fn idle_sessions(
         &self,
         cutoff_ms: i64,
         limit: usize,
-        upstream: Option<&str>,
+        of: Servers<'_>,
     ) -> Result<Vec<String>, StoreError>;
+    /// Live sessions of the bridge's pools (`transport = pooled`) that no process of the
+    /// deployment can hold: with a store only one process uses (SQLite), every one found at
+    /// start is a member of an earlier process, which no client can name. A shared store
+    /// (Redis) answers none: other instances hold theirs, and an orphan is claimed and
+    /// expired by the reaper.
+    async fn stale_pooled(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
     /// Number of live sessions.
     async fn count_live(&self) -> Result<u64, StoreError>;
     /// Records a new stream (and, for request streams, the request).
@@ -450,6 +458,28 @@ pub struct SessionSummary {
     /// `streamable-http`, `sse` (2024-11-05), or `pooled`: an upstream session the
     /// gateway holds for stateless (2026-07-28) clients.
     pub transport: String,
+}
+
+/// Which servers' sessions a lookup concerns.
+#[derive(Debug, Clone, Copy)]
+pub enum Servers<'a> {
+    /// Every server's.
+    All,
+    /// Those of the server so named.
+    Only(&'a str),
+    /// Those of no server so named (the ones no registry of the process serves).
+    NoneOf(&'a [String]),
+}
+
+impl Servers<'_> {
+    /// Whether a session of server `name` is concerned.
+    pub fn admits(&self, name: &str) -> bool {
+        match self {
+            Servers::All => true,
+            Servers::Only(n) => *n == name,
+            Servers::NoneOf(names) => !names.iter().any(|n| n == name),
+        }
+    }
 }
 
 /// Filters for listing sessions.

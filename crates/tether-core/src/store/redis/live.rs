@@ -57,7 +57,7 @@ impl LiveStore for RedisStore {
         &self,
         cutoff_ms: i64,
         limit: usize,
-        upstream: Option<&str>,
+        of: Servers<'_>,
     ) -> Result<Vec<String>, StoreError> {
         // One sorted set holds every server's sessions; a server's own are picked out of
         // at most IDLE_PAGES pages by their records' upstream (the rest wait for the
@@ -76,9 +76,9 @@ impl LiveStore for RedisStore {
                 .query_async(&mut self.conn())
                 .await
                 .map_err(|e| unavailable(&e))?;
-            let Some(upstream) = upstream else {
+            if let Servers::All = of {
                 return Ok(ids);
-            };
+            }
             if ids.is_empty() {
                 break;
             }
@@ -92,10 +92,10 @@ impl LiveStore for RedisStore {
                 .map_err(|e| unavailable(&e))?;
             let last_page = ids.len() < limit;
             for (id, rec) in ids.into_iter().zip(recs) {
-                let of = rec
+                let server = rec
                     .and_then(|r| serde_json::from_str::<Value>(&r).ok())
                     .and_then(|v| v.get("upstream_name")?.as_str().map(str::to_owned));
-                if of.as_deref() == Some(upstream) {
+                if server.as_deref().is_some_and(|n| of.admits(n)) {
                     out.push(id);
                     if out.len() == limit {
                         return Ok(out);

@@ -49,8 +49,8 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Ack, Coordinator, EventRecord, InstanceInfo, LiveStore, Owner, SessionRecord, SessionState,
-    StoreError, StreamRecord, now_ms,
+    Ack, Coordinator, EventRecord, InstanceInfo, LiveStore, Owner, Servers, SessionRecord,
+    SessionState, StoreError, StreamRecord, now_ms,
 };
 use crate::metrics::Metrics;
 

@@ -20,9 +20,9 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::{
-    Ack, CallRow, EventRecord, LedgerEvent, LedgerSink, LedgerStore, LiveStore, SessionEvent,
-    SessionQuery, SessionRecord, SessionState, SessionSummary, StoreError, StreamRecord,
-    ToolCallRecord, Totals, UserRow, now_ms,
+    Ack, CallRow, EventRecord, LedgerEvent, LedgerSink, LedgerStore, LiveStore, Servers,
+    SessionEvent, SessionQuery, SessionRecord, SessionState, SessionSummary, StoreError,
+    StreamRecord, ToolCallRecord, Totals, UserRow, now_ms,
 };
 
 mod ledger;
@@ -331,15 +331,35 @@ impl LiveStore for SqliteStore {
         &self,
         cutoff_ms: i64,
         limit: usize,
-        upstream: Option<&str>,
+        of: Servers<'_>,
     ) -> Result<Vec<String>, StoreError> {
-        let upstream = upstream.map(str::to_owned);
+        // (mode, names as a JSON array): 0 every server, 1 the one named, 2 none named.
+        let (mode, names) = match of {
+            Servers::All => (0, "[]".to_owned()),
+            Servers::Only(n) => (1, serde_json::json!([n]).to_string()),
+            Servers::NoneOf(ns) => (2, serde_json::json!(ns).to_string()),
+        };
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id FROM sessions WHERE state = 'live' AND last_active_ms < ?1 AND (?3 IS NULL OR upstream_name = ?3) ORDER BY last_active_ms LIMIT ?2",
+                "SELECT id FROM sessions WHERE state = 'live' AND last_active_ms < ?1
+                   AND (?3 = 0
+                        OR (?3 = 1 AND upstream_name IN (SELECT value FROM json_each(?4)))
+                        OR (?3 = 2 AND upstream_name NOT IN (SELECT value FROM json_each(?4))))
+                 ORDER BY last_active_ms LIMIT ?2",
             )?;
             let rows =
-                stmt.query_map(params![cutoff_ms, limit as i64, upstream], |r| r.get(0))?;
+                stmt.query_map(params![cutoff_ms, limit as i64, mode, names], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn stale_pooled(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id FROM sessions WHERE state = 'live' AND transport = 'pooled'",
+            )?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
             rows.collect()
         })
         .await
