@@ -15,6 +15,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -61,6 +62,7 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_addr: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let open = Arc::new(Open::default());
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -87,24 +89,40 @@ pub async fn serve(
             },
         };
         while tasks.try_join_next().is_some() {}
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refuse(&tcp, "max-connections", limits.max_connections);
-            metrics.connection_refused(limits.name, "max-connections");
-            continue;
-        };
         let Some(addr_slot) = AddrSlot::take(&per_addr, addr.ip(), limits.max_per_addr) else {
             refuse(&tcp, "max-connections-per-addr", limits.max_per_addr);
             metrics.connection_refused(limits.name, "max-connections-per-addr");
             continue;
+        };
+        // Full: the oldest connection that never finished its headers gives way, and this
+        // one waits (briefly) for its place; with none such, it is refused. So connections
+        // held open without a request (from any number of addresses, reopened as they are
+        // cut) cannot keep out clients that send requests, and a connection that has
+        // carried a request is never cut for a newcomer (issue 26).
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) if open.waiting.load(Ordering::Relaxed) < MAX_WAITING && open.evict_one() => {
+                metrics.connection_refused(limits.name, "evicted_for_newcomer");
+                None
+            }
+            Err(_) => {
+                refuse(&tcp, "max-connections", limits.max_connections);
+                metrics.connection_refused(limits.name, "max-connections");
+                continue;
+            }
         };
         // SSE answers are several small writes (priming event, then events); with Nagle's
         // algorithm on, each one after the first waits for the client's delayed ACK.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
+        let state = open.add();
         let io = TokioIo::new(WriteDeadline::new(tcp, limits.write_timeout));
+        let served = state.clone();
         let svc = app.clone().map_request(
             move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                // Its headers are complete: from now on it never gives way to a newcomer.
+                served.served.store(true, Ordering::Relaxed);
                 req.extensions_mut().insert(ConnectInfo(addr));
                 req
             },
@@ -112,10 +130,35 @@ pub async fn serve(
         let conn = graceful.watch(builder.serve_connection(io, TowerToHyperService::new(svc)));
         let (gauge, metrics, kill, name) =
             (gauge.clone(), metrics.clone(), kill.clone(), limits.name);
+        let (slots, open) = (slots.clone(), open.clone());
         gauge.inc();
         tasks.spawn(async move {
+            let slot = match slot {
+                Some(s) => s,
+                None => {
+                    // The place a connection evicted for it gives back.
+                    open.waiting.fetch_add(1, Ordering::Relaxed);
+                    let got =
+                        tokio::time::timeout(EVICT_WAIT, slots.acquire_owned()).await;
+                    open.waiting.fetch_sub(1, Ordering::Relaxed);
+                    match got {
+                        Ok(Ok(s)) => s,
+                        _ => {
+                            open.remove(&state);
+                            metrics.connection_refused(name, "max-connections");
+                            gauge.dec();
+                            drop(conn);
+                            return;
+                        }
+                    }
+                }
+            };
             let _held = (slot, addr_slot);
+            let evicted = state.evict.clone();
             tokio::select! {
+                () = evicted.cancelled() => {
+                    tracing::debug!(listener = name, client.addr = %addr, "connection without a request cut for a newcomer (listener full)");
+                }
                 r = conn => if let Err(e) = r {
                     let reason = if e.is_timeout() {
                         "header_timeout"
@@ -131,6 +174,7 @@ pub async fn serve(
                 },
                 _ = kill.cancelled() => {}
             }
+            open.remove(&state);
             gauge.dec();
         });
     }
@@ -141,6 +185,65 @@ pub async fn serve(
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+}
+
+/// How long a newcomer waits for the place an evicted connection gives back.
+const EVICT_WAIT: Duration = Duration::from_secs(1);
+/// Newcomers waiting for such a place at once; past it a full listener refuses at once.
+const MAX_WAITING: usize = 64;
+
+/// One open connection as eviction sees it.
+#[derive(Debug, Default)]
+struct Conn {
+    id: u64,
+    /// It has finished the headers of a request (it is a client, not a held socket).
+    served: std::sync::atomic::AtomicBool,
+    /// Cancelled to cut it for a newcomer.
+    evict: CancellationToken,
+}
+
+/// The listener's open connections in accept order, for eviction.
+#[derive(Debug, Default)]
+struct Open {
+    next: std::sync::atomic::AtomicU64,
+    conns: Mutex<std::collections::BTreeMap<u64, Arc<Conn>>>,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Open {
+    fn add(&self) -> Arc<Conn> {
+        let c = Arc::new(Conn {
+            id: self.next.fetch_add(1, Ordering::Relaxed),
+            ..Conn::default()
+        });
+        self.lock().insert(c.id, c.clone());
+        c
+    }
+
+    fn remove(&self, c: &Conn) {
+        self.lock().remove(&c.id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, Arc<Conn>>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cuts the oldest connection that never finished its headers; false if there is
+    /// none (every open connection carries or carried a request).
+    fn evict_one(&self) -> bool {
+        let victim = self
+            .lock()
+            .values()
+            .find(|c| !c.served.load(Ordering::Relaxed) && !c.evict.is_cancelled())
+            .cloned();
+        match victim {
+            Some(c) => {
+                c.evict.cancel();
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {

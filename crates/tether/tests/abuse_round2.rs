@@ -1377,3 +1377,92 @@ async fn sessions_no_server_serves_expire_and_the_figures_agree() {
     assert_eq!(health["live_sessions"], 0, "{health}");
     assert_eq!(common::metric(&gw, "tether_sessions_live").await, 0.0);
 }
+
+/// Row "half-open connections from two or more addresses that reopen as they are cut":
+/// the connection slots stayed full and a bystander's `initialize` and its session's calls
+/// got 503 for the whole attack (one address alone is capped at half, which held). Now a
+/// full listener makes the oldest connection that never finished its headers give way to
+/// a newcomer, and a connection that carried a request is never cut for one: the
+/// bystander's new connections and its established session are served throughout.
+#[tokio::test]
+async fn held_connections_from_many_addresses_give_way_to_clients() {
+    let dir = state_dir();
+    let gw = TestApp::start(
+        dir.path(),
+        Layer {
+            limits: Some(LimitsLayer {
+                max_connections: Some(60),
+                max_connections_per_addr: Some(30),
+                header_timeout: Some("60s".into()),
+                ..LimitsLayer::default()
+            }),
+            ..Layer::default()
+        },
+    )
+    .await;
+    let established = bystander_at(&gw.url, "127.0.0.2");
+    let sid = established.initialize("established").await;
+    assert_eq!(
+        established
+            .call_text(&sid, 1, "echo", json!({"text": "x"}))
+            .await,
+        "x"
+    );
+    // Attackers on two addresses: each keeps its 30 connections open without finishing
+    // a request, and opens a new one whenever one is cut.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut attackers = Vec::new();
+    for ip in ["127.0.0.3", "127.0.0.4"] {
+        for _ in 0..30 {
+            let (addr, stop) = (gw.addr.clone(), stop.clone());
+            attackers.push(tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                while !stop.is_cancelled() {
+                    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+                    let Ok(mut tcp) = socket.connect(addr.parse().unwrap()).await else {
+                        continue;
+                    };
+                    let _ = tcp
+                        .write_all(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                        .await;
+                    let mut buf = [0u8; 512];
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tcp.read(&mut buf) => {}
+                    }
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // During the attack: new clients (each a new connection) and the established session.
+    for i in 0..5 {
+        let fresh = bystander_at(&gw.url, "127.0.0.5");
+        let a = fresh
+            .post(
+                None,
+                &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                    "protocolVersion": "2025-11-25", "capabilities": {},
+                    "clientInfo": {"name": format!("newcomer-{i}"), "version": "1"}}}),
+            )
+            .await;
+        assert_eq!(
+            a.status, 200,
+            "a newcomer is served during the attack: {}",
+            a.body
+        );
+        assert_eq!(
+            established
+                .call_text(&sid, 10 + i, "echo", json!({"text": "still"}))
+                .await,
+            "still"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    for a in attackers {
+        let _ = a.await;
+    }
+    gw.stop().await.unwrap();
+}
