@@ -63,6 +63,7 @@ async fn one_call(store: &dyn LiveStore, n: u64) {
             seq: 1,
             data: r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hello"}],"isError":false}}"#.into(),
             terminal: true,
+            hold: None,
         })
         .await
         .unwrap();

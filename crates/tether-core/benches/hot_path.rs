@@ -84,6 +84,7 @@ fn append(c: &mut Criterion) {
                             seq: seq.fetch_add(1, Ordering::Relaxed),
                             data: RESPONSE.into(),
                             terminal: false,
+                            hold: None,
                         })
                         .await
                         .unwrap()

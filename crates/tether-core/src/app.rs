@@ -985,13 +985,20 @@ async fn open_stores(
 ) -> anyhow::Result<Stores> {
     let sqlite = || -> anyhow::Result<Arc<SqliteStore>> {
         Ok(Arc::new(
-            SqliteStore::open_with(&config.state_dir, config.limits.max_stream_events)
-                .with_context(|| {
-                    format!(
-                        "cannot open the session store in {}",
-                        config.state_dir.display()
-                    )
-                })?,
+            SqliteStore::open_with(
+                &config.state_dir,
+                crate::store::sqlite::LogBounds {
+                    stream_events: config.limits.max_stream_events,
+                    session_events: config.limits.max_stream_events.saturating_mul(10),
+                    session_bytes: config.limits.max_session_log as u64,
+                },
+            )
+            .with_context(|| {
+                format!(
+                    "cannot open the session store in {}",
+                    config.state_dir.display()
+                )
+            })?,
         ))
     };
     let (ledger, ledger_name, sqlite_ledger): (

@@ -185,6 +185,8 @@ pub struct LimitsLayer {
     pub max_subscriptions: Option<usize>,
     /// Resource subscriptions all sessions of one user may hold together.
     pub max_subscriptions_per_principal: Option<usize>,
+    /// Bytes of stream events kept per session for `Last-Event-ID` (SQLite), the oldest dropped past it.
+    pub max_session_log: Option<SizeValue>,
 }
 
 impl LimitsLayer {
@@ -214,7 +216,8 @@ impl LimitsLayer {
             quota_tool_calls,
             max_initialize,
             max_subscriptions,
-            max_subscriptions_per_principal
+            max_subscriptions_per_principal,
+            max_session_log
         )
     }
 }
@@ -266,6 +269,8 @@ pub struct Limits {
     pub max_subscriptions: usize,
     /// See [`LimitsLayer::max_subscriptions_per_principal`].
     pub max_subscriptions_per_principal: usize,
+    /// See [`LimitsLayer::max_session_log`].
+    pub max_session_log: usize,
 }
 
 impl Default for Limits {
@@ -375,6 +380,12 @@ impl Limits {
                 "max-subscriptions-per-principal",
                 l.max_subscriptions_per_principal,
                 max_subscriptions.saturating_mul(10),
+            ),
+            max_session_log: size(
+                errors,
+                "max-session-log",
+                l.max_session_log.as_ref(),
+                "64MiB",
             ),
         }
     }

@@ -640,6 +640,9 @@ struct LimitArgs {
     /// Resource subscriptions all sessions of one user may hold together [default: 10 times --max-subscriptions].
     #[arg(long, env = "TETHER_MAX_SUBSCRIPTIONS_PER_PRINCIPAL", value_name = "N")]
     max_subscriptions_per_principal: Option<usize>,
+    /// Bytes of stream events stored per session for Last-Event-ID (SQLite; with 10 times --max-stream-events events): past it the session's oldest events are dropped [default: 64MiB].
+    #[arg(long, env = "TETHER_MAX_SESSION_LOG", value_name = "SIZE")]
+    max_session_log: Option<String>,
 }
 
 impl LimitArgs {
@@ -667,6 +670,7 @@ impl LimitArgs {
             circuit_cooldown: self.circuit_cooldown.clone(),
             max_subscriptions: self.max_subscriptions,
             max_subscriptions_per_principal: self.max_subscriptions_per_principal,
+            max_session_log: self.max_session_log.clone().map(SizeValue::Text),
         };
         (l != LimitsLayer::default()).then_some(l)
     }

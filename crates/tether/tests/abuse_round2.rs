@@ -1466,3 +1466,129 @@ async fn held_connections_from_many_addresses_give_way_to_clients() {
     }
     gw.stop().await.unwrap();
 }
+
+/// A stdio MCP server (Python, not Tether) whose `flood` tool writes `bytes` of 64 KiB log
+/// notifications as fast as its pipe takes them, then answers; every other request is
+/// answered at once (`echo` with its text).
+const FLOOD_SERVER: &str = r#"
+import sys, json
+out = sys.stdout.buffer
+note = (json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
+                    "params": {"level": "info", "data": "x" * 65536}}) + "\n").encode()
+def send(v):
+    out.write((json.dumps(v) + "\n").encode()); out.flush()
+for raw in sys.stdin.buffer:
+    msg = json.loads(raw)
+    m = msg.get("method")
+    if m == "initialize":
+        send({"jsonrpc": "2.0", "id": msg["id"], "result": {"protocolVersion": "2025-11-25",
+              "capabilities": {"tools": {}, "logging": {}}, "serverInfo": {"name": "flood", "version": "1"}}})
+    elif m == "tools/call":
+        args = msg["params"].get("arguments", {})
+        if msg["params"]["name"] == "flood":
+            for _ in range(args["bytes"] // 65536):
+                out.write(note)
+        send({"jsonrpc": "2.0", "id": msg["id"], "result": {"content": [{"type": "text", "text": args.get("text", "done")}]}})
+    elif m is not None and "id" in msg:
+        send({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
+"#;
+
+/// Opens `request` on a socket that takes nothing back (a client that never reads).
+async fn never_reading(addr: &str, request: String) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .connect(&addr.parse::<std::net::SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let mut tcp = tokio::net::TcpStream::from_std(socket.into()).unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    tcp
+}
+
+/// Row "a client that never reads its GET stream while the upstream writes 1.5 GB": RSS
+/// grew to 796 MB, a bystander stalled up to 2.48 s, and the database and WAL grew to
+/// 1.5-2.1 GB and never shrank. Now the GET stream has the POST stream's bound (the
+/// session's pump waits for the store, never past its write budget), the stored log is
+/// bounded per session (`--max-session-log`), and the WAL is cut back after checkpoints.
+/// The process's memory and files are the point: the binary.
+#[tokio::test]
+async fn a_get_stream_nobody_reads_is_bounded_in_memory_and_on_disk() {
+    let dir = state_dir();
+    let script = dir.path().join("flood_server.py");
+    std::fs::write(&script, FLOOD_SERVER).unwrap();
+    let gw = common::Gateway::start(
+        dir.path(),
+        &[
+            "--max-session-log",
+            "8MiB",
+            "--write-timeout",
+            "300s",
+            "--",
+            "python3",
+            script.to_str().unwrap(),
+        ],
+    );
+    let bystander = bystander_at(&gw.url, "127.0.0.2");
+    let other = bystander.initialize("bystander").await;
+    let mcp = gw.client();
+    let sid = mcp.initialize("never-reads").await;
+    let rss_before = common::rss_kib(gw.pid());
+    // The GET stream and the flooding call, both from sockets that take nothing.
+    let _get = never_reading(
+        &gw.addr,
+        format!(
+            "GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\nMcp-Session-Id: {sid}\r\nMcp-Protocol-Version: 2025-11-25\r\n\r\n"
+        ),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "flood", "arguments": {"bytes": 256 << 20}}})
+    .to_string();
+    let _post = never_reading(
+        &gw.addr,
+        format!(
+            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMcp-Session-Id: {sid}\r\nMcp-Protocol-Version: 2025-11-25\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    let (mut peak, mut files_peak, mut calls) = (0, 0, 0);
+    let started = Instant::now();
+    // Until the flood's call is recorded (all of it went through the gateway), or 150 s.
+    loop {
+        peak = peak.max(common::rss_kib(gw.pid()));
+        let files = ["tether.db", "tether.db-wal"]
+            .iter()
+            .map(|f| std::fs::metadata(dir.path().join(f)).map_or(0, |m| m.len()))
+            .sum::<u64>();
+        files_peak = files_peak.max(files);
+        calls += 1;
+        let echoed = tokio::time::timeout(
+            Duration::from_secs(10),
+            bystander.call_text(&other, calls, "echo", json!({"text": "here"})),
+        )
+        .await
+        .expect("the bystander is served during the flood");
+        assert_eq!(echoed, "here");
+        let s = gw.admin_json(&format!("/api/sessions/{sid}")).await;
+        if s["session"]["tool_calls"] == 1 || started.elapsed() > Duration::from_secs(150) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "GET flood of 256 MiB: RSS {rss_before} KiB → peak {peak} KiB; database and WAL peaked at {files_peak} bytes; {calls} bystander calls in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        peak < rss_before + 96 * 1024,
+        "RSS peaked at {peak} KiB from {rss_before} KiB"
+    );
+    assert!(
+        files_peak < 64 << 20,
+        "database and WAL peaked at {files_peak} bytes"
+    );
+}

@@ -53,6 +53,7 @@ const OPTIONS: &[&str] = &[
     "--max-initialize",
     "--max-subscriptions",
     "--max-subscriptions-per-principal",
+    "--max-session-log",
 ];
 
 #[test]

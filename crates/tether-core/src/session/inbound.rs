@@ -155,7 +155,13 @@ impl Session {
     /// Pushes an event to a stream; a client that stopped reading is detached there
     /// (counted and logged), and resumes from the log when it reads again.
     pub(super) fn emit(&self, stream: &Stream, value: &Value, terminal: bool) {
-        if stream.push(self.shared.store.as_ref(), value, terminal) == Pushed::Overflowed {
+        if stream.push(
+            self.shared.store.as_ref(),
+            value,
+            terminal,
+            Some(&self.writes),
+        ) == Pushed::Overflowed
+        {
             self.shared.metrics.stream_overflows.inc();
             tracing::warn!(
                 stream = %stream.id(),

@@ -123,6 +123,14 @@ pub struct SessionConfig {
     pub one_of_several: bool,
 }
 
+impl SessionConfig {
+    /// Bytes of one session's events the store may have to write at once: the stream
+    /// buffer's bound (the GET stream holds the same as a POST stream), at least 1 MiB.
+    pub fn write_budget(&self) -> usize {
+        self.stream_buffer.max(1 << 20)
+    }
+}
+
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
@@ -475,6 +483,11 @@ pub struct Session {
     upstream_gate: tokio::sync::Mutex<()>,
     standalone: Arc<Stream>,
     deadlines: Arc<deadlines::Watch>,
+    /// Bytes of this session's events handed to the store and not written yet, at most
+    /// [`Session::write_budget`]: the pump waits for room before taking the upstream's next
+    /// message, so a flood the store cannot keep up with stops at the upstream instead of
+    /// queueing in memory.
+    writes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Drop for Session {
@@ -762,6 +775,7 @@ impl Session {
             ..subscriptions::Held::default()
         };
         let deadlines = Arc::new(deadlines::Watch::new(&shared.stopped));
+        let write_budget = shared.cfg.write_budget();
         let session = Arc::new(Session {
             id: record.id.as_str().into(),
             record,
@@ -790,6 +804,7 @@ impl Session {
             upstream_gate: tokio::sync::Mutex::new(()),
             standalone,
             deadlines,
+            writes: Arc::new(tokio::sync::Semaphore::new(write_budget)),
         });
         session.recharge(&mut session.lock());
         session

@@ -426,7 +426,7 @@ impl Registry {
                 client,
             )
             .await?;
-        stream.push(self.shared.store.as_ref(), &response, false);
+        stream.push(self.shared.store.as_ref(), &response, false, None);
         Ok(())
     }
 }

@@ -117,7 +117,7 @@ impl Registry {
                         let waited = now_ms().saturating_sub(rec.created_ms).max(0);
                         session.record_call(tool, Duration::from_millis(waited as u64), &answer);
                     }
-                    stream.push(sh.store.as_ref(), &answer, true);
+                    stream.push(sh.store.as_ref(), &answer, true, None);
                 }
             }
         }

@@ -204,8 +204,17 @@ impl Stream {
         &self.id
     }
 
-    /// Records `value` and queues it for the attached connection, if any.
-    pub fn push(&self, store: &dyn LiveStore, value: &Value, terminal: bool) -> Pushed {
+    /// Records `value` and queues it for the attached connection, if any. A stored event
+    /// takes its size from `budget` (the session's writes in flight), given back when the
+    /// store has written it; past the budget it is stored all the same (a push never waits)
+    /// and the caller is expected to wait for room ([`write_room`]) before the next.
+    pub fn push(
+        &self,
+        store: &dyn LiveStore,
+        value: &Value,
+        terminal: bool,
+        budget: Option<&Arc<tokio::sync::Semaphore>>,
+    ) -> Pushed {
         let data: Arc<str> = value.to_string().into();
         let mut g = self.lock();
         if g.done {
@@ -229,12 +238,17 @@ impl Stream {
             }
         }
         let ack: Ack = if stored {
+            let hold = budget.and_then(|b| {
+                let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                b.clone().try_acquire_many_owned(n).ok().map(Arc::new)
+            });
             store.append_event(EventRecord {
                 session_id: self.session_id.clone(),
                 stream_id: self.id.clone(),
                 seq,
                 data: data.clone(),
                 terminal,
+                hold,
             })
         } else {
             Box::pin(std::future::ready(Ok(())))
@@ -305,6 +319,17 @@ impl Stream {
     }
 }
 
+/// Waits until `budget` (a session's writes in flight, in bytes, of `size` in all) has at
+/// least half its room again: the store has caught up with what the session pushed.
+pub async fn write_room(budget: &tokio::sync::Semaphore, size: usize) {
+    let half = u32::try_from(size / 2).unwrap_or(u32::MAX);
+    if budget.available_permits() < half as usize
+        && let Ok(p) = budget.acquire_many(half).await
+    {
+        drop(p);
+    }
+}
+
 fn submit(store: &dyn LiveStore, record: StreamRecord, request: &tracing::Span) -> Ack {
     let span = tracing::info_span!(parent: request, "store.write", store.op = "open_stream");
     Box::pin(store.open_stream(record).instrument(span))
@@ -321,7 +346,7 @@ mod tests {
         let s = Stream::new("s".into(), "1".into(), 1, false);
         let (mut rx, _) = s.attach(1000);
         let msg = serde_json::json!({"data": "x".repeat(300)});
-        let outcomes: Vec<Pushed> = (0..5).map(|_| s.push(&store, &msg, false)).collect();
+        let outcomes: Vec<Pushed> = (0..5).map(|_| s.push(&store, &msg, false, None)).collect();
         assert_eq!(&outcomes[..3], &[Pushed::Sent; 3]);
         assert_eq!(outcomes[3], Pushed::Overflowed);
         assert!(!s.attached());
@@ -334,7 +359,7 @@ mod tests {
         // A reader that keeps up is never detached.
         let (mut rx, _) = s.attach(1000);
         for _ in 0..20 {
-            assert_eq!(s.push(&store, &msg, false), Pushed::Sent);
+            assert_eq!(s.push(&store, &msg, false, None), Pushed::Sent);
             rx.recv().await.unwrap();
         }
     }
@@ -358,7 +383,7 @@ mod tests {
         let s = Stream::deferred(record("a"));
         let (mut rx, _) = s.attach(1 << 20);
         assert_eq!(
-            s.push(&store, &serde_json::json!({"id": 1}), true),
+            s.push(&store, &serde_json::json!({"id": 1}), true, None),
             Pushed::Sent
         );
         let f = rx.recv().await.unwrap();
@@ -377,6 +402,7 @@ mod tests {
             &store,
             &serde_json::json!({"method": "notifications/progress"}),
             false,
+            None,
         );
         let stored = store
             .stream("s", "b")
@@ -388,7 +414,7 @@ mod tests {
         s.open(&store).expect("the record's ack").await.unwrap();
         assert!(s.open(&store).is_none());
         assert!(rx.recv().await.unwrap().stored);
-        s.push(&store, &serde_json::json!({"id": 1}), true);
+        s.push(&store, &serde_json::json!({"id": 1}), true, None);
         let answer = rx.recv().await.unwrap();
         assert!(answer.terminal && answer.stored);
         assert!(store.stream("s", "b").await.unwrap().unwrap().done);
@@ -400,7 +426,7 @@ mod tests {
         let s = Stream::deferred(record("c"));
         let (mut rx, _) = s.attach(1 << 20);
         s.open(&store).expect("written now").await.unwrap();
-        s.push(&store, &serde_json::json!({"id": 1}), true);
+        s.push(&store, &serde_json::json!({"id": 1}), true, None);
         assert!(rx.recv().await.unwrap().stored);
         let events = store.events_after("s", "c", 0).await.unwrap();
         assert_eq!(events.len(), 1);
@@ -412,7 +438,7 @@ mod tests {
         let s = Stream::new("s".into(), "d".into(), 1, false);
         let (mut rx, _) = s.attach(1 << 20);
         for i in 0..2 {
-            s.push(&store, &serde_json::json!({"n": i}), false);
+            s.push(&store, &serde_json::json!({"n": i}), false, None);
         }
         let first = rx.recv().await.unwrap();
         rx.hold(first);
@@ -427,5 +453,38 @@ mod tests {
         for bad in ["", "x", ".1", "a.b", "a-b.1", "a.-1"] {
             assert_eq!(parse_event_id(bad), None, "{bad}");
         }
+    }
+
+    /// Issue 26: a stored event holds its size of the session's write budget until the
+    /// store has written it, so the session's pump can wait for the store instead of
+    /// queueing without bound; past the budget a push still stores (it never waits).
+    #[tokio::test]
+    async fn stored_events_hold_the_write_budget_until_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::sqlite::SqliteStore::open(dir.path()).unwrap();
+        let budget = Arc::new(tokio::sync::Semaphore::new(250_000));
+        let s = Stream::new("s".into(), "0".into(), 1, true);
+        let msg = serde_json::json!({"data": "x".repeat(100_000)});
+        // 2 MB pushed at once: the writer cannot have written it all yet.
+        for _ in 0..20 {
+            assert_eq!(s.push(&store, &msg, false, Some(&budget)), Pushed::Sent);
+        }
+        assert!(
+            budget.available_permits() < 250_000,
+            "held while queued to the writer"
+        );
+        store.flush().await.unwrap();
+        assert_eq!(
+            budget.available_permits(),
+            250_000,
+            "all given back once written"
+        );
+        // Waiting for room returns once the store caught up.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            write_room(&budget, 250_000),
+        )
+        .await
+        .unwrap();
     }
 }

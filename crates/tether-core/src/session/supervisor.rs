@@ -39,7 +39,15 @@ impl Session {
                         me.on_upstream_message(generation, value, origin).await;
                     }
                 }
+                let budget = me.shared.cfg.write_budget();
                 loop {
+                    // The store first catches up with what this session pushed: nothing
+                    // more is taken from the upstream meanwhile (its pipe or stream fills
+                    // and it waits), so a flood is held at its source, not in memory.
+                    tokio::select! {
+                        _ = stopped.cancelled() => return,
+                        () = stream::write_room(&me.writes, budget) => {}
+                    }
                     let next = tokio::select! {
                         _ = stopped.cancelled() => return,
                         m = rx.recv() => m,

@@ -44,6 +44,7 @@ pub fn event(session: &str, stream: &str, seq: u64, terminal: bool) -> EventReco
         seq,
         data: format!("{{\"n\":{seq}}}").into(),
         terminal,
+        hold: None,
     }
 }
 

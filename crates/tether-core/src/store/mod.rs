@@ -149,7 +149,15 @@ pub struct EventRecord {
     pub data: Arc<str>,
     /// Whether this is the stream's final response.
     pub terminal: bool,
+    /// A place in its session's budget of writes in flight, given back when the store has
+    /// written (or, in an outage, buffered) the event: the session's pump waits while its
+    /// budget is spent, so an upstream flooding a stream nobody reads cannot queue writes
+    /// faster than the store makes them (issue 26: memory grew by the gigabyte).
+    pub hold: Option<Hold>,
 }
+
+/// A place in a budget, given back when the last clone drops.
+pub type Hold = Arc<tokio::sync::OwnedSemaphorePermit>;
 
 /// Where ledger batches go. Separate from [`LedgerStore`] so the ledger writer can be tested
 /// against slow and failing sinks.

@@ -175,7 +175,7 @@ impl LiveStore for RedisStore {
                 .arg(format!("{}\n{}", e.session_id, e.stream_id));
             cmds.push(done);
         }
-        self.submit(cmds, false)
+        self.submit_holding(cmds, false, e.hold)
     }
 
     fn flush(&self) -> Ack {

@@ -49,7 +49,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Ack, Coordinator, EventRecord, InstanceInfo, LiveStore, Owner, Servers, SessionRecord,
+    Ack, Coordinator, EventRecord, Hold, InstanceInfo, LiveStore, Owner, Servers, SessionRecord,
     SessionState, StoreError, StreamRecord, now_ms,
 };
 use crate::metrics::Metrics;
@@ -73,6 +73,8 @@ enum Op {
         cmds: Vec<Cmd>,
         done: Option<Done>,
         durable: bool,
+        /// Given back once the writer has sent (or buffered) the commands.
+        hold: Option<Hold>,
     },
     Touch(String, i64),
     Flush(Done),
@@ -258,10 +260,16 @@ impl RedisStore {
     }
 
     fn submit(&self, cmds: Vec<Cmd>, durable: bool) -> Ack {
+        self.submit_holding(cmds, durable, None)
+    }
+
+    /// [`Self::submit`], keeping `hold` until the writer is done with the commands.
+    fn submit_holding(&self, cmds: Vec<Cmd>, durable: bool, hold: Option<Hold>) -> Ack {
         self.send(|done| Op::Write {
             cmds,
             done: Some(done),
             durable,
+            hold,
         })
     }
 
@@ -586,6 +594,7 @@ mod tests {
                 seq: 1,
                 data: "{}".into(),
                 terminal: false,
+                hold: None,
             })
             .await;
         assert!(!store.is_up());
@@ -602,6 +611,7 @@ mod tests {
                 seq: 2,
                 data: "{}".into(),
                 terminal: false,
+                hold: None,
             })
             .await
             .unwrap();

@@ -61,13 +61,17 @@ pub(super) async fn writer(
         // callers were told the write failed (a refused session must not appear later).
         let mut durable_cmds: Vec<bool> = Vec::new();
         let mut acks: Vec<(Done, bool)> = Vec::new();
+        // Given back when this batch is sent or buffered (the end of this turn).
+        let mut _holds: Vec<Hold> = Vec::new();
         for op in batch {
             match op {
                 Op::Write {
                     cmds: c,
                     done,
                     durable,
+                    hold,
                 } => {
+                    _holds.extend(hold);
                     if durable && !healthy {
                         if let Some(d) = done {
                             let _ = d.send(Err(StoreError::Unavailable(

@@ -30,6 +30,7 @@ mod rows;
 mod writer;
 
 use rows::*;
+pub use writer::LogBounds;
 use writer::*;
 
 /// Events kept per stream unless configured otherwise (`--max-stream-events`).
@@ -134,13 +135,14 @@ fn json_text(v: &Value) -> String {
 impl SqliteStore {
     /// Opens (creating if needed) `tether.db` in `dir` and starts the writer thread.
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_with(dir, DEFAULT_MAX_STREAM_EVENTS)
+        SqliteStore::open_with(dir, LogBounds::default())
     }
 
-    /// Opens the store keeping at most `max_stream_events` events per stream: when a
-    /// stream's log grows past it, its oldest events are deleted as new ones are written
-    /// (a standalone stream that never ends would otherwise grow the file without bound).
-    pub fn open_with(dir: &Path, max_stream_events: u64) -> Result<SqliteStore, StoreError> {
+    /// Opens the store keeping each stream's and each session's log within `bounds`: past
+    /// one, the oldest events are deleted as new ones are written (a standalone stream that
+    /// never ends, or a client that never reads, would otherwise grow the file without
+    /// bound).
+    pub fn open_with(dir: &Path, bounds: LogBounds) -> Result<SqliteStore, StoreError> {
         crate::state_dir::prepare(dir).map_err(|e| {
             StoreError::Backend(format!("cannot create state dir {}: {e}", dir.display()))
         })?;
@@ -152,10 +154,13 @@ impl SqliteStore {
         // No automatic checkpoints on the writer: SQLite runs them inside a commit, on the
         // thread every write waits for (copying the WAL into the database and syncing it,
         // every ≈4 MB of WAL): the p99 of a call. The checkpointer thread does it instead.
+        // The WAL file is cut back to 16 MiB after each checkpoint that resets it (it kept
+        // the size of its largest burst, gigabytes after a flood; issue 26).
+        incremental_vacuum(&writer).map_err(backend)?;
         writer
             .execute_batch(
                 "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;
-                 PRAGMA wal_autocheckpoint=0;",
+                 PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=16777216;",
             )
             .map_err(backend)?;
         writer.execute_batch(SCHEMA).map_err(backend)?;
@@ -173,12 +178,12 @@ impl SqliteStore {
         let (writes, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("tether-store".into())
-            .spawn(move || writer_loop(writer, rx, max_stream_events.max(1)))
+            .spawn(move || writer_loop(writer, rx, bounds))
             .map_err(|e| StoreError::Backend(format!("cannot start store writer: {e}")))?;
         let reader = Arc::new(Mutex::new(reader));
         let checkpoints = Connection::open(&path).map_err(backend)?;
         checkpoints
-            .execute_batch("PRAGMA busy_timeout=5000;")
+            .execute_batch("PRAGMA busy_timeout=5000; PRAGMA journal_size_limit=16777216;")
             .map_err(backend)?;
         let alive = Arc::downgrade(&reader);
         std::thread::Builder::new()
@@ -242,6 +247,22 @@ impl SqliteStore {
         }
     }
 
+    /// Gives the file's free pages back to the file system, a bounded number per writer
+    /// turn (pruning and the per-session log bound free them; the file shrinks).
+    pub async fn reclaim(&self) -> Result<(), StoreError> {
+        // At most 256 turns of 2,048 pages (2 GiB of 4 KiB pages) per call.
+        for _ in 0..256 {
+            let (tx, rx) = oneshot::channel();
+            if self.writes.send(Op::Reclaim(tx)).is_err() {
+                return Err(StoreError::Closed);
+            }
+            if !rx.await.unwrap_or(Err(StoreError::Closed))? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
@@ -254,6 +275,32 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Backend(format!("store reader failed: {e}")))?
     }
+}
+
+/// Makes the file one whose free pages can be given back (`auto_vacuum = INCREMENTAL`, so
+/// pruning shrinks the file: it never did, and stayed at the size of its largest flood;
+/// issue 26). A new file takes the setting at once; a file an earlier version made is
+/// rewritten once (`VACUUM`), which takes as long as copying it.
+fn incremental_vacuum(conn: &Connection) -> rusqlite::Result<()> {
+    const INCREMENTAL: i64 = 2;
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    if mode == INCREMENTAL {
+        return Ok(());
+    }
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
+    let now: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    if now != INCREMENTAL {
+        let tables: i64 = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+            [],
+            |r| r.get(0),
+        )?;
+        if tables > 0 {
+            tracing::info!("rewriting the session store once so that it gives freed space back");
+        }
+        conn.execute_batch("VACUUM")?;
+    }
+    Ok(())
 }
 
 /// Brings a database written by an earlier version up to the current schema.
@@ -443,7 +490,9 @@ impl LiveStore for SqliteStore {
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
         // Chunk by chunk, each its own writer transaction, so other sessions' writes queue
         // behind a few milliseconds of deleting at most.
-        self.prune_in_chunks(PruneKind::Events, cutoff_ms).await
+        let removed = self.prune_in_chunks(PruneKind::Events, cutoff_ms).await?;
+        self.reclaim().await?;
+        Ok(removed)
     }
 }
 
@@ -451,6 +500,101 @@ impl LiveStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::store::conformance as suite;
+
+    /// Issue 26: a session's stored log is bounded by bytes and count over all its streams
+    /// (the oldest go, never a stream's newest: its sequence continues after a restart),
+    /// and the file gives freed space back.
+    #[tokio::test]
+    async fn a_sessions_log_is_bounded_and_the_file_shrinks_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_with(
+            dir.path(),
+            LogBounds {
+                stream_events: 1_000,
+                session_events: 1_000,
+                session_bytes: 100_000,
+            },
+        )
+        .unwrap();
+        store.create_session(suite::record("s", 1)).await.unwrap();
+        store
+            .create_session(suite::record("other", 1))
+            .await
+            .unwrap();
+        let big = "x".repeat(10_000);
+        for seq in 1..=60u64 {
+            for stream in ["0", "r1"] {
+                let mut e = suite::event("s", stream, seq, false);
+                e.data = format!("{{\"n\":{seq},\"pad\":\"{big}\"}}").into();
+                drop(store.append_event(e));
+            }
+        }
+        drop(store.append_event(suite::event("other", "0", 1, false)));
+        store.flush().await.unwrap();
+        let (count, bytes): (i64, i64) = store
+            .read(|c| {
+                c.query_row(
+                    "SELECT count(*), sum(length(data)) FROM events WHERE session_id = 's'",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })
+            .await
+            .unwrap();
+        assert!(
+            bytes <= 100_000 && count <= 10,
+            "{count} events, {bytes} bytes kept"
+        );
+        for stream in ["0", "r1"] {
+            let newest = store.events_after("s", stream, 59).await.unwrap();
+            assert_eq!(newest.len(), 1, "the newest of {stream} is kept");
+            assert_eq!(newest[0].0, 60);
+        }
+        assert_eq!(
+            store.events_after("other", "0", 0).await.unwrap().len(),
+            1,
+            "another session is untouched"
+        );
+        // Closed and pruned: the file gives the space back.
+        let size = || {
+            std::fs::metadata(dir.path().join("tether.db"))
+                .unwrap()
+                .len()
+        };
+        store.close_session("s", "timeout", 2).await.unwrap();
+        store.prune_events(now_ms()).await.unwrap();
+        store.flush().await.unwrap();
+        let (free, pages): (i64, i64) = store
+            .read(|c| {
+                Ok((
+                    c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?,
+                    c.query_row("PRAGMA page_count", [], |r| r.get(0))?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            free,
+            0,
+            "free pages given back ({pages} pages, {} bytes)",
+            size()
+        );
+        drop(store);
+
+        // A file an earlier version made (no auto_vacuum, in WAL mode) is rewritten once.
+        let old = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(old.path().join("tether.db")).unwrap();
+            c.execute_batch("PRAGMA journal_mode=WAL;").unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+        }
+        let reopened = SqliteStore::open(old.path()).unwrap();
+        let mode: i64 = reopened
+            .read(|c| c.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(mode, 2, "incremental");
+    }
 
     #[tokio::test]
     async fn conformance_live_sessions() {

@@ -26,7 +26,39 @@ pub(super) enum Op {
     /// One bounded chunk of pruning of everything older than the cutoff; answers the rows
     /// removed and whether more remain. Run after the batch's other writes.
     Prune(PruneKind, i64, oneshot::Sender<Result<Pruned, StoreError>>),
+    /// Gives free pages back to the file system (`incremental_vacuum`, a bounded number
+    /// per op, after the batch commits); answers whether free pages remain.
+    Reclaim(oneshot::Sender<Result<bool, StoreError>>),
 }
+
+/// The bounds of the stored log ([`SqliteStore::open_with`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LogBounds {
+    /// Events kept per stream (`--max-stream-events`).
+    pub stream_events: u64,
+    /// Events kept per session, all streams together.
+    pub session_events: u64,
+    /// Bytes of events kept per session (`--max-session-log`).
+    pub session_bytes: u64,
+}
+
+impl Default for LogBounds {
+    fn default() -> Self {
+        LogBounds {
+            stream_events: DEFAULT_MAX_STREAM_EVENTS,
+            session_events: DEFAULT_MAX_STREAM_EVENTS * 10,
+            session_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What each session's log holds, as the writer knows it (read from the file the first
+/// time a session appends in this process, then kept up to date).
+#[derive(Debug, Default)]
+pub(super) struct SessionLogs(HashMap<String, (u64, u64)>);
+
+/// Free pages given back per [`Op::Reclaim`]: bounded work per writer turn.
+const RECLAIM_PAGES: i64 = 2048;
 
 /// What a prune chunk removes.
 #[derive(Debug, Clone, Copy)]
@@ -51,7 +83,8 @@ pub(super) struct Pruned {
 pub(super) const PRUNE_CHUNK: usize = 2000;
 
 #[allow(clippy::needless_pass_by_value)] // the writer thread owns both for its whole life
-pub(super) fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>, max_stream_events: u64) {
+pub(super) fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>, bounds: LogBounds) {
+    let mut logs = SessionLogs::default();
     const MAX_BATCH: usize = 4096;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -61,14 +94,23 @@ pub(super) fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>, max_stream_e
                 Err(_) => break,
             }
         }
-        apply_batch(&conn, batch, max_stream_events);
+        apply_batch(&conn, batch, bounds, &mut logs);
     }
 }
 
-pub(super) fn apply_batch(conn: &Connection, batch: Vec<Op>, max_stream_events: u64) {
+pub(super) fn apply_batch(
+    conn: &Connection,
+    batch: Vec<Op>,
+    bounds: LogBounds,
+    logs: &mut SessionLogs,
+) {
     let mut results: Vec<(Done, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
     let mut prunes = Vec::new();
+    let mut reclaims = Vec::new();
     let mut touches: HashMap<String, i64> = HashMap::new();
+    // Budget places of the events written: given back once this batch is committed,
+    // before anyone waiting on it hears so.
+    let mut holds: Vec<crate::store::Hold> = Vec::new();
     let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(backend);
     for op in batch {
         if let Err(e) = &began {
@@ -82,6 +124,9 @@ pub(super) fn apply_batch(conn: &Connection, batch: Vec<Op>, max_stream_events: 
                 | Op::Ledger(_, d) => results.push((d, Err(e.clone()))),
                 Op::Close { done, .. } => results.push((done, Err(e.clone()))),
                 Op::Prune(_, _, d) => {
+                    let _ = d.send(Err(e.clone()));
+                }
+                Op::Reclaim(d) => {
                     let _ = d.send(Err(e.clone()));
                 }
                 Op::Touch(..) => {}
@@ -106,15 +151,20 @@ pub(super) fn apply_batch(conn: &Connection, batch: Vec<Op>, max_stream_events: 
                 reason,
                 at_ms,
                 done,
-            } => results.push((
-                done,
-                close_session(conn, &id, &reason, at_ms).map_err(backend),
-            )),
+            } => {
+                logs.forget(&id);
+                results.push((
+                    done,
+                    close_session(conn, &id, &reason, at_ms).map_err(backend),
+                ));
+            }
             Op::OpenStream(s, d) => results.push((d, insert_stream(conn, &s).map_err(backend))),
-            Op::Append(e, d) => results.push((
-                d,
-                insert_event(conn, &e, max_stream_events).map_err(backend),
-            )),
+            Op::Append(e, d) => {
+                let r = insert_event(conn, &e, bounds.stream_events)
+                    .and_then(|()| bound_session_log(conn, &e, bounds, logs));
+                results.push((d, r.map_err(backend)));
+                holds.extend(e.hold);
+            }
             Op::Flush(d) => results.push((d, Ok(()))),
             Op::Probe(d) => results.push((
                 d,
@@ -124,6 +174,7 @@ pub(super) fn apply_batch(conn: &Connection, batch: Vec<Op>, max_stream_events: 
                     .map_err(backend),
             )),
             Op::Prune(kind, cutoff, d) => prunes.push((kind, cutoff, d)),
+            Op::Reclaim(d) => reclaims.push(d),
             Op::Ledger(events, d) => {
                 results.push((d, write_ledger(conn, &events).map_err(backend)))
             }
@@ -162,8 +213,90 @@ pub(super) fn apply_batch(conn: &Connection, batch: Vec<Op>, max_stream_events: 
             let _ = d.send(committed.clone().and(r));
         }
     }
+    drop(holds);
     for (d, r) in results {
         let _ = d.send(r);
+    }
+    if !reclaims.is_empty() {
+        // Outside the batch's transaction: incremental_vacuum runs in its own.
+        // Stepped to its end: each step frees pages.
+        let vacuum = || -> rusqlite::Result<bool> {
+            let mut stmt = conn.prepare(&format!("PRAGMA incremental_vacuum({RECLAIM_PAGES})"))?;
+            let mut rows = stmt.query([])?;
+            while rows.next()?.is_some() {}
+            let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+            Ok(free > 0)
+        };
+        let r = vacuum().map_err(backend);
+        for d in reclaims {
+            let _ = d.send(r.clone());
+        }
+    }
+}
+
+/// Keeps a session's stored log within its bounds by count and bytes (all its streams
+/// together): past a bound its oldest events go, a tenth of the bound at a time, never the
+/// newest event of a stream (its sequence number is what a restarted gateway continues
+/// from, so no event id is reused). Streams past `--max-stream-events` are cut by
+/// `insert_event` already.
+fn bound_session_log(
+    conn: &Connection,
+    e: &EventRecord,
+    bounds: LogBounds,
+    logs: &mut SessionLogs,
+) -> rusqlite::Result<()> {
+    let id = &*e.session_id;
+    let used = match logs.0.get_mut(id) {
+        Some(u) => u,
+        None => {
+            let u: (i64, i64) = conn
+                .prepare_cached(
+                    "SELECT count(*), coalesce(sum(length(data)), 0) FROM events WHERE session_id = ?1",
+                )?
+                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            logs.0
+                .entry(id.to_owned())
+                .or_insert((u.0.max(0) as u64, u.1.max(0) as u64))
+        }
+    };
+    // The row just written is in the count read from the file, not in one kept here.
+    used.0 += 1;
+    used.1 += e.data.len() as u64;
+    if used.0 <= bounds.session_events && used.1 <= bounds.session_bytes {
+        return Ok(());
+    }
+    let target = (
+        bounds.session_events - bounds.session_events / 10,
+        bounds.session_bytes - bounds.session_bytes / 10,
+    );
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM events WHERE (session_id, stream_id, seq) IN (
+             SELECT e.session_id, e.stream_id, e.seq FROM events e
+             WHERE e.session_id = ?1
+               AND e.seq < (SELECT max(seq) FROM events m
+                            WHERE m.session_id = e.session_id AND m.stream_id = e.stream_id)
+             ORDER BY e.created_ms, e.seq LIMIT ?2)
+         RETURNING length(data)",
+    )?;
+    while used.0 > target.0 || used.1 > target.1 {
+        let lengths: Vec<i64> = stmt
+            .query_map(params![id, 256], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if lengths.is_empty() {
+            break;
+        }
+        used.0 = used.0.saturating_sub(lengths.len() as u64);
+        used.1 = used
+            .1
+            .saturating_sub(lengths.iter().sum::<i64>().max(0) as u64);
+    }
+    Ok(())
+}
+
+impl SessionLogs {
+    /// Forgets a session (closed: its log is pruned as a whole).
+    pub(super) fn forget(&mut self, id: &str) {
+        self.0.remove(id);
     }
 }
 
