@@ -1468,30 +1468,9 @@ async fn held_connections_from_many_addresses_give_way_to_clients() {
 }
 
 /// A stdio MCP server (Python, not Tether) whose `flood` tool writes `bytes` of 64 KiB log
-/// notifications as fast as its pipe takes them, then answers; every other request is
-/// answered at once (`echo` with its text).
-const FLOOD_SERVER: &str = r#"
-import sys, json
-out = sys.stdout.buffer
-note = (json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
-                    "params": {"level": "info", "data": "x" * 65536}}) + "\n").encode()
-def send(v):
-    out.write((json.dumps(v) + "\n").encode()); out.flush()
-for raw in sys.stdin.buffer:
-    msg = json.loads(raw)
-    m = msg.get("method")
-    if m == "initialize":
-        send({"jsonrpc": "2.0", "id": msg["id"], "result": {"protocolVersion": "2025-11-25",
-              "capabilities": {"tools": {}, "logging": {}}, "serverInfo": {"name": "flood", "version": "1"}}})
-    elif m == "tools/call":
-        args = msg["params"].get("arguments", {})
-        if msg["params"]["name"] == "flood":
-            for _ in range(args["bytes"] // 65536):
-                out.write(note)
-        send({"jsonrpc": "2.0", "id": msg["id"], "result": {"content": [{"type": "text", "text": args.get("text", "done")}]}})
-    elif m is not None and "id" in msg:
-        send({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
-"#;
+/// notifications as fast as its pipe takes them, then answers (`scripts/flood_server.py`,
+/// which the benchmark uses too).
+const FLOOD_SERVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/flood_server.py");
 
 /// Opens `request` on a socket that takes nothing back (a client that never reads).
 async fn never_reading(addr: &str, request: String) -> tokio::net::TcpStream {
@@ -1516,8 +1495,7 @@ async fn never_reading(addr: &str, request: String) -> tokio::net::TcpStream {
 #[tokio::test]
 async fn a_get_stream_nobody_reads_is_bounded_in_memory_and_on_disk() {
     let dir = state_dir();
-    let script = dir.path().join("flood_server.py");
-    std::fs::write(&script, FLOOD_SERVER).unwrap();
+    let script = std::path::Path::new(FLOOD_SERVER);
     let gw = common::Gateway::start(
         dir.path(),
         &[

@@ -178,7 +178,10 @@ impl SqliteStore {
         let (writes, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("tether-store".into())
-            .spawn(move || writer_loop(writer, rx, bounds))
+            .spawn({
+                let wal = dir.join("tether.db-wal");
+                move || writer_loop(writer, rx, bounds, wal)
+            })
             .map_err(|e| StoreError::Backend(format!("cannot start store writer: {e}")))?;
         let reader = Arc::new(Mutex::new(reader));
         let checkpoints = Connection::open(&path).map_err(backend)?;

@@ -83,7 +83,12 @@ pub(super) struct Pruned {
 pub(super) const PRUNE_CHUNK: usize = 2000;
 
 #[allow(clippy::needless_pass_by_value)] // the writer thread owns both for its whole life
-pub(super) fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>, bounds: LogBounds) {
+pub(super) fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<Op>,
+    bounds: LogBounds,
+    wal: std::path::PathBuf,
+) {
     let mut logs = SessionLogs::default();
     const MAX_BATCH: usize = 4096;
     while let Ok(first) = rx.recv() {
@@ -95,7 +100,43 @@ pub(super) fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>, bounds: LogB
             }
         }
         apply_batch(&conn, batch, bounds, &mut logs);
+        // The checkpointer thread never catches up with a writer that commits without a
+        // pause (a flood): each of its passes ends behind new frames, so the WAL is never
+        // reset and grows by the gigabyte (issue 26: 1.1 GB for a 1 GiB flood). Past
+        // WAL_HARD_LIMIT the writer pauses until the WAL is checkpointed whole and cut
+        // back (a pause of about one copy of the WAL, which normal traffic never reaches;
+        // the sessions' write budgets hold their upstreams meanwhile).
+        bound_wal(&conn, &wal, WAL_HARD_LIMIT);
     }
+}
+
+/// Truncates the WAL at `wal` once it is larger than `limit` ([`writer_loop`]).
+fn bound_wal(conn: &Connection, wal: &std::path::Path, limit: u64) {
+    if std::fs::metadata(wal).is_ok_and(|m| m.len() > limit) {
+        truncate_wal(conn);
+    }
+}
+
+/// WAL size past which the writer waits for it to be checkpointed ([`writer_loop`]).
+const WAL_HARD_LIMIT: u64 = 64 << 20;
+
+/// Checkpoints the whole WAL and truncates it, trying again while another connection's
+/// checkpoint runs (it finishes now that the writer has stopped adding frames), for at
+/// most a second.
+fn truncate_wal(conn: &Connection) {
+    for _ in 0..100 {
+        match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        }) {
+            Ok(0) => return,
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot checkpoint the store's write-ahead log");
+                return;
+            }
+        }
+    }
+    tracing::debug!("the write-ahead log stayed busy for a second; checkpointing later");
 }
 
 pub(super) fn apply_batch(
@@ -251,7 +292,7 @@ fn bound_session_log(
         None => {
             let u: (i64, i64) = conn
                 .prepare_cached(
-                    "SELECT count(*), coalesce(sum(length(data)), 0) FROM events WHERE session_id = ?1",
+                    "SELECT count(*), coalesce(sum(octet_length(data)), 0) FROM events WHERE session_id = ?1",
                 )?
                 .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
             logs.0
@@ -269,6 +310,8 @@ fn bound_session_log(
         bounds.session_events - bounds.session_events / 10,
         bounds.session_bytes - bounds.session_bytes / 10,
     );
+    // `octet_length`, not `length`: SQLite answers it from the record's header, without
+    // reading (and counting the characters of) each event's text.
     let mut stmt = conn.prepare_cached(
         "DELETE FROM events WHERE (session_id, stream_id, seq) IN (
              SELECT e.session_id, e.stream_id, e.seq FROM events e
@@ -276,7 +319,7 @@ fn bound_session_log(
                AND e.seq < (SELECT max(seq) FROM events m
                             WHERE m.session_id = e.session_id AND m.stream_id = e.stream_id)
              ORDER BY e.created_ms, e.seq LIMIT ?2)
-         RETURNING length(data)",
+         RETURNING octet_length(data)",
     )?;
     while used.0 > target.0 || used.1 > target.1 {
         let lengths: Vec<i64> = stmt
@@ -607,5 +650,47 @@ pub(super) fn checkpoint_loop(
             // A full disk or a deleted file shows in the writer's commits and in readiness.
             Err(e) => tracing::debug!(error = %e, "store checkpoint failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without automatic checkpoints (as the writer runs) a WAL grows with every commit;
+    /// past the limit the writer cuts it back to nothing, and the data stays.
+    #[test]
+    fn the_wal_is_truncated_past_its_hard_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let wal = dir.path().join("t.db-wal");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0;
+             CREATE TABLE t (v BLOB);",
+        )
+        .unwrap();
+        for _ in 0..64 {
+            conn.execute("INSERT INTO t VALUES (zeroblob(65536))", [])
+                .unwrap();
+        }
+        let grown = std::fs::metadata(&wal).unwrap().len();
+        assert!(grown > 4 << 20, "the WAL grew to {grown} bytes");
+        bound_wal(&conn, &wal, 8 << 20);
+        assert_eq!(
+            std::fs::metadata(&wal).unwrap().len(),
+            grown,
+            "under the limit: kept"
+        );
+        bound_wal(&conn, &wal, 1 << 20);
+        assert_eq!(
+            std::fs::metadata(&wal).unwrap().len(),
+            0,
+            "past the limit: truncated"
+        );
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 64);
     }
 }
