@@ -782,6 +782,19 @@ async fn a_modern_retry_reaching_another_instance_continues_the_call_where_it_is
     shared.cleanup().await;
 }
 
+/// Waits out the end of the current hour window when fewer than `secs` seconds of it are
+/// left (quota windows are aligned to the epoch), so a test's calls share one window.
+async fn clear_of_an_hours_end(secs: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let left = 3_600_000 - now % 3_600_000;
+    if left < secs * 1000 {
+        tokio::time::sleep(std::time::Duration::from_millis(left + 100)).await;
+    }
+}
+
 /// A tool-call quota is the deployment's, not each instance's: calls of one user on two
 /// instances add up in Redis, and the call past the quota is refused wherever it lands.
 #[tokio::test]
@@ -792,15 +805,7 @@ async fn a_quota_counts_a_users_calls_across_instances() {
     let quota = ["--demo", "--quota-tool-calls", "4/1h"];
     let a = Gateway::start(da.path(), &shared.args(&quota));
     let b = Gateway::start(db.path(), &shared.args(&quota));
-    // Keep clear of the end of an hour window (they are aligned to the epoch).
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let left = 3_600_000 - now % 3_600_000;
-    if left < 10_000 {
-        tokio::time::sleep(std::time::Duration::from_millis(left + 100)).await;
-    }
+    clear_of_an_hours_end(10).await;
     let (ca, cb) = (a.client(), b.client());
     let sa = ca.initialize("quota-a").await;
     let sb = cb.initialize("quota-b").await;
@@ -835,14 +840,7 @@ async fn a_quota_survives_a_redis_restarted_empty() {
     let quota = ["--demo", "--quota-tool-calls", "4/1h"];
     let a = Gateway::start(da.path(), &shared.args(&quota));
     let b = Gateway::start(db.path(), &shared.args(&quota));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let left = 3_600_000 - now % 3_600_000;
-    if left < 20_000 {
-        tokio::time::sleep(std::time::Duration::from_millis(left + 100)).await;
-    }
+    clear_of_an_hours_end(20).await;
     let (ca, cb) = (a.client(), b.client());
     let sa = ca.initialize("quota-a").await;
     let sb = cb.initialize("quota-b").await;

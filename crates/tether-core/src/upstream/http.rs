@@ -1188,6 +1188,22 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A link to `url` with default options, its inbound channel of `capacity` and the
+    /// tracker owning its tasks.
+    fn link_to(url: &str, capacity: usize) -> (HttpLink, mpsc::Receiver<Inbound>, TaskTracker) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let tracker = TaskTracker::new();
+        let link = HttpLink::new(
+            reqwest::Client::new(),
+            url,
+            json!({}),
+            HttpOptions::default(),
+            tx,
+            tracker.clone(),
+        );
+        (link, rx, tracker)
+    }
+
     /// Messages a link has not sent yet, and requests it has in flight, are bounded: over
     /// either bound a request is answered `-32016` at once naming it.
     #[tokio::test]
@@ -1201,16 +1217,7 @@ mod tests {
                 conns.push(c);
             }
         });
-        let (tx, mut rx) = mpsc::channel(QUEUE * 4);
-        let tracker = TaskTracker::new();
-        let link = HttpLink::new(
-            reqwest::Client::new(),
-            &url,
-            json!({}),
-            HttpOptions::default(),
-            tx,
-            tracker.clone(),
-        );
+        let (link, mut rx, tracker) = link_to(&url, QUEUE * 4);
         let refused = |rx: &mut mpsc::Receiver<Inbound>, limit: &str| {
             let mut ids = Vec::new();
             while let Ok(Inbound::Message { value, .. }) = rx.try_recv() {
@@ -1300,16 +1307,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/mcp", listener.local_addr().unwrap());
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
-        let (tx, mut rx) = mpsc::channel(64);
-        let tracker = TaskTracker::new();
-        let link = HttpLink::new(
-            reqwest::Client::new(),
-            &url,
-            json!({}),
-            HttpOptions::default(),
-            tx,
-            tracker.clone(),
-        );
+        let (link, mut rx, tracker) = link_to(&url, 64);
         link.send(protocol::request(
             Value::from(1),
             "initialize",
