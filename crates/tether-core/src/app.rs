@@ -55,13 +55,12 @@ pub async fn run(
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listen.local_addr()?;
     let me = crate::servers::GatewayAddr::listening(addr);
-    for (name, spec) in served(&config) {
-        if let Some(what) = me.reached_by(&spec) {
-            anyhow::bail!(
-                "server {name:?} is this gateway itself ({what}, and the gateway listens on {addr}): every request would call the gateway again; point it at the real server"
-            );
-        }
-    }
+    let loops = self_upstreams(&me, served(&config).iter().map(|(n, s)| (n.as_str(), s)));
+    anyhow::ensure!(
+        loops.is_empty(),
+        "{} (the gateway listens on {addr}): every request would call the gateway again; point it at the real server",
+        loops.join("; ")
+    );
     // Made private before anything is written into it (session ids, secrets).
     crate::state_dir::prepare(&config.state_dir).with_context(|| {
         format!(
@@ -420,6 +419,20 @@ fn served(config: &Config) -> Vec<(String, crate::config::UpstreamSpec)> {
     }
 }
 
+/// The servers among `servers` whose upstream is the gateway `me` itself, each said with
+/// what reaches it (its URL, or a `tether connect` to it): serve and reload refuse them.
+fn self_upstreams<'a>(
+    me: &crate::servers::GatewayAddr,
+    servers: impl Iterator<Item = (&'a str, &'a crate::config::UpstreamSpec)>,
+) -> Vec<String> {
+    servers
+        .filter_map(|(name, spec)| {
+            me.reached_by(spec)
+                .map(|what| format!("server {name:?} is this gateway itself ({what})"))
+        })
+        .collect()
+}
+
 /// Warns (or with `--require-upstream` fails) when a server's upstream cannot be started.
 async fn check_startable(
     name: &str,
@@ -699,22 +712,14 @@ async fn reload(
             "{shown}: no enabled server in it (a gateway with no server would refuse every client)"
         )]),
         Ok(f) => {
-            let looping: Vec<String> = f
-                .servers
-                .iter()
-                .filter_map(|e| {
-                    builder.me.reached_by(&e.upstream).map(|what| {
-                        format!(
-                            "{shown}: server {:?} is this gateway itself ({what})",
-                            e.name
-                        )
-                    })
-                })
-                .collect();
-            if looping.is_empty() {
+            let loops = self_upstreams(
+                &builder.me,
+                f.servers.iter().map(|e| (e.name.as_str(), &e.upstream)),
+            );
+            if loops.is_empty() {
                 Ok(f)
             } else {
-                Err(looping)
+                Err(loops.iter().map(|l| format!("{shown}: {l}")).collect())
             }
         }
         Err(e) => Err(e),

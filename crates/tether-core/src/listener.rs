@@ -102,6 +102,9 @@ pub async fn serve(
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => Some(slot),
             Err(_) if open.waiting.load(Ordering::Relaxed) < MAX_WAITING && open.evict_one() => {
+                // Counted here, not in its task: a burst of newcomers accepted before
+                // their tasks run must not pass the bound.
+                open.waiting.fetch_add(1, Ordering::Relaxed);
                 metrics.connection_refused(limits.name, "evicted_for_newcomer");
                 None
             }
@@ -137,7 +140,6 @@ pub async fn serve(
                 Some(s) => s,
                 None => {
                     // The place a connection evicted for it gives back.
-                    open.waiting.fetch_add(1, Ordering::Relaxed);
                     let got =
                         tokio::time::timeout(EVICT_WAIT, slots.acquire_owned()).await;
                     open.waiting.fetch_sub(1, Ordering::Relaxed);

@@ -87,9 +87,9 @@ pub struct Access(std::sync::RwLock<Option<Arc<std::collections::BTreeSet<String
 impl Access {
     /// Access for `users` (`None`: every user).
     pub fn new(users: Option<Vec<String>>) -> Access {
-        Access(std::sync::RwLock::new(
-            users.map(|u| Arc::new(u.into_iter().collect())),
-        ))
+        let access = Access::default();
+        access.set(users);
+        access
     }
 
     /// Whether `user` may use the server.

@@ -177,6 +177,19 @@ impl Failure {
         }
     }
 
+    /// A bound reached (`Kind::Limit`): `data.limit` names it and `data.max` says how much
+    /// it allows.
+    pub fn over_limit(
+        limit: &str,
+        max: usize,
+        message: impl Into<String>,
+        retry: Retry,
+    ) -> Failure {
+        Failure::new(Kind::Limit, message, retry)
+            .with("limit", limit)
+            .with("max", max)
+    }
+
     /// Adds a field to `error.data`.
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Failure {
         self.data.insert(key.to_owned(), value.into());

@@ -106,17 +106,14 @@ impl Registry {
                 pool.retain(|_, e| e.len() > 0 || Arc::strong_count(e) > 1);
                 let theirs = pool.keys().filter(|(p, _)| *p == principal.id).count();
                 if theirs >= MAX_POOLS_PER_PRINCIPAL {
-                    return Err(self.refused(
-                        Failure::new(
-                            FailureKind::Limit,
-                            format!(
-                                "this user's stateless requests hold upstream pools for {theirs} client applications (names and capability sets), the most allowed ({MAX_POOLS_PER_PRINCIPAL}); retry once some expire"
-                            ),
-                            Retry::Safe(Some(Duration::from_secs(5))),
-                        )
-                        .with("limit", "bridge-pools-per-user")
-                        .with("max", MAX_POOLS_PER_PRINCIPAL),
-                    ));
+                    return Err(self.refused(Failure::over_limit(
+                        "bridge-pools-per-user",
+                        MAX_POOLS_PER_PRINCIPAL,
+                        format!(
+                            "this user's stateless requests hold upstream pools for {theirs} client applications (names and capability sets), the most allowed ({MAX_POOLS_PER_PRINCIPAL}); retry once some expire"
+                        ),
+                        Retry::Safe(Some(Duration::from_secs(5))),
+                    )));
                 }
             }
             pool.entry(key)
@@ -266,17 +263,14 @@ impl Registry {
             .or_insert_with(|| tokio::sync::broadcast::channel(LISTEN_BUFFER).0);
         let open = tx.receiver_count();
         if open >= MAX_LISTENS_PER_PRINCIPAL {
-            return Err(self.refused(
-                Failure::new(
-                    FailureKind::Limit,
-                    format!(
-                        "this user holds {open} subscriptions/listen streams open, the most allowed ({MAX_LISTENS_PER_PRINCIPAL}); close one first"
-                    ),
-                    Retry::Safe(Some(Duration::from_secs(1))),
-                )
-                .with("limit", "listen-streams-per-user")
-                .with("max", MAX_LISTENS_PER_PRINCIPAL),
-            ));
+            return Err(self.refused(Failure::over_limit(
+                "listen-streams-per-user",
+                MAX_LISTENS_PER_PRINCIPAL,
+                format!(
+                    "this user holds {open} subscriptions/listen streams open, the most allowed ({MAX_LISTENS_PER_PRINCIPAL}); close one first"
+                ),
+                Retry::Safe(Some(Duration::from_secs(1))),
+            )));
         }
         Ok(tx.subscribe())
     }

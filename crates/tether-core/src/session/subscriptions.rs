@@ -139,9 +139,7 @@ impl SubscriptionBudget {
 }
 
 fn refusal(limit: &'static str, message: String, max: usize) -> Failure {
-    Failure::new(FailureKind::Limit, message, Retry::Never)
-        .with("limit", limit)
-        .with("max", max)
+    Failure::over_limit(limit, max, message, Retry::Never)
 }
 
 /// A session's subscriptions: the URIs its upstream accepted (in [`Restore`]) and those

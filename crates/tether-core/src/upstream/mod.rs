@@ -883,17 +883,6 @@ pub async fn startable(spec: &UpstreamSpec) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    /// Whether an I/O error is the gateway's own shortage (open files of the process or the
-    /// system, memory, processes) rather than anything the upstream did.
-    pub fn gateway_exhausted(e: &std::io::Error) -> bool {
-        use nix::errno::Errno;
-        e.raw_os_error().is_some_and(|code| {
-            [Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM, Errno::EAGAIN]
-                .iter()
-                .any(|x| *x as i32 == code)
-        })
-    }
-
     /// The configured headers of an HTTP upstream (an `mcpServers` entry's `headers`, or
     /// `--upstream-header`) go with its requests, the probe of `auto` included.
     #[tokio::test]

@@ -151,12 +151,12 @@ impl SqliteStore {
         crate::state_dir::create_private(&path)
             .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", path.display())))?;
         let writer = Connection::open(&path).map_err(backend)?;
+        incremental_vacuum(&writer).map_err(backend)?;
         // No automatic checkpoints on the writer: SQLite runs them inside a commit, on the
         // thread every write waits for (copying the WAL into the database and syncing it,
         // every ≈4 MB of WAL): the p99 of a call. The checkpointer thread does it instead.
         // The WAL file is cut back to 16 MiB after each checkpoint that resets it (it kept
         // the size of its largest burst, gigabytes after a flood; issue 26).
-        incremental_vacuum(&writer).map_err(backend)?;
         writer
             .execute_batch(
                 "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;
