@@ -12,6 +12,10 @@
 #                                                        # directly, the baseline
 #   TOOL=large scripts/bench-ab.sh OLD NEW               # calls carry 100 KB each way
 #
+# With the stdio upstream, row D is the demo driven directly over its pipes (`tether bench
+# --stdio`, the demo's own CPU watched): the last column is then each build's tree CPU minus
+# D's, the gateway's own CPU per call.
+#
 # Build the old binary from a worktree of the commit to compare, e.g.
 #   git worktree add /tmp/old COMMIT && (cd /tmp/old && cargo build --release -p tether)
 set -euo pipefail
@@ -38,6 +42,14 @@ run() { # label binary sessions
     "$B" demo-server --http "127.0.0.1:$up_port" >/dev/null 2>&1 &
     up_pid=$!
     wait_port "$up_port"
+  fi
+  if [ "$1" = D ] && [ "$UPSTREAM" != http ]; then
+    "$B" bench --stdio -n "$3" --duration "$DURATION" --warmup 1s --json "${tool_args[@]}" \
+      -- "$B" demo-server | python3 -c "
+import json,sys; r=json.load(sys.stdin)
+print(json.dumps({'build':'D','sessions':$3,**r}))" >>"$OUT/runs.jsonl"
+    rm -rf "$state"
+    return
   fi
   if [ "$1" = D ]; then
     "$B" bench "http://127.0.0.1:$up_port/mcp" -n "$3" --duration "$DURATION" --warmup 1s \
@@ -75,7 +87,7 @@ for round in $(seq 1 "$ROUNDS"); do
   for n in $SESSIONS; do
     run A "$A" "$n"
     run B "$B" "$n"
-    if [ "$UPSTREAM" = http ]; then run D "" "$n"; fi
+    run D "" "$n"
   done
 done
 python3 - "$OUT/runs.jsonl" <<'PY'
@@ -89,8 +101,8 @@ def pick(r, *keys):
         if cur is not None:
             return cur
     return None
-print("| build | sessions | calls/s | p50 µs | p99 µs | gateway CPU µs/call |")
-print("|---|---|---|---|---|---|")
+print("| build | sessions | calls/s | p50 µs | p99 µs | tree CPU µs/call | gateway's own CPU µs/call |")
+print("|---|---|---|---|---|---|---|")
 for b in ("A", "B", "D"):
     for n in sorted({r["sessions"] for r in runs}):
         rs = [r for r in runs if r["build"] == b and r["sessions"] == n]
@@ -98,5 +110,10 @@ for b in ("A", "B", "D"):
             continue
         med = lambda *k: statistics.median([pick(r, *k) or 0 for r in rs])
         rng = lambda *k: "%d–%d" % (min(pick(r, *k) or 0 for r in rs), max(pick(r, *k) or 0 for r in rs))
-        print(f"| {b} | {n} | {med('calls_per_s'):,.0f} ({rng('calls_per_s')}) | {med('latency_us.p50'):.0f} | {med('latency_us.p99'):.0f} | {'–' if b == 'D' else format(med('watched.cpu_us_per_call'), '.0f')} |")
+        direct = [r for r in runs if r["build"] == "D" and r["sessions"] == n and pick(r, 'watched.cpu_us_per_call')]
+        tree = med('watched.cpu_us_per_call')
+        own = '–'
+        if b != 'D' and direct:
+            own = format(tree - statistics.median([pick(r, 'watched.cpu_us_per_call') for r in direct]), '.0f')
+        print(f"| {b} | {n} | {med('calls_per_s'):,.0f} ({rng('calls_per_s')}) | {med('latency_us.p50'):.0f} | {med('latency_us.p99'):.0f} | {format(tree, '.0f') if tree else '–'} | {own} |")
 PY

@@ -8,17 +8,19 @@
 use bytes::BytesMut;
 use tokio_util::codec::{Decoder, LinesCodec};
 
-use crate::protocol::{self, Envelope};
+use crate::protocol;
+use crate::wire::Message;
 use crate::{config, policy, session};
 
 /// A JSON-RPC message as a client POSTs it: parse, classify, and rewrite its id both ways.
 pub fn envelope(data: &[u8]) {
-    let Ok(env) = Envelope::parse(data) else {
+    let Ok(env) = Message::parse(data) else {
         return;
     };
-    let text = env.value.to_string();
-    let again = Envelope::parse(text.as_bytes()).expect("a parsed envelope re-parses");
-    assert_eq!(again.kind, env.kind);
+    let text = env.encode();
+    let again = Message::parse(text.as_bytes()).expect("a parsed message re-parses");
+    assert_eq!(again.kind(), env.kind());
+    assert_eq!(again.to_value(), env.to_value());
     let _ = policy::classify_post(&env, None, None);
     let _ = policy::classify_post(&env, Some("abc"), Some("2025-11-25"));
     let _ = (
@@ -27,13 +29,12 @@ pub fn envelope(data: &[u8]) {
         env.progress_token(),
         env.params(),
     );
-    let _ = env.meta_protocol_version();
-    let mut up = env.value.clone();
-    protocol::set_id(&mut up, serde_json::json!(7));
+    let mut up = env.clone();
+    up.set_id(serde_json::json!(7));
     let mut down = up;
-    protocol::set_id(&mut down, env.id().cloned().unwrap_or_default());
+    down.set_id(env.id().cloned().unwrap_or_default());
     let _ = protocol::call_outcome(&down);
-    let _ = protocol::RestoreOp::of(&down);
+    let _ = protocol::RestoreOp::of_message(&down);
 }
 
 /// A 2026-07-28 request as a client POSTs it: the body, then after a NUL byte its
@@ -50,7 +51,7 @@ pub fn modern_request(data: &[u8]) {
         method: parts.next(),
         name: parts.next(),
     };
-    let Ok(env) = Envelope::parse(body) else {
+    let Ok(env) = Message::parse(body) else {
         return;
     };
     match crate::modern::check(&env, h) {
@@ -61,9 +62,9 @@ pub fn modern_request(data: &[u8]) {
                 meta.init_params(),
                 meta.declares("sampling"),
             );
-            let method = env.method().unwrap_or_default().to_owned();
+            let method = env.method_name().unwrap_or_default().to_owned();
             let _ = crate::modern::Filter::of(&env);
-            let mut value = env.value.clone();
+            let mut value = env.to_value();
             if let Ok(retry) = crate::modern::to_legacy(&mut value) {
                 let key = crate::modern::StateKey::new([1; 32]);
                 if let Some(state) = retry.state {

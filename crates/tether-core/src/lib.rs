@@ -10,6 +10,7 @@
 //! - [`client`]: the client side: `tether connect` ([`bridge`]) and `tether check` ([`check`]).
 //! - [`policy`], [`protocol`], [`modern`], [`config`]: pure decisions, JSON-RPC envelopes,
 //!   the 2026-07-28 era's rules and translations, settings.
+//! - [`wire`]: the typed JSON-RPC message, parsed once at each edge.
 //! - [`ids`], [`telemetry`], [`log_limit`], [`metrics`], [`ledger`], [`fault`]: the ground floor.
 //!
 //! Must not: export anything a binary could use to bypass the session layer's rules.
@@ -37,6 +38,7 @@ pub mod state_dir;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;
+pub mod wire;
 
 /// Where the client tools lived before `client/`; kept so existing paths still work.
 pub use client::{bridge, check};

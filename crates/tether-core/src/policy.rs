@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use crate::protocol::{self, Envelope, Kind};
+use crate::protocol::{self, Kind, Message};
+use crate::wire::Method;
 
 /// How the front door must treat a POST, decided from the body and headers alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,13 +29,17 @@ pub enum Opening {
 /// An `initialize` that carries a session id belongs to that session (which refuses it): a
 /// client starts a new session by sending `initialize` *without* an id (spec §1.1.7 item 4).
 pub fn classify_post(
-    env: &Envelope,
+    env: &Message,
     session_header: Option<&str>,
     version_header: Option<&str>,
 ) -> Opening {
     // A request carrying modern `_meta` is served statelessly, whatever else it carries
     // (a modern server ignores `Mcp-Session-Id`, spec §1.2).
-    if env.meta_protocol_version().is_some() {
+    if env
+        .meta()
+        .and_then(|m| m.get(protocol::META_PROTOCOL_VERSION))
+        .is_some_and(serde_json::Value::is_string)
+    {
         return Opening::Modern;
     }
     if let Some(id) = session_header {
@@ -43,10 +48,10 @@ pub fn classify_post(
     if version_header.is_some_and(protocol::is_modern) {
         return Opening::Modern;
     }
-    if env.kind == Kind::Request && env.method() == Some("initialize") {
+    if env.kind() == Kind::Request && env.is(&Method::Initialize) {
         return Opening::LegacyInitialize;
     }
-    if env.method() == Some("server/discover") {
+    if env.is(&Method::Discover) {
         return Opening::Modern;
     }
     Opening::MissingSession
@@ -271,8 +276,8 @@ pub fn client_type(client_name: Option<&str>) -> &'static str {
 mod tests {
     use super::*;
 
-    fn env(s: &str) -> Envelope {
-        Envelope::parse(s.as_bytes()).unwrap()
+    fn env(s: &str) -> Message {
+        Message::parse(s.as_bytes()).unwrap()
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!
 //! Must not: know about sessions or HTTP.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 /// Legacy-era protocol versions the front door accepts (spec §1.1.8: absent means 2025-03-26).
 pub const LEGACY_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
@@ -86,162 +86,7 @@ pub mod code {
     pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
 }
 
-/// What kind of JSON-RPC message a body holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// Has `method` and a non-null `id`.
-    Request,
-    /// Has `method` and no `id`.
-    Notification,
-    /// Has `id` and `result` or `error`, no `method`.
-    Response,
-}
-
-/// A validated JSON-RPC message.
-#[derive(Debug, Clone)]
-pub struct Envelope {
-    /// Request, notification or response.
-    pub kind: Kind,
-    /// The whole message.
-    pub value: Value,
-}
-
-/// Why a body is not an acceptable JSON-RPC message.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum EnvelopeError {
-    /// Not JSON (or not UTF-8).
-    #[error("malformed JSON: {0}")]
-    Parse(String),
-    /// JSON but not a single JSON-RPC 2.0 message.
-    #[error("{0}")]
-    Invalid(&'static str),
-}
-
-impl EnvelopeError {
-    /// The JSON-RPC code for this failure.
-    pub fn code(&self) -> i64 {
-        match self {
-            EnvelopeError::Parse(_) => code::PARSE_ERROR,
-            EnvelopeError::Invalid(_) => code::INVALID_REQUEST,
-        }
-    }
-}
-
-impl Envelope {
-    /// Parses a request body. Batches (JSON arrays) are refused: 2025-06-18 removed them and
-    /// no current client sends them, and accepting them would force one HTTP response to
-    /// carry several streams.
-    pub fn parse(body: &[u8]) -> Result<Envelope, EnvelopeError> {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| EnvelopeError::Parse(e.to_string()))?;
-        Envelope::from_value(value)
-    }
-
-    /// Validates an already parsed value.
-    pub fn from_value(value: Value) -> Result<Envelope, EnvelopeError> {
-        let kind = kind_of(&value)?;
-        Ok(Envelope { kind, value })
-    }
-}
-
-/// What kind of JSON-RPC 2.0 message `value` is, or why it is none.
-pub fn kind_of(value: &Value) -> Result<Kind, EnvelopeError> {
-    let obj = match value {
-        Value::Object(o) => o,
-        Value::Array(_) => {
-            return Err(EnvelopeError::Invalid("batch requests are not supported"));
-        }
-        _ => {
-            return Err(EnvelopeError::Invalid(
-                "a JSON-RPC message must be an object",
-            ));
-        }
-    };
-    if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-        return Err(EnvelopeError::Invalid(
-            "missing or wrong \"jsonrpc\": \"2.0\"",
-        ));
-    }
-    let id = obj.get("id");
-    if let Some(id) = id
-        && !valid_id(id)
-    {
-        return Err(EnvelopeError::Invalid(
-            "\"id\" must be a string or an integer and not null",
-        ));
-    }
-    let kind = match obj.get("method") {
-        Some(Value::String(_)) => {
-            if id.is_some() {
-                Kind::Request
-            } else {
-                Kind::Notification
-            }
-        }
-        Some(_) => return Err(EnvelopeError::Invalid("\"method\" must be a string")),
-        None => {
-            if id.is_none() {
-                return Err(EnvelopeError::Invalid(
-                    "message has neither \"method\" nor \"id\"",
-                ));
-            }
-            if obj.contains_key("result") == obj.contains_key("error") {
-                return Err(EnvelopeError::Invalid(
-                    "a response must carry exactly one of \"result\" and \"error\"",
-                ));
-            }
-            if let Some(error) = obj.get("error")
-                && !(error.get("code").is_some_and(|c| c.is_i64())
-                    && error.get("message").is_some_and(Value::is_string))
-            {
-                return Err(EnvelopeError::Invalid(
-                    "\"error\" must be an object with an integer \"code\" and a string \"message\"",
-                ));
-            }
-            Kind::Response
-        }
-    };
-    Ok(kind)
-}
-
-impl Envelope {
-    /// The `method`, for requests and notifications.
-    pub fn method(&self) -> Option<&str> {
-        self.value.get("method").and_then(Value::as_str)
-    }
-
-    /// The `id`, for requests and responses.
-    pub fn id(&self) -> Option<&Value> {
-        self.value.get("id")
-    }
-
-    /// The `params` object, if any.
-    pub fn params(&self) -> Option<&Map<String, Value>> {
-        self.value.get("params").and_then(Value::as_object)
-    }
-
-    /// `params.name`, the tool of a `tools/call`.
-    pub fn tool_name(&self) -> Option<&str> {
-        // `prompts/get` has a `params.name` too: only a tool call names a tool.
-        if self.method() != Some("tools/call") {
-            return None;
-        }
-        self.params()?.get("name")?.as_str()
-    }
-
-    /// The modern-era protocol version in `params._meta`, if the client sent one.
-    pub fn meta_protocol_version(&self) -> Option<&str> {
-        self.params()?
-            .get("_meta")?
-            .get(META_PROTOCOL_VERSION)?
-            .as_str()
-    }
-
-    /// `params._meta.progressToken`, if any.
-    pub fn progress_token(&self) -> Option<&Value> {
-        self.params()?.get("_meta")?.get("progressToken")
-    }
-}
+pub use crate::wire::{EnvelopeError, Kind, Message};
 
 /// Whether a message needs an answer: every MCP notification's method is under
 /// `notifications/`, so any other method is a request, and a request without an `id`
@@ -254,15 +99,7 @@ pub fn needs_answer(method: &str) -> bool {
 /// Whether `v` is one well-formed JSON-RPC 2.0 message (what an upstream must send to be
 /// relayed as it is).
 pub fn is_message(v: &Value) -> bool {
-    kind_of(v).is_ok()
-}
-
-fn valid_id(id: &Value) -> bool {
-    match id {
-        Value::String(s) => s.len() <= 1024,
-        Value::Number(n) => n.is_i64() || n.is_u64(),
-        _ => false,
-    }
+    Message::from_value(v.clone()).is_ok()
 }
 
 /// The length of `v` written as compact JSON, without writing it anywhere.
@@ -338,8 +175,8 @@ pub fn is_modern(version: &str) -> bool {
 /// How a `tools/call` answer ends, for the ledger: `ok`, `tool_error` (a result with
 /// `isError`), or for a JSON-RPC error `timeout`, `upstream_lost`, `interrupted`,
 /// `session_closed` or `error`, with the code.
-pub fn call_outcome(response: &Value) -> (&'static str, Option<i64>) {
-    if let Some(c) = response.pointer("/error/code").and_then(Value::as_i64) {
+pub fn call_outcome(response: &Message) -> (&'static str, Option<i64>) {
+    if let Some(c) = response.error_code() {
         let kind = match c {
             code::UPSTREAM_TIMEOUT => "timeout",
             code::UPSTREAM_LOST => "upstream_lost",
@@ -353,7 +190,7 @@ pub fn call_outcome(response: &Value) -> (&'static str, Option<i64>) {
         };
         return (kind, Some(c));
     }
-    if response.pointer("/result/isError").and_then(Value::as_bool) == Some(true) {
+    if response.is_tool_error() {
         return ("tool_error", None);
     }
     ("ok", None)
@@ -421,6 +258,18 @@ pub enum RestoreOp {
 }
 
 impl RestoreOp {
+    /// The change a client request would make, if it is one of those methods (reads the
+    /// params of those methods only).
+    pub fn of_message(message: &Message) -> Option<RestoreOp> {
+        use crate::wire::Method;
+        match message.method()? {
+            Method::SetLevel | Method::ResourcesSubscribe | Method::ResourcesUnsubscribe => {
+                RestoreOp::of(&message.to_value())
+            }
+            _ => None,
+        }
+    }
+
     /// The change a client request would make, if it is one of those methods.
     pub fn of(message: &Value) -> Option<RestoreOp> {
         let params = message.get("params");
@@ -466,36 +315,36 @@ mod tests {
     #[test]
     fn only_a_tool_call_names_a_tool() {
         let env = |m: &str| {
-            Envelope::parse(
+            Message::parse(
                 json!({"jsonrpc": "2.0", "id": 1, "method": m, "params": {"name": "x"}})
                     .to_string()
                     .as_bytes(),
             )
             .unwrap()
         };
-        assert_eq!(env("tools/call").tool_name(), Some("x"));
+        assert_eq!(env("tools/call").tool_name().as_deref(), Some("x"));
         assert_eq!(env("prompts/get").tool_name(), None);
     }
 
     #[test]
     fn classifies_messages() {
-        let r = Envelope::parse(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).unwrap();
-        assert_eq!(r.kind, Kind::Request);
+        let r = Message::parse(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).unwrap();
+        assert_eq!(r.kind(), Kind::Request);
         let n =
-            Envelope::parse(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap();
-        assert_eq!(n.kind, Kind::Notification);
-        let s = Envelope::parse(br#"{"jsonrpc":"2.0","id":"a","result":{}}"#).unwrap();
-        assert_eq!(s.kind, Kind::Response);
+            Message::parse(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap();
+        assert_eq!(n.kind(), Kind::Notification);
+        let s = Message::parse(br#"{"jsonrpc":"2.0","id":"a","result":{}}"#).unwrap();
+        assert_eq!(s.kind(), Kind::Response);
     }
 
     #[test]
     fn rejects_bad_envelopes() {
         assert!(matches!(
-            Envelope::parse(b"{not json"),
+            Message::parse(b"{not json"),
             Err(EnvelopeError::Parse(_))
         ));
         assert!(matches!(
-            Envelope::parse(&[0xff, 0xfe]),
+            Message::parse(&[0xff, 0xfe]),
             Err(EnvelopeError::Parse(_))
         ));
         for bad in [
@@ -512,7 +361,7 @@ mod tests {
             r#"{"error":"bad","id":5}"#,
             r#""hello""#,
         ] {
-            let err = Envelope::parse(bad.as_bytes()).unwrap_err();
+            let err = Message::parse(bad.as_bytes()).unwrap_err();
             assert_eq!(err.code(), code::INVALID_REQUEST, "{bad}");
         }
     }

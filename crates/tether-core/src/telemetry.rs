@@ -94,10 +94,7 @@ pub fn adopt_headers(span: &tracing::Span, headers: &axum::http::HeaderMap) -> b
 }
 
 /// Makes `span` a child of the trace in a message's `params._meta`, if any.
-pub fn adopt_meta(span: &tracing::Span, message: &Value) -> bool {
-    let Some(meta) = message.pointer("/params/_meta") else {
-        return false;
-    };
+pub fn adopt_meta(span: &tracing::Span, meta: &serde_json::Map<String, Value>) -> bool {
     let carrier: HashMap<String, String> = ["traceparent", "tracestate"]
         .into_iter()
         .filter_map(|k| Some((k.to_owned(), meta.get(k)?.as_str()?.to_owned())))
@@ -111,24 +108,25 @@ pub fn adopt_meta(span: &tracing::Span, message: &Value) -> bool {
 /// Puts `span`'s trace context into a request's `params._meta` (`traceparent`, and
 /// `tracestate` when there is one), when spans are exported. Without an exporter the span
 /// has no context and the message is left as the client sent it.
-pub fn inject_meta(span: &tracing::Span, message: &mut Value) {
+pub fn inject_meta(span: &tracing::Span, message: &mut crate::wire::Message) {
     let cx = span.context();
-    if !cx.span().span_context().is_valid() {
+    if !cx.span().span_context().is_valid() || message.params().is_none() {
         return;
     }
     let mut carrier: HashMap<String, String> = HashMap::new();
     TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-    let Some(params) = message.get_mut("params").and_then(Value::as_object_mut) else {
-        return;
-    };
-    let meta = params
-        .entry("_meta")
-        .or_insert_with(|| Value::Object(Default::default()));
-    if let Some(meta) = meta.as_object_mut() {
+    message.edit_params(|params| {
+        let meta = params
+            .entry("_meta")
+            .or_insert_with(|| Value::Object(Default::default()));
+        let Some(meta) = meta.as_object_mut() else {
+            return false;
+        };
         for (k, v) in carrier {
             meta.insert(k, Value::String(v));
         }
-    }
+        true
+    });
 }
 
 /// The `traceparent` (and `tracestate`) of a message's `params._meta`, for the headers of
@@ -148,9 +146,10 @@ mod tests {
     #[test]
     fn without_an_exporter_messages_pass_untouched() {
         let span = tracing::info_span!("x");
-        let mut m = json!({"method": "tools/call", "params": {"name": "a"}});
+        let mut m =
+            crate::wire::Message::request(json!(1), "tools/call", Some(json!({"name": "a"})));
         inject_meta(&span, &mut m);
-        assert_eq!(m, json!({"method": "tools/call", "params": {"name": "a"}}));
+        assert_eq!(m.params().map(|p| p.get()), Some(r#"{"name":"a"}"#));
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let m = json!({"params": {"_meta": {"traceparent": tp}}});
         assert_eq!(meta_headers(&m).collect::<Vec<_>>(), [("traceparent", tp)]);

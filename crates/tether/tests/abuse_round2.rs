@@ -1565,8 +1565,12 @@ async fn a_get_stream_nobody_reads_is_bounded_in_memory_and_on_disk() {
         peak < rss_before + 96 * 1024,
         "RSS peaked at {peak} KiB from {rss_before} KiB"
     );
+    // The bound: the WAL is cut back once it passes 64 MiB (`WAL_HARD_LIMIT`), the
+    // session's log holds 8 MiB, and a commit in progress may add up to 16 MiB more; alone
+    // on a machine the flood peaks near 38 MB, on one running the whole suite near 73 MB
+    // (without the bounds it was 636 + 1,040 MiB).
     assert!(
-        files_peak < 64 << 20,
+        files_peak < (64 + 8 + 16) << 20,
         "database and WAL peaked at {files_peak} bytes"
     );
 }

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::upstream::sse::{self, SseItem};
+use crate::wire::Message;
 use anyhow::Context;
 use futures::StreamExt;
 pub use reqwest::header::HeaderMap;
@@ -283,7 +284,8 @@ impl Bridge {
     /// Handles what the remote said; returns messages for the client.
     fn on_remote(&mut self, msg: Inbound) -> Vec<Value> {
         match msg {
-            Inbound::Message { value, .. } => {
+            Inbound::Message { message, .. } => {
+                let value = message.to_value();
                 if is_own(&value) {
                     if let Some(id) = value.get("id").and_then(Value::as_str)
                         && let Some(sent) = self.pings.remove(id)
@@ -449,7 +451,7 @@ impl LegacySse {
                 );
                 tracing::warn!("{message}");
                 let err = protocol::error_response(id.clone(), code::UPSTREAM_UNAVAILABLE, message, None);
-                let _ = inbound.send(Inbound::Message { value: err, origin: None }).await;
+                let _ = inbound.send(Inbound::Message { message: Message::ours(err), origin: None }).await;
                 true
             };
             let resp = loop {
@@ -526,7 +528,7 @@ impl LegacySse {
                     };
                     if let (Some(why), Some(id)) = (failed, value.get("method").and(value.get("id"))) {
                         let err = protocol::error_response(id.clone(), code::UPSTREAM_LOST, why, None);
-                        let _ = post_inbound.send(Inbound::Message { value: err, origin: None }).await;
+                        let _ = post_inbound.send(Inbound::Message { message: Message::ours(err), origin: None }).await;
                     }
                 }
             });
@@ -538,7 +540,8 @@ impl LegacySse {
                 match ev {
                     Some(Ok(SseItem::Event(ev))) if ev.event == "message" || ev.event.is_empty() => {
                         if let Ok(value) = serde_json::from_str::<Value>(&ev.data) {
-                            let _ = inbound.send(Inbound::Message { value, origin: None }).await;
+                            let message = Message::ours(value);
+                            let _ = inbound.send(Inbound::Message { message, origin: None }).await;
                         }
                     }
                     Some(Ok(SseItem::TooLarge { len })) => {
@@ -572,7 +575,7 @@ impl LegacySse {
                     None,
                 );
                 let _ = self.inbound.try_send(Inbound::Message {
-                    value: err,
+                    message: Message::ours(err),
                     origin: None,
                 });
             }

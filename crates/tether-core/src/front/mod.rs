@@ -35,11 +35,12 @@ use crate::auth::{KeyRing, Principal};
 use crate::log_limit::{LogLimiter, cut};
 use crate::metrics::Metrics;
 use crate::policy::{self, Opening};
-use crate::protocol::{self, Envelope, Kind, code};
+use crate::protocol::{self, Kind, code};
 use crate::session::{
     Exchange, Failure, FailureKind, Origin, Registry, Reply, Retry, Session, SessionError,
     StreamHandle, Transport, event_id,
 };
+use crate::wire::Message;
 use tracing::Instrument;
 
 /// Session id header (case-insensitive; 2025-06-18 wrote `Mcp-Session-Id`).
@@ -595,7 +596,7 @@ async fn read_message(
     headers: &HeaderMap,
     body: Body,
     cfg: &FrontConfig,
-) -> Result<(Envelope, Bytes), FrontError> {
+) -> Result<(Message, Bytes), FrontError> {
     let content_type = header_str(headers, header::CONTENT_TYPE.as_str()).unwrap_or("");
     if !content_type
         .split(';')
@@ -653,9 +654,9 @@ async fn read_message(
             ));
         }
     };
-    let env = Envelope::parse(&bytes)
+    let env = Message::parse(&bytes)
         .map_err(|e| FrontError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
-    if let (Kind::Notification, Some(method)) = (env.kind, env.method())
+    if let (Kind::Notification, Some(method)) = (env.kind(), env.method_name())
         && protocol::needs_answer(method)
     {
         return Err(FrontError::new(
@@ -723,10 +724,10 @@ async fn mcp_post(
                 Err(e) => return Err(e.with_id(env.id())),
             };
             let exchange = session.exchange();
-            if let (Kind::Request, Some(m)) = (env.kind, env.method()) {
+            if let (Kind::Request, Some(m)) = (env.kind(), env.method_name()) {
                 st.registry.metrics().mcp_request("legacy", m);
             }
-            match env.kind {
+            match env.kind() {
                 Kind::Request => match session.request(env).await {
                     Reply::Stream(mut handle) => {
                         if let Some(answer) = handle.quick_answer().await {
@@ -754,8 +755,8 @@ async fn mcp_post(
 /// Notes what a message is on the front door's span: its MCP method. (A trace context in
 /// `params._meta` is adopted by the session's request span, created after this one: a
 /// span's trace is fixed when its first child is created.)
-fn note_message(env: &Envelope) {
-    if let Some(m) = env.method() {
+fn note_message(env: &Message) {
+    if let Some(m) = env.method_name() {
         tracing::Span::current().record("mcp.method", cut(m, 64).as_ref());
     }
 }
@@ -879,8 +880,8 @@ async fn messages_post(
     })?;
     let (env, bytes) = read_message(&headers, body, &st.cfg).await?;
     note_message(&env);
-    if env.kind == Kind::Request
-        && env.method() == Some("initialize")
+    if env.kind() == Kind::Request
+        && env.method_name() == Some("initialize")
         && st.registry.legacy_pending(&id, &principal)
     {
         st.registry
@@ -897,10 +898,10 @@ async fn messages_post(
         return Err(FrontError::not_found());
     }
     let _exchange = session.exchange();
-    match env.kind {
+    match env.kind() {
         Kind::Request => {
             if let Reply::Immediate(v) = session.request(env).await {
-                session.deliver_standalone(&v);
+                session.deliver_standalone(&Message::ours(v));
             }
         }
         Kind::Notification => session.notify(env).await,

@@ -206,10 +206,10 @@ pub(super) async fn post(
     principal: &Principal,
     client: Option<std::net::IpAddr>,
     original: Original<'_>,
-    env: Envelope,
+    env: Message,
 ) -> Result<Response, FrontError> {
     let headers = original.headers;
-    if env.kind == Kind::Notification {
+    if env.kind() == Kind::Notification {
         // Nothing to forward: a stateless client cancels by closing the stream, and the
         // lifecycle notifications are gone.
         return Ok(StatusCode::ACCEPTED.into_response());
@@ -221,7 +221,7 @@ pub(super) async fn post(
     };
     let meta = rules::check(&env, h).map_err(|r| refusal(r, env.id()))?;
     let id = env.id().cloned().unwrap_or(Value::Null);
-    let method = env.method().unwrap_or_default().to_owned();
+    let method = env.method_name().unwrap_or_default().to_owned();
     let bridge = &st.bridge;
     st.registry.metrics().mcp_request("modern", &method);
     st.registry
@@ -263,9 +263,9 @@ pub(super) async fn post(
         }
         return Ok(listen(st, rx, filter, id));
     }
-    let name = rules::request_name(&env).map(str::to_owned);
-    let progress_token = env.progress_token().cloned();
-    let mut value = env.value;
+    let name = rules::request_name(&env);
+    let progress_token = env.progress_token();
+    let mut value = env.to_value();
     let retry = rules::to_legacy(&mut value).map_err(|r| refusal(r, Some(&id)))?;
     let call = match retry.state {
         Some(state) => {
@@ -301,7 +301,7 @@ pub(super) async fn post(
                 match retry.responses.get(&k) {
                     Some(result) => {
                         let answer = json!({"jsonrpc": "2.0", "id": k, "result": result});
-                        if let Ok(env) = Envelope::from_value(answer) {
+                        if let Ok(env) = Message::from_value(answer) {
                             call.session.respond(env).await;
                         }
                     }
@@ -318,7 +318,7 @@ pub(super) async fn post(
         }
         None => {
             let session = pooled(st, principal, &meta, client, &id).await?;
-            let env = Envelope::from_value(value).map_err(|e| {
+            let env = Message::from_value(value).map_err(|e| {
                 FrontError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()).with_id(Some(&id))
             })?;
             match session.request(env).await {
@@ -420,7 +420,7 @@ async fn pooled(
 async fn subscribe(session: &Arc<Session>, uri: &str) -> Subscribed {
     let id = Value::from(format!("tether-subscribe-{}", crate::ids::random_hex(8)));
     let request = protocol::request(id, "resources/subscribe", Some(json!({ "uri": uri })));
-    let Ok(env) = Envelope::from_value(request) else {
+    let Ok(env) = Message::from_value(request) else {
         return Subscribed::No;
     };
     let answer = match session.request(env).await {
@@ -590,7 +590,7 @@ async fn step(
                     Err(err) => json!({"jsonrpc": "2.0", "error": err}),
                 };
                 r["id"] = ask_id.clone();
-                Envelope::from_value(r).ok()
+                Message::from_value(r).ok()
             };
             match rules::required_capability(ask_method) {
                 _ if ask_method == "ping" => {

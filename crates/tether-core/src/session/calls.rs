@@ -189,7 +189,7 @@ impl Calls {
 
 impl Session {
     /// Completes a pending client request with the message `make` builds from its id.
-    pub(super) fn finish(&self, p: Pending, make: impl FnOnce(Value) -> Value) {
+    pub(super) fn finish(&self, p: Pending, make: impl FnOnce(Value) -> Message) {
         if let Some(RestoreOp::Subscribe(uri)) = &p.restore {
             // Accepted ones were applied to the restore state before; the rest go back.
             self.subscription_settled(uri);
@@ -217,7 +217,7 @@ impl Session {
                 if let Some((request, _upstream)) = &p.spans {
                     Session::record_outcome(request, &message);
                 }
-                if p.method == "tools/call" {
+                if p.method == Method::ToolsCall {
                     self.record_call(p.tool.unwrap_or_default(), p.started.elapsed(), &message);
                 }
                 self.emit(&stream, &message, terminal);
@@ -226,7 +226,7 @@ impl Session {
     }
 
     /// Ledger, metrics and (for failures) one log line for a finished tool call.
-    pub(super) fn record_call(&self, tool: String, elapsed: Duration, response: &Value) {
+    pub(super) fn record_call(&self, tool: String, elapsed: Duration, response: &Message) {
         let sh = &self.shared;
         let (outcome, error_code) = protocol::call_outcome(response);
         sh.metrics
@@ -292,7 +292,7 @@ mod tests {
             restore: None,
             tool: Some("echo".into()),
             generation,
-            method: "tools/call".into(),
+            method: Method::ToolsCall,
             deadline: None,
             started: Instant::now(),
             spans: None,

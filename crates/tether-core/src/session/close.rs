@@ -25,7 +25,7 @@ impl Session {
             (link, pending, streams)
         };
         for p in pending {
-            self.finish(p, &make);
+            self.finish(p, |id| Message::ours(make(id)));
         }
         self.release_subscriptions();
         for s in streams {

@@ -92,9 +92,9 @@ impl Session {
             tracing::warn!(mcp.method = %p.method, duration_ms = p.started.elapsed().as_millis() as u64, "upstream request timed out");
         }
         let timed_out = Failure::timeout(self.shared.cfg.upstream_timeout);
-        self.finish(p, |client_id| timed_out.response(client_id));
+        self.finish(p, |client_id| timed_out.reply(client_id));
         if let Some((link, _)) = self.current_link() {
-            link.send(protocol::notification(
+            link.send(Message::notification(
                 "notifications/cancelled",
                 Some(json!({"requestId": uid, "reason": "timed out at the gateway"})),
             ))

@@ -244,6 +244,11 @@ impl Failure {
         protocol::error_response(client_id, self.code(), &self.message, Some(self.data()))
     }
 
+    /// The same answer as a typed message, for a client stream.
+    pub fn reply(&self, client_id: Value) -> crate::wire::Message {
+        crate::wire::Message::ours(self.response(client_id))
+    }
+
     /// The session closed (for `reason`, when known) before the request finished.
     pub fn session_closed(reason: Option<&str>) -> Failure {
         let message = match reason {
@@ -372,7 +377,8 @@ mod tests {
             (Kind::StoreUnavailable, "error"),
         ] {
             let r = Failure::new(kind, "x", Retry::Never).response(Value::Null);
-            assert_eq!(protocol::call_outcome(&r).0, outcome, "{kind:?}");
+            let m = crate::wire::Message::ours(r);
+            assert_eq!(protocol::call_outcome(&m).0, outcome, "{kind:?}");
         }
     }
 }

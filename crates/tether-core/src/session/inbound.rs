@@ -9,14 +9,13 @@ impl Session {
     pub(super) async fn on_upstream_message(
         self: &Arc<Self>,
         generation: u64,
-        mut value: Value,
+        mut message: Message,
         origin: Option<u64>,
     ) {
-        let has_method = value.get("method").and_then(Value::as_str).is_some();
-        let has_id = value.get("id").is_some_and(|v| !v.is_null());
-        match (has_method, has_id) {
+        let has_id = message.id().is_some_and(|v| !v.is_null());
+        match (message.method().is_some(), has_id) {
             (false, true) => {
-                let Some(uid) = value.get("id").and_then(Value::as_u64) else {
+                let Some(uid) = message.id().and_then(Value::as_u64) else {
                     tracing::debug!("upstream answered an id the gateway never sent; dropped");
                     return;
                 };
@@ -30,55 +29,64 @@ impl Session {
                 };
                 if let PendingKind::Internal(_) = &p.kind {
                     if let PendingKind::Internal(tx) = p.kind {
-                        let _ = tx.send(value);
+                        let _ = tx.send(message.to_value());
                     }
                     return;
                 }
-                if p.method == "tools/list"
-                    && let Some(result) = value.get("result")
+                if p.method == Method::ToolsList
+                    && let Some(result) = message.result_value()
                 {
-                    let safe: Vec<String> = protocol::safe_tools(result).collect();
+                    let safe: Vec<String> = protocol::safe_tools(&result).collect();
                     self.lock().safe_tools.extend(safe);
                 }
-                if let (Some(op), Some(_)) = (&p.restore, value.get("result")) {
+                if let (Some(op), Some(_)) = (&p.restore, message.result()) {
                     self.remember(op);
                 }
                 self.finish(p, |client_id| {
-                    protocol::set_id(&mut value, client_id);
-                    value
+                    message.set_id(client_id);
+                    message
                 });
             }
-            (true, true) => self.route_server_request(generation, value, origin).await,
+            (true, true) => self.route_server_request(generation, message, origin).await,
             (true, false) => {
-                if self.to_listeners(&value) {
+                if self.to_listeners(&message) {
                     return;
                 }
-                let method = value
-                    .get("method")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned();
-                let target = if method == "notifications/progress" {
-                    let token = value.pointer("/params/progressToken").map(Value::to_string);
-                    token.and_then(|t| self.lock().calls.stream_of_progress(&t))
-                } else {
-                    if method == "notifications/cancelled" {
-                        // The upstream cancels a request it sent the client: use our id for it.
-                        let orig = value.pointer("/params/requestId").cloned();
-                        let ours = orig.and_then(|o| self.lock().calls.our_id_for(generation, &o));
-                        match ours {
-                            Some(k) => value["params"]["requestId"] = Value::from(k),
-                            None => return,
+                let target = match message.method() {
+                    Some(Method::Progress) => {
+                        #[derive(serde::Deserialize)]
+                        struct Progress {
+                            #[serde(rename = "progressToken")]
+                            token: Option<Value>,
                         }
+                        let token = message
+                            .params()
+                            .and_then(|p| serde_json::from_str::<Progress>(p.get()).ok())
+                            .and_then(|p| p.token)
+                            .map(|t| t.to_string());
+                        token.and_then(|t| self.lock().calls.stream_of_progress(&t))
                     }
-                    self.pick_stream(origin)
+                    Some(Method::Cancelled) => {
+                        // The upstream cancels a request it sent the client: use our id for it.
+                        let orig = message
+                            .params_value()
+                            .and_then(|p| p.get("requestId").cloned());
+                        let ours = orig.and_then(|o| self.lock().calls.our_id_for(generation, &o));
+                        let Some(k) = ours else { return };
+                        message.edit_params(|p| {
+                            p.insert("requestId".into(), Value::from(k));
+                            true
+                        });
+                        self.pick_stream(origin)
+                    }
+                    _ => self.pick_stream(origin),
                 };
                 match target {
                     Some(stream) => {
-                        self.emit(&stream, &value, false);
+                        self.emit(&stream, &message, false);
                     }
                     None => {
-                        tracing::debug!(mcp.method = %method, "no client stream for an upstream notification; dropped")
+                        tracing::debug!(mcp.method = %crate::log_limit::cut(message.method_name().unwrap_or_default(), 64), "no client stream for an upstream notification; dropped")
                     }
                 }
             }
@@ -109,25 +117,23 @@ impl Session {
     pub(super) async fn route_server_request(
         self: &Arc<Self>,
         generation: u64,
-        mut value: Value,
+        mut message: Message,
         origin: Option<u64>,
     ) {
-        let method = value
-            .get("method")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        let orig_id = value.get("id").cloned().unwrap_or(Value::Null);
+        let orig_id = message.id().cloned().unwrap_or(Value::Null);
         let Some(stream) = self.pick_stream(origin) else {
-            let answer = if method == "ping" {
-                json!({"jsonrpc": "2.0", "id": orig_id, "result": {}})
+            let answer = if message.is(&Method::Ping) {
+                Message::ours(json!({"jsonrpc": "2.0", "id": orig_id, "result": {}}))
             } else {
-                protocol::error_response(
+                Message::ours(protocol::error_response(
                     orig_id,
                     code::INTERNAL_ERROR,
-                    format!("no client connection is open to deliver {method}"),
+                    format!(
+                        "no client connection is open to deliver {}",
+                        crate::log_limit::cut(message.method_name().unwrap_or_default(), 64)
+                    ),
                     None,
-                )
+                ))
             };
             if let Some((link, _)) = self.current_link() {
                 link.send(answer).await;
@@ -143,21 +149,21 @@ impl Session {
         self.lock()
             .calls
             .add_server_request(ours.clone(), generation, orig_id);
-        protocol::set_id(&mut value, Value::from(ours));
-        self.emit(&stream, &value, false);
+        message.set_id(Value::from(ours));
+        self.emit(&stream, &message, false);
     }
 
     /// Sends a message on the session's single stream (2024-11-05 transport).
-    pub fn deliver_standalone(&self, value: &Value) {
-        self.emit(&self.standalone, value, false);
+    pub fn deliver_standalone(&self, message: &Message) {
+        self.emit(&self.standalone, message, false);
     }
 
     /// Pushes an event to a stream; a client that stopped reading is detached there
     /// (counted and logged), and resumes from the log when it reads again.
-    pub(super) fn emit(&self, stream: &Stream, value: &Value, terminal: bool) {
+    pub(super) fn emit(&self, stream: &Stream, message: &Message, terminal: bool) {
         if stream.push(
             self.shared.store.as_ref(),
-            value,
+            message,
             terminal,
             Some(&self.writes),
         ) == Pushed::Overflowed

@@ -66,12 +66,13 @@ use crate::auth::Principal;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::policy::{self, Backoff};
-use crate::protocol::{self, Envelope, Kind, Restore, RestoreOp, code};
+use crate::protocol::{self, Kind, Restore, RestoreOp, code};
 use crate::store::{
     Ack, Coordinator, LedgerEvent, LiveStore, Owner, STANDALONE_STREAM, Servers, SessionRecord,
     SessionState, StoreError, StreamRecord, ToolCallRecord, now_ms,
 };
 use crate::upstream::{Connector, Inbound, Link, Started, UpstreamError};
+use crate::wire::{Message, Method};
 use admission::{Admission, Slot};
 pub use error::{Failure, Kind as FailureKind, Origin, Retry};
 
@@ -402,7 +403,7 @@ struct Pending {
     /// `params.name` of a `tools/call`, for the ledger.
     tool: Option<String>,
     generation: u64,
-    method: String,
+    method: Method,
     /// When the gateway gives up on the upstream's answer (`--upstream-timeout`); `None`
     /// for the gateway's own requests, which their callers bound.
     deadline: Option<Instant>,

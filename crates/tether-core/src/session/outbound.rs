@@ -8,23 +8,25 @@ use super::*;
 impl Session {
     /// Handles a client request. Its span (a child of the caller's, which carries the
     /// client's trace context) lasts until the call is finished and records its outcome.
-    pub async fn request(self: &Arc<Self>, env: Envelope) -> Reply {
+    pub async fn request(self: &Arc<Self>, env: Message) -> Reply {
         let span = tracing::info_span!(
             "request",
             session.id = %crate::ids::shown(&self.id),
-            mcp.method = %crate::log_limit::cut(env.method().unwrap_or_default(), 64),
-            mcp.tool = env.tool_name().map(|t| crate::log_limit::cut(t, 64)).as_deref(),
+            mcp.method = %crate::log_limit::cut(env.method_name().unwrap_or_default(), 64),
+            mcp.tool = env.tool_name().map(|t| crate::log_limit::cut(&t, 64).into_owned()).as_deref(),
             mcp.outcome = tracing::field::Empty,
             jsonrpc.code = tracing::field::Empty,
         );
         // How MCP SDKs send a trace context: it names this request's trace (else the front
         // door's span, child of a `traceparent` header, does).
-        crate::telemetry::adopt_meta(&span, &env.value);
+        if let Some(meta) = env.meta() {
+            crate::telemetry::adopt_meta(&span, meta);
+        }
         self.request_inner(env).instrument(span).await
     }
 
     /// Records how a request ended on its span.
-    pub(super) fn record_outcome(span: &tracing::Span, response: &Value) {
+    pub(super) fn record_outcome(span: &tracing::Span, response: &Message) {
         let (outcome, code) = protocol::call_outcome(response);
         span.record("mcp.outcome", outcome);
         if let Some(c) = code {
@@ -32,11 +34,11 @@ impl Session {
         }
     }
 
-    pub(super) async fn request_inner(self: &Arc<Self>, env: Envelope) -> Reply {
+    pub(super) async fn request_inner(self: &Arc<Self>, env: Message) -> Reply {
         self.touch();
         let client_id = env.id().cloned().unwrap_or(Value::Null);
-        let method = env.method().unwrap_or_default().to_owned();
-        if method == "initialize" {
+        let method = env.method().cloned().unwrap_or(Method::Other("".into()));
+        if method == Method::Initialize {
             return Reply::Immediate(Failure::new(
                 FailureKind::InvalidRequest,
                 "this session is already initialized; send initialize without MCP-Session-Id to start a new one",
@@ -45,15 +47,14 @@ impl Session {
         }
         let started = Instant::now();
         // Kept in the ledger and logged: cut like every client string.
-        let tool = env
-            .tool_name()
-            .map(|t| crate::log_limit::cut(t, crate::log_limit::MAX_KEPT).into_owned());
-        if method == "tools/call" {
+        let tool = tool_of(&env);
+        if method == Method::ToolsCall {
             let now = u64::try_from(crate::store::now_ms()).unwrap_or_default();
             if let Err(over) = self.shared.quotas.charge(&self.record.principal, now).await {
                 let err = over.response(client_id);
-                self.record_call(tool.unwrap_or_default(), started.elapsed(), &err);
-                Session::record_outcome(&tracing::Span::current(), &err);
+                let msg = Message::ours(err.clone());
+                self.record_call(tool.unwrap_or_default(), started.elapsed(), &msg);
+                Session::record_outcome(&tracing::Span::current(), &msg);
                 return Reply::Immediate(err);
             }
         }
@@ -61,22 +62,20 @@ impl Session {
             Ok(x) => x,
             Err(failure) => {
                 let err = failure.response(client_id);
+                let msg = Message::ours(err.clone());
                 // Refused before it reached the upstream (backoff, circuit, capacity): still
                 // a call the client made, counted with that outcome.
-                if method == "tools/call" {
-                    self.record_call(tool.unwrap_or_default(), started.elapsed(), &err);
+                if method == Method::ToolsCall {
+                    self.record_call(tool.unwrap_or_default(), started.elapsed(), &msg);
                 }
-                Session::record_outcome(&tracing::Span::current(), &err);
+                Session::record_outcome(&tracing::Span::current(), &msg);
                 return Reply::Immediate(err);
             }
         };
         // Charged as it is sent (before `forward` registers the call whose end settles it).
-        if method == "resources/subscribe"
-            && let Some(uri) = env
-                .params()
-                .and_then(|p| p.get("uri"))
-                .and_then(Value::as_str)
-            && let Err(over) = self.reserve_subscription(uri)
+        if method == Method::ResourcesSubscribe
+            && let Some(RestoreOp::Subscribe(uri)) = RestoreOp::of_message(&env)
+            && let Err(over) = self.reserve_subscription(&uri)
         {
             self.shared.metrics.refused(
                 over.field("limit")
@@ -84,11 +83,11 @@ impl Session {
                     .unwrap_or("max-subscriptions"),
             );
             let err = over.response(client_id);
-            Session::record_outcome(&tracing::Span::current(), &err);
+            Session::record_outcome(&tracing::Span::current(), &Message::ours(err.clone()));
             return Reply::Immediate(err);
         }
         let retryable = SAFE_METHODS.contains(&method.as_str())
-            || (method == "tools/call"
+            || (method == Method::ToolsCall
                 && tool
                     .as_ref()
                     .is_some_and(|t| self.lock().safe_tools.contains(t)));
@@ -99,7 +98,7 @@ impl Session {
                     stream_id: crate::ids::new_stream_id(),
                     client_request_id: Some(client_id.clone()),
                     request: if retryable {
-                        Some(env.value.clone())
+                        Some(env.to_value())
                     } else {
                         // Enough to record an interrupted call with its tool after a crash,
                         // without keeping its arguments.
@@ -131,15 +130,8 @@ impl Session {
             }
             Transport::LegacySse => (self.standalone.clone(), None, None),
         };
-        self.forward(
-            &link,
-            generation,
-            env.value,
-            client_id,
-            stream.clone(),
-            method,
-        )
-        .await;
+        self.forward(&link, generation, env, client_id, stream.clone(), method)
+            .await;
         match live {
             Some(rx) => Reply::Stream(StreamHandle {
                 stream_id: stream.id().clone(),
@@ -162,41 +154,42 @@ impl Session {
         self: &Arc<Self>,
         link: &Link,
         generation: u64,
-        mut message: Value,
+        mut message: Message,
         client_id: Value,
         stream: Arc<Stream>,
-        method: String,
+        method: Method,
     ) {
         let uid = self.shared.next_upstream_id.fetch_add(1, Ordering::Relaxed);
-        protocol::set_id(&mut message, Value::from(uid));
+        message.set_id(Value::from(uid));
         let upstream_span = tracing::info_span!(
             "upstream",
             upstream.name = %self.shared.cfg.upstream_name,
             upstream.generation = generation,
         );
         crate::telemetry::inject_meta(&upstream_span, &mut message);
-        if self.transport == Transport::Pooled {
+        let mut token = message.progress_token();
+        if self.transport == Transport::Pooled && token.is_some() {
             // Stateless clients share a pooled upstream: their progress tokens are theirs
             // alone, so each call gets one the gateway chose (the front door puts the
             // client's back on every notification).
-            if let Some(t) = message.pointer_mut("/params/_meta/progressToken") {
-                *t = Value::from(format!("tether-{uid}"));
-            }
+            let ours = Value::from(format!("tether-{uid}"));
+            message.edit_params(|p| {
+                if let Some(meta) = p.get_mut("_meta").and_then(Value::as_object_mut) {
+                    meta.insert("progressToken".into(), ours.clone());
+                }
+                true
+            });
+            token = Some(ours);
         }
-        let token = message
-            .pointer("/params/_meta/progressToken")
-            .map(Value::to_string);
+        let token = token.map(|t| t.to_string());
         let pending = Pending {
             kind: PendingKind::Client {
                 client_id,
                 stream: stream.clone(),
                 token: token.clone(),
             },
-            restore: RestoreOp::of(&message),
-            tool: message
-                .pointer("/params/name")
-                .and_then(Value::as_str)
-                .map(|t| crate::log_limit::cut(t, crate::log_limit::MAX_KEPT).into_owned()),
+            restore: RestoreOp::of_message(&message),
+            tool: tool_of(&message),
             generation,
             method,
             deadline: Some(Instant::now() + self.shared.cfg.upstream_timeout),
@@ -215,7 +208,7 @@ impl Session {
                     "the upstream went away before this request could be sent; the next request restarts it",
                     false,
                 );
-                self.finish(pending, |client_id| lost.response(client_id));
+                self.finish(pending, |client_id| lost.reply(client_id));
                 return;
             }
             let own_stream = (!Arc::ptr_eq(&stream, &self.standalone)).then_some(stream);
@@ -231,26 +224,29 @@ impl Session {
     /// call must neither hold its stream until `--upstream-timeout` nor be counted as a
     /// timeout then); its stream ends with the `-32018` error, which a client that
     /// cancelled ignores.
-    pub async fn notify(self: &Arc<Self>, env: Envelope) {
+    pub async fn notify(self: &Arc<Self>, env: Message) {
         self.touch();
-        let mut value = env.value;
-        if env.kind == Kind::Notification
-            && value.get("method").and_then(Value::as_str) == Some("notifications/cancelled")
-        {
-            let target = value.pointer("/params/requestId").cloned();
+        let mut value = env;
+        if value.kind() == Kind::Notification && value.is(&Method::Cancelled) {
+            let target = value
+                .params_value()
+                .and_then(|p| p.get("requestId").cloned());
             let taken = target.and_then(|t| {
                 let mut st = self.lock();
                 let uid = st.calls.upstream_id_of(&t)?;
                 st.calls.take(uid).map(|p| (uid, p))
             });
             let Some((uid, pending)) = taken else { return };
-            value["params"]["requestId"] = Value::from(uid);
+            value.edit_params(|p| {
+                p.insert("requestId".into(), Value::from(uid));
+                true
+            });
             let cancelled = Failure::new(
                 FailureKind::Cancelled,
                 "the client cancelled the request",
                 Retry::Never,
             );
-            self.finish(pending, |client_id| cancelled.response(client_id));
+            self.finish(pending, |client_id| cancelled.reply(client_id));
         }
         match self.ensure_upstream().await {
             Ok((link, _)) => link.send(value).await,
@@ -259,10 +255,10 @@ impl Session {
     }
 
     /// Handles a client response to a request the upstream sent.
-    pub async fn respond(self: &Arc<Self>, env: Envelope) {
+    pub async fn respond(self: &Arc<Self>, env: Message) {
         self.touch();
-        let mut value = env.value;
-        let key = value.get("id").and_then(Value::as_str).map(str::to_owned);
+        let mut value = env;
+        let key = value.id().and_then(Value::as_str).map(str::to_owned);
         let entry = key.and_then(|k| self.lock().calls.take_server_request(&k));
         let Some((generation, orig)) = entry else {
             tracing::debug!(
@@ -272,10 +268,17 @@ impl Session {
         };
         match self.current_link() {
             Some((link, g)) if g == generation => {
-                protocol::set_id(&mut value, orig);
+                value.set_id(orig);
                 link.send(value).await;
             }
             _ => tracing::debug!("the upstream that asked is gone; client answer dropped"),
         }
     }
+}
+
+/// `params.name` of a `tools/call`, cut as every client string kept or logged.
+fn tool_of(message: &Message) -> Option<String> {
+    message
+        .tool_name()
+        .map(|t| crate::log_limit::cut(&t, crate::log_limit::MAX_KEPT).into_owned())
 }

@@ -137,12 +137,7 @@ impl Registry {
         {
             return Ok(s);
         }
-        let env = Envelope::from_value(protocol::request(
-            Value::from(0),
-            "initialize",
-            Some(init.clone()),
-        ))
-        .expect("an initialize request is a valid envelope");
+        let env = Message::request(Value::from(0), "initialize", Some(init.clone()));
         let started = self
             .initialize(&env, Transport::Pooled, None, principal, client)
             .await;
@@ -299,14 +294,11 @@ impl Session {
     /// Hands a list-changed or resource-updated notification of a pooled upstream to its
     /// principal's listen streams (it concerns no call of any one client; each stream's
     /// filter keeps what it asked for). True when it was one.
-    pub(super) fn to_listeners(&self, value: &Value) -> bool {
-        let for_listeners = value
-            .get("method")
-            .and_then(Value::as_str)
-            .is_some_and(|m| {
-                (m.starts_with("notifications/") && m.ends_with("/list_changed"))
-                    || m == "notifications/resources/updated"
-            });
+    pub(super) fn to_listeners(&self, message: &Message) -> bool {
+        let for_listeners = message.method_name().is_some_and(|m| {
+            (m.starts_with("notifications/") && m.ends_with("/list_changed"))
+                || m == "notifications/resources/updated"
+        });
         if self.transport != Transport::Pooled || !for_listeners {
             return false;
         }
@@ -316,7 +308,7 @@ impl Session {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = map.get(&self.record.principal) {
-            let _ = tx.send(Arc::new(value.clone()));
+            let _ = tx.send(Arc::new(message.to_value()));
         }
         true
     }
@@ -347,13 +339,13 @@ impl Session {
             "the client closed the response stream; the request was cancelled",
             Retry::Never,
         );
-        self.finish(p, |client_id| cancelled.response(client_id));
+        self.finish(p, |client_id| cancelled.reply(client_id));
         let Some((link, _)) = self.current_link() else {
             return;
         };
         self.shared.tracker.spawn(
             async move {
-                link.send(protocol::notification(
+                link.send(Message::notification(
                     "notifications/cancelled",
                     Some(json!({"requestId": uid, "reason": "the client closed the response stream"})),
                 ))

@@ -10,7 +10,7 @@ impl Registry {
     /// An upstream failure is a JSON-RPC error response and creates nothing.
     pub async fn initialize(
         &self,
-        env: &Envelope,
+        env: &Message,
         transport: Transport,
         legacy_id: Option<String>,
         principal: &Principal,
@@ -25,7 +25,7 @@ impl Registry {
             .admission
             .reserve(&principal.id)
             .map_err(|r| self.refused(r))?;
-        let Some(params) = env.value.get("params").filter(|p| p.is_object()).cloned() else {
+        let Some(params) = env.params_value().filter(Value::is_object) else {
             let f = Failure::new(
                 FailureKind::InvalidParams,
                 "initialize needs params",
@@ -404,7 +404,7 @@ impl Registry {
     pub async fn legacy_initialize(
         &self,
         id: &str,
-        env: &Envelope,
+        env: &Message,
         principal: &Principal,
         client: Option<IpAddr>,
     ) -> Result<(), SessionError> {
@@ -426,7 +426,12 @@ impl Registry {
                 client,
             )
             .await?;
-        stream.push(self.shared.store.as_ref(), &response, false, None);
+        stream.push(
+            self.shared.store.as_ref(),
+            &Message::ours(response),
+            false,
+            None,
+        );
         Ok(())
     }
 }

@@ -112,7 +112,7 @@ impl Registry {
                         "the gateway restarted while this request was in flight; it was not retried \
                          because the tool is not annotated readOnlyHint or idempotentHint",
                     )
-                    .response(client_id);
+                    .reply(client_id);
                     if let Some(tool) = interrupted_tool(&rec) {
                         let waited = now_ms().saturating_sub(rec.created_ms).max(0);
                         session.record_call(tool, Duration::from_millis(waited as u64), &answer);
@@ -176,12 +176,12 @@ impl Session {
         match self.ensure_upstream().await {
             Ok((link, generation)) => {
                 for (stream, client_id, request) in items {
+                    let request = Message::ours(request);
                     let method = request
-                        .get("method")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned();
-                    tracing::info!(mcp.method = %method, "re-issuing a safe request interrupted by a gateway restart");
+                        .method()
+                        .cloned()
+                        .unwrap_or(Method::Other("".into()));
+                    tracing::info!(mcp.method = %crate::log_limit::cut(method.as_str(), 64), "re-issuing a safe request interrupted by a gateway restart");
                     self.forward(&link, generation, request, client_id, stream, method)
                         .await;
                 }
@@ -192,7 +192,7 @@ impl Session {
                 ));
                 for (stream, client_id, request) in items {
                     self.lock().calls.remove_stream(stream.id());
-                    let answer = interrupted.response(client_id);
+                    let answer = interrupted.reply(client_id);
                     if request.get("method").and_then(Value::as_str) == Some("tools/call") {
                         let tool = request.pointer("/params/name").and_then(Value::as_str);
                         self.record_call(

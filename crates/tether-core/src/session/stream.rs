@@ -21,12 +21,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use tracing::Instrument;
 
 use crate::store::{Ack, EventRecord, LiveStore, StreamRecord};
+use crate::wire::Message;
 
 /// One event on its way to a client connection.
 pub struct Frame {
@@ -211,11 +211,11 @@ impl Stream {
     pub fn push(
         &self,
         store: &dyn LiveStore,
-        value: &Value,
+        message: &Message,
         terminal: bool,
         budget: Option<&Arc<tokio::sync::Semaphore>>,
     ) -> Pushed {
-        let data: Arc<str> = value.to_string().into();
+        let data: Arc<str> = message.encode().into();
         let mut g = self.lock();
         if g.done {
             return Pushed::Ended;
@@ -345,7 +345,9 @@ mod tests {
         let store = crate::store::sqlite::SqliteStore::open(dir.path()).unwrap();
         let s = Stream::new("s".into(), "1".into(), 1, false);
         let (mut rx, _) = s.attach(1000);
-        let msg = serde_json::json!({"data": "x".repeat(300)});
+        // 300 bytes written out: three fit in the 1000-byte buffer, a fourth does not.
+        let msg = Message::notification("x", Some(serde_json::json!({"d": "x".repeat(252)})));
+        assert_eq!(msg.encode().len(), 300);
         let outcomes: Vec<Pushed> = (0..5).map(|_| s.push(&store, &msg, false, None)).collect();
         assert_eq!(&outcomes[..3], &[Pushed::Sent; 3]);
         assert_eq!(outcomes[3], Pushed::Overflowed);
@@ -383,7 +385,12 @@ mod tests {
         let s = Stream::deferred(record("a"));
         let (mut rx, _) = s.attach(1 << 20);
         assert_eq!(
-            s.push(&store, &serde_json::json!({"id": 1}), true, None),
+            s.push(
+                &store,
+                &Message::ours(serde_json::json!({"id": 1})),
+                true,
+                None
+            ),
             Pushed::Sent
         );
         let f = rx.recv().await.unwrap();
@@ -400,7 +407,7 @@ mod tests {
         let (mut rx, _) = s.attach(1 << 20);
         s.push(
             &store,
-            &serde_json::json!({"method": "notifications/progress"}),
+            &Message::ours(serde_json::json!({"method": "notifications/progress"})),
             false,
             None,
         );
@@ -414,7 +421,12 @@ mod tests {
         s.open(&store).expect("the record's ack").await.unwrap();
         assert!(s.open(&store).is_none());
         assert!(rx.recv().await.unwrap().stored);
-        s.push(&store, &serde_json::json!({"id": 1}), true, None);
+        s.push(
+            &store,
+            &Message::ours(serde_json::json!({"id": 1})),
+            true,
+            None,
+        );
         let answer = rx.recv().await.unwrap();
         assert!(answer.terminal && answer.stored);
         assert!(store.stream("s", "b").await.unwrap().unwrap().done);
@@ -426,7 +438,12 @@ mod tests {
         let s = Stream::deferred(record("c"));
         let (mut rx, _) = s.attach(1 << 20);
         s.open(&store).expect("written now").await.unwrap();
-        s.push(&store, &serde_json::json!({"id": 1}), true, None);
+        s.push(
+            &store,
+            &Message::ours(serde_json::json!({"id": 1})),
+            true,
+            None,
+        );
         assert!(rx.recv().await.unwrap().stored);
         let events = store.events_after("s", "c", 0).await.unwrap();
         assert_eq!(events.len(), 1);
@@ -438,7 +455,12 @@ mod tests {
         let s = Stream::new("s".into(), "d".into(), 1, false);
         let (mut rx, _) = s.attach(1 << 20);
         for i in 0..2 {
-            s.push(&store, &serde_json::json!({"n": i}), false, None);
+            s.push(
+                &store,
+                &Message::notification("n", Some(serde_json::json!({"n": i}))),
+                false,
+                None,
+            );
         }
         let first = rx.recv().await.unwrap();
         rx.hold(first);
@@ -464,7 +486,8 @@ mod tests {
         let store = crate::store::sqlite::SqliteStore::open(dir.path()).unwrap();
         let budget = Arc::new(tokio::sync::Semaphore::new(250_000));
         let s = Stream::new("s".into(), "0".into(), 1, true);
-        let msg = serde_json::json!({"data": "x".repeat(100_000)});
+        let msg =
+            Message::notification("x", Some(serde_json::json!({"data": "x".repeat(100_000)})));
         // 2 MB pushed at once: the writer cannot have written it all yet.
         for _ in 0..20 {
             assert_eq!(s.push(&store, &msg, false, Some(&budget)), Pushed::Sent);

@@ -35,8 +35,8 @@ impl Session {
         self.shared.tracker.spawn(
             async move {
                 for m in early {
-                    if let Inbound::Message { value, origin } = m {
-                        me.on_upstream_message(generation, value, origin).await;
+                    if let Inbound::Message { message, origin } = m {
+                        me.on_upstream_message(generation, message, origin).await;
                     }
                 }
                 let budget = me.shared.cfg.write_budget();
@@ -53,8 +53,8 @@ impl Session {
                         m = rx.recv() => m,
                     };
                     match next {
-                        Some(Inbound::Message { value, origin }) => {
-                            me.on_upstream_message(generation, value, origin).await
+                        Some(Inbound::Message { message, origin }) => {
+                            me.on_upstream_message(generation, message, origin).await
                         }
                         Some(Inbound::Oversized { id, len, limit }) => {
                             me.on_oversized(
@@ -157,7 +157,7 @@ impl Session {
                 return Err(Failure::unavailable(name, &err));
             }
         };
-        link.send(protocol::notification("notifications/initialized", None))
+        link.send(Message::notification("notifications/initialized", None))
             .await;
         let link = Arc::new(link);
         // The session can close (expiry, DELETE, eviction) while the upstream starts: the
@@ -214,14 +214,14 @@ impl Session {
                 restore: None,
                 tool: None,
                 generation,
-                method: method.to_owned(),
+                method: Method::from_name(method),
                 deadline: None,
                 started: Instant::now(),
                 spans: None,
             },
             None,
         );
-        link.send(protocol::request(Value::from(uid), method, params))
+        link.send(Message::request(Value::from(uid), method, params))
             .await;
         match tokio::time::timeout(Duration::from_secs(10), rx).await {
             Ok(Ok(resp)) => Some(resp),
@@ -357,7 +357,7 @@ impl Session {
             true,
         );
         for p in failed {
-            self.finish(p, |client_id| lost.response(client_id));
+            self.finish(p, |client_id| lost.reply(client_id));
         }
     }
 
@@ -388,7 +388,7 @@ impl Session {
         )
         .with("bytes", len)
         .with("limit", limit);
-        self.finish(p, |client_id| too_large.response(client_id));
+        self.finish(p, |client_id| too_large.reply(client_id));
     }
 
     /// Stops the upstream without ending the session (gateway shutdown).

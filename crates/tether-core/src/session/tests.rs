@@ -41,11 +41,11 @@ fn harness(cfg: SessionConfig) -> Harness {
     }
 }
 
-fn envelope(value: Value) -> Envelope {
-    Envelope::from_value(value).expect("a valid JSON-RPC message")
+fn envelope(value: Value) -> Message {
+    Message::from_value(value).expect("a valid JSON-RPC message")
 }
 
-fn call(id: impl Into<Value>, tool: &str) -> Envelope {
+fn call(id: impl Into<Value>, tool: &str) -> Message {
     let id: Value = id.into();
     envelope(json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
                     "params": {"name": tool, "arguments": {}}}))

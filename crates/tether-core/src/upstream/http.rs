@@ -28,6 +28,8 @@ use futures::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
 use serde_json::Value;
+
+use crate::wire::{EnvelopeError, Message};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -491,7 +493,7 @@ impl Inner {
                 Some(serde_json::json!({"limit": limit})),
             );
             let _ = self.inbound.try_send(Inbound::Message {
-                value: err,
+                message: Message::ours(err),
                 origin: None,
             });
         }
@@ -755,17 +757,17 @@ impl Inner {
                     .await;
             }
             Ok(Ok(bytes)) if bytes.is_empty() => {}
-            Ok(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
-                Ok(v) if protocol::is_message(&v) => {
+            Ok(Ok(bytes)) => match Message::parse(&bytes) {
+                Ok(m) => {
                     if is_init {
-                        self.note_initialized(&v).await;
+                        self.note_initialized(&m.to_value()).await;
                     }
-                    self.emit(v, origin).await;
+                    self.send_inbound(m, origin).await;
                 }
-                parsed => {
-                    let what = match parsed {
-                        Ok(_) => "JSON".to_owned(),
-                        Err(e) => format!("malformed JSON ({e})"),
+                Err(e) => {
+                    let what = match e {
+                        EnvelopeError::Invalid(_) => "JSON".to_owned(),
+                        EnvelopeError::Parse(e) => format!("malformed JSON ({e})"),
                     };
                     if let Some(id) = req_id {
                         let answer = not_jsonrpc_answer(&id, &self.url, status, &what);
@@ -823,7 +825,14 @@ impl Inner {
     }
 
     async fn emit(&self, value: Value, origin: Option<u64>) {
-        let _ = self.inbound.send(Inbound::Message { value, origin }).await;
+        self.send_inbound(Message::ours(value), origin).await;
+    }
+
+    async fn send_inbound(&self, message: Message, origin: Option<u64>) {
+        let _ = self
+            .inbound
+            .send(Inbound::Message { message, origin })
+            .await;
     }
 
     /// Reads an SSE answer, resuming it with GET + `Last-Event-ID` if it breaks before the
@@ -853,19 +862,25 @@ impl Inner {
                 if ev.data.trim().is_empty() {
                     continue;
                 }
-                let Some(value) = serde_json::from_str::<Value>(&ev.data)
-                    .ok()
-                    .filter(protocol::is_message)
-                else {
+                let Ok(message) = Message::parse(ev.data.as_bytes()) else {
                     tracing::warn!(url = %self.url, "server SSE event is not a JSON-RPC message; ignored");
                     continue;
                 };
-                let answers = value.get("method").is_none()
-                    && req_id.is_some_and(|id| value.get("id") == Some(id));
-                if answers && value.pointer("/result/protocolVersion").is_some() {
-                    self.note_initialized(&value).await;
+                let answers =
+                    message.method().is_none() && req_id.is_some_and(|id| message.id() == Some(id));
+                // Only an `initialize` answer names a protocol version; the text is looked
+                // at before any tree is built of it.
+                if answers
+                    && message
+                        .result()
+                        .is_some_and(|r| r.get().contains("\"protocolVersion\""))
+                {
+                    let value = message.to_value();
+                    if value.pointer("/result/protocolVersion").is_some() {
+                        self.note_initialized(&value).await;
+                    }
                 }
-                self.emit(value, origin).await;
+                self.send_inbound(message, origin).await;
                 if answers {
                     return;
                 }
@@ -957,7 +972,7 @@ impl Inner {
         let _ = self
             .inbound
             .send(Inbound::Message {
-                value: err,
+                message: Message::ours(err),
                 origin: None,
             })
             .await;
@@ -1134,10 +1149,10 @@ impl Inner {
                                 if let Some(r) = ev.retry {
                                     retry = r;
                                 }
-                                if let Ok(value) = serde_json::from_str::<Value>(&ev.data)
+                                if let Some(message) = Message::parse_upstream(ev.data.as_bytes())
                                     && inbound
                                         .send(Inbound::Message {
-                                            value,
+                                            message,
                                             origin: None,
                                         })
                                         .await
@@ -1220,7 +1235,8 @@ mod tests {
         let (link, mut rx, tracker) = link_to(&url, QUEUE * 4);
         let refused = |rx: &mut mpsc::Receiver<Inbound>, limit: &str| {
             let mut ids = Vec::new();
-            while let Ok(Inbound::Message { value, .. }) = rx.try_recv() {
+            while let Ok(Inbound::Message { message, .. }) = rx.try_recv() {
+                let value = message.to_value();
                 assert_eq!(
                     value.pointer("/error/code"),
                     Some(&json!(code::LIMIT_REACHED))
@@ -1331,8 +1347,8 @@ mod tests {
                 .await
                 .expect("answers come while the call hangs")
                 .expect("the link lives");
-            if let Inbound::Message { value, .. } = m
-                && let Some(id) = value["id"].as_u64()
+            if let Inbound::Message { message, .. } = m
+                && let Some(id) = message.id().and_then(Value::as_u64)
             {
                 answered.push(id);
             }

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::Inbound;
+use crate::wire::Message;
 
 /// The gateway's end: what it sends goes to the test.
 pub(crate) struct MemoryLink {
@@ -19,9 +20,9 @@ pub(crate) struct MemoryLink {
 }
 
 impl MemoryLink {
-    pub(crate) async fn send(&self, value: Value) {
+    pub(crate) async fn send(&self, message: Message) {
         // A test that dropped its end plays a server that stopped reading.
-        let _ = self.tx.send(value).await;
+        let _ = self.tx.send(message.to_value()).await;
     }
 
     pub(crate) fn shutdown(&self) {
@@ -72,7 +73,8 @@ impl FakeUpstream {
     /// Sends a message to the gateway, as arriving on the stream of request `origin` when
     /// given (what an HTTP upstream's SSE response tells; stdio never does).
     pub(crate) async fn say(&self, value: Value, origin: Option<u64>) {
-        let _ = self.tx.send(Inbound::Message { value, origin }).await;
+        let message = Message::ours(value);
+        let _ = self.tx.send(Inbound::Message { message, origin }).await;
     }
 
     /// Answers `request` with `result`.

@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{UpstreamProtocol, UpstreamSpec};
 use crate::protocol;
+use crate::wire::Message;
 
 /// Something the upstream sent, or the end of the link.
 #[derive(Debug)]
@@ -37,7 +38,7 @@ pub enum Inbound {
     /// stream it arrived, when the transport tells us (HTTP SSE); stdio never does.
     Message {
         /// The message.
-        value: Value,
+        message: Message,
         /// The request it arrived in answer to, if known.
         origin: Option<u64>,
     },
@@ -316,13 +317,13 @@ enum LinkKind {
 impl Link {
     /// Sends a message. Delivery failures surface as [`Inbound::Closed`] (or, for HTTP, an
     /// error response for the request), so callers never wait on a dead link.
-    pub async fn send(&self, value: Value) {
+    pub async fn send(&self, message: Message) {
         match &self.kind {
-            LinkKind::Stdio(l) => l.send(value).await,
-            LinkKind::Http(l) => l.send(value),
-            LinkKind::Modern(l) => l.send(value),
+            LinkKind::Stdio(l) => l.send(&message).await,
+            LinkKind::Http(l) => l.send(message.to_value()),
+            LinkKind::Modern(l) => l.send(message.to_value()),
             #[cfg(test)]
-            LinkKind::Memory(l) => l.send(value).await,
+            LinkKind::Memory(l) => l.send(message).await,
         }
     }
 
@@ -790,7 +791,7 @@ pub async fn handshake(
     params: &Value,
     timeout: Duration,
 ) -> Result<(Value, Vec<Inbound>), UpstreamError> {
-    link.send(protocol::request(
+    link.send(Message::request(
         Value::from(id),
         "initialize",
         Some(params.clone()),
@@ -818,16 +819,19 @@ pub async fn handshake(
                     "upstream is not a Streamable HTTP server (HTTP {status})"
                 )));
             }
-            Ok(Some(Inbound::Message { value, origin })) => {
-                if value.get("id").and_then(Value::as_u64) == Some(id)
-                    && value.get("method").is_none()
+            Ok(Some(Inbound::Message { message, origin })) => {
+                if message.id().and_then(Value::as_u64) == Some(id)
+                    && message.kind() == protocol::Kind::Response
                 {
-                    if let Some(err) = value.get("error") {
-                        return Err(UpstreamError::Rejected(err.clone()));
+                    let Value::Object(mut answer) = message.to_value() else {
+                        unreachable!("a message is an object")
+                    };
+                    if let Some(err) = answer.remove("error") {
+                        return Err(UpstreamError::Rejected(err));
                     }
-                    return Ok((value.get("result").cloned().unwrap_or(Value::Null), early));
+                    return Ok((answer.remove("result").unwrap_or(Value::Null), early));
                 }
-                early.push(Inbound::Message { value, origin });
+                early.push(Inbound::Message { message, origin });
             }
         }
     }

@@ -305,7 +305,11 @@ impl Inner {
     }
 
     async fn emit(&self, value: Value, origin: Option<u64>) {
-        let _ = self.inbound.send(Inbound::Message { value, origin }).await;
+        let message = crate::wire::Message::ours(value);
+        let _ = self
+            .inbound
+            .send(Inbound::Message { message, origin })
+            .await;
     }
 
     async fn fail_link(&self, cause: String) {
@@ -766,7 +770,7 @@ async fn read_answer(
         if let Some((tx, origin)) = notes {
             let _ = tx
                 .send(Inbound::Message {
-                    value: v,
+                    message: crate::wire::Message::ours(v),
                     origin: Some(origin),
                 })
                 .await;
@@ -882,7 +886,7 @@ mod tests {
 
     async fn next(rx: &mut mpsc::Receiver<Inbound>) -> Value {
         match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
-            Ok(Some(Inbound::Message { value, .. })) => value,
+            Ok(Some(Inbound::Message { message, .. })) => message.to_value(),
             other => panic!("expected a message, got {other:?}"),
         }
     }

@@ -24,6 +24,8 @@ use futures::StreamExt;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
+
+use crate::wire::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -113,7 +115,7 @@ impl Decoder for BoundedLines {
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Line>, std::io::Error> {
         if let Some((_, len)) = &mut self.skipping {
-            return Ok(match buf.iter().position(|b| *b == b'\n') {
+            return Ok(match memchr::memchr(b'\n', buf) {
                 Some(i) => {
                     *len += i;
                     buf.advance(i + 1);
@@ -127,7 +129,7 @@ impl Decoder for BoundedLines {
                 }
             });
         }
-        match buf[self.scanned..].iter().position(|b| *b == b'\n') {
+        match memchr::memchr(b'\n', &buf[self.scanned..]) {
             Some(off) => {
                 let end = self.scanned + off;
                 self.scanned = 0;
@@ -320,8 +322,7 @@ impl StdioLink {
                     tokio::select! {
                         _ = writer_stop.cancelled() => break,
                         msg = stdin_rx.recv() => {
-                            let Some(mut line) = msg else { break };
-                            line.push(b'\n');
+                            let Some(line) = msg else { break };
                             if stdin.write_all(&line).await.is_err() || stdin.flush().await.is_err() {
                                 break;
                             }
@@ -346,9 +347,9 @@ impl StdioLink {
                             if line.trim_ascii().is_empty() {
                                 continue;
                             }
-                            match serde_json::from_slice::<Value>(&line) {
-                                Ok(value) if value.is_object() => {
-                                    if inbound.send(Inbound::Message { value, origin: None }).await.is_err() {
+                            match Message::parse_upstream(&line) {
+                                Some(message) => {
+                                    if inbound.send(Inbound::Message { message, origin: None }).await.is_err() {
                                         break;
                                     }
                                 }
@@ -407,9 +408,10 @@ impl StdioLink {
 
     /// Writes one message. A full pipe applies backpressure here; a dead child makes this a
     /// no-op, and the reader reports the exit.
-    pub async fn send(&self, value: Value) {
-        let bytes = serde_json::to_vec(&value).expect("a Value always serializes");
-        let _ = self.stdin.send(bytes).await;
+    pub async fn send(&self, message: &Message) {
+        let mut line = message.encode();
+        line.push('\n');
+        let _ = self.stdin.send(line.into_bytes()).await;
     }
 
     /// Closes stdin, then kills the process group if the child has not exited shortly after.
