@@ -93,12 +93,12 @@ impl Session {
                     .is_some_and(|t| self.lock().safe_tools.contains(t)));
         let (stream, deferred, live) = match self.transport {
             Transport::Streamable => {
-                let stream = Arc::new(Stream::deferred(StreamRecord {
+                let record = StreamRecord {
                     session_id: self.id.to_string(),
                     stream_id: crate::ids::new_stream_id(),
                     client_request_id: Some(client_id.clone()),
                     request: if retryable {
-                        Some(env.to_value())
+                        None
                     } else {
                         // Enough to record an interrupted call with its tool after a crash,
                         // without keeping its arguments.
@@ -109,7 +109,8 @@ impl Session {
                     done: false,
                     last_seq: 0,
                     created_ms: now_ms(),
-                }));
+                };
+                let stream = Arc::new(Stream::deferred(record, retryable.then(|| env.clone())));
                 let (rx, _) = stream.attach(self.shared.cfg.stream_buffer);
                 let deferred = Deferred {
                     stream: stream.clone(),

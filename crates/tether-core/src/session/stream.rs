@@ -65,7 +65,9 @@ enum Record {
     Implicit,
     /// Not written yet; written by [`Stream::open`] or before the first event that needs it.
     /// The span is the request's, so the write shows under it whoever makes it.
-    Deferred(Box<StreamRecord>, tracing::Span),
+    /// A request to be kept whole is held as its message until then: its tree is built
+    /// only for a call that needs its record (most calls are answered first).
+    Deferred(Box<StreamRecord>, Option<Box<Message>>, tracing::Span),
     /// Submitted to the store; the ack is taken by the first [`Stream::open`] after it.
     Submitted(Option<Ack>),
     /// The call was answered before its record was written: nothing of it is stored.
@@ -162,14 +164,20 @@ impl Stream {
     }
 
     /// A new request stream whose record is written only when needed (module doc).
-    pub fn deferred(record: StreamRecord) -> Stream {
+    /// `request`, when given, is the request kept whole in the record (`record.request` is
+    /// then left `None` and filled in from it only when the record is written).
+    pub fn deferred(record: StreamRecord, request: Option<Message>) -> Stream {
         let s = Stream::new(
             record.session_id.as_str().into(),
             record.stream_id.as_str().into(),
             1,
             true,
         );
-        s.lock().record = Record::Deferred(Box::new(record), tracing::Span::current());
+        s.lock().record = Record::Deferred(
+            Box::new(record),
+            request.map(Box::new),
+            tracing::Span::current(),
+        );
         s
     }
 
@@ -184,9 +192,9 @@ impl Stream {
     pub fn open(&self, store: &dyn LiveStore) -> Option<Ack> {
         let mut g = self.lock();
         match std::mem::replace(&mut g.record, Record::Implicit) {
-            Record::Deferred(r, span) => {
+            Record::Deferred(r, request, span) => {
                 g.record = Record::Submitted(None);
-                Some(submit(store, *r, &span))
+                Some(submit(store, *r, request, &span))
             }
             Record::Submitted(ack) => {
                 g.record = Record::Submitted(None);
@@ -230,11 +238,11 @@ impl Stream {
                 // nothing needs to be stored for a resume.
                 g.record = Record::Skipped;
                 stored = false;
-            } else if let Record::Deferred(r, span) =
+            } else if let Record::Deferred(r, request, span) =
                 std::mem::replace(&mut g.record, Record::Implicit)
             {
                 // Submitted before the event, so the store holds the record first.
-                g.record = Record::Submitted(Some(submit(store, *r, &span)));
+                g.record = Record::Submitted(Some(submit(store, *r, request, &span)));
             }
         }
         let ack: Ack = if stored {
@@ -330,7 +338,15 @@ pub async fn write_room(budget: &tokio::sync::Semaphore, size: usize) {
     }
 }
 
-fn submit(store: &dyn LiveStore, record: StreamRecord, request: &tracing::Span) -> Ack {
+fn submit(
+    store: &dyn LiveStore,
+    mut record: StreamRecord,
+    message: Option<Box<Message>>,
+    request: &tracing::Span,
+) -> Ack {
+    if let Some(m) = message {
+        record.request = Some(m.to_value());
+    }
     let span = tracing::info_span!(parent: request, "store.write", store.op = "open_stream");
     Box::pin(store.open_stream(record).instrument(span))
 }
@@ -382,7 +398,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_before_the_record_is_written_stores_nothing() {
         let store = crate::store::memory::MemoryStore::default();
-        let s = Stream::deferred(record("a"));
+        let s = Stream::deferred(record("a"), None);
         let (mut rx, _) = s.attach(1 << 20);
         assert_eq!(
             s.push(
@@ -403,7 +419,7 @@ mod tests {
     #[tokio::test]
     async fn a_notification_first_writes_the_record_before_itself() {
         let store = crate::store::memory::MemoryStore::default();
-        let s = Stream::deferred(record("b"));
+        let s = Stream::deferred(record("b"), None);
         let (mut rx, _) = s.attach(1 << 20);
         s.push(
             &store,
@@ -435,7 +451,7 @@ mod tests {
     #[tokio::test]
     async fn a_record_opened_before_the_answer_keeps_the_answer() {
         let store = crate::store::memory::MemoryStore::default();
-        let s = Stream::deferred(record("c"));
+        let s = Stream::deferred(record("c"), None);
         let (mut rx, _) = s.attach(1 << 20);
         s.open(&store).expect("written now").await.unwrap();
         s.push(

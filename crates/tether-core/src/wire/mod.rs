@@ -67,6 +67,8 @@ pub struct Message {
     error: Option<Box<RawValue>>,
     /// What the gateway reads of `params`, read once, when first asked.
     head: OnceLock<Head>,
+    /// Whether `result.isError` is true, read once (the span and the ledger both ask).
+    tool_error: OnceLock<bool>,
 }
 
 /// The fields of `params` the gateway reads: one pass over them finds both, skipping the
@@ -178,6 +180,7 @@ impl Message {
             result: f.result.map(ToOwned::to_owned),
             error: f.error.map(ToOwned::to_owned),
             head: OnceLock::new(),
+            tool_error: OnceLock::new(),
         })
     }
 
@@ -223,6 +226,7 @@ impl Message {
             result: obj.remove("result").map(|r| raw(&r)),
             error,
             head: OnceLock::new(),
+            tool_error: OnceLock::new(),
         })
     }
 
@@ -250,6 +254,7 @@ impl Message {
             result: obj.remove("result").map(|r| raw(&r)),
             error: obj.remove("error").map(|e| raw(&e)),
             head: OnceLock::new(),
+            tool_error: OnceLock::new(),
         }
     }
 
@@ -263,6 +268,7 @@ impl Message {
             result: None,
             error: None,
             head: OnceLock::new(),
+            tool_error: OnceLock::new(),
         }
     }
 
@@ -276,6 +282,7 @@ impl Message {
             result: None,
             error: None,
             head: OnceLock::new(),
+            tool_error: OnceLock::new(),
         }
     }
 
@@ -289,6 +296,7 @@ impl Message {
             result: Some(result),
             error: None,
             head: OnceLock::new(),
+            tool_error: OnceLock::new(),
         }
     }
 
@@ -417,12 +425,14 @@ impl Message {
             #[serde(rename = "isError")]
             is_error: Option<Value>,
         }
-        self.result
-            .as_deref()
-            .and_then(|r| serde_json::from_str::<Flag>(r.get()).ok())
-            .and_then(|f| f.is_error)
-            .and_then(|v| v.as_bool())
-            == Some(true)
+        *self.tool_error.get_or_init(|| {
+            self.result
+                .as_deref()
+                .and_then(|r| serde_json::from_str::<Flag>(r.get()).ok())
+                .and_then(|f| f.is_error)
+                .and_then(|v| v.as_bool())
+                == Some(true)
+        })
     }
 
     /// The message as a tree (for the code that reads a whole message: the 2026-07-28
