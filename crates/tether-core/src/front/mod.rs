@@ -13,9 +13,9 @@
 //! Must not: know about processes or databases.
 
 mod modern;
+mod sse;
 pub use modern::{MAX_PARKED, ModernConfig};
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -924,10 +924,6 @@ fn json_body(message: &str) -> Response {
 ///
 /// `exchange` is held by the body, so the session counts the exchange as open until the
 /// client has been sent the last event (or went away).
-///
-/// Events are encoded here rather than with `axum::response::Sse` because the priming
-/// event must carry an explicit empty `data:` line (spec §1.1.3 item 6), which axum omits.
-/// Every payload is a compact JSON text, so it never contains a line break.
 fn sse_response(
     mut handle: StreamHandle,
     keepalive: Duration,
@@ -946,17 +942,17 @@ fn sse_response(
         stop,
     } = handle;
     let legacy = legacy_endpoint.is_some();
-    let event = move |seq: u64, data: &str| -> Bytes {
+    let event = move |seq: u64, retry: Option<Duration>, data: &str| -> Bytes {
         if legacy {
-            format!("event: message\ndata: {data}\n\n").into()
+            sse::event(Some("message"), None, retry, data)
         } else {
-            format!("id: {}\ndata: {data}\n\n", event_id(&stream_id, seq)).into()
+            sse::event(None, Some(&event_id(&stream_id, seq)), retry, data)
         }
     };
     let body = async_stream::stream! {
         let _exchange = exchange;
         if let Some(endpoint) = legacy_endpoint {
-            yield Ok::<Bytes, Infallible>(format!("event: endpoint\ndata: {endpoint}\n\n").into());
+            yield sse::event(Some("endpoint"), None, None, &endpoint);
         }
         if let Some(opened) = opened {
             match opened.await {
@@ -965,22 +961,15 @@ fn sse_response(
             }
         }
         if priming {
-            let mut first = event(0, "").to_vec();
-            first.splice(0..0, format!("retry: {}\n", retry.as_millis()).into_bytes());
-            yield Ok(Bytes::from(first));
+            yield event(0, Some(retry), "");
         }
         for (seq, data) in replay {
-            yield Ok(event(seq, &data));
+            yield event(seq, None, &data);
         }
         if let Some(mut rx) = live {
-            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
             loop {
                 let next = tokio::select! {
                     f = rx.recv() => f,
-                    _ = ticker.tick() => {
-                        yield Ok(Bytes::from_static(b": keepalive\n\n"));
-                        continue;
-                    }
                     _ = stop.cancelled() => None,
                 };
                 let Some(frame) = next else { break };
@@ -995,26 +984,12 @@ fn sse_response(
                     && let Err(e) = frame.ack.await {
                         tracing::error!(error = %e, "event not durable; sending it anyway");
                     }
-                yield Ok(event(frame.seq, &frame.data));
-                ticker.reset();
+                yield event(frame.seq, None, &frame.data);
                 if ends {
                     break;
                 }
             }
         }
     };
-    event_stream(body)
-}
-
-/// An SSE response of `body`'s events (both eras; `X-Accel-Buffering: no` so a reverse
-/// proxy does not hold them back).
-fn event_stream(
-    body: impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
-) -> Response {
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header("x-accel-buffering", "no")
-        .body(Body::from_stream(body))
-        .expect("static headers are valid")
+    sse::response(sse::with_keepalive(body, keepalive, sse::LEGACY_KEEPALIVE))
 }

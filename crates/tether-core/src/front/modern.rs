@@ -366,29 +366,20 @@ fn listen(
     let keepalive = st.cfg.keepalive;
     let body = async_stream::stream! {
         let ack = filter.acknowledged(&id);
-        yield Ok::<Bytes, Infallible>(Bytes::from(format!("data: {ack}\n\n")));
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        yield sse::data(&ack.to_string());
         loop {
             let next = tokio::select! {
                 n = rx.recv() => n,
-                _ = ticker.tick() => {
-                    yield Ok(Bytes::from_static(b":\n\n"));
-                    continue;
-                }
                 () = stop.cancelled() => break,
             };
             match next {
-                Ok(n) if filter.admits(&n) => {
-                    let v = rules::tagged(&n, &id);
-                    yield Ok(Bytes::from(format!("data: {v}\n\n")));
-                    ticker.reset();
-                }
+                Ok(n) if filter.admits(&n) => yield sse::data(&rules::tagged(&n, &id).to_string()),
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             }
         }
     };
-    event_stream(body)
+    sse::response(sse::with_keepalive(body, keepalive, sse::MODERN_KEEPALIVE))
 }
 
 /// The pooled upstream session that serves this client (its principal, application and
@@ -697,29 +688,20 @@ async fn answer(
     let body = async_stream::stream! {
         let mut call = call;
         if let Some(v) = first {
-            yield Ok::<Bytes, Infallible>(Bytes::from(format!("data: {v}\n\n")));
+            yield sse::data(&v.to_string());
         }
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         while let Some(c) = call.as_mut() {
-            let frame = tokio::select! {
-                f = c.rx.recv() => f,
-                _ = ticker.tick() => {
-                    yield Ok(Bytes::from_static(b":\n\n"));
-                    continue;
-                }
-            };
-            let Some(frame) = frame else { break };
+            let Some(frame) = c.rx.recv().await else { break };
             let Some(event) = event_of(&frame.data) else { continue };
             match step(&st, &mut call, event, &meta, &principal, &method, name.as_deref(), &id).await {
                 Step::Skip => {}
-                Step::Send(v) => yield Ok(Bytes::from(format!("data: {v}\n\n"))),
+                Step::Send(v) => yield sse::data(&v.to_string()),
                 Step::End(v) => {
-                    yield Ok(Bytes::from(format!("data: {v}\n\n")));
+                    yield sse::data(&v.to_string());
                     break;
                 }
             }
-            ticker.reset();
         }
     };
-    event_stream(body)
+    sse::response(sse::with_keepalive(body, keepalive, sse::MODERN_KEEPALIVE))
 }
