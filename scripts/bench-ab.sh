@@ -13,8 +13,9 @@
 #   TOOL=large scripts/bench-ab.sh OLD NEW               # calls carry 100 KB each way
 #
 # With the stdio upstream, row D is the demo driven directly over its pipes (`tether bench
-# --stdio`, the demo's own CPU watched): the last column is then each build's tree CPU minus
-# D's, the gateway's own CPU per call.
+# --stdio`, the demo's own CPU watched). The CPU columns: the gateway's process tree (with
+# its upstream children), the gateway process alone (children excluded, from /proc), and the
+# tree minus D (what the gateway adds over the demo driven directly).
 #
 # Build the old binary from a worktree of the commit to compare, e.g.
 #   git worktree add /tmp/old COMMIT && (cd /tmp/old && cargo build --release -p tether)
@@ -101,8 +102,8 @@ def pick(r, *keys):
         if cur is not None:
             return cur
     return None
-print("| build | sessions | calls/s | p50 µs | p99 µs | tree CPU µs/call | gateway's own CPU µs/call |")
-print("|---|---|---|---|---|---|---|")
+print("| build | sessions | calls/s | p50 µs | p99 µs | tree CPU µs/call | gateway alone µs/call | tree − D µs/call |")
+print("|---|---|---|---|---|---|---|---|")
 for b in ("A", "B", "D"):
     for n in sorted({r["sessions"] for r in runs}):
         rs = [r for r in runs if r["build"] == b and r["sessions"] == n]
@@ -115,5 +116,6 @@ for b in ("A", "B", "D"):
         own = '–'
         if b != 'D' and direct:
             own = format(tree - statistics.median([pick(r, 'watched.cpu_us_per_call') for r in direct]), '.0f')
-        print(f"| {b} | {n} | {med('calls_per_s'):,.0f} ({rng('calls_per_s')}) | {med('latency_us.p50'):.0f} | {med('latency_us.p99'):.0f} | {format(tree, '.0f') if tree else '–'} | {own} |")
+        alone = med('watched.self_cpu_us_per_call')
+        print(f"| {b} | {n} | {med('calls_per_s'):,.0f} ({rng('calls_per_s')}) | {med('latency_us.p50'):.0f} | {med('latency_us.p99'):.0f} | {format(tree, '.0f') if tree else '–'} | {format(alone, '.0f') if alone else '–'} | {own} |")
 PY

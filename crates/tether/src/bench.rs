@@ -126,9 +126,11 @@ fn own_cpu() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A process tree's CPU seconds and resident memory, from /proc.
+/// A process tree's CPU seconds and resident memory, from /proc, and the CPU of its root
+/// alone (a gateway without its upstream children).
 struct TreeSample {
     cpu_s: f64,
+    root_cpu_s: f64,
     rss_kib: u64,
 }
 
@@ -144,6 +146,7 @@ fn tree_sample(root: i32) -> TreeSample {
         / 1024;
     // pid -> (ppid, cpu ticks incl. reaped children, rss pages)
     let mut procs: HashMap<i32, (i32, u64, u64)> = HashMap::new();
+    let mut root_ticks = 0;
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -161,6 +164,9 @@ fn tree_sample(root: i32) -> TreeSample {
             let ppid = f.get(1).and_then(|v| v.parse::<i32>().ok()).unwrap_or(0);
             // state=0 ppid=1 ... utime=11 stime=12 cutime=13 cstime=14 ... rss=21
             let cpu = num(11) + num(12) + num(13) + num(14);
+            if pid == root {
+                root_ticks = num(11) + num(12);
+            }
             procs.insert(pid, (ppid, cpu, num(21)));
         }
     }
@@ -182,6 +188,7 @@ fn tree_sample(root: i32) -> TreeSample {
         .fold((0u64, 0u64), |(c, r), (_, cpu, rss)| (c + cpu, r + rss));
     TreeSample {
         cpu_s: cpu as f64 / ticks,
+        root_cpu_s: root_ticks as f64 / ticks,
         rss_kib: rss * page_kib,
     }
 }
@@ -571,10 +578,13 @@ async fn bench(
         if args.stdio {
             cpu = (cpu - bench_cpu).max(0.0);
         }
+        // The watched process alone (a gateway without its upstreams): what it costs itself.
+        let root = t1.root_cpu_s - t0.root_cpu_s;
         report["watched"] = json!({
             "pid": pid,
             "cpu_s": cpu,
             "cpu_us_per_call": if ok > 0.0 { cpu * 1e6 / ok } else { 0.0 },
+            "self_cpu_us_per_call": if ok > 0.0 && !args.stdio { root * 1e6 / ok } else { 0.0 },
             "peak_rss_kib": peak.load(Ordering::Relaxed).max(t1.rss_kib),
         });
     }
@@ -620,10 +630,11 @@ fn print_table(r: &Value) {
     );
     if r.get("watched").is_some() {
         println!(
-            "watched     pid {}: cpu {:.2} s ({:.1} us per call), peak rss {} KiB",
+            "watched     pid {}: cpu {:.2} s ({:.1} us per call; {:.1} the process alone), peak rss {} KiB",
             r["watched"]["pid"],
             f("/watched/cpu_s"),
             f("/watched/cpu_us_per_call"),
+            f("/watched/self_cpu_us_per_call"),
             r["watched"]["peak_rss_kib"]
         );
     }
