@@ -993,3 +993,6 @@ fn sse_response(
     };
     sse::response(sse::with_keepalive(body, keepalive, sse::LEGACY_KEEPALIVE))
 }
+
+#[cfg(test)]
+mod tests;
