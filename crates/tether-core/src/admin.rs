@@ -8,8 +8,11 @@
 //!   instances, ledger aggregates.
 //! - `GET /metrics`: Prometheus text.
 //! - `GET /api/sessions`, `GET|DELETE /api/sessions/{id}`, `GET /api/sessions/disconnected`,
-//!   `GET /api/stats`, `GET /api/users`, `GET /api/users/{id}/stats`: the JSON API, every
-//!   list bounded and paged; bad query parameters get 400 with a message.
+//!   `GET /api/stats`, `GET /api/users`, `GET /api/users/{id}/stats`,
+//!   `GET /api/stateless-clients` (2026-07-28 clients, who hold no session),
+//!   `GET /api/quotas` (the tool-call quota and each user's use), `GET /api/servers` (each
+//!   server's state, endpoint, sessions, upstreams and limits): the JSON API, every list
+//!   bounded and paged; bad query parameters get 400 with a message.
 //! - `GET /api/openapi.json`: the API description.
 //! - `GET /`: the dashboard (one page, shipped in the binary, using only the JSON API).
 //!
