@@ -30,6 +30,13 @@ TOOL="${TOOL:-echo}"
 SESSIONS="${SESSIONS:-1 16}"
 OUT=$(mktemp -d)
 . "$(dirname "$0")/lib.sh"
+# Appends one `tether bench --json` result (stdin) to the runs, tagged with its build and
+# session count.
+record() {
+  python3 -c "
+import json,sys; r=json.load(sys.stdin)
+print(json.dumps({'build':'$1','sessions':$2,**r}))" >>"$OUT/runs.jsonl"
+}
 run() { # label binary sessions
   local port state pid up_port up_pid=
   port=$(free_port)
@@ -46,17 +53,13 @@ run() { # label binary sessions
   fi
   if [ "$1" = D ] && [ "$UPSTREAM" != http ]; then
     "$B" bench --stdio -n "$3" --duration "$DURATION" --warmup 1s --json "${tool_args[@]}" \
-      -- "$B" demo-server | python3 -c "
-import json,sys; r=json.load(sys.stdin)
-print(json.dumps({'build':'D','sessions':$3,**r}))" >>"$OUT/runs.jsonl"
+      -- "$B" demo-server | record D "$3"
     rm -rf "$state"
     return
   fi
   if [ "$1" = D ]; then
     "$B" bench "http://127.0.0.1:$up_port/mcp" -n "$3" --duration "$DURATION" --warmup 1s \
-      --json "${tool_args[@]}" | python3 -c "
-import json,sys; r=json.load(sys.stdin)
-print(json.dumps({'build':'D','sessions':$3,**r}))" >>"$OUT/runs.jsonl"
+      --json "${tool_args[@]}" | record D "$3"
     kill -TERM -- -"$up_pid" 2>/dev/null || true
     wait "$up_pid" 2>/dev/null || true
     rm -rf "$state"
@@ -73,9 +76,7 @@ print(json.dumps({'build':'D','sessions':$3,**r}))" >>"$OUT/runs.jsonl"
   pid=$!
   wait_port "$port"
   "$B" bench "http://127.0.0.1:$port/mcp" -n "$3" --duration "$DURATION" --warmup 1s \
-    --watch-pid "$pid" --json "${tool_args[@]}" | python3 -c "
-import json,sys; r=json.load(sys.stdin)
-print(json.dumps({'build':'$1','sessions':$3,**r}))" >>"$OUT/runs.jsonl"
+    --watch-pid "$pid" --json "${tool_args[@]}" | record "$1" "$3"
   kill -TERM -- -"$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   if [ -n "$up_pid" ]; then

@@ -479,7 +479,7 @@ impl Message {
         }
         if let Some(m) = &self.method {
             out.push_str(",\"method\":");
-            out.push_str(&Value::from(m.as_str()).to_string());
+            out.push_str(&serde_json::to_string(m.as_str()).expect("a string serializes"));
         }
         for (key, part) in [
             (",\"params\":", &self.params),
