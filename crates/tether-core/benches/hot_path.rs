@@ -133,9 +133,9 @@ fn append(c: &mut Criterion) {
 /// load; also an unknown (well-formed) id, which asks the store.
 fn lookup(c: &mut Criterion) {
     use tether_core::auth::Principal;
-    use tether_core::config::UpstreamSpec;
     use tether_core::session::{Registry, SessionConfig};
     use tether_core::store::{SessionRecord, SessionState};
+    use tether_core::upstream::UpstreamSpec;
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -159,7 +159,7 @@ fn lookup(c: &mut Criterion) {
             tether_core::upstream::Connector::new(
                 UpstreamSpec::Http {
                     url: "http://127.0.0.1:1/mcp".into(),
-                    protocol: tether_core::config::UpstreamProtocol::Legacy,
+                    protocol: tether_core::upstream::UpstreamProtocol::Legacy,
                     headers: Vec::new(),
                 },
                 "bench",

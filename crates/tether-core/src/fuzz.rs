@@ -102,7 +102,7 @@ pub fn headers(data: &[u8]) {
         );
     }
     let lines: Vec<String> = parts.map(str::to_owned).collect();
-    let _ = crate::bridge::parse_headers(&lines);
+    let _ = crate::connect::parse_headers(&lines);
 }
 
 /// What an upstream writes: newline-delimited JSON on stdio (split by the same bounded line

@@ -7,7 +7,7 @@
 //! - [`session`]: sessions, rehydration, id rewriting, routing, upstream supervision.
 //! - [`upstream`]: stdio children and Streamable HTTP upstream connections.
 //! - [`store`]: durable session records and stream event logs (SQLite by default).
-//! - [`client`]: the client side: `tether connect` ([`bridge`]) and `tether check` ([`check`]).
+//! - [`client`]: the client side: `tether connect` ([`connect`]) and `tether check` ([`check`]).
 //! - [`policy`], [`protocol`], [`modern`], [`config`]: pure decisions, JSON-RPC envelopes,
 //!   the 2026-07-28 era's rules and translations, settings.
 //! - [`wire`]: the typed JSON-RPC message, parsed once at each edge.
@@ -41,4 +41,4 @@ pub mod upstream;
 pub mod wire;
 
 /// Where the client tools lived before `client/`; kept so existing paths still work.
-pub use client::{bridge, check};
+pub use client::{check, connect};

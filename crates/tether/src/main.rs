@@ -156,8 +156,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 
 impl RemoteArgs {
     /// Checks the URL and builds the headers, or says what is wrong (exit code 2).
-    fn prepare(&self, url: &str) -> Result<tether_core::bridge::HeaderMap, ExitCode> {
-        if !tether_core::bridge::is_http_url(url) {
+    fn prepare(&self, url: &str) -> Result<tether_core::connect::HeaderMap, ExitCode> {
+        if !tether_core::connect::is_http_url(url) {
             eprintln!("tether: {url:?} is not an http:// or https:// URL");
             return Err(ExitCode::from(2));
         }
@@ -167,7 +167,7 @@ impl RemoteArgs {
         })
     }
 
-    fn header_map(&self) -> anyhow::Result<tether_core::bridge::HeaderMap> {
+    fn header_map(&self) -> anyhow::Result<tether_core::connect::HeaderMap> {
         let mut items = self.headers.clone();
         if let Ok(lines) = std::env::var("TETHER_HEADERS") {
             items.extend(
@@ -182,7 +182,7 @@ impl RemoteArgs {
                 .map_err(|_| anyhow::anyhow!("--bearer-env: variable {var} is not set"))?;
             items.push(format!("Authorization: Bearer {}", token.trim()));
         }
-        tether_core::bridge::parse_headers(&items)
+        tether_core::connect::parse_headers(&items)
     }
 }
 
@@ -784,7 +784,8 @@ fn servers_layer(
     flags: &Layer,
 ) -> Result<(Layer, Servers), Vec<String>> {
     // Stdio entries get the gateway's resolved environment policy after resolution.
-    let file = tether_core::servers::parse(text, shown, &tether_core::config::EnvPolicy::Inherit)?;
+    let file =
+        tether_core::servers::parse(text, shown, &tether_core::upstream::EnvPolicy::Inherit)?;
     for note in &file.notes {
         eprintln!("tether: {note}");
     }
@@ -914,7 +915,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
     match chosen {
         Some(Servers::All(mut entries)) => {
             for e in &mut entries {
-                if let tether_core::config::UpstreamSpec::Stdio { env_policy, .. } = &mut e.upstream
+                if let tether_core::upstream::UpstreamSpec::Stdio { env_policy, .. } =
+                    &mut e.upstream
                 {
                     *env_policy = config.env_policy.clone();
                 }
@@ -1082,7 +1084,7 @@ fn connect(args: &ConnectArgs) -> ExitCode {
             let _ = init_logging(filter, args.log_format, std::io::stderr, false, None);
         }
     }
-    let opts = tether_core::bridge::BridgeOptions {
+    let opts = tether_core::connect::ConnectOptions {
         url,
         headers,
         timeout,
@@ -1100,7 +1102,7 @@ fn connect(args: &ConnectArgs) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
-    match runtime.block_on(tether_core::bridge::run(
+    match runtime.block_on(tether_core::connect::run(
         opts,
         tokio::io::stdin(),
         tokio::io::stdout(),
@@ -1122,7 +1124,7 @@ fn check(args: &CheckArgs) -> ExitCode {
         Ok(h) => h,
         Err(code) => return code,
     };
-    let client = match tether_core::bridge::http_client(args.remote.ca_file.as_deref(), timeout) {
+    let client = match tether_core::connect::http_client(args.remote.ca_file.as_deref(), timeout) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tether: {e:#}");

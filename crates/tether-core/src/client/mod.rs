@@ -3,5 +3,5 @@
 //! the gateway's own code only where it is the same job (`upstream::http`).
 //! Must not: depend on the session layer, the stores or the front door.
 
-pub mod bridge;
 pub mod check;
+pub mod connect;

@@ -15,7 +15,7 @@
 //!
 //! Where each part of a session's life is (every file is `impl` blocks on the types
 //! defined here, so the state stays in one place):
-//! - `registry.rs`: the map, single-flight `get`, `initialize`, eviction;
+//! - `registry.rs`: construction, the map, single-flight `get`, `initialize`, eviction;
 //! - `rehydrate.rs`: a stored session back on first contact, interrupted calls;
 //! - `supervisor.rs`: upstream (re)start, backoff, the pump, upstream death;
 //! - `outbound.rs`: client → upstream (requests, notifications, answers);
@@ -27,7 +27,8 @@
 //! - `error.rs`: [`Failure`], the one error (kind, origin, retry advice) and its JSON-RPC
 //!   form; `tests.rs`: the state machine under paused time, with fake upstreams;
 //! - `close.rs`: closing or letting go; `upkeep.rs`: reaper, coordination, shutdown;
-//! - `stream.rs`: SSE streams and their logs; `admission.rs`: session limits.
+//! - `stream.rs`: SSE streams, their logs, and the [`Reply`] the front door renders;
+//! - `admission.rs`: session limits.
 //!
 //! Must not: talk HTTP, import `front` or `app`, or build the HTTP status of an error.
 
@@ -68,7 +69,7 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Backoff};
 use crate::protocol::{self, Kind, Restore, RestoreOp, code};
 use crate::store::{
-    Ack, Coordinator, LedgerEvent, LiveStore, Owner, STANDALONE_STREAM, Servers, SessionRecord,
+    Coordinator, LedgerEvent, LiveStore, Owner, STANDALONE_STREAM, Servers, SessionRecord,
     SessionState, StoreError, StreamRecord, ToolCallRecord, now_ms,
 };
 use crate::upstream::{Connector, Inbound, Link, Started, UpstreamError};
@@ -76,7 +77,9 @@ use crate::wire::{Message, Method};
 use admission::{Admission, Slot};
 pub use error::{Failure, Kind as FailureKind, Origin, Retry};
 
-pub use stream::{Frame, FrameRx, Pushed, Stream, event_id, parse_event_id};
+pub use stream::{
+    Deferred, Frame, FrameRx, Pushed, Reply, Stream, StreamHandle, event_id, parse_event_id,
+};
 
 /// Settings of the session layer.
 #[derive(Debug, Clone)]
@@ -203,72 +206,6 @@ pub enum SessionError {
         /// Its MCP listener root URL.
         url: String,
     },
-}
-
-/// What a client request produces.
-pub enum Reply {
-    /// An SSE stream that ends with the response.
-    Stream(StreamHandle),
-    /// A JSON-RPC message to return at once (an error, usually).
-    Immediate(Value),
-    /// Accepted; the answer goes to the session's single stream (2024-11-05 transport).
-    Accepted,
-}
-
-/// A stream ready to be rendered as SSE.
-pub struct StreamHandle {
-    /// Stream id (the prefix of every event id).
-    pub stream_id: Arc<str>,
-    /// A request stream whose record is still deferred ([`Stream::deferred`]).
-    pub deferred: Option<Deferred>,
-    /// Send a priming event (event id + empty data + `retry`) first.
-    pub priming: bool,
-    /// `retry` for the priming event.
-    pub retry: Duration,
-    /// Stored events to send before live ones.
-    pub replay: Vec<(u64, String)>,
-    /// Live events; `None` when the stream already ended.
-    pub live: Option<FrameRx>,
-    /// End the HTTP response after the final response event.
-    pub ends_with_response: bool,
-    /// Cancelled when this response must end (shutdown).
-    pub stop: CancellationToken,
-}
-
-/// What a [`StreamHandle`] needs to answer a quick call without a stream.
-pub struct Deferred {
-    stream: Arc<Stream>,
-    store: Arc<dyn LiveStore>,
-    window: Duration,
-}
-
-impl StreamHandle {
-    /// Waits up to the answer window for the answer of a call whose stream record is
-    /// deferred, and returns it if nothing of the call was stored (it is then the whole
-    /// response). Otherwise returns `None` with the handle ready to render as SSE, any
-    /// frame it took held for the stream.
-    pub async fn quick_answer(&mut self) -> Option<Arc<str>> {
-        let deferred = self.deferred.as_ref().filter(|d| !d.window.is_zero())?;
-        let rx = self.live.as_mut()?;
-        let first = tokio::select! {
-            biased;
-            f = rx.recv() => f?,
-            () = tokio::time::sleep(deferred.window) => return None,
-            () = self.stop.cancelled() => return None,
-        };
-        if first.terminal && !first.stored {
-            return Some(first.data);
-        }
-        rx.hold(first);
-        None
-    }
-
-    /// Writes the stream's record if it is still deferred; the ack is awaited before the
-    /// first byte, since the priming event gives the client an id to resume by.
-    pub fn open_record(&mut self) -> Option<Ack> {
-        let d = self.deferred.take()?;
-        d.stream.open(d.store.as_ref())
-    }
 }
 
 /// Methods whose repetition is harmless, so an interrupted one may be re-issued.
@@ -580,182 +517,6 @@ impl Siblings {
                 .unwrap_or_else(|p| p.into_inner())
                 .contains_key(id)
         })
-    }
-}
-
-impl Registry {
-    /// Creates the registry. `tracker` owns every task it spawns.
-    pub fn new(
-        cfg: SessionConfig,
-        store: Arc<dyn LiveStore>,
-        coordinator: Option<Arc<dyn Coordinator>>,
-        connector: Connector,
-        tracker: TaskTracker,
-        metrics: Arc<Metrics>,
-        ledger: Ledger,
-    ) -> Registry {
-        let admission = Admission::new(cfg.admission.clone());
-        let quotas = Arc::new(quota::Quotas::new(cfg.quota, coordinator.clone()));
-        Registry::build(
-            cfg,
-            &Common {
-                store,
-                coordinator,
-                tracker,
-                metrics,
-                ledger,
-                quotas,
-                subscriptions: Arc::new(subscriptions::SubscriptionBudget::new(
-                    subscriptions::SubscriptionLimits::default(),
-                )),
-                admission: admission.clone(),
-                siblings: Siblings::default(),
-            },
-            connector,
-            admission,
-        )
-    }
-
-    /// The registry of the one server of this process: the gateway's counts are its own.
-    pub fn with_common(cfg: SessionConfig, common: &Common, connector: Connector) -> Registry {
-        Registry::build(cfg, common, connector, common.admission.clone())
-    }
-
-    /// The registry of one server among several of this process (`cfg.upstream_name`):
-    /// its own sessions, upstreams and limits (`cfg.admission`, counted in the gateway's
-    /// too), everything else shared.
-    pub fn of_server(cfg: SessionConfig, common: &Common, connector: Connector) -> Registry {
-        let admission = Admission::for_server(
-            cfg.admission.clone(),
-            &cfg.upstream_name,
-            common.admission.clone(),
-        );
-        Registry::build(cfg, common, connector, admission)
-    }
-
-    fn build(
-        cfg: SessionConfig,
-        common: &Common,
-        connector: Connector,
-        admission: Arc<Admission>,
-    ) -> Registry {
-        let c = common.clone();
-        let registry = Registry {
-            shared: Arc::new(Shared {
-                cfg,
-                store: c.store,
-                coordinator: c.coordinator,
-                metrics: c.metrics,
-                ledger: c.ledger,
-                connector,
-                admission,
-                quotas: c.quotas,
-                subscriptions: c.subscriptions,
-                held_reported: std::sync::atomic::AtomicI64::new(0),
-                draining: std::sync::atomic::AtomicBool::new(false),
-                siblings: c.siblings.clone(),
-                sessions: Mutex::new(HashMap::new()),
-                legacy_pending: Mutex::new(HashMap::new()),
-                next_upstream_id: AtomicU64::new(1),
-                next_server_request: AtomicU64::new(1),
-                pool: Mutex::new(HashMap::new()),
-                upstream_init: Mutex::new(None),
-                stateless: Mutex::new(HashMap::new()),
-                listeners: Mutex::new(HashMap::new()),
-                tracker: c.tracker,
-                stopping: CancellationToken::new(),
-                stopped: CancellationToken::new(),
-            }),
-        };
-        c.siblings.add(&registry.shared);
-        registry
-    }
-
-    /// What this registry shares with the others of the process.
-    #[cfg(test)]
-    fn common(&self) -> Common {
-        let sh = &self.shared;
-        Common {
-            store: sh.store.clone(),
-            coordinator: sh.coordinator.clone(),
-            tracker: sh.tracker.clone(),
-            metrics: sh.metrics.clone(),
-            ledger: sh.ledger.clone(),
-            quotas: sh.quotas.clone(),
-            subscriptions: sh.subscriptions.clone(),
-            admission: sh.admission.clone(),
-            siblings: sh.siblings.clone(),
-        }
-    }
-
-    /// The store.
-    pub fn store(&self) -> &Arc<dyn LiveStore> {
-        &self.shared.store
-    }
-
-    /// The upstream connector (its circuit and running count, for health and metrics).
-    pub fn connector(&self) -> &Connector {
-        &self.shared.connector
-    }
-
-    /// Session counts and limits.
-    pub fn admission(&self) -> &Arc<Admission> {
-        &self.shared.admission
-    }
-
-    /// The settings it was made with.
-    pub fn config(&self) -> &SessionConfig {
-        &self.shared.cfg
-    }
-
-    /// The server this registry serves (its upstream's configured name).
-    pub fn server(&self) -> &str {
-        &self.shared.cfg.upstream_name
-    }
-
-    /// Whether this process holds session `id` here.
-    pub fn holds(&self, id: &str) -> bool {
-        self.shared
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
-            || self
-                .shared
-                .legacy_pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(id)
-    }
-
-    /// A reload removed or replaced this server: from now on its reaper expires only the
-    /// sessions it holds (the store's belong to the server's new registry, if any).
-    pub fn drain(&self) {
-        self.shared.draining.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether [`Registry::drain`] was called.
-    pub fn is_draining(&self) -> bool {
-        self.shared.draining.load(Ordering::Relaxed)
-    }
-
-    /// The tool-call quota and each user's use of it as this instance last counted.
-    pub fn quotas(&self) -> &quota::Quotas {
-        &self.shared.quotas
-    }
-
-    fn refused(&self, r: Failure) -> SessionError {
-        let limit = r
-            .field("limit")
-            .and_then(Value::as_str)
-            .unwrap_or(r.kind().as_str());
-        self.shared.metrics.refused(limit);
-        SessionError::Refused(r)
-    }
-
-    /// The metrics this registry updates.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.shared.metrics
     }
 }
 

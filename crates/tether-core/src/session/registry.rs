@@ -1,5 +1,6 @@
-//! The session map: single-flight lookup by id, creation (`initialize`, the 2024-11-05
-//! `/sse` opening), eviction, and what the admin API asks of held sessions.
+//! The session map: its construction and accessors, single-flight lookup by id, creation
+//! (`initialize`, the 2024-11-05 `/sse` opening), eviction, and what the admin API asks of
+//! held sessions.
 //! Must not: talk HTTP, or start an upstream except through `Shared::start_upstream`.
 
 use super::*;
@@ -433,5 +434,181 @@ impl Registry {
             None,
         );
         Ok(())
+    }
+}
+
+impl Registry {
+    /// Creates the registry. `tracker` owns every task it spawns.
+    pub fn new(
+        cfg: SessionConfig,
+        store: Arc<dyn LiveStore>,
+        coordinator: Option<Arc<dyn Coordinator>>,
+        connector: Connector,
+        tracker: TaskTracker,
+        metrics: Arc<Metrics>,
+        ledger: Ledger,
+    ) -> Registry {
+        let admission = Admission::new(cfg.admission.clone());
+        let quotas = Arc::new(quota::Quotas::new(cfg.quota, coordinator.clone()));
+        Registry::build(
+            cfg,
+            &Common {
+                store,
+                coordinator,
+                tracker,
+                metrics,
+                ledger,
+                quotas,
+                subscriptions: Arc::new(subscriptions::SubscriptionBudget::new(
+                    subscriptions::SubscriptionLimits::default(),
+                )),
+                admission: admission.clone(),
+                siblings: Siblings::default(),
+            },
+            connector,
+            admission,
+        )
+    }
+
+    /// The registry of the one server of this process: the gateway's counts are its own.
+    pub fn with_common(cfg: SessionConfig, common: &Common, connector: Connector) -> Registry {
+        Registry::build(cfg, common, connector, common.admission.clone())
+    }
+
+    /// The registry of one server among several of this process (`cfg.upstream_name`):
+    /// its own sessions, upstreams and limits (`cfg.admission`, counted in the gateway's
+    /// too), everything else shared.
+    pub fn of_server(cfg: SessionConfig, common: &Common, connector: Connector) -> Registry {
+        let admission = Admission::for_server(
+            cfg.admission.clone(),
+            &cfg.upstream_name,
+            common.admission.clone(),
+        );
+        Registry::build(cfg, common, connector, admission)
+    }
+
+    pub(super) fn build(
+        cfg: SessionConfig,
+        common: &Common,
+        connector: Connector,
+        admission: Arc<Admission>,
+    ) -> Registry {
+        let c = common.clone();
+        let registry = Registry {
+            shared: Arc::new(Shared {
+                cfg,
+                store: c.store,
+                coordinator: c.coordinator,
+                metrics: c.metrics,
+                ledger: c.ledger,
+                connector,
+                admission,
+                quotas: c.quotas,
+                subscriptions: c.subscriptions,
+                held_reported: std::sync::atomic::AtomicI64::new(0),
+                draining: std::sync::atomic::AtomicBool::new(false),
+                siblings: c.siblings.clone(),
+                sessions: Mutex::new(HashMap::new()),
+                legacy_pending: Mutex::new(HashMap::new()),
+                next_upstream_id: AtomicU64::new(1),
+                next_server_request: AtomicU64::new(1),
+                pool: Mutex::new(HashMap::new()),
+                upstream_init: Mutex::new(None),
+                stateless: Mutex::new(HashMap::new()),
+                listeners: Mutex::new(HashMap::new()),
+                tracker: c.tracker,
+                stopping: CancellationToken::new(),
+                stopped: CancellationToken::new(),
+            }),
+        };
+        c.siblings.add(&registry.shared);
+        registry
+    }
+
+    /// What this registry shares with the others of the process.
+    #[cfg(test)]
+    pub(super) fn common(&self) -> Common {
+        let sh = &self.shared;
+        Common {
+            store: sh.store.clone(),
+            coordinator: sh.coordinator.clone(),
+            tracker: sh.tracker.clone(),
+            metrics: sh.metrics.clone(),
+            ledger: sh.ledger.clone(),
+            quotas: sh.quotas.clone(),
+            subscriptions: sh.subscriptions.clone(),
+            admission: sh.admission.clone(),
+            siblings: sh.siblings.clone(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn LiveStore> {
+        &self.shared.store
+    }
+
+    /// The upstream connector (its circuit and running count, for health and metrics).
+    pub fn connector(&self) -> &Connector {
+        &self.shared.connector
+    }
+
+    /// Session counts and limits.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.shared.admission
+    }
+
+    /// The settings it was made with.
+    pub fn config(&self) -> &SessionConfig {
+        &self.shared.cfg
+    }
+
+    /// The server this registry serves (its upstream's configured name).
+    pub fn server(&self) -> &str {
+        &self.shared.cfg.upstream_name
+    }
+
+    /// Whether this process holds session `id` here.
+    pub fn holds(&self, id: &str) -> bool {
+        self.shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+            || self
+                .shared
+                .legacy_pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(id)
+    }
+
+    /// A reload removed or replaced this server: from now on its reaper expires only the
+    /// sessions it holds (the store's belong to the server's new registry, if any).
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Registry::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Relaxed)
+    }
+
+    /// The tool-call quota and each user's use of it as this instance last counted.
+    pub fn quotas(&self) -> &quota::Quotas {
+        &self.shared.quotas
+    }
+
+    pub(super) fn refused(&self, r: Failure) -> SessionError {
+        let limit = r
+            .field("limit")
+            .and_then(Value::as_str)
+            .unwrap_or(r.kind().as_str());
+        self.shared.metrics.refused(limit);
+        SessionError::Refused(r)
+    }
+
+    /// The metrics this registry updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
     }
 }

@@ -21,7 +21,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
+use serde_json::Value;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use tracing::Instrument;
 
@@ -349,6 +353,72 @@ fn submit(
     }
     let span = tracing::info_span!(parent: request, "store.write", store.op = "open_stream");
     Box::pin(store.open_stream(record).instrument(span))
+}
+
+/// What a client request produces.
+pub enum Reply {
+    /// An SSE stream that ends with the response.
+    Stream(StreamHandle),
+    /// A JSON-RPC message to return at once (an error, usually).
+    Immediate(Value),
+    /// Accepted; the answer goes to the session's single stream (2024-11-05 transport).
+    Accepted,
+}
+
+/// A stream ready to be rendered as SSE.
+pub struct StreamHandle {
+    /// Stream id (the prefix of every event id).
+    pub stream_id: Arc<str>,
+    /// A request stream whose record is still deferred ([`Stream::deferred`]).
+    pub deferred: Option<Deferred>,
+    /// Send a priming event (event id + empty data + `retry`) first.
+    pub priming: bool,
+    /// `retry` for the priming event.
+    pub retry: Duration,
+    /// Stored events to send before live ones.
+    pub replay: Vec<(u64, String)>,
+    /// Live events; `None` when the stream already ended.
+    pub live: Option<FrameRx>,
+    /// End the HTTP response after the final response event.
+    pub ends_with_response: bool,
+    /// Cancelled when this response must end (shutdown).
+    pub stop: CancellationToken,
+}
+
+/// What a [`StreamHandle`] needs to answer a quick call without a stream.
+pub struct Deferred {
+    pub(super) stream: Arc<Stream>,
+    pub(super) store: Arc<dyn LiveStore>,
+    pub(super) window: Duration,
+}
+
+impl StreamHandle {
+    /// Waits up to the answer window for the answer of a call whose stream record is
+    /// deferred, and returns it if nothing of the call was stored (it is then the whole
+    /// response). Otherwise returns `None` with the handle ready to render as SSE, any
+    /// frame it took held for the stream.
+    pub async fn quick_answer(&mut self) -> Option<Arc<str>> {
+        let deferred = self.deferred.as_ref().filter(|d| !d.window.is_zero())?;
+        let rx = self.live.as_mut()?;
+        let first = tokio::select! {
+            biased;
+            f = rx.recv() => f?,
+            () = tokio::time::sleep(deferred.window) => return None,
+            () = self.stop.cancelled() => return None,
+        };
+        if first.terminal && !first.stored {
+            return Some(first.data);
+        }
+        rx.hold(first);
+        None
+    }
+
+    /// Writes the stream's record if it is still deferred; the ack is awaited before the
+    /// first byte, since the priming event gives the client an id to resume by.
+    pub fn open_record(&mut self) -> Option<Ack> {
+        let d = self.deferred.take()?;
+        d.stream.open(d.store.as_ref())
+    }
 }
 
 #[cfg(test)]

@@ -35,8 +35,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::{Inbound, UpstreamError, shim};
-use crate::config::EnvPolicy;
 use crate::log_limit::LogLimiter;
+use crate::upstream::EnvPolicy;
 
 /// What to start.
 #[derive(Clone, Copy)]

@@ -1,36 +1,31 @@
 //! The modern era (2026-07-28) on `/mcp`: stateless requests checked against every rule
 //! ([`crate::modern::check`]), `server/discover` answered by the gateway, and every other
-//! request bridged to a pooled legacy upstream session ([`Registry::pooled`]).
+//! request relayed to a pooled legacy upstream session ([`Registry::pooled`]).
 //!
 //! A call's answer is one JSON body when nothing comes before it; a notification the
 //! client opted into (progress, log messages at its `logLevel`) or a long wait (the
 //! keepalive interval) turns the response into an SSE stream with keepalive comments.
 //! When the upstream asks the client something (sampling, elicitation, roots), the call is
-//! answered with an `InputRequiredResult` and parked here ([`Bridge`]) under a sealed
+//! answered with an `InputRequiredResult` and parked ([`ParkedCalls`], `parked.rs`) under a sealed
 //! `requestState`; the client's retry with `inputResponses` delivers the answers to the
 //! waiting upstream request and the same call continues. Closing a response stream
 //! cancels its call upstream ([`Call`]'s drop).
 //!
-//! Must not: hold a parked call past its state's expiry, or keep more than
-//! [`MAX_PARKED`] of them ([`MAX_PARKED_PER_PRINCIPAL`] of one user).
+//! Must not: parse a client's message twice, or answer a call another instance holds
+//! (it is forwarded there once).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+mod parked;
 
 use super::*;
 use crate::modern::{self as rules, Meta, StateClaims, StateKey};
 use crate::session::FrameRx;
 use crate::store::now_ms;
+use parked::{Call, ask_key, askable, park};
+pub use parked::{MAX_PARKED, ParkedCalls};
 
 /// How long input requests that follow a first one are gathered into the same
 /// `InputRequiredResult`.
 const GATHER: Duration = Duration::from_millis(20);
-
-/// Parked calls (waiting for a client's input) this gateway holds at most.
-pub const MAX_PARKED: usize = 1024;
-/// Parked calls of one principal: one user cannot fill the table for the others.
-pub const MAX_PARKED_PER_PRINCIPAL: usize = 128;
 
 /// What the modern front needs besides the legacy one.
 #[derive(Debug, Clone)]
@@ -44,43 +39,7 @@ pub struct ModernConfig {
     pub state_ttl: Duration,
 }
 
-/// Calls parked until their client sends the input their upstream asked for.
-pub(super) struct Bridge {
-    cfg: ModernConfig,
-    parked: Mutex<HashMap<String, Parked>>,
-    last_sweep: AtomicI64,
-}
-
-struct Parked {
-    call: Call,
-    principal: String,
-    expires_ms: i64,
-}
-
-/// A bridged call in progress. Dropped before its answer was delivered (the client closed
-/// the stream, a parked call expired), it is cancelled upstream.
-struct Call {
-    session: Arc<Session>,
-    stream: Arc<str>,
-    rx: FrameRx,
-    /// The upstream's requests to the client still unanswered: `tether-N` id → request.
-    asked: Vec<(String, Value)>,
-    /// The progress token the client chose (upstream, the call carries one of the
-    /// gateway's: pooled sessions are shared).
-    progress_token: Option<Value>,
-    done: bool,
-}
-
-impl Drop for Call {
-    fn drop(&mut self) {
-        if !self.done {
-            let keys: Vec<String> = self.asked.iter().map(|(k, _)| k.clone()).collect();
-            self.session.abandon(&self.stream, &keys);
-        }
-    }
-}
-
-/// What one frame of a bridged call's stream is.
+/// What one frame of a pooled call's stream is.
 enum Event {
     /// The final answer.
     Answer(Value),
@@ -99,93 +58,6 @@ fn event_of(data: &str) -> Option<Event> {
         (true, false) => Event::Note(v),
         _ => Event::Answer(v),
     })
-}
-
-impl Bridge {
-    pub(super) fn new(cfg: ModernConfig) -> Bridge {
-        Bridge {
-            cfg,
-            parked: Mutex::new(HashMap::new()),
-            last_sweep: AtomicI64::new(0),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Parked>> {
-        self.parked.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Drops parked calls whose state expired (cancelling them upstream); at most once a
-    /// second, from the parks and retries that arrive (a parked call holds no exchange, so
-    /// its pooled session still expires on its own; the table is bounded by
-    /// [`MAX_PARKED`] meanwhile).
-    fn sweep(&self, now: i64) {
-        let last = self.last_sweep.load(Ordering::Relaxed);
-        if now - last < 1000
-            || self
-                .last_sweep
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            return;
-        }
-        let expired: Vec<Parked> = {
-            let mut map = self.lock();
-            let keys: Vec<String> = map
-                .iter()
-                .filter(|(_, p)| p.expires_ms <= now)
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.into_iter().filter_map(|k| map.remove(&k)).collect()
-        };
-        drop(expired);
-    }
-
-    /// Parks `call` and returns the state its retry must carry; `None` when the table is
-    /// full (the call is then dropped: cancelled upstream).
-    fn park(
-        &self,
-        call: Call,
-        principal: &str,
-        method: &str,
-        name: Option<&str>,
-    ) -> Option<String> {
-        let now = now_ms();
-        self.sweep(now);
-        let expires_ms =
-            now + i64::try_from(self.cfg.state_ttl.as_millis()).unwrap_or(i64::MAX / 2);
-        let key = crate::ids::new_session_id();
-        let state = self.cfg.state_key.seal(&StateClaims {
-            p: principal.to_owned(),
-            i: self.cfg.instance.clone(),
-            w: key.clone(),
-            m: method.to_owned(),
-            n: name.map(str::to_owned),
-            x: expires_ms,
-        });
-        let mut map = self.lock();
-        let theirs = map.values().filter(|p| p.principal == principal).count();
-        if map.len() >= MAX_PARKED || theirs >= MAX_PARKED_PER_PRINCIPAL {
-            return None;
-        }
-        map.insert(
-            key,
-            Parked {
-                call,
-                principal: principal.to_owned(),
-                expires_ms,
-            },
-        );
-        Some(state)
-    }
-
-    fn take(&self, claims: &StateClaims) -> Option<Call> {
-        self.sweep(now_ms());
-        let mut map = self.lock();
-        match map.get(&claims.w) {
-            Some(p) if p.principal == claims.p => map.remove(&claims.w).map(|p| p.call),
-            _ => None,
-        }
-    }
 }
 
 fn refusal(r: rules::Refusal, id: Option<&Value>) -> FrontError {
@@ -222,7 +94,7 @@ pub(super) async fn post(
     let meta = rules::check(&env, h).map_err(|r| refusal(r, env.id()))?;
     let id = env.id().cloned().unwrap_or(Value::Null);
     let method = env.method_name().unwrap_or_default().to_owned();
-    let bridge = &st.bridge;
+    let parked = &st.parked;
     st.registry.metrics().mcp_request("modern", &method);
     st.registry
         .note_stateless(principal, meta.client_info.as_ref(), &method);
@@ -269,7 +141,7 @@ pub(super) async fn post(
     let retry = rules::to_legacy(&mut value).map_err(|r| refusal(r, Some(&id)))?;
     let call = match retry.state {
         Some(state) => {
-            let claims = bridge
+            let claims = parked
                 .cfg
                 .state_key
                 .open(&state, &principal.id, &method, name.as_deref(), now_ms())
@@ -277,13 +149,13 @@ pub(super) async fn post(
                     FrontError::new(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, e.to_string())
                         .with_id(Some(&id))
                 })?;
-            if claims.i != bridge.cfg.instance
+            if claims.i != parked.cfg.instance
                 && let Some(resp) = to_holder(st, &claims.i, &original).await
             {
                 return Ok(resp);
             }
-            let Some(mut call) = (claims.i == bridge.cfg.instance)
-                .then(|| bridge.take(&claims))
+            let Some(mut call) = (claims.i == parked.cfg.instance)
+                .then(|| parked.take(&claims))
                 .flatten()
             else {
                 let f = Failure::interrupted(format!(
@@ -473,55 +345,7 @@ async fn to_holder(st: &AppState, instance: &str, original: &Original<'_>) -> Op
     }
 }
 
-/// Parks a call that asked the client for input: the `InputRequiredResult` to answer
-/// with, or the refusal when the table is full (the call is then dropped: cancelled
-/// upstream).
-fn park(
-    st: &AppState,
-    call: Call,
-    principal: &str,
-    method: &str,
-    name: Option<&str>,
-    id: Value,
-) -> Value {
-    let asked = call.asked.clone();
-    match st.bridge.park(call, principal, method, name) {
-        Some(state) => rules::input_required(id, &asked, &state),
-        None => parked_full().response(id),
-    }
-}
-
-/// Whether an upstream's request can go to this client as an input request (a kind MRTR
-/// carries, for a capability the client declared).
-fn askable(ask: &Value, meta: &Meta) -> bool {
-    ask.get("method")
-        .and_then(Value::as_str)
-        .and_then(rules::required_capability)
-        .is_some_and(|cap| meta.declares(cap))
-}
-
-/// The key an upstream's request to the client goes under: its `tether-N` id.
-fn ask_key(ask: &Value) -> String {
-    ask.get("id")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned()
-}
-
-/// The refusal of a call that would park past [`MAX_PARKED`] or
-/// [`MAX_PARKED_PER_PRINCIPAL`].
-fn parked_full() -> Failure {
-    Failure::new(
-        FailureKind::Limit,
-        format!(
-            "the gateway holds as many calls waiting for client input as it may ({MAX_PARKED} in all, {MAX_PARKED_PER_PRINCIPAL} per user); retry later"
-        ),
-        Retry::Safe(Some(Duration::from_secs(1))),
-    )
-    .with("limit", "parked_calls")
-}
-
-/// What to do with one event of a bridged call, in either rendering.
+/// What to do with one event of a pooled call, in either rendering.
 enum Step {
     /// Not for this client (a log it did not opt into, a notification unrelated to it, a
     /// request the gateway answered itself); read on.
@@ -637,7 +461,7 @@ async fn step(
     }
 }
 
-/// Renders a bridged call: one JSON body if its answer (or an input request) comes before
+/// Renders a pooled call: one JSON body if its answer (or an input request) comes before
 /// anything the client should see, else an SSE stream.
 async fn answer(
     st: &AppState,

@@ -37,7 +37,7 @@ use crate::upstream::http::{HttpLink, HttpOptions, Reconnect};
 
 /// Settings of `tether connect`.
 #[derive(Debug, Clone)]
-pub struct BridgeOptions {
+pub struct ConnectOptions {
     /// The remote MCP endpoint.
     pub url: String,
     /// Headers sent with every request.
@@ -59,7 +59,7 @@ pub struct BridgeOptions {
     pub max_message: usize,
 }
 
-/// Prefix of ids the bridge uses for its own requests; their answers never reach stdout.
+/// Prefix of ids the relay uses for its own requests; their answers never reach stdout.
 const OWN_ID_PREFIX: &str = "tether-";
 
 /// Largest event read from a 2024-11-05 server's SSE stream.
@@ -116,8 +116,8 @@ impl Remote {
     }
 }
 
-struct Bridge {
-    opts: BridgeOptions,
+struct Connect {
+    opts: ConnectOptions,
     client: reqwest::Client,
     tracker: TaskTracker,
     inbound_tx: mpsc::Sender<Inbound>,
@@ -134,9 +134,9 @@ struct Bridge {
     pings: HashMap<String, tokio::time::Instant>,
 }
 
-/// Runs the bridge until stdin closes.
+/// Runs `tether connect` until stdin closes.
 pub async fn run(
-    opts: BridgeOptions,
+    opts: ConnectOptions,
     stdin: impl AsyncRead + Unpin,
     mut stdout: impl AsyncWrite + Unpin,
 ) -> anyhow::Result<()> {
@@ -144,7 +144,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let (inbound_tx, mut inbound) = mpsc::channel(256);
     let mut lines = FramedRead::new(stdin, LinesCodec::new_with_max_length(opts.max_message));
-    let mut bridge = Bridge {
+    let mut relay = Connect {
         opts,
         client,
         tracker: tracker.clone(),
@@ -157,7 +157,7 @@ pub async fn run(
         next_own: 1,
         pings: HashMap::new(),
     };
-    let mut heartbeat = bridge
+    let mut heartbeat = relay
         .opts
         .heartbeat
         .map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
@@ -165,7 +165,7 @@ pub async fn run(
         tokio::select! {
             line = lines.next() => match line {
                 Some(Ok(line)) => {
-                    for out in bridge.on_client_line(&line) {
+                    for out in relay.on_client_line(&line) {
                         write_line(&mut stdout, &out).await?;
                     }
                 }
@@ -175,15 +175,15 @@ pub async fn run(
                 None => break,
             },
             Some(msg) = inbound.recv() => {
-                for out in bridge.on_remote(msg) {
+                for out in relay.on_remote(msg) {
                     write_line(&mut stdout, &out).await?;
                 }
             }
-            _ = async { heartbeat.as_mut().expect("guarded").tick().await }, if heartbeat.is_some() => bridge.ping(),
+            _ = async { heartbeat.as_mut().expect("guarded").tick().await }, if heartbeat.is_some() => relay.ping(),
         }
     }
     tracing::info!("stdin closed; ending the remote session");
-    if let Some(r) = bridge.remote.take() {
+    if let Some(r) = relay.remote.take() {
         r.shutdown();
     }
     tracker.close();
@@ -198,7 +198,7 @@ async fn write_line(out: &mut (impl AsyncWrite + Unpin), value: &Value) -> anyho
     out.flush().await.context("stdout closed")
 }
 
-impl Bridge {
+impl Connect {
     fn own_id(&mut self, what: &str) -> Value {
         self.next_own += 1;
         Value::from(format!("{OWN_ID_PREFIX}{what}-{}", self.next_own))
@@ -217,7 +217,7 @@ impl Bridge {
                     first_contact: self.opts.first_contact,
                 }),
                 request_timeout: Some(self.opts.timeout),
-                label: "bridge".into(),
+                label: "connect".into(),
                 ..HttpOptions::default()
             },
             self.inbound_tx.clone(),
@@ -334,7 +334,7 @@ impl Bridge {
                     id,
                     code::UPSTREAM_MESSAGE_TOO_LARGE,
                     format!(
-                        "the server's answer was {len} bytes or more, over the bridge's {limit} byte limit"
+                        "the server's answer was {len} bytes or more, over the relay's {limit} byte limit"
                     ),
                     Some(json!({"limit": limit, "bytes": len})),
                 )]
@@ -411,7 +411,7 @@ impl Bridge {
 /// first event names the endpoint that client messages are POSTed to.
 struct LegacySse {
     outgoing: mpsc::Sender<Value>,
-    /// Where a refused request's error goes (the bridge's inbound queue).
+    /// Where a refused request's error goes (the relay's inbound queue).
     inbound: mpsc::Sender<Inbound>,
     stop: CancellationToken,
 }
@@ -423,7 +423,7 @@ impl LegacySse {
     /// that does not serve this transport either gets that request answered with an error
     /// naming both answers, instead of retries that would never succeed.
     fn start(
-        bridge: &Bridge,
+        relay: &Connect,
         preamble: Option<(Value, Vec<Value>)>,
         first: Option<(u16, Value)>,
     ) -> LegacySse {
@@ -431,16 +431,16 @@ impl LegacySse {
         let (outgoing, mut rx) = mpsc::channel::<Value>(1024);
         let stop = CancellationToken::new();
         let (client, url, headers, inbound, timeout) = (
-            bridge.client.clone(),
-            bridge.opts.url.clone(),
-            bridge.opts.headers.clone(),
-            bridge.inbound_tx.clone(),
-            bridge.opts.timeout,
+            relay.client.clone(),
+            relay.opts.url.clone(),
+            relay.opts.headers.clone(),
+            relay.inbound_tx.clone(),
+            relay.opts.timeout,
         );
-        let (backoff, max_outage) = (bridge.opts.backoff, bridge.opts.max_outage);
-        let first_contact = bridge.opts.first_contact;
+        let (backoff, max_outage) = (relay.opts.backoff, relay.opts.max_outage);
+        let first_contact = relay.opts.first_contact;
         let task_stop = stop.clone();
-        bridge.tracker.spawn(async move {
+        relay.tracker.spawn(async move {
             let started = tokio::time::Instant::now();
             let mut attempt = 0u32;
             let give_up_first = async |why: String| {
@@ -560,7 +560,7 @@ impl LegacySse {
         LegacySse {
             outgoing,
             stop,
-            inbound: bridge.inbound_tx.clone(),
+            inbound: relay.inbound_tx.clone(),
         }
     }
 
