@@ -116,7 +116,7 @@ for rep in $(seq 1 "$REPS"); do
     "$T" serve --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:0 --state-dir "$STATE/tether-modern-PORT" --log warn -- "${ECHO[@]}"
   BENCH_EXTRA="--protocol-version 2026-07-28" gateway_cell "tether, 2026-07-28 clients (bridge, pool 16)" /mcp \
     "$T" serve --listen 127.0.0.1:PORT --admin-listen 127.0.0.1:0 --state-dir "$STATE/tether-modern16-PORT" --log warn \
-    --bridge-pool-size 16 -- "${ECHO[@]}"
+    --pool-size 16 -- "${ECHO[@]}"
   gateway_cell "supergateway $SUPERGATEWAY_VERSION (streamableHttp, stateful)" /mcp \
     "$OUT/npm/node_modules/.bin/supergateway" --stdio "${ECHO[*]}" --outputTransport streamableHttp --stateful \
     --port PORT --logLevel none

@@ -10,6 +10,7 @@
 //! - [`client`]: the client side: `tether connect` ([`connect`]) and `tether check` ([`check`]).
 //! - [`policy`], [`protocol`], [`modern`], [`config`]: pure decisions, JSON-RPC envelopes,
 //!   the 2026-07-28 era's rules and translations, settings.
+//! - [`error`]: the one error (kind, origin, retry advice) and its JSON-RPC form.
 //! - [`wire`]: the typed JSON-RPC message, parsed once at each edge.
 //! - [`ids`], [`telemetry`], [`log_limit`], [`metrics`], [`ledger`], [`fault`]: the ground floor.
 //!
@@ -20,6 +21,7 @@ pub mod app;
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod error;
 pub mod fault;
 pub mod front;
 pub mod fuzz;

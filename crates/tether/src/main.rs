@@ -66,7 +66,7 @@ enum Command {
         admin: cli::AdminArgs,
     },
     /// Stateless (2026-07-28) clients the gateway served: by user and client, with their
-    /// requests (they have no session; the bridge's pooled upstreams are in `sessions list`).
+    /// requests (they have no session; their pooled upstream sessions are in `sessions list`).
     Clients {
         #[command(flatten)]
         admin: cli::AdminArgs,
@@ -621,11 +621,25 @@ struct LimitArgs {
     /// How long an open circuit refuses upstream starts before trying one [default: 10s].
     #[arg(long, env = "TETHER_CIRCUIT_COOLDOWN", value_name = "DURATION")]
     circuit_cooldown: Option<String>,
-    /// Upstream sessions the 2026-07-28 bridge holds for one user and one client (its name
-    /// and capabilities); calls go to an idle one, the pool grows to this when all are busy,
-    /// idle ones expire like sessions (--idle-timeout) [default: 4].
-    #[arg(long, env = "TETHER_BRIDGE_POOL_SIZE", value_name = "N")]
-    bridge_pool_size: Option<usize>,
+    /// Upstream sessions pooled for stateless (2026-07-28) clients, per user and client (its
+    /// name and capabilities); calls go to an idle one, the pool grows to this when all are
+    /// busy, idle ones expire like sessions (--idle-timeout) [default: 4].
+    #[arg(
+        long,
+        visible_alias = "bridge-pool-size",
+        env = "TETHER_POOL_SIZE",
+        value_name = "N"
+    )]
+    pool_size: Option<usize>,
+    /// --pool-size under its earlier variable name, still read so existing deployments keep
+    /// their setting; TETHER_POOL_SIZE wins when both are set.
+    #[arg(
+        long = "earlier-pool-size",
+        hide = true,
+        env = "TETHER_BRIDGE_POOL_SIZE",
+        value_name = "N"
+    )]
+    earlier_pool_size: Option<usize>,
     /// Tool calls each user may make per window, as N/WINDOW (1000/1d, 60/1h); windows are
     /// aligned to the epoch (a day resets at 00:00 UTC) and, with Redis, counted across the
     /// deployment [default: none].
@@ -663,7 +677,7 @@ impl LimitArgs {
             stream_buffer: self.stream_buffer.clone().map(SizeValue::Text),
             max_stream_events: self.max_stream_events,
             stderr_lines_per_sec: self.stderr_lines_per_sec,
-            bridge_pool_size: self.bridge_pool_size,
+            pool_size: self.pool_size.or(self.earlier_pool_size),
             quota_tool_calls: self.quota_tool_calls.clone(),
             max_initialize: self.max_initialize.clone().map(SizeValue::Text),
             circuit_failures: self.circuit_failures,

@@ -480,7 +480,7 @@ async fn a_parked_call_after_a_gateway_kill_gets_a_clear_error_and_the_bridge_co
 #[tokio::test]
 async fn clients_sharing_one_pooled_upstream_never_see_each_others_progress() {
     let dir = state_dir();
-    let gw = Gateway::start(dir.path(), &["--demo", "--bridge-pool-size", "1"]);
+    let gw = Gateway::start(dir.path(), &["--demo", "--pool-size", "1"]);
     let a = Modern::new(&gw.url, json!({}));
     let b = Modern::new(&gw.url, json!({}));
     // One upstream for both (the pool holds one member) ...

@@ -109,7 +109,7 @@ impl Builder {
             mirror_ledger: self.mirror_ledger,
             stream_buffer: limits.stream_buffer,
             max_initialize: limits.max_initialize,
-            pool_size: limits.bridge_pool_size,
+            pool_size: limits.pool_size,
             admission: AdmissionConfig {
                 max_sessions: settings.max_sessions.unwrap_or(limits.max_sessions),
                 // The gateway's count per user applies across servers.

@@ -12,7 +12,7 @@ mod stores;
 use build::{Builder, check_startable, self_upstreams, served};
 use reload::{ReloadSources, ignore_hangups, run_reloads};
 pub use secrets::{ADMIN_TOKEN_FILE, BRIDGE_KEY_FILE};
-use secrets::{bridge_key, lock_state_dir, resolve_admin_token};
+use secrets::{lock_state_dir, resolve_admin_token, state_key};
 use stores::{open_stores, raise_fd_limit};
 
 use std::future::Future;
@@ -185,7 +185,7 @@ async fn start(config: Config, shim: Option<PathBuf>) -> anyhow::Result<Running>
             StoreSpec::Sqlite => Duration::ZERO,
         },
         modern: ModernConfig {
-            state_key: bridge_key(&config, stores.coordinator.as_deref()).await?,
+            state_key: state_key(&config, stores.coordinator.as_deref()).await?,
             instance: stores
                 .coordinator
                 .as_ref()
@@ -259,7 +259,7 @@ async fn start(config: Config, shim: Option<PathBuf>) -> anyhow::Result<Running>
         if closed > 0 {
             tracing::info!(
                 sessions = closed,
-                "closed the 2026-07-28 bridge's pooled sessions of the earlier process"
+                "closed the pooled sessions (2026-07-28 clients) of the earlier process"
             );
         }
     }

@@ -61,28 +61,29 @@ pub(super) fn resolve_admin_token(config: &Config) -> anyhow::Result<AdminToken>
 /// deployment's one (`P:secret:bridge`, so any instance verifies a state another sealed),
 /// else 32 random bytes kept in the state dir (`bridge.key`, mode 0600), so a state stays
 /// verifiable across restarts.
-pub(super) async fn bridge_key(
+pub(super) async fn state_key(
     config: &Config,
     coordinator: Option<&dyn crate::store::Coordinator>,
 ) -> anyhow::Result<crate::modern::StateKey> {
     let (text, whence) = match coordinator {
         Some(c) => match c.shared_secret("bridge").await {
-            Ok(Some(text)) => (text, "the live store's bridge secret".to_owned()),
-            Ok(None) => bridge_key_file(config)?,
-            Err(e) => anyhow::bail!("cannot read the bridge key from the live store: {e}"),
+            Ok(Some(text)) => (text, "the live store's requestState key".to_owned()),
+            Ok(None) => state_key_file(config)?,
+            Err(e) => anyhow::bail!("cannot read the requestState key from the live store: {e}"),
         },
-        None => bridge_key_file(config)?,
+        None => state_key_file(config)?,
     };
     crate::modern::StateKey::from_hex(&text).with_context(|| {
         format!("{whence} is not 64 hex characters; delete it to have a new key made")
     })
 }
 
-/// The bridge key's text from the state dir, made there first if missing; and where it is.
-pub(super) fn bridge_key_file(config: &Config) -> anyhow::Result<(String, String)> {
+/// The requestState key's text from the state dir (its file keeps the name `bridge.key`
+/// it had, so existing state dirs keep their key), made there first if missing; and where it is.
+pub(super) fn state_key_file(config: &Config) -> anyhow::Result<(String, String)> {
     let path = config.state_dir.join(BRIDGE_KEY_FILE);
     let text = if path.exists() {
-        crate::config::read_bounded(&path, "bridge key").map_err(anyhow::Error::msg)?
+        crate::config::read_bounded(&path, "requestState key").map_err(anyhow::Error::msg)?
     } else {
         let hex = crate::ids::random_hex(32);
         write_secret(&config.state_dir, &path, &hex)?;

@@ -45,8 +45,10 @@ pub struct LimitsLayer {
     pub circuit_failures: Option<u32>,
     /// How long an open circuit refuses new upstream starts before one is tried again.
     pub circuit_cooldown: Option<String>,
-    /// Upstream sessions the 2026-07-28 bridge holds per user and client-capability set.
-    pub bridge_pool_size: Option<usize>,
+    /// Upstream sessions pooled for stateless (2026-07-28) clients per user and client
+    /// (`bridge-pool-size`, its earlier name, is still read).
+    #[serde(alias = "bridge-pool-size")]
+    pub pool_size: Option<usize>,
     /// Tool calls each user may make per window, as `N/WINDOW` (`1000/1d`).
     pub quota_tool_calls: Option<String>,
     /// Largest `initialize` params a session may store (replayed to every fresh upstream); larger ones are refused with `-32602`.
@@ -82,7 +84,7 @@ impl LimitsLayer {
             stderr_lines_per_sec,
             circuit_failures,
             circuit_cooldown,
-            bridge_pool_size,
+            pool_size,
             quota_tool_calls,
             max_initialize,
             max_subscriptions,
@@ -125,8 +127,8 @@ pub struct Limits {
     pub max_stream_events: u64,
     /// See [`LimitsLayer::stderr_lines_per_sec`].
     pub stderr_lines_per_sec: u32,
-    /// See [`LimitsLayer::bridge_pool_size`].
-    pub bridge_pool_size: usize,
+    /// See [`LimitsLayer::pool_size`].
+    pub pool_size: usize,
     /// See [`LimitsLayer::quota_tool_calls`]; `None`: no quota.
     pub quota_tool_calls: Option<Quota>,
     /// See [`LimitsLayer::circuit_failures`].
@@ -230,7 +232,7 @@ impl Limits {
             stream_buffer,
             max_stream_events: l.max_stream_events.unwrap_or(10_000).max(1),
             stderr_lines_per_sec: l.stderr_lines_per_sec.unwrap_or(50).max(1),
-            bridge_pool_size: positive(errors, "bridge-pool-size", l.bridge_pool_size, 4),
+            pool_size: positive(errors, "pool-size", l.pool_size, 4),
             quota_tool_calls: l.quota_tool_calls.as_deref().and_then(|q| {
                 Quota::parse(q)
                     .map_err(|e| errors.push(format!("quota-tool-calls: {e}")))

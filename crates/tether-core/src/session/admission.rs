@@ -15,7 +15,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::error::{Failure, Kind, Retry};
+use crate::error::{Failure, Kind, Retry};
 
 /// Admission settings.
 #[derive(Debug, Clone)]

@@ -24,8 +24,8 @@
 //! - `deadlines.rs`: call timeouts, one task per session;
 //! - `inbound.rs`: upstream → client (routing, server requests, resumption);
 //! - `calls.rs`: the in-flight table, completing a call and recording it;
-//! - `error.rs`: [`Failure`], the one error (kind, origin, retry advice) and its JSON-RPC
-//!   form; `tests.rs`: the state machine under paused time, with fake upstreams;
+//! - `error.rs`: [`Failure`] (defined in [`crate::error`]) for an upstream that could not
+//!   start; `tests/`: the state machine under paused time, with fake upstreams;
 //! - `close.rs`: closing or letting go; `upkeep.rs`: reaper, coordination, shutdown;
 //! - `stream.rs`: SSE streams, their logs, and the [`Reply`] the front door renders;
 //! - `admission.rs`: session limits.
@@ -64,6 +64,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::auth::Principal;
+pub use crate::error::{Failure, Kind as FailureKind, Origin, Retry};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::policy::{self, Backoff};
@@ -75,7 +76,6 @@ use crate::store::{
 use crate::upstream::{Connector, Inbound, Link, Started, UpstreamError};
 use crate::wire::{Message, Method};
 use admission::{Admission, Slot};
-pub use error::{Failure, Kind as FailureKind, Origin, Retry};
 
 pub use stream::{
     Deferred, Frame, FrameRx, Pushed, Reply, Stream, StreamHandle, event_id, parse_event_id,

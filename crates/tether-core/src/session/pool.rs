@@ -31,7 +31,7 @@ pub const MAX_STATELESS_CLIENTS: usize = 1000;
 pub const MAX_LISTENS_PER_PRINCIPAL: usize = 32;
 
 /// Client applications (name and capability sets) one principal's stateless requests may
-/// keep pools for at once: each is a pool of up to `--bridge-pool-size` upstreams.
+/// keep pools for at once: each is a pool of up to `--pool-size` upstreams.
 pub const MAX_POOLS_PER_PRINCIPAL: usize = 64;
 
 /// A stateless client: principal id, client name, client version.

@@ -122,7 +122,7 @@ impl Session {
                         format!(
                             "upstream {name:?} failed {} times in a row (last: {cause}); backing off, next restart attempt in {} ms",
                             st.failures,
-                            error::ceil_ms(retry_in)
+                            crate::error::ceil_ms(retry_in)
                         ),
                         Retry::Safe(Some(retry_in)),
                     )

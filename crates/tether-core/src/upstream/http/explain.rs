@@ -77,6 +77,16 @@ pub fn explain_status(status: StatusCode, www_authenticate: Option<&str>) -> Opt
     }
 }
 
+/// What an error answer says: its `WWW-Authenticate` challenge and its body as text.
+pub(in crate::upstream) async fn error_parts(resp: reqwest::Response) -> (Option<String>, String) {
+    let challenge = resp
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (challenge, error_body(resp).await)
+}
+
 /// The body of an error answer, as text, at most 64 KiB (it is only read for a message).
 pub(in crate::upstream) async fn error_body(resp: reqwest::Response) -> String {
     read_limited(resp, 64 << 10)

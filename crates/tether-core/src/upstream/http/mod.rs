@@ -24,9 +24,10 @@ mod explain;
 mod read;
 mod session;
 
-pub(super) use explain::{error_body, not_jsonrpc_answer, status_answer};
+pub(super) use explain::{error_body, error_parts, not_jsonrpc_answer, status_answer};
 pub use explain::{explain_error, explain_status};
 
+use crate::error::{Failure, Kind as FailureKind, Retry};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -352,12 +353,10 @@ impl Inner {
             tracing::warn!(url = %self.url, limit, method = method_of(value).unwrap_or("(response)"), "upstream link full: message refused");
         }
         if let Some(id) = request_id(value) {
-            let err = protocol::error_response(
-                id.clone(),
-                code::LIMIT_REACHED,
-                why,
-                Some(serde_json::json!({"limit": limit})),
-            );
+            // Refused before it was sent: safe to repeat.
+            let err = Failure::new(FailureKind::Limit, why, Retry::Safe(None))
+                .with("limit", limit)
+                .response(id.clone());
             let _ = self.inbound.try_send(Inbound::Message {
                 message: Message::ours(err),
                 origin: None,

@@ -36,12 +36,7 @@ impl Inner {
             return;
         }
         if !status.is_success() {
-            let challenge = resp
-                .headers()
-                .get(reqwest::header::WWW_AUTHENTICATE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let body = error_body(resp).await;
+            let (challenge, body) = error_parts(resp).await;
             let challenge = challenge.filter(|_| is_init);
             self.answer_status(value, status, challenge.as_deref(), &body)
                 .await;
@@ -281,7 +276,7 @@ impl Inner {
     }
 
     pub(super) async fn lost(&self, id: &Value, why: &str) {
-        let err = protocol::error_response(id.clone(), code::UPSTREAM_LOST, why, None);
+        let err = crate::error::Failure::upstream_lost(why, true).response(id.clone());
         let _ = self
             .inbound
             .send(Inbound::Message {

@@ -47,12 +47,7 @@ pub(super) async fn read_answer(
     let status = resp.status();
     let id = body.get("id").cloned().unwrap_or(Value::Null);
     if !status.is_success() {
-        let challenge = resp
-            .headers()
-            .get(reqwest::header::WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let text = error_body(resp).await;
+        let (challenge, text) = error_parts(resp).await;
         return Answer::Final(status_answer(&id, url, status, challenge.as_deref(), &text));
     }
     if !is_event_stream(resp.headers()) {

@@ -23,6 +23,7 @@
 mod answer;
 mod listen;
 
+use crate::error::{Failure, Kind, Retry};
 pub use answer::probe;
 use answer::{headers_for, id_text, read_answer};
 
@@ -41,8 +42,8 @@ use tracing::Instrument;
 
 use super::Inbound;
 use super::http::{
-    HttpOptions, error_body, error_chain, explain_error, is_event_stream, not_jsonrpc_answer,
-    read_limited, status_answer,
+    HttpOptions, error_body, error_chain, error_parts, explain_error, is_event_stream,
+    not_jsonrpc_answer, read_limited, status_answer,
 };
 use super::sse::{self, SseItem};
 use crate::modern;
@@ -117,19 +118,18 @@ enum Answer {
     Failed(String),
 }
 
-/// A request refused at one of the link's bounds (`-32016`, `data.limit` names it).
+/// A request refused at one of the link's bounds (`-32016`, `data.limit` names it); it
+/// never reached the server.
 fn over_limit(id: Value, limit: &str, message: String) -> Value {
-    protocol::error_response(
-        id,
-        code::LIMIT_REACHED,
-        message,
-        Some(json!({ "limit": limit })),
-    )
+    Failure::new(Kind::Limit, message, Retry::Safe(None))
+        .with("limit", limit)
+        .response(id)
 }
 
-/// An error answer for request `id` built by the gateway.
+/// The answer for request `id` when the server's answer cannot be had (`-32011`): it was
+/// sent, so it may have run.
 fn lost(id: Value, why: &str) -> Value {
-    protocol::error_response(id, code::UPSTREAM_LOST, why, None)
+    Failure::upstream_lost(why, true).response(id)
 }
 
 impl ModernLink {
