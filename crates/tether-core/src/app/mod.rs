@@ -1,6 +1,9 @@
 //! Wiring: the only module that knows every other one. Opens the store, builds the
 //! session registry and the front door, serves until the shutdown future resolves, then
-//! drains in-flight requests under the grace period and stops every upstream.
+//! drains in-flight requests under the grace period and stops every upstream: [`run`] is
+//! `start`, `serve`, `stop`. `build.rs` builds one server's parts, `reload.rs` applies
+//! reloads, `secrets.rs` keeps the state dir's secrets and lock, `stores.rs` opens the
+//! stores.
 //!
 //! Must not: hold request logic: it wires the parts and owns their tasks and shutdown.
 

@@ -3,8 +3,11 @@
 //! The file and the command line (which clap already merges with the environment) are each
 //! read into a [`Layer`] of optional values; [`Config::resolve`] lays the command line over
 //! the file over the defaults and reports every problem at once, before anything binds.
+//! `limits.rs` holds the `[limits]` table, `resolve.rs` the resolution, `files.rs` the
+//! bounded reads of the operator's files.
 //!
-//! Must not: do I/O beyond reading the file, or accept a value it cannot use (every problem is reported, all at once).
+//! Must not: do I/O beyond reading the operator's files, or accept a value it cannot use
+//! (every problem is reported, all at once).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -7,8 +7,10 @@
 //! [`FrontError`], mapped to its status and JSON-RPC error body and logged once, in
 //! [`FrontError::into_response`]. This module knows nothing about processes or databases.
 //!
-//! The 2026-07-28 era (stateless requests served by pooled legacy upstream sessions) is in
-//! `modern.rs`.
+//! Where the rest is: `checks.rs` (Host, Origin, the caller), `error.rs` ([`FrontError`]),
+//! `forward.rs` (a session another instance serves), `sse.rs` (the one SSE encoder), and
+//! `modern/` (the 2026-07-28 era: stateless requests served by pooled legacy upstream
+//! sessions, and calls parked for client input).
 //!
 //! Must not: know about processes or databases.
 

@@ -11,8 +11,8 @@
 //! waiting upstream request and the same call continues. Closing a response stream
 //! cancels its call upstream ([`Call`]'s drop).
 //!
-//! Must not: parse a client's message twice, or answer a call another instance holds
-//! (it is forwarded there once).
+//! Must not: answer a retry whose call another instance holds (it is forwarded there,
+//! once), or keep a call running upstream after its client closed the stream.
 
 mod parked;
 
