@@ -190,6 +190,12 @@ impl Failure {
             .with("max", max)
     }
 
+    /// A request refused at bound `limit` before it was sent (`Kind::Limit`, safe to
+    /// repeat): `data.limit` names the bound.
+    pub fn at_bound(limit: &str, message: impl Into<String>) -> Failure {
+        Failure::new(Kind::Limit, message, Retry::Safe(None)).with("limit", limit)
+    }
+
     /// Adds a field to `error.data`.
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Failure {
         self.data.insert(key.to_owned(), value.into());
@@ -299,3 +305,33 @@ impl std::fmt::Display for Failure {
 }
 
 impl std::error::Error for Failure {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_one_code_and_the_outcome_the_ledger_expects() {
+        // The ledger and metrics classify answers by code (`protocol::call_outcome`); a kind
+        // must land in the outcome its name promises.
+        for (kind, outcome) in [
+            (Kind::UpstreamTimeout, "timeout"),
+            (Kind::UpstreamLost, "upstream_lost"),
+            (Kind::Moved, "upstream_lost"),
+            (Kind::Interrupted, "interrupted"),
+            (Kind::SessionClosed, "session_closed"),
+            (Kind::UpstreamBackoff, "upstream_unavailable"),
+            (Kind::CircuitOpen, "upstream_unavailable"),
+            (Kind::UpstreamUnavailable, "upstream_unavailable"),
+            (Kind::Limit, "refused"),
+            (Kind::Rate, "refused"),
+            (Kind::MessageTooLarge, "too_large"),
+            (Kind::InvalidRequest, "error"),
+            (Kind::StoreUnavailable, "error"),
+        ] {
+            let r = Failure::new(kind, "x", Retry::Never).response(Value::Null);
+            let m = crate::wire::Message::ours(r);
+            assert_eq!(protocol::call_outcome(&m).0, outcome, "{kind:?}");
+        }
+    }
+}

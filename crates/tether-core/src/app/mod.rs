@@ -73,7 +73,7 @@ struct Running {
     hub: Hub,
     coordinator: Option<Arc<dyn Coordinator>>,
     tracker: TaskTracker,
-    server: Option<tokio::task::JoinHandle<()>>,
+    server: tokio::task::JoinHandle<()>,
     stop_accepting: CancellationToken,
     drop_connections: CancellationToken,
     upkeep_stop: CancellationToken,
@@ -407,7 +407,7 @@ async fn start(config: Config, shim: Option<PathBuf>) -> anyhow::Result<Running>
         hub,
         coordinator: stores.coordinator.clone(),
         tracker,
-        server: Some(server),
+        server,
         stop_accepting,
         drop_connections,
         upkeep_stop,
@@ -421,13 +421,12 @@ async fn start(config: Config, shim: Option<PathBuf>) -> anyhow::Result<Running>
 }
 
 impl Running {
-    /// Serves until `shutdown` resolves; an error when the MCP listener itself stopped.
+    /// Serves until `shutdown` resolves; an error when the MCP listener itself stopped (the
+    /// gateway then exits without [`Running::stop`], which would wait on that listener).
     async fn serve(&mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let server = self.server.as_mut().expect("serve is called once");
         tokio::select! {
             _ = shutdown => Ok(()),
-            res = server => {
-                self.server = None;
+            res = &mut self.server => {
                 res.context("server task failed")?;
                 anyhow::bail!("the MCP listener stopped");
             }
@@ -444,10 +443,10 @@ impl Running {
             r.begin_shutdown();
         }
         self.stop_accepting.cancel();
-        if let Some(mut server) = self.server
-            && tokio::time::timeout(self.shutdown_grace, &mut server)
-                .await
-                .is_err()
+        let mut server = self.server;
+        if tokio::time::timeout(self.shutdown_grace, &mut server)
+            .await
+            .is_err()
         {
             tracing::warn!(
                 "shutdown grace over; ending the remaining streams (clients can resume them after restart)"

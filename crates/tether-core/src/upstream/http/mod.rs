@@ -27,7 +27,7 @@ mod session;
 pub(super) use explain::{error_body, error_parts, not_jsonrpc_answer, status_answer};
 pub use explain::{explain_error, explain_status};
 
-use crate::error::{Failure, Kind as FailureKind, Retry};
+use crate::error::Failure;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -353,10 +353,7 @@ impl Inner {
             tracing::warn!(url = %self.url, limit, method = method_of(value).unwrap_or("(response)"), "upstream link full: message refused");
         }
         if let Some(id) = request_id(value) {
-            // Refused before it was sent: safe to repeat.
-            let err = Failure::new(FailureKind::Limit, why, Retry::Safe(None))
-                .with("limit", limit)
-                .response(id.clone());
+            let err = Failure::at_bound(limit, why).response(id.clone());
             let _ = self.inbound.try_send(Inbound::Message {
                 message: Message::ours(err),
                 origin: None,

@@ -23,7 +23,7 @@
 mod answer;
 mod listen;
 
-use crate::error::{Failure, Kind, Retry};
+use crate::error::Failure;
 pub use answer::probe;
 use answer::{headers_for, id_text, read_answer};
 
@@ -121,9 +121,7 @@ enum Answer {
 /// A request refused at one of the link's bounds (`-32016`, `data.limit` names it); it
 /// never reached the server.
 fn over_limit(id: Value, limit: &str, message: String) -> Value {
-    Failure::new(Kind::Limit, message, Retry::Safe(None))
-        .with("limit", limit)
-        .response(id)
+    Failure::at_bound(limit, message).response(id)
 }
 
 /// The answer for request `id` when the server's answer cannot be had (`-32011`): it was
