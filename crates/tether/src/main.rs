@@ -563,130 +563,71 @@ where
     Ok(telemetry)
 }
 
-/// Resource limits (README "Limits"); each also in the config file's `[limits]` table.
-#[derive(Args)]
-#[command(next_help_heading = "Limits")]
-struct LimitArgs {
-    /// Time a client has to send its request headers; idle keep-alive connections close
-    /// after the same time [default: 10s].
-    #[arg(long, env = "TETHER_HEADER_TIMEOUT", value_name = "DURATION")]
-    header_timeout: Option<String>,
-    /// Time a client has to send a request body [default: 30s].
-    #[arg(long, env = "TETHER_BODY_TIMEOUT", value_name = "DURATION")]
-    body_timeout: Option<String>,
-    /// A connection that takes none of our bytes for this long is cut [default: 30s].
-    #[arg(long, env = "TETHER_WRITE_TIMEOUT", value_name = "DURATION")]
-    write_timeout: Option<String>,
-    /// Open connections on the MCP listener [default: 1024].
-    #[arg(long, env = "TETHER_MAX_CONNECTIONS", value_name = "N")]
-    max_connections: Option<usize>,
-    /// Open connections from one client address [default: half of --max-connections].
-    #[arg(long, env = "TETHER_MAX_CONNECTIONS_PER_ADDR", value_name = "N")]
-    max_connections_per_addr: Option<usize>,
-    /// Open connections on the admin listener, a budget of its own [default: 64].
-    #[arg(long, env = "TETHER_ADMIN_MAX_CONNECTIONS", value_name = "N")]
-    admin_max_connections: Option<usize>,
-    /// Live sessions held by this process [default: 1000].
-    #[arg(long, env = "TETHER_MAX_SESSIONS", value_name = "N")]
-    max_sessions: Option<usize>,
-    /// Live sessions of one API-key user [default: a quarter of --max-sessions].
-    #[arg(long, env = "TETHER_MAX_SESSIONS_PER_PRINCIPAL", value_name = "N")]
-    max_sessions_per_principal: Option<usize>,
-    /// Running upstreams (stdio processes or HTTP upstream sessions) [default: --max-sessions].
-    #[arg(long, env = "TETHER_MAX_UPSTREAMS", value_name = "N")]
-    max_upstreams: Option<usize>,
-    /// New sessions per second per user and per client address [default: 20].
-    #[arg(long, env = "TETHER_SESSION_RATE", value_name = "N")]
-    session_rate: Option<u32>,
-    /// New sessions allowed in a burst above --session-rate [default: 40].
-    #[arg(long, env = "TETHER_SESSION_BURST", value_name = "N")]
-    session_burst: Option<u32>,
-    /// Largest message accepted from an upstream; a larger answer becomes an error for its
-    /// caller, the upstream keeps running [default: 16MiB].
-    #[arg(long, env = "TETHER_MAX_UPSTREAM_MESSAGE", value_name = "SIZE")]
-    max_upstream_message: Option<String>,
-    /// Bytes held in memory per response stream for a client that reads slowly; past it
-    /// the stream is closed and resumable from the log [default: 4MiB].
-    #[arg(long, env = "TETHER_STREAM_BUFFER", value_name = "SIZE")]
-    stream_buffer: Option<String>,
-    /// Events kept per stream for Last-Event-ID; older ones are dropped [default: 10000].
-    #[arg(long, env = "TETHER_MAX_STREAM_EVENTS", value_name = "N")]
-    max_stream_events: Option<u64>,
-    /// Upstream stderr lines logged per second per upstream; the rest are counted [default: 50].
-    #[arg(long, env = "TETHER_STDERR_LINES_PER_SEC", value_name = "N")]
-    stderr_lines_per_sec: Option<u32>,
-    /// Consecutive upstream start failures, across sessions, that open the circuit [default: 5].
-    #[arg(long, env = "TETHER_CIRCUIT_FAILURES", value_name = "N")]
-    circuit_failures: Option<u32>,
-    /// How long an open circuit refuses upstream starts before trying one [default: 10s].
-    #[arg(long, env = "TETHER_CIRCUIT_COOLDOWN", value_name = "DURATION")]
-    circuit_cooldown: Option<String>,
-    /// Upstream sessions pooled for stateless (2026-07-28) clients, per user and client (its
-    /// name and capabilities); calls go to an idle one, the pool grows to this when all are
-    /// busy, idle ones expire like sessions (--idle-timeout) [default: 4].
-    #[arg(
-        long,
-        visible_alias = "bridge-pool-size",
-        env = "TETHER_POOL_SIZE",
-        value_name = "N"
-    )]
-    pool_size: Option<usize>,
-    /// --pool-size under its earlier variable name, still read so existing deployments keep
-    /// their setting; TETHER_POOL_SIZE wins when both are set.
-    #[arg(
-        long = "earlier-pool-size",
-        hide = true,
-        env = "TETHER_BRIDGE_POOL_SIZE",
-        value_name = "N"
-    )]
-    earlier_pool_size: Option<usize>,
-    /// Tool calls each user may make per window, as N/WINDOW (1000/1d, 60/1h); windows are
-    /// aligned to the epoch (a day resets at 00:00 UTC) and, with Redis, counted across the
-    /// deployment [default: none].
-    #[arg(long, env = "TETHER_QUOTA_TOOL_CALLS", value_name = "N/WINDOW")]
-    quota_tool_calls: Option<String>,
-    /// Largest stored `initialize` (params) a client may send; larger ones are refused with -32602 [default: 64KiB].
-    #[arg(long, env = "TETHER_MAX_INITIALIZE", value_name = "SIZE")]
-    max_initialize: Option<String>,
-    /// Resource subscriptions one session may hold (legacy resources/subscribe, and those a 2026-07-28 listen stream makes on its pooled session), and 256 bytes of URIs each on average; a URI is at most 4 KiB [default: 1000].
-    #[arg(long, env = "TETHER_MAX_SUBSCRIPTIONS", value_name = "N")]
-    max_subscriptions: Option<usize>,
-    /// Resource subscriptions all sessions of one user may hold together [default: 10 times --max-subscriptions].
-    #[arg(long, env = "TETHER_MAX_SUBSCRIPTIONS_PER_PRINCIPAL", value_name = "N")]
-    max_subscriptions_per_principal: Option<usize>,
-    /// Bytes of stream events stored per session for Last-Event-ID (SQLite; with 10 times --max-stream-events events): past it the session's oldest events are dropped [default: 64MiB].
-    #[arg(long, env = "TETHER_MAX_SESSION_LOG", value_name = "SIZE")]
-    max_session_log: Option<String>,
+/// Resource limits (README "Limits"): one argument per row of [`tether_core::config::LIMITS`],
+/// with its flag, variable, help and earlier name all from the row. Built by hand rather than
+/// derived so that a new limit is one row in the core and nothing here.
+#[derive(Debug, Clone, Default)]
+struct LimitArgs(LimitsLayer);
+
+/// The hidden argument that reads a limit's earlier variable name.
+fn earlier_id(key: &str) -> String {
+    format!("earlier-{key}")
+}
+
+impl clap::FromArgMatches for LimitArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<LimitArgs, clap::Error> {
+        let mut layer = LimitsLayer::default();
+        for o in tether_core::config::LIMITS {
+            // The current name wins over the earlier one when both are set.
+            let value = m.get_one::<String>(o.key).or_else(|| {
+                o.alias
+                    .and_then(|_| m.get_one::<String>(earlier_id(o.key).as_str()))
+            });
+            if let Some(v) = value {
+                layer.set_text(o.key, v.clone());
+            }
+        }
+        Ok(LimitArgs(layer))
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = LimitArgs::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for LimitArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let mut cmd = cmd.next_help_heading("Limits");
+        for o in tether_core::config::LIMITS {
+            let mut arg = clap::Arg::new(o.key)
+                .long(o.key)
+                .env(o.env)
+                .value_name(o.value)
+                .help(o.help());
+            if let (Some(alias), Some(env)) = (o.alias, o.alias_env()) {
+                arg = arg.visible_alias(alias);
+                cmd = cmd.arg(
+                    clap::Arg::new(earlier_id(o.key))
+                        .long(earlier_id(o.key))
+                        .env(env)
+                        .value_name(o.value)
+                        .hide(true),
+                );
+            }
+            cmd = cmd.arg(arg);
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        LimitArgs::augment_args(cmd)
+    }
 }
 
 impl LimitArgs {
     fn layer(&self) -> Option<LimitsLayer> {
-        let l = LimitsLayer {
-            header_timeout: self.header_timeout.clone(),
-            body_timeout: self.body_timeout.clone(),
-            write_timeout: self.write_timeout.clone(),
-            max_connections: self.max_connections,
-            max_connections_per_addr: self.max_connections_per_addr,
-            admin_max_connections: self.admin_max_connections,
-            max_sessions: self.max_sessions,
-            max_sessions_per_principal: self.max_sessions_per_principal,
-            max_upstreams: self.max_upstreams,
-            session_rate: self.session_rate,
-            session_burst: self.session_burst,
-            max_upstream_message: self.max_upstream_message.clone().map(SizeValue::Text),
-            stream_buffer: self.stream_buffer.clone().map(SizeValue::Text),
-            max_stream_events: self.max_stream_events,
-            stderr_lines_per_sec: self.stderr_lines_per_sec,
-            pool_size: self.pool_size.or(self.earlier_pool_size),
-            quota_tool_calls: self.quota_tool_calls.clone(),
-            max_initialize: self.max_initialize.clone().map(SizeValue::Text),
-            circuit_failures: self.circuit_failures,
-            circuit_cooldown: self.circuit_cooldown.clone(),
-            max_subscriptions: self.max_subscriptions,
-            max_subscriptions_per_principal: self.max_subscriptions_per_principal,
-            max_session_log: self.max_session_log.clone().map(SizeValue::Text),
-        };
-        (l != LimitsLayer::default()).then_some(l)
+        (!self.0.is_empty()).then(|| self.0.clone())
     }
 }
 

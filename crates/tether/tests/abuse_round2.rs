@@ -41,10 +41,7 @@ async fn an_upstream_back_within_a_second_is_used_within_about_a_second() {
                 protocol: Some("legacy".into()),
                 ..UpstreamLayer::default()
             }),
-            limits: Some(LimitsLayer {
-                circuit_cooldown: Some("30s".into()),
-                ..LimitsLayer::default()
-            }),
+            limits: Some(LimitsLayer::default().with("circuit-cooldown", "30s")),
             ..Layer::default()
         },
     )
@@ -379,10 +376,7 @@ async fn a_request_without_an_id_is_refused_and_never_reaches_the_upstream() {
                 ]),
                 ..UpstreamLayer::default()
             }),
-            limits: Some(LimitsLayer {
-                quota_tool_calls: Some("1/1h".into()),
-                ..LimitsLayer::default()
-            }),
+            limits: Some(LimitsLayer::default().with("quota-tool-calls", "1/1h")),
             ..Layer::default()
         },
     )
@@ -1390,12 +1384,12 @@ async fn held_connections_from_many_addresses_give_way_to_clients() {
     let gw = TestApp::start(
         dir.path(),
         Layer {
-            limits: Some(LimitsLayer {
-                max_connections: Some(60),
-                max_connections_per_addr: Some(30),
-                header_timeout: Some("60s".into()),
-                ..LimitsLayer::default()
-            }),
+            limits: Some(
+                LimitsLayer::default()
+                    .with("max-connections", 60u64)
+                    .with("max-connections-per-addr", 30u64)
+                    .with("header-timeout", "60s"),
+            ),
             ..Layer::default()
         },
     )

@@ -1,147 +1,414 @@
-//! The `[limits]` table and its flags: every bound the gateway keeps, read as optional
-//! values and resolved with their defaults; and the tool-call quota's `N/WINDOW`.
+//! The `[limits]` table and its flags: every bound the gateway keeps, one row each in
+//! [`LIMITS`]. The row is the option: its flag, its `TETHER_*` variable and its `[limits]`
+//! key (the CLI builds its arguments from the rows), its default, whether a server's
+//! `tether` table may set it, and its one doc line (the README's Limits table is generated
+//! from the rows and checked against them). [`Limits::resolve`] turns the set values into
+//! typed bounds, one line each. Also the tool-call quota's `N/WINDOW`.
 //!
-//! Must not: accept a bound it cannot keep (zero where one is needed is an error).
+//! Must not: accept a bound it cannot keep (zero where one is needed is an error), or a key
+//! no row names.
+
+use std::sync::LazyLock;
+
+use serde::de::{self, Deserializer};
 
 use super::*;
 
-/// The `[limits]` table: every bound the gateway keeps on connections, sessions, upstreams
-/// and buffers. Flags and `TETHER_*` variables of the same names override it.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct LimitsLayer {
-    /// Time a client has to send its request headers; an idle keep-alive connection is
-    /// closed after the same time.
-    pub header_timeout: Option<String>,
-    /// Time a client has to send a request body.
-    pub body_timeout: Option<String>,
-    /// Time a connection may refuse our writes (a client that does not read) before it is cut.
-    pub write_timeout: Option<String>,
-    /// Open connections on the MCP listener.
-    pub max_connections: Option<usize>,
-    /// Open connections on the MCP listener from one client address.
-    pub max_connections_per_addr: Option<usize>,
-    /// Open connections on the admin listener (its own budget).
-    pub admin_max_connections: Option<usize>,
-    /// Sessions held by this process.
-    pub max_sessions: Option<usize>,
-    /// Sessions held by this process for one authenticated principal.
-    pub max_sessions_per_principal: Option<usize>,
-    /// Running upstreams (stdio children or HTTP upstream sessions).
-    pub max_upstreams: Option<usize>,
-    /// New sessions per second per principal and per client address.
-    pub session_rate: Option<u32>,
-    /// Burst of new sessions allowed above the rate.
-    pub session_burst: Option<u32>,
-    /// Largest message accepted from an upstream.
-    pub max_upstream_message: Option<SizeValue>,
-    /// Bytes buffered in memory per response stream for a client that reads slowly.
-    pub stream_buffer: Option<SizeValue>,
-    /// Events kept in the log per stream for `Last-Event-ID` (older ones are dropped).
-    pub max_stream_events: Option<u64>,
-    /// Upstream stderr lines logged per second per upstream (the rest are counted).
-    pub stderr_lines_per_sec: Option<u32>,
-    /// Consecutive upstream start failures (across sessions) that open the circuit.
-    pub circuit_failures: Option<u32>,
-    /// How long an open circuit refuses new upstream starts before one is tried again.
-    pub circuit_cooldown: Option<String>,
-    /// Upstream sessions pooled for stateless (2026-07-28) clients per user and client
-    /// (`bridge-pool-size`, its earlier name, is still read).
-    #[serde(alias = "bridge-pool-size")]
-    pub pool_size: Option<usize>,
-    /// Tool calls each user may make per window, as `N/WINDOW` (`1000/1d`).
-    pub quota_tool_calls: Option<String>,
-    /// Largest `initialize` params a session may store (replayed to every fresh upstream); larger ones are refused with `-32602`.
-    pub max_initialize: Option<SizeValue>,
-    /// Resource subscriptions one session may hold (and 256 bytes of URIs each on average).
-    pub max_subscriptions: Option<usize>,
-    /// Resource subscriptions all sessions of one user may hold together.
-    pub max_subscriptions_per_principal: Option<usize>,
-    /// Bytes of stream events kept per session for `Last-Event-ID` (SQLite), the oldest dropped past it.
-    pub max_session_log: Option<SizeValue>,
+/// What an option is when it is not set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// This value (parsed like a set one).
+    Is(&'static str),
+    /// Computed from other options (the text says how; [`Limits::resolve`] computes it).
+    Derived(&'static str),
+    /// Not set: the bound is off.
+    None,
 }
 
-impl LimitsLayer {
-    pub(super) fn overlay(self, over: LimitsLayer) -> LimitsLayer {
-        macro_rules! pick {
-            ($($f:ident),*) => { LimitsLayer { $($f: over.$f.or(self.$f)),* } };
+/// One option: everything the CLI, the config file, the environment, the per-server
+/// settings and the README know of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Opt {
+    /// The `[limits]` key and the flag's name (`--KEY`).
+    pub key: &'static str,
+    /// The environment variable (`TETHER_` and the key in capitals).
+    pub env: &'static str,
+    /// The value's name in help: `DUR`, `N`, `SIZE`, `N/WINDOW`.
+    pub value: &'static str,
+    /// Its value when not set.
+    pub default: Fallback,
+    /// Whether a server's `tether` table may set it for that server.
+    pub server: bool,
+    /// An earlier name, still read as a flag, a variable (`TETHER_` and it in capitals)
+    /// and a key.
+    pub alias: Option<&'static str>,
+    /// One line for help and the README (Markdown: backticks are dropped in help).
+    pub doc: &'static str,
+}
+
+impl Opt {
+    const fn new(
+        key: &'static str,
+        env: &'static str,
+        value: &'static str,
+        default: Fallback,
+        doc: &'static str,
+    ) -> Opt {
+        Opt {
+            key,
+            env,
+            value,
+            default,
+            server: false,
+            alias: None,
+            doc,
         }
-        pick!(
-            header_timeout,
-            body_timeout,
-            write_timeout,
-            max_connections,
-            max_connections_per_addr,
-            admin_max_connections,
-            max_sessions,
-            max_sessions_per_principal,
-            max_upstreams,
-            session_rate,
-            session_burst,
-            max_upstream_message,
-            stream_buffer,
-            max_stream_events,
-            stderr_lines_per_sec,
-            circuit_failures,
-            circuit_cooldown,
-            pool_size,
-            quota_tool_calls,
-            max_initialize,
-            max_subscriptions,
-            max_subscriptions_per_principal,
-            max_session_log
+    }
+
+    const fn server(self) -> Opt {
+        Opt {
+            server: true,
+            ..self
+        }
+    }
+
+    const fn alias(self, alias: &'static str) -> Opt {
+        Opt {
+            alias: Some(alias),
+            ..self
+        }
+    }
+
+    /// The default as help and the README show it.
+    pub fn default_text(&self) -> String {
+        match self.default {
+            Fallback::Is(v) => format!("`{v}`"),
+            Fallback::Derived(text) => text.to_owned(),
+            Fallback::None => "none".to_owned(),
+        }
+    }
+
+    /// The variable of its earlier name, when it has one.
+    pub fn alias_env(&self) -> Option<String> {
+        self.alias
+            .map(|a| format!("TETHER_{}", a.to_uppercase().replace('-', "_")))
+    }
+
+    /// The README's row for it.
+    pub fn readme_row(&self) -> String {
+        let earlier = match (self.alias, self.alias_env()) {
+            (Some(a), Some(env)) => {
+                format!(" (`--{a}` and `{env}`, its earlier names, still work)")
+            }
+            _ => String::new(),
+        };
+        format!(
+            "| `--{} {}` | `{}` | {} | {}{earlier} |",
+            self.key,
+            self.value,
+            self.env,
+            self.default_text(),
+            self.doc
         )
+    }
+
+    /// Its help text: the doc line and the default, without Markdown.
+    pub fn help(&self) -> String {
+        format!("{} [default: {}]", self.doc, self.default_text()).replace('`', "")
     }
 }
 
-/// Resolved resource limits ([`LimitsLayer`] with defaults applied).
+/// Every limit, in the README's order.
+pub const LIMITS: &[Opt] = &[
+    Opt::new(
+        "header-timeout",
+        "TETHER_HEADER_TIMEOUT",
+        "DUR",
+        Fallback::Is("10s"),
+        "Time a client has to send its request headers; an idle keep-alive connection is closed after the same time",
+    ),
+    Opt::new(
+        "body-timeout",
+        "TETHER_BODY_TIMEOUT",
+        "DUR",
+        Fallback::Is("30s"),
+        "Time a client has to send a request body (`408` after)",
+    ),
+    Opt::new(
+        "write-timeout",
+        "TETHER_WRITE_TIMEOUT",
+        "DUR",
+        Fallback::Is("30s"),
+        "A connection that takes none of our bytes for this long (a client that stopped reading) is cut",
+    ),
+    Opt::new(
+        "max-connections",
+        "TETHER_MAX_CONNECTIONS",
+        "N",
+        Fallback::Is("1024"),
+        "Open connections on the MCP listener. When it is full, the oldest connection that never finished a request's headers is cut to make room for a newcomer (a connection that carried a request never is); with none such, the newcomer is answered `503` at once and closed",
+    ),
+    Opt::new(
+        "max-connections-per-addr",
+        "TETHER_MAX_CONNECTIONS_PER_ADDR",
+        "N",
+        Fallback::Derived("half of `--max-connections`"),
+        "Open connections from one client address (behind a reverse proxy every client shares its address: raise it)",
+    ),
+    Opt::new(
+        "admin-max-connections",
+        "TETHER_ADMIN_MAX_CONNECTIONS",
+        "N",
+        Fallback::Is("64"),
+        "Open connections on the admin listener, a budget of its own: health and metrics answer while the MCP listener is full",
+    ),
+    Opt::new(
+        "max-sessions",
+        "TETHER_MAX_SESSIONS",
+        "N",
+        Fallback::Is("1000"),
+        "Live sessions held by this process (new and resumed ones); `503`, `-32016` above",
+    )
+    .server(),
+    Opt::new(
+        "max-sessions-per-principal",
+        "TETHER_MAX_SESSIONS_PER_PRINCIPAL",
+        "N",
+        Fallback::Derived("a quarter of `--max-sessions`"),
+        "Live sessions of one API-key user (without keys everyone is one anonymous user, bounded by `--max-sessions` only)",
+    ),
+    Opt::new(
+        "session-rate",
+        "TETHER_SESSION_RATE",
+        "N",
+        Fallback::Is("20"),
+        "New sessions per second per user and per client address; `429`, `-32016` above",
+    )
+    .server(),
+    Opt::new(
+        "session-burst",
+        "TETHER_SESSION_BURST",
+        "N",
+        Fallback::Is("40"),
+        "New sessions allowed in a burst above the rate",
+    ),
+    Opt::new(
+        "max-upstreams",
+        "TETHER_MAX_UPSTREAMS",
+        "N",
+        Fallback::Is("--max-sessions"),
+        "Running upstreams (stdio processes, HTTP upstream sessions)",
+    )
+    .server(),
+    Opt::new(
+        "circuit-failures",
+        "TETHER_CIRCUIT_FAILURES",
+        "N",
+        Fallback::Is("5"),
+        "Consecutive upstream start failures, across sessions, that open the circuit: new starts are refused (`503`, `-32010`, `data.kind: circuit_open`) and `/health/ready` fails until one start succeeds. Failures of one moment (starts begun before the last failure was known, such as every session of a restarted upstream at once) count once; the gateway's own shortage (open files, memory: `-32016`, `data.limit: gateway-resources`) never counts",
+    ),
+    Opt::new(
+        "circuit-cooldown",
+        "TETHER_CIRCUIT_COOLDOWN",
+        "DUR",
+        Fallback::Is("10s"),
+        "The longest wait between starts tried through an open circuit: the first is tried after 250 ms, each failed one doubles the wait up to this. A session whose own restart failed starts again as soon as another start succeeds, so an upstream back within a second is used within about a second",
+    ),
+    Opt::new(
+        "max-upstream-message",
+        "TETHER_MAX_UPSTREAM_MESSAGE",
+        "SIZE",
+        Fallback::Is("16MiB"),
+        "Largest message read from an upstream; a larger answer fails its call with `-32017` naming the limit, and the upstream keeps running",
+    ),
+    Opt::new(
+        "stream-buffer",
+        "TETHER_STREAM_BUFFER",
+        "SIZE",
+        Fallback::Is("4MiB"),
+        "Unread bytes held in memory per response stream; past it the stream is closed and the client resumes it from the log with `Last-Event-ID`",
+    ),
+    Opt::new(
+        "max-stream-events",
+        "TETHER_MAX_STREAM_EVENTS",
+        "N",
+        Fallback::Is("10000"),
+        "Events kept per stream for `Last-Event-ID` in SQLite, and 10 times as many per session (older ones are dropped; Redis keeps 1,000 per stream)",
+    ),
+    Opt::new(
+        "max-session-log",
+        "TETHER_MAX_SESSION_LOG",
+        "SIZE",
+        Fallback::Is("64MiB"),
+        "Bytes of events kept per session (all its streams) in SQLite: past it the session's oldest events are dropped (never a stream's newest). Freed space goes back to the file system (the database shrinks after pruning; the WAL is cut back to 16 MiB after checkpoints). A session's events waiting to be written are bounded by `--stream-buffer` too: past it the session's upstream is not read until the store catches up, so a flood is held at its source, not in memory",
+    ),
+    Opt::new(
+        "stderr-lines-per-sec",
+        "TETHER_STDERR_LINES_PER_SEC",
+        "N",
+        Fallback::Is("50"),
+        "Upstream stderr lines logged per second per upstream; lines are cut at 2 KiB with their length logged, the lines over the rate are counted",
+    ),
+    Opt::new(
+        "quota-tool-calls",
+        "TETHER_QUOTA_TOOL_CALLS",
+        "N/WINDOW",
+        Fallback::None,
+        "Tool calls each user (API-key user; `anonymous` without keys) may make per window (`1000/1d`, `60/1h`). Windows are aligned to the epoch (a day resets at 00:00 UTC); with Redis the count is the deployment's (while Redis is away each instance counts its own, and no call is refused for it; a Redis restarted empty gets each instance's part of the window back with that instance's next call). A call over it: `-32016` with `data.limit = \"quota-tool-calls\"`, `quota`, `window_ms`, `resets_at_ms` and `retry_in_ms`, recorded `refused`; other methods are not counted. `GET /api/quotas` and `tether quotas` show each user's use",
+    ),
+    Opt::new(
+        "max-initialize",
+        "TETHER_MAX_INITIALIZE",
+        "SIZE",
+        Fallback::Is("64KiB"),
+        "The `initialize` params a session stores and replays to every fresh upstream (pooled sessions of 2026-07-28 clients too); larger: `400`, `-32602`, `data.limit: max-initialize`, nothing kept",
+    ),
+    Opt::new(
+        "max-subscriptions",
+        "TETHER_MAX_SUBSCRIPTIONS",
+        "N",
+        Fallback::Is("1000"),
+        "Resource subscriptions one session holds (legacy `resources/subscribe`; a 2026-07-28 `subscriptions/listen`'s `resourceSubscriptions` on its pooled session), and 256 bytes of URIs each on average; one URI at most 4 KiB. Over it: `-32016`, `data.limit: max-subscriptions` (or `max-subscription-uri`), nothing sent upstream; an unsubscribe or the session's end gives places back",
+    ),
+    Opt::new(
+        "max-subscriptions-per-principal",
+        "TETHER_MAX_SUBSCRIPTIONS_PER_PRINCIPAL",
+        "N",
+        Fallback::Derived("10 × `--max-subscriptions`"),
+        "The same for all sessions of one user together (`data.limit: max-subscriptions-per-principal`)",
+    ),
+    Opt::new(
+        "pool-size",
+        "TETHER_POOL_SIZE",
+        "N",
+        Fallback::Is("4"),
+        "Upstream sessions pooled for stateless (2026-07-28) clients per user and per client application (name and capabilities; each counts as a session in the limits above; idle ones expire with `--idle-timeout`)",
+    )
+    .alias("bridge-pool-size"),
+];
+
+/// The row of `key` (or of its earlier name).
+pub fn limit(key: &str) -> Option<&'static Opt> {
+    LIMITS.iter().find(|o| o.key == key || o.alias == Some(key))
+}
+
+/// The keys a `[limits]` table may hold, for serde's "expected one of" message.
+static LIMIT_KEYS: LazyLock<Vec<&'static str>> =
+    LazyLock::new(|| LIMITS.iter().map(|o| o.key).collect());
+
+/// The `[limits]` values that are set, by key (each a key of [`LIMITS`]); flags and
+/// `TETHER_*` variables of the same names override the config file's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LimitsLayer(BTreeMap<&'static str, SizeValue>);
+
+impl LimitsLayer {
+    /// This layer with `key` set to `value`. Panics on a key no row names: callers pass
+    /// literals (tests, a server's settings).
+    pub fn with(mut self, key: &str, value: impl Into<SizeValue>) -> LimitsLayer {
+        let row = limit(key).unwrap_or_else(|| panic!("no limit is named {key:?}"));
+        self.0.insert(row.key, value.into());
+        self
+    }
+
+    /// Sets `key` from text (a flag or a variable); `false` when no row names it.
+    pub fn set_text(&mut self, key: &str, text: String) -> bool {
+        match limit(key) {
+            Some(row) => {
+                self.0.insert(row.key, SizeValue::Text(text));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn get(&self, key: &str) -> Option<&SizeValue> {
+        self.0.get(key)
+    }
+
+    pub(super) fn overlay(mut self, over: LimitsLayer) -> LimitsLayer {
+        self.0.extend(over.0);
+        self
+    }
+}
+
+impl<'de> Deserialize<'de> for LimitsLayer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<LimitsLayer, D::Error> {
+        let raw = BTreeMap::<String, SizeValue>::deserialize(d)?;
+        let mut layer = LimitsLayer::default();
+        for (k, v) in raw {
+            let row = limit(&k).ok_or_else(|| de::Error::unknown_field(&k, &LIMIT_KEYS))?;
+            layer.0.insert(row.key, v);
+        }
+        Ok(layer)
+    }
+}
+
+impl From<u64> for SizeValue {
+    fn from(n: u64) -> SizeValue {
+        SizeValue::Bytes(n)
+    }
+}
+
+impl From<&str> for SizeValue {
+    fn from(t: &str) -> SizeValue {
+        SizeValue::Text(t.to_owned())
+    }
+}
+
+/// Resolved resource limits: [`LIMITS`] with what is set, defaults for the rest. Each field
+/// is the row of the same name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
-    /// See [`LimitsLayer::header_timeout`].
+    /// `header-timeout`.
     pub header_timeout: Duration,
-    /// See [`LimitsLayer::body_timeout`].
+    /// `body-timeout`.
     pub body_timeout: Duration,
-    /// See [`LimitsLayer::write_timeout`].
+    /// `write-timeout`.
     pub write_timeout: Duration,
-    /// See [`LimitsLayer::max_connections`].
+    /// `max-connections`.
     pub max_connections: usize,
-    /// See [`LimitsLayer::max_connections_per_addr`].
+    /// `max-connections-per-addr`.
     pub max_connections_per_addr: usize,
-    /// See [`LimitsLayer::admin_max_connections`].
+    /// `admin-max-connections`.
     pub admin_max_connections: usize,
-    /// See [`LimitsLayer::max_sessions`].
+    /// `max-sessions`.
     pub max_sessions: usize,
-    /// See [`LimitsLayer::max_sessions_per_principal`].
+    /// `max-sessions-per-principal`.
     pub max_sessions_per_principal: usize,
-    /// See [`LimitsLayer::max_upstreams`].
+    /// `max-upstreams`.
     pub max_upstreams: usize,
-    /// See [`LimitsLayer::session_rate`].
+    /// `session-rate`.
     pub session_rate: u32,
-    /// See [`LimitsLayer::session_burst`].
+    /// `session-burst`.
     pub session_burst: u32,
-    /// See [`LimitsLayer::max_upstream_message`].
+    /// `max-upstream-message`.
     pub max_upstream_message: usize,
-    /// See [`LimitsLayer::stream_buffer`].
+    /// `stream-buffer`.
     pub stream_buffer: usize,
-    /// See [`LimitsLayer::max_stream_events`].
+    /// `max-stream-events`.
     pub max_stream_events: u64,
-    /// See [`LimitsLayer::stderr_lines_per_sec`].
+    /// `stderr-lines-per-sec`.
     pub stderr_lines_per_sec: u32,
-    /// See [`LimitsLayer::pool_size`].
+    /// `pool-size`.
     pub pool_size: usize,
-    /// See [`LimitsLayer::quota_tool_calls`]; `None`: no quota.
+    /// `quota-tool-calls`; `None`: no quota.
     pub quota_tool_calls: Option<Quota>,
-    /// See [`LimitsLayer::circuit_failures`].
+    /// `circuit-failures`.
     pub circuit_failures: u32,
-    /// See [`LimitsLayer::circuit_cooldown`].
+    /// `circuit-cooldown`.
     pub circuit_cooldown: Duration,
-    /// See [`LimitsLayer::max_initialize`].
+    /// `max-initialize`.
     pub max_initialize: usize,
-    /// See [`LimitsLayer::max_subscriptions`].
+    /// `max-subscriptions`.
     pub max_subscriptions: usize,
-    /// See [`LimitsLayer::max_subscriptions_per_principal`].
+    /// `max-subscriptions-per-principal`.
     pub max_subscriptions_per_principal: usize,
-    /// See [`LimitsLayer::max_session_log`].
+    /// `max-session-log`.
     pub max_session_log: usize,
 }
 
@@ -151,114 +418,133 @@ impl Default for Limits {
     }
 }
 
+/// Reads one layer's values by row, reporting every problem under the row's key.
+struct Reader<'a> {
+    layer: &'a LimitsLayer,
+    errors: &'a mut Vec<String>,
+}
+
+impl Reader<'_> {
+    /// The row's literal default (rows resolved here all have one unless `derived` is given).
+    fn fallback(key: &str) -> Option<&'static str> {
+        match limit(key).map(|o| o.default) {
+            Some(Fallback::Is(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// A whole number, `derived` when not set (for a row whose default is computed). A
+    /// value that is not a number is reported and read as the default, so that it is the
+    /// one problem reported for it (not also every bound derived from it).
+    fn number(&mut self, key: &str, derived: Option<u64>) -> u64 {
+        let fallback = derived.unwrap_or_else(|| {
+            Reader::fallback(key)
+                .and_then(|v| v.parse().ok())
+                .expect("a number row with a literal default")
+        });
+        match self.layer.get(key) {
+            None => fallback,
+            Some(SizeValue::Bytes(n)) => *n,
+            Some(SizeValue::Text(t)) => t.trim().parse::<u64>().unwrap_or_else(|_| {
+                self.errors
+                    .push(format!("{key}: {t:?} is not a whole number"));
+                fallback
+            }),
+        }
+    }
+
+    /// A whole number greater than zero.
+    fn positive(&mut self, key: &str, derived: Option<u64>) -> u64 {
+        let n = self.number(key, derived);
+        if n == 0 {
+            self.errors
+                .push(format!("{key}: must be greater than zero"));
+        }
+        n
+    }
+
+    fn count(&mut self, key: &str, derived: Option<usize>) -> usize {
+        usize::try_from(self.positive(key, derived.map(|d| d as u64))).unwrap_or(usize::MAX)
+    }
+
+    fn rate(&mut self, key: &str) -> u32 {
+        u32::try_from(self.positive(key, None)).unwrap_or(u32::MAX)
+    }
+
+    fn duration(&mut self, key: &str) -> Duration {
+        let text = match self.layer.get(key) {
+            Some(SizeValue::Text(t)) => Some(t.as_str()),
+            Some(SizeValue::Bytes(n)) => {
+                self.errors
+                    .push(format!("{key}: {n} is not a duration like 30s or 5m"));
+                return Duration::ZERO;
+            }
+            None => None,
+        };
+        let default = Reader::fallback(key).expect("a duration row has a default");
+        duration(self.errors, key, text, default)
+    }
+
+    fn size(&mut self, key: &str) -> usize {
+        let default = Reader::fallback(key).expect("a size row has a default");
+        size(self.errors, key, self.layer.get(key), default)
+    }
+
+    fn text(&self, key: &str) -> Option<&str> {
+        match self.layer.get(key) {
+            Some(SizeValue::Text(t)) => Some(t),
+            _ => None,
+        }
+    }
+}
+
 impl Limits {
     pub(super) fn resolve(errors: &mut Vec<String>, l: &LimitsLayer) -> Limits {
-        let positive = |errors: &mut Vec<String>, name: &str, v: Option<usize>, d: usize| {
-            let v = v.unwrap_or(d);
-            if v == 0 {
-                errors.push(format!("{name}: must be greater than zero"));
-            }
-            v
-        };
-        let max_sessions = positive(errors, "max-sessions", l.max_sessions, 1000);
-        let max_connections = positive(errors, "max-connections", l.max_connections, 1024);
-        let max_subscriptions = positive(errors, "max-subscriptions", l.max_subscriptions, 1000);
-        let stream_buffer = size(
-            errors,
-            "stream-buffer",
-            l.stream_buffer.as_ref(),
-            DEFAULT_STREAM_BUFFER,
-        );
+        let mut r = Reader { layer: l, errors };
+        let max_sessions = r.count("max-sessions", None);
+        let max_connections = r.count("max-connections", None);
+        let max_subscriptions = r.count("max-subscriptions", None);
+        let quota_tool_calls = r.text("quota-tool-calls").map(str::to_owned);
         Limits {
-            header_timeout: duration(
-                errors,
-                "header-timeout",
-                l.header_timeout.as_deref(),
-                DEFAULT_HEADER_TIMEOUT,
-            ),
-            body_timeout: duration(
-                errors,
-                "body-timeout",
-                l.body_timeout.as_deref(),
-                DEFAULT_BODY_TIMEOUT,
-            ),
-            write_timeout: duration(
-                errors,
-                "write-timeout",
-                l.write_timeout.as_deref(),
-                DEFAULT_WRITE_TIMEOUT,
-            ),
+            header_timeout: r.duration("header-timeout"),
+            body_timeout: r.duration("body-timeout"),
+            write_timeout: r.duration("write-timeout"),
             max_connections,
-            max_connections_per_addr: positive(
-                errors,
+            max_connections_per_addr: r.count(
                 "max-connections-per-addr",
-                l.max_connections_per_addr,
-                max_connections.div_ceil(2),
+                Some(max_connections.div_ceil(2)),
             ),
-            admin_max_connections: positive(
-                errors,
-                "admin-max-connections",
-                l.admin_max_connections,
-                64,
-            ),
+            admin_max_connections: r.count("admin-max-connections", None),
             max_sessions,
-            max_sessions_per_principal: positive(
-                errors,
-                "max-sessions-per-principal",
-                l.max_sessions_per_principal,
-                max_sessions.div_ceil(4),
-            ),
-            max_upstreams: positive(errors, "max-upstreams", l.max_upstreams, max_sessions),
-            session_rate: u32::try_from(positive(
-                errors,
-                "session-rate",
-                l.session_rate.map(|v| v as usize),
-                20,
-            ))
-            .unwrap_or(u32::MAX),
-            session_burst: u32::try_from(positive(
-                errors,
-                "session-burst",
-                l.session_burst.map(|v| v as usize),
-                40,
-            ))
-            .unwrap_or(u32::MAX),
-            max_upstream_message: size(
-                errors,
-                "max-upstream-message",
-                l.max_upstream_message.as_ref(),
-                "16MiB",
-            ),
-            stream_buffer,
-            max_stream_events: l.max_stream_events.unwrap_or(10_000).max(1),
-            stderr_lines_per_sec: l.stderr_lines_per_sec.unwrap_or(50).max(1),
-            pool_size: positive(errors, "pool-size", l.pool_size, 4),
-            quota_tool_calls: l.quota_tool_calls.as_deref().and_then(|q| {
-                Quota::parse(q)
-                    .map_err(|e| errors.push(format!("quota-tool-calls: {e}")))
+            max_sessions_per_principal: r
+                .count("max-sessions-per-principal", Some(max_sessions.div_ceil(4))),
+            max_upstreams: r.count("max-upstreams", Some(max_sessions)),
+            session_rate: r.rate("session-rate"),
+            session_burst: r.rate("session-burst"),
+            max_upstream_message: r.size("max-upstream-message"),
+            stream_buffer: r.size("stream-buffer"),
+            // Zero means the least that works, as it always has.
+            max_stream_events: r.number("max-stream-events", None).max(1),
+            stderr_lines_per_sec: u32::try_from(r.number("stderr-lines-per-sec", None))
+                .unwrap_or(u32::MAX)
+                .max(1),
+            pool_size: r.count("pool-size", None),
+            quota_tool_calls: quota_tool_calls.and_then(|q| {
+                Quota::parse(&q)
+                    .map_err(|e| r.errors.push(format!("quota-tool-calls: {e}")))
                     .ok()
             }),
-            circuit_failures: l.circuit_failures.unwrap_or(5).max(1),
-            circuit_cooldown: duration(
-                errors,
-                "circuit-cooldown",
-                l.circuit_cooldown.as_deref(),
-                DEFAULT_CIRCUIT_COOLDOWN,
-            ),
-            max_initialize: size(errors, "max-initialize", l.max_initialize.as_ref(), "64KiB"),
+            circuit_failures: u32::try_from(r.number("circuit-failures", None))
+                .unwrap_or(u32::MAX)
+                .max(1),
+            circuit_cooldown: r.duration("circuit-cooldown"),
+            max_initialize: r.size("max-initialize"),
             max_subscriptions,
-            max_subscriptions_per_principal: positive(
-                errors,
+            max_subscriptions_per_principal: r.count(
                 "max-subscriptions-per-principal",
-                l.max_subscriptions_per_principal,
-                max_subscriptions.saturating_mul(10),
+                Some(max_subscriptions.saturating_mul(10)),
             ),
-            max_session_log: size(
-                errors,
-                "max-session-log",
-                l.max_session_log.as_ref(),
-                "64MiB",
-            ),
+            max_session_log: r.size("max-session-log"),
         }
     }
 }

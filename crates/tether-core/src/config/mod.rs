@@ -21,7 +21,7 @@ mod limits;
 mod resolve;
 
 pub use files::{FILE_READ_TIMEOUT, MAX_CONFIG_FILE, MAX_STUCK_READS, off_runtime, read_bounded};
-pub use limits::{Limits, LimitsLayer, Quota};
+pub use limits::{Fallback, LIMITS, Limits, LimitsLayer, Opt, Quota, limit};
 use resolve::{duration, size};
 
 use crate::upstream::{DEFAULT_PASS_ENV, EnvPolicy, UpstreamProtocol, UpstreamSpec};
@@ -52,19 +52,8 @@ pub const DEFAULT_STORE_PREFIX: &str = "tether";
 /// sessions move to other instances.
 pub const DEFAULT_INSTANCE_TTL: &str = "5s";
 
-/// Default time a client has to send its request headers (also how long an idle
-/// keep-alive connection is kept).
-pub const DEFAULT_HEADER_TIMEOUT: &str = "10s";
-/// Default time a client has to send a request body once its headers arrived.
-pub const DEFAULT_BODY_TIMEOUT: &str = "30s";
-/// Default time a connection may refuse to take bytes we have to write before it is cut.
-pub const DEFAULT_WRITE_TIMEOUT: &str = "30s";
-/// Default bytes buffered in memory per response stream for a client that reads slowly.
-pub const DEFAULT_STREAM_BUFFER: &str = "4MiB";
-/// Default wait before a broken upstream (circuit open) is tried again.
-pub const DEFAULT_CIRCUIT_COOLDOWN: &str = "10s";
-
-/// A size written either as bytes (`4194304`) or with a unit (`"4MiB"`).
+/// A value as the file writes it: a number (`4194304`, `1000`) or text (`"4MiB"`, `"30s"`,
+/// and every value from a flag or a variable); each option parses it its own way.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum SizeValue {

@@ -234,3 +234,104 @@ fn store_and_ledger_urls_are_checked_together() {
         "{errors:?}"
     );
 }
+
+/// The README's Limits table is the rows of [`LIMITS`], as `Opt::readme_row` writes them.
+/// `TETHER_BLESS_README=1 cargo test -p tether-core readme_limits` rewrites it from the rows.
+#[test]
+fn readme_limits_table_is_generated_from_the_rows() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
+    let readme = std::fs::read_to_string(path).unwrap();
+    let header = "| Flag | Env | Default | Bounds |\n|---|---|---|---|\n";
+    let start = readme.find(header).expect("the Limits table's header") + header.len();
+    let end = start + readme[start..].find("\n\n").expect("the table ends");
+    let rows: Vec<String> = LIMITS.iter().map(Opt::readme_row).collect();
+    let want = rows.join("\n");
+    if std::env::var_os("TETHER_BLESS_README").is_some() {
+        let text = format!("{}{want}{}", &readme[..start], &readme[end..]);
+        std::fs::write(path, text).unwrap();
+        return;
+    }
+    assert_eq!(
+        &readme[start..end],
+        want,
+        "README's Limits table differs from config::LIMITS; run with TETHER_BLESS_README=1"
+    );
+}
+
+#[test]
+fn every_limit_row_is_consistent_and_settable_from_the_file() {
+    for o in LIMITS {
+        assert_eq!(
+            o.env,
+            format!("TETHER_{}", o.key.to_uppercase().replace('-', "_")),
+            "{}",
+            o.key
+        );
+        assert!(!o.doc.is_empty() && !o.doc.contains('|'), "{}", o.key);
+    }
+    // Every default parses: the defaults resolve without a problem.
+    let mut errors = Vec::new();
+    let d = Limits::resolve(&mut errors, &LimitsLayer::default());
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(d, Limits::default());
+    assert_eq!(d.max_connections_per_addr, d.max_connections.div_ceil(2));
+    assert_eq!(d.max_upstreams, d.max_sessions);
+    assert_eq!(d.quota_tool_calls, None);
+    // A key per row in `[limits]`, and its earlier name.
+    let file: Layer = toml::from_str(
+        "[limits]\nmax-sessions = 7\nstream-buffer = \"1MiB\"\nbridge-pool-size = 2\nheader-timeout = \"3s\"\n",
+    )
+    .unwrap();
+    let mut errors = Vec::new();
+    let l = Limits::resolve(&mut errors, &file.limits.unwrap());
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        (
+            l.max_sessions,
+            l.stream_buffer,
+            l.pool_size,
+            l.header_timeout
+        ),
+        (7, 1 << 20, 2, Duration::from_secs(3))
+    );
+    let err = toml::from_str::<Layer>("[limits]\nmax-sesions = 7\n").unwrap_err();
+    assert!(err.to_string().contains("unknown field"), "{err}");
+    // Text from a flag is checked like the file's values, every problem at once.
+    let mut bad = LimitsLayer::default();
+    assert!(bad.set_text("max-sessions", "many".into()));
+    assert!(bad.set_text("body-timeout", "0s".into()));
+    assert!(!bad.set_text("no-such-limit", "1".into()));
+    let mut errors = Vec::new();
+    Limits::resolve(&mut errors, &bad);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.starts_with("max-sessions:")),
+        "{errors:?}"
+    );
+}
+
+/// A server's `tether` table may set exactly the rows marked `server`.
+#[test]
+fn a_server_sets_the_limits_its_rows_allow() {
+    for o in LIMITS {
+        let text = format!(
+            r#"{{"mcpServers": {{"a": {{"command": "x", "tether": {{"{}": 3}}}}}}}}"#,
+            o.key
+        );
+        let parsed = crate::servers::parse(&text, "f", &crate::upstream::EnvPolicy::Inherit);
+        assert_eq!(parsed.is_ok(), o.server, "{}: {parsed:?}", o.key);
+        if let Ok(f) = parsed {
+            let layer = f.servers[0].settings.limits();
+            let mut errors = Vec::new();
+            let l = Limits::resolve(&mut errors, &layer);
+            assert!(errors.is_empty());
+            let got = match o.key {
+                "max-sessions" => l.max_sessions,
+                "max-upstreams" => l.max_upstreams,
+                "session-rate" => l.session_rate as usize,
+                other => panic!("{other} is marked server but not read by servers::parse"),
+            };
+            assert_eq!(got, 3, "{}", o.key);
+        }
+    }
+}

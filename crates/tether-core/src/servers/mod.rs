@@ -255,17 +255,24 @@ impl ServerEntry {
             upstream: Some(up),
             idle_timeout: self.settings.idle_timeout.clone(),
             upstream_timeout: self.settings.upstream_timeout.clone(),
-            limits: (self.settings.max_sessions.is_some()
-                || self.settings.max_upstreams.is_some()
-                || self.settings.session_rate.is_some())
-            .then(|| LimitsLayer {
-                max_sessions: self.settings.max_sessions,
-                max_upstreams: self.settings.max_upstreams,
-                session_rate: self.settings.session_rate,
-                ..LimitsLayer::default()
-            }),
+            limits: Some(self.settings.limits()).filter(|l| !l.is_empty()),
             ..Layer::default()
         }
+    }
+}
+
+impl ServerSettings {
+    /// The limits this server's `tether` table sets (the rows of [`crate::config::LIMITS`]
+    /// marked `server`), as a layer over the gateway's.
+    pub fn limits(&self) -> LimitsLayer {
+        let set = [
+            ("max-sessions", self.max_sessions.map(|n| n as u64)),
+            ("max-upstreams", self.max_upstreams.map(|n| n as u64)),
+            ("session-rate", self.session_rate.map(u64::from)),
+        ];
+        set.into_iter()
+            .filter_map(|(key, n)| Some((key, n?)))
+            .fold(LimitsLayer::default(), |l, (key, n)| l.with(key, n))
     }
 }
 

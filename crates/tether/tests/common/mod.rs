@@ -761,11 +761,11 @@ impl TestApp {
             admin_listen: Some("127.0.0.1:0".into()),
             state_dir: Some(state_dir.to_path_buf()),
             demo: Some(true),
-            limits: Some(LimitsLayer {
-                session_rate: Some(100_000),
-                session_burst: Some(100_000),
-                ..LimitsLayer::default()
-            }),
+            limits: Some(
+                LimitsLayer::default()
+                    .with("session-rate", 100_000u64)
+                    .with("session-burst", 100_000u64),
+            ),
             ..Layer::default()
         };
         let config = Config::resolve(base.overlay(layer), vec![BIN.into(), "demo-server".into()])
