@@ -196,6 +196,14 @@ impl Failure {
         Failure::new(Kind::Limit, message, Retry::Safe(None)).with("limit", limit)
     }
 
+    /// An answer of `bytes` (or more) over the `limit` the reader keeps: its request fails,
+    /// the upstream keeps running.
+    pub fn too_large(message: impl Into<String>, bytes: usize, limit: usize) -> Failure {
+        Failure::new(Kind::MessageTooLarge, message, Retry::Never)
+            .with("bytes", bytes)
+            .with("limit", limit)
+    }
+
     /// Adds a field to `error.data`.
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Failure {
         self.data.insert(key.to_owned(), value.into());

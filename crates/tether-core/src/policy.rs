@@ -57,6 +57,13 @@ pub fn classify_post(
     Opening::MissingSession
 }
 
+/// The era of a GET or DELETE (the other half of deciding the era; a POST is decided by
+/// [`classify_post`]): modern when it names 2026-07-28 in `MCP-Protocol-Version` and no
+/// session. A modern client has no GET stream and no session to delete (405).
+pub fn is_modern_get_or_delete(session_header: Option<&str>, version_header: Option<&str>) -> bool {
+    session_header.is_none() && version_header.is_some_and(protocol::is_modern)
+}
+
 /// Whether a client-supplied session id can be one of ours at all: 1 to 256 visible ASCII
 /// characters (spec: session ids are visible ASCII). Anything else is an unknown session.
 pub fn plausible_session_id(id: &str) -> bool {
@@ -315,6 +322,14 @@ mod tests {
         );
         let discover = env(r#"{"jsonrpc":"2.0","id":1,"method":"server/discover"}"#);
         assert_eq!(classify_post(&discover, None, None), Opening::Modern);
+    }
+
+    #[test]
+    fn a_get_or_delete_is_modern_only_by_its_version_header_without_a_session() {
+        assert!(is_modern_get_or_delete(None, Some("2026-07-28")));
+        assert!(!is_modern_get_or_delete(Some("abc"), Some("2026-07-28")));
+        assert!(!is_modern_get_or_delete(None, Some("2025-11-25")));
+        assert!(!is_modern_get_or_delete(None, None));
     }
 
     #[test]

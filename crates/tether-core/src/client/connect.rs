@@ -30,6 +30,7 @@ use tokio_util::codec::{FramedRead, LinesCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::error::{Failure, Kind, Retry};
 use crate::policy::Backoff;
 use crate::protocol::{self, Restore, RestoreOp, code};
 use crate::upstream::Inbound;
@@ -258,12 +259,10 @@ impl Connect {
         }
         let Some(remote) = &self.remote else {
             return match value.get("id").filter(|_| is_request) {
-                Some(id) => vec![protocol::error_response(
-                    id.clone(),
-                    code::INVALID_REQUEST,
-                    "send initialize first",
-                    None,
-                )],
+                Some(id) => vec![
+                    Failure::new(Kind::InvalidRequest, "send initialize first", Retry::Never)
+                        .response(id.clone()),
+                ],
                 None => vec![],
             };
         };
@@ -330,14 +329,16 @@ impl Connect {
             Inbound::Oversized { id, len, limit } => {
                 let Some(id) = id else { return vec![] };
                 self.pending.remove(&id.to_string());
-                vec![protocol::error_response(
-                    id,
-                    code::UPSTREAM_MESSAGE_TOO_LARGE,
-                    format!(
-                        "the server's answer was {len} bytes or more, over the relay's {limit} byte limit"
-                    ),
-                    Some(json!({"limit": limit, "bytes": len})),
-                )]
+                vec![
+                    Failure::too_large(
+                        format!(
+                            "the server's answer was {len} bytes or more, over the relay's {limit} byte limit"
+                        ),
+                        len,
+                        limit,
+                    )
+                    .response(id),
+                ]
             }
             Inbound::NotStreamable(status) => {
                 tracing::info!(status, url = %self.opts.url, "server is not Streamable HTTP; falling back to the 2024-11-05 HTTP+SSE transport");
@@ -359,12 +360,11 @@ impl Connect {
                     .drain()
                     .filter_map(|(id, _)| serde_json::from_str::<Value>(&id).ok())
                     .map(|id| {
-                        protocol::error_response(
-                            id,
-                            code::UPSTREAM_LOST,
+                        Failure::upstream_lost(
                             format!("the connection to the server was lost after the request was sent ({cause}); its outcome is unknown"),
-                            None,
+                            true,
                         )
+                        .response(id)
                     })
                     .collect();
                 if let Some(init) = self.initialize.clone() {
@@ -450,7 +450,7 @@ impl LegacySse {
                      Check the URL: MCP endpoints are usually /mcp (a Tether gateway's is /mcp on its MCP port, not the admin port)"
                 );
                 tracing::warn!("{message}");
-                let err = protocol::error_response(id.clone(), code::UPSTREAM_UNAVAILABLE, message, None);
+                let err = Failure::new(Kind::UpstreamUnavailable, message, Retry::Safe(None)).response(id.clone());
                 let _ = inbound.send(Inbound::Message { message: Message::ours(err), origin: None }).await;
                 true
             };
@@ -527,7 +527,7 @@ impl LegacySse {
                         Err(e) => Some(e.to_string()),
                     };
                     if let (Some(why), Some(id)) = (failed, value.get("method").and(value.get("id"))) {
-                        let err = protocol::error_response(id.clone(), code::UPSTREAM_LOST, why, None);
+                        let err = Failure::upstream_lost(why, true).response(id.clone());
                         let _ = post_inbound.send(Inbound::Message { message: Message::ours(err), origin: None }).await;
                     }
                 }
@@ -568,12 +568,11 @@ impl LegacySse {
         if let Err(mpsc::error::TrySendError::Full(v)) = self.outgoing.try_send(value) {
             tracing::warn!("server connection backed up: message refused");
             if let Some(id) = v.get("method").and(v.get("id")) {
-                let err = protocol::error_response(
-                    id.clone(),
-                    code::LIMIT_REACHED,
+                let err = Failure::at_bound(
+                    "connect-queue",
                     "too many messages are waiting to be sent to the server; retry later",
-                    None,
-                );
+                )
+                .response(id.clone());
                 let _ = self.inbound.try_send(Inbound::Message {
                     message: Message::ours(err),
                     origin: None,

@@ -434,12 +434,10 @@ async fn mcp_delete(
 }
 
 /// A 2026-07-28 client has no GET stream and no session to delete: 405 (spec §1.2,
-/// backward compatibility), told apart from a legacy client by its version header and the
-/// absence of a session id.
+/// backward compatibility; the era is [`policy::is_modern_get_or_delete`]'s to decide).
 fn modern_has_no_get_or_delete(headers: &HeaderMap) -> Result<(), FrontError> {
-    let modern = header_str(headers, VERSION_HEADER).is_some_and(protocol::is_modern)
-        && !headers.contains_key(SESSION_HEADER);
-    if modern {
+    let session = headers.get(SESSION_HEADER).map(|_| "");
+    if policy::is_modern_get_or_delete(session, header_str(headers, VERSION_HEADER)) {
         let mut e = FrontError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             code::SERVER_ERROR,

@@ -3,6 +3,11 @@
 //! [`Slot`] from creation (or rehydration) until it closes or leaves this process, so the
 //! counts are exact and never drift.
 //!
+//! The creation rate is limited with `governor`; a refusal is a `Failure` of kind `Limit`
+//! or `Rate` with its retry delay. A server's admission (`for_server`) has the gateway's as `parent`: its own place first,
+//! then the gateway's (a server at its limit never holds a gateway place), its refusals
+//! name the server (`data.server`).
+//!
 //! Must not: count a session twice or forget to release it (a `Slot` releases on drop).
 
 use std::collections::HashMap;

@@ -2,6 +2,11 @@
 //! processes), and completing a call: the entry is closed (progress token, stream), the
 //! client gets its answer, and a tool call is counted once with its outcome in the
 //! metrics, the log and the ledger.
+//!
+//! `Calls` holds pending calls by upstream id and generation, request streams, progress
+//! tokens and the upstream's requests awaiting the client; `finish` (closes the entry, emits the answer) and
+//! `record_call` (metrics, one WARN for a failure, ledger).
+//!
 //! Must not: record a call twice or drop one unrecorded; hold a lock across an await
 //! (it lives inside the session's state mutex).
 

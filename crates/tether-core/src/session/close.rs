@@ -1,5 +1,8 @@
 //! Ending a session here: closing (recorded), or only letting go of it (it lives on
 //! elsewhere); pending calls get an error, streams end, the upstream stops.
+//!
+//! `close` (recorded), `tear_down`, `shutdown_local` (the session moved), `current_record`.
+//!
 //! Must not: record a close for a session that moved to another instance.
 
 use super::*;

@@ -1,6 +1,11 @@
 //! Upstream → client: answers routed to the stream of their request, server-initiated
 //! requests given `tether-N` ids and routed to the stream of the call that caused them,
 //! notifications to their call's stream or the standalone one; stream resumption.
+//!
+//! The functions: `on_upstream_message` (answers by id and generation, server requests
+//! get `tether-N` ids and the stream of the call that caused them, notifications), `emit`,
+//! standalone stream, `resume`.
+//!
 //! Must not: deliver an answer from an older upstream generation to a newer call.
 
 use super::*;

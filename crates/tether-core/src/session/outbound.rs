@@ -1,6 +1,12 @@
 //! Client → upstream: requests (ids rewritten, registered in flight with a deadline),
 //! notifications (a cancelled request's id rewritten) and the client's answers to
 //! server-initiated requests.
+//!
+//! The functions: `request` (its span, the tool-call quota, stream record, id rewrite,
+//! per-call timer), `forward`, `on_timeout`, `notify` (a client's `notifications/cancelled`
+//! finishes the call at once, recorded `cancelled`, and goes upstream with the upstream's
+//! id), `respond` (answers to server requests).
+//!
 //! Must not: send a request into an upstream already declared dead.
 
 use super::*;

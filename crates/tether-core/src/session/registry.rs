@@ -1,6 +1,12 @@
 //! The session map: its construction and accessors, single-flight lookup by id, creation
 //! (`initialize`, the 2024-11-05 `/sse` opening), eviction, and what the admin API asks of
 //! held sessions.
+//!
+//! One map per server (`Registry::of_server` with the process's `Common`): single-flight
+//! `get`, `initialize` (admission slot, upstream start, durable record before
+//! the id leaves), the 2024-11-05 `/sse` opening, eviction, upstream states for the admin
+//! API, `holds`/`drain` for the hub.
+//!
 //! Must not: talk HTTP, or start an upstream except through `Shared::start_upstream`.
 
 use super::*;

@@ -1,6 +1,11 @@
 //! Bringing a stored session back on first contact after a restart (or from an instance
 //! that stopped): checks (principal, upstream fingerprint, idle expiry, ownership), the
 //! interrupted-call answers, and the re-issue of safe calls that were in flight.
+//!
+//! `load_inner`: a stored session back on first contact (principal, fingerprint, idle
+//! expiry, cross-instance claim, write-back wait), interrupted calls answered `-32013` and
+//! recorded, safe ones re-issued (`reissue`).
+//!
 //! Must not: resume a session against another upstream or another principal.
 
 use super::*;

@@ -2,6 +2,14 @@
 //! `Shared::start_upstream`, the pump that feeds upstream messages to `inbound`, the
 //! state a fresh upstream gets replayed (restore, safe-tool annotations), and what an
 //! upstream's death or an oversized message does to the calls in flight.
+//!
+//! `ensure_upstream` (backoff, circuit, restart, replay of `initialize` and restore state),
+//! `install` (hands restore requests to the link), the pump, `on_upstream_closed` (every
+//! pending call of that generation fails with the cause), `on_oversized`, `stop_upstream`;
+//! `remember` (an accepted restore change) and `write_restore` (one write of the restore
+//! state in flight per session, changes made meanwhile in one write after it;
+//! `flush_restore` at shutdown).
+//!
 //! Must not: leave a call waiting on a dead upstream, or install into a closed session.
 
 use super::*;
@@ -379,15 +387,13 @@ impl Session {
             return;
         };
         tracing::warn!(bytes = len, limit, method = %p.method, "upstream answer over the size limit (--max-upstream-message); the request gets an error, the upstream keeps running");
-        let too_large = Failure::new(
-            FailureKind::MessageTooLarge,
+        let too_large = Failure::too_large(
             format!(
                 "the upstream's answer was {len} bytes, over the gateway's {limit} byte limit (--max-upstream-message)"
             ),
-            Retry::Never,
-        )
-        .with("bytes", len)
-        .with("limit", limit);
+            len,
+            limit,
+        );
         self.finish(p, |client_id| too_large.reply(client_id));
     }
 

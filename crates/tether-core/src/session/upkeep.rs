@@ -1,6 +1,16 @@
 //! Background care of the session set: the idle reaper, multi-instance coordination
 //! (releases, takeovers, write-back after a store outage), the ledger's retention pruning
 //! and shutdown.
+//!
+//! Reaper (per server: with several, only its own stored sessions, `idle_sessions(..,
+//! Servers::Only(name))`; a draining one only what it holds), `run_orphan_reaping` (one
+//! loop per process with several servers: the stored sessions of names no registry serves,
+//! `Servers::NoneOf`, expired at the gateway's idle timeout; issue 26),
+//! `close_stale_pooled` (at start: pooled members an earlier process left in a store only
+//! this process uses, reason `gateway_restart`), `run_coordination` (one per process over
+//! every registry: heartbeat, inbox, re-check after a lapse, write-back after a Redis
+//! restart), `run_log_pruning`, `run_ledger_pruning` (retention), `release`, shutdown.
+//!
 //! Must not: block a request; every loop here has a shutdown path.
 
 use super::*;
