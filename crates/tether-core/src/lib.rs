@@ -12,7 +12,7 @@
 //!   the 2026-07-28 era's rules and translations, settings.
 //! - [`error`]: the one error (kind, origin, retry advice) and its JSON-RPC form.
 //! - [`wire`]: the typed JSON-RPC message, parsed once at each edge.
-//! - [`ids`], [`telemetry`], [`log_limit`], [`metrics`], [`ledger`], [`fault`]: the ground floor.
+//! - [`ids`], [`telemetry`], [`log_limit`], [`metrics`], [`ledger`], [`fault`], [`threads`]: the ground floor.
 //!
 //! Must not: export anything a binary could use to bypass the session layer's rules.
 
@@ -39,6 +39,7 @@ pub mod session;
 pub mod state_dir;
 pub mod store;
 pub mod telemetry;
+pub mod threads;
 pub mod upstream;
 pub mod wire;
 

@@ -52,7 +52,7 @@ async fn read_to_close(tcp: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) 
 #[tokio::test]
 async fn connections_that_never_finish_their_headers_are_capped_and_cut() {
     let dir = state_dir();
-    let gw = Gateway::start(
+    let gw = Gateway::spawn(
         dir.path(),
         &[
             "--demo",
@@ -144,7 +144,7 @@ async fn connections_that_never_finish_their_headers_are_capped_and_cut() {
 #[tokio::test]
 async fn a_client_that_never_reads_is_cut_and_memory_stays_bounded() {
     let dir = state_dir();
-    let gw = Gateway::start(
+    let gw = Gateway::spawn(
         dir.path(),
         &[
             "--demo",
@@ -216,7 +216,7 @@ async fn a_client_that_never_reads_is_cut_and_memory_stays_bounded() {
 #[tokio::test]
 async fn an_endless_stderr_line_is_cut_in_the_log_and_held_in_bounded_memory() {
     let dir = state_dir();
-    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let gw = Gateway::spawn(dir.path(), &["--demo"]);
     let mcp = gw.client();
     let sid = mcp.initialize("stderr").await;
     let rss_before = rss_kib(gw.pid());
@@ -574,7 +574,7 @@ async fn a_legacy_sse_stream_belongs_to_the_user_who_opened_it() {
 #[tokio::test]
 async fn sigterm_finishes_within_the_grace_and_a_small_bound() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo", "--shutdown-grace", "1s"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo", "--shutdown-grace", "1s"]);
     let mcp = gw.client();
     let sid = mcp.initialize("busy").await;
     // A standalone stream and a long call in flight: both outlast the grace.

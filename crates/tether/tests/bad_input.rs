@@ -447,7 +447,9 @@ fn modern_rows() -> Vec<Row> {
 async fn slow_headers_do_not_block_others() {
     use tokio::io::AsyncWriteExt;
     let dir = state_dir();
-    let gw = common::TestApp::start(dir.path(), tether_core::config::Layer::default()).await;
+    let gw = common::Gateway::builder(dir.path())
+        .layer(tether_core::config::Layer::default())
+        .start();
     // A slowloris connection that never finishes its headers.
     let mut slow = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
     slow.write_all(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: appl")

@@ -324,7 +324,7 @@ fn unwritable_state_dir_is_a_clear_error() {
 #[tokio::test]
 async fn bench_loads_a_gateway_and_a_stdio_server() {
     let dir = common::state_dir();
-    let gw = common::Gateway::start(dir.path(), &["--demo"]);
+    let gw = common::Gateway::spawn(dir.path(), &["--demo"]);
     let run = |args: Vec<String>| {
         let out = std::process::Command::new(common::BIN)
             .arg("bench")

@@ -75,7 +75,7 @@ async fn tether_connect_vs_mcp_remote() {
     for bridge in ["tether connect", "mcp-remote 0.15.1"] {
         // 1. Behind a Tether gateway that is killed and restarted.
         let dir = state_dir();
-        let mut gw = Gateway::start(dir.path(), &["--demo"]);
+        let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
         let client = client_via(bridge, &gw.url, dir.path()).await;
         echo(&client, "before")
             .await

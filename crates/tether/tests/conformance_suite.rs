@@ -202,7 +202,7 @@ async fn official_conformance_suite_through_the_gateway() {
             "--stdio",
         ];
         let dir = state_dir();
-        let gw = Gateway::start(dir.path(), &upstream);
+        let gw = Gateway::spawn(dir.path(), &upstream);
         let through = run(&node, &cli, &gw.url, None);
         assert_matches_reference("through Tether", &direct, &through, &gw.log_text());
         println!(
@@ -321,7 +321,7 @@ async fn official_conformance_suite_modern_through_the_bridge() {
             "--stdio",
         ];
         let dir = state_dir();
-        let gw = Gateway::start(dir.path(), &upstream);
+        let gw = Gateway::spawn(dir.path(), &upstream);
         let mut through = run_at(&node, &cli, &gw.url, None, MODERN);
         // The first request of each client (pool key) starts its upstream; a check that
         // waits 600 ms for a stream's first frame (no-independent-requests-on-stream) can

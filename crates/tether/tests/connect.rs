@@ -46,7 +46,7 @@ async fn text(client: &Client, tool: &'static str, args: Value) -> Result<String
 #[tokio::test]
 async fn stdio_client_survives_gateway_sigkill_through_connect() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let client = bridge_client(&gw.url, dir.path()).await;
     assert_eq!(
         text(&client, "echo", json!({"text": "one"})).await.unwrap(),

@@ -104,7 +104,7 @@ async fn refusals_in_backoff_are_counted_calls_with_their_outcome() {
 #[tokio::test]
 async fn a_call_interrupted_by_a_gateway_crash_is_recorded_as_interrupted() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let mcp = gw.client();
     let sid = mcp.initialize("interrupted").await;
     let (stream, _open) = mcp
@@ -131,7 +131,7 @@ async fn a_call_interrupted_by_a_gateway_crash_is_recorded_as_interrupted() {
 #[tokio::test]
 async fn session_gauges_agree_with_health_after_a_restart() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let mcp = gw.client();
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -233,7 +233,7 @@ async fn a_command_that_cannot_start_is_said_at_start_up() {
 #[tokio::test]
 async fn a_sessions_timeline_tells_its_life_in_order() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let mcp = gw.client();
     let sid = mcp.initialize("timeline").await;
     mcp.call_text(&sid, 1, "echo", json!({"text": "a"})).await;

@@ -13,8 +13,10 @@ use tether_core::store::LiveStore;
 #[tokio::test]
 async fn delete_ends_the_session_and_its_upstream() {
     let dir = state_dir();
-    // In process, from a config (common::TestApp), instead of the binary with flags.
-    let gw = common::TestApp::start(dir.path(), tether_core::config::Layer::default()).await;
+    // In process, from a config (common::Gateway::builder), instead of the binary with flags.
+    let mut gw = common::Gateway::builder(dir.path())
+        .layer(tether_core::config::Layer::default())
+        .start();
     let mcp = gw.client();
     let sid = mcp.initialize("deleter").await;
     let pid: i32 = mcp
@@ -48,7 +50,9 @@ async fn an_in_process_gateway_stops_and_its_sessions_resume_in_the_next() {
         idle_timeout: Some("10m".into()),
         ..Default::default()
     };
-    let first = common::TestApp::start(dir.path(), idle.clone()).await;
+    let mut first = common::Gateway::builder(dir.path())
+        .layer(idle.clone())
+        .start();
     let sid = first.client().initialize("in-process").await;
     assert_eq!(
         first
@@ -58,7 +62,7 @@ async fn an_in_process_gateway_stops_and_its_sessions_resume_in_the_next() {
         "before"
     );
     first.stop().await.expect("a clean stop");
-    let second = common::TestApp::start(dir.path(), idle).await;
+    let mut second = common::Gateway::builder(dir.path()).layer(idle).start();
     assert_eq!(
         second
             .client()
@@ -73,7 +77,7 @@ async fn an_in_process_gateway_stops_and_its_sessions_resume_in_the_next() {
 #[tokio::test]
 async fn idle_sessions_expire_with_reason_timeout() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo", "--idle-timeout", "1s"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo", "--idle-timeout", "1s"]);
     let mcp = gw.client();
     let sid = mcp.initialize("sleepy").await;
     let pid: i32 = mcp

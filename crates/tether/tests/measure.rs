@@ -193,7 +193,7 @@ async fn startup_and_idle_session_memory() {
         }
     }
     let t = Instant::now();
-    let gw = Gateway::start(dir.path(), &["--demo", "--log", "warn"]);
+    let gw = Gateway::spawn(dir.path(), &["--demo", "--log", "warn"]);
     let ready = t.elapsed();
     drop(gw);
     println!(
@@ -203,7 +203,7 @@ async fn startup_and_idle_session_memory() {
 
     let (mut upstream, up_url) = http_upstream("127.0.0.1:0");
     let dir2 = state_dir();
-    let gw = Gateway::start(
+    let gw = Gateway::spawn(
         dir2.path(),
         &[
             "--upstream-url",

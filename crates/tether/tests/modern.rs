@@ -431,7 +431,7 @@ async fn principals_get_their_own_upstreams() {
 #[tokio::test]
 async fn a_parked_call_after_a_gateway_kill_gets_a_clear_error_and_the_bridge_comes_back() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let modern = Modern::new(&gw.url, json!({"sampling": {}}));
     let first = modern
         .call(30, "sample", json!({"prompt": "p"}))

@@ -144,7 +144,7 @@ async fn touch_sees_level_and_subscription(mcp: &common::Mcp, sid: &str, id: i64
 async fn a_legacy_client_is_served_by_a_modern_upstream_across_gateway_and_upstream_restarts() {
     let (upstream, url) = http_upstream("127.0.0.1:0");
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--upstream-url", &url]);
+    let mut gw = Gateway::spawn(dir.path(), &["--upstream-url", &url]);
     let mcp = gw.client();
 
     // initialize becomes server/discover: the upstream's capabilities and server info, at

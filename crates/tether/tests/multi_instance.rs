@@ -193,8 +193,8 @@ async fn sessions_of_a_sigkilled_instance_continue_on_another() {
     let Some(url) = redis_url() else { return };
     let shared = Shared::new(&url, "sigkill").await;
     let (da, db) = (state_dir(), state_dir());
-    let mut a = Gateway::start(da.path(), &shared.args(&["--demo"]));
-    let b = Gateway::start(db.path(), &shared.args(&["--demo"]));
+    let mut a = Gateway::spawn(da.path(), &shared.args(&["--demo"]));
+    let b = Gateway::spawn(db.path(), &shared.args(&["--demo"]));
     let (ma, mb) = (a.client(), b.client());
     let mut sessions = Vec::new();
     for i in 0..3 {
@@ -719,8 +719,8 @@ async fn a_modern_retry_reaching_another_instance_continues_the_call_where_it_is
     let Some(url) = redis_url() else { return };
     let shared = Shared::new(&url, "mrtr").await;
     let (da, db) = (state_dir(), state_dir());
-    let mut a = Gateway::start(da.path(), &shared.args(&["--demo"]));
-    let b = Gateway::start(db.path(), &shared.args(&["--demo"]));
+    let mut a = Gateway::spawn(da.path(), &shared.args(&["--demo"]));
+    let b = Gateway::spawn(db.path(), &shared.args(&["--demo"]));
     wait_instances(&b, 2).await;
 
     // Parked on A; the retry goes to B (a load balancer without affinity), which sends it
@@ -880,8 +880,8 @@ async fn servers_of_a_shared_mcp_servers_file_forward_and_take_over_on_their_own
     )
     .unwrap();
     let servers = ["--servers", file.to_str().unwrap()];
-    let mut a = Gateway::start(da.path(), &shared.args(&servers));
-    let b = Gateway::start(db.path(), &shared.args(&servers));
+    let mut a = Gateway::spawn(da.path(), &shared.args(&servers));
+    let b = Gateway::spawn(db.path(), &shared.args(&servers));
     let on = |gw: &Gateway, server: &str| {
         common::Mcp::new(&format!("http://{}/servers/{server}/mcp", gw.addr))
     };

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 #[tokio::test]
 async fn sessions_survive_sigkill_without_reinitialize_and_leave_no_orphans() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let mcp = gw.client();
     let mut sessions = Vec::new();
     for i in 0..3 {
@@ -65,7 +65,7 @@ async fn sessions_survive_sigkill_without_reinitialize_and_leave_no_orphans() {
 #[tokio::test]
 async fn concurrent_requests_share_one_rehydration() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let sid = gw.client().initialize("burst").await;
     gw.kill9();
     let gw2 = gw.restart();
@@ -92,7 +92,7 @@ async fn concurrent_requests_share_one_rehydration() {
 #[tokio::test]
 async fn completed_stream_replays_after_restart() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let mcp = gw.client();
     let sid = mcp.initialize("replay").await;
     // A call that outlives the answer window gets a stream, resumable after a crash (a
@@ -133,7 +133,7 @@ async fn completed_stream_replays_after_restart() {
 
 async fn interrupted_call(tool: &str) -> Value {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let mcp = gw.client();
     let sid = mcp.initialize("inflight").await;
     // Let the gateway learn the tools' annotations, as clients do.
@@ -186,7 +186,7 @@ async fn interrupted_unsafe_call_gets_an_error_not_a_retry() {
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_calls_and_keeps_sessions() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo", "--shutdown-grace", "10s"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo", "--shutdown-grace", "10s"]);
     let mcp = gw.client();
     let sid = mcp.initialize("graceful").await;
     let pid: i32 = mcp
@@ -245,7 +245,7 @@ async fn setup_of(mcp: &common::Mcp, sid: &str, id: i64) -> String {
 #[tokio::test]
 async fn log_level_and_subscriptions_are_replayed_to_fresh_upstreams() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let mcp = gw.client();
     let sid = mcp.initialize("setup").await;
     for (i, (method, params)) in [
@@ -291,7 +291,7 @@ async fn rehydration_with_a_broken_upstream_is_an_error_not_a_404() {
         common::BIN
     );
     let args = ["--", "sh", "-c", script.as_str()];
-    let mut gw = Gateway::start(dir.path(), &args);
+    let mut gw = Gateway::spawn(dir.path(), &args);
     let sid = gw.client().initialize("stranded").await;
     gw.kill9();
     std::fs::remove_file(&healthy).unwrap();
@@ -311,7 +311,7 @@ async fn rehydration_with_a_broken_upstream_is_an_error_not_a_404() {
 #[tokio::test]
 async fn a_session_is_not_resumed_against_another_upstream() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let sid = gw.client().initialize("moved").await;
     gw.kill9();
     let gw2 = gw.restart_with(&[
@@ -347,7 +347,7 @@ async fn a_session_is_not_resumed_against_another_upstream() {
 #[tokio::test]
 async fn a_second_gateway_on_the_same_state_dir_exits_naming_the_first() {
     let dir = state_dir();
-    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let gw = Gateway::spawn(dir.path(), &["--demo"]);
     let (code, _, stderr) = common::serve_to_exit(dir.path());
     assert_eq!(code, Some(1));
     assert!(stderr.contains("is in use by another tether"), "{stderr}");

@@ -113,7 +113,7 @@ async fn three_servers_from_an_mcp_servers_file_behind_one_gateway() {
         &file,
         &json!({"alpha": stdio("alpha"), "beta": beta, "web": {"url": web_url}}),
     );
-    let mut gw = Gateway::start(dir.path(), &["--servers", file.to_str().unwrap()]);
+    let mut gw = Gateway::spawn(dir.path(), &["--servers", file.to_str().unwrap()]);
 
     // A real client at each server's URL reaches that server.
     for (server, expect) in [("alpha", "alpha"), ("beta", "beta")] {
@@ -264,7 +264,8 @@ async fn a_reload_adds_changes_and_removes_servers_while_the_others_sessions_go_
         &file,
         &json!({"alpha": stdio("alpha"), "beta": stdio("beta"), "delta": stdio("delta")}),
     );
-    let gw = Gateway::start(dir.path(), &["--servers", file.to_str().unwrap()]);
+    // A process: reloads are asked for with SIGHUP.
+    let gw = Gateway::spawn(dir.path(), &["--servers", file.to_str().unwrap()]);
     let (a, b, d) = (at(&gw, "alpha"), at(&gw, "beta"), at(&gw, "delta"));
     let sa = a.initialize("a").await;
     let sb = b.initialize("b").await;
@@ -561,7 +562,7 @@ async fn each_server_expires_idle_sessions_on_its_own_timeout() {
     quick["tether"] = json!({"idle-timeout": "1s"});
     write(&file, &json!({"quick": quick, "slow": stdio("slow")}));
     let args = ["--servers", file.to_str().unwrap(), "--idle-timeout", "1h"];
-    let mut gw = Gateway::start(dir.path(), &args);
+    let mut gw = Gateway::spawn(dir.path(), &args);
     let (q, s) = (at(&gw, "quick"), at(&gw, "slow"));
     let held_q = q.initialize("q").await;
     let held_s = s.initialize("s").await;
@@ -615,7 +616,7 @@ async fn servers_from_the_toml_config_are_served_and_reloaded() {
         out
     };
     std::fs::write(&config, table(&["red"])).unwrap();
-    let gw = Gateway::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    let gw = Gateway::spawn(dir.path(), &["--config", config.to_str().unwrap()]);
     let red = at(&gw, "red");
     let sr = red.initialize("r").await;
     assert_eq!(who(&red, &sr).await, "red");
@@ -661,7 +662,7 @@ async fn servers_from_the_toml_config_are_served_and_reloaded() {
 #[tokio::test]
 async fn sighup_without_servers_is_not_fatal() {
     let dir = state_dir();
-    let mut gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let mcp = gw.client();
     let sid = mcp.initialize("hup").await;
     hangup(&gw);

@@ -44,7 +44,7 @@ async fn soak_calls_and_session_cycles_leak_nothing() {
     let idle = std::env::var("TETHER_SOAK_IDLE").unwrap_or_else(|_| "3s".into());
     let marker = format!("{}-{}", std::process::id(), common::unique("soak"));
     let dir = state_dir();
-    let gw = Gateway::start(
+    let gw = Gateway::spawn(
         dir.path(),
         &[
             // Short enough to expire thousands of sessions, long enough that a loaded CI

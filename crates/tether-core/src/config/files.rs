@@ -71,13 +71,11 @@ pub async fn off_runtime<T: Send + 'static>(
     }
     STUCK_READS.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("tether-read".into())
-        .spawn(move || {
-            let out = read();
-            STUCK_READS.fetch_sub(1, Ordering::Relaxed);
-            let _ = tx.send(out);
-        });
+    let spawned = crate::threads::spawn("tether-read", move || {
+        let out = read();
+        STUCK_READS.fetch_sub(1, Ordering::Relaxed);
+        let _ = tx.send(out);
+    });
     if let Err(e) = spawned {
         STUCK_READS.fetch_sub(1, Ordering::Relaxed);
         return Err(format!("{what}: cannot start a reader thread: {e}"));

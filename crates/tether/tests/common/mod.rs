@@ -1,11 +1,15 @@
-//! Test harness: starts the real `tether` binary on 127.0.0.1:0 with its own state dir,
-//! and speaks raw MCP over HTTP so tests can prove exactly what goes over the wire (for
-//! example that no `initialize` is sent after a restart).
+//! Test harness: one test gateway, [`Gateway`], started from the same arguments as `tether
+//! serve` on 127.0.0.1:0 with its own state dir, in this test's process unless the test
+//! needs a process boundary (kill -9, signals, a process's memory or descriptors, its
+//! environment), and a raw MCP-over-HTTP client so tests can prove exactly what goes over
+//! the wire (for example that no `initialize` is sent after a restart).
 #![allow(dead_code, missing_docs, clippy::zombie_processes)] // Gateway::drop kills and waits
 
+use std::cell::RefCell;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventsource_stream::Eventsource;
@@ -15,174 +19,437 @@ use serde_json::{Value, json};
 pub const BIN: &str = env!("CARGO_BIN_EXE_tether");
 pub const ACCEPT_BOTH: &str = "application/json, text/event-stream";
 
-/// A running gateway process; killed on drop.
+/// The log filter of every test gateway unless its arguments give `--log`.
+const TEST_LOG: &str = "info,tether_core=debug";
+
+/// What a test gateway is started from: the same arguments as `tether serve` (the upstream
+/// command after `--`), or a config layer for the settings that have no flag.
+#[derive(Clone)]
+enum From {
+    Args(Vec<String>),
+    Layer(Box<tether_core::config::Layer>),
+}
+
+/// A test gateway: real listeners on 127.0.0.1:0, its own state dir and log file. Started
+/// in this process by [`Gateway::start`] (and [`Gateway::builder`]), as a `tether serve`
+/// process by [`Gateway::spawn`] and the builder's `process()`; dropped like kill -9.
 pub struct Gateway {
-    pub child: Child,
+    run: Run,
     pub addr: String,
     pub url: String,
     /// Base URL of the admin listener, e.g. `http://127.0.0.1:PORT`.
     pub admin: String,
     pub state_dir: PathBuf,
     pub log: PathBuf,
-    args: Vec<String>,
+    from: From,
     env: Vec<(String, String)>,
     wrapper: Vec<String>,
 }
 
-impl Gateway {
-    /// Starts `tether serve --listen 127.0.0.1:0 --state-dir DIR <args>`.
-    pub fn start(state_dir: &Path, args: &[&str]) -> Gateway {
-        Gateway::start_env(state_dir, args, &[])
+enum Run {
+    Process(Child),
+    InProcess(Embedded),
+}
+
+/// A gateway on a runtime of its own, on a thread of its own, in this process.
+struct Embedded {
+    /// Resolves the shutdown future `app::run` was given, as SIGTERM does in the binary.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Ends the run at once, dropping its tasks (and so its children), as a drop kills.
+    abort: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+thread_local! {
+    /// The log of the embedded gateway whose runtime owns this thread.
+    static GATEWAY_LOG: RefCell<Option<tracing::dispatcher::DefaultGuard>> =
+        const { RefCell::new(None) };
+}
+
+/// How to start a test gateway; see [`Gateway::builder`].
+pub struct Builder {
+    state_dir: PathBuf,
+    listen: String,
+    from: From,
+    env: Vec<(String, String)>,
+    wrapper: Vec<String>,
+    process: bool,
+}
+
+impl Builder {
+    /// `tether serve`'s arguments (the upstream command after `--`).
+    pub fn args(mut self, args: &[&str]) -> Builder {
+        self.from = From::Args(args.iter().map(|s| s.to_string()).collect());
+        self
     }
 
-    /// Like [`Gateway::start`], with extra environment variables for the gateway process.
-    pub fn start_env(state_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Gateway {
-        Gateway::start_at(
-            state_dir,
-            "127.0.0.1:0",
-            args.iter().map(|s| s.to_string()).collect(),
-            env.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            Vec::new(),
-        )
+    /// A config layer instead of arguments (listen, admin listen and state dir are set
+    /// here; the demo server is the upstream unless the layer names another).
+    pub fn layer(mut self, layer: tether_core::config::Layer) -> Builder {
+        self.from = From::Layer(Box::new(layer));
+        self
     }
 
-    /// Like [`Gateway::start`], run under `wrapper` (a command that runs its arguments,
-    /// such as `prlimit --nofile=512:512`).
-    pub fn start_wrapped(state_dir: &Path, wrapper: &[&str], args: &[&str]) -> Gateway {
-        Gateway::start_at(
-            state_dir,
-            "127.0.0.1:0",
-            args.iter().map(|s| s.to_string()).collect(),
-            Vec::new(),
-            wrapper.iter().map(|s| s.to_string()).collect(),
-        )
+    /// Environment variables of the gateway process (implies [`Builder::process`]).
+    pub fn env(mut self, env: &[(&str, &str)]) -> Builder {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.process = true;
+        self
     }
 
-    fn start_at(
-        state_dir: &Path,
-        listen: &str,
-        args: Vec<String>,
-        env: Vec<(String, String)>,
-        wrapper: Vec<String>,
-    ) -> Gateway {
-        let log = state_dir.join(format!(
+    /// Runs the process under `wrapper`, a command that runs its arguments (such as
+    /// `prlimit --nofile=512:512`); implies [`Builder::process`].
+    pub fn wrapper(mut self, wrapper: &[&str]) -> Builder {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self.process = true;
+        self
+    }
+
+    /// Runs `tether serve` as a process: for kill -9, signals, and a process's own memory,
+    /// descriptors and environment.
+    pub fn process(mut self) -> Builder {
+        self.process = true;
+        self
+    }
+
+    /// Starts it and waits until both listeners accept connections.
+    pub fn start(self) -> Gateway {
+        let log = self.state_dir.join(format!(
             "gateway-{}.log",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos()
         ));
-        let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = match wrapper.split_first() {
-            Some((program, rest)) => {
-                let mut c = Command::new(program);
-                c.args(rest).arg(BIN);
-                c
-            }
-            None => Command::new(BIN),
-        };
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg(listen)
-            .arg("--state-dir")
-            .arg(state_dir);
-        // Put the upstream command (after `--`) last.
-        let (flags, upstream): (Vec<String>, Vec<String>) =
-            match args.iter().position(|a| a == "--") {
-                Some(i) => (args[..i].to_vec(), args[i..].to_vec()),
-                None => (args.clone(), vec![]),
+        let (run, addr, admin) = if self.process {
+            let args = match &self.from {
+                From::Args(a) => a.clone(),
+                From::Layer(_) => panic!("a process gateway is started from arguments"),
             };
-        cmd.args(&flags);
-        if !flags.iter().any(|f| f == "--admin-listen") {
-            cmd.args(["--admin-listen", "127.0.0.1:0"]);
+            spawn_process(
+                &self.state_dir,
+                &self.listen,
+                &args,
+                &self.env,
+                &self.wrapper,
+                &log,
+            )
+        } else {
+            embed(&self.state_dir, &self.listen, &self.from, &log)
+        };
+        Gateway {
+            run,
+            url: format!("http://{addr}/mcp"),
+            addr,
+            admin,
+            state_dir: self.state_dir,
+            log,
+            from: self.from,
+            env: self.env,
+            wrapper: self.wrapper,
         }
-        // Tests create sessions far faster than any person would; the ones about the
-        // creation rate set their own.
-        if !flags.iter().any(|f| f == "--session-rate") {
-            cmd.args(["--session-rate", "100000", "--session-burst", "100000"]);
+    }
+}
+
+/// `serve --listen LISTEN --state-dir DIR` with the harness's defaults, then `args` (the
+/// upstream command after `--` last).
+fn serve_argv(state_dir: &Path, listen: &str, args: &[String]) -> Vec<String> {
+    let (flags, upstream): (Vec<String>, Vec<String>) = match args.iter().position(|a| a == "--") {
+        Some(i) => (args[..i].to_vec(), args[i..].to_vec()),
+        None => (args.to_vec(), vec![]),
+    };
+    let mut argv = vec![
+        "--listen".to_owned(),
+        listen.to_owned(),
+        "--state-dir".to_owned(),
+        state_dir.display().to_string(),
+    ];
+    argv.extend(flags.iter().cloned());
+    if !flags.iter().any(|f| f == "--admin-listen") {
+        argv.extend(["--admin-listen".into(), "127.0.0.1:0".into()]);
+    }
+    // Tests create sessions far faster than any person would; the ones about the
+    // creation rate set their own.
+    if !flags.iter().any(|f| f == "--session-rate") {
+        argv.extend([
+            "--session-rate".into(),
+            "100000".into(),
+            "--session-burst".into(),
+            "100000".into(),
+        ]);
+    }
+    argv.extend(upstream);
+    argv
+}
+
+fn spawn_process(
+    state_dir: &Path,
+    listen: &str,
+    args: &[String],
+    env: &[(String, String)],
+    wrapper: &[String],
+    log: &Path,
+) -> (Run, String, String) {
+    let log_file = std::fs::File::create(log).unwrap();
+    let mut cmd = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(BIN);
+            c
         }
-        cmd.args(&upstream);
-        cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("TETHER_LOG", "info,tether_core=debug")
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .stdin(Stdio::null());
-        let mut child = cmd.spawn().expect("tether binary starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut admin = String::new();
-        loop {
-            line.clear();
-            let n = reader.read_line(&mut line).unwrap_or(0);
-            if n == 0 {
-                let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-                panic!("gateway exited before listening; log:\n{log_text}");
+        None => Command::new(BIN),
+    };
+    cmd.arg("serve").args(serve_argv(state_dir, listen, args));
+    cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("TETHER_LOG", TEST_LOG)
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .stdin(Stdio::null());
+    let mut child = cmd.spawn().expect("tether binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut admin = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).unwrap_or(0);
+        if n == 0 {
+            let log_text = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("gateway exited before listening; log:\n{log_text}");
+        }
+        if let Some(rest) = line.trim().strip_prefix("tether: admin on ") {
+            admin = rest.trim_end_matches('/').to_owned();
+            continue;
+        }
+        if let Some(rest) = line.trim().strip_prefix("tether: listening on http://") {
+            let addr = rest.trim_end_matches("/mcp").to_owned();
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || {
+                let mut sink = String::new();
+                while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+                    sink.clear();
+                }
+            });
+            return (Run::Process(child), addr, admin);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not report its address"
+        );
+    }
+}
+
+/// The configuration `from` gives, resolved as `tether serve` resolves its arguments, with
+/// the notes the binary would print first.
+fn embedded_config(
+    state_dir: &Path,
+    listen: &str,
+    from: &From,
+) -> (
+    tether_core::config::Config,
+    Vec<String>,
+    String,
+    tether::logging::LogFormat,
+) {
+    use tether_core::config::{Config, Layer, LimitsLayer};
+    match from {
+        From::Args(args) => {
+            let mut argv = serve_argv(state_dir, listen, args);
+            if !args.iter().any(|a| a == "--log") {
+                argv.splice(0..0, ["--log".to_owned(), TEST_LOG.to_owned()]);
             }
-            if let Some(rest) = line.trim().strip_prefix("tether: admin on ") {
-                admin = rest.trim_end_matches('/').to_owned();
-                continue;
-            }
-            if let Some(rest) = line.trim().strip_prefix("tether: listening on http://") {
-                let addr = rest.trim_end_matches("/mcp").to_owned();
-                // Keep draining stdout so the child never blocks on a full pipe.
-                std::thread::spawn(move || {
-                    let mut sink = String::new();
-                    while reader.read_line(&mut sink).unwrap_or(0) > 0 {
-                        sink.clear();
+            let parsed = tether::serve::parse_args(&argv)
+                .unwrap_or_else(|e| panic!("tether serve {argv:?}: {e}"));
+            let prepared = tether::serve::prepare(&parsed, Some(Path::new(BIN)))
+                .unwrap_or_else(|e| panic!("invalid configuration: {e:#?}"));
+            (
+                prepared.config,
+                prepared.notes,
+                parsed.log_filter().to_owned(),
+                parsed.log_format(),
+            )
+        }
+        From::Layer(layer) => {
+            let base = Layer {
+                listen: Some(listen.into()),
+                admin_listen: Some("127.0.0.1:0".into()),
+                state_dir: Some(state_dir.to_path_buf()),
+                demo: Some(true),
+                limits: Some(
+                    LimitsLayer::default()
+                        .with("session-rate", 100_000u64)
+                        .with("session-burst", 100_000u64),
+                ),
+                ..Layer::default()
+            };
+            let config = Config::resolve(
+                base.overlay((**layer).clone()),
+                vec![BIN.into(), "demo-server".into()],
+            )
+            .unwrap_or_else(|e| panic!("invalid test config: {e:?}"));
+            (
+                config,
+                Vec::new(),
+                TEST_LOG.to_owned(),
+                tether::logging::LogFormat::Text,
+            )
+        }
+    }
+}
+
+/// Runs `app::run` on a runtime and thread of its own whose threads log to `log` (the
+/// binary's lines, format and filter), and waits until it listens.
+fn embed(state_dir: &Path, listen: &str, from: &From, log: &Path) -> (Run, String, String) {
+    use std::io::Write as _;
+    let (config, notes, filter, format) = embedded_config(state_dir, listen, from);
+    let mut file = std::fs::File::create(log).unwrap();
+    for note in notes {
+        writeln!(file, "tether: {note}").unwrap();
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).expect("a valid --log filter");
+    let dispatch = tether::logging::dispatch(filter, format, Arc::new(file));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("test-gateway".into())
+        .spawn(move || {
+            let on_start = dispatch.clone();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .on_thread_start(move || {
+                    let guard = tracing::dispatcher::set_default(&on_start);
+                    GATEWAY_LOG.with(|g| *g.borrow_mut() = Some(guard));
+                })
+                .on_thread_stop(|| GATEWAY_LOG.with(|g| drop(g.borrow_mut().take())))
+                .build()
+                .map_err(|e| format!("cannot start a runtime: {e}"))?;
+            let _log = tracing::dispatcher::set_default(&dispatch);
+            let result = runtime.block_on(async move {
+                let mut run = tokio::spawn(tether_core::app::run(
+                    config,
+                    Some(PathBuf::from(BIN)),
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                    move |addr, admin| {
+                        let _ = ready_tx.send((addr, admin));
+                    },
+                ));
+                tokio::select! {
+                    ended = &mut run => match ended {
+                        Ok(r) => r.map_err(|e| format!("{e:#}")),
+                        Err(e) => Err(format!("the gateway panicked: {e}")),
+                    },
+                    _ = abort_rx => {
+                        run.abort();
+                        Err("killed".to_owned())
                     }
+                }
+            });
+            runtime.shutdown_timeout(Duration::from_secs(10));
+            result
+        })
+        .expect("a thread for the gateway");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match ready_rx.recv_timeout(Duration::from_millis(20)) {
+            Ok((addr, admin)) => {
+                let run = Run::InProcess(Embedded {
+                    stop: Some(stop_tx),
+                    abort: Some(abort_tx),
+                    thread: Some(thread),
                 });
-                return Gateway {
-                    child,
-                    url: format!("http://{addr}/mcp"),
-                    addr,
-                    admin,
-                    state_dir: state_dir.to_path_buf(),
-                    log,
-                    args,
-                    env,
-                    wrapper,
-                };
+                return (run, addr.to_string(), format!("http://{admin}"));
             }
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not report its address"
-            );
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(_) => {
+                let _ = abort_tx.send(());
+                let ended = thread.join();
+                let log_text = std::fs::read_to_string(log).unwrap_or_default();
+                panic!("gateway did not start ({ended:?}); log:\n{log_text}");
+            }
+        }
+    }
+}
+
+impl Gateway {
+    /// How to start a test gateway on `state_dir`: in this process from the arguments of
+    /// `tether serve` (none by default) unless told otherwise.
+    pub fn builder(state_dir: &Path) -> Builder {
+        Builder {
+            state_dir: state_dir.to_path_buf(),
+            listen: "127.0.0.1:0".to_owned(),
+            from: From::Args(Vec::new()),
+            env: Vec::new(),
+            wrapper: Vec::new(),
+            process: false,
         }
     }
 
-    /// Starts a new gateway on the same address, state dir and arguments.
+    /// Starts `tether serve --listen 127.0.0.1:0 --state-dir DIR <args>` in this process.
+    pub fn start(state_dir: &Path, args: &[&str]) -> Gateway {
+        Gateway::builder(state_dir).args(args).start()
+    }
+
+    /// Like [`Gateway::start`], as a process of its own.
+    pub fn spawn(state_dir: &Path, args: &[&str]) -> Gateway {
+        Gateway::builder(state_dir).args(args).process().start()
+    }
+
+    /// A process, with extra environment variables.
+    pub fn start_env(state_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        Gateway::builder(state_dir).args(args).env(env).start()
+    }
+
+    /// A process run under `wrapper` (a command that runs its arguments, such as
+    /// `prlimit --nofile=512:512`).
+    pub fn start_wrapped(state_dir: &Path, wrapper: &[&str], args: &[&str]) -> Gateway {
+        Gateway::builder(state_dir)
+            .args(args)
+            .wrapper(wrapper)
+            .start()
+    }
+
+    /// Whether this gateway is a process of its own.
+    pub fn is_process(&self) -> bool {
+        matches!(self.run, Run::Process(_))
+    }
+
+    /// Starts a new gateway on the same address, state dir and arguments, the same way.
     pub fn restart(&self) -> Gateway {
-        self.restart_with(&self.args.iter().map(String::as_str).collect::<Vec<_>>())
+        self.restart_from(&self.from, &self.env)
     }
 
     /// Starts a new gateway on the same address, state dir and arguments, without the
     /// extra environment (a fault injection) this one had.
     pub fn restart_clean(&self) -> Gateway {
-        self.restart_env(&self.args, &[])
+        self.restart_from(&self.from, &[])
     }
 
     /// Starts a new gateway on the same address and state dir with other arguments.
     pub fn restart_with(&self, args: &[&str]) -> Gateway {
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        self.restart_env(&args, &self.env)
+        let args = From::Args(args.iter().map(|s| s.to_string()).collect());
+        self.restart_from(&args, &self.env)
     }
 
-    fn restart_env(&self, args: &[String], env: &[(String, String)]) -> Gateway {
+    fn restart_from(&self, from: &From, env: &[(String, String)]) -> Gateway {
         let mut last = None;
         for _ in 0..50 {
-            match std::panic::catch_unwind(|| {
-                Gateway::start_at(
-                    &self.state_dir,
-                    &self.addr,
-                    args.to_vec(),
-                    env.to_vec(),
-                    self.wrapper.clone(),
-                )
-            }) {
+            let builder = Builder {
+                state_dir: self.state_dir.clone(),
+                listen: self.addr.clone(),
+                from: from.clone(),
+                env: env.to_vec(),
+                wrapper: self.wrapper.clone(),
+                process: self.is_process(),
+            };
+            match std::panic::catch_unwind(|| builder.start()) {
                 Ok(g) => return g,
                 Err(e) => {
                     last = Some(e);
@@ -193,25 +460,42 @@ impl Gateway {
         std::panic::resume_unwind(last.unwrap())
     }
 
+    fn child(&mut self) -> &mut Child {
+        match &mut self.run {
+            Run::Process(c) => c,
+            Run::InProcess(_) => panic!(
+                "this gateway runs in the test's process; start it with Gateway::spawn (or the builder's process()) for kill -9, signals, its pid"
+            ),
+        }
+    }
+
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        match &self.run {
+            Run::Process(c) => c.id() as i32,
+            Run::InProcess(_) => panic!(
+                "this gateway runs in the test's process; start it with Gateway::spawn for a pid of its own"
+            ),
+        }
     }
 
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let pid = self.pid();
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid()),
+            nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGTERM,
         )
         .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
+        let child = self.child();
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
             assert!(
@@ -222,8 +506,36 @@ impl Gateway {
         }
     }
 
+    /// Stops it as SIGTERM does (grace for in-flight calls, sessions stay resumable) and
+    /// says how the run ended; [`Gateway::restart`] starts the next one.
+    pub async fn stop(&mut self) -> Result<(), String> {
+        match &mut self.run {
+            Run::Process(_) => {
+                let status = self.sigterm();
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("tether serve exited with {status}"))
+                }
+            }
+            Run::InProcess(e) => {
+                if let Some(stop) = e.stop.take() {
+                    let _ = stop.send(());
+                }
+                let thread = e.thread.take().expect("a running gateway");
+                tokio::task::spawn_blocking(move || thread.join())
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|_| Err("the gateway's thread panicked".to_owned()))
+            }
+        }
+    }
+
     pub fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        match &mut self.run {
+            Run::Process(c) => c.try_wait().unwrap().is_none(),
+            Run::InProcess(e) => e.thread.as_ref().is_some_and(|t| !t.is_finished()),
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -258,8 +570,20 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.run {
+            Run::Process(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Run::InProcess(e) => {
+                if let Some(abort) = e.abort.take() {
+                    let _ = abort.send(());
+                }
+                if let Some(thread) = e.thread.take() {
+                    let _ = thread.join();
+                }
+            }
+        }
     }
 }
 
@@ -736,80 +1060,6 @@ pub fn marked_processes(entry: &str) -> usize {
                 .count()
         })
         .unwrap_or(0)
-}
-
-/// A gateway run in this test process from a config layer instead of string flags: real
-/// listeners on port 0, its own state dir, the demo server as a supervised stdio upstream
-/// (through this crate's binary) unless the layer names another. Stopped like SIGTERM by
-/// [`TestApp::stop`], or dropped with the test's runtime.
-pub struct TestApp {
-    pub url: String,
-    pub addr: String,
-    pub admin: String,
-    pub state_dir: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl TestApp {
-    /// Starts `layer` (listen, admin listen and state dir are set here) with test-friendly
-    /// session rates, as the binary harness does.
-    pub async fn start(state_dir: &Path, layer: tether_core::config::Layer) -> TestApp {
-        use tether_core::config::{Config, Layer, LimitsLayer};
-        let base = Layer {
-            listen: Some("127.0.0.1:0".into()),
-            admin_listen: Some("127.0.0.1:0".into()),
-            state_dir: Some(state_dir.to_path_buf()),
-            demo: Some(true),
-            limits: Some(
-                LimitsLayer::default()
-                    .with("session-rate", 100_000u64)
-                    .with("session-burst", 100_000u64),
-            ),
-            ..Layer::default()
-        };
-        let config = Config::resolve(base.overlay(layer), vec![BIN.into(), "demo-server".into()])
-            .unwrap_or_else(|e| panic!("invalid test config: {e:?}"));
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(tether_core::app::run(
-            config,
-            Some(PathBuf::from(BIN)),
-            async {
-                let _ = stop_rx.await;
-            },
-            move |addr, admin| {
-                let _ = ready_tx.send((addr, admin));
-            },
-        ));
-        let (addr, admin) = tokio::time::timeout(Duration::from_secs(20), ready_rx)
-            .await
-            .expect("the gateway starts within 20 s")
-            .expect("the gateway reports its addresses");
-        TestApp {
-            url: format!("http://{addr}/mcp"),
-            addr: addr.to_string(),
-            admin: format!("http://{admin}"),
-            state_dir: state_dir.to_path_buf(),
-            stop: Some(stop_tx),
-            task,
-        }
-    }
-
-    pub fn client(&self) -> Mcp {
-        Mcp::new(&self.url)
-    }
-
-    /// Stops it as SIGTERM would (grace for in-flight calls, sessions stay resumable) and
-    /// returns how `app::run` ended.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        (&mut self.task)
-            .await
-            .expect("the gateway task did not panic")
-    }
 }
 
 /// Runs an end-to-end client script (off the async runtime) and returns the JSON report it

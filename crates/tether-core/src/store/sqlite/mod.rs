@@ -176,23 +176,21 @@ impl SqliteStore {
         // waiting for their acks. Bounding it needs backpressure on that pump, which is
         // the write-path redesign of the hot-path issue (15), not a channel swap here.
         let (writes, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("tether-store".into())
-            .spawn({
-                let wal = dir.join("tether.db-wal");
-                move || writer_loop(writer, rx, bounds, wal)
-            })
-            .map_err(|e| StoreError::Backend(format!("cannot start store writer: {e}")))?;
+        crate::threads::spawn("tether-store", {
+            let wal = dir.join("tether.db-wal");
+            move || writer_loop(writer, rx, bounds, wal)
+        })
+        .map_err(|e| StoreError::Backend(format!("cannot start store writer: {e}")))?;
         let reader = Arc::new(Mutex::new(reader));
         let checkpoints = Connection::open(&path).map_err(backend)?;
         checkpoints
             .execute_batch("PRAGMA busy_timeout=5000; PRAGMA journal_size_limit=16777216;")
             .map_err(backend)?;
         let alive = Arc::downgrade(&reader);
-        std::thread::Builder::new()
-            .name("tether-checkpoint".into())
-            .spawn(move || checkpoint_loop(&checkpoints, &alive))
-            .map_err(|e| StoreError::Backend(format!("cannot start store checkpointer: {e}")))?;
+        crate::threads::spawn("tether-checkpoint", move || {
+            checkpoint_loop(&checkpoints, &alive)
+        })
+        .map_err(|e| StoreError::Backend(format!("cannot start store checkpointer: {e}")))?;
         let file_id = file_id(&path)
             .map_err(|e| StoreError::Backend(format!("cannot stat {}: {e}", path.display())))?;
         Ok(SqliteStore {
