@@ -226,14 +226,7 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/tether.toml");
         let layer = Layer::from_file(std::path::Path::new(path)).expect("example config parses");
         let c = Config::resolve(layer, vec!["x".into()]).expect("example config is valid");
-        let d = Config::resolve(
-            Layer {
-                demo: Some(true),
-                ..Layer::default()
-            },
-            vec!["x".into()],
-        )
-        .unwrap();
+        let d = Config::resolve(Layer::default().with("demo", true), vec!["x".into()]).unwrap();
         assert_eq!(c.listen, d.listen);
         assert_eq!(c.idle_timeout, d.idle_timeout);
         assert_eq!(c.keepalive, d.keepalive);

@@ -8,7 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, FromArgMatches as _};
-use tether_core::config::{Config, Layer, LimitsLayer, ServersSource, SizeValue, UpstreamLayer};
+use std::collections::BTreeMap;
+
+use tether_core::config::{
+    Config, Kind, LIMITS, Layer, LimitsLayer, OPTIONS, OptValue, Place, ServersSource,
+    UpstreamLayer,
+};
 
 use crate::logging::{self, LogFormat};
 
@@ -24,164 +29,81 @@ where
 }
 
 /// `tether serve`'s arguments.
-#[derive(Args)]
+#[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// TOML config file; flags and TETHER_* variables override it.
-    #[arg(long, env = "TETHER_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// A client's `mcpServers` JSON (Claude Desktop, Claude Code, Cursor, VS Code...) to take
-    /// the upstream from: its `command`/`args`/`env`/`cwd` or `url`/`headers`, and Tether's
-    /// settings from the entry's `tether` table. It replaces the config file's upstream;
-    /// flags still override.
-    #[arg(long, env = "TETHER_SERVERS", value_name = "FILE")]
-    servers: Option<PathBuf>,
-    /// Which server of --servers to serve (needed when the file has several).
-    #[arg(long, env = "TETHER_SERVER", value_name = "NAME")]
-    server: Option<String>,
-    /// Address of the MCP listener [default: 127.0.0.1:7450].
-    #[arg(long, env = "TETHER_LISTEN", value_name = "ADDR")]
-    listen: Option<String>,
-    /// Directory of the SQLite session store [default: the platform data dir].
-    #[arg(long, env = "TETHER_STATE_DIR", value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-    /// A session with no activity for this long expires [default: 30m].
-    #[arg(long, env = "TETHER_IDLE_TIMEOUT", value_name = "DURATION")]
-    idle_timeout: Option<String>,
-    /// Interval between SSE keepalive comments [default: 15s].
-    #[arg(long, env = "TETHER_KEEPALIVE", value_name = "DURATION")]
-    keepalive: Option<String>,
-    /// Largest accepted request body, e.g. 4MiB [default: 4MiB].
-    #[arg(long, env = "TETHER_MAX_BODY", value_name = "SIZE")]
-    max_body: Option<String>,
-    /// Time the upstream has to answer one request [default: 5m].
-    #[arg(long, env = "TETHER_UPSTREAM_TIMEOUT", value_name = "DURATION")]
-    upstream_timeout: Option<String>,
-    /// A call answered within this time gets one JSON body and nothing of it is stored;
-    /// a longer one gets a durable, resumable SSE stream; 0 = always a stream [default: 10ms].
-    #[arg(long, env = "TETHER_ANSWER_WINDOW", value_name = "DURATION")]
-    answer_window: Option<String>,
-    /// On SIGTERM/SIGINT, time in-flight requests get to finish [default: 10s].
-    #[arg(long, env = "TETHER_SHUTDOWN_GRACE", value_name = "DURATION")]
-    shutdown_grace: Option<String>,
-    /// Origins allowed besides loopback ones, comma-separated (`*` allows any).
-    #[arg(
-        long,
-        env = "TETHER_ALLOWED_ORIGINS",
-        value_name = "ORIGINS",
-        value_delimiter = ','
-    )]
-    allowed_origins: Option<Vec<String>>,
-    /// `Host` names allowed besides loopback ones, comma-separated (`name` or `name:port`;
-    /// `*` allows any). Checked always when set, else only on a loopback listener.
-    #[arg(
-        long,
-        env = "TETHER_ALLOWED_HOSTS",
-        value_name = "HOSTS",
-        value_delimiter = ','
-    )]
-    allowed_hosts: Option<Vec<String>>,
-    /// URL of a Streamable HTTP MCP server to front.
-    #[arg(long, env = "TETHER_UPSTREAM_URL", value_name = "URL")]
-    upstream_url: Option<String>,
-    /// Protocol era spoken to an HTTP upstream: auto (ask it once with server/discover),
-    /// legacy (sessions) or modern (2026-07-28, stateless) [default: auto].
-    #[arg(long, env = "TETHER_UPSTREAM_PROTOCOL", value_name = "ERA", value_parser = ["auto", "legacy", "modern"])]
-    upstream_protocol: Option<String>,
-    /// A header sent with every request to an HTTP upstream, as `Name: value` (repeat the
-    /// flag for more). Prefer the config file or TETHER_UPSTREAM_HEADERS for secrets: flags
-    /// show in process lists.
-    #[arg(
-        long = "upstream-header",
-        env = "TETHER_UPSTREAM_HEADERS",
-        value_name = "HEADER",
-        value_delimiter = '\n',
-        hide_env_values = true
-    )]
-    upstream_header: Vec<String>,
-    /// Name of the upstream in logs [default: derived from the command or URL].
-    #[arg(long, env = "TETHER_UPSTREAM_NAME", value_name = "NAME")]
-    upstream_name: Option<String>,
-    /// Run the bundled demo MCP server as the upstream.
-    #[arg(long, env = "TETHER_DEMO", value_parser = clap::builder::BoolishValueParser::new())]
-    demo: bool,
-    /// Address of the admin listener: health, metrics, API, dashboard [default: 127.0.0.1:7451].
-    #[arg(long, env = "TETHER_ADMIN_LISTEN", value_name = "ADDR")]
-    admin_listen: Option<String>,
-    /// Token the admin API requires for eviction and full session ids (and for everything
-    /// when its listener is not on loopback) [default: generated into the state dir].
-    /// Prefer TETHER_ADMIN_TOKEN or --admin-token-file: flags show in process lists.
-    #[arg(
-        long,
-        env = "TETHER_ADMIN_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
-    admin_token: Option<String>,
-    /// File whose first line is the admin token.
-    #[arg(long, env = "TETHER_ADMIN_TOKEN_FILE", value_name = "FILE")]
-    admin_token_file: Option<PathBuf>,
-    /// Give a stdio upstream the gateway's whole environment (less TETHER_*) instead of
-    /// PATH, HOME, LANG, TZ and the few others of the default allow-list.
-    #[arg(long, env = "TETHER_UPSTREAM_INHERIT_ENV", value_parser = clap::builder::BoolishValueParser::new())]
-    upstream_inherit_env: bool,
-    /// Variables a stdio upstream gets from the gateway's environment besides the default
-    /// allow-list, comma-separated (TETHER_* never passes).
-    #[arg(
-        long,
-        env = "TETHER_UPSTREAM_PASS_ENV",
-        value_name = "NAMES",
-        value_delimiter = ','
-    )]
-    upstream_pass_env: Option<Vec<String>>,
-    /// Exit at start when the upstream cannot be started (program missing or not
-    /// executable, URL not answering) instead of warning and serving errors.
-    #[arg(long, env = "TETHER_REQUIRE_UPSTREAM", value_parser = clap::builder::BoolishValueParser::new())]
-    require_upstream: bool,
+    #[command(flatten)]
+    options: OptionArgs,
     #[command(flatten)]
     limits: LimitArgs,
-    /// How long closed sessions and tool calls stay in the ledger [default: 30d].
-    #[arg(long, env = "TETHER_RETENTION", value_name = "DURATION")]
-    retention: Option<String>,
-    /// Live session state: sqlite (default) or a redis:// or rediss:// URL shared by every
-    /// instance of a deployment.
-    #[arg(long, env = "TETHER_STORE", value_name = "URL")]
-    store: Option<String>,
-    /// Prefix of every Redis key [default: tether].
-    #[arg(long, env = "TETHER_STORE_PREFIX", value_name = "PREFIX")]
-    store_prefix: Option<String>,
-    /// Sliding TTL of session records in Redis, refreshed on activity [default: 24h].
-    #[arg(long, env = "TETHER_SESSION_TTL", value_name = "DURATION")]
-    session_ttl: Option<String>,
-    /// Session history and tool calls: sqlite (default) or a postgres:// URL.
-    #[arg(long, env = "TETHER_LEDGER", value_name = "URL")]
-    ledger: Option<String>,
-    /// URL at which other instances reach this one's MCP listener [default: http://LISTEN].
-    #[arg(long, env = "TETHER_ADVERTISE_URL", value_name = "URL")]
-    advertise_url: Option<String>,
-    /// Heartbeat lifetime in Redis: how soon a killed instance's sessions move [default: 5s].
-    #[arg(long, env = "TETHER_INSTANCE_TTL", value_name = "DURATION")]
-    instance_ttl: Option<String>,
-    /// Log filter (tracing EnvFilter syntax), e.g. info or tether_core=debug. Upstream
-    /// stderr is at debug: `info,tether_core::upstream::stderr=debug` shows it.
-    #[arg(
-        long,
-        env = "TETHER_LOG",
-        value_name = "FILTER",
-        default_value = "info"
-    )]
-    log: String,
-    /// Log lines as text for people, or JSON (one object per line, with the fields of
-    /// every enclosing span) for log pipelines.
-    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Export traces over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318): one span
-    /// per MCP request (session, method, tool, outcome) with children for the upstream
-    /// call and store writes. Standard OTEL_* variables tune the exporter.
-    #[arg(long, env = "TETHER_OTLP_ENDPOINT", value_name = "URL")]
-    otlp_endpoint: Option<String>,
     /// The stdio MCP server to run per session, given after `--` (no shell involved).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+/// Every option but the limits: one argument per row of [`tether_core::config::OPTIONS`],
+/// with its flag, variable, kind, help and default all from the row; built by hand for the
+/// same reason as [`LimitArgs`].
+#[derive(Debug, Clone, Default)]
+struct OptionArgs(BTreeMap<&'static str, OptValue>);
+
+impl clap::FromArgMatches for OptionArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<OptionArgs, clap::Error> {
+        let mut set = BTreeMap::new();
+        for o in OPTIONS {
+            let value = match o.kind {
+                Kind::Switch => m.get_flag(o.key).then_some(OptValue::Switch(true)),
+                Kind::List | Kind::Lines => m
+                    .get_many::<String>(o.key)
+                    .map(|v| OptValue::List(v.cloned().collect())),
+                Kind::One | Kind::Secret | Kind::Choice(_) => {
+                    m.get_one::<String>(o.key).cloned().map(OptValue::Text)
+                }
+            };
+            if let Some(v) = value {
+                set.insert(o.key, v);
+            }
+        }
+        Ok(OptionArgs(set))
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = OptionArgs::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for OptionArgs {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        use clap::ArgAction;
+        for o in OPTIONS {
+            let arg = clap::Arg::new(o.key).long(o.key).env(o.env).help(o.help());
+            let value_name = o.value.replace("\\|", "|");
+            cmd = cmd.arg(match o.kind {
+                Kind::One => arg.value_name(value_name),
+                Kind::Secret => arg.value_name(value_name).hide_env_values(true),
+                Kind::Choice(values) => arg
+                    .value_name(value_name)
+                    .value_parser(clap::builder::PossibleValuesParser::new(values.iter())),
+                Kind::Switch => arg
+                    .action(ArgAction::SetTrue)
+                    .value_parser(clap::builder::BoolishValueParser::new()),
+                Kind::List => arg
+                    .value_name(value_name)
+                    .value_delimiter(',')
+                    .action(ArgAction::Append),
+                Kind::Lines => arg
+                    .value_name(value_name)
+                    .value_delimiter('\n')
+                    .action(ArgAction::Append)
+                    .hide_env_values(true),
+            });
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        OptionArgs::augment_args(cmd)
+    }
 }
 
 /// Resource limits (README "Limits"): one argument per row of [`tether_core::config::LIMITS`],
@@ -198,7 +120,7 @@ fn earlier_id(key: &str) -> String {
 impl clap::FromArgMatches for LimitArgs {
     fn from_arg_matches(m: &clap::ArgMatches) -> Result<LimitArgs, clap::Error> {
         let mut layer = LimitsLayer::default();
-        for o in tether_core::config::LIMITS {
+        for o in LIMITS {
             // The current name wins over the earlier one when both are set.
             let value = m.get_one::<String>(o.key).or_else(|| {
                 o.alias
@@ -220,7 +142,7 @@ impl clap::FromArgMatches for LimitArgs {
 impl Args for LimitArgs {
     fn augment_args(cmd: clap::Command) -> clap::Command {
         let mut cmd = cmd.next_help_heading("Limits");
-        for o in tether_core::config::LIMITS {
+        for o in LIMITS {
             let mut arg = clap::Arg::new(o.key)
                 .long(o.key)
                 .env(o.env)
@@ -253,64 +175,92 @@ impl LimitArgs {
 }
 
 impl ServeArgs {
+    /// The value of an option of the command line only, as text.
+    fn cli(&self, key: &str) -> Option<String> {
+        match self.options.0.get(key)? {
+            OptValue::Text(t) => Some(t.clone()),
+            _ => None,
+        }
+    }
+
+    fn config(&self) -> Option<PathBuf> {
+        self.cli("config").map(PathBuf::from)
+    }
+
+    fn servers(&self) -> Option<PathBuf> {
+        self.cli("servers").map(PathBuf::from)
+    }
+
+    fn server(&self) -> Option<String> {
+        self.cli("server")
+    }
+
+    fn otlp_endpoint(&self) -> Option<String> {
+        self.cli("otlp-endpoint")
+    }
+
     /// The log filter (`--log`, tracing's EnvFilter syntax).
-    pub fn log_filter(&self) -> &str {
-        &self.log
+    pub fn log_filter(&self) -> String {
+        self.cli("log").unwrap_or_else(|| "info".to_owned())
     }
 
     /// The log line format (`--log-format`).
     pub fn log_format(&self) -> LogFormat {
-        self.log_format
+        match self.cli("log-format").as_deref() {
+            Some("json") => LogFormat::Json,
+            _ => LogFormat::Text,
+        }
     }
 
+    /// The flags as a layer: each row's value where the row says the file holds it.
     fn layer(&self) -> Layer {
-        let upstream = UpstreamLayer {
-            name: self.upstream_name.clone(),
+        let mut layer = Layer::default();
+        let mut up = UpstreamLayer {
             command: (!self.command.is_empty()).then(|| self.command.clone()),
-            url: self.upstream_url.clone(),
-            env: None,
-            cwd: None,
-            inherit_env: self.upstream_inherit_env.then_some(true),
-            pass_env: self.upstream_pass_env.clone(),
-            require: self.require_upstream.then_some(true),
-            protocol: self.upstream_protocol.clone(),
-            headers: (!self.upstream_header.is_empty()).then(|| {
-                self.upstream_header
-                    .iter()
-                    .map(|h| match h.split_once(':') {
-                        Some((k, v)) => (k.trim().to_owned(), v.trim().to_owned()),
-                        None => (h.trim().to_owned(), String::new()),
-                    })
-                    .collect()
-            }),
+            ..UpstreamLayer::default()
         };
-        Layer {
-            servers: None,
-            listen: self.listen.clone(),
-            state_dir: self.state_dir.clone(),
-            idle_timeout: self.idle_timeout.clone(),
-            keepalive: self.keepalive.clone(),
-            max_body: self.max_body.clone().map(SizeValue::Text),
-            upstream_timeout: self.upstream_timeout.clone(),
-            answer_window: self.answer_window.clone(),
-            shutdown_grace: self.shutdown_grace.clone(),
-            allowed_origins: self.allowed_origins.clone(),
-            allowed_hosts: self.allowed_hosts.clone(),
-            demo: self.demo.then_some(true),
-            admin_listen: self.admin_listen.clone(),
-            admin_token: self.admin_token.clone(),
-            admin_token_file: self.admin_token_file.clone(),
-            retention: self.retention.clone(),
-            store: self.store.clone(),
-            store_prefix: self.store_prefix.clone(),
-            session_ttl: self.session_ttl.clone(),
-            ledger: self.ledger.clone(),
-            advertise_url: self.advertise_url.clone(),
-            instance_ttl: self.instance_ttl.clone(),
-            keys: None,
-            upstream: Some(upstream),
-            limits: self.limits.layer(),
+        for (key, value) in &self.options.0 {
+            let Some(row) = tether_core::config::option(key) else {
+                continue;
+            };
+            let text = || match value {
+                OptValue::Text(t) => Some(t.clone()),
+                _ => None,
+            };
+            let list = || match value {
+                OptValue::List(l) => Some(l.clone()),
+                _ => None,
+            };
+            match row.place {
+                Place::Top => {
+                    layer.settings.set(key, value.clone());
+                }
+                Place::Upstream(_) => match *key {
+                    "upstream-url" => up.url = text(),
+                    "upstream-name" => up.name = text(),
+                    "upstream-protocol" => up.protocol = text(),
+                    "upstream-pass-env" => up.pass_env = list(),
+                    "upstream-inherit-env" => up.inherit_env = Some(true),
+                    "require-upstream" => up.require = Some(true),
+                    "upstream-header" => {
+                        up.headers = list().map(|headers| {
+                            headers
+                                .iter()
+                                .map(|h| match h.split_once(':') {
+                                    Some((k, v)) => (k.trim().to_owned(), v.trim().to_owned()),
+                                    None => (h.trim().to_owned(), String::new()),
+                                })
+                                .collect()
+                        });
+                    }
+                    other => unreachable!("no [upstream] key for --{other}"),
+                },
+                Place::Cli | Place::Limits => {}
+            }
         }
+        layer.upstream = Some(up);
+        layer.limits = self.limits.layer();
+        layer
     }
 }
 
@@ -365,7 +315,7 @@ fn servers_layer(
             )]);
         }
     }
-    if flags.demo == Some(true) {
+    if flags.settings.switch("demo") == Some(true) {
         return Err(vec![format!(
             "{shown}: --demo and --servers both name upstreams; give one"
         )]);
@@ -395,7 +345,7 @@ pub struct Prepared {
 pub fn prepare(args: &ServeArgs, exe: Option<&Path>) -> Result<Prepared, Vec<String>> {
     // A file that does not parse is one problem among the others: the flags are still
     // checked, so every problem is reported in one run.
-    let (file, file_error) = match &args.config {
+    let (file, file_error) = match &args.config() {
         Some(path) => match Layer::from_file(path) {
             Ok(l) => (l, None),
             Err(e) => (Layer::default(), Some(e)),
@@ -411,7 +361,7 @@ pub fn prepare(args: &ServeArgs, exe: Option<&Path>) -> Result<Prepared, Vec<Str
     let flags = args.layer();
     let mut notes = Vec::new();
     // The servers: a --servers file, else the config file's [servers.NAME] tables.
-    let source = match (&args.servers, &file.servers, &args.config) {
+    let source = match (&args.servers(), &file.servers, &args.config()) {
         (Some(path), ..) => Some(ServersSource::Json(path.clone())),
         (None, Some(_), Some(config)) => Some(ServersSource::Toml(config.clone())),
         _ => None,
@@ -421,7 +371,7 @@ pub fn prepare(args: &ServeArgs, exe: Option<&Path>) -> Result<Prepared, Vec<Str
             .upstream
             .as_ref()
             .is_some_and(|u| u.command.is_some() || u.url.is_some())
-            || file.demo == Some(true);
+            || file.settings.switch("demo") == Some(true);
         if let ServersSource::Toml(path) = source
             && file_upstream
         {
@@ -434,12 +384,12 @@ pub fn prepare(args: &ServeArgs, exe: Option<&Path>) -> Result<Prepared, Vec<Str
     };
     let (servers, chosen, servers_error) = match &source {
         Some(source) => match read(source)
-            .and_then(|(text, shown)| servers_layer(&text, &shown, args.server.as_deref(), &flags, &mut notes))
+            .and_then(|(text, shown)| servers_layer(&text, &shown, args.server().as_deref(), &flags, &mut notes))
         {
             Ok((l, chosen)) => (l, Some(chosen), Vec::new()),
             Err(e) => (Layer::default(), None, e),
         },
-        None if args.server.is_some() => (
+        None if args.server().is_some() => (
             Layer::default(),
             None,
             vec!["--server NAME picks a server of --servers FILE (or of the config's [servers] tables); neither is given".to_owned()],
@@ -492,7 +442,7 @@ pub fn prepare(args: &ServeArgs, exe: Option<&Path>) -> Result<Prepared, Vec<Str
     }
     // Keys live only in the config file: it is re-read for them on SIGHUP and when it
     // changes (`tether keys revoke` takes effect without a restart).
-    config.keys_file = args.config.clone();
+    config.keys_file = args.config();
     let server_names: Vec<String> = if config.servers_source.is_some() {
         config.servers.iter().map(|e| e.name.clone()).collect()
     } else {
@@ -530,19 +480,19 @@ pub fn run(args: &ServeArgs) -> ExitCode {
     for note in &notes {
         eprintln!("tether: {note}");
     }
-    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
+    let filter = match tracing_subscriber::EnvFilter::try_new(args.log_filter()) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("tether: invalid --log filter {:?}: {e}", args.log);
+            eprintln!("tether: invalid --log filter {:?}: {e}", args.log_filter());
             return ExitCode::from(2);
         }
     };
     let telemetry = match logging::init(
         filter,
-        args.log_format,
+        args.log_format(),
         std::io::stderr,
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        args.otlp_endpoint.as_deref(),
+        args.otlp_endpoint().as_deref(),
     ) {
         Ok(t) => t,
         Err(e) => {
@@ -550,7 +500,7 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(endpoint) = &args.otlp_endpoint {
+    if let Some(endpoint) = &args.otlp_endpoint() {
         tracing::info!(endpoint = %endpoint, "exporting traces over OTLP/HTTP");
     }
     let runtime = match crate::runtime() {

@@ -34,7 +34,6 @@ async fn an_upstream_back_within_a_second_is_used_within_about_a_second() {
     let dir = state_dir();
     let mut gw = common::Gateway::builder(dir.path())
         .layer(Layer {
-            demo: Some(false),
             upstream: Some(UpstreamLayer {
                 url: Some(url.clone()),
                 protocol: Some("legacy".into()),
@@ -270,7 +269,6 @@ async fn an_upstream_answer_that_is_not_jsonrpc_becomes_a_proper_error() {
         let dir = state_dir();
         let mut gw = common::Gateway::builder(dir.path())
             .layer(Layer {
-                demo: Some(false),
                 upstream: Some(UpstreamLayer {
                     url: Some(url.clone()),
                     protocol: Some("legacy".into()),
@@ -358,7 +356,6 @@ async fn a_request_without_an_id_is_refused_and_never_reaches_the_upstream() {
     let seen = dir.path().join("upstream-stdin.log");
     let mut gw = common::Gateway::builder(dir.path())
         .layer(Layer {
-            demo: Some(false),
             upstream: Some(UpstreamLayer {
                 command: Some(vec![
                     "sh".into(),
@@ -973,16 +970,17 @@ async fn a_hung_call_holds_up_nothing_else_of_its_session() {
     let (url, seen) = json_response_upstream(0).await;
     let dir = state_dir();
     let mut gw = common::Gateway::builder(dir.path())
-        .layer(Layer {
-            demo: Some(false),
-            upstream: Some(UpstreamLayer {
-                url: Some(url.clone()),
-                protocol: Some("legacy".into()),
-                ..UpstreamLayer::default()
-            }),
-            upstream_timeout: Some("60s".into()),
-            ..Layer::default()
-        })
+        .layer(
+            Layer {
+                upstream: Some(UpstreamLayer {
+                    url: Some(url.clone()),
+                    protocol: Some("legacy".into()),
+                    ..UpstreamLayer::default()
+                }),
+                ..Layer::default()
+            }
+            .with("upstream-timeout", "60s"),
+        )
         .start();
     let mcp = gw.client();
     let sid = mcp.initialize("patient").await;

@@ -46,10 +46,7 @@ async fn delete_ends_the_session_and_its_upstream() {
 #[tokio::test]
 async fn an_in_process_gateway_stops_and_its_sessions_resume_in_the_next() {
     let dir = state_dir();
-    let idle = tether_core::config::Layer {
-        idle_timeout: Some("10m".into()),
-        ..Default::default()
-    };
+    let idle = tether_core::config::Layer::default().with("idle-timeout", "10m");
     let mut first = common::Gateway::builder(dir.path())
         .layer(idle.clone())
         .start();

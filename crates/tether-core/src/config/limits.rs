@@ -10,159 +10,54 @@
 
 use std::sync::LazyLock;
 
-use serde::de::{self, Deserializer};
-
+use super::values::{Fallback, Opt, Reader, Rows, Values};
 use super::*;
-
-/// What an option is when it is not set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fallback {
-    /// This value (parsed like a set one).
-    Is(&'static str),
-    /// Computed from other options (the text says how; [`Limits::resolve`] computes it).
-    Derived(&'static str),
-    /// Not set: the bound is off.
-    None,
-}
-
-/// One option: everything the CLI, the config file, the environment, the per-server
-/// settings and the README know of it.
-#[derive(Debug, Clone, Copy)]
-pub struct Opt {
-    /// The `[limits]` key and the flag's name (`--KEY`).
-    pub key: &'static str,
-    /// The environment variable (`TETHER_` and the key in capitals).
-    pub env: &'static str,
-    /// The value's name in help: `DUR`, `N`, `SIZE`, `N/WINDOW`.
-    pub value: &'static str,
-    /// Its value when not set.
-    pub default: Fallback,
-    /// Whether a server's `tether` table may set it for that server.
-    pub server: bool,
-    /// An earlier name, still read as a flag, a variable (`TETHER_` and it in capitals)
-    /// and a key.
-    pub alias: Option<&'static str>,
-    /// One line for help and the README (Markdown: backticks are dropped in help).
-    pub doc: &'static str,
-}
-
-impl Opt {
-    const fn new(
-        key: &'static str,
-        env: &'static str,
-        value: &'static str,
-        default: Fallback,
-        doc: &'static str,
-    ) -> Opt {
-        Opt {
-            key,
-            env,
-            value,
-            default,
-            server: false,
-            alias: None,
-            doc,
-        }
-    }
-
-    const fn server(self) -> Opt {
-        Opt {
-            server: true,
-            ..self
-        }
-    }
-
-    const fn alias(self, alias: &'static str) -> Opt {
-        Opt {
-            alias: Some(alias),
-            ..self
-        }
-    }
-
-    /// The default as help and the README show it.
-    pub fn default_text(&self) -> String {
-        match self.default {
-            Fallback::Is(v) => format!("`{v}`"),
-            Fallback::Derived(text) => text.to_owned(),
-            Fallback::None => "none".to_owned(),
-        }
-    }
-
-    /// The variable of its earlier name, when it has one.
-    pub fn alias_env(&self) -> Option<String> {
-        self.alias
-            .map(|a| format!("TETHER_{}", a.to_uppercase().replace('-', "_")))
-    }
-
-    /// The README's row for it.
-    pub fn readme_row(&self) -> String {
-        let earlier = match (self.alias, self.alias_env()) {
-            (Some(a), Some(env)) => {
-                format!(" (`--{a}` and `{env}`, its earlier names, still work)")
-            }
-            _ => String::new(),
-        };
-        format!(
-            "| `--{} {}` | `{}` | {} | {}{earlier} |",
-            self.key,
-            self.value,
-            self.env,
-            self.default_text(),
-            self.doc
-        )
-    }
-
-    /// Its help text: the doc line and the default, without Markdown.
-    pub fn help(&self) -> String {
-        format!("{} [default: {}]", self.doc, self.default_text()).replace('`', "")
-    }
-}
 
 /// Every limit, in the README's order.
 pub const LIMITS: &[Opt] = &[
-    Opt::new(
+    Opt::limit(
         "header-timeout",
         "TETHER_HEADER_TIMEOUT",
         "DUR",
         Fallback::Is("10s"),
         "Time a client has to send its request headers; an idle keep-alive connection is closed after the same time",
     ),
-    Opt::new(
+    Opt::limit(
         "body-timeout",
         "TETHER_BODY_TIMEOUT",
         "DUR",
         Fallback::Is("30s"),
         "Time a client has to send a request body (`408` after)",
     ),
-    Opt::new(
+    Opt::limit(
         "write-timeout",
         "TETHER_WRITE_TIMEOUT",
         "DUR",
         Fallback::Is("30s"),
         "A connection that takes none of our bytes for this long (a client that stopped reading) is cut",
     ),
-    Opt::new(
+    Opt::limit(
         "max-connections",
         "TETHER_MAX_CONNECTIONS",
         "N",
         Fallback::Is("1024"),
         "Open connections on the MCP listener. When it is full, the oldest connection that never finished a request's headers is cut to make room for a newcomer (a connection that carried a request never is); with none such, the newcomer is answered `503` at once and closed",
     ),
-    Opt::new(
+    Opt::limit(
         "max-connections-per-addr",
         "TETHER_MAX_CONNECTIONS_PER_ADDR",
         "N",
         Fallback::Derived("half of `--max-connections`"),
         "Open connections from one client address (behind a reverse proxy every client shares its address: raise it)",
     ),
-    Opt::new(
+    Opt::limit(
         "admin-max-connections",
         "TETHER_ADMIN_MAX_CONNECTIONS",
         "N",
         Fallback::Is("64"),
         "Open connections on the admin listener, a budget of its own: health and metrics answer while the MCP listener is full",
     ),
-    Opt::new(
+    Opt::limit(
         "max-sessions",
         "TETHER_MAX_SESSIONS",
         "N",
@@ -170,14 +65,14 @@ pub const LIMITS: &[Opt] = &[
         "Live sessions held by this process (new and resumed ones); `503`, `-32016` above",
     )
     .server(),
-    Opt::new(
+    Opt::limit(
         "max-sessions-per-principal",
         "TETHER_MAX_SESSIONS_PER_PRINCIPAL",
         "N",
         Fallback::Derived("a quarter of `--max-sessions`"),
         "Live sessions of one API-key user (without keys everyone is one anonymous user, bounded by `--max-sessions` only)",
     ),
-    Opt::new(
+    Opt::limit(
         "session-rate",
         "TETHER_SESSION_RATE",
         "N",
@@ -185,14 +80,14 @@ pub const LIMITS: &[Opt] = &[
         "New sessions per second per user and per client address; `429`, `-32016` above",
     )
     .server(),
-    Opt::new(
+    Opt::limit(
         "session-burst",
         "TETHER_SESSION_BURST",
         "N",
         Fallback::Is("40"),
         "New sessions allowed in a burst above the rate",
     ),
-    Opt::new(
+    Opt::limit(
         "max-upstreams",
         "TETHER_MAX_UPSTREAMS",
         "N",
@@ -200,84 +95,84 @@ pub const LIMITS: &[Opt] = &[
         "Running upstreams (stdio processes, HTTP upstream sessions)",
     )
     .server(),
-    Opt::new(
+    Opt::limit(
         "circuit-failures",
         "TETHER_CIRCUIT_FAILURES",
         "N",
         Fallback::Is("5"),
         "Consecutive upstream start failures, across sessions, that open the circuit: new starts are refused (`503`, `-32010`, `data.kind: circuit_open`) and `/health/ready` fails until one start succeeds. Failures of one moment (starts begun before the last failure was known, such as every session of a restarted upstream at once) count once; the gateway's own shortage (open files, memory: `-32016`, `data.limit: gateway-resources`) never counts",
     ),
-    Opt::new(
+    Opt::limit(
         "circuit-cooldown",
         "TETHER_CIRCUIT_COOLDOWN",
         "DUR",
         Fallback::Is("10s"),
         "The longest wait between starts tried through an open circuit: the first is tried after 250 ms, each failed one doubles the wait up to this. A session whose own restart failed starts again as soon as another start succeeds, so an upstream back within a second is used within about a second",
     ),
-    Opt::new(
+    Opt::limit(
         "max-upstream-message",
         "TETHER_MAX_UPSTREAM_MESSAGE",
         "SIZE",
         Fallback::Is("16MiB"),
         "Largest message read from an upstream; a larger answer fails its call with `-32017` naming the limit, and the upstream keeps running",
     ),
-    Opt::new(
+    Opt::limit(
         "stream-buffer",
         "TETHER_STREAM_BUFFER",
         "SIZE",
         Fallback::Is("4MiB"),
         "Unread bytes held in memory per response stream; past it the stream is closed and the client resumes it from the log with `Last-Event-ID`",
     ),
-    Opt::new(
+    Opt::limit(
         "max-stream-events",
         "TETHER_MAX_STREAM_EVENTS",
         "N",
         Fallback::Is("10000"),
         "Events kept per stream for `Last-Event-ID` in SQLite, and 10 times as many per session (older ones are dropped; Redis keeps 1,000 per stream)",
     ),
-    Opt::new(
+    Opt::limit(
         "max-session-log",
         "TETHER_MAX_SESSION_LOG",
         "SIZE",
         Fallback::Is("64MiB"),
         "Bytes of events kept per session (all its streams) in SQLite: past it the session's oldest events are dropped (never a stream's newest). Freed space goes back to the file system (the database shrinks after pruning; the WAL is cut back to 16 MiB after checkpoints). A session's events waiting to be written are bounded by `--stream-buffer` too: past it the session's upstream is not read until the store catches up, so a flood is held at its source, not in memory",
     ),
-    Opt::new(
+    Opt::limit(
         "stderr-lines-per-sec",
         "TETHER_STDERR_LINES_PER_SEC",
         "N",
         Fallback::Is("50"),
         "Upstream stderr lines logged per second per upstream; lines are cut at 2 KiB with their length logged, the lines over the rate are counted",
     ),
-    Opt::new(
+    Opt::limit(
         "quota-tool-calls",
         "TETHER_QUOTA_TOOL_CALLS",
         "N/WINDOW",
         Fallback::None,
         "Tool calls each user (API-key user; `anonymous` without keys) may make per window (`1000/1d`, `60/1h`). Windows are aligned to the epoch (a day resets at 00:00 UTC); with Redis the count is the deployment's (while Redis is away each instance counts its own, and no call is refused for it; a Redis restarted empty gets each instance's part of the window back with that instance's next call). A call over it: `-32016` with `data.limit = \"quota-tool-calls\"`, `quota`, `window_ms`, `resets_at_ms` and `retry_in_ms`, recorded `refused`; other methods are not counted. `GET /api/quotas` and `tether quotas` show each user's use",
     ),
-    Opt::new(
+    Opt::limit(
         "max-initialize",
         "TETHER_MAX_INITIALIZE",
         "SIZE",
         Fallback::Is("64KiB"),
         "The `initialize` params a session stores and replays to every fresh upstream (pooled sessions of 2026-07-28 clients too); larger: `400`, `-32602`, `data.limit: max-initialize`, nothing kept",
     ),
-    Opt::new(
+    Opt::limit(
         "max-subscriptions",
         "TETHER_MAX_SUBSCRIPTIONS",
         "N",
         Fallback::Is("1000"),
         "Resource subscriptions one session holds (legacy `resources/subscribe`; a 2026-07-28 `subscriptions/listen`'s `resourceSubscriptions` on its pooled session), and 256 bytes of URIs each on average; one URI at most 4 KiB. Over it: `-32016`, `data.limit: max-subscriptions` (or `max-subscription-uri`), nothing sent upstream; an unsubscribe or the session's end gives places back",
     ),
-    Opt::new(
+    Opt::limit(
         "max-subscriptions-per-principal",
         "TETHER_MAX_SUBSCRIPTIONS_PER_PRINCIPAL",
         "N",
         Fallback::Derived("10 × `--max-subscriptions`"),
         "The same for all sessions of one user together (`data.limit: max-subscriptions-per-principal`)",
     ),
-    Opt::new(
+    Opt::limit(
         "pool-size",
         "TETHER_POOL_SIZE",
         "N",
@@ -289,76 +184,29 @@ pub const LIMITS: &[Opt] = &[
 
 /// The row of `key` (or of its earlier name).
 pub fn limit(key: &str) -> Option<&'static Opt> {
-    LIMITS.iter().find(|o| o.key == key || o.alias == Some(key))
+    LimitRows::row(key)
 }
 
 /// The keys a `[limits]` table may hold, for serde's "expected one of" message.
 static LIMIT_KEYS: LazyLock<Vec<&'static str>> =
     LazyLock::new(|| LIMITS.iter().map(|o| o.key).collect());
 
+/// The table of [`LIMITS`].
+pub struct LimitRows;
+
+impl Rows for LimitRows {
+    fn rows() -> &'static [Opt] {
+        LIMITS
+    }
+
+    fn file_keys() -> &'static [&'static str] {
+        &LIMIT_KEYS
+    }
+}
+
 /// The `[limits]` values that are set, by key (each a key of [`LIMITS`]); flags and
 /// `TETHER_*` variables of the same names override the config file's.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LimitsLayer(BTreeMap<&'static str, SizeValue>);
-
-impl LimitsLayer {
-    /// This layer with `key` set to `value`. Panics on a key no row names: callers pass
-    /// literals (tests, a server's settings).
-    pub fn with(mut self, key: &str, value: impl Into<SizeValue>) -> LimitsLayer {
-        let row = limit(key).unwrap_or_else(|| panic!("no limit is named {key:?}"));
-        self.0.insert(row.key, value.into());
-        self
-    }
-
-    /// Sets `key` from text (a flag or a variable); `false` when no row names it.
-    pub fn set_text(&mut self, key: &str, text: String) -> bool {
-        match limit(key) {
-            Some(row) => {
-                self.0.insert(row.key, SizeValue::Text(text));
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Whether nothing is set.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn get(&self, key: &str) -> Option<&SizeValue> {
-        self.0.get(key)
-    }
-
-    pub(super) fn overlay(mut self, over: LimitsLayer) -> LimitsLayer {
-        self.0.extend(over.0);
-        self
-    }
-}
-
-impl<'de> Deserialize<'de> for LimitsLayer {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<LimitsLayer, D::Error> {
-        let raw = BTreeMap::<String, SizeValue>::deserialize(d)?;
-        let mut layer = LimitsLayer::default();
-        for (k, v) in raw {
-            let row = limit(&k).ok_or_else(|| de::Error::unknown_field(&k, &LIMIT_KEYS))?;
-            layer.0.insert(row.key, v);
-        }
-        Ok(layer)
-    }
-}
-
-impl From<u64> for SizeValue {
-    fn from(n: u64) -> SizeValue {
-        SizeValue::Bytes(n)
-    }
-}
-
-impl From<&str> for SizeValue {
-    fn from(t: &str) -> SizeValue {
-        SizeValue::Text(t.to_owned())
-    }
-}
+pub type LimitsLayer = Values<LimitRows>;
 
 /// Resolved resource limits: [`LIMITS`] with what is set, defaults for the rest. Each field
 /// is the row of the same name.
@@ -415,86 +263,6 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits::resolve(&mut Vec::new(), &LimitsLayer::default())
-    }
-}
-
-/// Reads one layer's values by row, reporting every problem under the row's key.
-struct Reader<'a> {
-    layer: &'a LimitsLayer,
-    errors: &'a mut Vec<String>,
-}
-
-impl Reader<'_> {
-    /// The row's literal default (rows resolved here all have one unless `derived` is given).
-    fn fallback(key: &str) -> Option<&'static str> {
-        match limit(key).map(|o| o.default) {
-            Some(Fallback::Is(v)) => Some(v),
-            _ => None,
-        }
-    }
-
-    /// A whole number, `derived` when not set (for a row whose default is computed). A
-    /// value that is not a number is reported and read as the default, so that it is the
-    /// one problem reported for it (not also every bound derived from it).
-    fn number(&mut self, key: &str, derived: Option<u64>) -> u64 {
-        let fallback = derived.unwrap_or_else(|| {
-            Reader::fallback(key)
-                .and_then(|v| v.parse().ok())
-                .expect("a number row with a literal default")
-        });
-        match self.layer.get(key) {
-            None => fallback,
-            Some(SizeValue::Bytes(n)) => *n,
-            Some(SizeValue::Text(t)) => t.trim().parse::<u64>().unwrap_or_else(|_| {
-                self.errors
-                    .push(format!("{key}: {t:?} is not a whole number"));
-                fallback
-            }),
-        }
-    }
-
-    /// A whole number greater than zero.
-    fn positive(&mut self, key: &str, derived: Option<u64>) -> u64 {
-        let n = self.number(key, derived);
-        if n == 0 {
-            self.errors
-                .push(format!("{key}: must be greater than zero"));
-        }
-        n
-    }
-
-    fn count(&mut self, key: &str, derived: Option<usize>) -> usize {
-        usize::try_from(self.positive(key, derived.map(|d| d as u64))).unwrap_or(usize::MAX)
-    }
-
-    fn rate(&mut self, key: &str) -> u32 {
-        u32::try_from(self.positive(key, None)).unwrap_or(u32::MAX)
-    }
-
-    fn duration(&mut self, key: &str) -> Duration {
-        let text = match self.layer.get(key) {
-            Some(SizeValue::Text(t)) => Some(t.as_str()),
-            Some(SizeValue::Bytes(n)) => {
-                self.errors
-                    .push(format!("{key}: {n} is not a duration like 30s or 5m"));
-                return Duration::ZERO;
-            }
-            None => None,
-        };
-        let default = Reader::fallback(key).expect("a duration row has a default");
-        duration(self.errors, key, text, default)
-    }
-
-    fn size(&mut self, key: &str) -> usize {
-        let default = Reader::fallback(key).expect("a size row has a default");
-        size(self.errors, key, self.layer.get(key), default)
-    }
-
-    fn text(&self, key: &str) -> Option<&str> {
-        match self.layer.get(key) {
-            Some(SizeValue::Text(t)) => Some(t),
-            _ => None,
-        }
     }
 }
 

@@ -3,8 +3,10 @@
 //! The file and the command line (which clap already merges with the environment) are each
 //! read into a [`Layer`] of optional values; [`Config::resolve`] lays the command line over
 //! the file over the defaults and reports every problem at once, before anything binds.
-//! `limits.rs` holds the `[limits]` table, `resolve.rs` the resolution, `files.rs` the
-//! bounded reads of the operator's files.
+//! `values.rs` holds what an option is (a row: [`Opt`]) and what a layer sets of a table
+//! ([`Values`]); `options.rs` the rows of the settings ([`OPTIONS`]), `limits.rs` those of
+//! the `[limits]` table; `resolve.rs` the resolution, `files.rs` the bounded reads of the
+//! operator's files.
 //!
 //! Must not: do I/O beyond reading the operator's files, or accept a value it cannot use
 //! (every problem is reported, all at once).
@@ -18,11 +20,15 @@ use serde::Deserialize;
 
 mod files;
 mod limits;
+mod options;
 mod resolve;
+mod values;
 
 pub use files::{FILE_READ_TIMEOUT, MAX_CONFIG_FILE, MAX_STUCK_READS, off_runtime, read_bounded};
-pub use limits::{Fallback, LIMITS, Limits, LimitsLayer, Opt, Quota, limit};
+pub use limits::{LIMITS, LimitRows, Limits, LimitsLayer, Quota, limit};
+pub use options::{OPTIONS, SettingRows, Settings, option};
 use resolve::{duration, size};
+pub use values::{Fallback, Kind, Opt, OptValue, Place, Rows, Values};
 
 use crate::upstream::{DEFAULT_PASS_ENV, EnvPolicy, UpstreamProtocol, UpstreamSpec};
 
@@ -52,74 +58,63 @@ pub const DEFAULT_STORE_PREFIX: &str = "tether";
 /// sessions move to other instances.
 pub const DEFAULT_INSTANCE_TTL: &str = "5s";
 
-/// A value as the file writes it: a number (`4194304`, `1000`) or text (`"4MiB"`, `"30s"`,
-/// and every value from a flag or a variable); each option parses it its own way.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum SizeValue {
-    /// Plain bytes.
-    Bytes(u64),
-    /// A string such as `4MiB` or `512 KB`.
-    Text(String),
-}
+/// The tables a config file may hold besides its top-level settings.
+pub const TABLES: &[&str] = &["upstream", "limits", "keys", "servers"];
 
-/// One layer of settings; `None` means "not set here".
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+/// One layer of settings (the config file, the command line); what is not set is absent.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Layer {
-    /// Address of the MCP listener; the endpoint is `/mcp`.
-    pub listen: Option<String>,
-    /// Directory holding the SQLite store.
-    pub state_dir: Option<PathBuf>,
-    /// Idle time after which a session expires (humantime, e.g. `30m`).
-    pub idle_timeout: Option<String>,
-    /// Interval between SSE keepalive comments.
-    pub keepalive: Option<String>,
-    /// Largest accepted request body.
-    pub max_body: Option<SizeValue>,
-    /// Time an upstream has to answer one request.
-    pub upstream_timeout: Option<String>,
-    /// A call answered within this time is answered as one JSON body, nothing of it
-    /// stored; a longer one gets a durable, resumable SSE stream (`0` for always).
-    pub answer_window: Option<String>,
-    /// Time in-flight requests get to finish on SIGTERM/SIGINT.
-    pub shutdown_grace: Option<String>,
-    /// Origins allowed besides loopback ones (`*` allows any).
-    pub allowed_origins: Option<Vec<String>>,
-    /// `Host` names allowed besides loopback ones (`*` allows any).
-    pub allowed_hosts: Option<Vec<String>>,
-    /// Run the bundled demo MCP server as the upstream.
-    pub demo: Option<bool>,
-    /// Address of the admin listener.
-    pub admin_listen: Option<String>,
-    /// Token required by the admin API when its listener is not on loopback.
-    pub admin_token: Option<String>,
-    /// File holding the admin token (first line), instead of the token itself.
-    pub admin_token_file: Option<PathBuf>,
-    /// How long closed sessions and tool calls stay in the ledger.
-    pub retention: Option<String>,
-    /// API keys (hashes) and the users they belong to.
+    /// The top-level settings: rows of [`OPTIONS`] the file holds at its top.
+    pub settings: Settings,
+    /// API keys (hashes) and the users they belong to (`[[keys]]`).
     pub keys: Option<Vec<crate::auth::KeyEntry>>,
-    /// The upstream MCP server.
+    /// The upstream MCP server (`[upstream]`).
     pub upstream: Option<UpstreamLayer>,
-    /// Live session state: `sqlite` (default, in the state dir) or `redis://` / `rediss://`.
-    pub store: Option<String>,
-    /// Prefix of every Redis key.
-    pub store_prefix: Option<String>,
-    /// Sliding TTL of session records in Redis.
-    pub session_ttl: Option<String>,
-    /// Session history: `sqlite` (default) or `postgres://`.
-    pub ledger: Option<String>,
-    /// URL at which other instances reach this one's MCP listener (multi-instance).
-    pub advertise_url: Option<String>,
-    /// Heartbeat lifetime of an instance in Redis.
-    pub instance_ttl: Option<String>,
     /// Resource limits (the `[limits]` table).
     pub limits: Option<LimitsLayer>,
     /// Several servers, each at `/servers/NAME/mcp` (the `[servers.NAME]` tables): the keys
     /// of an `mcpServers` entry (`command`, `args`, `env`, `cwd`, `url`, `headers`, `type`,
     /// a `tether` table), read by `servers::parse`. `--servers FILE` replaces them.
     pub servers: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+impl Layer {
+    /// This layer with the top-level setting `key` set to `value`. Panics on a key no row
+    /// names: callers pass literals.
+    pub fn with(mut self, key: &str, value: impl Into<OptValue>) -> Layer {
+        self.settings = self.settings.with(key, value);
+        self
+    }
+}
+
+impl<'de> Deserialize<'de> for Layer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Layer, D::Error> {
+        use serde::de::Error;
+        fn table<T: serde::de::DeserializeOwned, E: Error>(
+            key: &str,
+            v: serde_json::Value,
+        ) -> Result<T, E> {
+            serde_json::from_value(v).map_err(|e| E::custom(format!("{key}: {e}")))
+        }
+        let raw = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+        let mut layer = Layer::default();
+        for (k, v) in raw {
+            match k.as_str() {
+                "upstream" => layer.upstream = Some(table(&k, v)?),
+                "limits" => layer.limits = Some(table(&k, v)?),
+                "keys" => layer.keys = Some(table(&k, v)?),
+                "servers" => layer.servers = Some(table(&k, v)?),
+                _ => {
+                    let value: OptValue = table(&k, v)?;
+                    layer
+                        .settings
+                        .insert_file_key(&k, value)
+                        .map_err(|()| D::Error::unknown_field(&k, SettingRows::file_keys()))?;
+                }
+            }
+        }
+        Ok(layer)
+    }
 }
 
 /// The `[upstream]` table.
@@ -326,18 +321,25 @@ impl Layer {
     /// layer's choice entirely.
     pub fn overlay(self, over: Layer) -> Layer {
         let names_upstream = |l: &Layer| {
-            l.demo.is_some()
+            l.settings.get("demo").is_some()
                 || l.upstream
                     .as_ref()
                     .is_some_and(|u| u.command.is_some() || u.url.is_some())
         };
         let over_chooses = names_upstream(&over);
-        let (base_up, base_demo) = (self.upstream.unwrap_or_default(), self.demo);
-        let top_up = over.upstream.unwrap_or_default();
-        let (command, url, demo) = if over_chooses {
-            (top_up.command, top_up.url, over.demo)
+        let demo = if over_chooses {
+            over.settings.get("demo").cloned()
         } else {
-            (base_up.command, base_up.url, base_demo)
+            self.settings.get("demo").cloned()
+        };
+        let (base_up, top_up) = (
+            self.upstream.unwrap_or_default(),
+            over.upstream.unwrap_or_default(),
+        );
+        let (command, url) = if over_chooses {
+            (top_up.command, top_up.url)
+        } else {
+            (base_up.command, base_up.url)
         };
         let upstream = UpstreamLayer {
             name: top_up.name.or(base_up.name),
@@ -355,30 +357,12 @@ impl Layer {
             (Some(a), Some(b)) => Some(a.overlay(b)),
             (a, b) => b.or(a),
         };
+        let mut settings = self.settings.overlay(over.settings);
+        settings.replace("demo", demo);
         Layer {
-            listen: over.listen.or(self.listen),
-            state_dir: over.state_dir.or(self.state_dir),
-            idle_timeout: over.idle_timeout.or(self.idle_timeout),
-            keepalive: over.keepalive.or(self.keepalive),
-            max_body: over.max_body.or(self.max_body),
-            upstream_timeout: over.upstream_timeout.or(self.upstream_timeout),
-            answer_window: over.answer_window.or(self.answer_window),
-            shutdown_grace: over.shutdown_grace.or(self.shutdown_grace),
-            allowed_origins: over.allowed_origins.or(self.allowed_origins),
-            allowed_hosts: over.allowed_hosts.or(self.allowed_hosts),
-            admin_listen: over.admin_listen.or(self.admin_listen),
-            admin_token: over.admin_token.or(self.admin_token),
-            admin_token_file: over.admin_token_file.or(self.admin_token_file),
-            retention: over.retention.or(self.retention),
+            settings,
             keys: over.keys.or(self.keys),
-            store: over.store.or(self.store),
-            store_prefix: over.store_prefix.or(self.store_prefix),
-            session_ttl: over.session_ttl.or(self.session_ttl),
-            ledger: over.ledger.or(self.ledger),
-            advertise_url: over.advertise_url.or(self.advertise_url),
-            instance_ttl: over.instance_ttl.or(self.instance_ttl),
             servers: over.servers.or(self.servers),
-            demo,
             upstream: Some(upstream),
             limits,
         }

@@ -3,6 +3,7 @@
 //!
 //! Must not: do I/O beyond reading a secret file it names, or stop at the first problem.
 
+use super::values::Reader;
 use super::*;
 
 pub(super) fn duration(
@@ -30,7 +31,7 @@ pub(super) fn duration(
 pub(super) fn size(
     errors: &mut Vec<String>,
     field: &str,
-    value: Option<&SizeValue>,
+    value: Option<&OptValue>,
     default: &str,
 ) -> usize {
     let parse = |t: &str| {
@@ -40,8 +41,9 @@ pub(super) fn size(
     };
     let bytes = match value {
         None => parse(default),
-        Some(SizeValue::Bytes(b)) => Ok(*b),
-        Some(SizeValue::Text(t)) => parse(t),
+        Some(OptValue::Number(b)) => Ok(*b),
+        Some(OptValue::Text(t)) => parse(t),
+        Some(_) => Err(format!("{field}: must be a size like 4MiB")),
     };
     match bytes {
         Ok(0) => {
@@ -61,7 +63,9 @@ impl Config {
     /// `demo_command` is the argv that runs the bundled demo server.
     pub fn resolve(layer: Layer, demo_command: Vec<String>) -> Result<Config, Vec<String>> {
         let mut errors = Vec::new();
-        let listen_text = layer.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let set = &layer.settings;
+        let listen_text = set.text("listen");
+        let listen_text = listen_text.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|e| {
             errors.push(format!(
                 "listen: {listen_text:?} is not an address like 127.0.0.1:7450 ({e})"
@@ -69,25 +73,17 @@ impl Config {
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
         let store = resolve_store(&mut errors, &layer, listen);
-        let idle_timeout = duration(
-            &mut errors,
-            "idle-timeout",
-            layer.idle_timeout.as_deref(),
-            DEFAULT_IDLE_TIMEOUT,
-        );
-        let keepalive = duration(
-            &mut errors,
-            "keepalive",
-            layer.keepalive.as_deref(),
-            DEFAULT_KEEPALIVE,
-        );
-        let upstream_timeout = duration(
-            &mut errors,
-            "upstream-timeout",
-            layer.upstream_timeout.as_deref(),
-            DEFAULT_UPSTREAM_TIMEOUT,
-        );
-        let answer_window = match layer.answer_window.as_deref().map(str::trim) {
+        let mut r = Reader {
+            layer: set,
+            errors: &mut errors,
+        };
+        let idle_timeout = r.duration("idle-timeout");
+        let keepalive = r.duration("keepalive");
+        let upstream_timeout = r.duration("upstream-timeout");
+        let shutdown_grace = r.duration("shutdown-grace");
+        let max_body = r.size("max-body");
+        let retention = r.duration("retention");
+        let answer_window = match set.text("answer-window").as_deref().map(str::trim) {
             None => Duration::from_millis(DEFAULT_ANSWER_WINDOW_MS),
             // Zero is meaningful here: every call gets a stream and a stored record.
             Some("0") => Duration::ZERO,
@@ -101,37 +97,17 @@ impl Config {
                 d
             }
         };
-        let shutdown_grace = duration(
-            &mut errors,
-            "shutdown-grace",
-            layer.shutdown_grace.as_deref(),
-            DEFAULT_SHUTDOWN_GRACE,
-        );
-        let max_body = size(
-            &mut errors,
-            "max-body",
-            layer.max_body.as_ref(),
-            DEFAULT_MAX_BODY,
-        );
         let limits = Limits::resolve(&mut errors, &layer.limits.clone().unwrap_or_default());
-        let retention = duration(
-            &mut errors,
-            "retention",
-            layer.retention.as_deref(),
-            DEFAULT_RETENTION,
-        );
-        let admin_text = layer
-            .admin_listen
-            .as_deref()
-            .unwrap_or(DEFAULT_ADMIN_LISTEN);
+        let admin_text = set.text("admin-listen");
+        let admin_text = admin_text.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
         let admin_listen = admin_text.parse::<SocketAddr>().unwrap_or_else(|e| {
             errors.push(format!(
                 "admin-listen: {admin_text:?} is not an address like 127.0.0.1:7451 ({e})"
             ));
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
-        let admin_token = layer.admin_token.filter(|t| !t.is_empty());
-        let admin_token_file = layer.admin_token_file.clone();
+        let admin_token = set.text("admin-token").filter(|t| !t.is_empty());
+        let admin_token_file = set.text("admin-token-file").map(PathBuf::from);
         if admin_token.is_some() && admin_token_file.is_some() {
             errors
                 .push("admin-token-file: give either a token or a token file, not both".to_owned());
@@ -145,7 +121,7 @@ impl Config {
         if let Err(e) = crate::auth::Keys::new(&keys) {
             errors.extend(e);
         }
-        let allowed_origins = layer.allowed_origins.unwrap_or_default();
+        let allowed_origins = set.list("allowed-origins").unwrap_or_default();
         for o in &allowed_origins {
             if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
                 errors.push(format!(
@@ -153,7 +129,7 @@ impl Config {
                 ));
             }
         }
-        let allowed_hosts = layer.allowed_hosts.unwrap_or_default();
+        let allowed_hosts = set.list("allowed-hosts").unwrap_or_default();
         for h in &allowed_hosts {
             if h.is_empty() || h.contains(['/', ' ', '@']) {
                 errors.push(format!(
@@ -162,7 +138,7 @@ impl Config {
             }
         }
 
-        let ledger = match layer.ledger.as_deref() {
+        let ledger = match set.text("ledger").as_deref() {
             None | Some("sqlite") => LedgerSpec::Sqlite,
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
                 if url.parse::<tokio_postgres::Config>().is_err() {
@@ -182,7 +158,7 @@ impl Config {
 
         let up = layer.upstream.unwrap_or_default();
         let require_upstream = up.require.unwrap_or(false);
-        let demo = layer.demo.unwrap_or(false);
+        let demo = set.switch("demo").unwrap_or(false);
         let env_policy = if up.inherit_env.unwrap_or(false) {
             if up.pass_env.is_some() {
                 errors.push("upstream: pass-env has no effect with inherit-env".to_owned());
@@ -316,7 +292,10 @@ impl Config {
         }
         Ok(Config {
             listen,
-            state_dir: layer.state_dir.unwrap_or_else(default_state_dir),
+            state_dir: set
+                .text("state-dir")
+                .map(PathBuf::from)
+                .unwrap_or_else(default_state_dir),
             idle_timeout,
             keepalive,
             max_body,
@@ -345,13 +324,15 @@ impl Config {
 }
 
 fn resolve_store(errors: &mut Vec<String>, layer: &Layer, listen: SocketAddr) -> StoreSpec {
+    let set = &layer.settings;
     let redis_only = [
-        ("store-prefix", layer.store_prefix.is_some()),
-        ("session-ttl", layer.session_ttl.is_some()),
-        ("advertise-url", layer.advertise_url.is_some()),
-        ("instance-ttl", layer.instance_ttl.is_some()),
-    ];
-    match layer.store.as_deref() {
+        "store-prefix",
+        "session-ttl",
+        "advertise-url",
+        "instance-ttl",
+    ]
+    .map(|key| (key, set.get(key).is_some()));
+    match set.text("store").as_deref() {
         None | Some("sqlite") => {
             for (name, set) in redis_only {
                 if set {
@@ -364,31 +345,24 @@ fn resolve_store(errors: &mut Vec<String>, layer: &Layer, listen: SocketAddr) ->
             if redis::Client::open(url).is_err() {
                 errors.push(format!("store: {url:?} is not a valid Redis URL"));
             }
-            let session_ttl = duration(
-                errors,
-                "session-ttl",
-                layer.session_ttl.as_deref(),
-                DEFAULT_SESSION_TTL,
-            );
-            let instance_ttl = duration(
-                errors,
-                "instance-ttl",
-                layer.instance_ttl.as_deref(),
-                DEFAULT_INSTANCE_TTL,
-            );
+            let mut r = Reader {
+                layer: set,
+                errors: &mut *errors,
+            };
+            let session_ttl = r.duration("session-ttl");
+            let instance_ttl = r.duration("instance-ttl");
             if instance_ttl < Duration::from_secs(1) && !instance_ttl.is_zero() {
                 errors.push("instance-ttl: must be at least 1s".to_owned());
             }
-            let prefix = layer
-                .store_prefix
-                .clone()
+            let prefix = set
+                .text("store-prefix")
                 .unwrap_or_else(|| DEFAULT_STORE_PREFIX.to_owned());
             if prefix.is_empty() || prefix.contains(char::is_whitespace) {
                 errors.push(format!(
                     "store-prefix: {prefix:?} must be non-empty and without spaces"
                 ));
             }
-            let advertise_url = layer.advertise_url.clone();
+            let advertise_url = set.text("advertise-url");
             match &advertise_url {
                 Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
                     errors.push(format!("advertise-url: {u:?} is not an http(s):// URL"));

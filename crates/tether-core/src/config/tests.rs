@@ -51,10 +51,7 @@ fn demo() -> Vec<String> {
 
 #[test]
 fn defaults_apply() {
-    let layer = Layer {
-        demo: Some(true),
-        ..Layer::default()
-    };
+    let layer = Layer::default().with("demo", true);
     let c = Config::resolve(layer, demo()).unwrap();
     assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
     assert_eq!(c.idle_timeout, Duration::from_secs(1800));
@@ -108,12 +105,10 @@ fn defaults_apply() {
 
 #[test]
 fn every_problem_is_reported_at_once() {
-    let layer = Layer {
-        listen: Some("nowhere".into()),
-        idle_timeout: Some("soon".into()),
-        max_body: Some(SizeValue::Text("lots".into())),
-        ..Layer::default()
-    };
+    let layer = Layer::default()
+        .with("listen", "nowhere")
+        .with("idle-timeout", "soon")
+        .with("max-body", "lots");
     let errs = Config::resolve(layer, demo()).unwrap_err();
     assert_eq!(errs.len(), 4, "{errs:#?}");
 }
@@ -125,13 +120,13 @@ fn flags_override_file() {
     )
     .unwrap();
     let cli = Layer {
-        listen: Some("127.0.0.1:2".into()),
         upstream: Some(UpstreamLayer {
             url: Some("http://x/mcp".into()),
             ..Default::default()
         }),
         ..Layer::default()
-    };
+    }
+    .with("listen", "127.0.0.1:2");
     let c = Config::resolve(file.overlay(cli), demo()).unwrap();
     assert_eq!(c.listen.port(), 2);
     assert_eq!(c.keepalive, Duration::from_secs(5));
@@ -152,20 +147,20 @@ fn unknown_fields_are_rejected() {
 
 #[test]
 fn store_and_ledger_urls_are_checked_together() {
-    let layer = |store: Option<&str>, ledger: Option<&str>, extra: Layer| Layer {
-        demo: Some(true),
-        store: store.map(str::to_owned),
-        ledger: ledger.map(str::to_owned),
-        ..extra
+    let layer = |store: Option<&str>, ledger: Option<&str>, mut extra: Layer| {
+        extra.settings.set("demo", true.into());
+        for (key, value) in [("store", store), ("ledger", ledger)] {
+            if let Some(v) = value {
+                extra.settings.set(key, v.into());
+            }
+        }
+        extra
     };
     let c = Config::resolve(
         layer(
             Some("redis://127.0.0.1:6379/2"),
             Some("postgres://u@db:5432/t"),
-            Layer {
-                session_ttl: Some("1h".into()),
-                ..Layer::default()
-            },
+            Layer::default().with("session-ttl", "1h"),
         ),
         vec!["x".into()],
     )
@@ -190,10 +185,7 @@ fn store_and_ledger_urls_are_checked_together() {
         layer(
             Some("memcached://x"),
             Some("mysql://x"),
-            Layer {
-                store_prefix: Some("p".into()),
-                ..Layer::default()
-            },
+            Layer::default().with("store-prefix", "p"),
         ),
         vec!["x".into()],
     )
@@ -202,14 +194,7 @@ fn store_and_ledger_urls_are_checked_together() {
     assert!(text.contains("store: \"memcached://x\""), "{text}");
     assert!(text.contains("ledger: \"mysql://x\""), "{text}");
     let errors = Config::resolve(
-        layer(
-            None,
-            None,
-            Layer {
-                store_prefix: Some("p".into()),
-                ..Layer::default()
-            },
-        ),
+        layer(None, None, Layer::default().with("store-prefix", "p")),
         vec!["x".into()],
     )
     .unwrap_err();
@@ -221,10 +206,7 @@ fn store_and_ledger_urls_are_checked_together() {
         layer(
             Some("redis://127.0.0.1/"),
             None,
-            Layer {
-                listen: Some("0.0.0.0:7450".into()),
-                ..Layer::default()
-            },
+            Layer::default().with("listen", "0.0.0.0:7450"),
         ),
         vec!["x".into()],
     )
@@ -333,5 +315,91 @@ fn a_server_sets_the_limits_its_rows_allow() {
             };
             assert_eq!(got, 3, "{}", o.key);
         }
+    }
+}
+
+/// The README's configuration reference is the rows of [`OPTIONS`] (then the settings only
+/// the file holds). `TETHER_BLESS_README=1 cargo test -p tether-core readme_options` rewrites
+/// the rows.
+#[test]
+fn readme_options_table_is_generated_from_the_rows() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
+    let readme = std::fs::read_to_string(path).unwrap();
+    let header = "| Flag | Env | File key | Default | Meaning |\n|---|---|---|---|---|\n";
+    let start = readme.find(header).expect("the reference's header") + header.len();
+    let end = start
+        + readme[start..]
+            .find("\n| `-- CMD ARGS...`")
+            .expect("the file-only rows follow the generated ones");
+    let want = OPTIONS
+        .iter()
+        .map(Opt::readme_row)
+        .collect::<Vec<_>>()
+        .join("\n");
+    if std::env::var_os("TETHER_BLESS_README").is_some() {
+        let text = format!("{}{want}{}", &readme[..start], &readme[end..]);
+        std::fs::write(path, text).unwrap();
+        return;
+    }
+    assert_eq!(
+        &readme[start..end],
+        want,
+        "README's configuration reference differs from config::OPTIONS; run with TETHER_BLESS_README=1"
+    );
+}
+
+/// Every row is one option: its variable, its doc line, a file key that a config file takes
+/// (and nothing the rows do not name), a default that resolves.
+#[test]
+fn every_option_row_is_consistent_and_settable_from_the_file() {
+    let mut seen = std::collections::BTreeSet::new();
+    for o in OPTIONS.iter().chain(LIMITS) {
+        assert!(seen.insert(o.key), "{} is two rows", o.key);
+        assert!(!o.doc.is_empty() && !o.doc.contains(" | "), "{}", o.key);
+    }
+    for o in OPTIONS {
+        let env = format!("TETHER_{}", o.key.to_uppercase().replace('-', "_"));
+        // The headers' variable holds several, one per line.
+        assert!(o.env == env || o.kind == Kind::Lines, "{}", o.key);
+        if o.place != Place::Top {
+            assert!(toml::from_str::<Layer>(&format!("{} = \"x\"", o.key)).is_err());
+            continue;
+        }
+        let value = match o.kind {
+            Kind::Switch => "true".to_owned(),
+            Kind::List => "[\"http://a.example\"]".to_owned(),
+            _ => format!("{:?}", o.key),
+        };
+        let layer: Layer = toml::from_str(&format!("{} = {value}", o.key))
+            .unwrap_or_else(|e| panic!("{}: {e}", o.key));
+        assert!(layer.settings.get(o.key).is_some(), "{}", o.key);
+    }
+    let err = toml::from_str::<Layer>("listne = \"x\"").unwrap_err();
+    assert!(err.to_string().contains("unknown field"), "{err}");
+    assert!(err.to_string().contains("`listen`"), "{err}");
+    // The defaults of the rows resolve (with an upstream).
+    let c = Config::resolve(Layer::default().with("demo", true), demo()).unwrap();
+    assert_eq!(c.answer_window, Duration::from_millis(10));
+    assert_eq!(c.retention, Duration::from_secs(30 * 86_400));
+}
+
+/// A server's `tether` table may set exactly the settings whose rows are marked `server`.
+#[test]
+fn a_server_sets_the_settings_its_rows_allow() {
+    for o in OPTIONS.iter().filter(|o| o.place != Place::Cli) {
+        let key = match o.place {
+            Place::Upstream(k) => k.split(' ').next().unwrap(),
+            _ => o.key,
+        };
+        let value = match o.kind {
+            Kind::Choice(values) => serde_json::json!(values[1]),
+            Kind::Switch => serde_json::json!(true),
+            Kind::List => serde_json::json!(["a"]),
+            _ => serde_json::json!("5m"),
+        };
+        let text = serde_json::json!({"mcpServers": {"a": {"url": "http://h.example/mcp", "tether": {key: value}}}})
+            .to_string();
+        let parsed = crate::servers::parse(&text, "f", &crate::upstream::EnvPolicy::Inherit);
+        assert_eq!(parsed.is_ok(), o.server, "{key}: {parsed:?}");
     }
 }

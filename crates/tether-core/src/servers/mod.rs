@@ -251,10 +251,18 @@ impl ServerEntry {
                 up.headers = (!headers.is_empty()).then(|| headers.iter().cloned().collect());
             }
         }
+        let mut settings = crate::config::Settings::default();
+        for (key, value) in [
+            ("idle-timeout", &self.settings.idle_timeout),
+            ("upstream-timeout", &self.settings.upstream_timeout),
+        ] {
+            if let Some(v) = value {
+                settings.set_text(key, v.clone());
+            }
+        }
         Layer {
+            settings,
             upstream: Some(up),
-            idle_timeout: self.settings.idle_timeout.clone(),
-            upstream_timeout: self.settings.upstream_timeout.clone(),
             limits: Some(self.settings.limits()).filter(|l| !l.is_empty()),
             ..Layer::default()
         }

@@ -275,17 +275,17 @@ fn embedded_config(
         }
         From::Layer(layer) => {
             let base = Layer {
-                listen: Some(listen.into()),
-                admin_listen: Some("127.0.0.1:0".into()),
-                state_dir: Some(state_dir.to_path_buf()),
-                demo: Some(true),
                 limits: Some(
                     LimitsLayer::default()
                         .with("session-rate", 100_000u64)
                         .with("session-burst", 100_000u64),
                 ),
                 ..Layer::default()
-            };
+            }
+            .with("listen", listen)
+            .with("admin-listen", "127.0.0.1:0")
+            .with("state-dir", state_dir.display().to_string())
+            .with("demo", true);
             let config = Config::resolve(
                 base.overlay((**layer).clone()),
                 vec![BIN.into(), "demo-server".into()],
