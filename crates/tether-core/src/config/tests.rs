@@ -217,17 +217,18 @@ fn store_and_ledger_urls_are_checked_together() {
     );
 }
 
-/// The README's Limits table is the rows of [`LIMITS`], as `Opt::readme_row` writes them.
-/// `TETHER_BLESS_README=1 cargo test -p tether-core readme_limits` rewrites it from the rows.
-#[test]
-fn readme_limits_table_is_generated_from_the_rows() {
+/// Checks that the README's table under `header` is `rows` as `Opt::readme_row` writes them,
+/// up to `end` (or rewrites it from them with `TETHER_BLESS_README=1`).
+fn readme_table_is(header: &str, end: &str, rows: &[Opt], table: &str) {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
     let readme = std::fs::read_to_string(path).unwrap();
-    let header = "| Flag | Env | Default | Bounds |\n|---|---|---|---|\n";
-    let start = readme.find(header).expect("the Limits table's header") + header.len();
-    let end = start + readme[start..].find("\n\n").expect("the table ends");
-    let rows: Vec<String> = LIMITS.iter().map(Opt::readme_row).collect();
-    let want = rows.join("\n");
+    let start = readme.find(header).expect("the table's header") + header.len();
+    let end = start + readme[start..].find(end).expect("the table ends");
+    let want = rows
+        .iter()
+        .map(Opt::readme_row)
+        .collect::<Vec<_>>()
+        .join("\n");
     if std::env::var_os("TETHER_BLESS_README").is_some() {
         let text = format!("{}{want}{}", &readme[..start], &readme[end..]);
         std::fs::write(path, text).unwrap();
@@ -236,7 +237,19 @@ fn readme_limits_table_is_generated_from_the_rows() {
     assert_eq!(
         &readme[start..end],
         want,
-        "README's Limits table differs from config::LIMITS; run with TETHER_BLESS_README=1"
+        "README's table differs from config::{table}; run with TETHER_BLESS_README=1"
+    );
+}
+
+/// The README's Limits table is the rows of [`LIMITS`].
+/// `TETHER_BLESS_README=1 cargo test -p tether-core readme_limits` rewrites it from the rows.
+#[test]
+fn readme_limits_table_is_generated_from_the_rows() {
+    readme_table_is(
+        "| Flag | Env | Default | Bounds |\n|---|---|---|---|\n",
+        "\n\n",
+        LIMITS,
+        "LIMITS",
     );
 }
 
@@ -323,28 +336,11 @@ fn a_server_sets_the_limits_its_rows_allow() {
 /// the rows.
 #[test]
 fn readme_options_table_is_generated_from_the_rows() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
-    let readme = std::fs::read_to_string(path).unwrap();
-    let header = "| Flag | Env | File key | Default | Meaning |\n|---|---|---|---|---|\n";
-    let start = readme.find(header).expect("the reference's header") + header.len();
-    let end = start
-        + readme[start..]
-            .find("\n| `-- CMD ARGS...`")
-            .expect("the file-only rows follow the generated ones");
-    let want = OPTIONS
-        .iter()
-        .map(Opt::readme_row)
-        .collect::<Vec<_>>()
-        .join("\n");
-    if std::env::var_os("TETHER_BLESS_README").is_some() {
-        let text = format!("{}{want}{}", &readme[..start], &readme[end..]);
-        std::fs::write(path, text).unwrap();
-        return;
-    }
-    assert_eq!(
-        &readme[start..end],
-        want,
-        "README's configuration reference differs from config::OPTIONS; run with TETHER_BLESS_README=1"
+    readme_table_is(
+        "| Flag | Env | File key | Default | Meaning |\n|---|---|---|---|---|\n",
+        "\n| `-- CMD ARGS...`",
+        OPTIONS,
+        "OPTIONS",
     );
 }
 
