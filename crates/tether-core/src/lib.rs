@@ -7,6 +7,7 @@
 //! - [`session`]: sessions, rehydration, id rewriting, routing, upstream supervision.
 //! - [`upstream`]: stdio children and Streamable HTTP upstream connections.
 //! - [`store`]: durable session records and stream event logs (SQLite by default).
+//! - [`tasks`]: durable tasks (issue 28, begun): the record and its shapes in both eras.
 //! - [`client`]: the client side: `tether connect` ([`connect`]) and `tether check` ([`check`]).
 //! - [`policy`], [`protocol`], [`modern`], [`config`]: pure decisions, JSON-RPC envelopes,
 //!   the 2026-07-28 era's rules and translations, settings.
@@ -38,6 +39,7 @@ pub mod servers;
 pub mod session;
 pub mod state_dir;
 pub mod store;
+pub mod tasks;
 pub mod telemetry;
 pub mod threads;
 pub mod upstream;
