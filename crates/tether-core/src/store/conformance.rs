@@ -211,6 +211,75 @@ pub async fn many_concurrent_writes(store: &dyn LiveStore) {
     assert_eq!(store.stream("s", "0").await.unwrap().unwrap().last_seq, 500);
 }
 
+/// Task records: a put is readable once acknowledged (on any handle), a change replaces
+/// the record, a principal lists only its own tasks in creation order page by page, and an
+/// expired task goes when pruned while a live one stays.
+pub async fn tasks_are_kept_listed_and_pruned(store: &dyn LiveStore) {
+    use crate::tasks::{Era, Outcome, Status, TaskRecord};
+    let now = now_ms();
+    let task = |principal: &str, created_ms: i64, ttl_ms: Option<u64>| {
+        TaskRecord::working(
+            principal,
+            "demo",
+            "slow",
+            Era::Modern,
+            ttl_ms,
+            500,
+            created_ms,
+        )
+    };
+    let mut a = task("alice", now, Some(3_600_000));
+    store.put_task(&a).await.unwrap();
+    assert_eq!(store.load_task(&a.id).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.load_task("t_nothing").await.unwrap(), None);
+
+    a.status = Status::InputRequired;
+    a.input_requests = Some(json!({"k": {"method": "roots/list"}}));
+    store.put_task(&a).await.unwrap();
+    a.finish(Outcome::Result(json!({"content": []})), now + 5);
+    store.put_task(&a).await.unwrap();
+    let got = store.load_task(&a.id).await.unwrap().unwrap();
+    assert_eq!(got.status, Status::Completed);
+    assert_eq!(got, a);
+
+    // Three more of alice's (two created in the same millisecond), one of bob's.
+    let later: Vec<TaskRecord> = [now + 1, now + 2, now + 2]
+        .into_iter()
+        .map(|at| task("alice", at, None))
+        .collect();
+    for t in &later {
+        store.put_task(t).await.unwrap();
+    }
+    let bob = task("bob", now, None);
+    store.put_task(&bob).await.unwrap();
+    let mut want: Vec<String> = std::iter::once(&a)
+        .chain(&later)
+        .map(|t| t.id.clone())
+        .collect();
+    want[2..].sort();
+    let first = store.list_tasks("alice", None, 3).await.unwrap();
+    let next = first.last().map(|t| (t.created_ms, t.id.clone()));
+    let rest = store.list_tasks("alice", next, 3).await.unwrap();
+    let listed: Vec<String> = first.iter().chain(&rest).map(|t| t.id.clone()).collect();
+    assert_eq!(first.len(), 3);
+    assert_eq!(listed, want, "alice's tasks, in order, in two pages");
+    let bobs = store.list_tasks("bob", None, 10).await.unwrap();
+    assert_eq!(bobs, vec![bob.clone()]);
+
+    // Created an hour ago with a minute to live: expired.
+    let old = task("alice", now - 3_600_000, Some(60_000));
+    store.put_task(&old).await.unwrap();
+    assert!(store.prune_tasks(now).await.unwrap() >= 1);
+    assert_eq!(store.load_task(&old.id).await.unwrap(), None);
+    assert!(
+        store.load_task(&a.id).await.unwrap().is_some(),
+        "a live task stays"
+    );
+    let listed = store.list_tasks("alice", None, 10).await.unwrap();
+    assert!(listed.iter().all(|t| t.id != old.id), "nor is it listed");
+    assert_eq!(listed.len(), 4);
+}
+
 /// Counters follow tool calls; retention pruning removes old calls and closed sessions.
 /// Sessions arrive as ledger events, as they do when the ledger is its own backend.
 pub async fn ledger_counts_and_retention_pruning(ledger: &dyn LedgerStore) {

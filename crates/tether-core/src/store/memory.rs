@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
+use crate::tasks::TaskRecord;
+
 use super::{
     Ack, EventRecord, LiveStore, STANDALONE_STREAM, Servers, SessionRecord, SessionState,
     StoreError, StreamRecord,
@@ -26,6 +28,7 @@ struct Inner {
     sessions: HashMap<String, SessionRecord>,
     /// (session, stream) → the stream and its events by sequence number.
     streams: HashMap<(String, String), (StreamRecord, BTreeMap<u64, String>)>,
+    tasks: HashMap<String, TaskRecord>,
 }
 
 fn done() -> Ack {
@@ -210,6 +213,43 @@ impl LiveStore for MemoryStore {
         Ok(removed)
     }
 
+    fn put_task(&self, task: &TaskRecord) -> Ack {
+        self.lock().tasks.insert(task.id.clone(), task.clone());
+        done()
+    }
+
+    async fn load_task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        Ok(self.lock().tasks.get(id).cloned())
+    }
+
+    async fn list_tasks(
+        &self,
+        principal: &str,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let st = self.lock();
+        let mut tasks: Vec<&TaskRecord> = st
+            .tasks
+            .values()
+            .filter(|t| t.principal == principal)
+            .filter(|t| {
+                after
+                    .as_ref()
+                    .is_none_or(|a| (t.created_ms, &t.id) > (a.0, &a.1))
+            })
+            .collect();
+        tasks.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        Ok(tasks.into_iter().take(limit).cloned().collect())
+    }
+
+    async fn prune_tasks(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let mut st = self.lock();
+        let before = st.tasks.len();
+        st.tasks.retain(|_, t| !t.expired(now_ms));
+        Ok((before - st.tasks.len()) as u64)
+    }
+
     fn describe(&self) -> String {
         "memory".into()
     }
@@ -226,5 +266,6 @@ mod tests {
         let store = MemoryStore::default();
         conformance::event_log_survives_reopen(|| Box::new(store.clone())).await;
         conformance::many_concurrent_writes(&MemoryStore::default()).await;
+        conformance::tasks_are_kept_listed_and_pruned(&MemoryStore::default()).await;
     }
 }

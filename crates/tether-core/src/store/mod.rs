@@ -1,7 +1,7 @@
 //! Durable state, in two halves that may live on different backends:
 //!
-//! - [`LiveStore`]: session records and the per-stream SSE event log, what serving and
-//!   rehydration need. SQLite ([`sqlite::SqliteStore`], the embedded default) or Redis
+//! - [`LiveStore`]: session records, the per-stream SSE event log and task records, what
+//!   serving, rehydration and `tasks/*` need. SQLite ([`sqlite::SqliteStore`], the embedded default) or Redis
 //!   ([`redis::RedisStore`], shared by the instances of a deployment, which also
 //!   implements [`Coordinator`]).
 //! - [`LedgerStore`]: session history and tool calls for the admin API. SQLite or
@@ -25,6 +25,8 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
+
+use crate::tasks::TaskRecord;
 
 /// A store failure. Callers turn it into a JSON-RPC error; it never panics the process.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -229,6 +231,21 @@ pub trait LiveStore: Send + Sync + 'static {
     /// Deletes the logs of closed sessions and of finished streams created before
     /// `cutoff_ms`, in bounded steps so other writes are not held up; returns events removed.
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
+    /// Stores a task (a new one, or its new state); durable when the ack resolves. A task is
+    /// shown to a client only once its record is durable (`docs/design/tasks.md`).
+    fn put_task(&self, task: &TaskRecord) -> Ack;
+    /// A task by id. An expired one may be found until it is pruned: the caller checks.
+    async fn load_task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;
+    /// A principal's tasks, oldest first, after `after` (the creation time and id of the
+    /// last one the caller has), at most `limit`.
+    async fn list_tasks(
+        &self,
+        principal: &str,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError>;
+    /// Forgets the tasks whose time to live ended before `now_ms`; returns how many.
+    async fn prune_tasks(&self, now_ms: i64) -> Result<u64, StoreError>;
     /// A short description for logs and health (`sqlite:/path`, `redis://host/0 prefix p`).
     fn describe(&self) -> String;
 }

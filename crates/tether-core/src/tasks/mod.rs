@@ -12,6 +12,7 @@ mod shape;
 
 pub use shape::{RELATED_TASK, ack};
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The task id prefix: a task id is never mistaken for a session or stream id in a log.
@@ -30,7 +31,8 @@ pub fn looks_like_task_id(text: &str) -> bool {
 }
 
 /// Which era's shapes a task is written in: the era of the client that created it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Era {
     /// 2025-11-25 tasks (`params.task`, nested `CreateTaskResult`, `ttl`, `pollInterval`).
     Legacy,
@@ -40,7 +42,8 @@ pub enum Era {
 }
 
 /// Where a task is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Running upstream.
     Working,
@@ -87,7 +90,8 @@ impl Status {
 }
 
 /// How a task's call ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// The call's result (a `CallToolResult`).
     Result(Value),
@@ -95,8 +99,9 @@ pub enum Outcome {
     Error(Value),
 }
 
-/// One task: everything `tasks/*` answers from, in either era, on any instance.
-#[derive(Debug, Clone, PartialEq)]
+/// One task: everything `tasks/*` answers from, in either era, on any instance. Stored
+/// as its JSON ([`TaskRecord::to_json`]), so every backend keeps the same fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
     /// Its id ([`new_task_id`]).
     pub id: String,
@@ -171,11 +176,27 @@ impl TaskRecord {
         self.updated_ms = now_ms;
     }
 
+    /// When it may be forgotten, ms since the Unix epoch (`None`: kept until removed).
+    pub fn expires_ms(&self) -> Option<i64> {
+        self.ttl_ms.map(|ttl| {
+            self.created_ms
+                .saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))
+        })
+    }
+
+    /// The record as the stores keep it.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a task record serializes")
+    }
+
+    /// A stored record read back.
+    pub fn from_json(text: &str) -> Result<TaskRecord, String> {
+        serde_json::from_str(text).map_err(|e| format!("task record: {e}"))
+    }
+
     /// Whether it has outlived its time to live at `now_ms`.
     pub fn expired(&self, now_ms: i64) -> bool {
-        self.ttl_ms
-            .and_then(|ttl| i64::try_from(ttl).ok())
-            .is_some_and(|ttl| now_ms >= self.created_ms.saturating_add(ttl))
+        self.expires_ms().is_some_and(|at| now_ms >= at)
     }
 }
 

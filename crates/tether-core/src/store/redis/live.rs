@@ -10,6 +10,27 @@ impl LiveStore for RedisStore {
         format!("redis {}", self.inner.describe)
     }
 
+    fn put_task(&self, task: &crate::tasks::TaskRecord) -> Ack {
+        self.submit(self.put_task_cmds(task), true)
+    }
+
+    async fn load_task(&self, id: &str) -> Result<Option<crate::tasks::TaskRecord>, StoreError> {
+        self.load_task_record(id).await
+    }
+
+    async fn list_tasks(
+        &self,
+        principal: &str,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<crate::tasks::TaskRecord>, StoreError> {
+        self.list_task_records(principal, after, limit).await
+    }
+
+    async fn prune_tasks(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.prune_task_index(now_ms).await
+    }
+
     async fn create_session(&self, record: SessionRecord) -> Result<(), StoreError> {
         self.submit(self.record_cmds(&record, false), true).await
     }

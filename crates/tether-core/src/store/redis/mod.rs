@@ -57,6 +57,7 @@ use crate::metrics::Metrics;
 mod coordinator;
 mod live;
 mod records;
+mod tasks;
 mod writer;
 
 use records::*;
@@ -404,6 +405,16 @@ mod tests {
         };
         let store = open(&opts);
         suite::sessions_round_trip_and_close(&store).await;
+        store.wipe().await;
+    }
+
+    #[tokio::test]
+    async fn conformance_tasks() {
+        let Some(opts) = suite::redis_options("tasks") else {
+            return;
+        };
+        let store = open(&opts);
+        suite::tasks_are_kept_listed_and_pruned(&store).await;
         store.wipe().await;
     }
 

@@ -19,6 +19,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use crate::tasks::TaskRecord;
+
 use super::{
     Ack, CallRow, EventRecord, LedgerEvent, LedgerSink, LedgerStore, LiveStore, Servers,
     SessionEvent, SessionQuery, SessionRecord, SessionState, SessionSummary, StoreError,
@@ -27,6 +29,7 @@ use super::{
 
 mod ledger;
 mod rows;
+mod tasks;
 mod writer;
 
 use rows::*;
@@ -121,6 +124,15 @@ CREATE INDEX IF NOT EXISTS session_events_by_session ON session_events(session_i
 CREATE TABLE IF NOT EXISTS closed_logs (
     session_id TEXT PRIMARY KEY
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER,
+    record TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_by_principal ON tasks(principal, created_ms, id);
+CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks(expires_ms) WHERE expires_ms IS NOT NULL;
 ";
 
 #[allow(clippy::needless_pass_by_value)] // used as `map_err(backend)`
@@ -327,6 +339,36 @@ impl LedgerSink for SqliteStore {
 
 #[async_trait::async_trait]
 impl LiveStore for SqliteStore {
+    fn put_task(&self, task: &TaskRecord) -> Ack {
+        let task = Box::new(task.clone());
+        self.submit(|d| Op::Task(task, d))
+    }
+
+    async fn load_task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| tasks::load(c, &id))
+            .await?
+            .map(|text| tasks::decode(&text))
+            .transpose()
+    }
+
+    async fn list_tasks(
+        &self,
+        principal: &str,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let principal = principal.to_owned();
+        let texts = self
+            .read(move |c| tasks::list(c, &principal, after, limit))
+            .await?;
+        texts.iter().map(|t| tasks::decode(t)).collect()
+    }
+
+    async fn prune_tasks(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.prune_in_chunks(PruneKind::Tasks, now_ms).await
+    }
+
     fn describe(&self) -> String {
         format!("sqlite:{}", self.path.display())
     }
@@ -494,6 +536,37 @@ impl LiveStore for SqliteStore {
         let removed = self.prune_in_chunks(PruneKind::Events, cutoff_ms).await?;
         self.reclaim().await?;
         Ok(removed)
+    }
+}
+
+/// How often the checkpointer copies the WAL into the database; a checkpoint with
+/// nothing to copy costs a few system calls.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+/// WAL pages (4 KiB) past which a checkpoint holds writes up until it has reset the WAL:
+/// the bound on the file when passive checkpoints cannot catch up (16 MiB), as under an
+/// upstream flooding a stream.
+const WAL_LIMIT_PAGES: i64 = 4096;
+
+/// Checkpoints the WAL off the writer's thread until the store is dropped (`alive` is the
+/// store's reader connection). A `PASSIVE` checkpoint never waits for the writer or for
+/// readers, so no commit waits behind it; SQLite starts the WAL over at the first write
+/// after a checkpoint that copied all of it. Only when writes never pause long enough for
+/// that, and the WAL passes [`WAL_LIMIT_PAGES`], does a `RESTART` checkpoint make the
+/// writer wait, once, to bound the file.
+fn checkpoint_loop(conn: &Connection, alive: &std::sync::Weak<std::sync::Mutex<Connection>>) {
+    while alive.strong_count() > 0 {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        let passive = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+        match passive {
+            Ok(wal_pages) if wal_pages > WAL_LIMIT_PAGES => {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, wal_pages, "cannot reset the store's write-ahead log");
+                }
+            }
+            Ok(_) => {}
+            // A full disk or a deleted file shows in the writer's commits and in readiness.
+            Err(e) => tracing::debug!(error = %e, "store checkpoint failed"),
+        }
     }
 }
 

@@ -119,6 +119,12 @@ async fn conformance_concurrent_writes() {
 }
 
 #[tokio::test]
+async fn conformance_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    suite::tasks_are_kept_listed_and_pruned(&SqliteStore::open(dir.path()).unwrap()).await;
+}
+
+#[tokio::test]
 async fn conformance_ledger_counts_and_pruning() {
     let dir = tempfile::tempdir().unwrap();
     suite::ledger_counts_and_retention_pruning(&SqliteStore::open(dir.path()).unwrap()).await;

@@ -9,6 +9,8 @@ pub(super) type Done = oneshot::Sender<Result<(), StoreError>>;
 
 pub(super) enum Op {
     CreateSession(Box<SessionRecord>, Done),
+    /// A task's record, new or changed (replaces the stored one).
+    Task(Box<TaskRecord>, Done),
     Touch(String, i64),
     Restore(String, Value, Done),
     Ledger(Vec<LedgerEvent>, Done),
@@ -67,6 +69,8 @@ pub(super) enum PruneKind {
     Events,
     /// Ledger history: tool calls and closed sessions past ledger retention.
     Ledger,
+    /// Tasks past their time to live (the cutoff is now).
+    Tasks,
 }
 
 /// What one prune chunk did.
@@ -157,6 +161,7 @@ pub(super) fn apply_batch(
         if let Err(e) = &began {
             match op {
                 Op::CreateSession(_, d)
+                | Op::Task(_, d)
                 | Op::OpenStream(_, d)
                 | Op::Append(_, d)
                 | Op::Flush(d)
@@ -176,6 +181,7 @@ pub(super) fn apply_batch(
         }
         match op {
             Op::CreateSession(r, d) => results.push((d, insert_session(conn, &r).map_err(backend))),
+            Op::Task(t, d) => results.push((d, super::tasks::put(conn, &t).map_err(backend))),
             Op::Touch(id, at) => {
                 let slot = touches.entry(id).or_insert(at);
                 *slot = (*slot).max(at);
@@ -238,6 +244,7 @@ pub(super) fn apply_batch(
                 let r = match kind {
                     PruneKind::Events => prune(conn, cutoff, PRUNE_CHUNK),
                     PruneKind::Ledger => prune_ledger(conn, cutoff, PRUNE_CHUNK),
+                    PruneKind::Tasks => super::tasks::prune(conn, cutoff, PRUNE_CHUNK),
                 };
                 (d, r.map_err(backend))
             })
@@ -617,40 +624,6 @@ pub(super) fn prune(conn: &Connection, cutoff: i64, limit: usize) -> rusqlite::R
     out.rows += standalone as u64;
     out.more = standalone == budget;
     Ok(out)
-}
-
-/// How often the checkpointer copies the WAL into the database; a checkpoint with
-/// nothing to copy costs a few system calls.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
-/// WAL pages (4 KiB) past which a checkpoint holds writes up until it has reset the WAL:
-/// the bound on the file when passive checkpoints cannot catch up (16 MiB), as under an
-/// upstream flooding a stream.
-const WAL_LIMIT_PAGES: i64 = 4096;
-
-/// Checkpoints the WAL off the writer's thread until the store is dropped (`alive` is the
-/// store's reader connection). A `PASSIVE` checkpoint never waits for the writer or for
-/// readers, so no commit waits behind it; SQLite starts the WAL over at the first write
-/// after a checkpoint that copied all of it. Only when writes never pause long enough for
-/// that, and the WAL passes [`WAL_LIMIT_PAGES`], does a `RESTART` checkpoint make the
-/// writer wait, once, to bound the file.
-pub(super) fn checkpoint_loop(
-    conn: &Connection,
-    alive: &std::sync::Weak<std::sync::Mutex<Connection>>,
-) {
-    while alive.strong_count() > 0 {
-        std::thread::sleep(CHECKPOINT_EVERY);
-        let passive = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
-        match passive {
-            Ok(wal_pages) if wal_pages > WAL_LIMIT_PAGES => {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, wal_pages, "cannot reset the store's write-ahead log");
-                }
-            }
-            Ok(_) => {}
-            // A full disk or a deleted file shows in the writer's commits and in readiness.
-            Err(e) => tracing::debug!(error = %e, "store checkpoint failed"),
-        }
-    }
 }
 
 #[cfg(test)]
