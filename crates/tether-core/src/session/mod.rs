@@ -24,6 +24,7 @@
 //! - `deadlines.rs`: call timeouts, one task per session;
 //! - `inbound.rs`: upstream → client (routing, server requests, resumption);
 //! - `calls.rs`: the in-flight table, completing a call and recording it;
+//! - `tasks.rs`: 2025-11-25 tasks the gateway owns (a call run for a task id);
 //! - `error.rs`: [`Failure`] (defined in [`crate::error`]) for an upstream that could not
 //!   start; `tests/`: the state machine under paused time, with fake upstreams;
 //! - `close.rs`: closing or letting go; `upkeep.rs`: reaper, coordination, shutdown;
@@ -46,6 +47,7 @@ mod rehydrate;
 pub mod stream;
 pub mod subscriptions;
 mod supervisor;
+mod tasks;
 mod upkeep;
 
 use std::collections::{HashMap, HashSet};
@@ -253,6 +255,8 @@ struct Shared {
     /// List-changed notifications of a principal's pooled upstreams, for its
     /// `subscriptions/listen` streams.
     listeners: Mutex<HashMap<String, tokio::sync::broadcast::Sender<Arc<Value>>>>,
+    /// The tasks this process runs (`tasks.rs`), by task id.
+    tasks: Mutex<HashMap<String, tasks::RunningTask>>,
     tracker: TaskTracker,
     /// Cancelled when the gateway stops accepting: standalone streams end.
     stopping: CancellationToken,

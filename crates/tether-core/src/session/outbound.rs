@@ -51,6 +51,9 @@ impl Session {
                 Retry::Never,
             ).response(client_id));
         }
+        if self.is_task_request(&env) {
+            return self.task_request(env).await;
+        }
         let started = Instant::now();
         // Kept in the ledger and logged: cut like every client string.
         let tool = tool_of(&env);
@@ -284,7 +287,7 @@ impl Session {
 }
 
 /// `params.name` of a `tools/call`, cut as every client string kept or logged.
-fn tool_of(message: &Message) -> Option<String> {
+pub(super) fn tool_of(message: &Message) -> Option<String> {
     message
         .tool_name()
         .map(|t| crate::log_limit::cut(&t, crate::log_limit::MAX_KEPT).into_owned())

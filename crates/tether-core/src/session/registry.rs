@@ -168,6 +168,14 @@ impl Registry {
                 upstream = %link.describe(),
                 "session created"
             );
+            let mut result = result;
+            if session.gateway_owns_tasks()
+                && let Some(caps) = result
+                    .get_mut("capabilities")
+                    .and_then(Value::as_object_mut)
+            {
+                caps.insert("tasks".into(), tasks::capability());
+            }
             Ok((
                 Some(session),
                 json!({"jsonrpc": "2.0", "id": client_id, "result": result}),
@@ -522,6 +530,7 @@ impl Registry {
                 upstream_init: Mutex::new(None),
                 stateless: Mutex::new(HashMap::new()),
                 listeners: Mutex::new(HashMap::new()),
+                tasks: Mutex::new(HashMap::new()),
                 tracker: c.tracker,
                 stopping: CancellationToken::new(),
                 stopped: CancellationToken::new(),

@@ -2,8 +2,8 @@
 //! it. This is the first step of `docs/design/tasks.md`: what a task is ([`TaskRecord`],
 //! [`Status`], [`Outcome`]), its id, and how each era writes it (`shape.rs`: the 2026-07-28
 //! extension's flat `CreateTaskResult` and detailed task, the 2025-11-25 core spec's nested
-//! `CreateTaskResult` and `Task`). Nothing serves tasks yet: the store calls, the runtime
-//! and the front door's routes are the next steps of that plan.
+//! `CreateTaskResult` and `Task`). The store keeps the records (`LiveStore::put_task`);
+//! `session/tasks.rs` serves 2025-11-25 tasks; the 2026-07-28 routes are a later step.
 //!
 //! Must not: know where a record is kept or how a call runs; it is the record and its
 //! shapes only.
@@ -113,6 +113,8 @@ pub struct TaskRecord {
     pub tool: String,
     /// The era of the client that created it.
     pub era: Era,
+    /// The instance that runs it (with a shared store; `None`: the only process).
+    pub owner: Option<String>,
     /// Its status.
     pub status: Status,
     /// A word on the status for people (why it failed, that it was resumed).
@@ -148,6 +150,7 @@ impl TaskRecord {
             server: server.to_owned(),
             tool: tool.to_owned(),
             era,
+            owner: None,
             status: Status::Working,
             status_message: None,
             created_ms: now_ms,

@@ -32,6 +32,16 @@ pub enum Method {
     Discover,
     /// `subscriptions/listen` (2026-07-28).
     Listen,
+    /// `tasks/get` (both eras).
+    TasksGet,
+    /// `tasks/result` (2025-11-25).
+    TasksResult,
+    /// `tasks/list` (2025-11-25).
+    TasksList,
+    /// `tasks/cancel` (both eras).
+    TasksCancel,
+    /// `tasks/update` (2026-07-28).
+    TasksUpdate,
     /// Any other method, kept as sent.
     Other(Box<str>),
 }
@@ -50,6 +60,11 @@ const KNOWN: &[(Method, &str)] = &[
     (Method::Progress, "notifications/progress"),
     (Method::Discover, "server/discover"),
     (Method::Listen, "subscriptions/listen"),
+    (Method::TasksGet, "tasks/get"),
+    (Method::TasksResult, "tasks/result"),
+    (Method::TasksList, "tasks/list"),
+    (Method::TasksCancel, "tasks/cancel"),
+    (Method::TasksUpdate, "tasks/update"),
 ];
 
 impl Method {

@@ -71,13 +71,15 @@ pub struct Message {
     tool_error: OnceLock<bool>,
 }
 
-/// The fields of `params` the gateway reads: one pass over them finds both, skipping the
+/// The fields of `params` the gateway reads: one pass over them finds them, skipping the
 /// rest (a tool's arguments) without building anything.
 #[derive(Debug, Clone, Default, Deserialize)]
 struct Head {
     name: Option<Value>,
     #[serde(rename = "_meta")]
     meta: Option<Value>,
+    /// 2025-11-25 task augmentation (`params.task`).
+    task: Option<Value>,
 }
 
 /// The members of a message as borrowed raw text: one pass over the bytes finds them all
@@ -406,6 +408,12 @@ impl Message {
             return None;
         }
         self.head().name.as_ref()?.as_str().map(str::to_owned)
+    }
+
+    /// `params.task`, if it is an object: the client asks for the request to run as a
+    /// 2025-11-25 task. Read in the same pass as the tool's name.
+    pub fn task_param(&self) -> Option<&Map<String, Value>> {
+        self.head().task.as_ref()?.as_object()
     }
 
     /// `params._meta`, if it is an object.

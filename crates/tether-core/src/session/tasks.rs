@@ -1,0 +1,424 @@
+//! 2025-11-25 tasks owned by the gateway (issue 28, step 2 of `docs/design/tasks.md`): a
+//! legacy client's `tools/call` with `params.task` is answered with a `CreateTaskResult` once
+//! the task's record is durable, while the call runs upstream on the session as any other
+//! (its answer read by a runner task instead of an HTTP response); `tasks/get`,
+//! `tasks/result` (waits until the task ends), `tasks/list` (the caller's only) and
+//! `tasks/cancel` are answered from the record, never sent upstream. A task that was
+//! running when its gateway died is `failed` ("interrupted by a gateway restart and not
+//! retried") when next asked about.
+//!
+//! Not yet (the plan's later steps): the upstream's requests to the client during a task
+//! (answered with an error naming the limitation), re-issuing a safe task after a restart,
+//! tasks past `--upstream-timeout`, the 2026-07-28 extension.
+//!
+//! Must not: show a task to its client before its record is durable, or answer another
+//! principal's task other than as an unknown one.
+
+use super::*;
+use crate::tasks::{Era, Outcome, Status, TaskRecord};
+
+/// A task's time to live when its client asks for none, and the most it may ask for.
+pub const TASK_TTL: Duration = Duration::from_secs(3600);
+
+/// How often a client should poll a task.
+pub const TASK_POLL: Duration = Duration::from_millis(1000);
+
+/// `tasks/list` page size.
+const LIST_PAGE: usize = 100;
+
+/// A task this process runs: what `tasks/result` waits on and `tasks/cancel` stops.
+pub(super) struct RunningTask {
+    /// The client's id of the call (what a cancellation names).
+    client_id: Value,
+    /// Set once the task has ended (the record is then durable in its final state).
+    ended: tokio::sync::watch::Sender<bool>,
+    /// Set by `tasks/cancel`: the runner leaves the record as cancelled.
+    cancelled: bool,
+}
+
+/// The refusal while the store that keeps tasks does not answer.
+fn store_down(e: &StoreError) -> Failure {
+    Failure::new(
+        FailureKind::StoreUnavailable,
+        format!("the task store is unavailable: {e}"),
+        Retry::Safe(Some(Duration::from_secs(1))),
+    )
+}
+
+/// The answer to request `id`.
+fn answer(id: Value, result: Value) -> Value {
+    let mut out = serde_json::Map::new();
+    out.insert("jsonrpc".into(), json!("2.0"));
+    out.insert("id".into(), id);
+    out.insert("result".into(), result);
+    Value::Object(out)
+}
+
+/// The refusal for an id that names no task of the caller (unknown, expired or another
+/// principal's: the same answer, so ids cannot be probed).
+fn unknown(id: Value) -> Value {
+    Failure::new(
+        FailureKind::InvalidParams,
+        "no such task (unknown, expired, or not yours)",
+        Retry::Never,
+    )
+    .response(id)
+}
+
+/// The 2025-11-25 `tasks` server capability the gateway offers.
+pub(super) fn capability() -> Value {
+    json!({"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}})
+}
+
+impl Session {
+    /// Whether the gateway answers this session's tasks: a client session whose upstream
+    /// offers none of its own (an upstream that does keeps answering its own, passed
+    /// through, until the plan's step 5 maps them).
+    pub(super) fn gateway_owns_tasks(&self) -> bool {
+        self.transport != Transport::Pooled
+            && self
+                .shared
+                .upstream_init
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_none_or(|init| init.pointer("/capabilities/tasks").is_none())
+    }
+
+    /// Whether this request is the gateway's to answer as a task (a `tools/call` with
+    /// `params.task`, or a `tasks/*` method).
+    pub(super) fn is_task_request(&self, env: &Message) -> bool {
+        let asks = match env.method() {
+            Some(Method::ToolsCall) => env.task_param().is_some(),
+            Some(
+                Method::TasksGet | Method::TasksResult | Method::TasksList | Method::TasksCancel,
+            ) => true,
+            _ => false,
+        };
+        asks && self.gateway_owns_tasks()
+    }
+
+    /// Answers a task request (see [`Session::is_task_request`]).
+    pub(super) async fn task_request(self: &Arc<Self>, env: Message) -> Reply {
+        let id = env.id().cloned().unwrap_or(Value::Null);
+        if env.is(&Method::ToolsCall) {
+            let ttl = env
+                .task_param()
+                .and_then(|t| t.get("ttl"))
+                .and_then(Value::as_u64);
+            return self.start_task(env, id, ttl).await;
+        }
+        // Small requests: read as a tree.
+        let params = env.params_value().unwrap_or(Value::Null);
+        let task_id = params
+            .get("taskId")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let out = match (env.method(), task_id) {
+            (Some(Method::TasksList), _) => self.list_tasks(id, &params).await,
+            (_, None) => Failure::new(
+                FailureKind::InvalidParams,
+                "params.taskId is required",
+                Retry::Never,
+            )
+            .response(id),
+            (Some(Method::TasksGet), Some(t)) => match self.own_task(&t).await {
+                Ok(Some(task)) => answer(id, task.get_result()),
+                Ok(None) => unknown(id),
+                Err(e) => e.response(id),
+            },
+            (Some(Method::TasksResult), Some(t)) => self.task_result(id, &t).await,
+            (_, Some(t)) => self.cancel_task(id, &t).await,
+        };
+        Reply::Immediate(out)
+    }
+
+    /// The caller's task `id`, settled if its runner is gone; `None` when it names no task
+    /// of this session's principal (or one that expired).
+    async fn own_task(&self, id: &str) -> Result<Option<TaskRecord>, Failure> {
+        if !crate::tasks::looks_like_task_id(id) {
+            return Ok(None);
+        }
+        let found = self
+            .shared
+            .store
+            .load_task(id)
+            .await
+            .map_err(|e| store_down(&e))?;
+        let Some(mut task) = found
+            .filter(|t| t.principal == self.record.principal && !t.expired(crate::store::now_ms()))
+        else {
+            return Ok(None);
+        };
+        if !task.status.is_terminal() && !self.runs_task(&task).await {
+            let failure = Failure::interrupted(
+                "the task was interrupted by a gateway restart and not retried",
+            );
+            task.status_message = Some(failure.message().to_owned());
+            task.finish(
+                Outcome::Error(failure.response(Value::Null)["error"].clone()),
+                crate::store::now_ms(),
+            );
+            self.shared
+                .store
+                .put_task(&task)
+                .await
+                .map_err(|e| store_down(&e))?;
+        }
+        Ok(Some(task))
+    }
+
+    /// Whether a live process runs `task`: this one, or (with a shared store) its owner
+    /// while that instance's heartbeat lives.
+    async fn runs_task(&self, task: &TaskRecord) -> bool {
+        if self
+            .shared
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&task.id)
+        {
+            return true;
+        }
+        let (Some(c), Some(owner)) = (&self.shared.coordinator, &task.owner) else {
+            return false;
+        };
+        owner != &c.me().id
+            && c.instances()
+                .await
+                .map(|all| all.iter().any(|i| &i.id == owner))
+                // Unknown while the store is away: not failed on a guess.
+                .unwrap_or(true)
+    }
+
+    /// `tools/call` with `params.task`: the record first, then the call.
+    async fn start_task(self: &Arc<Self>, mut env: Message, id: Value, ttl: Option<u64>) -> Reply {
+        let ttl = ttl.map_or(TASK_TTL, Duration::from_millis).min(TASK_TTL);
+        let tool = super::outbound::tool_of(&env).unwrap_or_default();
+        let (link, generation) = match self.ensure_upstream().await {
+            Ok(x) => x,
+            Err(failure) => return Reply::Immediate(failure.response(id)),
+        };
+        let mut task = TaskRecord::working(
+            &self.record.principal,
+            &self.shared.cfg.upstream_name,
+            &tool,
+            Era::Legacy,
+            Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+            u64::try_from(TASK_POLL.as_millis()).unwrap_or(1000),
+            crate::store::now_ms(),
+        );
+        task.owner = self.shared.coordinator.as_ref().map(|c| c.me().id.clone());
+        if let Err(e) = self.shared.store.put_task(&task).await {
+            return Reply::Immediate(store_down(&e).response(id));
+        }
+        // The upstream runs a plain call: the task is the gateway's.
+        env.edit_params(|p| p.remove("task").is_some());
+        let stream = Arc::new(Stream::new(
+            self.id.clone(),
+            crate::ids::new_stream_id().into(),
+            1,
+            false,
+        ));
+        let (frames, _) = stream.attach(self.shared.cfg.stream_buffer);
+        let (ended, _) = tokio::sync::watch::channel(false);
+        self.shared
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                task.id.clone(),
+                RunningTask {
+                    client_id: id.clone(),
+                    ended,
+                    cancelled: false,
+                },
+            );
+        self.forward(
+            &link,
+            generation,
+            env,
+            id.clone(),
+            stream,
+            Method::ToolsCall,
+        )
+        .await;
+        let created = task.create_result();
+        let session = self.clone();
+        self.shared
+            .tracker
+            .spawn(async move { session.run_task(task, frames).await });
+        Reply::Immediate(answer(id, created))
+    }
+
+    /// Reads the task's call to its end and stores how it ended.
+    async fn run_task(self: Arc<Self>, mut task: TaskRecord, mut frames: FrameRx) {
+        let outcome = loop {
+            let Some(frame) = frames.recv().await else {
+                break Outcome::Error(
+                    Failure::upstream_lost("the task's call ended without an answer", true)
+                        .response(Value::Null)["error"]
+                        .clone(),
+                );
+            };
+            let Ok(message) = serde_json::from_str::<Value>(&frame.data) else {
+                continue;
+            };
+            if frame.terminal {
+                break match message.get("error") {
+                    Some(e) => Outcome::Error(e.clone()),
+                    None => Outcome::Result(message.get("result").cloned().unwrap_or_default()),
+                };
+            }
+            // The upstream asks the client something: not carried for tasks yet.
+            if let (Some(_), Some(ask)) = (message.get("method"), message.get("id")) {
+                let refusal = Failure::new(
+                    FailureKind::InvalidRequest,
+                    "the gateway does not yet carry a server's requests to the client during a task",
+                    Retry::Never,
+                )
+                .response(ask.clone());
+                self.respond(Message::ours(refusal)).await;
+            }
+        };
+        let running = self
+            .shared
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&task.id);
+        if running.as_ref().is_some_and(|r| r.cancelled) {
+            // `tasks/cancel` stored the final state already.
+            if let Some(r) = running {
+                let _ = r.ended.send(true);
+            }
+            return;
+        }
+        task.finish(outcome, crate::store::now_ms());
+        if let Err(e) = self.shared.store.put_task(&task).await {
+            tracing::warn!(task = %task.id, error = %e, "a task's outcome could not be stored");
+        }
+        if let Some(r) = running {
+            let _ = r.ended.send(true);
+        }
+        // Told on the session's stream, if its client listens (2025-11-25 status
+        // notifications are optional; polling finds the same).
+        if let Ok(note) = Message::from_value(task.status_notification()) {
+            let _ = self
+                .standalone
+                .push(self.shared.store.as_ref(), &note, false, None);
+        }
+    }
+
+    /// `tasks/result`: the call's own answer once the task has ended.
+    async fn task_result(&self, id: Value, task_id: &str) -> Value {
+        loop {
+            let task = match self.own_task(task_id).await {
+                Ok(Some(t)) => t,
+                Ok(None) => return unknown(id),
+                Err(e) => return e.response(id),
+            };
+            if task.status.is_terminal() {
+                let related = json!({ crate::tasks::RELATED_TASK: {"taskId": task.id} });
+                return match task.outcome {
+                    Some(Outcome::Result(mut r)) => {
+                        if let Some(obj) = r.as_object_mut() {
+                            obj.insert("_meta".into(), related);
+                        }
+                        answer(id, r)
+                    }
+                    Some(Outcome::Error(e)) => json!({"jsonrpc": "2.0", "id": id, "error": e}),
+                    None => Failure::new(
+                        FailureKind::Cancelled,
+                        "the task was cancelled",
+                        Retry::Never,
+                    )
+                    .response(id),
+                };
+            }
+            let waiter = self
+                .shared
+                .tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(task_id)
+                .map(|r| r.ended.subscribe());
+            match waiter {
+                Some(mut ended) => {
+                    let _ = tokio::time::timeout(TASK_POLL, ended.wait_for(|e| *e)).await;
+                }
+                // Another instance runs it: its record tells.
+                None => tokio::time::sleep(TASK_POLL).await,
+            }
+        }
+    }
+
+    /// `tasks/list`: the caller's tasks, oldest first, a page at a time.
+    async fn list_tasks(&self, id: Value, params: &Value) -> Value {
+        let after = params
+            .get("cursor")
+            .and_then(Value::as_str)
+            .and_then(|c| c.split_once(':'))
+            .and_then(|(ms, t)| Some((ms.parse::<i64>().ok()?, t.to_owned())));
+        let now = crate::store::now_ms();
+        match self
+            .shared
+            .store
+            .list_tasks(&self.record.principal, after, LIST_PAGE)
+            .await
+        {
+            Ok(tasks) => {
+                let next = (tasks.len() == LIST_PAGE)
+                    .then(|| tasks.last().map(|t| format!("{}:{}", t.created_ms, t.id)))
+                    .flatten();
+                let mut result = json!({
+                    "tasks": tasks.iter().filter(|t| !t.expired(now)).map(TaskRecord::task).collect::<Vec<_>>(),
+                });
+                if let Some(n) = next {
+                    result["nextCursor"] = json!(n);
+                }
+                answer(id, result)
+            }
+            Err(e) => store_down(&e).response(id),
+        }
+    }
+
+    /// `tasks/cancel` (2025-11-25): answered once the task is `cancelled`; a task that has
+    /// already ended cannot be.
+    async fn cancel_task(self: &Arc<Self>, id: Value, task_id: &str) -> Value {
+        let mut task = match self.own_task(task_id).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return unknown(id),
+            Err(e) => return e.response(id),
+        };
+        if task.status.is_terminal() {
+            return Failure::new(
+                FailureKind::InvalidParams,
+                format!("the task has already ended ({})", task.status.as_str()),
+                Retry::Never,
+            )
+            .response(id);
+        }
+        let client_id = {
+            let mut tasks = self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            tasks.get_mut(task_id).map(|r| {
+                r.cancelled = true;
+                r.client_id.clone()
+            })
+        };
+        task.status = Status::Cancelled;
+        task.status_message = Some("cancelled by its client".into());
+        task.updated_ms = crate::store::now_ms();
+        if let Err(e) = self.shared.store.put_task(&task).await {
+            return store_down(&e).response(id);
+        }
+        if let Some(request_id) = client_id {
+            let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                "params": {"requestId": request_id, "reason": "task cancelled"}});
+            if let Ok(message) = Message::from_value(cancel) {
+                self.notify(message).await;
+            }
+        }
+        answer(id, task.task())
+    }
+}

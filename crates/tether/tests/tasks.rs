@@ -1,0 +1,149 @@
+//! Durable tasks (issue 28). So far: 2025-11-25 tasks the gateway owns for a legacy client
+//! (`params.task`, `tasks/get`, `tasks/result`, `tasks/list`, `tasks/cancel`), kept in the
+//! store, and a task interrupted by a gateway kill reported `failed`, never "not found".
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Gateway, Mcp, state_dir};
+use serde_json::{Value, json};
+
+/// Initializes a session declaring the `tasks` capability; returns its id and the server
+/// capabilities the gateway answered with.
+async fn tasks_session(mcp: &Mcp) -> (String, Value) {
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {"tasks": {"list": {}, "cancel": {}}},
+        "clientInfo": {"name": "tasks-test", "version": "1.0"}
+    }});
+    let a = mcp.post(None, &init).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let sid = a.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let caps = a.response()["result"]["capabilities"].clone();
+    let n = mcp
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        )
+        .await;
+    assert_eq!(n.status, 202);
+    (sid, caps)
+}
+
+async fn rpc(mcp: &Mcp, sid: &str, id: i64, method: &str, params: Value) -> Value {
+    let a = mcp
+        .post(
+            Some(sid),
+            &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{method}: {}", a.body);
+    let r = a.response();
+    assert_eq!(r["id"], id, "{r}");
+    r
+}
+
+/// A `slow` call of `ms` as a task; its task id.
+async fn start_slow_task(mcp: &Mcp, sid: &str, id: i64, ms: u64) -> String {
+    let created = rpc(
+        mcp,
+        sid,
+        id,
+        "tools/call",
+        json!({"name": "slow", "arguments": {"ms": ms}, "task": {"ttl": 60_000}}),
+    )
+    .await;
+    let task = &created["result"]["task"];
+    assert_eq!(task["status"], "working", "{created}");
+    assert_eq!(task["ttl"], 60_000, "{created}");
+    assert!(task["pollInterval"].as_u64().is_some(), "{created}");
+    assert!(task["createdAt"].as_str().is_some(), "{created}");
+    task["taskId"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_legacy_clients_task_runs_is_polled_listed_and_cancelled() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let (sid, caps) = tasks_session(&mcp).await;
+    assert_eq!(
+        caps["tasks"],
+        json!({"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}),
+        "the gateway offers tasks for an upstream that has none"
+    );
+
+    let task = start_slow_task(&mcp, &sid, 1, 1_500).await;
+    let got = rpc(&mcp, &sid, 2, "tasks/get", json!({"taskId": task})).await;
+    assert_eq!(got["result"]["status"], "working", "{got}");
+    assert_eq!(got["result"]["taskId"], json!(task));
+
+    // `tasks/result` waits for the end and gives the call's own result.
+    let result = rpc(&mcp, &sid, 3, "tasks/result", json!({"taskId": task})).await;
+    assert_eq!(
+        result["result"]["content"][0]["text"], "waited 1500 ms",
+        "{result}"
+    );
+    assert_eq!(
+        result["result"]["_meta"]["io.modelcontextprotocol/related-task"]["taskId"],
+        json!(task)
+    );
+    let got = rpc(&mcp, &sid, 4, "tasks/get", json!({"taskId": task})).await;
+    assert_eq!(got["result"]["status"], "completed", "{got}");
+
+    let listed = rpc(&mcp, &sid, 5, "tasks/list", json!({})).await;
+    let ids: Vec<&Value> = listed["result"]["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["taskId"])
+        .collect();
+    assert_eq!(ids, vec![&json!(task)], "{listed}");
+
+    // Unknown and malformed ids: -32602, the same answer.
+    for bad in ["t_00000000000000000000000000000000", "nonsense"] {
+        let r = rpc(&mcp, &sid, 6, "tasks/get", json!({"taskId": bad})).await;
+        assert_eq!(r["error"]["code"], -32602, "{r}");
+    }
+
+    // Cancelled while it runs; a second cancel finds it ended.
+    let long = start_slow_task(&mcp, &sid, 7, 20_000).await;
+    let cancelled = rpc(&mcp, &sid, 8, "tasks/cancel", json!({"taskId": long})).await;
+    assert_eq!(cancelled["result"]["status"], "cancelled", "{cancelled}");
+    let got = rpc(&mcp, &sid, 9, "tasks/get", json!({"taskId": long})).await;
+    assert_eq!(got["result"]["status"], "cancelled", "{got}");
+    let again = rpc(&mcp, &sid, 10, "tasks/cancel", json!({"taskId": long})).await;
+    assert_eq!(again["error"]["code"], -32602, "{again}");
+    // The session goes on.
+    assert_eq!(
+        mcp.call_text(&sid, 11, "echo", json!({"text": "still here"}))
+            .await,
+        "still here"
+    );
+}
+
+/// A kill -9 while a task runs: the task is still known after the restart, and `failed`,
+/// saying why (never "not found", which is what a forgetting server answers).
+#[tokio::test]
+async fn a_task_interrupted_by_a_gateway_kill_is_failed_not_forgotten() {
+    let dir = state_dir();
+    let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let (sid, _) = tasks_session(&mcp).await;
+    let task = start_slow_task(&mcp, &sid, 1, 10_000).await;
+    gw.kill9();
+    let gw = gw.restart();
+    let mcp = gw.client();
+    let got = rpc(&mcp, &sid, 2, "tasks/get", json!({"taskId": task})).await;
+    assert_eq!(got["result"]["status"], "failed", "{got}");
+    assert!(
+        got["result"]["statusMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("interrupted by a gateway restart")),
+        "{got}"
+    );
+    let result = rpc(&mcp, &sid, 3, "tasks/result", json!({"taskId": task})).await;
+    assert_eq!(result["error"]["code"], -32013, "{result}");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
