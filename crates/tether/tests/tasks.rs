@@ -147,3 +147,77 @@ async fn a_task_interrupted_by_a_gateway_kill_is_failed_not_forgotten() {
     assert_eq!(result["error"]["code"], -32013, "{result}");
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// What one user can make the gateway keep is bounded (stored tasks, the size of an
+/// answer a task keeps), another user is unharmed, and another user's task id is unknown
+/// to them.
+#[tokio::test]
+async fn tasks_are_bounded_per_user_and_private() {
+    let dir = state_dir();
+    let config = dir.path().join("tether.toml");
+    std::fs::write(&config, "").unwrap();
+    let alice_key = common::add_key(&config, "alice", "alice@example.com");
+    let bob_key = common::add_key(&config, "bob", "bob@example.com");
+    let gw = Gateway::start(
+        dir.path(),
+        &["--config", config.to_str().unwrap(), "--demo"],
+    );
+    let alice = common::with_key(&gw.client(), &alice_key);
+    let bob = common::with_key(&gw.client(), &bob_key);
+    let (sa, _) = tasks_session(&alice).await;
+    let (sb, _) = tasks_session(&bob).await;
+
+    // An answer over what a task keeps: the task fails, naming the bound.
+    let created = rpc(
+        &alice,
+        &sa,
+        1,
+        "tools/call",
+        json!({"name": "big", "arguments": {"bytes": 2_000_000}, "task": {}}),
+    )
+    .await;
+    let big = created["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = rpc(&alice, &sa, 2, "tasks/result", json!({"taskId": big})).await;
+    assert_eq!(r["error"]["data"]["limit"], 1 << 20, "{r}");
+    let got = rpc(&alice, &sa, 3, "tasks/get", json!({"taskId": big})).await;
+    assert_eq!(got["result"]["status"], "failed", "{got}");
+
+    // Bob cannot see alice's task.
+    let r = rpc(&bob, &sb, 4, "tasks/get", json!({"taskId": big})).await;
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+
+    // Alice fills her stored tasks (256 with the one above); the next is refused.
+    for i in 0..255 {
+        rpc(
+            &alice,
+            &sa,
+            10 + i,
+            "tools/call",
+            json!({"name": "echo", "arguments": {"text": "x"}, "task": {}}),
+        )
+        .await;
+    }
+    let refused = rpc(
+        &alice,
+        &sa,
+        300,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"text": "x"}, "task": {}}),
+    )
+    .await;
+    assert_eq!(refused["error"]["code"], -32016, "{refused}");
+    assert_eq!(refused["error"]["data"]["limit"], "max-stored-tasks");
+    // Plain calls still go, and bob's tasks are his own budget.
+    assert_eq!(
+        alice
+            .call_text(&sa, 301, "echo", json!({"text": "plain"}))
+            .await,
+        "plain"
+    );
+    let task = start_slow_task(&bob, &sb, 5, 10).await;
+    let r = rpc(&bob, &sb, 6, "tasks/result", json!({"taskId": task})).await;
+    assert_eq!(r["result"]["content"][0]["text"], "waited 10 ms", "{r}");
+}

@@ -26,8 +26,23 @@ pub const TASK_POLL: Duration = Duration::from_millis(1000);
 /// `tasks/list` page size.
 const LIST_PAGE: usize = 100;
 
+/// Tasks one principal may have running on one server at once (each holds a call on its
+/// session's upstream and a runner), and all principals together.
+pub const MAX_RUNNING_PER_PRINCIPAL: usize = 64;
+/// See [`MAX_RUNNING_PER_PRINCIPAL`].
+pub const MAX_RUNNING: usize = 1024;
+
+/// Tasks one principal may have stored (running or ended, until their time to live ends).
+pub const MAX_STORED_PER_PRINCIPAL: u64 = 256;
+
+/// The largest answer a task keeps: past it the task fails, naming the bound (with
+/// [`MAX_STORED_PER_PRINCIPAL`], what one principal can make the store hold).
+pub const MAX_TASK_RESULT: usize = 1 << 20;
+
 /// A task this process runs: what `tasks/result` waits on and `tasks/cancel` stops.
 pub(super) struct RunningTask {
+    /// Who started it.
+    principal: String,
     /// The client's id of the call (what a cancellation names).
     client_id: Value,
     /// Set once the task has ended (the record is then durable in its final state).
@@ -171,13 +186,7 @@ impl Session {
     /// Whether a live process runs `task`: this one, or (with a shared store) its owner
     /// while that instance's heartbeat lives.
     async fn runs_task(&self, task: &TaskRecord) -> bool {
-        if self
-            .shared
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&task.id)
-        {
+        if self.shared.siblings.run_task(&task.id) {
             return true;
         }
         let (Some(c), Some(owner)) = (&self.shared.coordinator, &task.owner) else {
@@ -191,10 +200,60 @@ impl Session {
                 .unwrap_or(true)
     }
 
+    /// Whether the caller may start another task: its running ones and the server's, and
+    /// its stored ones, under their bounds.
+    async fn admit_task(&self) -> Result<(), Failure> {
+        let (mine, all) = {
+            let tasks = self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            let mine = tasks
+                .values()
+                .filter(|t| t.principal == self.record.principal)
+                .count();
+            (mine, tasks.len())
+        };
+        if mine >= MAX_RUNNING_PER_PRINCIPAL {
+            return Err(Failure::at_bound(
+                "max-tasks-per-principal",
+                format!(
+                    "{MAX_RUNNING_PER_PRINCIPAL} tasks of this user are running on this server; wait for one to end"
+                ),
+            ));
+        }
+        if all >= MAX_RUNNING {
+            return Err(Failure::at_bound(
+                "max-tasks",
+                format!("{MAX_RUNNING} tasks are running on this server; try again shortly"),
+            ));
+        }
+        let stored = self
+            .shared
+            .store
+            .count_tasks(&self.record.principal)
+            .await
+            .map_err(|e| store_down(&e))?;
+        if stored >= MAX_STORED_PER_PRINCIPAL {
+            return Err(Failure::at_bound(
+                "max-stored-tasks",
+                format!(
+                    "this user has {stored} tasks kept (at most {MAX_STORED_PER_PRINCIPAL}); they are forgotten when their time to live ends"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// `tools/call` with `params.task`: the record first, then the call.
     async fn start_task(self: &Arc<Self>, mut env: Message, id: Value, ttl: Option<u64>) -> Reply {
         let ttl = ttl.map_or(TASK_TTL, Duration::from_millis).min(TASK_TTL);
         let tool = super::outbound::tool_of(&env).unwrap_or_default();
+        if let Err(over) = self.admit_task().await {
+            self.shared.metrics.refused(
+                over.field("limit")
+                    .and_then(Value::as_str)
+                    .unwrap_or("max-tasks"),
+            );
+            return Reply::Immediate(over.response(id));
+        }
         let (link, generation) = match self.ensure_upstream().await {
             Ok(x) => x,
             Err(failure) => return Reply::Immediate(failure.response(id)),
@@ -229,6 +288,7 @@ impl Session {
             .insert(
                 task.id.clone(),
                 RunningTask {
+                    principal: self.record.principal.clone(),
                     client_id: id.clone(),
                     ended,
                     cancelled: false,
@@ -265,6 +325,17 @@ impl Session {
                 continue;
             };
             if frame.terminal {
+                if frame.data.len() > MAX_TASK_RESULT {
+                    break Outcome::Error(
+                        Failure::too_large(
+                            "the task's answer is larger than a task keeps",
+                            frame.data.len(),
+                            MAX_TASK_RESULT,
+                        )
+                        .response(Value::Null)["error"]
+                            .clone(),
+                    );
+                }
                 break match message.get("error") {
                     Some(e) => Outcome::Error(e.clone()),
                     None => Outcome::Result(message.get("result").cloned().unwrap_or_default()),

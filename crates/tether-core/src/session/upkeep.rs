@@ -251,9 +251,10 @@ pub async fn run_orphan_reaping(
     }
 }
 
-/// Prunes stream logs past `retention` (and closed sessions' logs) every minute until
-/// `stop`: one loop per process, whatever its servers (they share the store). Beside the
-/// reapers, not in their loops: a large prune takes many chunks and must not delay expiry.
+/// Prunes stream logs past `retention` (and closed sessions' logs), then expired tasks,
+/// every minute until `stop`: one loop per process, whatever its servers (they share the
+/// store). Beside the reapers, not in their loops: a large prune takes many chunks and
+/// must not delay expiry.
 pub async fn run_log_pruning(
     store: Arc<dyn LiveStore>,
     retention: Duration,
@@ -274,6 +275,14 @@ pub async fn run_log_pruning(
             r = store.prune_events(now_ms().saturating_sub(retention)) => {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "cannot prune stream logs");
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = store.prune_tasks(now_ms()) => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "cannot prune expired tasks");
                 }
             }
         }

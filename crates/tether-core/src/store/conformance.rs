@@ -265,6 +265,9 @@ pub async fn tasks_are_kept_listed_and_pruned(store: &dyn LiveStore) {
     assert_eq!(listed, want, "alice's tasks, in order, in two pages");
     let bobs = store.list_tasks("bob", None, 10).await.unwrap();
     assert_eq!(bobs, vec![bob.clone()]);
+    assert_eq!(store.count_tasks("alice").await.unwrap(), 4);
+    assert_eq!(store.count_tasks("bob").await.unwrap(), 1);
+    assert_eq!(store.count_tasks("carol").await.unwrap(), 0);
 
     // Created an hour ago with a minute to live: expired.
     let old = task("alice", now - 3_600_000, Some(60_000));
@@ -278,6 +281,7 @@ pub async fn tasks_are_kept_listed_and_pruned(store: &dyn LiveStore) {
     let listed = store.list_tasks("alice", None, 10).await.unwrap();
     assert!(listed.iter().all(|t| t.id != old.id), "nor is it listed");
     assert_eq!(listed.len(), 4);
+    assert_eq!(store.count_tasks("alice").await.unwrap(), 4);
 }
 
 /// Counters follow tool calls; retention pruning removes old calls and closed sessions.

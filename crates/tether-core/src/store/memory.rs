@@ -243,6 +243,15 @@ impl LiveStore for MemoryStore {
         Ok(tasks.into_iter().take(limit).cloned().collect())
     }
 
+    async fn count_tasks(&self, principal: &str) -> Result<u64, StoreError> {
+        let st = self.lock();
+        Ok(st
+            .tasks
+            .values()
+            .filter(|t| t.principal == principal)
+            .count() as u64)
+    }
+
     async fn prune_tasks(&self, now_ms: i64) -> Result<u64, StoreError> {
         let mut st = self.lock();
         let before = st.tasks.len();

@@ -27,6 +27,10 @@ impl LiveStore for RedisStore {
         self.list_task_records(principal, after, limit).await
     }
 
+    async fn count_tasks(&self, principal: &str) -> Result<u64, StoreError> {
+        self.count_task_records(principal).await
+    }
+
     async fn prune_tasks(&self, now_ms: i64) -> Result<u64, StoreError> {
         self.prune_task_index(now_ms).await
     }

@@ -117,6 +117,14 @@ impl RedisStore {
         Ok(out)
     }
 
+    pub(super) async fn count_task_records(&self, principal: &str) -> Result<u64, StoreError> {
+        redis::cmd("ZCARD")
+            .arg(self.tasks_key(principal))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))
+    }
+
     /// Drops the index entries of tasks expired at `now_ms` (their records expire by
     /// themselves), at most a chunk at a time; returns how many.
     pub(super) async fn prune_task_index(&self, now_ms: i64) -> Result<u64, StoreError> {

@@ -365,6 +365,16 @@ impl LiveStore for SqliteStore {
         texts.iter().map(|t| tasks::decode(t)).collect()
     }
 
+    async fn count_tasks(&self, principal: &str) -> Result<u64, StoreError> {
+        let principal = principal.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT COUNT(*) FROM tasks WHERE principal = ?1")?
+                .query_row(params![principal], |r| r.get::<_, i64>(0))
+        })
+        .await
+        .map(|n| u64::try_from(n).unwrap_or(0))
+    }
+
     async fn prune_tasks(&self, now_ms: i64) -> Result<u64, StoreError> {
         self.prune_in_chunks(PruneKind::Tasks, now_ms).await
     }
