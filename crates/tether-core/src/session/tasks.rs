@@ -49,6 +49,8 @@ pub(super) struct RunningTask {
     ended: tokio::sync::watch::Sender<bool>,
     /// Set by `tasks/cancel`: the runner leaves the record as cancelled.
     cancelled: bool,
+    /// Set by the runner once the call has ended: too late to cancel.
+    finishing: bool,
 }
 
 /// The refusal while the store that keeps tasks does not answer.
@@ -292,6 +294,7 @@ impl Session {
                     client_id: id.clone(),
                     ended,
                     cancelled: false,
+                    finishing: false,
                 },
             );
         self.forward(
@@ -352,25 +355,45 @@ impl Session {
                 self.respond(Message::ours(refusal)).await;
             }
         };
+        // Decided under the lock, so that a cancellation either came first (and its final
+        // state stands) or finds the task finishing and is refused as too late. The entry
+        // stays until the outcome is durable: a `tasks/get` meanwhile must not take a
+        // task whose runner is gone for an interrupted one.
+        let cancelled = {
+            let mut tasks = self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            match tasks.get_mut(&task.id) {
+                Some(r) if r.cancelled => true,
+                Some(r) => {
+                    r.finishing = true;
+                    false
+                }
+                None => false,
+            }
+        };
+        // Cancelled through another instance (it stored the final state; only the owner
+        // runs the call): that state stands.
+        let cancelled = cancelled
+            || matches!(
+                self.shared.store.load_task(&task.id).await,
+                Ok(Some(t)) if t.status == Status::Cancelled
+            );
+        if !cancelled {
+            task.finish(outcome, crate::store::now_ms());
+            if let Err(e) = self.shared.store.put_task(&task).await {
+                tracing::warn!(task = %task.id, error = %e, "a task's outcome could not be stored");
+            }
+        }
         let running = self
             .shared
             .tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&task.id);
-        if running.as_ref().is_some_and(|r| r.cancelled) {
-            // `tasks/cancel` stored the final state already.
-            if let Some(r) = running {
-                let _ = r.ended.send(true);
-            }
-            return;
-        }
-        task.finish(outcome, crate::store::now_ms());
-        if let Err(e) = self.shared.store.put_task(&task).await {
-            tracing::warn!(task = %task.id, error = %e, "a task's outcome could not be stored");
-        }
         if let Some(r) = running {
             let _ = r.ended.send(true);
+        }
+        if cancelled {
+            return;
         }
         // Told on the session's stream, if its client listens (2025-11-25 status
         // notifications are optional; polling finds the same).
@@ -472,10 +495,21 @@ impl Session {
         }
         let client_id = {
             let mut tasks = self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner());
-            tasks.get_mut(task_id).map(|r| {
-                r.cancelled = true;
-                r.client_id.clone()
-            })
+            match tasks.get_mut(task_id) {
+                Some(r) if r.finishing => {
+                    return Failure::new(
+                        FailureKind::InvalidParams,
+                        "the task has already ended",
+                        Retry::Never,
+                    )
+                    .response(id);
+                }
+                Some(r) => {
+                    r.cancelled = true;
+                    Some(r.client_id.clone())
+                }
+                None => None,
+            }
         };
         task.status = Status::Cancelled;
         task.status_message = Some("cancelled by its client".into());
