@@ -74,6 +74,14 @@ async fn a_legacy_clients_task_runs_is_polled_listed_and_cancelled() {
         "the gateway offers tasks for an upstream that has none"
     );
 
+    let tools = rpc(&mcp, &sid, 100, "tools/list", json!({})).await;
+    for tool in tools["result"]["tools"].as_array().unwrap() {
+        assert_eq!(
+            tool["execution"]["taskSupport"], "optional",
+            "every tool may run as a task: {tool}"
+        );
+    }
+
     let task = start_slow_task(&mcp, &sid, 1, 1_500).await;
     let got = rpc(&mcp, &sid, 2, "tasks/get", json!({"taskId": task})).await;
     assert_eq!(got["result"]["status"], "working", "{got}");

@@ -39,10 +39,18 @@ impl Session {
                     return;
                 }
                 if p.method == Method::ToolsList
-                    && let Some(result) = message.result_value()
+                    && let Some(mut result) = message.result_value()
                 {
                     let safe: Vec<String> = protocol::safe_tools(&result).collect();
                     self.lock().safe_tools.extend(safe);
+                    if self.gateway_owns_tasks()
+                        && tasks::offer_tasks_in(&mut result)
+                        && let Ok(rewritten) = Message::from_value(
+                            json!({"jsonrpc": "2.0", "id": 0, "result": result}),
+                        )
+                    {
+                        message = rewritten;
+                    }
                 }
                 if let (Some(op), Some(_)) = (&p.restore, message.result()) {
                     self.remember(op);

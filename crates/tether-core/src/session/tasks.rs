@@ -87,6 +87,26 @@ pub(super) fn capability() -> Value {
     json!({"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}})
 }
 
+/// Declares every tool of a `tools/list` result that says nothing of tasks as
+/// `execution.taskSupport: "optional"` (the gateway can run any call as a task); what the
+/// upstream says (`required`, `forbidden`) stands. Whether anything changed.
+pub(super) fn offer_tasks_in(result: &mut Value) -> bool {
+    let Some(tools) = result.get_mut("tools").and_then(Value::as_array_mut) else {
+        return false;
+    };
+    let mut changed = false;
+    for tool in tools.iter_mut().filter_map(Value::as_object_mut) {
+        let execution = tool.entry("execution").or_insert_with(|| json!({}));
+        if let Some(e) = execution.as_object_mut()
+            && !e.contains_key("taskSupport")
+        {
+            e.insert("taskSupport".into(), json!("optional"));
+            changed = true;
+        }
+    }
+    changed
+}
+
 impl Session {
     /// Whether the gateway answers this session's tasks: a client session whose upstream
     /// offers none of its own (an upstream that does keeps answering its own, passed
