@@ -130,3 +130,23 @@ async fn typescript_v2_client_in_the_modern_era_through_the_bridge() {
         0.0
     );
 }
+
+/// The TypeScript SDK 1.x client runs a tool as a 2025-11-25 task the gateway owns (the
+/// demo has no tasks): created, polled, its result delivered, then listed and completed.
+#[tokio::test]
+async fn typescript_sdk_client_runs_a_tool_as_a_gateway_task() {
+    let Some(dir_ts) = ts_dir() else { return };
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let mut cmd = Command::new("node");
+    cmd.arg(dir_ts.join("client-tasks.mjs")).arg(&gw.url);
+    let report = common::client_report(cmd, "TypeScript tasks client", &gw).await;
+    assert_eq!(report["ok"], true);
+    let kinds = report["kinds"].as_array().unwrap();
+    assert_eq!(
+        kinds.first(),
+        Some(&serde_json::json!("taskCreated")),
+        "{report}"
+    );
+    assert_eq!(kinds.last(), Some(&serde_json::json!("result")), "{report}");
+}
