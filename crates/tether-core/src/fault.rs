@@ -20,6 +20,10 @@ pub mod points {
     pub const QUICK_ANSWER: &str = "quick-answer";
     /// Row 8: the close is durable, the `DELETE` answer not yet sent.
     pub const SESSION_CLOSED: &str = "session-closed";
+    /// Row T1: a task's record is durable, its `CreateTaskResult` not yet sent.
+    pub const TASK_CREATED: &str = "task-created";
+    /// Row T4: a task's outcome is durable, nobody told yet.
+    pub const TASK_FINISHED: &str = "task-finished";
 }
 
 /// Crashes the process (abort: no destructors, no flush) if this is a debug build and

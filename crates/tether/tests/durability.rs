@@ -217,3 +217,79 @@ async fn crash_after_the_close_record_leaves_the_session_closed() {
         .await;
     assert_eq!(a.status, 404, "{}", a.body);
 }
+
+/// 2025-11-25 `tools/call` with `params.task`, answered by the gateway.
+fn task_call(id: i64, tool: &str, args: &Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": tool, "arguments": args, "task": {"ttl": 60_000}}})
+}
+
+/// Row T1: a task's record is durable before its `CreateTaskResult` is sent. A crash
+/// between the two leaves the client a failed POST (no task id); the task is kept, and
+/// after the restart it is `failed` (its call died with the gateway), listed, never lost.
+#[tokio::test]
+async fn crash_after_the_task_record_leaves_a_failed_task_it_can_list() {
+    let dir = state_dir();
+    let mut gw = faulty(dir.path(), tether_core::fault::points::TASK_CREATED, &[]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("rowT1").await;
+    let got = post_may_fail(&gw, Some(&sid), &task_call(3, "slow", &json!({"ms": 5000}))).await;
+    assert!(
+        got.as_ref()
+            .map_or(true, |(_, body)| !body.contains("taskId")),
+        "no task id reached the client: {got:?}"
+    );
+    crashed(&mut gw, tether_core::fault::points::TASK_CREATED);
+
+    let gw2 = gw.restart_clean();
+    let mcp = gw2.client();
+    let listed = mcp
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 4, "method": "tasks/list", "params": {}}),
+        )
+        .await
+        .response();
+    let tasks = listed["result"]["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 1, "{listed}");
+    let id = tasks[0]["taskId"].clone();
+    let got = mcp
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 5, "method": "tasks/get", "params": {"taskId": id}}),
+        )
+        .await
+        .response();
+    assert_eq!(got["result"]["status"], "failed", "{got}");
+}
+
+/// Row T4: a task's outcome is durable before anyone is told. A crash right after leaves
+/// it `completed` with its result after the restart (not `failed` as interrupted).
+#[tokio::test]
+async fn crash_after_the_task_outcome_leaves_it_completed() {
+    let dir = state_dir();
+    let mut gw = faulty(dir.path(), tether_core::fault::points::TASK_FINISHED, &[]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("rowT4").await;
+    let created = mcp
+        .post(Some(&sid), &task_call(3, "slow", &json!({"ms": 200})))
+        .await
+        .response();
+    let id = created["result"]["task"]["taskId"].clone();
+    assert!(id.is_string(), "{created}");
+    crashed(&mut gw, tether_core::fault::points::TASK_FINISHED);
+
+    let gw2 = gw.restart_clean();
+    let result = gw2
+        .client()
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 4, "method": "tasks/result", "params": {"taskId": id}}),
+        )
+        .await
+        .response();
+    assert_eq!(
+        result["result"]["content"][0]["text"], "waited 200 ms",
+        "{result}"
+    );
+}

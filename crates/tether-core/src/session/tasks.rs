@@ -293,6 +293,7 @@ impl Session {
         if let Err(e) = self.shared.store.put_task(&task).await {
             return Reply::Immediate(store_down(&e).response(id));
         }
+        crate::fault::point(crate::fault::points::TASK_CREATED);
         // The upstream runs a plain call: the task is the gateway's.
         env.edit_params(|p| p.remove("task").is_some());
         let stream = Arc::new(Stream::new(
@@ -402,6 +403,7 @@ impl Session {
             if let Err(e) = self.shared.store.put_task(&task).await {
                 tracing::warn!(task = %task.id, error = %e, "a task's outcome could not be stored");
             }
+            crate::fault::point(crate::fault::points::TASK_FINISHED);
         }
         let running = self
             .shared
