@@ -226,14 +226,20 @@ fn task_call(id: i64, tool: &str, args: &Value) -> Value {
 
 /// Row T1: a task's record is durable before its `CreateTaskResult` is sent. A crash
 /// between the two leaves the client a failed POST (no task id); the task is kept, and
-/// after the restart it is `failed` (its call died with the gateway), listed, never lost.
+/// after the restart it is listed and `failed` (its call, not safe to repeat, died with the
+/// gateway), never lost.
 #[tokio::test]
 async fn crash_after_the_task_record_leaves_a_failed_task_it_can_list() {
     let dir = state_dir();
     let mut gw = faulty(dir.path(), tether_core::fault::points::TASK_CREATED, &[]);
     let mcp = gw.client();
     let sid = mcp.initialize("rowT1").await;
-    let got = post_may_fail(&gw, Some(&sid), &task_call(3, "slow", &json!({"ms": 5000}))).await;
+    let got = post_may_fail(
+        &gw,
+        Some(&sid),
+        &task_call(3, "slow_write", &json!({"ms": 5000})),
+    )
+    .await;
     assert!(
         got.as_ref()
             .map_or(true, |(_, body)| !body.contains("taskId")),

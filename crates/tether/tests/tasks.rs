@@ -131,19 +131,34 @@ async fn a_legacy_clients_task_runs_is_polled_listed_and_cancelled() {
     );
 }
 
-/// A kill -9 while a task runs: the task is still known after the restart, and `failed`,
-/// saying why (never "not found", which is what a forgetting server answers).
+/// A kill -9 while tasks run: after the restart both are still known. The one whose tool is
+/// safe to repeat (`slow`, read-only) is re-issued under the same id and completes; the
+/// other (`slow_write`) is `failed`, saying why. Never "not found", which is what a
+/// forgetting server answers.
 #[tokio::test]
-async fn a_task_interrupted_by_a_gateway_kill_is_failed_not_forgotten() {
+async fn tasks_interrupted_by_a_gateway_kill_are_resumed_or_failed_never_forgotten() {
     let dir = state_dir();
     let mut gw = Gateway::spawn(dir.path(), &["--demo"]);
     let mcp = gw.client();
     let (sid, _) = tasks_session(&mcp).await;
-    let task = start_slow_task(&mcp, &sid, 1, 10_000).await;
+    let safe = start_slow_task(&mcp, &sid, 1, 3_000).await;
+    let created = rpc(
+        &mcp,
+        &sid,
+        2,
+        "tools/call",
+        json!({"name": "slow_write", "arguments": {"ms": 3_000}, "task": {"ttl": 60_000}}),
+    )
+    .await;
+    let unsafe_task = created["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     gw.kill9();
     let gw = gw.restart();
     let mcp = gw.client();
-    let got = rpc(&mcp, &sid, 2, "tasks/get", json!({"taskId": task})).await;
+
+    let got = rpc(&mcp, &sid, 3, "tasks/get", json!({"taskId": unsafe_task})).await;
     assert_eq!(got["result"]["status"], "failed", "{got}");
     assert!(
         got["result"]["statusMessage"]
@@ -151,8 +166,27 @@ async fn a_task_interrupted_by_a_gateway_kill_is_failed_not_forgotten() {
             .is_some_and(|m| m.contains("interrupted by a gateway restart")),
         "{got}"
     );
-    let result = rpc(&mcp, &sid, 3, "tasks/result", json!({"taskId": task})).await;
+    let result = rpc(
+        &mcp,
+        &sid,
+        4,
+        "tasks/result",
+        json!({"taskId": unsafe_task}),
+    )
+    .await;
     assert_eq!(result["error"]["code"], -32013, "{result}");
+
+    let got = rpc(&mcp, &sid, 5, "tasks/get", json!({"taskId": safe})).await;
+    assert_eq!(got["result"]["status"], "working", "{got}");
+    assert_eq!(
+        got["result"]["statusMessage"], "resumed after a gateway restart",
+        "{got}"
+    );
+    let result = rpc(&mcp, &sid, 6, "tasks/result", json!({"taskId": safe})).await;
+    assert_eq!(
+        result["result"]["content"][0]["text"], "waited 3000 ms",
+        "{result}"
+    );
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
 

@@ -4,12 +4,13 @@
 //! (its answer read by a runner task instead of an HTTP response); `tasks/get`,
 //! `tasks/result` (waits until the task ends), `tasks/list` (the caller's only) and
 //! `tasks/cancel` are answered from the record, never sent upstream. A task that was
-//! running when its gateway died is `failed` ("interrupted by a gateway restart and not
-//! retried") when next asked about.
+//! running when its gateway died is, when next asked about, re-issued under the same id if
+//! its tool is safe to repeat (the record kept its params), else `failed` ("interrupted by
+//! a gateway restart and not retried").
 //!
 //! Not yet (the plan's later steps): the upstream's requests to the client during a task
-//! (answered with an error naming the limitation), re-issuing a safe task after a restart,
-//! tasks past `--upstream-timeout`, the 2026-07-28 extension.
+//! (answered with an error naming the limitation), tasks past `--upstream-timeout`, the
+//! 2026-07-28 extension.
 //!
 //! Must not: show a task to its client before its record is durable, or answer another
 //! principal's task other than as an unknown one.
@@ -172,7 +173,7 @@ impl Session {
 
     /// The caller's task `id`, settled if its runner is gone; `None` when it names no task
     /// of this session's principal (or one that expired).
-    async fn own_task(&self, id: &str) -> Result<Option<TaskRecord>, Failure> {
+    async fn own_task(self: &Arc<Self>, id: &str) -> Result<Option<TaskRecord>, Failure> {
         if !crate::tasks::looks_like_task_id(id) {
             return Ok(None);
         }
@@ -188,6 +189,9 @@ impl Session {
             return Ok(None);
         };
         if !task.status.is_terminal() && !self.runs_task(&task).await {
+            if task.request.is_some() && self.resume_task(&mut task).await {
+                return Ok(Some(task));
+            }
             let failure = Failure::interrupted(
                 "the task was interrupted by a gateway restart and not retried",
             );
@@ -290,12 +294,58 @@ impl Session {
             crate::store::now_ms(),
         );
         task.owner = self.shared.coordinator.as_ref().map(|c| c.me().id.clone());
+        // The upstream runs a plain call: the task is the gateway's.
+        env.edit_params(|p| p.remove("task").is_some());
+        // Whether it may be re-issued after a restart is the upstream's word, asked once
+        // (a client need not have listed the tools).
+        if self.lock().safe_tools.is_empty() {
+            self.refresh_safe_tools(&link, generation).await;
+        }
+        if self.lock().safe_tools.contains(&tool) {
+            task.request = env.params_value();
+        }
         if let Err(e) = self.shared.store.put_task(&task).await {
             return Reply::Immediate(store_down(&e).response(id));
         }
         crate::fault::point(crate::fault::points::TASK_CREATED);
-        // The upstream runs a plain call: the task is the gateway's.
-        env.edit_params(|p| p.remove("task").is_some());
+        let created = task.create_result();
+        if self.claim_task(&task.id, &id) {
+            self.launch_task(task, env, id.clone(), &link, generation)
+                .await;
+        }
+        Reply::Immediate(answer(id, created))
+    }
+
+    /// Marks task `id` as run by this process; `false` when it already is (a concurrent
+    /// resumption got there first).
+    fn claim_task(&self, id: &str, client_id: &Value) -> bool {
+        let mut tasks = self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if tasks.contains_key(id) {
+            return false;
+        }
+        let (ended, _) = tokio::sync::watch::channel(false);
+        tasks.insert(
+            id.to_owned(),
+            RunningTask {
+                principal: self.record.principal.clone(),
+                client_id: client_id.clone(),
+                ended,
+                cancelled: false,
+                finishing: false,
+            },
+        );
+        true
+    }
+
+    /// Sends a claimed task's call upstream and starts its runner.
+    async fn launch_task(
+        self: &Arc<Self>,
+        task: TaskRecord,
+        call: Message,
+        client_id: Value,
+        link: &Link,
+        generation: u64,
+    ) {
         let stream = Arc::new(Stream::new(
             self.id.clone(),
             crate::ids::new_stream_id().into(),
@@ -303,36 +353,52 @@ impl Session {
             false,
         ));
         let (frames, _) = stream.attach(self.shared.cfg.stream_buffer);
-        let (ended, _) = tokio::sync::watch::channel(false);
-        self.shared
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                task.id.clone(),
-                RunningTask {
-                    principal: self.record.principal.clone(),
-                    client_id: id.clone(),
-                    ended,
-                    cancelled: false,
-                    finishing: false,
-                },
-            );
-        self.forward(
-            &link,
-            generation,
-            env,
-            id.clone(),
-            stream,
-            Method::ToolsCall,
-        )
-        .await;
-        let created = task.create_result();
+        self.forward(link, generation, call, client_id, stream, Method::ToolsCall)
+            .await;
         let session = self.clone();
         self.shared
             .tracker
             .spawn(async move { session.run_task(task, frames).await });
-        Reply::Immediate(answer(id, created))
+    }
+
+    /// Re-issues a task that is safe to repeat and whose runner died with its process:
+    /// same task id, a fresh call on a fresh upstream. `false` when it cannot be (no
+    /// upstream now): the caller fails it.
+    async fn resume_task(self: &Arc<Self>, task: &mut TaskRecord) -> bool {
+        let Some(params) = task.request.clone() else {
+            return false;
+        };
+        let client_id = Value::from(format!("{}-resumed", task.id));
+        let Ok(call) = Message::from_value(
+            json!({"jsonrpc": "2.0", "id": client_id, "method": "tools/call", "params": params}),
+        ) else {
+            return false;
+        };
+        if !self.claim_task(&task.id, &client_id) {
+            // Resumed by a concurrent request: it runs.
+            return true;
+        }
+        let resumed = async {
+            let (link, generation) = self.ensure_upstream().await.ok()?;
+            task.owner = self.shared.coordinator.as_ref().map(|c| c.me().id.clone());
+            task.status_message = Some("resumed after a gateway restart".into());
+            task.updated_ms = crate::store::now_ms();
+            self.shared.store.put_task(task).await.ok()?;
+            Some((link, generation))
+        }
+        .await;
+        let Some((link, generation)) = resumed else {
+            self.shared
+                .tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&task.id);
+            return false;
+        };
+        tracing::info!(task = %task.id, tool = %task.tool, "task resumed after a gateway restart");
+        self.launch_task(task.clone(), call, client_id, &link, generation)
+            .await;
+        true
     }
 
     /// Reads the task's call to its end and stores how it ended.
@@ -427,7 +493,7 @@ impl Session {
     }
 
     /// `tasks/result`: the call's own answer once the task has ended.
-    async fn task_result(&self, id: Value, task_id: &str) -> Value {
+    async fn task_result(self: &Arc<Self>, id: Value, task_id: &str) -> Value {
         loop {
             let task = match self.own_task(task_id).await {
                 Ok(Some(t)) => t,

@@ -129,6 +129,10 @@ pub struct TaskRecord {
     pub poll_ms: u64,
     /// The upstream's open requests to the client, by key (2026-07-28 `inputRequests`).
     pub input_requests: Option<Value>,
+    /// The call's params, kept only when the tool is safe to repeat (annotated
+    /// `readOnlyHint` or `idempotentHint`): what re-issues it after a restart.
+    #[serde(default)]
+    pub request: Option<Value>,
     /// How it ended, once it has.
     pub outcome: Option<Outcome>,
 }
@@ -158,6 +162,7 @@ impl TaskRecord {
             ttl_ms,
             poll_ms,
             input_requests: None,
+            request: None,
             outcome: None,
         }
     }
