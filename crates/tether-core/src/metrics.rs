@@ -17,6 +17,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Label: how a task ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskStatusLabel {
+    /// `completed`, `failed` or `cancelled`.
+    pub status: String,
+}
+
 /// Label: how a tool call ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -175,6 +182,14 @@ pub struct Metrics {
     pub server_upstreams_running: Family<ServerLabel, Gauge>,
     /// 1 while a server's circuit refuses new starts, by server.
     pub server_circuit_open: Family<ServerLabel, Gauge>,
+    /// Tasks created (durable before their client heard of them).
+    pub tasks_created: Counter,
+    /// Tasks ended, by their final status.
+    pub tasks_ended: Family<TaskStatusLabel, Counter>,
+    /// Tasks re-issued after a gateway restart.
+    pub tasks_resumed: Counter,
+    /// Tasks this process runs now.
+    pub tasks_running: Gauge,
 }
 
 impl Default for Metrics {
@@ -215,8 +230,32 @@ impl Default for Metrics {
             server_tool_calls: Family::default(),
             server_upstreams_running: Family::default(),
             server_circuit_open: Family::default(),
+            tasks_created: Counter::default(),
+            tasks_ended: Family::default(),
+            tasks_resumed: Counter::default(),
+            tasks_running: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "tasks_created",
+            "Tasks created (each durable before its client heard of it)",
+            m.tasks_created.clone(),
+        );
+        registry.register(
+            "tasks_ended",
+            "Tasks ended, by final status",
+            m.tasks_ended.clone(),
+        );
+        registry.register(
+            "tasks_resumed",
+            "Tasks re-issued after a gateway restart",
+            m.tasks_resumed.clone(),
+        );
+        registry.register(
+            "tasks_running",
+            "Tasks this process runs now",
+            m.tasks_running.clone(),
+        );
         registry.register(
             "refused_requests",
             "Requests refused by a limit (503 or 429), by limit",
@@ -395,6 +434,15 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// Counts a task that ended with `status`.
+    pub fn task_ended(&self, status: &str) {
+        self.tasks_ended
+            .get_or_create(&TaskStatusLabel {
+                status: status.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a closed session.

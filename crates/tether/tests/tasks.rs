@@ -129,6 +129,26 @@ async fn a_legacy_clients_task_runs_is_polled_listed_and_cancelled() {
             .await,
         "still here"
     );
+    // The metrics count the same tasks.
+    assert_eq!(common::metric(&gw, "tether_tasks_created_total").await, 2.0);
+    assert_eq!(
+        common::metric(&gw, "tether_tasks_ended_total{status=\"completed\"}").await,
+        1.0
+    );
+    assert_eq!(
+        common::metric(&gw, "tether_tasks_ended_total{status=\"cancelled\"}").await,
+        1.0
+    );
+    // The cancelled call's runner ends once its stream does.
+    let mut running = common::metric(&gw, "tether_tasks_running").await;
+    for _ in 0..250 {
+        if running == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        running = common::metric(&gw, "tether_tasks_running").await;
+    }
+    assert_eq!(running, 0.0);
 }
 
 /// A kill -9 while tasks run: after the restart both are still known. The one whose tool is

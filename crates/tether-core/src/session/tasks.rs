@@ -192,21 +192,47 @@ impl Session {
             if task.request.is_some() && self.resume_task(&mut task).await {
                 return Ok(Some(task));
             }
-            let failure = Failure::interrupted(
-                "the task was interrupted by a gateway restart and not retried",
-            );
-            task.status_message = Some(failure.message().to_owned());
-            task.finish(
-                Outcome::Error(failure.response(Value::Null)["error"].clone()),
-                crate::store::now_ms(),
-            );
-            self.shared
-                .store
-                .put_task(&task)
-                .await
-                .map_err(|e| store_down(&e))?;
+            // One settlement at a time: a concurrent request shows it as stored meanwhile.
+            let holder = Value::from(format!("{}-settling", task.id));
+            if !self.claim_task(&task.id, &holder) {
+                return Ok(Some(task));
+            }
+            let settled = self.settle_interrupted(&mut task).await;
+            self.release_task(&task.id);
+            settled?;
         }
         Ok(Some(task))
+    }
+
+    /// Drops this process's claim on task `id` (one that will not run here).
+    fn release_task(&self, id: &str) {
+        let released = self
+            .shared
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if released.is_some() {
+            self.shared.metrics.tasks_running.dec();
+        }
+    }
+
+    /// Fails a task whose call died with its process and may not be repeated.
+    async fn settle_interrupted(&self, task: &mut TaskRecord) -> Result<(), Failure> {
+        let failure =
+            Failure::interrupted("the task was interrupted by a gateway restart and not retried");
+        task.status_message = Some(failure.message().to_owned());
+        task.finish(
+            Outcome::Error(failure.response(Value::Null)["error"].clone()),
+            crate::store::now_ms(),
+        );
+        self.shared
+            .store
+            .put_task(task)
+            .await
+            .map_err(|e| store_down(&e))?;
+        self.shared.metrics.task_ended(task.status.as_str());
+        Ok(())
     }
 
     /// Whether a live process runs `task`: this one, or (with a shared store) its owner
@@ -308,6 +334,7 @@ impl Session {
             return Reply::Immediate(store_down(&e).response(id));
         }
         crate::fault::point(crate::fault::points::TASK_CREATED);
+        self.shared.metrics.tasks_created.inc();
         let created = task.create_result();
         if self.claim_task(&task.id, &id) {
             self.launch_task(task, env, id.clone(), &link, generation)
@@ -324,6 +351,7 @@ impl Session {
             return false;
         }
         let (ended, _) = tokio::sync::watch::channel(false);
+        self.shared.metrics.tasks_running.inc();
         tasks.insert(
             id.to_owned(),
             RunningTask {
@@ -388,13 +416,10 @@ impl Session {
         }
         .await;
         let Some((link, generation)) = resumed else {
-            self.shared
-                .tasks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&task.id);
+            self.release_task(&task.id);
             return false;
         };
+        self.shared.metrics.tasks_resumed.inc();
         tracing::info!(task = %task.id, tool = %task.tool, "task resumed after a gateway restart");
         self.launch_task(task.clone(), call, client_id, &link, generation)
             .await;
@@ -478,11 +503,13 @@ impl Session {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&task.id);
         if let Some(r) = running {
+            self.shared.metrics.tasks_running.dec();
             let _ = r.ended.send(true);
         }
         if cancelled {
             return;
         }
+        self.shared.metrics.task_ended(task.status.as_str());
         // Told on the session's stream, if its client listens (2025-11-25 status
         // notifications are optional; polling finds the same).
         if let Ok(note) = Message::from_value(task.status_notification()) {
@@ -605,6 +632,7 @@ impl Session {
         if let Err(e) = self.shared.store.put_task(&task).await {
             return store_down(&e).response(id);
         }
+        self.shared.metrics.task_ended(Status::Cancelled.as_str());
         if let Some(request_id) = client_id {
             let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
                 "params": {"requestId": request_id, "reason": "task cancelled"}});
