@@ -283,3 +283,33 @@ async fn tasks_are_bounded_per_user_and_private() {
     let r = rpc(&bob, &sb, 6, "tasks/result", json!({"taskId": task})).await;
     assert_eq!(r["result"]["content"][0]["text"], "waited 10 ms", "{r}");
 }
+
+/// A task belongs to the server it was created on: another server of the same gateway,
+/// asked by the same user, knows nothing of it (and lists only its own).
+#[tokio::test]
+async fn a_task_is_answered_only_by_its_own_server() {
+    let dir = state_dir();
+    let file = dir.path().join("servers.json");
+    let demo = json!({"command": common::BIN, "args": ["demo-server"]});
+    std::fs::write(
+        &file,
+        json!({"mcpServers": {"alpha": demo, "beta": demo}}).to_string(),
+    )
+    .unwrap();
+    let gw = Gateway::start(dir.path(), &["--servers", file.to_str().unwrap()]);
+    let alpha = gw
+        .client()
+        .with_url(&gw.url.replace("/mcp", "/servers/alpha/mcp"));
+    let beta = gw
+        .client()
+        .with_url(&gw.url.replace("/mcp", "/servers/beta/mcp"));
+    let (sa, _) = tasks_session(&alpha).await;
+    let (sb, _) = tasks_session(&beta).await;
+    let task = start_slow_task(&alpha, &sa, 1, 10).await;
+    let r = rpc(&beta, &sb, 2, "tasks/get", json!({"taskId": task})).await;
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    let listed = rpc(&beta, &sb, 3, "tasks/list", json!({})).await;
+    assert_eq!(listed["result"]["tasks"], json!([]), "{listed}");
+    let r = rpc(&alpha, &sa, 4, "tasks/result", json!({"taskId": task})).await;
+    assert_eq!(r["result"]["content"][0]["text"], "waited 10 ms", "{r}");
+}

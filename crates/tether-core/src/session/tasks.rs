@@ -183,9 +183,12 @@ impl Session {
             .load_task(id)
             .await
             .map_err(|e| store_down(&e))?;
-        let Some(mut task) = found
-            .filter(|t| t.principal == self.record.principal && !t.expired(crate::store::now_ms()))
-        else {
+        // A task is answered on the server it was created on, to its principal only.
+        let Some(mut task) = found.filter(|t| {
+            t.principal == self.record.principal
+                && t.server == self.shared.cfg.upstream_name
+                && !t.expired(crate::store::now_ms())
+        }) else {
             return Ok(None);
         };
         if !task.status.is_terminal() && !self.runs_task(&task).await {
@@ -581,7 +584,11 @@ impl Session {
                     .then(|| tasks.last().map(|t| format!("{}:{}", t.created_ms, t.id)))
                     .flatten();
                 let mut result = json!({
-                    "tasks": tasks.iter().filter(|t| !t.expired(now)).map(TaskRecord::task).collect::<Vec<_>>(),
+                    "tasks": tasks
+                        .iter()
+                        .filter(|t| !t.expired(now) && t.server == self.shared.cfg.upstream_name)
+                        .map(TaskRecord::task)
+                        .collect::<Vec<_>>(),
                 });
                 if let Some(n) = next {
                     result["nextCursor"] = json!(n);
