@@ -506,17 +506,20 @@ impl Siblings {
         v.push(Arc::downgrade(shared));
     }
 
-    /// Whether any registry of the process runs task `id` (a reload's new registry must
-    /// not take an old one's running task for an interrupted one).
-    fn run_task(&self, id: &str) -> bool {
-        let v: Vec<Arc<Shared>> = self
-            .0
+    /// The registries still alive (taken out of the lock before anything is asked of them).
+    fn live(&self) -> Vec<Arc<Shared>> {
+        self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter_map(std::sync::Weak::upgrade)
-            .collect();
-        v.iter().any(|sh| {
+            .collect()
+    }
+
+    /// Whether any registry of the process runs task `id` (a reload's new registry must
+    /// not take an old one's running task for an interrupted one).
+    fn run_task(&self, id: &str) -> bool {
+        self.live().iter().any(|sh| {
             sh.tasks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -526,14 +529,7 @@ impl Siblings {
 
     /// Whether any registry of the process holds session `id`.
     fn hold(&self, id: &str) -> bool {
-        let v: Vec<Arc<Shared>> = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .collect();
-        v.iter().any(|sh| {
+        self.live().iter().any(|sh| {
             sh.sessions
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
