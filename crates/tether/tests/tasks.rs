@@ -1,6 +1,7 @@
 //! Durable tasks (issue 28). So far: 2025-11-25 tasks the gateway owns for a legacy client
 //! (`params.task`, `tasks/get`, `tasks/result`, `tasks/list`, `tasks/cancel`), kept in the
-//! store, and a task interrupted by a gateway kill reported `failed`, never "not found".
+//! store, bounded per user, answered only on their server, and after a gateway kill
+//! re-issued when safe to repeat or `failed`, never "not found".
 
 mod common;
 
