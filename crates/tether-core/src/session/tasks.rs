@@ -439,28 +439,34 @@ impl Session {
                         .clone(),
                 );
             };
-            let Ok(message) = serde_json::from_str::<Value>(&frame.data) else {
+            // Measured before anything is parsed: an answer too large to keep is not read.
+            if frame.terminal && frame.data.len() > MAX_TASK_RESULT {
+                break Outcome::Error(
+                    Failure::too_large(
+                        "the task's answer is larger than a task keeps",
+                        frame.data.len(),
+                        MAX_TASK_RESULT,
+                    )
+                    .response(Value::Null)["error"]
+                        .clone(),
+                );
+            }
+            let Ok(message) = Message::parse(frame.data.as_bytes()) else {
                 continue;
             };
             if frame.terminal {
-                if frame.data.len() > MAX_TASK_RESULT {
-                    break Outcome::Error(
-                        Failure::too_large(
-                            "the task's answer is larger than a task keeps",
-                            frame.data.len(),
-                            MAX_TASK_RESULT,
-                        )
-                        .response(Value::Null)["error"]
-                            .clone(),
-                    );
-                }
-                break match message.get("error") {
-                    Some(e) => Outcome::Error(e.clone()),
-                    None => Outcome::Result(message.get("result").cloned().unwrap_or_default()),
+                break match (message.error(), message.result_value()) {
+                    (Some(e), _) => {
+                        Outcome::Error(serde_json::from_str(e.get()).unwrap_or_default())
+                    }
+                    (None, result) => Outcome::Result(result.unwrap_or_default()),
                 };
             }
-            // The upstream asks the client something: not carried for tasks yet.
-            if let (Some(_), Some(ask)) = (message.get("method"), message.get("id")) {
+            // The upstream asks the client something: not carried for tasks yet. Its
+            // notifications (progress, logs) are not kept for a task.
+            if message.kind() == Kind::Request
+                && let Some(ask) = message.id()
+            {
                 let refusal = Failure::new(
                     FailureKind::InvalidRequest,
                     "the gateway does not yet carry a server's requests to the client during a task",
