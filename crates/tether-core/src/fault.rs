@@ -22,6 +22,8 @@ pub mod points {
     pub const SESSION_CLOSED: &str = "session-closed";
     /// Row T1: a task's record is durable, its `CreateTaskResult` not yet sent.
     pub const TASK_CREATED: &str = "task-created";
+    /// Row T2: a 2026-07-28 task's input request is durable, nobody told yet.
+    pub const TASK_INPUT: &str = "task-input";
     /// Row T4: a task's outcome is durable, nobody told yet.
     pub const TASK_FINISHED: &str = "task-finished";
 }

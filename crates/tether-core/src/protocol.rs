@@ -212,6 +212,21 @@ pub fn safe_tools(list_result: &Value) -> impl Iterator<Item = String> + '_ {
         .filter_map(|tool| tool.get("name").and_then(Value::as_str).map(str::to_owned))
 }
 
+/// The tools of a `tools/list` result that declare `execution.taskSupport` other than
+/// `forbidden`, with what they declare.
+pub fn task_support(list_result: &Value) -> impl Iterator<Item = (String, String)> + '_ {
+    list_result
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|tool| {
+            let support = tool.pointer("/execution/taskSupport")?.as_str()?;
+            let name = tool.get("name")?.as_str()?;
+            (support != "forbidden").then(|| (name.to_owned(), support.to_owned()))
+        })
+}
+
 /// Session state a client sets up after `initialize` that a fresh upstream must be told again.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Restore {

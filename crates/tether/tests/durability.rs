@@ -269,6 +269,36 @@ async fn crash_after_the_task_record_leaves_a_failed_task_it_can_list() {
     assert_eq!(got["result"]["status"], "failed", "{got}");
 }
 
+/// Row T2: a 2026-07-28 task's input request is durable before its client can see it. A
+/// crash right after leaves the task known: after the restart it is `failed` (its call,
+/// not safe to repeat, died with the gateway), never unknown.
+#[tokio::test]
+async fn crash_after_a_tasks_input_request_leaves_a_failed_task_never_an_unknown_one() {
+    let dir = state_dir();
+    let args = ["--task-after", "0", "--task-tools", "ask"];
+    let mut gw = faulty(dir.path(), tether_core::fault::points::TASK_INPUT, &args);
+    let client = common::modern::Modern::new(
+        &gw.url,
+        json!({"elicitation": {}, "extensions": {"io.modelcontextprotocol/tasks": {}}}),
+    );
+    let created = client.call(1, "ask", json!({})).await.json();
+    assert_eq!(created["result"]["resultType"], "task", "{created}");
+    let task = created["result"]["taskId"].as_str().unwrap().to_owned();
+    crashed(&mut gw, tether_core::fault::points::TASK_INPUT);
+
+    let gw2 = gw.restart_clean();
+    let client = common::modern::Modern::new(
+        &gw2.url,
+        json!({"elicitation": {}, "extensions": {"io.modelcontextprotocol/tasks": {}}}),
+    );
+    let got = client
+        .send(2, "tasks/get", json!({"taskId": task}))
+        .await
+        .json();
+    assert_eq!(got["result"]["status"], "failed", "{got}");
+    assert_eq!(got["result"]["error"]["code"], -32013, "{got}");
+}
+
 /// Row T4: a task's outcome is durable before anyone is told. A crash right after leaves
 /// it `completed` with its result after the restart (not `failed` as interrupted).
 #[tokio::test]

@@ -1,12 +1,17 @@
-//! Durable tasks (issue 28). So far: 2025-11-25 tasks the gateway owns for a legacy client
-//! (`params.task`, `tasks/get`, `tasks/result`, `tasks/list`, `tasks/cancel`), kept in the
-//! store, bounded per user, answered only on their server, and after a gateway kill
-//! re-issued when safe to repeat or `failed`, never "not found".
+//! Durable tasks (issue 28), owned by the gateway: 2025-11-25 tasks for a legacy client
+//! (`params.task`, `tasks/get`, `tasks/result`, `tasks/list`, `tasks/cancel`) and the
+//! 2026-07-28 Tasks extension for a stateless client (a call that outlives `--task-after`
+//! becomes a task; `tasks/get`, `tasks/update` with the upstream's elicitation as
+//! `inputRequests`, `tasks/cancel`, `notifications/tasks` on a listen stream, `Mcp-Name`
+//! checked, `-32021` without the extension), kept in the store, bounded per user, answered
+//! only on their server and to their user, and after a gateway kill re-issued when safe
+//! to repeat or `failed`, never "not found".
 
 mod common;
 
 use std::time::Duration;
 
+use common::modern::{Modern, V};
 use common::{Gateway, Mcp, state_dir};
 use serde_json::{Value, json};
 
@@ -313,4 +318,296 @@ async fn a_task_is_answered_only_by_its_own_server() {
     assert_eq!(listed["result"]["tasks"], json!([]), "{listed}");
     let r = rpc(&alpha, &sa, 4, "tasks/result", json!({"taskId": task})).await;
     assert_eq!(r["result"]["content"][0]["text"], "waited 10 ms", "{r}");
+}
+
+/// The Tasks extension as a 2026-07-28 client declares it, with elicitation.
+fn tasks_client(url: &str) -> Modern {
+    Modern::new(
+        url,
+        json!({"elicitation": {}, "extensions": {"io.modelcontextprotocol/tasks": {}}}),
+    )
+    .named("modern-tasks-test")
+}
+
+/// Polls a 2026-07-28 task until `done` holds for its `tasks/get` result (at most 20 s).
+async fn poll_until(client: &Modern, task: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut id = 1000;
+    loop {
+        id += 1;
+        let got = client.send(id, "tasks/get", json!({"taskId": task})).await;
+        assert_eq!(got.status, 200, "{}", got.body);
+        let got = got.json();
+        assert_eq!(got["result"]["resultType"], "complete", "{got}");
+        if done(&got["result"]) {
+            return got["result"].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task {task} never got there: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A 2026-07-28 call of `tool` that becomes a task; its id.
+async fn modern_task(client: &Modern, id: i64, tool: &str, args: Value) -> String {
+    let created = client.call(id, tool, args).await;
+    assert_eq!(created.status, 200, "{}", created.body);
+    let created = created.json();
+    let r = &created["result"];
+    assert_eq!(r["resultType"], "task", "{created}");
+    assert_eq!(r["status"], "working", "{created}");
+    assert!(r["ttlMs"].as_u64().is_some(), "{created}");
+    assert!(r["pollIntervalMs"].as_u64().is_some(), "{created}");
+    assert!(r["createdAt"].as_str().is_some(), "{created}");
+    r["taskId"].as_str().unwrap().to_owned()
+}
+
+/// A `tasks/*` request whose `Mcp-Name` header is `name`, whatever its body says.
+async fn task_request_named(url: &str, method: &str, task: &str, name: &str) -> (u16, Value) {
+    let meta = json!({"io.modelcontextprotocol/protocolVersion": V,
+        "io.modelcontextprotocol/clientCapabilities": {"extensions": {"io.modelcontextprotocol/tasks": {}}}});
+    let resp = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", common::ACCEPT_BOTH)
+        .header("mcp-protocol-version", V)
+        .header("mcp-method", method)
+        .header("mcp-name", name)
+        .body(
+            json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": {"taskId": task, "_meta": meta}})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+/// A 2026-07-28 client that declares the Tasks extension: the gateway advertises it, a
+/// quick call is answered as ever, a call that outlives `--task-after` becomes a task that
+/// a listen stream naming it hears end and `tasks/get` shows with its result; a listed
+/// tool becomes a task at once, its elicitation is the task's `inputRequests` and
+/// `tasks/update` answers it; `tasks/cancel` stops a task; a client without the extension
+/// gets plain answers; bad ids and headers get the spec's errors.
+#[tokio::test]
+async fn a_modern_clients_long_call_becomes_a_task_it_polls_answers_and_cancels() {
+    use futures::StreamExt;
+    let dir = state_dir();
+    let gw = Gateway::start(
+        dir.path(),
+        &["--demo", "--task-after", "300ms", "--task-tools", "ask"],
+    );
+    let client = tasks_client(&gw.url);
+
+    let discover = client.send(1, "server/discover", json!({})).await.json();
+    assert_eq!(
+        discover["result"]["capabilities"]["extensions"]["io.modelcontextprotocol/tasks"],
+        json!({}),
+        "{discover}"
+    );
+
+    // Answered before --task-after: a plain result.
+    let quick = client.call(2, "echo", json!({"text": "hi"})).await.json();
+    assert_eq!(quick["result"]["resultType"], "complete", "{quick}");
+    assert_eq!(quick["result"]["content"][0]["text"], "hi");
+
+    // Longer: a task, answered once its record is stored; the call goes on upstream.
+    let task = modern_task(&client, 3, "slow", json!({"ms": 1_500})).await;
+    let listen = client
+        .listen("sub-task", json!({"taskIds": [task.clone()]}))
+        .await;
+    let mut listen = listen.bytes_stream();
+    let mut seen = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(chunk) = listen.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if seen.contains("\"notifications/tasks\"") && seen.contains("completed") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        ended,
+        Ok(true),
+        "the listen stream hears the task end: {seen}"
+    );
+    assert!(
+        seen.contains("\"taskIds\":[\""),
+        "the ack names the task: {seen}"
+    );
+    let done = poll_until(&client, &task, |t| t["status"] != "working").await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["result"]["content"][0]["text"], "waited 1500 ms",
+        "{done}"
+    );
+
+    // A listed tool becomes a task at once; the upstream's elicitation waits as input.
+    let asked = modern_task(&client, 4, "ask", json!({})).await;
+    let waiting = poll_until(&client, &asked, |t| t["status"] == "input_required").await;
+    let inputs = waiting["inputRequests"].as_object().unwrap();
+    assert_eq!(inputs.len(), 1, "{waiting}");
+    let (key, input) = inputs.iter().next().unwrap();
+    assert_eq!(input["method"], "elicitation/create", "{waiting}");
+    let ack = client
+        .send(
+            5,
+            "tasks/update",
+            json!({"taskId": asked, "inputResponses": {
+                key.as_str(): {"action": "accept", "content": {"name": "Ada"}},
+                "never-asked": {"action": "decline"}
+            }}),
+        )
+        .await
+        .json();
+    assert_eq!(ack["result"], json!({"resultType": "complete"}), "{ack}");
+    let greeted = poll_until(&client, &asked, |t| t["status"] == "completed").await;
+    assert_eq!(
+        greeted["result"]["content"][0]["text"], "hello, Ada",
+        "{greeted}"
+    );
+
+    // Cancelled: acknowledged at once, then the task is cancelled.
+    let long = modern_task(&client, 6, "slow_write", json!({"ms": 30_000})).await;
+    let ack = client
+        .send(7, "tasks/cancel", json!({"taskId": long}))
+        .await
+        .json();
+    assert_eq!(ack["result"], json!({"resultType": "complete"}), "{ack}");
+    let cancelled = poll_until(&client, &long, |t| t["status"] != "working").await;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+
+    // Unknown ids, and a header that disagrees with the body.
+    let unknown = client
+        .send(
+            8,
+            "tasks/get",
+            json!({"taskId": "t_00000000000000000000000000000000"}),
+        )
+        .await;
+    assert_eq!(
+        (unknown.status, unknown.json()["error"]["code"].clone()),
+        (200, json!(-32602))
+    );
+    let (status, body) = task_request_named(&gw.url, "tasks/get", &task, "t_other").await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (400, json!(-32020)),
+        "{body}"
+    );
+    let listed = client.send(9, "tasks/list", json!({})).await;
+    assert_eq!(
+        listed.status, 404,
+        "tasks/list does not exist in 2026-07-28: {}",
+        listed.body
+    );
+
+    // Without the extension: no task, the answer comes as ever, and naming tasks on a
+    // listen stream needs the extension.
+    let plain = Modern::new(&gw.url, json!({}));
+    let slow = plain.call(10, "slow", json!({"ms": 600})).await.response();
+    assert_eq!(
+        slow["result"]["content"][0]["text"], "waited 600 ms",
+        "{slow}"
+    );
+    let refused = plain
+        .send(
+            11,
+            "subscriptions/listen",
+            json!({"notifications": {"taskIds": [task]}}),
+        )
+        .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    let refused = refused.json();
+    assert_eq!(refused["error"]["code"], -32021, "{refused}");
+    assert_eq!(
+        refused["error"]["data"]["requiredCapabilities"]["extensions"]["io.modelcontextprotocol/tasks"],
+        json!({}),
+        "{refused}"
+    );
+
+    assert_eq!(common::metric(&gw, "tether_tasks_created_total").await, 3.0);
+    assert_eq!(common::metric(&gw, "tether_tasks_running").await, 0.0);
+}
+
+/// Another user's 2026-07-28 task is unknown to them, for every method.
+#[tokio::test]
+async fn a_modern_task_is_its_users_only() {
+    let dir = state_dir();
+    let config = dir.path().join("tether.toml");
+    std::fs::write(&config, "").unwrap();
+    let alice_key = common::add_key(&config, "alice", "alice@example.com");
+    let bob_key = common::add_key(&config, "bob", "bob@example.com");
+    let gw = Gateway::start(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--demo",
+            "--task-after",
+            "0",
+        ],
+    );
+    let alice = tasks_client(&gw.url).with_key(&alice_key);
+    let bob = tasks_client(&gw.url).with_key(&bob_key);
+    let task = modern_task(&alice, 1, "slow", json!({"ms": 2_000})).await;
+    for (i, method) in ["tasks/get", "tasks/cancel"].into_iter().enumerate() {
+        let got = bob
+            .send(2 + i as i64, method, json!({"taskId": task}))
+            .await
+            .json();
+        assert_eq!(got["error"]["code"], -32602, "{method}: {got}");
+    }
+    let got = bob
+        .send(
+            5,
+            "tasks/update",
+            json!({"taskId": task, "inputResponses": {}}),
+        )
+        .await
+        .json();
+    assert_eq!(got["error"]["code"], -32602, "{got}");
+    // Alice's task was not touched by any of it.
+    let done = poll_until(&alice, &task, |t| t["status"] != "working").await;
+    assert_eq!(done["status"], "completed", "{done}");
+}
+
+/// A kill -9 while 2026-07-28 tasks run: the one safe to repeat is re-issued under the
+/// same id on a fresh pooled upstream and completes; the other is `failed`, saying why.
+#[tokio::test]
+async fn modern_tasks_interrupted_by_a_gateway_kill_are_resumed_or_failed() {
+    let dir = state_dir();
+    let mut gw = Gateway::spawn(dir.path(), &["--demo", "--task-after", "0"]);
+    let client = tasks_client(&gw.url);
+    let safe = modern_task(&client, 1, "slow", json!({"ms": 2_000})).await;
+    let unsafe_task = modern_task(&client, 2, "slow_write", json!({"ms": 2_000})).await;
+    gw.kill9();
+    let gw = gw.restart();
+    let client = tasks_client(&gw.url);
+
+    let failed = poll_until(&client, &unsafe_task, |_| true).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], -32013, "{failed}");
+    assert!(
+        failed["statusMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("interrupted by a gateway restart")),
+        "{failed}"
+    );
+    let resumed = poll_until(&client, &safe, |_| true).await;
+    assert_eq!(resumed["status"], "working", "{resumed}");
+    assert_eq!(
+        resumed["statusMessage"], "resumed after a gateway restart",
+        "{resumed}"
+    );
+    let done = poll_until(&client, &safe, |t| t["status"] == "completed").await;
+    assert_eq!(
+        done["result"]["content"][0]["text"], "waited 2000 ms",
+        "{done}"
+    );
 }

@@ -104,6 +104,16 @@ impl Builder {
             idle_timeout: duration(&settings.idle_timeout, config.idle_timeout),
             upstream_timeout: duration(&settings.upstream_timeout, config.upstream_timeout),
             answer_window: config.answer_window,
+            task_after: settings
+                .task_after
+                .as_deref()
+                .map_or(config.task_after, |t| {
+                    crate::config::task_after(&mut Vec::new(), Some(t))
+                }),
+            task_tools: settings
+                .task_tools
+                .clone()
+                .unwrap_or_else(|| config.task_tools.clone()),
             upstream_name: name.clone(),
             upstream_fingerprint: spec.fingerprint(),
             mirror_ledger: self.mirror_ledger,

@@ -22,6 +22,7 @@ mod files;
 mod limits;
 mod options;
 mod resolve;
+pub(crate) use resolve::task_after;
 mod values;
 
 pub use files::{FILE_READ_TIMEOUT, MAX_CONFIG_FILE, MAX_STUCK_READS, off_runtime, read_bounded};
@@ -48,6 +49,9 @@ pub const DEFAULT_MAX_BODY: &str = "4MiB";
 pub const DEFAULT_UPSTREAM_TIMEOUT: &str = "5m";
 /// Default answer window (ms): a call answered within it needs no stream.
 pub const DEFAULT_ANSWER_WINDOW_MS: u64 = 10;
+
+/// `task-after` when unset, in seconds.
+pub const DEFAULT_TASK_AFTER_SECS: u64 = 5;
 /// Default time in-flight requests get to finish on SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
 /// Default sliding TTL of session records in Redis.
@@ -185,6 +189,10 @@ pub struct ServerSettings {
     pub idle_timeout: Option<String>,
     /// Time its upstream has to answer one request (humantime).
     pub upstream_timeout: Option<String>,
+    /// `task-after` for it (humantime, or `0`).
+    pub task_after: Option<String>,
+    /// `task-tools` for it.
+    pub task_tools: Option<Vec<String>>,
     /// The protocol era spoken to an HTTP server.
     pub protocol: Option<UpstreamProtocol>,
     /// Sessions it may hold at once (also counted in the gateway's `--max-sessions`).
@@ -227,6 +235,10 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// [`crate::session::SessionConfig::answer_window`].
     pub answer_window: Duration,
+    /// [`crate::session::SessionConfig::task_after`].
+    pub task_after: Duration,
+    /// [`crate::session::SessionConfig::task_tools`].
+    pub task_tools: Vec<String>,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
     /// Extra allowed origins.

@@ -67,6 +67,23 @@ pub const OPTIONS: &[Opt] = &[
         "A call answered within this time is answered with one JSON body and nothing of it is stored (its client never held an event id, so there is nothing to resume); a longer call gets its record stored and a resumable SSE stream. `0`: every call gets a stream (docs/design/durability.md, row 2)",
     ),
     Opt::top(
+        "task-after",
+        "TETHER_TASK_AFTER",
+        "DUR",
+        Fallback::Is("5s"),
+        "A `tools/call` of a 2026-07-28 client that declares the tasks extension (`io.modelcontextprotocol/tasks`) and is not answered within this time becomes a durable task: the client gets a `CreateTaskResult` once the task's record is stored, the call goes on upstream, and `tasks/get` gives its outcome, across restarts. `0`: every such call becomes a task at once",
+    )
+    .server(),
+    Opt::top(
+        "task-tools",
+        "TETHER_TASK_TOOLS",
+        "LIST",
+        Fallback::None,
+        "Tools whose calls become tasks at once for a client that declares the tasks extension (comma-separated; tools whose upstream declares `execution.taskSupport` do too)",
+    )
+    .kind(Kind::List)
+    .server(),
+    Opt::top(
         "shutdown-grace",
         "TETHER_SHUTDOWN_GRACE",
         "DUR",
@@ -111,7 +128,7 @@ pub const OPTIONS: &[Opt] = &[
         "TETHER_SERVERS",
         "FILE",
         Fallback::None,
-        "A client's `mcpServers` JSON (Claude Desktop, Claude Code `.mcp.json`, Cursor, Windsurf, Cline; VS Code's `servers`), as the client wrote it: `command`/`args`/`env`/`cwd` or `url`/`headers` (`serverUrl`), `type`; `disabled: true` is left out; keys clients use that mean nothing here are named on stderr and ignored; Tether's settings in the entry's `tether` table (`idle-timeout`, `upstream-timeout`, `protocol`, `max-sessions`, `max-upstreams`, `session-rate`, `users`). Every server (at most 256) is served at `/servers/NAME/mcp` (the gateway-wide flags are the defaults and the outer limits), and the file is reloaded on `SIGHUP` or when it changes; upstream flags (`-- CMD`, `--upstream-url`, `--upstream-header`, `--upstream-protocol`, `--upstream-name`) are refused with it",
+        "A client's `mcpServers` JSON (Claude Desktop, Claude Code `.mcp.json`, Cursor, Windsurf, Cline; VS Code's `servers`), as the client wrote it: `command`/`args`/`env`/`cwd` or `url`/`headers` (`serverUrl`), `type`; `disabled: true` is left out; keys clients use that mean nothing here are named on stderr and ignored; Tether's settings in the entry's `tether` table (`idle-timeout`, `upstream-timeout`, `task-after`, `task-tools`, `protocol`, `max-sessions`, `max-upstreams`, `session-rate`, `users`). Every server (at most 256) is served at `/servers/NAME/mcp` (the gateway-wide flags are the defaults and the outer limits), and the file is reloaded on `SIGHUP` or when it changes; upstream flags (`-- CMD`, `--upstream-url`, `--upstream-header`, `--upstream-protocol`, `--upstream-name`) are refused with it",
     )
     .at(Place::Cli),
     Opt::top(

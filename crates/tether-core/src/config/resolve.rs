@@ -97,6 +97,8 @@ impl Config {
                 d
             }
         };
+        let task_after = task_after(&mut errors, set.text("task-after").as_deref());
+        let task_tools = set.list("task-tools").unwrap_or_default();
         let limits = Limits::resolve(&mut errors, &layer.limits.clone().unwrap_or_default());
         let admin_text = set.text("admin-listen");
         let admin_text = admin_text.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
@@ -301,6 +303,8 @@ impl Config {
             max_body,
             upstream_timeout,
             answer_window,
+            task_after,
+            task_tools,
             shutdown_grace,
             allowed_origins,
             allowed_hosts,
@@ -386,5 +390,19 @@ fn resolve_store(errors: &mut Vec<String>, layer: &Layer, listen: SocketAddr) ->
             ));
             StoreSpec::Sqlite
         }
+    }
+}
+
+/// `task-after`: a duration, `0` meaning at once.
+pub(crate) fn task_after(errors: &mut Vec<String>, text: Option<&str>) -> Duration {
+    match text.map(str::trim) {
+        None => Duration::from_secs(DEFAULT_TASK_AFTER_SECS),
+        Some("0") => Duration::ZERO,
+        Some(t) => humantime::parse_duration(t).unwrap_or_else(|e| {
+            errors.push(format!(
+                "task-after: {t:?} is not a duration such as \"5s\" ({e})"
+            ));
+            Duration::from_secs(DEFAULT_TASK_AFTER_SECS)
+        }),
     }
 }

@@ -35,7 +35,14 @@ pub const METHODS: &[&str] = &[
     "prompts/get",
     "completion/complete",
     "subscriptions/listen",
+    "tasks/get",
+    "tasks/update",
+    "tasks/cancel",
 ];
+
+/// The Tasks extension's identifier (SEP-2663): a client declares it in its request's
+/// `clientCapabilities.extensions`, the gateway in `server/discover`.
+pub const TASKS_EXTENSION: &str = "io.modelcontextprotocol/tasks";
 
 /// Results that carry caching hints (SEP-2549); the bridge cannot know how long an
 /// upstream's list stays valid, so it adds `ttlMs: 0` (do not cache) where the upstream
@@ -122,6 +129,14 @@ impl Meta {
         self.capabilities.get(name).is_some_and(|c| !c.is_null())
     }
 
+    /// Whether the client declared extension `name` (`clientCapabilities.extensions`).
+    pub fn declares_extension(&self, name: &str) -> bool {
+        self.capabilities
+            .pointer("/extensions")
+            .and_then(|e| e.get(name))
+            .is_some_and(|c| !c.is_null())
+    }
+
     /// The key that decides which pooled upstream session may serve this client (within
     /// its principal): its capabilities change what the upstream may ask of it (sampling,
     /// elicitation, roots), and its name (`clientInfo.name`) tells two applications of one
@@ -202,6 +217,7 @@ fn name_field(method: &str) -> Option<&'static str> {
     match method {
         "tools/call" | "prompts/get" => Some("name"),
         "resources/read" => Some("uri"),
+        "tasks/get" | "tasks/update" | "tasks/cancel" => Some("taskId"),
         _ => None,
     }
 }
@@ -441,110 +457,19 @@ pub fn capabilities(legacy: Option<&Value>) -> Value {
     )
 }
 
-/// Resources one `subscriptions/listen` may subscribe to; the acknowledgement lists the
-/// ones honoured, so a client asking for more learns which were left out.
-pub const MAX_LISTEN_RESOURCES: usize = 64;
-
-/// What a `subscriptions/listen` asked for: list-changed kinds, and the resources whose
-/// updates it wants (`resourceSubscriptions`, at most [`MAX_LISTEN_RESOURCES`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
-    /// `toolsListChanged`.
-    pub tools: bool,
-    /// `promptsListChanged`.
-    pub prompts: bool,
-    /// `resourcesListChanged`.
-    pub resources: bool,
-    /// `resourceSubscriptions`: the URIs whose `notifications/resources/updated` pass.
-    pub uris: Vec<String>,
-}
-
-impl Filter {
-    /// The filter of a `subscriptions/listen` request's `params.notifications`.
-    pub fn of(env: &Message) -> Filter {
-        let params = env.params_value();
-        let n = params.as_ref().and_then(|p| p.get("notifications"));
-        let on = |k: &str| n.and_then(|n| n.get(k)).and_then(Value::as_bool) == Some(true);
-        let mut uris: Vec<String> = Vec::new();
-        for u in n
-            .and_then(|n| n.get("resourceSubscriptions"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-        {
-            if uris.len() == MAX_LISTEN_RESOURCES {
-                break;
-            }
-            if !uris.iter().any(|x| x == u) {
-                uris.push(u.to_owned());
-            }
-        }
-        Filter {
-            tools: on("toolsListChanged"),
-            prompts: on("promptsListChanged"),
-            resources: on("resourcesListChanged"),
-            uris,
-        }
-    }
-
-    /// Whether a notification from an upstream passes the filter.
-    pub fn admits(&self, notification: &Value) -> bool {
-        match notification.get("method").and_then(Value::as_str) {
-            Some("notifications/tools/list_changed") => self.tools,
-            Some("notifications/prompts/list_changed") => self.prompts,
-            Some("notifications/resources/list_changed") => self.resources,
-            Some("notifications/resources/updated") => notification
-                .pointer("/params/uri")
-                .and_then(Value::as_str)
-                .is_some_and(|u| self.uris.iter().any(|x| x == u)),
-            _ => false,
-        }
-    }
-
-    /// The first message of the stream: what is honoured, tagged with the subscription.
-    pub fn acknowledged(&self, subscription: &Value) -> Value {
-        let mut honoured = Map::new();
-        for (k, on) in [
-            ("toolsListChanged", self.tools),
-            ("promptsListChanged", self.prompts),
-            ("resourcesListChanged", self.resources),
-        ] {
-            if on {
-                honoured.insert(k.to_owned(), Value::Bool(true));
-            }
-        }
-        if !self.uris.is_empty() {
-            honoured.insert("resourceSubscriptions".to_owned(), json!(self.uris));
-        }
-        json!({
-            "jsonrpc": "2.0",
-            "method": "notifications/subscriptions/acknowledged",
-            "params": {"notifications": honoured, "_meta": {META_SUBSCRIPTION_ID: subscription}},
-        })
-    }
-}
-
-/// A notification for a listen stream, tagged with its subscription.
-pub fn tagged(notification: &Value, subscription: &Value) -> Value {
-    let mut v = notification.clone();
-    if !v.get("params").is_some_and(Value::is_object) {
-        v["params"] = json!({});
-    }
-    if !v["params"].get("_meta").is_some_and(Value::is_object) {
-        v["params"]["_meta"] = json!({});
-    }
-    v["params"]["_meta"][META_SUBSCRIPTION_ID] = subscription.clone();
-    v
-}
-
 /// The `server/discover` result for an upstream whose legacy `InitializeResult` is `init`
 /// (`None` when no upstream has been started yet: no capabilities are claimed).
 pub fn discover(init: Option<&Value>, ttl_ms: u64) -> Value {
+    let mut caps = capabilities(init.and_then(|i| i.get("capabilities")));
+    // The gateway runs any call as a task of its own, whatever the upstream offers.
+    if !caps.get("extensions").is_some_and(Value::is_object) {
+        caps["extensions"] = json!({});
+    }
+    caps["extensions"][TASKS_EXTENSION] = json!({});
     let mut result = json!({
         "resultType": "complete",
         "supportedVersions": SUPPORTED_VERSIONS,
-        "capabilities": capabilities(init.and_then(|i| i.get("capabilities"))),
+        "capabilities": caps,
         "ttlMs": ttl_ms,
         "cacheScope": "private",
     });
@@ -582,6 +507,30 @@ pub fn missing_capability(id: Value, capability: &str) -> Value {
             "the server needs the client capability {capability:?} for this request, and the client did not declare it"
         ),
         Some(json!({"requiredCapabilities": {capability: {}}})),
+    )
+}
+
+/// The error for a request that needs extension `name` the client did not declare
+/// (`-32021`, naming it).
+pub fn missing_extension(id: Value, name: &str) -> Value {
+    protocol::error_response(
+        id,
+        code::MISSING_CLIENT_CAPABILITY,
+        format!("this request needs the {name} extension, and the request did not declare it"),
+        Some(json!({"requiredCapabilities": {"extensions": {name: {}}}})),
+    )
+}
+
+/// The error for a call that can only run as a task from a client that did not declare
+/// the Tasks extension (`-32021`, naming the extension).
+pub fn missing_tasks_extension(id: Value, tool: &str) -> Value {
+    protocol::error_response(
+        id,
+        code::MISSING_CLIENT_CAPABILITY,
+        format!(
+            "the tool {tool:?} runs only as a task, and the request did not declare the {TASKS_EXTENSION} extension"
+        ),
+        Some(json!({"requiredCapabilities": {"extensions": {TASKS_EXTENSION: {}}}})),
     )
 }
 
@@ -625,9 +574,11 @@ pub fn request_name(env: &Message) -> Option<String> {
     env.params_value()?.get(field)?.as_str().map(str::to_owned)
 }
 
+mod listen;
 mod state;
 mod upstream;
 
+pub use listen::{Filter, MAX_LISTEN_RESOURCES, MAX_LISTEN_TASKS, tagged};
 pub use state::{StateClaims, StateError, StateKey};
 pub use upstream::*;
 

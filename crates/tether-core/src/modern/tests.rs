@@ -219,7 +219,8 @@ fn discover_translates_a_legacy_initialize_result() {
     let d = discover(Some(&init), 0);
     assert_eq!(
         d["capabilities"],
-        json!({"tools": {"listChanged": true}, "resources": {"subscribe": true}})
+        json!({"tools": {"listChanged": true}, "resources": {"subscribe": true},
+            "extensions": {TASKS_EXTENSION: {}}})
     );
     assert_eq!(d["_meta"][META_SERVER_INFO]["name"], "s");
     assert_eq!(d["instructions"], "hi");
@@ -450,4 +451,44 @@ fn the_listen_request_asks_for_what_the_server_offers_and_the_client_subscribed(
         from_listen(n).unwrap(),
         json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed", "params": {}})
     );
+}
+
+#[test]
+fn a_listen_filter_passes_the_task_notifications_it_names_and_says_so() {
+    let env = req(
+        "subscriptions/listen",
+        json!({"notifications": {"taskIds": ["t_a", "t_a", "t_b"]}}),
+    );
+    let f = Filter::of(&env);
+    assert_eq!(f.task_ids, vec!["t_a", "t_b"]);
+    let note = |id: &str| json!({"method": "notifications/tasks", "params": {"taskId": id}});
+    assert!(f.admits(&note("t_a")));
+    assert!(!f.admits(&note("t_c")));
+    let ack = f.acknowledged(&json!(7));
+    assert_eq!(
+        ack["params"]["notifications"]["taskIds"],
+        json!(["t_a", "t_b"])
+    );
+    let many: Vec<String> = (0..100).map(|i| format!("t_{i}")).collect();
+    let f = Filter::of(&req(
+        "subscriptions/listen",
+        json!({"notifications": {"taskIds": many}}),
+    ));
+    assert_eq!(f.task_ids.len(), MAX_LISTEN_TASKS);
+}
+
+#[test]
+fn a_task_method_must_name_its_task_in_mcp_name() {
+    let meta = json!({META_PROTOCOL_VERSION: MODERN_VERSION, META_CLIENT_CAPABILITIES: {"extensions": {TASKS_EXTENSION: {}}}});
+    let env = req("tasks/get", json!({"taskId": "t_1", "_meta": meta}));
+    let h = |name| Headers {
+        version: Some(MODERN_VERSION),
+        method: Some("tasks/get"),
+        name,
+    };
+    let m = check(&env, h(Some("t_1"))).expect("a matching name passes");
+    assert!(m.declares_extension(TASKS_EXTENSION));
+    let r = check(&env, h(Some("t_2"))).expect_err("a mismatch is refused");
+    assert_eq!((r.status, r.code), (400, code::HEADER_MISMATCH));
+    assert!(check(&env, h(None)).is_err());
 }

@@ -255,10 +255,14 @@ impl ServerEntry {
         for (key, value) in [
             ("idle-timeout", &self.settings.idle_timeout),
             ("upstream-timeout", &self.settings.upstream_timeout),
+            ("task-after", &self.settings.task_after),
         ] {
             if let Some(v) = value {
                 settings.set_text(key, v.clone());
             }
+        }
+        if let Some(tools) = &self.settings.task_tools {
+            settings.set("task-tools", crate::config::OptValue::List(tools.clone()));
         }
         Layer {
             settings,
@@ -633,6 +637,11 @@ fn read_settings(v: &Value, at: &str, errors: &mut Vec<String>) -> ServerSetting
         match k.as_str() {
             "idle-timeout" => s.idle_timeout = duration(k, v, errors),
             "upstream-timeout" => s.upstream_timeout = duration(k, v, errors),
+            "task-after" => match v.as_str() {
+                Some("0") => s.task_after = Some("0".into()),
+                _ => s.task_after = duration(k, v, errors),
+            },
+            "task-tools" => s.task_tools = Some(strings(v, at, "tether.task-tools", errors)),
             "protocol" => match v.as_str().and_then(UpstreamProtocol::parse) {
                 Some(p) => s.protocol = Some(p),
                 None => errors.push(format!("{at}: tether.protocol must be auto, legacy or modern")),
@@ -661,7 +670,7 @@ fn read_settings(v: &Value, at: &str, errors: &mut Vec<String>) -> ServerSetting
                 s.users = Some(users);
             }
             other => errors.push(format!(
-                "{at}: tether.{other} is not a Tether server setting (idle-timeout, upstream-timeout, protocol, max-sessions, max-upstreams, session-rate, users)"
+                "{at}: tether.{other} is not a Tether server setting (idle-timeout, upstream-timeout, task-after, task-tools, protocol, max-sessions, max-upstreams, session-rate, users)"
             )),
         }
     }

@@ -24,7 +24,8 @@
 //! - `deadlines.rs`: call timeouts, one task per session;
 //! - `inbound.rs`: upstream → client (routing, server requests, resumption);
 //! - `calls.rs`: the in-flight table, completing a call and recording it;
-//! - `tasks.rs`: 2025-11-25 tasks the gateway owns (a call run for a task id);
+//! - `tasks/`: tasks the gateway owns, both eras (a call run for a task id; `modern.rs`
+//!   the 2026-07-28 extension on pooled sessions);
 //! - `error.rs`: [`Failure`] (defined in [`crate::error`]) for an upstream that could not
 //!   start; `tests/`: the state machine under paused time, with fake upstreams;
 //! - `close.rs`: closing or letting go; `upkeep.rs`: reaper, coordination, shutdown;
@@ -48,6 +49,7 @@ pub mod stream;
 pub mod subscriptions;
 mod supervisor;
 mod tasks;
+pub use tasks::TaskReach;
 mod upkeep;
 
 use std::collections::{HashMap, HashSet};
@@ -112,6 +114,11 @@ pub struct SessionConfig {
     /// record is never written; a longer one gets its record, then an SSE stream
     /// (docs/design/durability.md row 2). Zero: every call gets a stream.
     pub answer_window: Duration,
+    /// A 2026-07-28 `tools/call` of a client that declares the tasks extension, not
+    /// answered within this time, becomes a task (`--task-after`; zero: at once).
+    pub task_after: Duration,
+    /// Tools whose calls become tasks at once for such a client (`--task-tools`).
+    pub task_tools: Vec<String>,
     /// Session limits and creation rates.
     pub admission: admission::AdmissionConfig,
     /// Largest `initialize` params a session stores (and replays to every fresh upstream).
@@ -151,6 +158,8 @@ impl Default for SessionConfig {
             mirror_ledger: false,
             stream_buffer: 4 << 20,
             answer_window: Duration::from_millis(10),
+            task_after: Duration::from_secs(crate::config::DEFAULT_TASK_AFTER_SECS),
+            task_tools: Vec::new(),
             admission: admission::AdmissionConfig::default(),
             max_initialize: 64 << 10,
             pool_size: 4,
@@ -365,6 +374,11 @@ struct State {
     /// upstream's requests waiting for the client's answer.
     calls: calls::Calls,
     safe_tools: HashSet<String>,
+    /// Tools whose upstream declares `execution.taskSupport` (`optional` or `required`),
+    /// from the same `tools/list`: a 2026-07-28 call to one becomes a task at once.
+    task_support: HashMap<String, String>,
+    /// The upstream's own `tools/list` was asked for (`safe_tools`, `task_support`).
+    tools_learned: bool,
     restore: Restore,
     /// What of the subscriptions is pending and charged (`subscriptions.rs`).
     subs: subscriptions::Held,
@@ -571,6 +585,8 @@ impl Session {
                 start_failed_at: None,
                 calls: calls::Calls::default(),
                 safe_tools: HashSet::new(),
+                task_support: HashMap::new(),
+                tools_learned: false,
                 restore,
                 subs,
                 restore_dirty: false,

@@ -96,6 +96,16 @@ pub struct FrameRx {
 }
 
 impl FrameRx {
+    /// A receiver with nothing to receive (what is left of one handed over).
+    pub fn ended() -> FrameRx {
+        let (_, rx) = mpsc::unbounded_channel();
+        FrameRx {
+            rx,
+            queued: Arc::new(AtomicUsize::new(0)),
+            held: None,
+        }
+    }
+
     /// The next frame; `None` when the stream ended or was detached (the frames queued
     /// before that come first).
     pub async fn recv(&mut self) -> Option<Frame> {

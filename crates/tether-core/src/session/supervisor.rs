@@ -248,7 +248,12 @@ impl Session {
         {
             Some(resp) if resp.get("result").is_some() => {
                 let safe: Vec<String> = protocol::safe_tools(&resp["result"]).collect();
-                self.lock().safe_tools.extend(safe);
+                let tasks: Vec<(String, String)> =
+                    protocol::task_support(&resp["result"]).collect();
+                let mut st = self.lock();
+                st.safe_tools.extend(safe);
+                st.task_support.extend(tasks);
+                st.tools_learned = true;
             }
             _ => tracing::debug!(
                 "upstream did not list its tools; interrupted calls will not be retried"

@@ -3,7 +3,7 @@
 //! [`Status`], [`Outcome`]), its id, and how each era writes it (`shape.rs`: the 2026-07-28
 //! extension's flat `CreateTaskResult` and detailed task, the 2025-11-25 core spec's nested
 //! `CreateTaskResult` and `Task`). The store keeps the records (`LiveStore::put_task`);
-//! `session/tasks.rs` serves 2025-11-25 tasks; the 2026-07-28 routes are a later step.
+//! `session/tasks/` runs both eras' tasks (the 2026-07-28 routes are in `front/modern/tasks.rs`).
 //!
 //! Must not: know where a record is kept or how a call runs; it is the record and its
 //! shapes only.
@@ -133,6 +133,10 @@ pub struct TaskRecord {
     /// `readOnlyHint` or `idempotentHint`): what re-issues it after a restart.
     #[serde(default)]
     pub request: Option<Value>,
+    /// A 2026-07-28 task's client as its call declared it (`capabilities`, `clientInfo`):
+    /// the pooled upstream a re-issue runs on.
+    #[serde(default)]
+    pub client: Option<Value>,
     /// How it ended, once it has.
     pub outcome: Option<Outcome>,
 }
@@ -163,6 +167,7 @@ impl TaskRecord {
             poll_ms,
             input_requests: None,
             request: None,
+            client: None,
             outcome: None,
         }
     }
@@ -200,6 +205,15 @@ impl TaskRecord {
     /// A stored record read back.
     pub fn from_json(text: &str) -> Result<TaskRecord, String> {
         serde_json::from_str(text).map_err(|e| format!("task record: {e}"))
+    }
+
+    /// The keys of the upstream's requests it waits on (2026-07-28 `inputRequests`).
+    pub fn input_keys(&self) -> Vec<String> {
+        self.input_requests
+            .as_ref()
+            .and_then(Value::as_object)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Whether it has outlived its time to live at `now_ms`.

@@ -12,6 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod modern;
+
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};

@@ -15,6 +15,7 @@
 //! once), or keep a call running upstream after its client closed the stream.
 
 mod parked;
+mod tasks;
 
 use super::*;
 use crate::modern::{self as rules, Meta, StateClaims, StateKey};
@@ -111,8 +112,15 @@ pub(super) async fn post(
         body["id"] = id;
         return Ok(axum::Json(body).into_response());
     }
+    if method.starts_with("tasks/") {
+        return Ok(tasks::request(st, principal, &original, &env, id).await);
+    }
     if method == "subscriptions/listen" {
         let mut filter = rules::Filter::of(&env);
+        if !filter.task_ids.is_empty() && !meta.declares_extension(rules::TASKS_EXTENSION) {
+            let v = rules::missing_extension(id, rules::TASKS_EXTENSION);
+            return Ok(json_status(rules::status_of(&v), &v));
+        }
         let rx = st
             .registry
             .listen(principal)
@@ -139,6 +147,12 @@ pub(super) async fn post(
     let progress_token = env.progress_token();
     let mut value = env.to_value();
     let retry = rules::to_legacy(&mut value).map_err(|r| refusal(r, Some(&id)))?;
+    let wants_task = method == "tools/call" && meta.declares_extension(rules::TASKS_EXTENSION);
+    let call_params = if wants_task {
+        value.get("params").cloned()
+    } else {
+        None
+    };
     let call = match retry.state {
         Some(state) => {
             let claims = parked
@@ -190,6 +204,16 @@ pub(super) async fn post(
         }
         None => {
             let session = pooled(st, principal, &meta, client, &id).await?;
+            if method == "tools/call" {
+                session.learn_tools().await;
+            }
+            if let Some(tool) = name.as_deref().filter(|_| method == "tools/call")
+                && !wants_task
+                && session.task_support(tool).as_deref() == Some("required")
+            {
+                let v = rules::missing_tasks_extension(id, tool);
+                return Ok(json_status(rules::status_of(&v), &v));
+            }
             let env = Message::from_value(value).map_err(|e| {
                 FrontError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()).with_id(Some(&id))
             })?;
@@ -221,7 +245,66 @@ pub(super) async fn post(
             }
         }
     };
-    Ok(answer(st, call, principal.id.clone(), meta, method, name, id).await)
+    let plan = match (&name, wants_task) {
+        (Some(tool), true) => Some(TaskPlan {
+            at: tokio::time::Instant::now() + call.session.task_after(tool),
+            tool: tool.clone(),
+            params: call_params,
+            client: json!({"capabilities": meta.capabilities, "clientInfo": meta.client_info}),
+        }),
+        _ => None,
+    };
+    Ok(answer(st, call, principal.id.clone(), meta, method, name, id, plan).await)
+}
+
+/// A call that becomes a task if it is not answered by `at` (its client declared the
+/// Tasks extension): what the task's record keeps.
+struct TaskPlan {
+    at: tokio::time::Instant,
+    tool: String,
+    /// The call's params (kept by the record only if the tool is safe to repeat).
+    params: Option<Value>,
+    /// The client's `capabilities` and `clientInfo`: what a re-issue starts its upstream
+    /// session with.
+    client: Value,
+}
+
+/// Makes a call that outlived its plan's time a task: the `CreateTaskResult` answering
+/// request `id` once the task's record is durable; `None` (the call stays a plain call,
+/// still in `call`) when a task bound is reached or the store refuses the record.
+async fn become_task(call: &mut Option<Call>, plan: &TaskPlan, id: &Value) -> Option<Value> {
+    let session = call.as_ref()?.session.clone();
+    if let Err(over) = session.may_start_task().await {
+        tracing::debug!(reason = %over.message(), "a call that could be a task stays a plain call");
+        return None;
+    }
+    let c = call.take()?;
+    let progress_token = c.progress_token.clone();
+    let (session, stream, frames) = c.hand_over();
+    match session
+        .begin_task(
+            &plan.tool,
+            plan.params.clone(),
+            plan.client.clone(),
+            stream.clone(),
+            frames,
+        )
+        .await
+    {
+        Ok(created) => Some(json!({"jsonrpc": "2.0", "id": id, "result": created})),
+        Err((failure, frames)) => {
+            tracing::warn!(error = %failure.message(), "a task's record could not be stored; the call goes on as a plain call");
+            *call = Some(Call {
+                session,
+                stream,
+                rx: frames,
+                asked: Vec::new(),
+                progress_token,
+                done: false,
+            });
+            None
+        }
+    }
 }
 
 /// A `subscriptions/listen` stream: the acknowledgement first, then the list-changed
@@ -463,6 +546,7 @@ async fn step(
 
 /// Renders a pooled call: one JSON body if its answer (or an input request) comes before
 /// anything the client should see, else an SSE stream.
+#[allow(clippy::too_many_arguments)]
 async fn answer(
     st: &AppState,
     call: Call,
@@ -471,18 +555,31 @@ async fn answer(
     method: String,
     name: Option<String>,
     id: Value,
+    mut plan: Option<TaskPlan>,
 ) -> Response {
     let keepalive = st.cfg.keepalive;
     let mut call = Some(call);
-    // Wait for the first thing the client should see, up to one keepalive interval.
+    // Wait for the first thing the client should see, up to one keepalive interval (or
+    // until the call becomes a task).
     let deadline = tokio::time::Instant::now() + keepalive;
     let first = loop {
+        let task_at = plan.as_ref().map(|p| p.at);
         let Some(c) = call.as_mut() else {
             break None;
         };
         let frame = tokio::select! {
             f = c.rx.recv() => f,
-            () = tokio::time::sleep_until(deadline) => break None,
+            () = tokio::time::sleep_until(task_at.unwrap_or(deadline).min(deadline)) => {
+                if task_at.is_some_and(|at| at <= deadline)
+                    && let Some(p) = plan.take()
+                {
+                    if let Some(created) = become_task(&mut call, &p, &id).await {
+                        return json_status(200, &created);
+                    }
+                    continue;
+                }
+                break None;
+            }
         };
         let Some(frame) = frame else {
             let lost = Failure::upstream_lost("the call ended without an answer", true);
@@ -515,7 +612,22 @@ async fn answer(
             yield sse::data(&v.to_string());
         }
         while let Some(c) = call.as_mut() {
-            let Some(frame) = c.rx.recv().await else { break };
+            let frame = match plan.as_ref().map(|p| p.at) {
+                Some(at) => tokio::select! {
+                    f = c.rx.recv() => f,
+                    () = tokio::time::sleep_until(at) => {
+                        if let Some(p) = plan.take()
+                            && let Some(created) = become_task(&mut call, &p, &id).await
+                        {
+                            yield sse::data(&created.to_string());
+                            break;
+                        }
+                        continue;
+                    }
+                },
+                None => c.rx.recv().await,
+            };
+            let Some(frame) = frame else { break };
             let Some(event) = event_of(&frame.data) else { continue };
             match step(&st, &mut call, event, &meta, &principal, &method, name.as_deref(), &id).await {
                 Step::Skip => {}

@@ -45,6 +45,16 @@ pub(super) struct Call {
     pub(super) done: bool,
 }
 
+impl Call {
+    /// Takes the call's session, stream and frames for a new owner (a task's runner):
+    /// dropping what is left cancels nothing.
+    pub(super) fn hand_over(mut self) -> (Arc<Session>, Arc<str>, FrameRx) {
+        self.done = true;
+        let frames = std::mem::replace(&mut self.rx, FrameRx::ended());
+        (self.session.clone(), self.stream.clone(), frames)
+    }
+}
+
 impl Drop for Call {
     fn drop(&mut self) {
         if !self.done {

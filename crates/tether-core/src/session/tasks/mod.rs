@@ -8,15 +8,25 @@
 //! its tool is safe to repeat (the record kept its params), else `failed` ("interrupted by
 //! a gateway restart and not retried").
 //!
-//! Not yet (the plan's later steps): the upstream's requests to the client during a task
-//! (answered with an error naming the limitation), tasks past `--upstream-timeout`, the
-//! 2026-07-28 extension.
+//! 2026-07-28 tasks (`modern.rs`) run the same way on a pooled session: the front hands
+//! over a call that outlived `--task-after`, the runner keeps the upstream's requests to the
+//! client as the task's `inputRequests` until `tasks/update` answers them, and status
+//! changes go to the principal's `subscriptions/listen` streams that name the task.
+//!
+//! Not yet (the plan's later steps): a 2025-11-25 task's upstream requests to the client
+//! (answered with an error naming the limitation), tasks past `--upstream-timeout`.
 //!
 //! Must not: show a task to its client before its record is durable, or answer another
 //! principal's task other than as an unknown one.
 
+mod modern;
+mod run;
+
+pub use modern::TaskReach;
+
 use super::*;
 use crate::tasks::{Era, Outcome, Status, TaskRecord};
+use tokio::sync::{mpsc, oneshot};
 
 /// A task's time to live when its client asks for none, and the most it may ask for.
 pub const TASK_TTL: Duration = Duration::from_secs(3600);
@@ -52,6 +62,38 @@ pub(super) struct RunningTask {
     cancelled: bool,
     /// Set by the runner once the call has ended: too late to cancel.
     finishing: bool,
+    /// A 2026-07-28 task's runner: what its client's `tasks/update` and `tasks/cancel` tell it.
+    inbox: Option<mpsc::Sender<TaskInput>>,
+}
+
+/// What a 2026-07-28 task's client tells its runner.
+pub(super) enum TaskInput {
+    /// `tasks/update`: answers to the upstream's requests, by key; the sender hears once the
+    /// task's record shows them taken.
+    Responses(serde_json::Map<String, Value>, oneshot::Sender<()>),
+    /// `tasks/cancel`: stop the call upstream and record the task cancelled.
+    Cancel,
+}
+
+/// What a 2026-07-28 task's runner needs besides the call: its inbox, the stream its
+/// call answers on (what a cancellation abandons), and the capabilities its client
+/// declared (which of the upstream's requests it can be asked).
+pub(super) struct ModernRun {
+    inbox: mpsc::Receiver<TaskInput>,
+    stream: Arc<str>,
+    capabilities: Value,
+}
+
+/// Requests of the upstream one 2026-07-28 task keeps open for its client at once; more
+/// are refused to the upstream.
+pub const MAX_TASK_INPUTS: usize = 16;
+
+/// How a task's runner left it.
+enum End {
+    /// Its call ended.
+    Outcome(Outcome),
+    /// Its 2026-07-28 client cancelled it.
+    Cancelled,
 }
 
 /// The refusal while the store that keeps tasks does not answer.
@@ -106,6 +148,54 @@ pub(super) fn offer_tasks_in(result: &mut Value) -> bool {
         }
     }
     changed
+}
+
+impl Shared {
+    /// Drops this process's claim on task `id` (one that will not run here).
+    pub(super) fn release_task(&self, id: &str) {
+        let released = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if released.is_some() {
+            self.metrics.tasks_running.dec();
+        }
+    }
+
+    /// Fails a task whose call died with its process and may not be repeated.
+    pub(super) async fn settle_interrupted(&self, task: &mut TaskRecord) -> Result<(), Failure> {
+        let failure =
+            Failure::interrupted("the task was interrupted by a gateway restart and not retried");
+        task.status_message = Some(failure.message().to_owned());
+        task.finish(
+            Outcome::Error(failure.response(Value::Null)["error"].clone()),
+            crate::store::now_ms(),
+        );
+        self.store
+            .put_task(task)
+            .await
+            .map_err(|e| store_down(&e))?;
+        self.metrics.task_ended(task.status.as_str());
+        Ok(())
+    }
+
+    /// Whether a live process runs `task`: this one, or (with a shared store) its owner
+    /// while that instance's heartbeat lives.
+    pub(super) async fn runs_task(&self, task: &TaskRecord) -> bool {
+        if self.siblings.run_task(&task.id) {
+            return true;
+        }
+        let (Some(c), Some(owner)) = (&self.coordinator, &task.owner) else {
+            return false;
+        };
+        owner != &c.me().id
+            && c.instances()
+                .await
+                .map(|all| all.iter().any(|i| &i.id == owner))
+                // Unknown while the store is away: not failed on a guess.
+                .unwrap_or(true)
+    }
 }
 
 impl Session {
@@ -185,13 +275,14 @@ impl Session {
             .map_err(|e| store_down(&e))?;
         // A task is answered on the server it was created on, to its principal only.
         let Some(mut task) = found.filter(|t| {
-            t.principal == self.record.principal
+            t.era == Era::Legacy
+                && t.principal == self.record.principal
                 && t.server == self.shared.cfg.upstream_name
                 && !t.expired(crate::store::now_ms())
         }) else {
             return Ok(None);
         };
-        if !task.status.is_terminal() && !self.runs_task(&task).await {
+        if !task.status.is_terminal() && !self.shared.runs_task(&task).await {
             if task.request.is_some() && self.resume_task(&mut task).await {
                 return Ok(Some(task));
             }
@@ -200,59 +291,11 @@ impl Session {
             if !self.claim_task(&task.id, &holder) {
                 return Ok(Some(task));
             }
-            let settled = self.settle_interrupted(&mut task).await;
-            self.release_task(&task.id);
+            let settled = self.shared.settle_interrupted(&mut task).await;
+            self.shared.release_task(&task.id);
             settled?;
         }
         Ok(Some(task))
-    }
-
-    /// Drops this process's claim on task `id` (one that will not run here).
-    fn release_task(&self, id: &str) {
-        let released = self
-            .shared
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        if released.is_some() {
-            self.shared.metrics.tasks_running.dec();
-        }
-    }
-
-    /// Fails a task whose call died with its process and may not be repeated.
-    async fn settle_interrupted(&self, task: &mut TaskRecord) -> Result<(), Failure> {
-        let failure =
-            Failure::interrupted("the task was interrupted by a gateway restart and not retried");
-        task.status_message = Some(failure.message().to_owned());
-        task.finish(
-            Outcome::Error(failure.response(Value::Null)["error"].clone()),
-            crate::store::now_ms(),
-        );
-        self.shared
-            .store
-            .put_task(task)
-            .await
-            .map_err(|e| store_down(&e))?;
-        self.shared.metrics.task_ended(task.status.as_str());
-        Ok(())
-    }
-
-    /// Whether a live process runs `task`: this one, or (with a shared store) its owner
-    /// while that instance's heartbeat lives.
-    async fn runs_task(&self, task: &TaskRecord) -> bool {
-        if self.shared.siblings.run_task(&task.id) {
-            return true;
-        }
-        let (Some(c), Some(owner)) = (&self.shared.coordinator, &task.owner) else {
-            return false;
-        };
-        owner != &c.me().id
-            && c.instances()
-                .await
-                .map(|all| all.iter().any(|i| &i.id == owner))
-                // Unknown while the store is away: not failed on a guess.
-                .unwrap_or(true)
     }
 
     /// Whether the caller may start another task: its running ones and the server's, and
@@ -349,6 +392,17 @@ impl Session {
     /// Marks task `id` as run by this process; `false` when it already is (a concurrent
     /// resumption got there first).
     fn claim_task(&self, id: &str, client_id: &Value) -> bool {
+        self.claim_task_with(id, client_id, None)
+    }
+
+    /// [`Session::claim_task`] for a task whose client may update or cancel it through
+    /// `inbox` (2026-07-28).
+    fn claim_task_with(
+        &self,
+        id: &str,
+        client_id: &Value,
+        inbox: Option<mpsc::Sender<TaskInput>>,
+    ) -> bool {
         let mut tasks = self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner());
         if tasks.contains_key(id) {
             return false;
@@ -363,6 +417,7 @@ impl Session {
                 ended,
                 cancelled: false,
                 finishing: false,
+                inbox,
             },
         );
         true
@@ -389,7 +444,7 @@ impl Session {
         let session = self.clone();
         self.shared
             .tracker
-            .spawn(async move { session.run_task(task, frames).await });
+            .spawn(async move { session.run_task(task, frames, None).await });
     }
 
     /// Re-issues a task that is safe to repeat and whose runner died with its process:
@@ -419,7 +474,7 @@ impl Session {
         }
         .await;
         let Some((link, generation)) = resumed else {
-            self.release_task(&task.id);
+            self.shared.release_task(&task.id);
             return false;
         };
         self.shared.metrics.tasks_resumed.inc();
@@ -427,105 +482,6 @@ impl Session {
         self.launch_task(task.clone(), call, client_id, &link, generation)
             .await;
         true
-    }
-
-    /// Reads the task's call to its end and stores how it ended.
-    async fn run_task(self: Arc<Self>, mut task: TaskRecord, mut frames: FrameRx) {
-        let outcome = loop {
-            let Some(frame) = frames.recv().await else {
-                break Outcome::Error(
-                    Failure::upstream_lost("the task's call ended without an answer", true)
-                        .response(Value::Null)["error"]
-                        .clone(),
-                );
-            };
-            // Measured before anything is parsed: an answer too large to keep is not read.
-            if frame.terminal && frame.data.len() > MAX_TASK_RESULT {
-                break Outcome::Error(
-                    Failure::too_large(
-                        "the task's answer is larger than a task keeps",
-                        frame.data.len(),
-                        MAX_TASK_RESULT,
-                    )
-                    .response(Value::Null)["error"]
-                        .clone(),
-                );
-            }
-            let Ok(message) = Message::parse(frame.data.as_bytes()) else {
-                continue;
-            };
-            if frame.terminal {
-                break match (message.error(), message.result_value()) {
-                    (Some(e), _) => {
-                        Outcome::Error(serde_json::from_str(e.get()).unwrap_or_default())
-                    }
-                    (None, result) => Outcome::Result(result.unwrap_or_default()),
-                };
-            }
-            // The upstream asks the client something: not carried for tasks yet. Its
-            // notifications (progress, logs) are not kept for a task.
-            if message.kind() == Kind::Request
-                && let Some(ask) = message.id()
-            {
-                let refusal = Failure::new(
-                    FailureKind::InvalidRequest,
-                    "the gateway does not yet carry a server's requests to the client during a task",
-                    Retry::Never,
-                )
-                .response(ask.clone());
-                self.respond(Message::ours(refusal)).await;
-            }
-        };
-        // Decided under the lock, so that a cancellation either came first (and its final
-        // state stands) or finds the task finishing and is refused as too late. The entry
-        // stays until the outcome is durable: a `tasks/get` meanwhile must not take a
-        // task whose runner is gone for an interrupted one.
-        let cancelled = {
-            let mut tasks = self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner());
-            match tasks.get_mut(&task.id) {
-                Some(r) if r.cancelled => true,
-                Some(r) => {
-                    r.finishing = true;
-                    false
-                }
-                None => false,
-            }
-        };
-        // Cancelled through another instance (it stored the final state; only the owner
-        // runs the call): that state stands.
-        let cancelled = cancelled
-            || matches!(
-                self.shared.store.load_task(&task.id).await,
-                Ok(Some(t)) if t.status == Status::Cancelled
-            );
-        if !cancelled {
-            task.finish(outcome, crate::store::now_ms());
-            if let Err(e) = self.shared.store.put_task(&task).await {
-                tracing::warn!(task = %task.id, error = %e, "a task's outcome could not be stored");
-            }
-            crate::fault::point(crate::fault::points::TASK_FINISHED);
-        }
-        let running = self
-            .shared
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&task.id);
-        if let Some(r) = running {
-            self.shared.metrics.tasks_running.dec();
-            let _ = r.ended.send(true);
-        }
-        if cancelled {
-            return;
-        }
-        self.shared.metrics.task_ended(task.status.as_str());
-        // Told on the session's stream, if its client listens (2025-11-25 status
-        // notifications are optional; polling finds the same).
-        if let Ok(note) = Message::from_value(task.status_notification()) {
-            let _ = self
-                .standalone
-                .push(self.shared.store.as_ref(), &note, false, None);
-        }
     }
 
     /// `tasks/result`: the call's own answer once the task has ended.
