@@ -10,6 +10,12 @@
 //                                                 (the reference run, no gateway)
 //
 // With --http and PORT 0 the chosen port is printed as `listening on URL`.
+//
+// With --tasks it also lists the fixture tools of the suite's `tasks-*` scenarios (the
+// Tasks extension, SEP-2663): greet, slow_compute, failing_job, protocol_error_job,
+// confirm_delete, multi_input, test_tool_with_task. This server owns no tasks: it is a
+// legacy server that declares `execution.taskSupport` and answers every call as a plain
+// call; the gateway in front of it is what makes those calls tasks.
 
 import http from 'node:http';
 import { randomUUID } from 'node:crypto';
@@ -42,6 +48,38 @@ const WAV = 'UklGRiYAAABXQVZFZm10IBAAAAABAAEAQB8AAAB9AAACABAAZGF0YQIAAAA=';
 const text = (t) => ({ content: [{ type: 'text', text: t }] });
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const noArgs = { type: 'object', properties: {} };
+
+const TASKS_MODE = process.argv.includes('--tasks');
+
+/** The tasks scenarios' fixture tools (see the header). */
+const TASK_TOOLS = [
+  {
+    name: 'greet',
+    description: 'Greets by name (sync only)',
+    inputSchema: { type: 'object', properties: { name: { type: 'string' } } },
+  },
+  {
+    name: 'slow_compute',
+    description: 'Sleeps `seconds`, then answers',
+    inputSchema: { type: 'object', properties: { seconds: { type: 'number' }, label: { type: 'string' } } },
+    execution: { taskSupport: 'optional' },
+  },
+  { name: 'failing_job', description: 'A tool error after about 1 s', inputSchema: noArgs, execution: { taskSupport: 'required' } },
+  { name: 'protocol_error_job', description: 'A JSON-RPC error', inputSchema: noArgs, execution: { taskSupport: 'optional' } },
+  {
+    name: 'confirm_delete',
+    description: 'Asks for confirmation (elicitation), then answers',
+    inputSchema: { type: 'object', properties: { filename: { type: 'string' } } },
+    execution: { taskSupport: 'optional' },
+  },
+  { name: 'multi_input', description: 'Asks two things at once (elicitation)', inputSchema: noArgs, execution: { taskSupport: 'optional' } },
+  {
+    name: 'test_tool_with_task',
+    description: 'Asks for user_name, then works for 1 s',
+    inputSchema: noArgs,
+    execution: { taskSupport: 'required' },
+  },
+];
 
 const TOOLS = [
   { name: 'test_simple_text', description: 'Returns one text block', inputSchema: noArgs },
@@ -332,7 +370,41 @@ function createServer(closeStream = () => {}) {
     },
   };
 
-  server.setRequestHandler(ListToolsRequestSchema, async () => ({ tools: TOOLS }));
+  if (TASKS_MODE) {
+    const confirm = { type: 'object', properties: { confirm: { type: 'boolean' } }, required: ['confirm'] };
+    Object.assign(tools, {
+      greet: async (args) => text(`Hello, ${args.name ?? 'World'}!`),
+      slow_compute: async (args, extra) => {
+        const seconds = Number(args.seconds ?? 0);
+        await Promise.race([sleep(seconds * 1000), new Promise((r) => extra.signal.addEventListener('abort', r))]);
+        return text(`computed ${args.label ?? ''} in ${seconds} s`);
+      },
+      failing_job: async () => {
+        await sleep(1000);
+        return { isError: true, content: [{ type: 'text', text: 'the job failed' }] };
+      },
+      protocol_error_job: async () => {
+        await sleep(200);
+        throw new McpError(ErrorCode.InternalError, 'the job broke');
+      },
+      confirm_delete: async (args, extra) =>
+        text(`delete ${args.filename ?? ''}: ${await elicit(extra, `Delete ${args.filename ?? ''}?`, confirm)}`),
+      multi_input: async (_args, extra) => {
+        const [a, b] = await Promise.all([
+          elicit(extra, 'First answer?', confirm),
+          elicit(extra, 'Second answer?', confirm),
+        ]);
+        return text(`first: ${a}; second: ${b}`);
+      },
+      test_tool_with_task: async (_args, extra) => {
+        const name = await elicit(extra, 'Your name?', NAME_FORM);
+        await sleep(1000);
+        return text(`Hello ${name}`);
+      },
+    });
+  }
+  const listed = TASKS_MODE ? [...TOOLS, ...TASK_TOOLS] : TOOLS;
+  server.setRequestHandler(ListToolsRequestSchema, async () => ({ tools: listed }));
   server.setRequestHandler(CallToolRequestSchema, async (req, extra) => {
     const tool = tools[req.params.name];
     if (!tool) throw new McpError(ErrorCode.InvalidParams, `Unknown tool: ${req.params.name}`);
@@ -447,6 +519,6 @@ if (mode === '--stdio') {
 } else if (mode === '--http') {
   await serveHttp(Number(port ?? 0));
 } else {
-  console.error('usage: conformance-fixture.mjs --stdio | --http PORT');
+  console.error('usage: conformance-fixture.mjs --stdio | --http PORT [--tasks]');
   process.exit(2);
 }

@@ -611,3 +611,34 @@ async fn modern_tasks_interrupted_by_a_gateway_kill_are_resumed_or_failed() {
         "{done}"
     );
 }
+
+/// A graceful stop (SIGTERM) while 2026-07-28 tasks run is no outcome: the records stay
+/// as they were, and the next start settles them as after a kill (the safe one re-issued
+/// and completed, the other `failed` as interrupted), instead of recording the upstream's
+/// shutdown as the tasks' end.
+#[tokio::test]
+async fn a_graceful_stop_leaves_running_tasks_to_the_next_start() {
+    let dir = state_dir();
+    let mut gw = Gateway::start(
+        dir.path(),
+        &["--demo", "--task-after", "0", "--shutdown-grace", "1s"],
+    );
+    let client = tasks_client(&gw.url);
+    let safe = modern_task(&client, 1, "slow", json!({"ms": 3_000})).await;
+    let unsafe_task = modern_task(&client, 2, "slow_write", json!({"ms": 3_000})).await;
+    gw.stop().await.unwrap();
+    let gw = gw.restart();
+    let client = tasks_client(&gw.url);
+    let failed = poll_until(&client, &unsafe_task, |_| true).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], -32013, "{failed}");
+    let done = poll_until(&client, &safe, |t| t["status"] == "completed").await;
+    assert_eq!(
+        done["statusMessage"], "resumed after a gateway restart",
+        "{done}"
+    );
+    assert_eq!(
+        done["result"]["content"][0]["text"], "waited 3000 ms",
+        "{done}"
+    );
+}

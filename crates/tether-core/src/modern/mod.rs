@@ -375,9 +375,15 @@ pub struct Retry {
 /// object when present.
 pub fn to_legacy(request: &mut Value) -> Result<Retry, Refusal> {
     let mut retry = Retry::default();
+    let is_call = request.get("method").and_then(Value::as_str) == Some("tools/call");
     let Some(params) = request.get_mut("params").and_then(Value::as_object_mut) else {
         return Ok(retry);
     };
+    // A 2025-11-25 task hint means nothing in 2026-07-28 (the server decides, SEP-2663): it
+    // is ignored, never passed to a legacy upstream that would make it a task or refuse it.
+    if is_call {
+        params.remove("task");
+    }
     match params.remove("inputResponses") {
         None => {}
         Some(Value::Object(m)) => retry.responses = m,

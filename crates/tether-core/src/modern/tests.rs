@@ -187,6 +187,7 @@ fn the_capabilities_key_ignores_key_order() {
 fn to_legacy_strips_modern_fields_and_returns_the_retry() {
     let mut v = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
         "name": "x", "inputResponses": {"k": {"action": "accept"}}, "requestState": "s",
+        "task": {"ttl": 1000},
         "_meta": {META_PROTOCOL_VERSION: MODERN_VERSION, "progressToken": 5}}});
     let r = to_legacy(&mut v).unwrap();
     assert_eq!(r.state.as_deref(), Some("s"));

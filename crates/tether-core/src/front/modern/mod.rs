@@ -113,6 +113,11 @@ pub(super) async fn post(
         return Ok(axum::Json(body).into_response());
     }
     if method.starts_with("tasks/") {
+        // The extension's methods are gated on it (SEP-2575's missing capability).
+        if !meta.declares_extension(rules::TASKS_EXTENSION) {
+            let v = rules::missing_extension(id, rules::TASKS_EXTENSION);
+            return Ok(json_status(rules::status_of(&v), &v));
+        }
         return Ok(tasks::request(st, principal, &original, &env, id).await);
     }
     if method == "subscriptions/listen" {
@@ -564,11 +569,23 @@ async fn answer(
     let deadline = tokio::time::Instant::now() + keepalive;
     let first = loop {
         let task_at = plan.as_ref().map(|p| p.at);
+        // A call due to become a task does so before any frame is read, even one already
+        // queued: a tool that asks at once asks its task's client (what a listed tool's
+        // client expects), not an MRTR round decided by which of two ready branches was
+        // polled first (a timer past its deadline need not be ready on its first poll).
+        if task_at.is_some_and(|at| at <= tokio::time::Instant::now())
+            && let Some(p) = plan.take()
+        {
+            if let Some(created) = become_task(&mut call, &p, &id).await {
+                return json_status(200, &created);
+            }
+            continue;
+        }
         let Some(c) = call.as_mut() else {
             break None;
         };
         let frame = tokio::select! {
-            f = c.rx.recv() => f,
+            biased;
             () = tokio::time::sleep_until(task_at.unwrap_or(deadline).min(deadline)) => {
                 if task_at.is_some_and(|at| at <= deadline)
                     && let Some(p) = plan.take()
@@ -580,6 +597,7 @@ async fn answer(
                 }
                 break None;
             }
+            f = c.rx.recv() => f,
         };
         let Some(frame) = frame else {
             let lost = Failure::upstream_lost("the call ended without an answer", true);
@@ -614,7 +632,7 @@ async fn answer(
         while let Some(c) = call.as_mut() {
             let frame = match plan.as_ref().map(|p| p.at) {
                 Some(at) => tokio::select! {
-                    f = c.rx.recv() => f,
+                    biased;
                     () = tokio::time::sleep_until(at) => {
                         if let Some(p) = plan.take()
                             && let Some(created) = become_task(&mut call, &p, &id).await
@@ -624,6 +642,7 @@ async fn answer(
                         }
                         continue;
                     }
+                    f = c.rx.recv() => f,
                 },
                 None => c.rx.recv().await,
             };

@@ -94,6 +94,8 @@ enum End {
     Outcome(Outcome),
     /// Its 2026-07-28 client cancelled it.
     Cancelled,
+    /// The gateway stops (the shutdown grace is over) before the call ended.
+    Stopped,
 }
 
 /// The refusal while the store that keeps tasks does not answer.
@@ -178,6 +180,24 @@ impl Shared {
             .map_err(|e| store_down(&e))?;
         self.metrics.task_ended(task.status.as_str());
         Ok(())
+    }
+
+    /// Whether `task`, read before its runner was found gone, has ended meanwhile (its
+    /// runner stores the end before it lets go of the task, so the record read first may
+    /// be stale): then `task` is the stored record, which must not be re-issued or failed.
+    pub(super) async fn ended_meanwhile(&self, task: &mut TaskRecord) -> Result<bool, Failure> {
+        match self
+            .store
+            .load_task(&task.id)
+            .await
+            .map_err(|e| store_down(&e))?
+        {
+            Some(stored) if stored.status.is_terminal() => {
+                *task = stored;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Whether a live process runs `task`: this one, or (with a shared store) its owner
@@ -282,7 +302,10 @@ impl Session {
         }) else {
             return Ok(None);
         };
-        if !task.status.is_terminal() && !self.shared.runs_task(&task).await {
+        if !task.status.is_terminal()
+            && !self.shared.runs_task(&task).await
+            && !self.shared.ended_meanwhile(&mut task).await?
+        {
             if task.request.is_some() && self.resume_task(&mut task).await {
                 return Ok(Some(task));
             }

@@ -56,12 +56,13 @@ impl Session {
 
     /// Asks the upstream for its own `tools/list` once (what is safe to repeat, what
     /// declares task support), unless its start already did.
-    pub async fn learn_tools(&self) {
+    pub async fn learn_tools(self: &Arc<Self>) {
         if self.lock().tools_learned {
             return;
         }
-        if let Some((link, generation)) = self.current_link() {
-            self.refresh_safe_tools(&link, generation).await;
+        match self.ensure_upstream().await {
+            Ok((link, generation)) => self.refresh_safe_tools(&link, generation).await,
+            Err(f) => tracing::debug!(error = %f.message(), "no upstream to ask for its tools"),
         }
         // One try per session: an upstream that does not list its tools is not asked
         // before every call.
@@ -297,7 +298,10 @@ impl Registry {
         }) else {
             return Ok(None);
         };
-        if task.status.is_terminal() || sh.runs_task(&task).await {
+        if task.status.is_terminal()
+            || sh.runs_task(&task).await
+            || sh.ended_meanwhile(&mut task).await?
+        {
             return Ok(Some(task));
         }
         if task.request.is_some()

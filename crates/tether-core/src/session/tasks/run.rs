@@ -15,9 +15,12 @@ impl Session {
         mut frames: FrameRx,
         mut modern: Option<ModernRun>,
     ) {
+        let stopped = self.shared.stopped.clone();
         let end = loop {
             let next = match modern.as_mut() {
                 Some(m) => tokio::select! {
+                    biased;
+                    () = stopped.cancelled() => break End::Stopped,
                     f = frames.recv() => f,
                     input = m.inbox.recv() => match input {
                         Some(TaskInput::Responses(answers, taken)) => {
@@ -30,9 +33,16 @@ impl Session {
                         None => continue,
                     },
                 },
-                None => frames.recv().await,
+                None => tokio::select! {
+                    biased;
+                    () = stopped.cancelled() => break End::Stopped,
+                    f = frames.recv() => f,
+                },
             };
-            let Some(frame) = next else {
+            let Some(frame) = next.filter(|_| !stopped.is_cancelled()) else {
+                if stopped.is_cancelled() {
+                    break End::Stopped;
+                }
                 break End::Outcome(Outcome::Error(
                     Failure::upstream_lost("the task's call ended without an answer", true)
                         .response(Value::Null)["error"]
@@ -98,6 +108,13 @@ impl Session {
                 task.updated_ms = crate::store::now_ms();
                 self.store_task(&task).await;
                 self.end_task(&task, true);
+                return;
+            }
+            // The gateway stops: the record stays as it is, and the next process settles
+            // it like any task whose runner died (re-issued if safe to repeat, else
+            // `failed`), instead of this one recording the upstream's end as the outcome.
+            End::Stopped => {
+                self.end_task(&task, false);
                 return;
             }
         };
