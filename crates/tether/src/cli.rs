@@ -790,6 +790,81 @@ pub fn users(a: &AdminArgs) -> ExitCode {
     })
 }
 
+/// What `tether tasks` lists.
+#[derive(clap::Args, Debug)]
+pub struct TaskFilter {
+    /// Only this user id.
+    #[arg(long)]
+    user: Option<String>,
+    /// Only tasks in this status (working, input_required, completed, failed, cancelled).
+    #[arg(long)]
+    status: Option<String>,
+    /// Only tasks of this server (a name of the --servers file).
+    #[arg(long)]
+    server: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value = "50")]
+    limit: u32,
+}
+
+/// Runs `tether tasks`: the durable tasks of a running gateway, newest first.
+pub fn tasks(a: &AdminArgs, f: &TaskFilter) -> ExitCode {
+    let admin = Admin::new(a);
+    let json = a.json;
+    let mut path = format!("/api/tasks?limit={}", f.limit);
+    for (k, v) in [
+        ("user", &f.user),
+        ("status", &f.status),
+        ("server", &f.server),
+    ] {
+        if let Some(v) = v {
+            path.push_str(&format!("&{k}={}", encode(v)));
+        }
+    }
+    run(async move {
+        let v = admin.call(reqwest::Method::GET, &path).await?;
+        if json {
+            return Ok(pretty(&v));
+        }
+        let list = v["tasks"].as_array().cloned().unwrap_or_default();
+        if list.is_empty() {
+            return Ok("no tasks\n".to_owned());
+        }
+        let now = tether_core::store::now_ms();
+        let rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|t| {
+                let age = t["created_ms"].as_i64().map(|c| now.saturating_sub(c));
+                vec![
+                    text(t, "id"),
+                    text(t, "user_id"),
+                    text(t, "server"),
+                    text(t, "tool"),
+                    text(t, "status"),
+                    dur(&age.map_or(Value::Null, Value::from)),
+                    text(t, "era"),
+                    if t["repeatable"] == true { "yes" } else { "no" }.to_owned(),
+                    text(t, "status_message"),
+                ]
+            })
+            .collect();
+        Ok(table(
+            &[
+                "TASK",
+                "USER",
+                "SERVER",
+                "TOOL",
+                "STATUS",
+                "AGE",
+                "ERA",
+                "REPEATABLE",
+                "MESSAGE",
+            ],
+            &rows,
+        ))
+    })
+}
+
 /// Runs `tether clients`: the stateless clients a running gateway served.
 pub fn clients(a: &AdminArgs) -> ExitCode {
     let admin = Admin::new(a);

@@ -76,6 +76,14 @@ enum Command {
         #[command(flatten)]
         admin: cli::AdminArgs,
     },
+    /// Durable tasks (both eras), newest first: user, server, tool, status, age, the
+    /// instance that runs it, and whether a restart re-issues it (`GET /api/tasks`).
+    Tasks {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        filter: cli::TaskFilter,
+    },
     /// The servers a gateway serves (one per entry of its --servers file): endpoint, state
     /// (serving, or draining after a reload removed or changed it), sessions, upstreams.
     Servers {
@@ -159,6 +167,7 @@ fn main() -> ExitCode {
         Command::Stats { admin, since } => cli::stats(&admin, since.as_deref()),
         Command::Users { admin } => cli::users(&admin),
         Command::Clients { admin } => cli::clients(&admin),
+        Command::Tasks { admin, filter } => cli::tasks(&admin, &filter),
         Command::Quotas { admin } => cli::quotas(&admin),
         Command::Servers { admin } => cli::servers(&admin),
         Command::Import(args) => import::run(&args),

@@ -533,6 +533,44 @@ async fn a_modern_clients_long_call_becomes_a_task_it_polls_answers_and_cancels(
 
     assert_eq!(common::metric(&gw, "tether_tasks_created_total").await, 3.0);
     assert_eq!(common::metric(&gw, "tether_tasks_running").await, 0.0);
+
+    // The admin API and `tether tasks` show the same three, newest first, no answers.
+    let listed = gw.admin_json("/api/tasks").await;
+    let rows = listed["tasks"].as_array().unwrap();
+    let ids: Vec<&str> = rows.iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [long.as_str(), asked.as_str(), task.as_str()],
+        "{listed}"
+    );
+    let statuses: Vec<&str> = rows.iter().map(|t| t["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["cancelled", "completed", "completed"]);
+    assert_eq!(rows[2]["tool"], "slow");
+    assert_eq!(rows[2]["era"], "2026-07-28");
+    assert_eq!(rows[2]["repeatable"], true, "slow is read-only");
+    assert_eq!(rows[0]["repeatable"], false, "slow_write is not");
+    assert!(rows.iter().all(|t| t.get("result").is_none()));
+    let only = gw.admin_json("/api/tasks?status=cancelled").await;
+    assert_eq!(only["tasks"].as_array().unwrap().len(), 1, "{only}");
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "tasks",
+            "--admin",
+            &gw.admin,
+            "--status",
+            "completed",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with("TASK"), "{text}");
+    assert!(
+        text.contains(&task) && text.contains(&asked) && !text.contains(&long),
+        "{text}"
+    );
 }
 
 /// Another user's 2026-07-28 task is unknown to them, for every method.

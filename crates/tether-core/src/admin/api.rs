@@ -455,6 +455,65 @@ pub(super) async fn quotas(State(st): State<AdminState>) -> axum::Json<Value> {
     }))
 }
 
+/// Query of `GET /api/tasks`.
+#[derive(Deserialize)]
+pub(super) struct TaskParams {
+    user: Option<String>,
+    status: Option<String>,
+    server: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Tasks at most `GET /api/tasks` reads (newest first; the filters apply to these).
+const MAX_TASK_ROWS: usize = 1000;
+
+/// Durable tasks (issue 28), newest first, of every user: what each runs, who started it,
+/// where it stands, which instance runs it, and whether a restart re-issues it. Their
+/// answers are not shown (they are the users' data, up to 1 MiB each).
+pub(super) async fn tasks(
+    State(st): State<AdminState>,
+    Query(p): Query<TaskParams>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let limit = p.limit.unwrap_or(100).clamp(1, MAX_TASK_ROWS);
+    let now = crate::store::now_ms();
+    let rows: Vec<Value> = st
+        .store
+        .recent_tasks(MAX_TASK_ROWS)
+        .await?
+        .into_iter()
+        .filter(|t| !t.expired(now))
+        .filter(|t| p.user.as_ref().is_none_or(|u| &t.principal == u))
+        .filter(|t| p.status.as_ref().is_none_or(|s| t.status.as_str() == s))
+        .filter(|t| p.server.as_ref().is_none_or(|s| &t.server == s))
+        .take(limit)
+        .map(|t| {
+            json!({
+                "id": t.id,
+                "user_id": t.principal,
+                "server": t.server,
+                "tool": t.tool,
+                "era": match t.era {
+                    crate::tasks::Era::Legacy => "2025-11-25",
+                    crate::tasks::Era::Modern => "2026-07-28",
+                },
+                "status": t.status.as_str(),
+                "status_message": t.status_message,
+                "created_ms": t.created_ms,
+                "updated_ms": t.updated_ms,
+                "expires_ms": t.expires_ms(),
+                "owner": t.owner,
+                "input_requests": t.input_keys().len(),
+                "repeatable": t.request.is_some(),
+                "error_code": match &t.outcome {
+                    Some(crate::tasks::Outcome::Error(e)) => e.get("code").cloned(),
+                    _ => None,
+                },
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "tasks": rows })))
+}
+
 /// Stateless (2026-07-28) clients this instance served: they have no session, so they are
 /// shown by user and client info, with their requests, and the pooled upstream
 /// sessions (`transport: pooled` in `/api/sessions`) that served them.

@@ -104,6 +104,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/stats", get(stats))
         .route("/api/users", get(users))
         .route("/api/stateless-clients", get(stateless_clients))
+        .route("/api/tasks", get(api::tasks))
         .route("/api/quotas", get(quotas))
         .route("/api/servers", get(servers))
         .route("/api/users/{id}/stats", get(user_stats))

@@ -268,6 +268,15 @@ pub async fn tasks_are_kept_listed_and_pruned(store: &dyn LiveStore) {
     assert_eq!(store.count_tasks("alice").await.unwrap(), 4);
     assert_eq!(store.count_tasks("bob").await.unwrap(), 1);
     assert_eq!(store.count_tasks("carol").await.unwrap(), 0);
+    let recent = store.recent_tasks(10).await.unwrap();
+    assert_eq!(recent.len(), 5, "every principal's tasks");
+    assert!(
+        recent
+            .windows(2)
+            .all(|w| (w[0].created_ms, &w[0].id) >= (w[1].created_ms, &w[1].id)),
+        "newest first"
+    );
+    assert_eq!(store.recent_tasks(2).await.unwrap().len(), 2);
 
     // Created an hour ago with a minute to live: expired.
     let old = task("alice", now - 3_600_000, Some(60_000));

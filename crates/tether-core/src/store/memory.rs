@@ -243,6 +243,13 @@ impl LiveStore for MemoryStore {
         Ok(tasks.into_iter().take(limit).cloned().collect())
     }
 
+    async fn recent_tasks(&self, limit: usize) -> Result<Vec<TaskRecord>, StoreError> {
+        let st = self.lock();
+        let mut tasks: Vec<&TaskRecord> = st.tasks.values().collect();
+        tasks.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
+        Ok(tasks.into_iter().take(limit).cloned().collect())
+    }
+
     async fn count_tasks(&self, principal: &str) -> Result<u64, StoreError> {
         let st = self.lock();
         Ok(st

@@ -246,6 +246,9 @@ pub trait LiveStore: Send + Sync + 'static {
     ) -> Result<Vec<TaskRecord>, StoreError>;
     /// Forgets the tasks whose time to live ended before `now_ms`; returns how many.
     async fn prune_tasks(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// The most recently created tasks of every principal, newest first, at most `limit`
+    /// (the admin API's view; expired ones not yet pruned may be among them).
+    async fn recent_tasks(&self, limit: usize) -> Result<Vec<TaskRecord>, StoreError>;
     /// How many tasks a principal has stored (those expired but not yet pruned may count).
     async fn count_tasks(&self, principal: &str) -> Result<u64, StoreError>;
     /// A short description for logs and health (`sqlite:/path`, `redis://host/0 prefix p`).

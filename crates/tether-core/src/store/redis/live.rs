@@ -27,6 +27,13 @@ impl LiveStore for RedisStore {
         self.list_task_records(principal, after, limit).await
     }
 
+    async fn recent_tasks(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<crate::tasks::TaskRecord>, StoreError> {
+        self.recent_task_records(limit).await
+    }
+
     async fn count_tasks(&self, principal: &str) -> Result<u64, StoreError> {
         self.count_task_records(principal).await
     }

@@ -1,8 +1,8 @@
 //! Task records on Redis, shared by every instance: `P:task:ID` holds the record's JSON
 //! (expiring with the task), `P:tasks:PRINCIPAL` a principal's tasks in creation order
 //! (members `CREATED:ID`, all at score 0, so their order is the text's), `P:tasks-expiry`
-//! every expiring task by its expiry (score), for pruning the indexes after the records
-//! themselves have expired.
+//! every task by its expiry (score; `+inf` for one that never expires), for pruning the
+//! indexes after the records themselves have expired and for the admin's recent tasks.
 //! Must not: list another principal's tasks, or return a listing without bound.
 
 use super::*;
@@ -45,17 +45,20 @@ impl RedisStore {
             .arg(self.tasks_key(&task.principal))
             .arg(0)
             .arg(member(task.created_ms, &task.id));
-        let mut cmds = vec![set, index];
-        if let Some(at) = task.expires_ms() {
-            let mut expiry = redis::cmd("ZADD");
-            expiry.arg(self.expiry_key()).arg(at).arg(format!(
-                "{}\n{}",
-                task.principal,
-                member(task.created_ms, &task.id)
-            ));
-            cmds.push(expiry);
-        }
-        cmds
+        // Every task is in the expiry index (one that never expires at +inf, never
+        // pruned): it is also the index of all tasks that `recent_task_records` reads.
+        let mut expiry = redis::cmd("ZADD");
+        expiry.arg(self.expiry_key());
+        match task.expires_ms() {
+            Some(at) => expiry.arg(at),
+            None => expiry.arg("+inf"),
+        };
+        expiry.arg(format!(
+            "{}\n{}",
+            task.principal,
+            member(task.created_ms, &task.id)
+        ));
+        vec![set, index, expiry]
     }
 
     pub(super) async fn load_task_record(
@@ -114,6 +117,46 @@ impl RedisStore {
                 break;
             }
         }
+        Ok(out)
+    }
+
+    /// The newest records of every principal, at most `limit`: read from the expiry index
+    /// (every task is in it), latest expiry first, then ordered by creation (a task's time
+    /// to live is at most an hour, so the latest to expire are the latest created, give
+    /// or take that hour's spread of time-to-live choices).
+    pub(super) async fn recent_task_records(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let entries: Vec<String> = redis::cmd("ZREVRANGE")
+            .arg(self.expiry_key())
+            .arg(0)
+            .arg(limit - 1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let keys: Vec<String> = entries
+            .iter()
+            .filter_map(|e| e.split_once('\n'))
+            .map(|(_, m)| self.task_key(m.split_once(':').map_or(m, |(_, id)| id)))
+            .collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let texts: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut out = texts
+            .into_iter()
+            .flatten()
+            .map(|t| decode(&t))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
         Ok(out)
     }
 

@@ -132,6 +132,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     record TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_principal ON tasks(principal, created_ms, id);
+CREATE INDEX IF NOT EXISTS tasks_by_creation ON tasks(created_ms);
 CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks(expires_ms) WHERE expires_ms IS NOT NULL;
 ";
 
@@ -362,6 +363,11 @@ impl LiveStore for SqliteStore {
         let texts = self
             .read(move |c| tasks::list(c, &principal, after, limit))
             .await?;
+        texts.iter().map(|t| tasks::decode(t)).collect()
+    }
+
+    async fn recent_tasks(&self, limit: usize) -> Result<Vec<TaskRecord>, StoreError> {
+        let texts = self.read(move |c| tasks::recent(c, limit)).await?;
         texts.iter().map(|t| tasks::decode(t)).collect()
     }
 

@@ -52,6 +52,15 @@ pub(super) fn list(
     .collect()
 }
 
+/// The newest records of every principal, at most `limit`.
+pub(super) fn recent(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<String>> {
+    conn.prepare_cached("SELECT record FROM tasks ORDER BY created_ms DESC, id DESC LIMIT ?1")?
+        .query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            r.get(0)
+        })?
+        .collect()
+}
+
 /// Deletes at most `limit` tasks expired at `now_ms`.
 pub(super) fn prune(conn: &Connection, now_ms: i64, limit: usize) -> rusqlite::Result<Pruned> {
     let budget = i64::try_from(limit).unwrap_or(i64::MAX);
