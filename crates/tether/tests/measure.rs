@@ -247,3 +247,110 @@ async fn startup_and_idle_session_memory() {
     let _ = upstream.kill();
     let _ = upstream.wait();
 }
+
+mod tasks_cost {
+    //! What a 2026-07-28 task costs beside a plain call, same gateway, same upstream,
+    //! same run: `cargo test --release -p tether --test measure tasks -- --ignored
+    //! --nocapture` (`TETHER_MEASURE_CALLS`, default 500; with `TETHER_TEST_REDIS_URL` the
+    //! same on the Redis live store, own key prefix).
+
+    use super::common::modern::Modern;
+    use super::common::{Gateway, state_dir, unique};
+    use super::pct;
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+
+    /// Plain calls, task creations, `tasks/get` polls, and create-to-result, in µs.
+    async fn rows(url: &str, calls: usize) -> Vec<(&'static str, Vec<Duration>)> {
+        let plain = Modern::new(url, json!({}));
+        let tasks = Modern::new(
+            url,
+            json!({"extensions": {"io.modelcontextprotocol/tasks": {}}}),
+        );
+        for i in 0..50 {
+            plain.call(i, "echo", json!({"text": "warm"})).await;
+            tasks.call(i, "echo", json!({"text": "warm"})).await;
+        }
+        let (mut p, mut c, mut g, mut whole) = (vec![], vec![], vec![], vec![]);
+        for i in 0..calls as i64 {
+            let t = Instant::now();
+            let a = plain.call(1000 + i, "echo", json!({"text": "hello"})).await;
+            p.push(t.elapsed());
+            assert_eq!(a.status, 200);
+            let t = Instant::now();
+            let created = tasks
+                .call(1000 + i, "echo", json!({"text": "hello"}))
+                .await
+                .json();
+            c.push(t.elapsed());
+            let id = created["result"]["taskId"]
+                .as_str()
+                .expect("a task")
+                .to_owned();
+            loop {
+                let tg = Instant::now();
+                let got = tasks
+                    .send(5000 + i, "tasks/get", json!({"taskId": id}))
+                    .await
+                    .json();
+                g.push(tg.elapsed());
+                if got["result"]["status"] == "completed" {
+                    break;
+                }
+            }
+            whole.push(t.elapsed());
+        }
+        let mut out = vec![
+            ("plain tools/call (no extension)", p),
+            ("tools/call answered with CreateTaskResult", c),
+            ("tasks/get", g),
+            ("task: create, poll until completed", whole),
+        ];
+        for (_, v) in &mut out {
+            v.sort();
+        }
+        out
+    }
+
+    fn print(label: &str, rows: &[(&'static str, Vec<Duration>)]) {
+        println!("\n{label}\n| request | n | p50 µs | p99 µs |\n|---|---|---|---|");
+        for (name, lat) in rows {
+            println!(
+                "| {name} | {} | {:.0} | {:.0} |",
+                lat.len(),
+                pct(lat, 0.5),
+                pct(lat, 0.99)
+            );
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "measurement, run explicitly"]
+    async fn tasks_beside_plain_calls() {
+        let calls: usize = std::env::var("TETHER_MEASURE_CALLS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(500);
+        let dir = state_dir();
+        let gw = Gateway::start(dir.path(), &["--demo", "--task-after", "0"]);
+        print("SQLite live store", &rows(&gw.url, calls).await);
+        drop(gw);
+        if let Ok(redis) = std::env::var("TETHER_TEST_REDIS_URL") {
+            let prefix = format!("tether-measure:{}", unique("tasks"));
+            let dir = state_dir();
+            let gw = Gateway::start(
+                dir.path(),
+                &[
+                    "--store",
+                    &redis,
+                    "--store-prefix",
+                    &prefix,
+                    "--demo",
+                    "--task-after",
+                    "0",
+                ],
+            );
+            print("Redis live store", &rows(&gw.url, calls).await);
+        }
+    }
+}

@@ -680,3 +680,45 @@ async fn a_graceful_stop_leaves_running_tasks_to_the_next_start() {
         "{done}"
     );
 }
+
+/// A task's call is bounded by the task's time to live, not `--upstream-timeout`: a task
+/// longer than the timeout completes, and one that outlives its time to live is stopped
+/// upstream and counted `failed` (its record may be forgotten from then on).
+#[tokio::test]
+async fn a_tasks_call_lives_as_long_as_the_task_not_the_upstream_timeout() {
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo", "--upstream-timeout", "1s"]);
+    let mcp = gw.client();
+    let (sid, _) = tasks_session(&mcp).await;
+    let long = start_slow_task(&mcp, &sid, 1, 2_500).await;
+    let result = rpc(&mcp, &sid, 2, "tasks/result", json!({"taskId": long})).await;
+    assert_eq!(
+        result["result"]["content"][0]["text"], "waited 2500 ms",
+        "past --upstream-timeout: {result}"
+    );
+    let short = rpc(
+        &mcp,
+        &sid,
+        3,
+        "tools/call",
+        json!({"name": "slow_write", "arguments": {"ms": 30_000}, "task": {"ttl": 500}}),
+    )
+    .await;
+    assert_eq!(short["result"]["task"]["ttl"], 500, "{short}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while common::metric(&gw, "tether_tasks_running").await > 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outlived task still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        common::metric(&gw, "tether_tasks_ended_total{status=\"failed\"}").await,
+        1.0
+    );
+    assert_eq!(
+        common::metric(&gw, "tether_tasks_ended_total{status=\"completed\"}").await,
+        1.0
+    );
+}

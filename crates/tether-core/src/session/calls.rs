@@ -97,6 +97,24 @@ impl Calls {
         self.pending.remove(&uid).map(|p| (uid, p))
     }
 
+    /// Takes the client call answering on `stream` out of `--upstream-timeout` (a task's
+    /// call, bounded by the task's time to live instead); whether one was found. Calls
+    /// without a deadline are skipped by [`Calls::earliest_deadline`], so the others'
+    /// order (by id, the order of their deadlines) still holds.
+    pub(super) fn untime_stream(&mut self, stream: &str) -> bool {
+        let found = self.pending.values_mut().find(|p| match &p.kind {
+            PendingKind::Client { stream: s, .. } => &**s.id() == stream,
+            PendingKind::Internal(_) => false,
+        });
+        match found {
+            Some(p) => {
+                p.deadline = None;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The stream of client call `uid` (not of the gateway's own requests).
     pub(super) fn stream_of(&self, uid: u64) -> Option<Arc<Stream>> {
         match &self.pending.get(&uid)?.kind {

@@ -13,8 +13,11 @@
 //! client as the task's `inputRequests` until `tasks/update` answers them, and status
 //! changes go to the principal's `subscriptions/listen` streams that name the task.
 //!
+//! A task's call is out of `--upstream-timeout` and bounded by the task's time to live
+//! instead; the running bounds are checked and claimed under one lock.
+//!
 //! Not yet (the plan's later steps): a 2025-11-25 task's upstream requests to the client
-//! (answered with an error naming the limitation), tasks past `--upstream-timeout`.
+//! (answered with an error naming the limitation).
 //!
 //! Must not: show a task to its client before its record is durable, or answer another
 //! principal's task other than as an unknown one.
@@ -75,12 +78,10 @@ pub(super) enum TaskInput {
     Cancel,
 }
 
-/// What a 2026-07-28 task's runner needs besides the call: its inbox, the stream its
-/// call answers on (what a cancellation abandons), and the capabilities its client
-/// declared (which of the upstream's requests it can be asked).
+/// What a 2026-07-28 task's runner needs besides the call: its inbox and the
+/// capabilities its client declared (which of the upstream's requests it can be asked).
 pub(super) struct ModernRun {
     inbox: mpsc::Receiver<TaskInput>,
-    stream: Arc<str>,
     capabilities: Value,
 }
 
@@ -96,6 +97,8 @@ enum End {
     Cancelled,
     /// The gateway stops (the shutdown grace is over) before the call ended.
     Stopped,
+    /// The task's time to live ended before its call did.
+    Outlived,
 }
 
 /// The refusal while the store that keeps tasks does not answer.
@@ -324,28 +327,7 @@ impl Session {
     /// Whether the caller may start another task: its running ones and the server's, and
     /// its stored ones, under their bounds.
     async fn admit_task(&self) -> Result<(), Failure> {
-        let (mine, all) = {
-            let tasks = self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner());
-            let mine = tasks
-                .values()
-                .filter(|t| t.principal == self.record.principal)
-                .count();
-            (mine, tasks.len())
-        };
-        if mine >= MAX_RUNNING_PER_PRINCIPAL {
-            return Err(Failure::at_bound(
-                "max-tasks-per-principal",
-                format!(
-                    "{MAX_RUNNING_PER_PRINCIPAL} tasks of this user are running on this server; wait for one to end"
-                ),
-            ));
-        }
-        if all >= MAX_RUNNING {
-            return Err(Failure::at_bound(
-                "max-tasks",
-                format!("{MAX_RUNNING} tasks are running on this server; try again shortly"),
-            ));
-        }
+        self.running_bound(&self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner()))?;
         let stored = self
             .shared
             .store
@@ -360,6 +342,43 @@ impl Session {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// The running bounds, checked against `tasks` (the table, locked by the caller).
+    fn running_bound(&self, tasks: &HashMap<String, RunningTask>) -> Result<(), Failure> {
+        let mine = tasks
+            .values()
+            .filter(|t| t.principal == self.record.principal)
+            .count();
+        if mine >= MAX_RUNNING_PER_PRINCIPAL {
+            return Err(Failure::at_bound(
+                "max-tasks-per-principal",
+                format!(
+                    "{MAX_RUNNING_PER_PRINCIPAL} tasks of this user are running on this server; wait for one to end"
+                ),
+            ));
+        }
+        if tasks.len() >= MAX_RUNNING {
+            return Err(Failure::at_bound(
+                "max-tasks",
+                format!("{MAX_RUNNING} tasks are running on this server; try again shortly"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Claims a new task `id` for this process, within the running bounds: the check and
+    /// the claim under one lock, so concurrent creations cannot overshoot them.
+    pub(super) fn claim_new_task(
+        &self,
+        id: &str,
+        client_id: &Value,
+        inbox: Option<mpsc::Sender<TaskInput>>,
+    ) -> Result<(), Failure> {
+        let mut tasks = self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        self.running_bound(&tasks)?;
+        self.insert_claim(&mut tasks, id, client_id, inbox);
         Ok(())
     }
 
@@ -399,16 +418,23 @@ impl Session {
         if self.lock().safe_tools.contains(&tool) {
             task.request = env.params_value();
         }
+        if let Err(over) = self.claim_new_task(&task.id, &id, None) {
+            self.shared.metrics.refused(
+                over.field("limit")
+                    .and_then(Value::as_str)
+                    .unwrap_or("max-tasks"),
+            );
+            return Reply::Immediate(over.response(id));
+        }
         if let Err(e) = self.shared.store.put_task(&task).await {
+            self.shared.release_task(&task.id);
             return Reply::Immediate(store_down(&e).response(id));
         }
         crate::fault::point(crate::fault::points::TASK_CREATED);
         self.shared.metrics.tasks_created.inc();
         let created = task.create_result();
-        if self.claim_task(&task.id, &id) {
-            self.launch_task(task, env, id.clone(), &link, generation)
-                .await;
-        }
+        self.launch_task(task, env, id.clone(), &link, generation)
+            .await;
         Reply::Immediate(answer(id, created))
     }
 
@@ -430,6 +456,17 @@ impl Session {
         if tasks.contains_key(id) {
             return false;
         }
+        self.insert_claim(&mut tasks, id, client_id, inbox);
+        true
+    }
+
+    fn insert_claim(
+        &self,
+        tasks: &mut HashMap<String, RunningTask>,
+        id: &str,
+        client_id: &Value,
+        inbox: Option<mpsc::Sender<TaskInput>>,
+    ) {
         let (ended, _) = tokio::sync::watch::channel(false);
         self.shared.metrics.tasks_running.inc();
         tasks.insert(
@@ -443,7 +480,6 @@ impl Session {
                 inbox,
             },
         );
-        true
     }
 
     /// Sends a claimed task's call upstream and starts its runner.
@@ -462,12 +498,13 @@ impl Session {
             false,
         ));
         let (frames, _) = stream.attach(self.shared.cfg.stream_buffer);
+        let stream_id: Arc<str> = stream.id().clone();
         self.forward(link, generation, call, client_id, stream, Method::ToolsCall)
             .await;
         let session = self.clone();
         self.shared
             .tracker
-            .spawn(async move { session.run_task(task, frames, None).await });
+            .spawn(async move { session.run_task(task, frames, stream_id, None).await });
     }
 
     /// Re-issues a task that is safe to repeat and whose runner died with its process:

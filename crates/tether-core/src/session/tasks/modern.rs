@@ -12,6 +12,9 @@
 
 use super::*;
 
+/// Client messages (`tasks/update`, `tasks/cancel`) one task's runner holds unread.
+const INBOX: usize = 8;
+
 /// How long `tasks/update` waits for the runner to take the answers before it
 /// acknowledges anyway (the acknowledgement is eventually consistent by the spec).
 const TAKE_WAIT: Duration = Duration::from_secs(5);
@@ -115,22 +118,30 @@ impl Session {
             task.request = params;
         }
         task.client = Some(client);
+        let (tx, inbox) = mpsc::channel(INBOX);
+        if let Err(over) = self.claim_new_task(&task.id, &Value::from(stream.to_string()), Some(tx))
+        {
+            return Err((over, frames));
+        }
         if let Err(e) = self.shared.store.put_task(&task).await {
+            self.shared.release_task(&task.id);
             return Err((store_down(&e), frames));
         }
         crate::fault::point(crate::fault::points::TASK_CREATED);
         self.shared.metrics.tasks_created.inc();
         let created = task.create_result();
-        self.run_modern(task, stream, frames);
+        self.run_modern(task, stream, frames, inbox);
         Ok(created)
     }
 
-    /// Claims a 2026-07-28 task and starts its runner on the call answering on `stream`.
-    fn run_modern(self: &Arc<Self>, task: TaskRecord, stream: Arc<str>, frames: FrameRx) {
-        let (tx, inbox) = mpsc::channel(8);
-        if !self.claim_task_with(&task.id, &Value::from(stream.to_string()), Some(tx)) {
-            return;
-        }
+    /// Starts the runner of a claimed 2026-07-28 task on the call answering on `stream`.
+    fn run_modern(
+        self: &Arc<Self>,
+        task: TaskRecord,
+        stream: Arc<str>,
+        frames: FrameRx,
+        inbox: mpsc::Receiver<TaskInput>,
+    ) {
         let capabilities = task
             .client
             .as_ref()
@@ -139,13 +150,12 @@ impl Session {
             .unwrap_or_else(|| json!({}));
         let run = ModernRun {
             inbox,
-            stream,
             capabilities,
         };
         let session = self.clone();
         self.shared
             .tracker
-            .spawn(async move { session.run_task(task, frames, Some(run)).await });
+            .spawn(async move { session.run_task(task, frames, stream, Some(run)).await });
     }
 
     /// Re-issues a 2026-07-28 task whose runner died with its process, on this pooled
@@ -160,25 +170,31 @@ impl Session {
         ) else {
             return false;
         };
+        let (tx, inbox) = mpsc::channel(INBOX);
+        if !self.claim_task_with(&task.id, &client_id, Some(tx)) {
+            // Resumed by a concurrent request: it runs.
+            return true;
+        }
         task.owner = self.shared.coordinator.as_ref().map(|c| c.me().id.clone());
         task.status = Status::Working;
         task.input_requests = None;
         task.status_message = Some("resumed after a gateway restart".into());
         task.updated_ms = crate::store::now_ms();
-        if self.shared.store.put_task(task).await.is_err() {
-            return false;
-        }
-        let (stream, frames) = match self.request(call).await {
-            Reply::Stream(handle) => match handle.live {
-                Some(rx) => (handle.stream_id, rx),
-                None => return false,
+        let started = match self.shared.store.put_task(task).await {
+            Ok(()) => match self.request(call).await {
+                Reply::Stream(handle) => handle.live.map(|rx| (handle.stream_id, rx)),
+                // Refused at once (a limit, the upstream down): settled as interrupted.
+                _ => None,
             },
-            // Refused at once (a limit, the upstream down): settled as interrupted.
-            _ => return false,
+            Err(_) => None,
+        };
+        let Some((stream, frames)) = started else {
+            self.shared.release_task(&task.id);
+            return false;
         };
         self.shared.metrics.tasks_resumed.inc();
         tracing::info!(task = %task.id, tool = %task.tool, "task resumed after a gateway restart");
-        self.run_modern(task.clone(), stream, frames);
+        self.run_modern(task.clone(), stream, frames, inbox);
         true
     }
 

@@ -13,14 +13,29 @@ impl Session {
         self: Arc<Self>,
         mut task: TaskRecord,
         mut frames: FrameRx,
+        stream: Arc<str>,
         mut modern: Option<ModernRun>,
     ) {
+        // Out of `--upstream-timeout`: a task's call may run as long as the task lives.
+        self.lock().calls.untime_stream(&stream);
+        let expires = task.expires_ms().map(|at| {
+            let left = u64::try_from(at - crate::store::now_ms()).unwrap_or(0);
+            tokio::time::Instant::now() + Duration::from_millis(left)
+        });
+        let outlived = async move {
+            match expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(outlived);
         let stopped = self.shared.stopped.clone();
         let end = loop {
             let next = match modern.as_mut() {
                 Some(m) => tokio::select! {
                     biased;
                     () = stopped.cancelled() => break End::Stopped,
+                    () = &mut outlived => break End::Outlived,
                     f = frames.recv() => f,
                     input = m.inbox.recv() => match input {
                         Some(TaskInput::Responses(answers, taken)) => {
@@ -36,6 +51,7 @@ impl Session {
                 None => tokio::select! {
                     biased;
                     () = stopped.cancelled() => break End::Stopped,
+                    () = &mut outlived => break End::Outlived,
                     f = frames.recv() => f,
                 },
             };
@@ -98,10 +114,7 @@ impl Session {
         let outcome = match end {
             End::Outcome(o) => o,
             End::Cancelled => {
-                let keys = task.input_keys();
-                if let Some(m) = &modern {
-                    self.abandon(&m.stream, &keys);
-                }
+                self.abandon(&stream, &task.input_keys());
                 task.status = Status::Cancelled;
                 task.status_message = Some("cancelled by its client".into());
                 task.input_requests = None;
@@ -116,6 +129,17 @@ impl Session {
             End::Stopped => {
                 self.end_task(&task, false);
                 return;
+            }
+            // Its time to live is over: the call stops upstream and the task fails,
+            // saying so (the record may be forgotten from now on).
+            End::Outlived => {
+                self.abandon(&stream, &task.input_keys());
+                let f = Failure::new(
+                    FailureKind::UpstreamTimeout,
+                    "the task outlived its time to live; its call was cancelled",
+                    Retry::Unknown,
+                );
+                Outcome::Error(f.response(Value::Null)["error"].clone())
             }
         };
         let cancelled = {
