@@ -150,3 +150,40 @@ async fn typescript_sdk_client_runs_a_tool_as_a_gateway_task() {
     );
     assert_eq!(kinds.last(), Some(&serde_json::json!("result")), "{report}");
 }
+
+/// The official Tasks extension client library (`@modelcontextprotocol/ext-tasks` 0.2.2 on
+/// the TypeScript SDK v2 client, 2026-07-28): a call the gateway makes a task is settled
+/// by the library, and another is handed off (a serialized task reference), the gateway
+/// SIGKILLed and restarted, and the reference resumed by a fresh client: the task (safe to
+/// repeat) was re-issued by the gateway and its result arrives.
+#[tokio::test]
+async fn ext_tasks_client_settles_and_resumes_a_task_across_a_gateway_sigkill() {
+    let Some(dir_ts) = ts_dir() else { return };
+    let dir = state_dir();
+    let mut gw = Gateway::spawn(dir.path(), &["--demo", "--task-after", "500ms"]);
+    let script = dir_ts.join("client-ext-tasks.mjs");
+    let mut cmd = Command::new("node");
+    cmd.arg(&script).arg(&gw.url).arg("settle");
+    let settled = common::client_report(cmd, "ext-tasks settle", &gw).await;
+    assert_eq!(settled["kind"], "task", "{settled}");
+    assert_eq!(settled["text"], "waited 1500 ms", "{settled}");
+
+    let reference = dir.path().join("task-reference.json");
+    let mut cmd = Command::new("node");
+    cmd.arg(&script).arg(&gw.url).arg("handoff").arg(&reference);
+    let handed = common::client_report(cmd, "ext-tasks handoff", &gw).await;
+    assert_eq!(handed["handedOff"], true, "{handed}");
+    gw.kill9();
+    let gw = gw.restart();
+    let mut cmd = Command::new("node");
+    cmd.arg(&script).arg(&gw.url).arg("resume").arg(&reference);
+    let resumed = common::client_report(cmd, "ext-tasks resume", &gw).await;
+    assert_eq!(resumed["status"], "completed", "{resumed}");
+    assert_eq!(resumed["text"], "waited 4000 ms", "{resumed}");
+    assert!(
+        gw.log_text()
+            .contains("task resumed after a gateway restart"),
+        "{}",
+        gw.log_text()
+    );
+}

@@ -174,7 +174,13 @@ impl TaskRecord {
 
     /// Records how the call ended: the status follows from the outcome and the era (a tool
     /// result with `isError` is `completed` in the 2026-07-28 era and `failed` in 2025-11-25).
-    pub fn finish(&mut self, outcome: Outcome, now_ms: i64) {
+    pub fn finish(&mut self, mut outcome: Outcome, now_ms: i64) {
+        // A 2026-07-28 task's result is that era's `CallToolResult`, discriminated like
+        // every result of the era (the upstream behind the bridge may speak 2025-11-25).
+        if let (Era::Modern, Outcome::Result(Value::Object(r))) = (self.era, &mut outcome) {
+            r.entry("resultType")
+                .or_insert_with(|| Value::from("complete"));
+        }
         self.status = match (&outcome, self.era) {
             (Outcome::Error(_), _) => Status::Failed,
             (Outcome::Result(r), Era::Legacy)

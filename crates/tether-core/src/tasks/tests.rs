@@ -92,6 +92,9 @@ fn the_detailed_task_carries_what_its_status_carries() {
     // A tool error is a completed task in this era, its result inline.
     let result = json!({"content": [{"type": "text", "text": "no"}], "isError": true});
     t.finish(Outcome::Result(result.clone()), t.created_ms + 1_000);
+    // The era's CallToolResult: discriminated as every 2026-07-28 result.
+    let mut result = result;
+    result["resultType"] = json!("complete");
     let got = t.get_result();
     assert_eq!(got["status"], "completed");
     assert_eq!(got["result"], result);
