@@ -722,3 +722,77 @@ async fn a_tasks_call_lives_as_long_as_the_task_not_the_upstream_timeout() {
         1.0
     );
 }
+
+/// A 2025-11-25 task's upstream asks its client something (the demo's `ask`: elicitation):
+/// the request reaches the client on the session's GET stream tagged with the task, the
+/// task is `input_required` meanwhile, and the client's answer reaches the upstream, which
+/// finishes the task.
+#[tokio::test]
+async fn a_legacy_tasks_elicitation_reaches_its_client_and_the_answer_its_upstream() {
+    use futures::StreamExt;
+    let dir = state_dir();
+    let gw = Gateway::start(dir.path(), &["--demo"]);
+    let mcp = gw.client();
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {"tasks": {"list": {}, "cancel": {}}, "elicitation": {}},
+        "clientInfo": {"name": "tasks-elicit", "version": "1.0"}
+    }});
+    let a = mcp.post(None, &init).await;
+    let sid = a.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    mcp.post(
+        Some(&sid),
+        &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await;
+    let mut events = mcp.listen(&sid).await.bytes_stream();
+    let created = rpc(
+        &mcp,
+        &sid,
+        1,
+        "tools/call",
+        json!({"name": "ask", "arguments": {}, "task": {"ttl": 60_000}}),
+    )
+    .await;
+    let task = created["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The request arrives on the GET stream, tagged with its task.
+    let mut seen = String::new();
+    let ask = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(chunk) = events.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            for line in seen.lines() {
+                if let Some(data) = line.strip_prefix("data: ")
+                    && let Ok(v) = serde_json::from_str::<Value>(data)
+                    && v["method"] == "elicitation/create"
+                {
+                    return v;
+                }
+            }
+        }
+        panic!("the stream ended: {seen}");
+    })
+    .await
+    .expect("the elicitation reaches the GET stream");
+    assert_eq!(
+        ask["params"]["_meta"]["io.modelcontextprotocol/related-task"]["taskId"],
+        task.as_str(),
+        "{ask}"
+    );
+    let got = rpc(&mcp, &sid, 2, "tasks/get", json!({"taskId": task})).await;
+    assert_eq!(got["result"]["status"], "input_required", "{got}");
+
+    let answer = json!({"jsonrpc": "2.0", "id": ask["id"], "result": {"action": "accept", "content": {"name": "Ada"}}});
+    let posted = mcp.post(Some(&sid), &answer).await;
+    assert_eq!(posted.status, 202, "{}", posted.body);
+    let result = rpc(&mcp, &sid, 3, "tasks/result", json!({"taskId": task})).await;
+    assert_eq!(
+        result["result"]["content"][0]["text"], "hello, Ada",
+        "{result}"
+    );
+    let got = rpc(&mcp, &sid, 4, "tasks/get", json!({"taskId": task})).await;
+    assert_eq!(got["result"]["status"], "completed", "{got}");
+}

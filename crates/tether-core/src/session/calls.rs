@@ -179,6 +179,11 @@ impl Calls {
     }
 
     /// The upstream request the client answers as `ours`: (generation, the upstream's id).
+    /// Whether the upstream's request `ours` still waits for the client's answer.
+    pub(super) fn has_server_request(&self, ours: &str) -> bool {
+        self.server_requests.contains_key(ours)
+    }
+
     pub(super) fn take_server_request(&mut self, ours: &str) -> Option<(u64, Value)> {
         self.server_requests.remove(ours)
     }

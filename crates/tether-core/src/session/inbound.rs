@@ -121,6 +121,13 @@ impl Session {
         if let Some(s) = origin.and_then(|o| st.calls.stream_of(o)) {
             return Some(s);
         }
+        // Unattributed (stdio), and the newest call is a task's: its runner takes it, so
+        // the request is tagged with the task and the task shows `input_required`.
+        if let Some(s) = st.calls.newest_stream()
+            && st.task_streams.contains(s.id())
+        {
+            return Some(s);
+        }
         if self.standalone.attached() {
             return Some(self.standalone.clone());
         }

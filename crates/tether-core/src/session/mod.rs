@@ -379,6 +379,8 @@ struct State {
     task_support: HashMap<String, String>,
     /// The upstream's own `tools/list` was asked for (`safe_tools`, `task_support`).
     tools_learned: bool,
+    /// The streams of the calls this session runs for tasks (their runners read them).
+    task_streams: HashSet<Arc<str>>,
     restore: Restore,
     /// What of the subscriptions is pending and charged (`subscriptions.rs`).
     subs: subscriptions::Held,
@@ -587,6 +589,7 @@ impl Session {
                 safe_tools: HashSet::new(),
                 task_support: HashMap::new(),
                 tools_learned: false,
+                task_streams: HashSet::new(),
                 restore,
                 subs,
                 restore_dirty: false,

@@ -16,8 +16,9 @@
 //! A task's call is out of `--upstream-timeout` and bounded by the task's time to live
 //! instead; the running bounds are checked and claimed under one lock.
 //!
-//! Not yet (the plan's later steps): a 2025-11-25 task's upstream requests to the client
-//! (answered with an error naming the limitation).
+//! A 2025-11-25 task's upstream requests to the client go on the session's GET stream,
+//! tagged with the task (`run.rs`, `ask_client`); the task is `input_required` until the
+//! client's answer (which the session routes upstream as any) has gone.
 //!
 //! Must not: show a task to its client before its record is durable, or answer another
 //! principal's task other than as an unknown one.
@@ -84,6 +85,9 @@ pub(super) struct ModernRun {
     inbox: mpsc::Receiver<TaskInput>,
     capabilities: Value,
 }
+
+/// How often a 2025-11-25 task waiting on its client looks whether the client answered.
+const INPUT_CHECK: Duration = Duration::from_millis(200);
 
 /// Requests of the upstream one 2026-07-28 task keeps open for its client at once; more
 /// are refused to the upstream.
@@ -499,6 +503,8 @@ impl Session {
         ));
         let (frames, _) = stream.attach(self.shared.cfg.stream_buffer);
         let stream_id: Arc<str> = stream.id().clone();
+        // Marked before the call is sent: the upstream may ask its client at once.
+        self.lock().task_streams.insert(stream_id.clone());
         self.forward(link, generation, call, client_id, stream, Method::ToolsCall)
             .await;
         let session = self.clone();

@@ -142,6 +142,7 @@ impl Session {
         frames: FrameRx,
         inbox: mpsc::Receiver<TaskInput>,
     ) {
+        self.lock().task_streams.insert(stream.clone());
         let capabilities = task
             .client
             .as_ref()

@@ -29,6 +29,10 @@ impl Session {
             }
         };
         tokio::pin!(outlived);
+        // A 2025-11-25 task's requests to its client that wait for an answer (the answer
+        // goes straight to the upstream through the session; this only watches for it).
+        let mut waiting: Vec<String> = Vec::new();
+        let mut answered = tokio::time::interval(INPUT_CHECK);
         let stopped = self.shared.stopped.clone();
         let end = loop {
             let next = match modern.as_mut() {
@@ -52,6 +56,10 @@ impl Session {
                     biased;
                     () = stopped.cancelled() => break End::Stopped,
                     () = &mut outlived => break End::Outlived,
+                    _ = answered.tick(), if !waiting.is_empty() => {
+                        self.answered_inputs(&mut task, &mut waiting).await;
+                        continue;
+                    }
                     f = frames.recv() => f,
                 },
             };
@@ -88,29 +96,22 @@ impl Session {
                     (None, result) => Outcome::Result(result.unwrap_or_default()),
                 });
             }
-            // The upstream asks the client something: a 2026-07-28 task keeps it for its
-            // client; a 2025-11-25 one does not carry it yet. Notifications (progress,
-            // logs) are not kept for a task.
-            if let Some(m) = &modern
-                && message.kind() == Kind::Request
-            {
-                self.ask_input(&mut task, &m.capabilities, message).await;
-            } else if message.kind() == Kind::Request
-                && let Some(ask) = message.id()
-            {
-                let refusal = Failure::new(
-                    FailureKind::InvalidRequest,
-                    "the gateway does not yet carry a server's requests to the client during a task",
-                    Retry::Never,
-                )
-                .response(ask.clone());
-                self.respond(Message::ours(refusal)).await;
+            // The upstream asks the client something: a 2026-07-28 task keeps it as an
+            // input request for `tasks/update`; a 2025-11-25 one sends it on the session's
+            // stream, tagged with the task. Notifications (progress, logs) are not kept
+            // for a task.
+            if message.kind() == Kind::Request {
+                match &modern {
+                    Some(m) => self.ask_input(&mut task, &m.capabilities, message).await,
+                    None => self.ask_client(&mut task, message, &mut waiting).await,
+                }
             }
         };
         // Decided under the lock, so that a cancellation either came first (and its final
         // state stands) or finds the task finishing and is refused as too late. The entry
         // stays until the outcome is durable: a `tasks/get` meanwhile must not take a
         // task whose runner is gone for an interrupted one.
+        self.lock().task_streams.remove(&stream);
         let outcome = match end {
             End::Outcome(o) => o,
             End::Cancelled => {
@@ -166,6 +167,82 @@ impl Session {
             crate::fault::point(crate::fault::points::TASK_FINISHED);
         }
         self.end_task(&task, !cancelled);
+    }
+
+    /// A 2025-11-25 task's upstream asks its client something: the request goes on the
+    /// session's standalone (GET) stream with the task's `related-task` metadata (the
+    /// spec lets such messages come on any stream), and the task is `input_required`
+    /// (durable before the status notification) until the client has answered.
+    pub(super) async fn ask_client(
+        self: &Arc<Self>,
+        task: &mut TaskRecord,
+        message: Message,
+        waiting: &mut Vec<String>,
+    ) {
+        let Some(key) = message.id().and_then(Value::as_str).map(str::to_owned) else {
+            return;
+        };
+        if waiting.len() >= MAX_TASK_INPUTS {
+            let refusal = Failure::new(
+                FailureKind::Limit,
+                format!("the task already waits on {MAX_TASK_INPUTS} requests to its client"),
+                Retry::Never,
+            )
+            .response(Value::from(key));
+            self.respond(Message::ours(refusal)).await;
+            return;
+        }
+        let mut ask = message.to_value();
+        if !ask.get("params").is_some_and(Value::is_object) {
+            ask["params"] = json!({});
+        }
+        if !ask["params"].get("_meta").is_some_and(Value::is_object) {
+            ask["params"]["_meta"] = json!({});
+        }
+        ask["params"]["_meta"][crate::tasks::RELATED_TASK] = json!({ "taskId": task.id });
+        let mut input = json!({ "method": ask["method"].clone() });
+        input["params"] = ask["params"].clone();
+        let Ok(ask) = Message::from_value(ask) else {
+            return;
+        };
+        let _ = self
+            .standalone
+            .push(self.shared.store.as_ref(), &ask, false, None);
+        let mut open = match task.input_requests.take() {
+            Some(Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        open.insert(key.clone(), input);
+        task.input_requests = Some(Value::Object(open));
+        waiting.push(key);
+        task.status = Status::InputRequired;
+        task.updated_ms = crate::store::now_ms();
+        self.store_task(task).await;
+        crate::fault::point(crate::fault::points::TASK_INPUT);
+        self.tell_status(task);
+    }
+
+    /// Drops the requests of `waiting` the client has answered; the task is `working`
+    /// again once none waits.
+    async fn answered_inputs(&self, task: &mut TaskRecord, waiting: &mut Vec<String>) {
+        let before = waiting.len();
+        {
+            let st = self.lock();
+            waiting.retain(|k| st.calls.has_server_request(k));
+        }
+        if waiting.len() == before {
+            return;
+        }
+        if let Some(Value::Object(open)) = task.input_requests.as_mut() {
+            open.retain(|k, _| waiting.contains(k));
+        }
+        if waiting.is_empty() {
+            task.input_requests = None;
+            task.status = Status::Working;
+        }
+        task.updated_ms = crate::store::now_ms();
+        self.store_task(task).await;
+        self.tell_status(task);
     }
 
     /// Stores a running task's new state (logged, not fatal, when the store is away: the
