@@ -228,7 +228,17 @@ async fn tasks_are_bounded_per_user_and_private() {
     let bob_key = common::add_key(&config, "bob", "bob@example.com");
     let gw = Gateway::start(
         dir.path(),
-        &["--config", config.to_str().unwrap(), "--demo"],
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--demo",
+            "--max-stored-tasks",
+            "20",
+            "--max-tasks-per-principal",
+            "2",
+            "--max-task-result",
+            "100KiB",
+        ],
     );
     let alice = common::with_key(&gw.client(), &alice_key);
     let bob = common::with_key(&gw.client(), &bob_key);
@@ -241,7 +251,7 @@ async fn tasks_are_bounded_per_user_and_private() {
         &sa,
         1,
         "tools/call",
-        json!({"name": "big", "arguments": {"bytes": 2_000_000}, "task": {}}),
+        json!({"name": "big", "arguments": {"bytes": 200_000}, "task": {}}),
     )
     .await;
     let big = created["result"]["task"]["taskId"]
@@ -249,7 +259,7 @@ async fn tasks_are_bounded_per_user_and_private() {
         .unwrap()
         .to_owned();
     let r = rpc(&alice, &sa, 2, "tasks/result", json!({"taskId": big})).await;
-    assert_eq!(r["error"]["data"]["limit"], 1 << 20, "{r}");
+    assert_eq!(r["error"]["data"]["limit"], 100 << 10, "{r}");
     let got = rpc(&alice, &sa, 3, "tasks/get", json!({"taskId": big})).await;
     assert_eq!(got["result"]["status"], "failed", "{got}");
 
@@ -257,27 +267,50 @@ async fn tasks_are_bounded_per_user_and_private() {
     let r = rpc(&bob, &sb, 4, "tasks/get", json!({"taskId": big})).await;
     assert_eq!(r["error"]["code"], -32602, "{r}");
 
-    // Alice fills her stored tasks (256 with the one above); the next is refused.
-    for i in 0..255 {
-        rpc(
+    // Two running at once at most for one user; a third is refused, bob's are his own.
+    let first = start_slow_task(&alice, &sa, 5, 2_000).await;
+    let second = start_slow_task(&alice, &sa, 6, 2_000).await;
+    let refused = rpc(
+        &alice,
+        &sa,
+        7,
+        "tools/call",
+        json!({"name": "slow", "arguments": {"ms": 10}, "task": {}}),
+    )
+    .await;
+    assert_eq!(refused["error"]["code"], -32016, "{refused}");
+    assert_eq!(refused["error"]["data"]["limit"], "max-tasks-per-principal");
+    let bobs = start_slow_task(&bob, &sb, 7, 10).await;
+    rpc(&bob, &sb, 8, "tasks/result", json!({"taskId": bobs})).await;
+    rpc(&alice, &sa, 8, "tasks/result", json!({"taskId": first})).await;
+    rpc(&alice, &sa, 9, "tasks/result", json!({"taskId": second})).await;
+
+    // Alice fills her stored tasks (20 with the three above); then she is refused. Her
+    // quick tasks may meet the running bound meanwhile: those are not stored, and retried.
+    let mut stored = 3;
+    let mut id = 10;
+    let refused = loop {
+        id += 1;
+        let r = rpc(
             &alice,
             &sa,
-            10 + i,
+            id,
             "tools/call",
             json!({"name": "echo", "arguments": {"text": "x"}, "task": {}}),
         )
         .await;
-    }
-    let refused = rpc(
-        &alice,
-        &sa,
-        300,
-        "tools/call",
-        json!({"name": "echo", "arguments": {"text": "x"}, "task": {}}),
-    )
-    .await;
+        match r["error"]["data"]["limit"].as_str() {
+            None => stored += 1,
+            Some("max-tasks-per-principal") => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Some(_) => break r,
+        }
+        assert!(id < 200, "never refused");
+    };
     assert_eq!(refused["error"]["code"], -32016, "{refused}");
     assert_eq!(refused["error"]["data"]["limit"], "max-stored-tasks");
+    assert_eq!(stored, 20, "refused at the bound, not before");
     // Plain calls still go, and bob's tasks are his own budget.
     assert_eq!(
         alice

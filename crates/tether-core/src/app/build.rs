@@ -110,6 +110,13 @@ impl Builder {
                 .map_or(config.task_after, |t| {
                     crate::config::task_after(&mut Vec::new(), Some(t))
                 }),
+            task_limits: crate::session::TaskLimits {
+                running: limits.max_tasks,
+                running_per_principal: limits.max_tasks_per_principal,
+                stored_per_principal: limits.max_stored_tasks,
+                result: limits.max_task_result,
+                ttl: limits.task_ttl,
+            },
             task_tools: settings
                 .task_tools
                 .clone()

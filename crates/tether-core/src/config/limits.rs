@@ -173,6 +173,41 @@ pub const LIMITS: &[Opt] = &[
         "The same for all sessions of one user together (`data.limit: max-subscriptions-per-principal`)",
     ),
     Opt::limit(
+        "max-tasks",
+        "TETHER_MAX_TASKS",
+        "N",
+        Fallback::Is("1024"),
+        "Durable tasks (both eras) running at once on one server (each holds a call on an upstream and a runner). Over it: a 2025-11-25 `params.task` call gets `-32016`, `data.limit: max-tasks`; a 2026-07-28 call stays a plain call",
+    ),
+    Opt::limit(
+        "max-tasks-per-principal",
+        "TETHER_MAX_TASKS_PER_PRINCIPAL",
+        "N",
+        Fallback::Is("64"),
+        "The same for one user on one server (`data.limit: max-tasks-per-principal`)",
+    ),
+    Opt::limit(
+        "max-stored-tasks",
+        "TETHER_MAX_STORED_TASKS",
+        "N",
+        Fallback::Is("256"),
+        "Tasks one user may have kept (running or ended, until their time to live ends; `data.limit: max-stored-tasks`)",
+    ),
+    Opt::limit(
+        "max-task-result",
+        "TETHER_MAX_TASK_RESULT",
+        "SIZE",
+        Fallback::Is("1MiB"),
+        "The largest answer a task keeps; a larger one fails the task with `-32017` naming the bound (with `max-stored-tasks`, what one user can make the store hold)",
+    ),
+    Opt::limit(
+        "task-ttl",
+        "TETHER_TASK_TTL",
+        "DUR",
+        Fallback::Is("1h"),
+        "How long a task is kept, and the most a 2025-11-25 client may ask for; its call is cancelled upstream when it is over",
+    ),
+    Opt::limit(
         "pool-size",
         "TETHER_POOL_SIZE",
         "N",
@@ -244,6 +279,16 @@ pub struct Limits {
     pub stderr_lines_per_sec: u32,
     /// `pool-size`.
     pub pool_size: usize,
+    /// `max-tasks`.
+    pub max_tasks: usize,
+    /// `max-tasks-per-principal`.
+    pub max_tasks_per_principal: usize,
+    /// `max-stored-tasks`.
+    pub max_stored_tasks: usize,
+    /// `max-task-result`.
+    pub max_task_result: usize,
+    /// `task-ttl`.
+    pub task_ttl: Duration,
     /// `quota-tool-calls`; `None`: no quota.
     pub quota_tool_calls: Option<Quota>,
     /// `circuit-failures`.
@@ -297,6 +342,11 @@ impl Limits {
                 .unwrap_or(u32::MAX)
                 .max(1),
             pool_size: r.count("pool-size", None),
+            max_tasks: r.count("max-tasks", None),
+            max_tasks_per_principal: r.count("max-tasks-per-principal", None),
+            max_stored_tasks: r.count("max-stored-tasks", None),
+            max_task_result: r.size("max-task-result"),
+            task_ttl: r.duration("task-ttl"),
             quota_tool_calls: quota_tool_calls.and_then(|q| {
                 Quota::parse(&q)
                     .map_err(|e| r.errors.push(format!("quota-tool-calls: {e}")))

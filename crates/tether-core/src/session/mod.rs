@@ -49,7 +49,7 @@ pub mod stream;
 pub mod subscriptions;
 mod supervisor;
 mod tasks;
-pub use tasks::TaskReach;
+pub use tasks::{TaskLimits, TaskReach};
 mod upkeep;
 
 use std::collections::{HashMap, HashSet};
@@ -119,6 +119,9 @@ pub struct SessionConfig {
     pub task_after: Duration,
     /// Tools whose calls become tasks at once for such a client (`--task-tools`).
     pub task_tools: Vec<String>,
+    /// The bounds of tasks (`--max-tasks`, `--max-tasks-per-principal`,
+    /// `--max-stored-tasks`, `--max-task-result`, `--task-ttl`).
+    pub task_limits: tasks::TaskLimits,
     /// Session limits and creation rates.
     pub admission: admission::AdmissionConfig,
     /// Largest `initialize` params a session stores (and replays to every fresh upstream).
@@ -160,6 +163,7 @@ impl Default for SessionConfig {
             answer_window: Duration::from_millis(10),
             task_after: Duration::from_secs(crate::config::DEFAULT_TASK_AFTER_SECS),
             task_tools: Vec::new(),
+            task_limits: tasks::TaskLimits::default(),
             admission: admission::AdmissionConfig::default(),
             max_initialize: 64 << 10,
             pool_size: 4,

@@ -32,27 +32,41 @@ use super::*;
 use crate::tasks::{Era, Outcome, Status, TaskRecord};
 use tokio::sync::{mpsc, oneshot};
 
-/// A task's time to live when its client asks for none, and the most it may ask for.
-pub const TASK_TTL: Duration = Duration::from_secs(3600);
+/// The bounds of tasks, each a `[limits]` row: what one user, and all of them, can make
+/// the gateway run and keep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TaskLimits {
+    /// Tasks running on one server at once (`max-tasks`).
+    pub running: usize,
+    /// The same for one principal (`max-tasks-per-principal`).
+    pub running_per_principal: usize,
+    /// Tasks one principal may have stored, running or ended (`max-stored-tasks`).
+    pub stored_per_principal: usize,
+    /// The largest answer a task keeps (`max-task-result`): past it the task fails,
+    /// naming the bound.
+    pub result: usize,
+    /// A task's time to live when its client asks for none, and the most it may ask for
+    /// (`task-ttl`).
+    pub ttl: Duration,
+}
+
+impl Default for TaskLimits {
+    fn default() -> TaskLimits {
+        TaskLimits {
+            running: 1024,
+            running_per_principal: 64,
+            stored_per_principal: 256,
+            result: 1 << 20,
+            ttl: Duration::from_secs(3600),
+        }
+    }
+}
 
 /// How often a client should poll a task.
 pub const TASK_POLL: Duration = Duration::from_millis(1000);
 
 /// `tasks/list` page size.
 const LIST_PAGE: usize = 100;
-
-/// Tasks one principal may have running on one server at once (each holds a call on its
-/// session's upstream and a runner), and all principals together.
-pub const MAX_RUNNING_PER_PRINCIPAL: usize = 64;
-/// See [`MAX_RUNNING_PER_PRINCIPAL`].
-pub const MAX_RUNNING: usize = 1024;
-
-/// Tasks one principal may have stored (running or ended, until their time to live ends).
-pub const MAX_STORED_PER_PRINCIPAL: u64 = 256;
-
-/// The largest answer a task keeps: past it the task fails, naming the bound (with
-/// [`MAX_STORED_PER_PRINCIPAL`], what one principal can make the store hold).
-pub const MAX_TASK_RESULT: usize = 1 << 20;
 
 /// A task this process runs: what `tasks/result` waits on and `tasks/cancel` stops.
 pub(super) struct RunningTask {
@@ -338,11 +352,12 @@ impl Session {
             .count_tasks(&self.record.principal)
             .await
             .map_err(|e| store_down(&e))?;
-        if stored >= MAX_STORED_PER_PRINCIPAL {
+        let most = self.shared.cfg.task_limits.stored_per_principal;
+        if stored >= u64::try_from(most).unwrap_or(u64::MAX) {
             return Err(Failure::at_bound(
                 "max-stored-tasks",
                 format!(
-                    "this user has {stored} tasks kept (at most {MAX_STORED_PER_PRINCIPAL}); they are forgotten when their time to live ends"
+                    "this user has {stored} tasks kept (at most {most}); they are forgotten when their time to live ends"
                 ),
             ));
         }
@@ -355,18 +370,23 @@ impl Session {
             .values()
             .filter(|t| t.principal == self.record.principal)
             .count();
-        if mine >= MAX_RUNNING_PER_PRINCIPAL {
+        let limits = &self.shared.cfg.task_limits;
+        if mine >= limits.running_per_principal {
             return Err(Failure::at_bound(
                 "max-tasks-per-principal",
                 format!(
-                    "{MAX_RUNNING_PER_PRINCIPAL} tasks of this user are running on this server; wait for one to end"
+                    "{} tasks of this user are running on this server; wait for one to end",
+                    limits.running_per_principal
                 ),
             ));
         }
-        if tasks.len() >= MAX_RUNNING {
+        if tasks.len() >= limits.running {
             return Err(Failure::at_bound(
                 "max-tasks",
-                format!("{MAX_RUNNING} tasks are running on this server; try again shortly"),
+                format!(
+                    "{} tasks are running on this server; try again shortly",
+                    limits.running
+                ),
             ));
         }
         Ok(())
@@ -388,7 +408,8 @@ impl Session {
 
     /// `tools/call` with `params.task`: the record first, then the call.
     async fn start_task(self: &Arc<Self>, mut env: Message, id: Value, ttl: Option<u64>) -> Reply {
-        let ttl = ttl.map_or(TASK_TTL, Duration::from_millis).min(TASK_TTL);
+        let most = self.shared.cfg.task_limits.ttl;
+        let ttl = ttl.map_or(most, Duration::from_millis).min(most);
         let tool = super::outbound::tool_of(&env).unwrap_or_default();
         if let Err(over) = self.admit_task().await {
             self.shared.metrics.refused(

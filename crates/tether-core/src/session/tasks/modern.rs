@@ -109,7 +109,7 @@ impl Session {
             &self.shared.cfg.upstream_name,
             tool,
             Era::Modern,
-            Some(u64::try_from(TASK_TTL.as_millis()).unwrap_or(u64::MAX)),
+            Some(u64::try_from(self.shared.cfg.task_limits.ttl.as_millis()).unwrap_or(u64::MAX)),
             u64::try_from(TASK_POLL.as_millis()).unwrap_or(1000),
             crate::store::now_ms(),
         );

@@ -74,12 +74,13 @@ impl Session {
                 ));
             };
             // Measured before anything is parsed: an answer too large to keep is not read.
-            if frame.terminal && frame.data.len() > MAX_TASK_RESULT {
+            let most = self.shared.cfg.task_limits.result;
+            if frame.terminal && frame.data.len() > most {
                 break End::Outcome(Outcome::Error(
                     Failure::too_large(
                         "the task's answer is larger than a task keeps",
                         frame.data.len(),
-                        MAX_TASK_RESULT,
+                        most,
                     )
                     .response(Value::Null)["error"]
                         .clone(),
