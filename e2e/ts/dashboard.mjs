@@ -70,6 +70,8 @@ try {
   check(servers.length === 1 && servers[0].includes("demo") && servers[0].includes("serving"), "servers: " + servers);
   const stateless = await page.locator("#stateless tbody tr").allInnerTexts();
   check(stateless.some((t) => t.includes("modern-dash")), "stateless clients: " + stateless);
+  const tasks = await page.locator("#tasks tbody tr").allInnerTexts();
+  check(tasks.some((t) => t.includes("echo") && t.includes("2025-11-25")), "tasks: " + tasks);
   const pooled = await page.locator("#sessions tbody tr[data-id]", { hasText: "pooled" }).count();
   check(pooled === 1, "the bridge's pooled upstream is marked: " + pooled);
 
@@ -122,7 +124,7 @@ try {
   const favicon = await page.locator('link[rel="icon"]').getAttribute("href");
   check(favicon && favicon.startsWith("data:image/svg+xml"), "favicon");
 
-  console.log(JSON.stringify({ ok: true, rows, stable, axes, tooltip, perTool, perUpstream, stateless, byClient, byId: byId.length,
+  console.log(JSON.stringify({ ok: true, rows, stable, axes, tooltip, perTool, perUpstream, stateless, tasks, byClient, byId: byId.length,
     firstByCalls, calls, detailText, timeline, reasons, closedRows, narrow, light, dark, failed }));
 } finally {
   await browser.close();

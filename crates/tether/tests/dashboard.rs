@@ -69,6 +69,15 @@ async fn dashboard_shows_sessions_and_evicts_one() {
         .await
         .unwrap();
     assert_eq!(modern.status(), 200);
+    // One task (2025-11-25, on the target session): the page lists it.
+    let task = mcp
+        .post(
+            Some(&target),
+            &json!({"jsonrpc": "2.0", "id": 90, "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"text": "t"}, "task": {"ttl": 60_000}}}),
+        )
+        .await;
+    assert_eq!(task.status, 200, "{}", task.body);
     tokio::time::sleep(Duration::from_millis(300)).await; // let the ledger batch land
 
     // Kept as CI artifacts: target/artifacts/dashboard*.png.
