@@ -119,6 +119,18 @@ enum End {
     Outlived,
 }
 
+/// The call that re-issues `task` (its kept params under an id of the gateway's), if it
+/// may be re-issued.
+fn resume_call(task: &TaskRecord) -> Option<(Value, Message)> {
+    let params = task.request.clone()?;
+    let client_id = Value::from(format!("{}-resumed", task.id));
+    let call = Message::from_value(
+        json!({"jsonrpc": "2.0", "id": client_id, "method": "tools/call", "params": params}),
+    )
+    .ok()?;
+    Some((client_id, call))
+}
+
 /// The refusal while the store that keeps tasks does not answer.
 fn store_down(e: &StoreError) -> Failure {
     Failure::new(
@@ -538,13 +550,7 @@ impl Session {
     /// same task id, a fresh call on a fresh upstream. `false` when it cannot be (no
     /// upstream now): the caller fails it.
     async fn resume_task(self: &Arc<Self>, task: &mut TaskRecord) -> bool {
-        let Some(params) = task.request.clone() else {
-            return false;
-        };
-        let client_id = Value::from(format!("{}-resumed", task.id));
-        let Ok(call) = Message::from_value(
-            json!({"jsonrpc": "2.0", "id": client_id, "method": "tools/call", "params": params}),
-        ) else {
+        let Some((client_id, call)) = resume_call(task) else {
             return false;
         };
         if !self.claim_task(&task.id, &client_id) {

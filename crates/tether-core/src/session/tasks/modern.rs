@@ -162,13 +162,7 @@ impl Session {
     /// Re-issues a 2026-07-28 task whose runner died with its process, on this pooled
     /// session: same id, a fresh call. `false` when it cannot be.
     async fn resume_modern(self: &Arc<Self>, task: &mut TaskRecord) -> bool {
-        let Some(params) = task.request.clone() else {
-            return false;
-        };
-        let client_id = Value::from(format!("{}-resumed", task.id));
-        let Ok(call) = Message::from_value(
-            json!({"jsonrpc": "2.0", "id": client_id, "method": "tools/call", "params": params}),
-        ) else {
+        let Some((client_id, call)) = resume_call(task) else {
             return false;
         };
         let (tx, inbox) = mpsc::channel(INBOX);
@@ -384,22 +378,31 @@ impl Registry {
         id: &str,
         answers: serde_json::Map<String, Value>,
     ) -> Result<TaskReach, Failure> {
+        let tx = match self.runner_of(principal, id).await? {
+            Ok(tx) => tx,
+            Err(reach) => return Ok(reach),
+        };
+        let (taken, heard) = oneshot::channel();
+        if tx.send(TaskInput::Responses(answers, taken)).await.is_ok() {
+            let _ = tokio::time::timeout(TAKE_WAIT, heard).await;
+        }
+        Ok(TaskReach::Done)
+    }
+
+    /// The inbox of task `id`'s runner in this process; else where the request goes
+    /// instead (nowhere for an unknown or ended task, or the owner instance).
+    async fn runner_of(
+        &self,
+        principal: &Principal,
+        id: &str,
+    ) -> Result<Result<mpsc::Sender<TaskInput>, TaskReach>, Failure> {
         let Some(task) = self.task(principal, id).await? else {
-            return Ok(TaskReach::Unknown);
+            return Ok(Err(TaskReach::Unknown));
         };
         if task.status.is_terminal() {
-            return Ok(TaskReach::Done);
+            return Ok(Err(TaskReach::Done));
         }
-        match self.shared.inbox(id) {
-            Some(tx) => {
-                let (taken, heard) = oneshot::channel();
-                if tx.send(TaskInput::Responses(answers, taken)).await.is_ok() {
-                    let _ = tokio::time::timeout(TAKE_WAIT, heard).await;
-                }
-                Ok(TaskReach::Done)
-            }
-            None => Ok(self.elsewhere(&task)),
-        }
+        Ok(self.shared.inbox(id).ok_or_else(|| self.elsewhere(&task)))
     }
 
     /// `tasks/cancel`: tells the task's runner to stop (cooperative: the acknowledgement
@@ -409,18 +412,12 @@ impl Registry {
         principal: &Principal,
         id: &str,
     ) -> Result<TaskReach, Failure> {
-        let Some(task) = self.task(principal, id).await? else {
-            return Ok(TaskReach::Unknown);
-        };
-        if task.status.is_terminal() {
-            return Ok(TaskReach::Done);
-        }
-        match self.shared.inbox(id) {
-            Some(tx) => {
+        match self.runner_of(principal, id).await? {
+            Ok(tx) => {
                 let _ = tx.try_send(TaskInput::Cancel);
                 Ok(TaskReach::Done)
             }
-            None => Ok(self.elsewhere(&task)),
+            Err(reach) => Ok(reach),
         }
     }
 
