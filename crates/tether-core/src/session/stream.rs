@@ -98,6 +98,7 @@ pub struct FrameRx {
 impl FrameRx {
     /// A receiver with nothing to receive (what is left of one handed over).
     pub fn ended() -> FrameRx {
+        // Its sender is dropped here: nothing can ever be queued on it.
         let (_, rx) = mpsc::unbounded_channel();
         FrameRx {
             rx,
