@@ -24,6 +24,9 @@ pub mod points {
     pub const TASK_CREATED: &str = "task-created";
     /// Row T2: a 2026-07-28 task's input request is durable, nobody told yet.
     pub const TASK_INPUT: &str = "task-input";
+    /// Row T5: a 2025-11-25 task's cancellation is durable, its `tasks/cancel` not yet
+    /// answered.
+    pub const TASK_CANCELLED: &str = "task-cancelled";
     /// Row T4: a task's outcome is durable, nobody told yet.
     pub const TASK_FINISHED: &str = "task-finished";
 }

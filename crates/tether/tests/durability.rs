@@ -299,6 +299,43 @@ async fn crash_after_a_tasks_input_request_leaves_a_failed_task_never_an_unknown
     assert_eq!(got["result"]["error"]["code"], -32013, "{got}");
 }
 
+/// Row T5: a 2025-11-25 task's cancellation is durable before `tasks/cancel` is answered.
+/// A crash right after leaves the client a failed request, and the task `cancelled`
+/// after the restart: not re-issued (its tool is safe to repeat) and not `failed`.
+#[tokio::test]
+async fn crash_after_a_tasks_cancellation_leaves_it_cancelled_not_resumed() {
+    let dir = state_dir();
+    let mut gw = faulty(dir.path(), tether_core::fault::points::TASK_CANCELLED, &[]);
+    let mcp = gw.client();
+    let sid = mcp.initialize("rowT5").await;
+    let created = mcp
+        .post(Some(&sid), &task_call(1, "slow", &json!({"ms": 30_000})))
+        .await
+        .response();
+    let task = created["result"]["task"]["taskId"].clone();
+    assert!(task.is_string(), "{created}");
+    let cancel =
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tasks/cancel", "params": {"taskId": task}});
+    let got = post_may_fail(&gw, Some(&sid), &cancel).await;
+    assert!(
+        got.as_ref()
+            .map_or(true, |(_, body)| !body.contains("cancelled")),
+        "no answer reached the client: {got:?}"
+    );
+    crashed(&mut gw, tether_core::fault::points::TASK_CANCELLED);
+
+    let gw2 = gw.restart_clean();
+    let got = gw2
+        .client()
+        .post(
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "id": 3, "method": "tasks/get", "params": {"taskId": task}}),
+        )
+        .await
+        .response();
+    assert_eq!(got["result"]["status"], "cancelled", "{got}");
+}
+
 /// Row T4: a task's outcome is durable before anyone is told. A crash right after leaves
 /// it `completed` with its result after the restart (not `failed` as interrupted).
 #[tokio::test]

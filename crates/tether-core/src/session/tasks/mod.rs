@@ -694,6 +694,7 @@ impl Session {
         if let Err(e) = self.shared.store.put_task(&task).await {
             return store_down(&e).response(id);
         }
+        crate::fault::point(crate::fault::points::TASK_CANCELLED);
         self.shared.metrics.task_ended(Status::Cancelled.as_str());
         if let Some(request_id) = client_id {
             let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
