@@ -50,6 +50,18 @@ async fn rpc(mcp: &Mcp, sid: &str, id: i64, method: &str, params: Value) -> Valu
     r
 }
 
+/// A gateway in front of the demo with two API-key users, alice and bob, and `extra`
+/// arguments; their keys.
+fn two_users(dir: &std::path::Path, extra: &[&str]) -> (Gateway, String, String) {
+    let config = dir.join("tether.toml");
+    std::fs::write(&config, "").unwrap();
+    let alice = common::add_key(&config, "alice", "alice@example.com");
+    let bob = common::add_key(&config, "bob", "bob@example.com");
+    let mut args = vec!["--config", config.to_str().unwrap(), "--demo"];
+    args.extend_from_slice(extra);
+    (Gateway::start(dir, &args), alice, bob)
+}
+
 /// A `slow` call of `ms` as a task; its task id.
 async fn start_slow_task(mcp: &Mcp, sid: &str, id: i64, ms: u64) -> String {
     let created = rpc(
@@ -222,16 +234,9 @@ async fn tasks_interrupted_by_a_gateway_kill_are_resumed_or_failed_never_forgott
 #[tokio::test]
 async fn tasks_are_bounded_per_user_and_private() {
     let dir = state_dir();
-    let config = dir.path().join("tether.toml");
-    std::fs::write(&config, "").unwrap();
-    let alice_key = common::add_key(&config, "alice", "alice@example.com");
-    let bob_key = common::add_key(&config, "bob", "bob@example.com");
-    let gw = Gateway::start(
+    let (gw, alice_key, bob_key) = two_users(
         dir.path(),
         &[
-            "--config",
-            config.to_str().unwrap(),
-            "--demo",
             "--max-stored-tasks",
             "20",
             "--max-tasks-per-principal",
@@ -610,20 +615,7 @@ async fn a_modern_clients_long_call_becomes_a_task_it_polls_answers_and_cancels(
 #[tokio::test]
 async fn a_modern_task_is_its_users_only() {
     let dir = state_dir();
-    let config = dir.path().join("tether.toml");
-    std::fs::write(&config, "").unwrap();
-    let alice_key = common::add_key(&config, "alice", "alice@example.com");
-    let bob_key = common::add_key(&config, "bob", "bob@example.com");
-    let gw = Gateway::start(
-        dir.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--demo",
-            "--task-after",
-            "0",
-        ],
-    );
+    let (gw, alice_key, bob_key) = two_users(dir.path(), &["--task-after", "0"]);
     let alice = tasks_client(&gw.url).with_key(&alice_key);
     let bob = tasks_client(&gw.url).with_key(&bob_key);
     let task = modern_task(&alice, 1, "slow", json!({"ms": 2_000})).await;
