@@ -915,22 +915,6 @@ async fn servers_of_a_shared_mcp_servers_file_forward_and_take_over_on_their_own
     shared.cleanup().await;
 }
 
-/// A 2026-07-28 call of `tool` that becomes a task (`--task-after 0`); its id.
-async fn create_task(client: &common::modern::Modern, id: i64, tool: &str, ms: u64) -> String {
-    let created = client.call(id, tool, json!({"ms": ms})).await.json();
-    assert_eq!(created["result"]["resultType"], "task", "{created}");
-    created["result"]["taskId"].as_str().unwrap().to_owned()
-}
-
-/// A task's `tasks/get` result.
-async fn get_task(client: &common::modern::Modern, task: &str) -> Value {
-    client
-        .send(99, "tasks/get", json!({"taskId": task}))
-        .await
-        .json()["result"]
-        .clone()
-}
-
 /// 2026-07-28 tasks across two instances on Redis: a task created on A is read on B
 /// (durable create: at once), its `tasks/cancel` sent to B reaches the runner on A
 /// (forwarded to the owner), and when A is SIGKILLed, B settles A's tasks once A's
@@ -948,27 +932,27 @@ async fn a_task_is_served_by_any_instance_and_settled_by_another_when_its_owner_
     let caps = json!({"extensions": {"io.modelcontextprotocol/tasks": {}}});
     let on_a = common::modern::Modern::new(&a.url, caps.clone());
     let on_b = common::modern::Modern::new(&b.url, caps);
-    let cancelled = create_task(&on_a, 1, "slow_write", 30_000).await;
-    assert_eq!(get_task(&on_b, &cancelled).await["status"], "working");
+    let cancelled = on_a.task(1, "slow_write", json!({"ms": 30_000})).await;
+    assert_eq!(on_b.task_state(&cancelled).await["status"], "working");
     let ack = on_b
         .send(2, "tasks/cancel", json!({"taskId": cancelled}))
         .await
         .json();
     assert_eq!(ack["result"], json!({"resultType": "complete"}), "{ack}");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while get_task(&on_b, &cancelled).await["status"] != "cancelled" {
+    while on_b.task_state(&cancelled).await["status"] != "cancelled" {
         assert!(Instant::now() < deadline, "the cancel reached A's runner");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(metric(&a, "tether_tasks_running").await, 0.0);
 
-    let safe = create_task(&on_a, 3, "slow", 3_000).await;
-    let unsafe_task = create_task(&on_a, 4, "slow_write", 3_000).await;
+    let safe = on_a.task(3, "slow", json!({"ms": 3_000})).await;
+    let unsafe_task = on_a.task(4, "slow_write", json!({"ms": 3_000})).await;
     a.kill9();
     // Until A's heartbeat lapses (2s) B takes it for running there; then it settles.
     let deadline = Instant::now() + Duration::from_secs(15);
     let failed = loop {
-        let t = get_task(&on_b, &unsafe_task).await;
+        let t = on_b.task_state(&unsafe_task).await;
         if t["status"] != "working" {
             break t;
         }
@@ -979,7 +963,7 @@ async fn a_task_is_served_by_any_instance_and_settled_by_another_when_its_owner_
     assert_eq!(failed["error"]["code"], -32013, "{failed}");
     let deadline = Instant::now() + Duration::from_secs(20);
     let done = loop {
-        let t = get_task(&on_b, &safe).await;
+        let t = on_b.task_state(&safe).await;
         if t["status"] == "completed" {
             break t;
         }

@@ -388,20 +388,6 @@ async fn poll_until(client: &Modern, task: &str, done: impl Fn(&Value) -> bool) 
     }
 }
 
-/// A 2026-07-28 call of `tool` that becomes a task; its id.
-async fn modern_task(client: &Modern, id: i64, tool: &str, args: Value) -> String {
-    let created = client.call(id, tool, args).await;
-    assert_eq!(created.status, 200, "{}", created.body);
-    let created = created.json();
-    let r = &created["result"];
-    assert_eq!(r["resultType"], "task", "{created}");
-    assert_eq!(r["status"], "working", "{created}");
-    assert!(r["ttlMs"].as_u64().is_some(), "{created}");
-    assert!(r["pollIntervalMs"].as_u64().is_some(), "{created}");
-    assert!(r["createdAt"].as_str().is_some(), "{created}");
-    r["taskId"].as_str().unwrap().to_owned()
-}
-
 /// A `tasks/*` request whose `Mcp-Name` header is `name`, whatever its body says.
 async fn task_request_named(url: &str, method: &str, task: &str, name: &str) -> (u16, Value) {
     let meta = json!({"io.modelcontextprotocol/protocolVersion": V,
@@ -453,7 +439,7 @@ async fn a_modern_clients_long_call_becomes_a_task_it_polls_answers_and_cancels(
     assert_eq!(quick["result"]["content"][0]["text"], "hi");
 
     // Longer: a task, answered once its record is stored; the call goes on upstream.
-    let task = modern_task(&client, 3, "slow", json!({"ms": 1_500})).await;
+    let task = client.task(3, "slow", json!({"ms": 1_500})).await;
     let listen = client
         .listen("sub-task", json!({"taskIds": [task.clone()]}))
         .await;
@@ -486,7 +472,7 @@ async fn a_modern_clients_long_call_becomes_a_task_it_polls_answers_and_cancels(
     );
 
     // A listed tool becomes a task at once; the upstream's elicitation waits as input.
-    let asked = modern_task(&client, 4, "ask", json!({})).await;
+    let asked = client.task(4, "ask", json!({})).await;
     let waiting = poll_until(&client, &asked, |t| t["status"] == "input_required").await;
     let inputs = waiting["inputRequests"].as_object().unwrap();
     assert_eq!(inputs.len(), 1, "{waiting}");
@@ -511,7 +497,7 @@ async fn a_modern_clients_long_call_becomes_a_task_it_polls_answers_and_cancels(
     );
 
     // Cancelled: acknowledged at once, then the task is cancelled.
-    let long = modern_task(&client, 6, "slow_write", json!({"ms": 30_000})).await;
+    let long = client.task(6, "slow_write", json!({"ms": 30_000})).await;
     let ack = client
         .send(7, "tasks/cancel", json!({"taskId": long}))
         .await
@@ -618,7 +604,7 @@ async fn a_modern_task_is_its_users_only() {
     let (gw, alice_key, bob_key) = two_users(dir.path(), &["--task-after", "0"]);
     let alice = tasks_client(&gw.url).with_key(&alice_key);
     let bob = tasks_client(&gw.url).with_key(&bob_key);
-    let task = modern_task(&alice, 1, "slow", json!({"ms": 2_000})).await;
+    let task = alice.task(1, "slow", json!({"ms": 2_000})).await;
     for (i, method) in ["tasks/get", "tasks/cancel"].into_iter().enumerate() {
         let got = bob
             .send(2 + i as i64, method, json!({"taskId": task}))
@@ -647,8 +633,8 @@ async fn modern_tasks_interrupted_by_a_gateway_kill_are_resumed_or_failed() {
     let dir = state_dir();
     let mut gw = Gateway::spawn(dir.path(), &["--demo", "--task-after", "0"]);
     let client = tasks_client(&gw.url);
-    let safe = modern_task(&client, 1, "slow", json!({"ms": 2_000})).await;
-    let unsafe_task = modern_task(&client, 2, "slow_write", json!({"ms": 2_000})).await;
+    let safe = client.task(1, "slow", json!({"ms": 2_000})).await;
+    let unsafe_task = client.task(2, "slow_write", json!({"ms": 2_000})).await;
     gw.kill9();
     let gw = gw.restart();
     let client = tasks_client(&gw.url);
@@ -687,8 +673,8 @@ async fn a_graceful_stop_leaves_running_tasks_to_the_next_start() {
         &["--demo", "--task-after", "0", "--shutdown-grace", "1s"],
     );
     let client = tasks_client(&gw.url);
-    let safe = modern_task(&client, 1, "slow", json!({"ms": 3_000})).await;
-    let unsafe_task = modern_task(&client, 2, "slow_write", json!({"ms": 3_000})).await;
+    let safe = client.task(1, "slow", json!({"ms": 3_000})).await;
+    let unsafe_task = client.task(2, "slow_write", json!({"ms": 3_000})).await;
     gw.stop().await.unwrap();
     let gw = gw.restart();
     let client = tasks_client(&gw.url);

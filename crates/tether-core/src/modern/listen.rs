@@ -37,42 +37,31 @@ impl Filter {
         let params = env.params_value();
         let n = params.as_ref().and_then(|p| p.get("notifications"));
         let on = |k: &str| n.and_then(|n| n.get(k)).and_then(Value::as_bool) == Some(true);
-        let mut uris: Vec<String> = Vec::new();
-        for u in n
-            .and_then(|n| n.get("resourceSubscriptions"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-        {
-            if uris.len() == MAX_LISTEN_RESOURCES {
-                break;
+        // The distinct strings of list `k`, the first `most` of them.
+        let distinct = |k: &str, most: usize| {
+            let mut out: Vec<String> = Vec::new();
+            for s in n
+                .and_then(|n| n.get(k))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                if out.len() == most {
+                    break;
+                }
+                if !out.iter().any(|x| x == s) {
+                    out.push(s.to_owned());
+                }
             }
-            if !uris.iter().any(|x| x == u) {
-                uris.push(u.to_owned());
-            }
-        }
-        let mut task_ids: Vec<String> = Vec::new();
-        for t in n
-            .and_then(|n| n.get("taskIds"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-        {
-            if task_ids.len() == MAX_LISTEN_TASKS {
-                break;
-            }
-            if !task_ids.iter().any(|x| x == t) {
-                task_ids.push(t.to_owned());
-            }
-        }
+            out
+        };
         Filter {
             tools: on("toolsListChanged"),
             prompts: on("promptsListChanged"),
             resources: on("resourcesListChanged"),
-            uris,
-            task_ids,
+            uris: distinct("resourceSubscriptions", MAX_LISTEN_RESOURCES),
+            task_ids: distinct("taskIds", MAX_LISTEN_TASKS),
         }
     }
 

@@ -99,4 +99,28 @@ impl Modern {
         self.send(id, "tools/call", json!({"name": tool, "arguments": args}))
             .await
     }
+
+    /// A call of `tool` that the gateway makes a task (the client declared the Tasks
+    /// extension; `--task-after` short enough): checks the `CreateTaskResult`'s shape and
+    /// returns the task id.
+    pub async fn task(&self, id: i64, tool: &str, args: Value) -> String {
+        let created = self.call(id, tool, args).await;
+        assert_eq!(created.status, 200, "{}", created.body);
+        let created = created.json();
+        let r = &created["result"];
+        assert_eq!(r["resultType"], "task", "{created}");
+        assert_eq!(r["status"], "working", "{created}");
+        assert!(r["ttlMs"].as_u64().is_some(), "{created}");
+        assert!(r["pollIntervalMs"].as_u64().is_some(), "{created}");
+        assert!(r["createdAt"].as_str().is_some(), "{created}");
+        r["taskId"].as_str().unwrap().to_owned()
+    }
+
+    /// The `tasks/get` result of `task`.
+    pub async fn task_state(&self, task: &str) -> Value {
+        self.send(99, "tasks/get", json!({"taskId": task}))
+            .await
+            .json()["result"]
+            .clone()
+    }
 }

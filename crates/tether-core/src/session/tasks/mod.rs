@@ -186,6 +186,51 @@ pub(super) fn offer_tasks_in(result: &mut Value) -> bool {
 }
 
 impl Shared {
+    /// Marks task `id` of `principal` as run by this process (the table locked by the
+    /// caller, who has checked it is not there).
+    fn insert_claim(
+        &self,
+        tasks: &mut HashMap<String, RunningTask>,
+        id: &str,
+        principal: &str,
+        client_id: &Value,
+        inbox: Option<mpsc::Sender<TaskInput>>,
+    ) {
+        let (ended, _) = tokio::sync::watch::channel(false);
+        self.metrics.tasks_running.inc();
+        tasks.insert(
+            id.to_owned(),
+            RunningTask {
+                principal: principal.to_owned(),
+                client_id: client_id.clone(),
+                ended,
+                cancelled: false,
+                finishing: false,
+                inbox,
+            },
+        );
+    }
+
+    /// Fails a task whose runner is gone, once: the settlement is claimed like a run, so a
+    /// concurrent request meanwhile shows the task as stored (and settles nothing).
+    pub(super) async fn settle_once(
+        &self,
+        principal: &str,
+        task: &mut TaskRecord,
+    ) -> Result<(), Failure> {
+        {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            if tasks.contains_key(&task.id) {
+                return Ok(());
+            }
+            let holder = Value::from(format!("{}-settling", task.id));
+            self.insert_claim(&mut tasks, &task.id, principal, &holder, None);
+        }
+        let settled = self.settle_interrupted(task).await;
+        self.release_task(&task.id);
+        settled
+    }
+
     /// Drops this process's claim on task `id` (one that will not run here).
     pub(super) fn release_task(&self, id: &str) {
         let released = self
@@ -342,14 +387,9 @@ impl Session {
             if task.request.is_some() && self.resume_task(&mut task).await {
                 return Ok(Some(task));
             }
-            // One settlement at a time: a concurrent request shows it as stored meanwhile.
-            let holder = Value::from(format!("{}-settling", task.id));
-            if !self.claim_task(&task.id, &holder) {
-                return Ok(Some(task));
-            }
-            let settled = self.shared.settle_interrupted(&mut task).await;
-            self.shared.release_task(&task.id);
-            settled?;
+            self.shared
+                .settle_once(&self.record.principal, &mut task)
+                .await?;
         }
         Ok(Some(task))
     }
@@ -414,7 +454,8 @@ impl Session {
     ) -> Result<(), Failure> {
         let mut tasks = self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner());
         self.running_bound(&tasks)?;
-        self.insert_claim(&mut tasks, id, client_id, inbox);
+        self.shared
+            .insert_claim(&mut tasks, id, &self.record.principal, client_id, inbox);
         Ok(())
     }
 
@@ -493,30 +534,9 @@ impl Session {
         if tasks.contains_key(id) {
             return false;
         }
-        self.insert_claim(&mut tasks, id, client_id, inbox);
+        self.shared
+            .insert_claim(&mut tasks, id, &self.record.principal, client_id, inbox);
         true
-    }
-
-    fn insert_claim(
-        &self,
-        tasks: &mut HashMap<String, RunningTask>,
-        id: &str,
-        client_id: &Value,
-        inbox: Option<mpsc::Sender<TaskInput>>,
-    ) {
-        let (ended, _) = tokio::sync::watch::channel(false);
-        self.shared.metrics.tasks_running.inc();
-        tasks.insert(
-            id.to_owned(),
-            RunningTask {
-                principal: self.record.principal.clone(),
-                client_id: client_id.clone(),
-                ended,
-                cancelled: false,
-                finishing: false,
-                inbox,
-            },
-        );
     }
 
     /// Sends a claimed task's call upstream and starts its runner.

@@ -321,30 +321,7 @@ impl Registry {
         {
             return Ok(Some(task));
         }
-        // One settlement at a time: a concurrent request shows it as stored meanwhile.
-        let holder = Value::from(format!("{}-settling", task.id));
-        {
-            let mut tasks = sh.tasks.lock().unwrap_or_else(|p| p.into_inner());
-            if tasks.contains_key(&task.id) {
-                return Ok(Some(task));
-            }
-            let (ended, _) = tokio::sync::watch::channel(false);
-            sh.metrics.tasks_running.inc();
-            tasks.insert(
-                task.id.clone(),
-                RunningTask {
-                    principal: principal.id.clone(),
-                    client_id: holder,
-                    ended,
-                    cancelled: false,
-                    finishing: false,
-                    inbox: None,
-                },
-            );
-        }
-        let settled = sh.settle_interrupted(&mut task).await;
-        sh.release_task(&task.id);
-        settled?;
+        sh.settle_once(&principal.id, &mut task).await?;
         Ok(Some(task))
     }
 
